@@ -1,0 +1,125 @@
+//! The public configuration: hyperparameters and the conventions on which AdaMax
+//! implementations differ.
+
+use crate::error::ConfigError;
+
+/// Where epsilon enters the rule. The peers disagree; both are supported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EpsilonMode {
+    /// `u = max(beta2 * u, |g| + eps)`, update `m / u`: PyTorch `torch.optim.Adamax` and
+    /// optax `adamax`. The default.
+    #[default]
+    InsideMax,
+    /// `u = max(beta2 * u, |g|)`, update `m / (u + eps)`: Keras `Adamax` and the seed
+    /// write-up.
+    Denominator,
+}
+
+/// How weight decay is applied when `weight_decay > 0`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WeightDecayMode {
+    /// L2 regularisation added to the gradient, `g += weight_decay * theta`, before the
+    /// moments see it: PyTorch `torch.optim.Adamax`. The default.
+    #[default]
+    Coupled,
+    /// Decoupled decay applied to the weights, `theta *= 1 - lr * weight_decay`, before
+    /// the AdaMax update: Keras `Adamax(weight_decay=..)` and optax `adamaxw`.
+    Decoupled,
+}
+
+/// AdaMax hyperparameters (Kingma & Ba 2015, sec. 7.1) and conventions.
+///
+/// [`Default`] gives PyTorch's `torch.optim.Adamax` defaults: `lr = 2e-3`,
+/// `beta1 = 0.9`, `beta2 = 0.999`, `eps = 1e-8`, no weight decay, epsilon inside the max,
+/// minimising. Values are `f64`, like Python floats in the peers; the step derives the
+/// `f32` scalars the arithmetic uses (see [`crate::cpu::StepScalars`]).
+///
+/// ```
+/// use adamax_cuda::{AdamaxConfig, EpsilonMode, WeightDecayMode};
+/// let keras = AdamaxConfig {
+///     lr: 1e-3,
+///     eps: 1e-7,
+///     eps_mode: EpsilonMode::Denominator,
+///     weight_decay: 0.004,
+///     weight_decay_mode: WeightDecayMode::Decoupled,
+///     ..AdamaxConfig::default()
+/// };
+/// keras.validate()?;
+/// # Ok::<(), adamax_cuda::ConfigError>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamaxConfig {
+    /// Learning rate (alpha in the paper), `>= 0`. Default `2e-3` (PyTorch).
+    pub lr: f64,
+    /// Decay of the first moment `m`, in `[0, 1)`. Default `0.9`.
+    pub beta1: f64,
+    /// Decay of the infinity norm `u`, in `[0, 1)`. Default `0.999`.
+    pub beta2: f64,
+    /// Numerical stabiliser, `>= 0` (0 is allowed: a zero history still gives a zero
+    /// update). Default `1e-8` (PyTorch, optax; Keras uses `1e-7`).
+    pub eps: f64,
+    /// Where `eps` enters the rule. Default [`EpsilonMode::InsideMax`] (PyTorch).
+    pub eps_mode: EpsilonMode,
+    /// Weight decay factor, `>= 0`; `0` disables it. Default `0`.
+    pub weight_decay: f64,
+    /// How weight decay is applied. Default [`WeightDecayMode::Coupled`] (PyTorch).
+    pub weight_decay_mode: WeightDecayMode,
+    /// Ascend the objective instead of descending it (PyTorch's `maximize`).
+    pub maximize: bool,
+}
+
+impl Default for AdamaxConfig {
+    fn default() -> Self {
+        Self {
+            lr: 2e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            eps_mode: EpsilonMode::InsideMax,
+            weight_decay: 0.0,
+            weight_decay_mode: WeightDecayMode::Coupled,
+            maximize: false,
+        }
+    }
+}
+
+impl AdamaxConfig {
+    /// Checks every field, returning the first one that is out of range.
+    ///
+    /// Refused: non-finite values, a negative learning rate or epsilon, betas outside
+    /// `[0, 1)`, a negative weight decay.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check("lr", self.lr, 0.0, None, "lr >= 0")?;
+        check("beta1", self.beta1, 0.0, Some(1.0), "0 <= beta1 < 1")?;
+        check("beta2", self.beta2, 0.0, Some(1.0), "0 <= beta2 < 1")?;
+        check("eps", self.eps, 0.0, None, "eps >= 0")?;
+        check(
+            "weight_decay",
+            self.weight_decay,
+            0.0,
+            None,
+            "weight_decay >= 0",
+        )
+    }
+}
+
+/// `value` must be finite, `>= min`, and `< max_exclusive` when given.
+fn check(
+    field: &'static str,
+    value: f64,
+    min: f64,
+    max_exclusive: Option<f64>,
+    allowed: &'static str,
+) -> Result<(), ConfigError> {
+    if !value.is_finite() {
+        return Err(ConfigError::NotFinite { field, value });
+    }
+    if value < min || max_exclusive.is_some_and(|max| value >= max) {
+        return Err(ConfigError::OutOfRange {
+            field,
+            value,
+            allowed,
+        });
+    }
+    Ok(())
+}

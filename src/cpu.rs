@@ -1,0 +1,380 @@
+//! The CPU reference: the executable specification of the crate, and a CPU fallback.
+//!
+//! # The rule, exactly as computed
+//!
+//! One step `t` (counted from 1) of one element, all in f32, with `p` the f32 parameter
+//! (the master weight for 16-bit storage) and `g` the gradient widened to f32:
+//!
+//! ```text
+//! g = maximize ? -g : g
+//! if weight decay is coupled:    g = fma(wd, p, g)
+//! m = fma(beta1, m, one_minus_beta1 * g)                           one_minus_beta1 = f32(1 - beta1)
+//! eps inside the max:  u = max(beta2 * u, |g| + eps);  den = u
+//! eps in denominator:  u = max(beta2 * u, |g|);        den = u + eps
+//! update = den == 0 ? 0 : m / den
+//! no decoupled decay:   p = fma(-step_size, update, p)             step_size = f32(lr / (1 - beta1^t))
+//! decoupled decay:      p = p - fma(lr_wd, p, step_size * update)  lr_wd = f32(lr * wd)
+//! ```
+//!
+//! The scalars in the right-hand column are computed once per step in f64 and rounded
+//! to f32 ([`StepScalars::new`]); the GPU kernel receives exactly these values.
+//!
+//! **Fused multiply-add.** The `fma`s above are single-rounding fused operations
+//! ([`f32::mul_add`] here, `__fmaf_rn` in the kernel); every other operation rounds on its
+//! own, and the kernel is compiled with `--fmad=false` and uses the IEEE intrinsics
+//! (`__fmul_rn`, `__fadd_rn`, `__fdiv_rn`) so that NVRTC contracts nothing behind our back.
+//! Leaving contraction to the compiler would make the bits depend on its choices; pinning
+//! it makes every f32 result of the GPU identical to this module's. The fused forms were
+//! chosen where they save a rounding on the values that accumulate over steps (`m`, `p`)
+//! and in the coupled decay, where PyTorch's `grad.add(param, alpha=wd)` is a multiply-add.
+//! Decoupled decay is folded into the small update term (as optax's `adamaxw` does) so the
+//! parameter is rounded once per step at its own scale, not twice (as `p *= 1 - lr*wd`
+//! followed by the update would): against optax's float64 run this halves the drift.
+//!
+//! **Zero history.** When `den == 0` the update is 0 rather than `0/0`: with any epsilon
+//! (including 0, which both conventions allow) and any storage type, a history of zero
+//! gradients leaves the parameter unchanged (apart from decoupled decay) instead of
+//! producing NaN.
+//!
+//! **NaN and infinity.** `max` propagates NaN (like `torch.maximum`), so a NaN gradient
+//! makes `m`, `u` and the parameter NaN, and an infinite gradient makes the update
+//! `inf/inf = NaN`: the same as PyTorch. Skip such steps before calling the optimizer.
+//!
+//! **16-bit parameters.** The f32 master weight is stepped; the 16-bit parameter is then
+//! overwritten with its round-to-nearest-even. The 16-bit value read before the step is
+//! ignored: the master is the source of truth.
+
+use crate::{
+    config::{AdamaxConfig, EpsilonMode, WeightDecayMode},
+    error::{Error, Result},
+    storage::Storage,
+};
+
+/// Weight decay as the element update applies it; `None` when the factor is 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Decay {
+    /// No weight decay.
+    None,
+    /// `g = fma(weight_decay, p, g)`.
+    Coupled {
+        /// The weight decay factor.
+        weight_decay: f32,
+    },
+    /// `p = p - fma(lr_wd, p, step_size * update)` with `lr_wd = f32(lr * weight_decay)`.
+    Decoupled {
+        /// `f32(lr * weight_decay)`, computed in f64.
+        lr_wd: f32,
+    },
+}
+
+/// The f32 scalars of one step, derived once from the config and the step number.
+///
+/// Both the CPU reference and the GPU kernel use exactly these values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepScalars {
+    /// `f32(beta1)`.
+    pub beta1: f32,
+    /// `f32(1 - beta1)`, computed in f64.
+    pub one_minus_beta1: f32,
+    /// `f32(beta2)`.
+    pub beta2: f32,
+    /// `f32(eps)`.
+    pub eps: f32,
+    /// Where eps enters.
+    pub eps_mode: EpsilonMode,
+    /// `f32(lr / (1 - beta1^t))`, computed in f64.
+    pub step_size: f32,
+    /// Weight decay, resolved.
+    pub decay: Decay,
+    /// Negate the gradient.
+    pub maximize: bool,
+}
+
+/// `base^exp` by repeated squaring: only IEEE multiplications, so a device that
+/// computes it the same way gets the same bits (unlike `powf`, whose last bit differs
+/// between math libraries).
+pub fn powi_exact(base: f64, mut exp: u64) -> f64 {
+    let (mut acc, mut b) = (1.0f64, base);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            acc *= b;
+        }
+        b *= b;
+        exp >>= 1;
+    }
+    acc
+}
+
+impl StepScalars {
+    /// Scalars for step `t` (the first step is `t = 1`). `config` must be valid.
+    pub fn new(config: &AdamaxConfig, t: u64) -> Self {
+        let bias_correction = 1.0 - powi_exact(config.beta1, t);
+        let decay = if config.weight_decay == 0.0 {
+            Decay::None
+        } else {
+            match config.weight_decay_mode {
+                WeightDecayMode::Coupled => Decay::Coupled {
+                    weight_decay: config.weight_decay as f32,
+                },
+                WeightDecayMode::Decoupled => Decay::Decoupled {
+                    lr_wd: (config.lr * config.weight_decay) as f32,
+                },
+            }
+        };
+        Self {
+            beta1: config.beta1 as f32,
+            one_minus_beta1: (1.0 - config.beta1) as f32,
+            beta2: config.beta2 as f32,
+            eps: config.eps as f32,
+            eps_mode: config.eps_mode,
+            step_size: (config.lr / bias_correction) as f32,
+            decay,
+            maximize: config.maximize,
+        }
+    }
+}
+
+/// One element's state after a step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Element {
+    /// Parameter (or master weight).
+    pub param: f32,
+    /// First moment `m` (PyTorch's `exp_avg`).
+    pub exp_avg: f32,
+    /// Infinity norm `u` (PyTorch's `exp_inf`).
+    pub exp_inf: f32,
+}
+
+/// `max` that returns NaN when either side is NaN, like `torch.maximum`.
+#[inline(always)]
+fn max_propagating_nan(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else if a >= b {
+        a
+    } else {
+        b
+    }
+}
+
+/// The AdaMax update of one element: the rule of this crate, in one place.
+/// `kernels/adamax.cu`'s `adamax_update` is its line-by-line twin.
+#[inline(always)]
+pub fn update(s: &StepScalars, param: f32, grad: f32, exp_avg: f32, exp_inf: f32) -> Element {
+    let mut g = if s.maximize { -grad } else { grad };
+    let p = param;
+    if let Decay::Coupled { weight_decay } = s.decay {
+        g = weight_decay.mul_add(p, g);
+    }
+    let m = s.beta1.mul_add(exp_avg, s.one_minus_beta1 * g);
+    let decayed = s.beta2 * exp_inf;
+    let (u, den) = match s.eps_mode {
+        EpsilonMode::InsideMax => {
+            let u = max_propagating_nan(decayed, g.abs() + s.eps);
+            (u, u)
+        }
+        EpsilonMode::Denominator => {
+            let u = max_propagating_nan(decayed, g.abs());
+            (u, u + s.eps)
+        }
+    };
+    let step = if den == 0.0 { 0.0 } else { m / den };
+    let param = match s.decay {
+        Decay::Decoupled { lr_wd } => p - lr_wd.mul_add(p, s.step_size * step),
+        _ => (-s.step_size).mul_add(step, p),
+    };
+    Element {
+        param,
+        exp_avg: m,
+        exp_inf: u,
+    }
+}
+
+/// The optimizer state of one tensor: `m`, `u`, and the f32 master copy of a 16-bit
+/// parameter (empty for f32 parameters).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TensorState {
+    /// First moment `m` (PyTorch's `exp_avg`).
+    pub exp_avg: Vec<f32>,
+    /// Infinity norm `u` (PyTorch's `exp_inf`).
+    pub exp_inf: Vec<f32>,
+    /// f32 master weights; empty for f32 parameters, which are their own master.
+    pub master: Vec<f32>,
+}
+
+impl TensorState {
+    /// Zeroed moments for a tensor, with the master copy initialised from `param`
+    /// when `T` is a 16-bit type.
+    pub fn new<T: Storage>(param: &[T]) -> Self {
+        Self {
+            exp_avg: vec![0.0; param.len()],
+            exp_inf: vec![0.0; param.len()],
+            master: if T::HAS_MASTER {
+                param.iter().map(|x| x.to_f32()).collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.exp_avg.len()
+    }
+}
+
+/// Steps one tensor in place with the scalars of one step. Lengths are checked first;
+/// nothing is written when they disagree.
+pub fn step_tensor<T: Storage>(
+    s: &StepScalars,
+    tensor: usize,
+    param: &mut [T],
+    grad: &[T],
+    state: &mut TensorState,
+) -> Result<()> {
+    let n = state.len();
+    let checks = [
+        ("param", param.len()),
+        ("grad", grad.len()),
+        ("exp_inf", state.exp_inf.len()),
+        ("master", if T::HAS_MASTER { state.master.len() } else { n }),
+    ];
+    for (what, found) in checks {
+        if found != n {
+            return Err(Error::LengthMismatch {
+                what,
+                tensor,
+                expected: n,
+                found,
+            });
+        }
+    }
+    let TensorState {
+        exp_avg,
+        exp_inf,
+        master,
+    } = state;
+    for i in 0..n {
+        let p = if T::HAS_MASTER {
+            master[i]
+        } else {
+            param[i].to_f32()
+        };
+        let e = update(s, p, grad[i].to_f32(), exp_avg[i], exp_inf[i]);
+        if T::HAS_MASTER {
+            master[i] = e.param;
+        }
+        param[i] = T::from_f32(e.param);
+        exp_avg[i] = e.exp_avg;
+        exp_inf[i] = e.exp_inf;
+    }
+    Ok(())
+}
+
+/// AdaMax on the CPU over a list of tensors of any lengths, owning their state.
+///
+/// ```
+/// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig};
+/// let mut weights = vec![0.5f32, -1.0, 2.0];
+/// let mut bias = vec![0.0f32];
+/// let mut opt = CpuAdamax::<f32>::new(AdamaxConfig::default(), &[&weights, &bias])?;
+/// opt.step(&mut [&mut weights, &mut bias], &[&[0.1, -0.2, 0.3], &[1.0]])?;
+/// // The first AdaMax step moves each parameter by about lr against its gradient's sign.
+/// assert!((weights[0] - (0.5 - 2e-3)).abs() < 1e-6);
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct CpuAdamax<T: Storage> {
+    config: AdamaxConfig,
+    step: u64,
+    states: Vec<TensorState>,
+    _storage: std::marker::PhantomData<T>,
+}
+
+impl<T: Storage> CpuAdamax<T> {
+    /// Validates `config` and creates zeroed state (and f32 masters for 16-bit types)
+    /// for `params`. An empty list is refused; empty tensors are fine.
+    pub fn new(config: AdamaxConfig, params: &[&[T]]) -> Result<Self> {
+        config.validate()?;
+        if params.is_empty() {
+            return Err(Error::EmptyParameterList);
+        }
+        Ok(Self {
+            config,
+            step: 0,
+            states: params.iter().map(|p| TensorState::new(p)).collect(),
+            _storage: std::marker::PhantomData,
+        })
+    }
+
+    /// One AdaMax step over every tensor. All lengths are checked before anything is
+    /// written, so a refused step leaves parameters and state as they were.
+    pub fn step(&mut self, params: &mut [&mut [T]], grads: &[&[T]]) -> Result<()> {
+        let lens: Vec<usize> = self.states.iter().map(TensorState::len).collect();
+        let param_lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
+        let grad_lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
+        check_lists(&lens, &param_lens, &grad_lens)?;
+        let t = self
+            .step
+            .checked_add(1)
+            .ok_or(Error::StepOverflow(self.step))?;
+        let s = StepScalars::new(&self.config, t);
+        for (i, ((p, g), state)) in params
+            .iter_mut()
+            .zip(grads)
+            .zip(&mut self.states)
+            .enumerate()
+        {
+            step_tensor(&s, i, p, g, state)?;
+        }
+        self.step = t;
+        Ok(())
+    }
+
+    /// Steps taken so far (PyTorch's `state["step"]`).
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &AdamaxConfig {
+        &self.config
+    }
+
+    /// Changes the learning rate (for a schedule); validated like the config.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        let config = AdamaxConfig { lr, ..self.config };
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// The state of every tensor, in parameter order.
+    pub fn state(&self) -> &[TensorState] {
+        &self.states
+    }
+}
+
+/// Checks that the parameter and gradient lists have one entry per tensor and that
+/// every length matches the tensor's; shared by the CPU and GPU optimizers so that both
+/// refuse exactly the same inputs.
+pub(crate) fn check_lists(expected: &[usize], params: &[usize], grads: &[usize]) -> Result<()> {
+    for (list, what, lens) in [("params", "param", params), ("grads", "grad", grads)] {
+        if lens.len() != expected.len() {
+            return Err(Error::TensorCountMismatch {
+                what: list,
+                expected: expected.len(),
+                found: lens.len(),
+            });
+        }
+        let mismatch = expected.iter().zip(lens).position(|(e, f)| e != f);
+        if let Some(tensor) = mismatch {
+            return Err(Error::LengthMismatch {
+                what,
+                tensor,
+                expected: expected[tensor],
+                found: lens[tensor],
+            });
+        }
+    }
+    Ok(())
+}

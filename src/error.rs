@@ -1,0 +1,112 @@
+//! Typed errors. Every message says what was wrong and what to do about it.
+
+/// An [`AdamaxConfig`](crate::AdamaxConfig) field outside its allowed range.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// NaN or infinite hyperparameter.
+    #[error("AdaMax config: `{field}` is {value}, which is not finite; pass a finite number")]
+    NotFinite {
+        /// Name of the field, as spelled in `AdamaxConfig`.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// Finite, but outside the range the rule is defined on.
+    #[error("AdaMax config: `{field}` is {value}, outside the allowed range ({allowed})")]
+    OutOfRange {
+        /// Name of the field, as spelled in `AdamaxConfig`.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+        /// The allowed range, e.g. `0 <= beta1 < 1`.
+        allowed: &'static str,
+    },
+}
+
+/// Everything a step, a construction or a state query can refuse.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Invalid hyperparameters.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The optimizer was given no tensors (PyTorch refuses this too).
+    #[error("AdaMax: empty parameter list; pass at least one tensor (a tensor may be empty)")]
+    EmptyParameterList,
+    /// A list passed to a step does not have one entry per tensor of the optimizer.
+    #[error("AdaMax: {what} has {found} tensors but the optimizer was built for {expected}; pass one per parameter tensor, in the same order")]
+    TensorCountMismatch {
+        /// Which list (`"params"`, `"grads"`).
+        what: &'static str,
+        /// Tensors the optimizer holds state for.
+        expected: usize,
+        /// Tensors passed.
+        found: usize,
+    },
+    /// A buffer whose length disagrees with its tensor's.
+    #[error("AdaMax: {what} of tensor {tensor} has {found} elements but the tensor has {expected}; buffers of one tensor must have equal lengths")]
+    LengthMismatch {
+        /// Which buffer (`"grad"`, `"param"`, ...).
+        what: &'static str,
+        /// Index of the tensor in the parameter list.
+        tensor: usize,
+        /// Elements the tensor has.
+        expected: usize,
+        /// Elements the buffer has.
+        found: usize,
+    },
+    /// The step counter would pass `u64::MAX`.
+    #[error("AdaMax: the step counter is at its maximum ({0}); reset the optimizer")]
+    StepOverflow(u64),
+    /// No CUDA driver library could be loaded.
+    #[error("AdaMax GPU: the CUDA driver library (libcuda.so / nvcuda.dll) was not found; install the NVIDIA driver, or use adamax_cuda::cpu::CpuAdamax without a GPU")]
+    DriverNotFound,
+    /// No NVRTC library could be loaded.
+    #[error("AdaMax GPU: the NVRTC library (libnvrtc.so.13 or .12) was not found; install a CUDA toolkit or `pip install nvidia-cuda-nvrtc` and put its lib directory on LD_LIBRARY_PATH")]
+    NvrtcNotFound,
+    /// NVRTC refused the kernel source; carries NVRTC's log.
+    #[error("AdaMax GPU: NVRTC failed to compile kernels/adamax.cu for {arch} ({nvrtc}) with options {options:?}; log:\n{log}")]
+    Compile {
+        /// Target architecture, e.g. `sm_90`.
+        arch: String,
+        /// NVRTC's status.
+        nvrtc: String,
+        /// The options passed.
+        options: Vec<String>,
+        /// NVRTC's compile log.
+        log: String,
+    },
+    /// A CUDA driver call failed.
+    #[error("AdaMax GPU: {context} failed: {source}")]
+    Driver {
+        /// What was being done.
+        context: &'static str,
+        /// The driver's error.
+        source: cudarc::driver::DriverError,
+    },
+    /// A buffer lives in another CUDA context than the optimizer's stream.
+    #[error("AdaMax GPU: {what} of tensor {tensor} lives on device {found} but the optimizer runs on device {expected}; move it or build the optimizer on that device's stream")]
+    WrongDevice {
+        /// Which buffer.
+        what: &'static str,
+        /// Index of the tensor.
+        tensor: usize,
+        /// Device ordinal of the optimizer.
+        expected: usize,
+        /// Device ordinal of the buffer.
+        found: usize,
+    },
+    /// The device is older than the kernels support.
+    #[error("AdaMax GPU: device {ordinal} has compute capability {major}.{minor}; the kernels need 7.5 (Turing) or newer")]
+    UnsupportedDevice {
+        /// Device ordinal.
+        ordinal: usize,
+        /// Compute capability, major.
+        major: i32,
+        /// Compute capability, minor.
+        minor: i32,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

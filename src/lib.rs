@@ -1,0 +1,31 @@
+//! # adamax-cuda
+//!
+//! The AdaMax optimizer (Kingma & Ba 2015, sec. 7.1) as one fused CUDA kernel, compiled
+//! at run time by NVRTC, for f32 parameters and for f16/bf16 parameters with f32 master
+//! weights, plus a CPU reference that the GPU matches bit for bit on f32.
+//!
+//! Step `t = 1, 2, ...` of each element:
+//!
+//! ```text
+//! m = beta1 * m + (1 - beta1) * g
+//! u = max(beta2 * u, |g| + eps)          (PyTorch / optax; or |g| with m / (u + eps): Keras)
+//! theta -= lr / (1 - beta1^t) * m / u
+//! ```
+//!
+//! with coupled (L2) or decoupled weight decay and `maximize`; see [`AdamaxConfig`] for
+//! the conventions and [`cpu`] for the exact arithmetic, which is the crate's spec.
+//!
+//! - [`cpu::CpuAdamax`]: the reference, usable as a CPU fallback.
+//! - [`AdamaxConfig`]: hyperparameters; [`Default`] is PyTorch's `torch.optim.Adamax`.
+
+#![deny(missing_docs)]
+
+mod config;
+pub mod cpu;
+mod error;
+mod storage;
+
+pub use config::{AdamaxConfig, EpsilonMode, WeightDecayMode};
+pub use error::{ConfigError, Error, Result};
+pub use half::{bf16, f16};
+pub use storage::Storage;
