@@ -110,3 +110,10 @@ pub enum Error {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+impl Error {
+    pub(crate) fn driver(
+        context: &'static str,
+    ) -> impl FnOnce(cudarc::driver::DriverError) -> Self {
+        move |source| Self::Driver { context, source }
+    }
+}

@@ -15,13 +15,19 @@
 //! with coupled (L2) or decoupled weight decay and `maximize`; see [`AdamaxConfig`] for
 //! the conventions and [`cpu`] for the exact arithmetic, which is the crate's spec.
 //!
+//! - [`cuda::CudaAdamax`]: the GPU optimizer, one launch per step for a whole list of
+//!   tensors.
 //! - [`cpu::CpuAdamax`]: the reference, usable as a CPU fallback.
 //! - [`AdamaxConfig`]: hyperparameters; [`Default`] is PyTorch's `torch.optim.Adamax`.
+//!
+//! Nothing CUDA is needed to build: the driver and NVRTC are loaded at run time, and
+//! their absence is an [`Error`], not a panic.
 
 #![deny(missing_docs)]
 
 mod config;
 pub mod cpu;
+pub mod cuda;
 mod error;
 mod storage;
 
@@ -29,3 +35,8 @@ pub use config::{AdamaxConfig, EpsilonMode, WeightDecayMode};
 pub use error::{ConfigError, Error, Result};
 pub use half::{bf16, f16};
 pub use storage::Storage;
+
+/// CUDA sources embedded by build.rs.
+mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}

@@ -1,0 +1,261 @@
+// AdaMax step (Kingma & Ba 2015, sec. 7.1) over a list of tensors in one launch.
+//
+// Compiled at run time by NVRTC through adamax-cuda (src/cuda/compile.rs), which passes
+// the layout constants below with -D. Self-contained on purpose: no #include, so NVRTC
+// needs no CUDA headers on the user's machine; the 16-bit conversions are written here.
+//
+// The element update `adamax_update` is the line-by-line twin of `update` in
+// src/cpu.rs, the crate's spec. Every f32 operation is pinned with an IEEE intrinsic
+// (__fmaf_rn, __fmul_rn, __fadd_rn, __fsub_rn, __fdiv_rn) and the module is compiled
+// with --fmad=false, so the compiler contracts nothing and f32 results equal the CPU
+// reference bit for bit.
+
+#if !defined(ADAMAX_ARGS_SIZE) || !defined(ADAMAX_TENSOR_SIZE) || !defined(ADAMAX_INIT_SIZE) || \
+    !defined(ADAMAX_CHUNK) || !defined(ADAMAX_BLOCK)
+#error "compile through adamax-cuda: it defines the ADAMAX_* layout constants"
+#endif
+
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+// Storage types of 16-bit parameters: distinct types over the raw bits so that the
+// overloads below pick the right conversion.
+struct f16 { u16 bits; };
+struct bf16 { u16 bits; };
+
+// ---- Argument layout, mirrored by src/cuda/args.rs (sizes checked on both sides) ----
+
+// One tensor of the list. The optimizer's own buffers (exp_avg, exp_inf, master) are
+// allocated 256-byte aligned; param and grad belong to the caller and may be views at
+// any element offset.
+struct TensorDesc {
+    u64 param;        // T*: the parameter (the 16-bit copy when master != 0)
+    u64 grad;         // const T*
+    u64 exp_avg;      // float*: m
+    u64 exp_inf;      // float*: u
+    u64 master;       // float*: f32 master weights of a 16-bit parameter, else 0
+    u64 len;          // elements
+    u64 chunk_begin;  // index of this tensor's first chunk in the launch
+};
+
+enum { EPS_INSIDE_MAX = 0, EPS_DENOMINATOR = 1 };
+enum { DECAY_NONE = 0, DECAY_COUPLED = 1, DECAY_DECOUPLED = 2 };
+
+struct AdamaxArgs {
+    const TensorDesc* tensors;
+    u64 num_tensors;
+    u64 num_chunks;         // sum over tensors of ceil(len / ADAMAX_CHUNK)
+    float beta1;
+    float one_minus_beta1;  // f32(1 - beta1), from f64
+    float beta2;
+    float eps;
+    float step_size;        // f32(lr / (1 - beta1^t)), from f64
+    float decay;            // weight_decay (coupled) or f32(lr * weight_decay) (decoupled)
+    u32 eps_mode;
+    u32 decay_mode;
+    u32 maximize;
+    u32 reserved;           // keeps the struct a multiple of 8 bytes; always 0
+};
+
+// Master-weight initialisation of one 16-bit tensor: master[i] = float(param[i]).
+struct InitArgs {
+    u64 param;   // const T*
+    u64 master;  // float*
+    u64 len;
+};
+
+static_assert(sizeof(InitArgs) == ADAMAX_INIT_SIZE, "InitArgs differs from src/cuda/args.rs");
+static_assert(sizeof(TensorDesc) == ADAMAX_TENSOR_SIZE, "TensorDesc differs from src/cuda/args.rs");
+static_assert(sizeof(AdamaxArgs) == ADAMAX_ARGS_SIZE, "AdamaxArgs differs from src/cuda/args.rs");
+static_assert(ADAMAX_CHUNK % 8 == 0, "chunks must start on a 16-byte boundary for every type");
+
+// ---- Conversions: exact widening, round-to-nearest-even narrowing ----
+// On raw bits, so the vector path can pack lanes with shifts instead of addressing
+// 16-bit fields (which made ptxas put them in local memory on sm_90).
+
+__device__ __forceinline__ float widen(u16 bits, f16) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
+    return f;
+}
+__device__ __forceinline__ float widen(u16 bits, bf16) { return __uint_as_float((u32)bits << 16); }
+
+__device__ __forceinline__ u16 narrow(float x, f16) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+// Integer rounding instead of cvt.rn.bf16.f32, which needs sm_80: correct on sm_75 too,
+// and identical to the `half` crate's bf16::from_f32 (NaN kept quiet, RNE otherwise).
+__device__ __forceinline__ u16 narrow(float x, bf16) {
+    u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)((b >> 16) | 0x0040u);
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+// ---- The rule (twin of `update` in src/cpu.rs) ----
+
+// max that returns NaN when either side is NaN, like torch.maximum.
+__device__ __forceinline__ float max_propagating_nan(float a, float b) {
+    if (a != a || b != b) return __uint_as_float(0x7fc00000u);
+    return a >= b ? a : b;
+}
+
+__device__ __forceinline__ void adamax_update(const AdamaxArgs& a, float& p, float g, float& m,
+                                              float& u) {
+    if (a.maximize) g = -g;
+    if (a.decay_mode == DECAY_COUPLED) g = __fmaf_rn(a.decay, p, g);
+    m = __fmaf_rn(a.beta1, m, __fmul_rn(a.one_minus_beta1, g));
+    const float decayed = __fmul_rn(a.beta2, u);
+    float den;
+    if (a.eps_mode == EPS_INSIDE_MAX) {
+        u = max_propagating_nan(decayed, __fadd_rn(fabsf(g), a.eps));
+        den = u;
+    } else {
+        u = max_propagating_nan(decayed, fabsf(g));
+        den = __fadd_rn(u, a.eps);
+    }
+    const float step = den == 0.0f ? 0.0f : __fdiv_rn(m, den);
+    if (a.decay_mode == DECAY_DECOUPLED)
+        p = __fsub_rn(p, __fmaf_rn(a.decay, p, __fmul_rn(a.step_size, step)));
+    else
+        p = __fmaf_rn(-a.step_size, step, p);
+}
+
+// ---- Memory traversal ----
+
+__device__ __forceinline__ float* f32_ptr(u64 addr, u64 i) { return (float*)addr + i; }
+
+// One element. f32 parameters are their own master.
+__device__ __forceinline__ void step_scalar(const AdamaxArgs& a, const TensorDesc& t, u64 i, float) {
+    float p = *f32_ptr(t.param, i), m = *f32_ptr(t.exp_avg, i), u = *f32_ptr(t.exp_inf, i);
+    adamax_update(a, p, *f32_ptr(t.grad, i), m, u);
+    *f32_ptr(t.param, i) = p;
+    *f32_ptr(t.exp_avg, i) = m;
+    *f32_ptr(t.exp_inf, i) = u;
+}
+
+// One element of a 16-bit parameter: the master is stepped, the 16-bit copy rewritten.
+template <typename T>
+__device__ __forceinline__ void step_scalar(const AdamaxArgs& a, const TensorDesc& t, u64 i, T tag) {
+    float p = *f32_ptr(t.master, i), m = *f32_ptr(t.exp_avg, i), u = *f32_ptr(t.exp_inf, i);
+    adamax_update(a, p, widen(((const u16*)t.grad)[i], tag), m, u);
+    ((u16*)t.param)[i] = narrow(p, tag);
+    *f32_ptr(t.master, i) = p;
+    *f32_ptr(t.exp_avg, i) = m;
+    *f32_ptr(t.exp_inf, i) = u;
+}
+
+__device__ __forceinline__ void update4(const AdamaxArgs& a, float4& p, float4 g, float4& m, float4& u) {
+    adamax_update(a, p.x, g.x, m.x, u.x);
+    adamax_update(a, p.y, g.y, m.y, u.y);
+    adamax_update(a, p.z, g.z, m.z, u.z);
+    adamax_update(a, p.w, g.w, m.w, u.w);
+}
+
+// Vector path: 16-byte accesses only. f32: 4 elements per call.
+__device__ __forceinline__ void step_vector(const AdamaxArgs& a, const TensorDesc& t, u64 i, float) {
+    float4 p = *(const float4*)f32_ptr(t.param, i);
+    float4 m = *(const float4*)f32_ptr(t.exp_avg, i);
+    float4 u = *(const float4*)f32_ptr(t.exp_inf, i);
+    update4(a, p, *(const float4*)f32_ptr(t.grad, i), m, u);
+    *(float4*)f32_ptr(t.param, i) = p;
+    *(float4*)f32_ptr(t.exp_avg, i) = m;
+    *(float4*)f32_ptr(t.exp_inf, i) = u;
+}
+
+template <typename T>
+__device__ __forceinline__ float4 widen4(u32 lo, u32 hi, T tag) {
+    return make_float4(widen((u16)lo, tag), widen((u16)(lo >> 16), tag), widen((u16)hi, tag),
+                       widen((u16)(hi >> 16), tag));
+}
+template <typename T>
+__device__ __forceinline__ u32 narrow2(float lo, float hi, T tag) {
+    return (u32)narrow(lo, tag) | ((u32)narrow(hi, tag) << 16);
+}
+
+// 16-bit parameters: 8 elements per call, so the 16-bit buffers move 16 bytes and the
+// f32 state two 16-byte accesses each.
+template <typename T>
+__device__ __forceinline__ void step_vector(const AdamaxArgs& a, const TensorDesc& t, u64 i, T tag) {
+    const uint4 g = *(const uint4*)((const u16*)t.grad + i);
+    float4 p0 = *(const float4*)f32_ptr(t.master, i), p1 = *(const float4*)f32_ptr(t.master, i + 4);
+    float4 m0 = *(const float4*)f32_ptr(t.exp_avg, i), m1 = *(const float4*)f32_ptr(t.exp_avg, i + 4);
+    float4 u0 = *(const float4*)f32_ptr(t.exp_inf, i), u1 = *(const float4*)f32_ptr(t.exp_inf, i + 4);
+    update4(a, p0, widen4(g.x, g.y, tag), m0, u0);
+    update4(a, p1, widen4(g.z, g.w, tag), m1, u1);
+    *(uint4*)((u16*)t.param + i) = make_uint4(narrow2(p0.x, p0.y, tag), narrow2(p0.z, p0.w, tag),
+                                              narrow2(p1.x, p1.y, tag), narrow2(p1.z, p1.w, tag));
+    *(float4*)f32_ptr(t.master, i) = p0;
+    *(float4*)f32_ptr(t.master, i + 4) = p1;
+    *(float4*)f32_ptr(t.exp_avg, i) = m0;
+    *(float4*)f32_ptr(t.exp_avg, i + 4) = m1;
+    *(float4*)f32_ptr(t.exp_inf, i) = u0;
+    *(float4*)f32_ptr(t.exp_inf, i + 4) = u1;
+}
+
+// Elements per vector call: 16 bytes of the storage type.
+template <typename T>
+struct Lanes { static constexpr u64 N = 16 / sizeof(T); };
+
+// Index of the tensor that owns global chunk `chunk`: the last one whose chunk_begin is
+// <= chunk (empty tensors share their successor's chunk_begin and are never chosen).
+__device__ __forceinline__ u64 find_tensor(const AdamaxArgs& a, u64 chunk) {
+    u64 lo = 0, hi = a.num_tensors - 1;
+    while (lo < hi) {
+        const u64 mid = (lo + hi + 1) / 2;
+        if (a.tensors[mid].chunk_begin <= chunk) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+// Blocks walk the chunks of all tensors with a grid stride: the grid is sized from the
+// multiprocessor count, and a chunk never spans two tensors. Indices are 64-bit.
+template <typename T>
+__device__ void adamax_step(const AdamaxArgs& a) {
+    constexpr u64 N = Lanes<T>::N;
+    for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
+        const TensorDesc t = a.tensors[find_tensor(a, chunk)];
+        const u64 begin = (chunk - t.chunk_begin) * (u64)ADAMAX_CHUNK;
+        const u64 end = min(begin + (u64)ADAMAX_CHUNK, t.len);
+        // Chunks start at multiples of ADAMAX_CHUNK, so aligned base pointers make every
+        // vector access aligned; a view at an odd offset takes the scalar path.
+        const bool aligned = ((t.param | t.grad | t.exp_avg | t.exp_inf | t.master) & 15) == 0;
+        u64 scalar_from = begin;
+        if (aligned) {
+            const u64 vec_end = begin + (end - begin) / N * N;
+            for (u64 i = begin + threadIdx.x * N; i < vec_end; i += (u64)blockDim.x * N)
+                step_vector(a, t, i, T());
+            scalar_from = vec_end;
+        }
+        for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(a, t, i, T());
+    }
+}
+
+template <typename T>
+__device__ void init_master(const InitArgs& a) {
+    const T* param = (const T*)a.param;
+    float* master = (float*)a.master;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < a.len; i += (u64)gridDim.x * blockDim.x)
+        master[i] = widen(((const u16*)param)[i], T());
+}
+
+// ---- Entry points, one per storage type ----
+
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_step_f32(const AdamaxArgs args) {
+    adamax_step<float>(args);
+}
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_step_f16(const AdamaxArgs args) {
+    adamax_step<f16>(args);
+}
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_step_bf16(const AdamaxArgs args) {
+    adamax_step<bf16>(args);
+}
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_init_master_f16(const InitArgs args) {
+    init_master<f16>(args);
+}
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_init_master_bf16(const InitArgs args) {
+    init_master<bf16>(args);
+}

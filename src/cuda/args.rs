@@ -1,0 +1,114 @@
+//! The kernel's argument layout, mirrored in `kernels/adamax.cu`. The kernel is compiled
+//! with the sizes below passed as `-D` defines and `static_assert`s them against its own
+//! structs, so a field added on one side only fails the compile instead of corrupting
+//! memory; the asserts here pin the Rust side.
+
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+
+use crate::{
+    config::EpsilonMode,
+    cpu::{Decay, StepScalars},
+};
+
+/// Elements per chunk: the unit of work a block takes from the tensor list. A multiple
+/// of 8 so that every chunk of every storage type starts on a 16-byte boundary.
+pub(crate) const CHUNK: u64 = 8192;
+/// Threads per block (the kernel's `__launch_bounds__`).
+pub(crate) const BLOCK: u32 = 256;
+
+/// One tensor of a launch (`TensorDesc` in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TensorDesc {
+    pub param: u64,
+    pub grad: u64,
+    pub exp_avg: u64,
+    pub exp_inf: u64,
+    pub master: u64,
+    pub len: u64,
+    pub chunk_begin: u64,
+}
+
+/// The launch's arguments (`AdamaxArgs` in the kernel), passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct AdamaxArgs {
+    pub tensors: u64,
+    pub num_tensors: u64,
+    pub num_chunks: u64,
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub step_size: f32,
+    pub decay: f32,
+    pub eps_mode: u32,
+    pub decay_mode: u32,
+    pub maximize: u32,
+    pub reserved: u32,
+}
+
+/// Arguments of the master-weight initialisation (`InitArgs` in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct InitArgs {
+    pub param: u64,
+    pub master: u64,
+    pub len: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<InitArgs>() == 24);
+const _: () = assert!(std::mem::size_of::<TensorDesc>() == 56);
+const _: () = assert!(std::mem::size_of::<AdamaxArgs>() == 64);
+
+// SAFETY: plain-old-data `repr(C)` structs of integers and floats, with no padding
+// (sizes asserted above), laid out exactly as the kernel's structs (checked by the
+// kernel's static_asserts against the sizes passed at compile time).
+unsafe impl DeviceRepr for TensorDesc {}
+// SAFETY: all fields are integers, for which all-zero bits are valid.
+unsafe impl ValidAsZeroBits for TensorDesc {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AdamaxArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for InitArgs {}
+
+impl AdamaxArgs {
+    /// The kernel arguments for one step with scalars `s` over a table of `num_tensors`
+    /// descriptors at device address `tensors`.
+    pub(crate) fn new(s: &StepScalars, tensors: u64, num_tensors: u64, num_chunks: u64) -> Self {
+        let (decay_mode, decay) = match s.decay {
+            Decay::None => (0, 0.0),
+            Decay::Coupled { weight_decay } => (1, weight_decay),
+            Decay::Decoupled { lr_wd } => (2, lr_wd),
+        };
+        Self {
+            tensors,
+            num_tensors,
+            num_chunks,
+            beta1: s.beta1,
+            one_minus_beta1: s.one_minus_beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            step_size: s.step_size,
+            decay,
+            eps_mode: match s.eps_mode {
+                EpsilonMode::InsideMax => 0,
+                EpsilonMode::Denominator => 1,
+            },
+            decay_mode,
+            maximize: u32::from(s.maximize),
+            reserved: 0,
+        }
+    }
+}
+
+/// The `-D` defines that tell the kernel the layout it must match.
+pub(crate) fn layout_defines() -> [String; 5] {
+    [
+        format!("-DADAMAX_INIT_SIZE={}", std::mem::size_of::<InitArgs>()),
+        format!("-DADAMAX_ARGS_SIZE={}", std::mem::size_of::<AdamaxArgs>()),
+        format!("-DADAMAX_TENSOR_SIZE={}", std::mem::size_of::<TensorDesc>()),
+        format!("-DADAMAX_CHUNK={CHUNK}"),
+        format!("-DADAMAX_BLOCK={BLOCK}"),
+    ]
+}

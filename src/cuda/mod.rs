@@ -1,0 +1,16 @@
+//! The GPU path: NVRTC compilation ([`mod@compile`]), device access, and [`CudaAdamax`].
+//!
+//! Nothing here needs CUDA at build time: the driver and NVRTC are loaded when first
+//! used, and their absence is an [`Error`](crate::Error), not a panic.
+
+mod args;
+pub mod compile;
+mod device;
+mod optimizer;
+
+pub use compile::{
+    compile, compile_source, nvrtc_version, supported_archs, Arch, Compiled, ENTRY_POINTS,
+};
+pub use cudarc;
+pub use device::{default_stream, device_count, ensure_driver};
+pub use optimizer::{CudaAdamax, GpuStorage};

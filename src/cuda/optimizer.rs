@@ -1,0 +1,312 @@
+//! [`CudaAdamax`]: the optimizer that owns its device state and launches the kernel.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
+};
+
+use crate::{
+    config::AdamaxConfig,
+    cpu::{check_lists, StepScalars, TensorState},
+    error::{Error, Result},
+    storage::Storage,
+};
+
+use super::{
+    args::{AdamaxArgs, InitArgs, TensorDesc, BLOCK, CHUNK},
+    device::{kernels_for, launch, Kernels},
+};
+
+/// A [`Storage`] type the GPU kernels handle: `f32`, [`half::f16`], [`half::bf16`].
+pub trait GpuStorage: Storage + DeviceRepr {}
+impl GpuStorage for f32 {}
+impl GpuStorage for half::f16 {}
+impl GpuStorage for half::bf16 {}
+
+/// Elements between the starts of two tensors' state: offsets stay 256-byte aligned
+/// (what cudaMalloc guarantees), so the kernel's 16-byte vector path always applies to
+/// the optimizer's own buffers.
+const STATE_ALIGN: usize = 64;
+
+/// AdaMax on an NVIDIA GPU over a list of parameter tensors, stepped in one launch.
+///
+/// Owns the device memory it allocates: `exp_avg` (m) and `exp_inf` (u) for every
+/// tensor, and for 16-bit `T` the f32 master weights, initialised from the parameters
+/// at construction. Parameters and gradients stay in the caller's buffers; a step checks
+/// their count, lengths and device, then enqueues one kernel on the optimizer's stream
+/// without synchronising the host.
+///
+/// ```no_run
+/// use adamax_cuda::{cuda::{self, CudaAdamax}, AdamaxConfig};
+/// let stream = cuda::default_stream(0)?;
+/// let mut weights = stream.clone_htod(&vec![0.5f32; 1 << 20]).unwrap();
+/// let grads = stream.clone_htod(&vec![0.01f32; 1 << 20]).unwrap();
+/// let mut opt = CudaAdamax::<f32>::new(&stream, AdamaxConfig::default(), &[weights.as_view()])?;
+/// opt.step(&mut [weights.as_view_mut()], &[grads.as_view()])?;
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
+pub struct CudaAdamax<T: GpuStorage> {
+    config: AdamaxConfig,
+    step: u64,
+    stream: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+    lens: Vec<usize>,
+    /// Element offset of each tensor in the state buffers.
+    offsets: Vec<usize>,
+    chunk_begin: Vec<u64>,
+    num_chunks: u64,
+    exp_avg: CudaSlice<f32>,
+    exp_inf: CudaSlice<f32>,
+    master: Option<CudaSlice<f32>>,
+    /// Device addresses of the three buffers above (0 for no master). Only this
+    /// optimizer's stream touches them, so they need none of cudarc's cross-stream events.
+    bases: [u64; 3],
+    /// The launch's tensor table on the device, and the copy of it last uploaded:
+    /// re-uploaded only when a caller's buffer moves.
+    table: CudaSlice<TensorDesc>,
+    table_host: Vec<TensorDesc>,
+    _storage: std::marker::PhantomData<T>,
+}
+
+/// The device address of a buffer this module owns, without event bookkeeping.
+fn base_ptr(buf: &CudaSlice<f32>, stream: &CudaStream) -> u64 {
+    let (ptr, _guard) = buf.device_ptr(stream);
+    ptr
+}
+
+impl<T: GpuStorage> CudaAdamax<T> {
+    /// Validates `config`, compiles the kernels for the stream's device on first use in
+    /// this process, allocates the state, and (for 16-bit `T`) copies the parameters into
+    /// f32 master weights on `stream`.
+    pub fn new<P: DevicePtr<T>>(
+        stream: &Arc<CudaStream>,
+        config: AdamaxConfig,
+        params: &[P],
+    ) -> Result<Self> {
+        config.validate()?;
+        if params.is_empty() {
+            return Err(Error::EmptyParameterList);
+        }
+        check_devices(stream, "param", params)?;
+        let kernels = kernels_for(stream.context())?;
+        let lens: Vec<usize> = params.iter().map(DeviceSlice::len).collect();
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut chunk_begin = Vec::with_capacity(lens.len());
+        let (mut total, mut chunks) = (0usize, 0u64);
+        for &n in &lens {
+            offsets.push(total);
+            chunk_begin.push(chunks);
+            total += n.div_ceil(STATE_ALIGN) * STATE_ALIGN;
+            chunks += (n as u64).div_ceil(CHUNK);
+        }
+        let alloc = |what: &'static str| {
+            // At least one element: the driver refuses zero-byte allocations.
+            stream
+                .alloc_zeros::<f32>(total.max(1))
+                .map_err(Error::driver(what))
+        };
+        let exp_avg = alloc("allocating exp_avg")?;
+        let exp_inf = alloc("allocating exp_inf")?;
+        let master = if T::HAS_MASTER {
+            Some(alloc("allocating master weights")?)
+        } else {
+            None
+        };
+        let table = stream
+            .alloc_zeros::<TensorDesc>(lens.len())
+            .map_err(Error::driver("allocating the tensor table"))?;
+        let bases = [
+            base_ptr(&exp_avg, stream),
+            base_ptr(&exp_inf, stream),
+            master.as_ref().map_or(0, |m| base_ptr(m, stream)),
+        ];
+        let opt = Self {
+            config,
+            step: 0,
+            stream: stream.clone(),
+            kernels,
+            lens,
+            offsets,
+            chunk_begin,
+            num_chunks: chunks,
+            exp_avg,
+            exp_inf,
+            master,
+            bases,
+            table,
+            table_host: Vec::new(),
+            _storage: std::marker::PhantomData,
+        };
+        opt.init_master(params)?;
+        Ok(opt)
+    }
+
+    fn init_master<P: DevicePtr<T>>(&self, params: &[P]) -> Result<()> {
+        let Some(func) = self.kernels.init_master(T::NAME) else {
+            return Ok(());
+        };
+        for (i, p) in params.iter().enumerate() {
+            let n = self.lens[i] as u64;
+            if n == 0 {
+                continue;
+            }
+            let (param, _guard) = p.device_ptr(&self.stream);
+            let args = InitArgs {
+                param,
+                master: self.bases[2] + 4 * self.offsets[i] as u64,
+                len: n,
+            };
+            let blocks = n
+                .div_ceil(u64::from(BLOCK))
+                .min(u64::from(self.kernels.max_grid));
+            launch(&self.stream, func, blocks as u32, &args)?;
+        }
+        Ok(())
+    }
+
+    /// One AdaMax step over every tensor: `params[i]` is updated in place from
+    /// `grads[i]` (for 16-bit `T`, from the master weights, which are updated too).
+    ///
+    /// Everything is checked before the launch: one parameter and one gradient per
+    /// tensor, in order, of the lengths given at construction, in the optimizer's CUDA
+    /// context. A refused step enqueues nothing and changes nothing. The step is
+    /// asynchronous: it returns once the kernel is enqueued on the optimizer's stream.
+    pub fn step<P: DevicePtrMut<T>, G: DevicePtr<T>>(
+        &mut self,
+        params: &mut [P],
+        grads: &[G],
+    ) -> Result<()> {
+        let param_lens: Vec<usize> = params.iter().map(DeviceSlice::len).collect();
+        let grad_lens: Vec<usize> = grads.iter().map(DeviceSlice::len).collect();
+        check_lists(&self.lens, &param_lens, &grad_lens)?;
+        check_devices(&self.stream, "param", params)?;
+        check_devices(&self.stream, "grad", grads)?;
+        let t = self
+            .step
+            .checked_add(1)
+            .ok_or(Error::StepOverflow(self.step))?;
+        let scalars = StepScalars::new(&self.config, t);
+
+        let stream = self.stream.clone();
+        // The guards make cudarc order this stream after other streams' writes to the
+        // caller's buffers, and record our use when dropped after the launch.
+        let mut guards = Vec::with_capacity(2 * params.len());
+        let mut table = Vec::with_capacity(params.len());
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let (param, param_guard) = p.device_ptr_mut(&stream);
+            let (grad, grad_guard) = g.device_ptr(&stream);
+            guards.push(param_guard);
+            guards.push(grad_guard);
+            table.push(self.descriptor(i, param, grad));
+        }
+        if table != self.table_host {
+            stream
+                .memcpy_htod(&table, &mut self.table)
+                .map_err(Error::driver("uploading the tensor table"))?;
+            self.table_host = table;
+        }
+        if self.num_chunks > 0 {
+            let (table_ptr, _table_guard) = self.table.device_ptr(&stream);
+            let args =
+                AdamaxArgs::new(&scalars, table_ptr, self.lens.len() as u64, self.num_chunks);
+            let blocks = self.num_chunks.min(u64::from(self.kernels.max_grid)) as u32;
+            launch(&stream, self.kernels.step(T::NAME), blocks, &args)?;
+        }
+        drop(guards);
+        self.step = t;
+        Ok(())
+    }
+
+    fn descriptor(&self, i: usize, param: u64, grad: u64) -> TensorDesc {
+        let at = |base: u64| {
+            if base == 0 {
+                0
+            } else {
+                base + 4 * self.offsets[i] as u64
+            }
+        };
+        TensorDesc {
+            param,
+            grad,
+            exp_avg: at(self.bases[0]),
+            exp_inf: at(self.bases[1]),
+            master: at(self.bases[2]),
+            len: self.lens[i] as u64,
+            chunk_begin: self.chunk_begin[i],
+        }
+    }
+
+    /// Copies the state of every tensor to the host (synchronises the stream): `exp_avg`,
+    /// `exp_inf`, and for 16-bit `T` the master weights, in the CPU reference's layout.
+    pub fn state_to_host(&self) -> Result<Vec<TensorState>> {
+        let copy = |buf: &CudaSlice<f32>| {
+            self.stream
+                .clone_dtoh(buf)
+                .map_err(Error::driver("copying the optimizer state to the host"))
+        };
+        let (m, u) = (copy(&self.exp_avg)?, copy(&self.exp_inf)?);
+        let master = self.master.as_ref().map(copy).transpose()?;
+        Ok(self
+            .lens
+            .iter()
+            .zip(&self.offsets)
+            .map(|(&n, &o)| TensorState {
+                exp_avg: m[o..o + n].to_vec(),
+                exp_inf: u[o..o + n].to_vec(),
+                master: master
+                    .as_ref()
+                    .map_or_else(Vec::new, |w| w[o..o + n].to_vec()),
+            })
+            .collect())
+    }
+
+    /// Steps taken so far (PyTorch's `state["step"]`).
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &AdamaxConfig {
+        &self.config
+    }
+
+    /// Changes the learning rate (for a schedule); validated like the config.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        let config = AdamaxConfig { lr, ..self.config };
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// The element count of every tensor, in order.
+    pub fn tensor_lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// The stream the optimizer enqueues its work on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+/// Every buffer must live in the optimizer's CUDA context.
+fn check_devices<T, B: DeviceSlice<T>>(
+    stream: &CudaStream,
+    what: &'static str,
+    bufs: &[B],
+) -> Result<()> {
+    let ours: &Arc<CudaContext> = stream.context();
+    for (tensor, b) in bufs.iter().enumerate() {
+        let theirs = b.stream().context();
+        if theirs.cu_ctx() != ours.cu_ctx() {
+            return Err(Error::WrongDevice {
+                what,
+                tensor,
+                expected: ours.ordinal(),
+                found: theirs.ordinal(),
+            });
+        }
+    }
+    Ok(())
+}

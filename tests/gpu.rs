@@ -1,0 +1,371 @@
+//! GPU against the CPU reference, bit for bit. Needs an NVIDIA GPU and NVRTC: without a
+//! visible GPU every test is reported as ignored (never as passed).
+//!
+//! Every run uses fresh random data (the seed is printed; set `ADAMAX_TEST_SEED` to
+//! replay one) and poisons the 16-bit parameter copies with NaN before each step, so a
+//! kernel that skips an element cannot pass.
+
+use std::sync::Arc;
+
+use adamax_cuda::{
+    bf16,
+    cpu::CpuAdamax,
+    cuda::{self, cudarc::driver::CudaStream, CudaAdamax, GpuStorage},
+    f16, AdamaxConfig, EpsilonMode, Error, Storage, WeightDecayMode,
+};
+use libtest_mimic::{Arguments, Failed, Trial};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+
+type TestResult = Result<(), Failed>;
+type GpuTest = Box<dyn FnOnce(&Arc<CudaStream>) -> TestResult + Send>;
+
+fn seed() -> u64 {
+    std::env::var("ADAMAX_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::rng().random())
+}
+
+/// Random values with a spread of magnitudes, a few exact zeros.
+fn random<T: Storage>(rng: &mut StdRng, n: usize, scale: f32) -> Vec<T> {
+    let normal = Normal::new(0.0f32, 1.0).unwrap_or_else(|_| unreachable!());
+    (0..n)
+        .map(|_| {
+            if rng.random::<f32>() < 0.02 {
+                T::from_f32(0.0)
+            } else {
+                T::from_f32(normal.sample(rng) * scale * 10f32.powf(rng.random_range(-2.0..0.0)))
+            }
+        })
+        .collect()
+}
+
+fn bits<T: Storage>(v: &[T]) -> Vec<u32> {
+    v.iter().map(|x| x.to_f32().to_bits()).collect()
+}
+
+/// First index where two f32 lists differ in bits (NaN counts as equal to NaN: the
+/// payload of a NaN is not part of the contract).
+fn first_difference(a: &[f32], b: &[f32]) -> Option<usize> {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan()))
+}
+
+fn same(what: &str, tensor: usize, gpu: &[f32], cpu: &[f32]) -> Result<(), String> {
+    if gpu.len() != cpu.len() {
+        return Err(format!(
+            "{what} of tensor {tensor}: {} vs {} elements",
+            gpu.len(),
+            cpu.len()
+        ));
+    }
+    match first_difference(gpu, cpu) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "{what} of tensor {tensor} differs at {i}: gpu {:e} ({:#010x}) cpu {:e} ({:#010x})",
+            gpu[i],
+            gpu[i].to_bits(),
+            cpu[i],
+            cpu[i].to_bits()
+        )),
+    }
+}
+
+/// Where each tensor's parameter and gradient sit inside larger buffers: a non-zero
+/// offset makes them views at odd element offsets, which must take the scalar path.
+#[derive(Clone, Copy)]
+struct Layout {
+    param_offset: usize,
+    grad_offset: usize,
+}
+
+const PLAIN: Layout = Layout {
+    param_offset: 0,
+    grad_offset: 0,
+};
+
+/// Steps `lens` tensors `steps` times on the GPU and with the CPU reference, from the
+/// same random data, and checks the parameters and the whole state bit for bit.
+fn gpu_matches_cpu<T: GpuStorage>(
+    stream: &Arc<CudaStream>,
+    config: AdamaxConfig,
+    lens: &[usize],
+    steps: usize,
+    layout: Layout,
+    special_grads: bool,
+) -> TestResult {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ctx = format!("{} {config:?} seed {seed}", T::NAME);
+    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let mut dev_params = Vec::new();
+    for p in &host {
+        let mut padded = vec![T::from_f32(7.0); layout.param_offset];
+        padded.extend_from_slice(p);
+        dev_params.push(stream.clone_htod(&padded)?);
+    }
+    let init_views: Vec<_> = dev_params
+        .iter()
+        .map(|b| b.slice(layout.param_offset..))
+        .collect();
+    let mut gpu =
+        CudaAdamax::<T>::new(stream, config, &init_views).map_err(|e| format!("{ctx}: {e}"))?;
+    drop(init_views);
+    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
+    let mut cpu = CpuAdamax::<T>::new(config, &refs)?;
+
+    for step in 0..steps {
+        let mut grads: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+        if special_grads {
+            for g in grads.iter_mut().filter(|g| g.len() >= 4) {
+                g[0] = T::from_f32(f32::NAN);
+                g[1] = T::from_f32(f32::INFINITY);
+                g[2] = T::from_f32(f32::NEG_INFINITY);
+            }
+        }
+        let mut dev_grads = Vec::new();
+        for g in &grads {
+            let mut padded = vec![T::from_f32(-3.0); layout.grad_offset];
+            padded.extend_from_slice(g);
+            dev_grads.push(stream.clone_htod(&padded)?);
+        }
+        if T::HAS_MASTER {
+            // Poison: the 16-bit copy is output only, and every element must be written.
+            for p in dev_params.iter_mut() {
+                let nan = vec![T::from_f32(f32::NAN); p.len()];
+                stream.memcpy_htod(&nan, p)?;
+            }
+        }
+        let grad_views: Vec<_> = dev_grads
+            .iter()
+            .map(|g| g.slice(layout.grad_offset..))
+            .collect();
+        let mut param_views: Vec<_> = dev_params
+            .iter_mut()
+            .map(|b| b.slice_mut(layout.param_offset..))
+            .collect();
+        gpu.step(&mut param_views, &grad_views)
+            .map_err(|e| format!("{ctx}: {e}"))?;
+        drop(param_views);
+        let grad_refs: Vec<&[T]> = grads.iter().map(|g| g.as_slice()).collect();
+        let mut param_refs: Vec<&mut [T]> = host.iter_mut().map(|p| p.as_mut_slice()).collect();
+        cpu.step(&mut param_refs, &grad_refs)?;
+
+        if step == 0 || step + 1 == steps {
+            let gpu_state = gpu.state_to_host()?;
+            for (i, (dev, want)) in dev_params.iter().zip(&host).enumerate() {
+                let got: Vec<T> = stream.clone_dtoh(dev)?[layout.param_offset..].to_vec();
+                let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+                same("param", i, &f(&got), &f(want))
+                    .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
+                let cs = &cpu.state()[i];
+                let gs = &gpu_state[i];
+                for (what, g, c) in [
+                    ("exp_avg", &gs.exp_avg, &cs.exp_avg),
+                    ("exp_inf", &gs.exp_inf, &cs.exp_inf),
+                    ("master", &gs.master, &cs.master),
+                ] {
+                    same(what, i, g, c).map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
+                }
+                if T::HAS_MASTER {
+                    // The 16-bit copy is exactly the round-to-nearest-even of the master.
+                    let rounded: Vec<T> = gs.master.iter().map(|&m| T::from_f32(m)).collect();
+                    if bits(&rounded) != bits(&got)
+                        && first_difference(&f(&rounded), &f(&got)).is_some()
+                    {
+                        return Err(
+                            format!("{ctx}: 16-bit copy of tensor {i} is not RNE(master)").into(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if gpu.step_count() != steps as u64 {
+        return Err(format!("{ctx}: step count {}", gpu.step_count()).into());
+    }
+    Ok(())
+}
+
+const SIZES: [usize; 6] = [0, 1, 3, 4, 4097, (1 << 20) + 3];
+
+fn configs() -> Vec<(&'static str, AdamaxConfig)> {
+    let d = AdamaxConfig::default();
+    vec![
+        ("pytorch_defaults", d),
+        (
+            "keras_epsilon",
+            AdamaxConfig {
+                eps: 1e-7,
+                eps_mode: EpsilonMode::Denominator,
+                lr: 1e-3,
+                ..d
+            },
+        ),
+        (
+            "coupled_decay",
+            AdamaxConfig {
+                weight_decay: 0.1,
+                lr: 1e-2,
+                ..d
+            },
+        ),
+        (
+            "decoupled_decay",
+            AdamaxConfig {
+                weight_decay: 0.1,
+                weight_decay_mode: WeightDecayMode::Decoupled,
+                lr: 1e-2,
+                ..d
+            },
+        ),
+        (
+            "maximize",
+            AdamaxConfig {
+                maximize: true,
+                beta1: 0.8,
+                beta2: 0.99,
+                ..d
+            },
+        ),
+        (
+            "zero_eps_keras",
+            AdamaxConfig {
+                eps: 0.0,
+                eps_mode: EpsilonMode::Denominator,
+                ..d
+            },
+        ),
+    ]
+}
+
+fn mixed_sizes(count: usize, seed: u64) -> Vec<usize> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .map(|i| match i % 5 {
+            0 => rng.random_range(0..8),
+            1 => rng.random_range(8..1000),
+            2 => 768,
+            3 => rng.random_range(1000..70_000),
+            _ => 768 * 4 + rng.random_range(0..3),
+        })
+        .collect()
+}
+
+fn refused_steps_change_nothing(stream: &Arc<CudaStream>) -> TestResult {
+    let p = stream.clone_htod(&[1.0f32, 2.0, 3.0])?;
+    let g = stream.clone_htod(&[0.5f32, 0.5, 0.5])?;
+    let short = stream.clone_htod(&[0.5f32, 0.5])?;
+    let mut params = vec![p];
+    let mut opt = CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &params)?;
+    opt.step(&mut params, std::slice::from_ref(&g))?;
+    let before = (stream.clone_dtoh(&params[0])?, opt.state_to_host()?);
+    match opt.step(&mut params, &[short]) {
+        Err(Error::LengthMismatch {
+            what: "grad",
+            tensor: 0,
+            expected: 3,
+            found: 2,
+        }) => {}
+        other => return Err(format!("expected LengthMismatch, got {other:?}").into()),
+    }
+    match opt.step(&mut params, &[g.clone(), g.clone()]) {
+        Err(Error::TensorCountMismatch {
+            what: "grads",
+            expected: 1,
+            found: 2,
+        }) => {}
+        other => return Err(format!("expected TensorCountMismatch, got {other:?}").into()),
+    }
+    let after = (stream.clone_dtoh(&params[0])?, opt.state_to_host()?);
+    if before != after || opt.step_count() != 1 {
+        return Err("a refused step changed the parameters or the state".into());
+    }
+    let none: [cuda::cudarc::driver::CudaSlice<f32>; 0] = [];
+    match CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &none) {
+        Err(Error::EmptyParameterList) => Ok(()),
+        other => Err(format!("expected EmptyParameterList, got {:?}", other.err()).into()),
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let device = cuda::device_count()
+        .ok()
+        .filter(|&n| n > 0)
+        .and_then(|_| cuda::default_stream(0).ok());
+    match &device {
+        Some(s) => eprintln!(
+            "GPU: {} (compute capability {:?})",
+            s.context().name().unwrap_or_default(),
+            s.context().compute_capability().ok()
+        ),
+        None => eprintln!("no CUDA device visible: GPU tests are ignored"),
+    }
+    let stream = device.clone();
+    let mut trials = Vec::new();
+    let mut add = |name: String, f: GpuTest| {
+        let stream = stream.clone();
+        trials.push(
+            Trial::test(name, move || match stream {
+                Some(s) => f(&s),
+                None => Err("no CUDA device".into()),
+            })
+            .with_ignored_flag(device.is_none()),
+        );
+    };
+    for (name, config) in configs() {
+        add(
+            format!("f32_is_bit_identical_to_cpu_after_100_steps_{name}"),
+            Box::new(move |s| gpu_matches_cpu::<f32>(s, config, &SIZES, 100, PLAIN, false)),
+        );
+        add(
+            format!("f16_master_is_bit_identical_and_copy_is_rne_{name}"),
+            Box::new(move |s| gpu_matches_cpu::<f16>(s, config, &SIZES, 20, PLAIN, false)),
+        );
+        add(
+            format!("bf16_master_is_bit_identical_and_copy_is_rne_{name}"),
+            Box::new(move |s| gpu_matches_cpu::<bf16>(s, config, &SIZES, 20, PLAIN, false)),
+        );
+    }
+    let odd = Layout {
+        param_offset: 1,
+        grad_offset: 3,
+    };
+    let d = AdamaxConfig::default();
+    add(
+        "views_at_odd_offsets_take_the_scalar_path_f32".into(),
+        Box::new(move |s| gpu_matches_cpu::<f32>(s, d, &SIZES, 10, odd, false)),
+    );
+    add(
+        "views_at_odd_offsets_take_the_scalar_path_f16".into(),
+        Box::new(move |s| gpu_matches_cpu::<f16>(s, d, &SIZES, 10, odd, false)),
+    );
+    add(
+        "views_at_odd_offsets_take_the_scalar_path_bf16".into(),
+        Box::new(move |s| gpu_matches_cpu::<bf16>(s, d, &SIZES, 10, odd, false)),
+    );
+    add(
+        "a_list_of_150_mixed_tensors_in_one_launch_f32".into(),
+        Box::new(move |s| gpu_matches_cpu::<f32>(s, d, &mixed_sizes(150, 1), 30, PLAIN, false)),
+    );
+    add(
+        "a_list_of_150_mixed_tensors_in_one_launch_bf16".into(),
+        Box::new(move |s| gpu_matches_cpu::<bf16>(s, d, &mixed_sizes(150, 2), 10, PLAIN, false)),
+    );
+    add(
+        "nan_and_inf_gradients_match_the_cpu_f32".into(),
+        Box::new(move |s| gpu_matches_cpu::<f32>(s, d, &SIZES[..5], 5, PLAIN, true)),
+    );
+    add(
+        "nan_and_inf_gradients_match_the_cpu_f16".into(),
+        Box::new(move |s| gpu_matches_cpu::<f16>(s, d, &SIZES[..5], 5, PLAIN, true)),
+    );
+    add(
+        "refused_steps_change_nothing".into(),
+        Box::new(refused_steps_change_nothing),
+    );
+    libtest_mimic::run(&args, trials).exit();
+}

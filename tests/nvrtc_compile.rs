@@ -1,0 +1,90 @@
+//! Every kernel entry point compiles with NVRTC for sm_75, sm_80, sm_90 and sm_100,
+//! without register spills. Needs the NVRTC library but no GPU. Without the library the
+//! tests are reported as ignored, unless `CI` is set: then they fail.
+
+use adamax_cuda::{
+    cuda::{compile, compile_source, nvrtc_version, Arch, ENTRY_POINTS},
+    Error,
+};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+const ARCHS: [Arch; 4] = [
+    Arch { major: 7, minor: 5 },
+    Arch { major: 8, minor: 0 },
+    Arch { major: 9, minor: 0 },
+    Arch {
+        major: 10,
+        minor: 0,
+    },
+];
+
+fn compiles_every_entry_point(arch: Arch) -> Result<(), Failed> {
+    let c = compile(arch).map_err(|e| e.to_string())?;
+    if c.is_ptx {
+        return Err(format!("NVRTC fell back to PTX for {arch}: it should support it").into());
+    }
+    for name in ENTRY_POINTS {
+        let found = c.image.windows(name.len()).any(|w| w == name.as_bytes());
+        if !found {
+            return Err(format!("{arch}: entry point {name} missing from the CUBIN").into());
+        }
+        // ptxas --verbose: "Function properties for NAME" then
+        // "N bytes stack frame, N bytes spill stores, N bytes spill loads".
+        let props = c
+            .log
+            .split("Function properties for ")
+            .find(|s| s.starts_with(name) && s[name.len()..].starts_with(char::is_whitespace))
+            .ok_or_else(|| format!("{arch}: no ptxas report for {name} in log:\n{}", c.log))?;
+        let line = props.lines().nth(1).unwrap_or_default();
+        if !line.contains(" 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") {
+            return Err(format!("{arch}: {name} uses local memory: {line}").into());
+        }
+    }
+    Ok(())
+}
+
+fn a_broken_source_is_a_compile_error_carrying_nvrtcs_log() -> Result<(), Failed> {
+    let src = "extern \"C\" __global__ void k() { this_is_not_declared = 1; }";
+    match compile_source(src, ARCHS[0]) {
+        Err(Error::Compile { log, options, .. }) => {
+            if !log.contains("this_is_not_declared") {
+                return Err(format!("log does not name the error: {log}").into());
+            }
+            if !options.iter().any(|o| o == "--fmad=false") {
+                return Err(format!("options not reported: {options:?}").into());
+            }
+            Ok(())
+        }
+        other => Err(format!("expected Error::Compile, got {other:?}").into()),
+    }
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let present = nvrtc_version();
+    let in_ci = std::env::var_os("CI").is_some();
+    match &present {
+        Ok((major, minor)) => eprintln!("NVRTC {major}.{minor}"),
+        Err(e) if in_ci => eprintln!("CI is set and NVRTC is missing: the tests will fail ({e})"),
+        Err(e) => eprintln!("NVRTC not found, tests ignored: {e}"),
+    }
+    let ignore = present.is_err() && !in_ci;
+    let mut trials: Vec<Trial> = ARCHS
+        .iter()
+        .map(|&arch| {
+            Trial::test(
+                format!("nvrtc_compiles_every_entry_point_without_spills_for_{arch}"),
+                move || compiles_every_entry_point(arch),
+            )
+        })
+        .collect();
+    trials.push(Trial::test(
+        "a_broken_source_is_a_compile_error_carrying_nvrtcs_log",
+        a_broken_source_is_a_compile_error_carrying_nvrtcs_log,
+    ));
+    let trials = trials
+        .into_iter()
+        .map(|t| t.with_ignored_flag(ignore))
+        .collect();
+    libtest_mimic::run(&args, trials).exit();
+}
