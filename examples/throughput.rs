@@ -1,0 +1,87 @@
+//! Step throughput as JSON lines, for scripts/torch_side_by_side.py to print beside
+//! PyTorch's optimizers: `cargo run --release --example throughput`.
+//!
+//! Same shapes, byte count (28 per element) and L2-defeating rotation as the criterion
+//! bench (benches/step.rs); timed with CUDA events around 50 steps after 10 of warm-up,
+//! median of 5, beside a device-to-device copy of the same bytes in the same run.
+
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+
+use adamax_cuda::{
+    bf16,
+    cuda::{self, cudarc::driver::CudaStream, GpuStorage},
+    f16, Error,
+};
+use common::{copy_buffers, sets_needed, shapes, Set, BYTES_PER_ELEMENT};
+
+const WARMUP: usize = 10;
+const ITERS: usize = 50;
+const REPEATS: usize = 5;
+
+/// Median over REPEATS of the milliseconds per call of `f(i)`, timed with CUDA events.
+fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut(usize)) -> Result<f64, Error> {
+    let drv = |e| Error::Driver {
+        context: "timing with CUDA events",
+        source: e,
+    };
+    for i in 0..WARMUP {
+        f(i);
+    }
+    let mut samples = Vec::new();
+    for _ in 0..REPEATS {
+        let start = stream.record_event(None).map_err(drv)?;
+        for i in 0..ITERS {
+            f(i);
+        }
+        let end = stream.record_event(None).map_err(drv)?;
+        end.synchronize().map_err(drv)?;
+        samples.push(f64::from(start.elapsed_ms(&end).map_err(drv)?) / ITERS as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[REPEATS / 2])
+}
+
+fn run<T: GpuStorage>(stream: &Arc<CudaStream>) -> Result<(), Error> {
+    for (name, lens) in shapes() {
+        let n: u64 = lens.iter().map(|&x| x as u64).sum();
+        let mut sets: Vec<Set<T>> = (0..sets_needed(n))
+            .map(|i| Set::new(stream, &lens, i as u32))
+            .collect();
+        let k = sets.len();
+        let step_ms = time_ms(stream, |i| sets[i % k].step())?;
+        drop(sets);
+        let (src, mut dst) = copy_buffers(stream, n);
+        let copy_ms = time_ms(stream, |i| {
+            stream
+                .memcpy_dtod(&src[i % k], &mut dst[i % k])
+                .expect("copy");
+        })?;
+        let bytes = (n * BYTES_PER_ELEMENT) as f64;
+        println!(
+            "{{\"impl\":\"adamax-cuda\",\"storage\":\"{}\",\"shape\":\"{name}\",\"tensors\":{},\"elements\":{n},\"ms\":{step_ms:.5},\"gbps\":{:.1},\"copy_ms\":{copy_ms:.5},\"copy_gbps\":{:.1},\"ratio_to_copy\":{:.3}}}",
+            T::NAME,
+            lens.len(),
+            bytes / step_ms / 1e6,
+            bytes / copy_ms / 1e6,
+            copy_ms / step_ms
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<(), Error> {
+    let stream = match cuda::default_stream(0) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("throughput needs a GPU: {e}");
+            return Ok(());
+        }
+    };
+    eprintln!("GPU: {}", stream.context().name().unwrap_or_default());
+    run::<f32>(&stream)?;
+    run::<f16>(&stream)?;
+    run::<bf16>(&stream)
+}
