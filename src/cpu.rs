@@ -270,6 +270,51 @@ pub fn step_tensor<T: Storage>(
     Ok(())
 }
 
+/// The configuration and step counter, shared by [`CpuAdamax`] and
+/// [`CudaAdamax`](crate::cuda::CudaAdamax) so that both validate, count and schedule alike.
+#[derive(Clone, Debug)]
+pub(crate) struct Schedule {
+    config: AdamaxConfig,
+    step: u64,
+}
+
+impl Schedule {
+    /// A schedule at step 0; refuses an invalid `config`.
+    pub(crate) fn new(config: AdamaxConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config, step: 0 })
+    }
+
+    /// The number and scalars of the next step, without advancing: call
+    /// [`Schedule::advance`] once the step has been carried out.
+    pub(crate) fn next(&self) -> Result<(u64, StepScalars)> {
+        let t = self
+            .step
+            .checked_add(1)
+            .ok_or(Error::StepOverflow(self.step))?;
+        Ok((t, StepScalars::new(&self.config, t)))
+    }
+
+    pub(crate) fn advance(&mut self, t: u64) {
+        self.step = t;
+    }
+
+    pub(crate) fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub(crate) fn config(&self) -> &AdamaxConfig {
+        &self.config
+    }
+
+    pub(crate) fn set_lr(&mut self, lr: f64) -> Result<()> {
+        let config = AdamaxConfig { lr, ..self.config };
+        config.validate()?;
+        self.config = config;
+        Ok(())
+    }
+}
+
 /// AdaMax on the CPU over a list of tensors of any lengths, owning their state.
 ///
 /// ```
@@ -284,8 +329,7 @@ pub fn step_tensor<T: Storage>(
 /// ```
 #[derive(Clone, Debug)]
 pub struct CpuAdamax<T: Storage> {
-    config: AdamaxConfig,
-    step: u64,
+    schedule: Schedule,
     states: Vec<TensorState>,
     _storage: std::marker::PhantomData<T>,
 }
@@ -294,13 +338,12 @@ impl<T: Storage> CpuAdamax<T> {
     /// Validates `config` and creates zeroed state (and f32 masters for 16-bit types)
     /// for `params`. An empty list is refused; empty tensors are fine.
     pub fn new(config: AdamaxConfig, params: &[&[T]]) -> Result<Self> {
-        config.validate()?;
+        let schedule = Schedule::new(config)?;
         if params.is_empty() {
             return Err(Error::EmptyParameterList);
         }
         Ok(Self {
-            config,
-            step: 0,
+            schedule,
             states: params.iter().map(|p| TensorState::new(p)).collect(),
             _storage: std::marker::PhantomData,
         })
@@ -313,11 +356,7 @@ impl<T: Storage> CpuAdamax<T> {
         let param_lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
         let grad_lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
         check_lists(&lens, &param_lens, &grad_lens)?;
-        let t = self
-            .step
-            .checked_add(1)
-            .ok_or(Error::StepOverflow(self.step))?;
-        let s = StepScalars::new(&self.config, t);
+        let (t, s) = self.schedule.next()?;
         for (i, ((p, g), state)) in params
             .iter_mut()
             .zip(grads)
@@ -326,26 +365,23 @@ impl<T: Storage> CpuAdamax<T> {
         {
             step_tensor(&s, i, p, g, state)?;
         }
-        self.step = t;
+        self.schedule.advance(t);
         Ok(())
     }
 
     /// Steps taken so far (PyTorch's `state["step"]`).
     pub fn step_count(&self) -> u64 {
-        self.step
+        self.schedule.step()
     }
 
     /// The configuration in force.
     pub fn config(&self) -> &AdamaxConfig {
-        &self.config
+        self.schedule.config()
     }
 
     /// Changes the learning rate (for a schedule); validated like the config.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        let config = AdamaxConfig { lr, ..self.config };
-        config.validate()?;
-        self.config = config;
-        Ok(())
+        self.schedule.set_lr(lr)
     }
 
     /// The state of every tensor, in parameter order.

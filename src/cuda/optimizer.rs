@@ -8,7 +8,7 @@ use cudarc::driver::{
 
 use crate::{
     config::AdamaxConfig,
-    cpu::{check_lists, StepScalars, TensorState},
+    cpu::{check_lists, Schedule, TensorState},
     error::{Error, Result},
     storage::Storage,
 };
@@ -47,8 +47,7 @@ const STATE_ALIGN: usize = 64;
 /// # Ok::<(), adamax_cuda::Error>(())
 /// ```
 pub struct CudaAdamax<T: GpuStorage> {
-    config: AdamaxConfig,
-    step: u64,
+    schedule: Schedule,
     stream: Arc<CudaStream>,
     kernels: Arc<Kernels>,
     lens: Vec<usize>,
@@ -84,7 +83,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         config: AdamaxConfig,
         params: &[P],
     ) -> Result<Self> {
-        config.validate()?;
+        let schedule = Schedule::new(config)?;
         if params.is_empty() {
             return Err(Error::EmptyParameterList);
         }
@@ -122,8 +121,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             master.as_ref().map_or(0, |m| base_ptr(m, stream)),
         ];
         let opt = Self {
-            config,
-            step: 0,
+            schedule,
             stream: stream.clone(),
             kernels,
             lens,
@@ -182,11 +180,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         check_lists(&self.lens, &param_lens, &grad_lens)?;
         check_devices(&self.stream, "param", params)?;
         check_devices(&self.stream, "grad", grads)?;
-        let t = self
-            .step
-            .checked_add(1)
-            .ok_or(Error::StepOverflow(self.step))?;
-        let scalars = StepScalars::new(&self.config, t);
+        let (t, scalars) = self.schedule.next()?;
 
         let stream = self.stream.clone();
         // The guards make cudarc order this stream after other streams' writes to the
@@ -214,7 +208,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             launch(&stream, self.kernels.step(T::NAME), blocks, &args)?;
         }
         drop(guards);
-        self.step = t;
+        self.schedule.advance(t);
         Ok(())
     }
 
@@ -263,20 +257,17 @@ impl<T: GpuStorage> CudaAdamax<T> {
 
     /// Steps taken so far (PyTorch's `state["step"]`).
     pub fn step_count(&self) -> u64 {
-        self.step
+        self.schedule.step()
     }
 
     /// The configuration in force.
     pub fn config(&self) -> &AdamaxConfig {
-        &self.config
+        self.schedule.config()
     }
 
     /// Changes the learning rate (for a schedule); validated like the config.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        let config = AdamaxConfig { lr, ..self.config };
-        config.validate()?;
-        self.config = config;
-        Ok(())
+        self.schedule.set_lr(lr)
     }
 
     /// The element count of every tensor, in order.
