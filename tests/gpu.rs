@@ -290,6 +290,58 @@ fn refused_steps_change_nothing(stream: &Arc<CudaStream>) -> TestResult {
     }
 }
 
+/// 64-bit indexing: one 16-bit tensor of 2^31 + 4099 elements (34 GB of device memory
+/// with its state), checked against the CPU reference on windows at the start, across
+/// element 2^31, and at the end. The CPU reference is elementwise, so stepping a window
+/// on its own is exact.
+fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult {
+    let n = (1usize << 31) + 4099;
+    let value = |i: usize, seed: u32, scale: f32| {
+        let h = (i as u32).wrapping_mul(2_654_435_761)
+            ^ seed.wrapping_mul(0x9e37_79b9)
+            ^ (i >> 32) as u32;
+        T::from_f32(((h >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale)
+    };
+    let host_params: Vec<T> = (0..n).map(|i| value(i, 1, 1.0)).collect();
+    let mut params = vec![stream.clone_htod(&host_params)?];
+    drop(host_params);
+    let grads_for = |step: u32| -> Vec<T> { (0..n).map(|i| value(i, 10 + step, 0.1)).collect() };
+    let config = AdamaxConfig::default();
+    let mut gpu = CudaAdamax::<T>::new(stream, config, &params)?;
+    let windows = [0..4096, (1 << 31) - 4096..(1 << 31) + 4096, n - 4096..n];
+    let mut cpu: Vec<(Vec<T>, adamax_cuda::cpu::TensorState)> = windows
+        .iter()
+        .map(|w| {
+            let p: Vec<T> = w.clone().map(|i| value(i, 1, 1.0)).collect();
+            let st = adamax_cuda::cpu::TensorState::new(&p);
+            (p, st)
+        })
+        .collect();
+    for step in 1..=2u64 {
+        let host_grads = grads_for(step as u32);
+        let grads = vec![stream.clone_htod(&host_grads)?];
+        gpu.step(&mut params, &grads)?;
+        let s = adamax_cuda::cpu::StepScalars::new(&config, step);
+        for (w, (p, st)) in windows.iter().zip(cpu.iter_mut()) {
+            adamax_cuda::cpu::step_tensor(&s, 0, p, &host_grads[w.clone()], st)?;
+        }
+    }
+    for (w, (p, st)) in windows.iter().zip(&cpu) {
+        let got: Vec<T> = stream.clone_dtoh(&params[0].slice(w.clone()))?;
+        let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        same("param window", 0, &f(&got), &f(p)).map_err(|e| format!("window {w:?}: {e}"))?;
+        let gs = gpu.tensor_state_to_host(0, w.clone())?;
+        for (what, g, c) in [
+            ("exp_avg", &gs.exp_avg, &st.exp_avg),
+            ("exp_inf", &gs.exp_inf, &st.exp_inf),
+            ("master", &gs.master, &st.master),
+        ] {
+            same(what, 0, g, c).map_err(|e| format!("window {w:?}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let device = cuda::device_count()
@@ -366,6 +418,25 @@ fn main() {
     add(
         "refused_steps_change_nothing".into(),
         Box::new(refused_steps_change_nothing),
+    );
+    // Needs about 35 GB free: ignored on smaller GPUs rather than failing.
+    let big_enough = device
+        .as_ref()
+        .and_then(|s| s.context().mem_get_info().ok())
+        .is_some_and(|(free, _)| free > 40 << 30);
+    if !big_enough {
+        eprintln!("tensor_over_2_pow_31_elements: needs > 40 GiB free device memory, ignored");
+    }
+    let s = device.clone();
+    trials.push(
+        Trial::test(
+            "tensor_over_2_pow_31_elements_uses_64_bit_indices_f16",
+            move || match s {
+                Some(s) => over_2_pow_31_elements::<f16>(&s),
+                None => Err("no CUDA device".into()),
+            },
+        )
+        .with_ignored_flag(!big_enough),
     );
     libtest_mimic::run(&args, trials).exit();
 }

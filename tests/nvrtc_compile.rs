@@ -82,6 +82,21 @@ fn main() {
         "a_broken_source_is_a_compile_error_carrying_nvrtcs_log",
         a_broken_source_is_a_compile_error_carrying_nvrtcs_log,
     ));
+    // CI runs this binary once per supported NVRTC major; make sure it got that one.
+    if let Some(want) = std::env::var_os("ADAMAX_EXPECT_NVRTC_MAJOR") {
+        let want = want.to_string_lossy().into_owned();
+        let got = present.as_ref().ok().map(|(major, _)| major.to_string());
+        trials.push(Trial::test(
+            "the_loaded_nvrtc_has_the_expected_major",
+            move || {
+                if got.as_deref() == Some(want.as_str()) {
+                    Ok(())
+                } else {
+                    Err(format!("expected NVRTC {want}.x, loaded {got:?}").into())
+                }
+            },
+        ));
+    }
     let trials = trials
         .into_iter()
         .map(|t| t.with_ignored_flag(ignore))

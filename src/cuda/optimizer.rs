@@ -234,25 +234,47 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// Copies the state of every tensor to the host (synchronises the stream): `exp_avg`,
     /// `exp_inf`, and for 16-bit `T` the master weights, in the CPU reference's layout.
     pub fn state_to_host(&self) -> Result<Vec<TensorState>> {
+        (0..self.lens.len())
+            .map(|i| self.tensor_state_to_host(i, 0..self.lens[i]))
+            .collect()
+    }
+
+    /// Copies elements `range` of tensor `tensor`'s state to the host (synchronises the
+    /// stream), e.g. a window of a tensor too large to copy whole.
+    pub fn tensor_state_to_host(
+        &self,
+        tensor: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<TensorState> {
+        let n = *self.lens.get(tensor).ok_or(Error::TensorCountMismatch {
+            what: "tensor index",
+            expected: self.lens.len(),
+            found: tensor + 1,
+        })?;
+        if range.start > range.end || range.end > n {
+            return Err(Error::LengthMismatch {
+                what: "state range end",
+                tensor,
+                expected: n,
+                found: range.end,
+            });
+        }
+        let at = self.offsets[tensor] + range.start..self.offsets[tensor] + range.end;
         let copy = |buf: &CudaSlice<f32>| {
             self.stream
-                .clone_dtoh(buf)
+                .clone_dtoh(&buf.slice(at.clone()))
                 .map_err(Error::driver("copying the optimizer state to the host"))
         };
-        let (m, u) = (copy(&self.exp_avg)?, copy(&self.exp_inf)?);
-        let master = self.master.as_ref().map(copy).transpose()?;
-        Ok(self
-            .lens
-            .iter()
-            .zip(&self.offsets)
-            .map(|(&n, &o)| TensorState {
-                exp_avg: m[o..o + n].to_vec(),
-                exp_inf: u[o..o + n].to_vec(),
-                master: master
-                    .as_ref()
-                    .map_or_else(Vec::new, |w| w[o..o + n].to_vec()),
-            })
-            .collect())
+        Ok(TensorState {
+            exp_avg: copy(&self.exp_avg)?,
+            exp_inf: copy(&self.exp_inf)?,
+            master: self
+                .master
+                .as_ref()
+                .map(copy)
+                .transpose()?
+                .unwrap_or_default(),
+        })
     }
 
     /// Steps taken so far (PyTorch's `state["step"]`).
