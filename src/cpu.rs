@@ -307,6 +307,12 @@ impl Schedule {
         &self.config
     }
 
+    /// Replaces config and step (from a validated checkpoint).
+    pub(crate) fn restore(&mut self, config: AdamaxConfig, step: u64) {
+        self.config = config;
+        self.step = step;
+    }
+
     pub(crate) fn set_lr(&mut self, lr: f64) -> Result<()> {
         let config = AdamaxConfig { lr, ..self.config };
         config.validate()?;
@@ -387,6 +393,28 @@ impl<T: Storage> CpuAdamax<T> {
     /// The state of every tensor, in parameter order.
     pub fn state(&self) -> &[TensorState] {
         &self.states
+    }
+
+    /// The whole state, for [`Checkpoint::save`](crate::Checkpoint::save).
+    pub fn checkpoint(&self) -> crate::Checkpoint {
+        crate::Checkpoint {
+            config: *self.config(),
+            step: self.step_count(),
+            storage: T::NAME.to_owned(),
+            tensors: self.states.clone(),
+        }
+    }
+
+    /// Replaces config, step count and state with `ck`'s, after checking that it fits
+    /// (storage type, tensor count and lengths); a refused checkpoint changes nothing.
+    /// The parameters themselves are the caller's: restore them alongside (for 16-bit
+    /// storage the master weights in `ck` are the source of truth).
+    pub fn restore(&mut self, ck: &crate::Checkpoint) -> Result<()> {
+        let lens: Vec<usize> = self.states.iter().map(TensorState::len).collect();
+        ck.check_fits(T::NAME, &lens)?;
+        self.schedule.restore(ck.config, ck.step);
+        self.states = ck.tensors.clone();
+        Ok(())
     }
 }
 

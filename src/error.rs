@@ -96,6 +96,20 @@ pub enum Error {
         /// Device ordinal of the buffer.
         found: usize,
     },
+    /// A checkpoint was refused; the optimizer's state was not changed.
+    #[error("AdaMax checkpoint refused: {reason}; the optimizer state was not changed")]
+    Checkpoint {
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("AdaMax: I/O on {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The device is older than the kernels support.
     #[error("AdaMax GPU: device {ordinal} has compute capability {major}.{minor}; the kernels need 7.5 (Turing) or newer")]
     UnsupportedDevice {

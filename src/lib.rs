@@ -25,12 +25,15 @@
 
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 mod config;
 pub mod cpu;
 pub mod cuda;
 mod error;
+mod fsutil;
 mod storage;
 
+pub use checkpoint::Checkpoint;
 pub use config::{AdamaxConfig, EpsilonMode, WeightDecayMode};
 pub use error::{ConfigError, Error, Result};
 pub use half::{bf16, f16};

@@ -342,6 +342,54 @@ fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult
     Ok(())
 }
 
+/// Checkpoint on the GPU, keep stepping; restore into a fresh optimizer and step the
+/// same gradients: parameters and state must be identical.
+fn gpu_resume_is_bit_exact<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [4097usize, 3, 0, 70_001];
+    let init: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let grads: Vec<Vec<Vec<T>>> = (0..10)
+        .map(|_| lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect())
+        .collect();
+    let upload = |v: &Vec<Vec<T>>| {
+        v.iter()
+            .map(|x| stream.clone_htod(x))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        ..AdamaxConfig::default()
+    };
+    let mut params = upload(&init)?;
+    let mut a = CudaAdamax::<T>::new(stream, config, &params)?;
+    for g in &grads[..5] {
+        a.step(&mut params, &upload(g)?)?;
+    }
+    let ck = adamax_cuda::Checkpoint::from_bytes(&a.checkpoint()?.to_bytes()?)?;
+    let host_at_5: Vec<Vec<T>> = params
+        .iter()
+        .map(|p| stream.clone_dtoh(p))
+        .collect::<Result<_, _>>()?;
+    for g in &grads[5..] {
+        a.step(&mut params, &upload(g)?)?;
+    }
+    let mut resumed = upload(&host_at_5)?;
+    let mut b = CudaAdamax::<T>::new(stream, AdamaxConfig::default(), &upload(&init)?)?;
+    b.restore(&ck)?;
+    for g in &grads[5..] {
+        b.step(&mut resumed, &upload(g)?)?;
+    }
+    if a.checkpoint()? != b.checkpoint()? {
+        return Err(format!("{}: state differs after resume", T::NAME).into());
+    }
+    for (x, y) in params.iter().zip(&resumed) {
+        if bits(&stream.clone_dtoh(x)?) != bits(&stream.clone_dtoh(y)?) {
+            return Err(format!("{}: parameters differ after resume", T::NAME).into());
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let device = cuda::device_count()
@@ -418,6 +466,14 @@ fn main() {
     add(
         "refused_steps_change_nothing".into(),
         Box::new(refused_steps_change_nothing),
+    );
+    add(
+        "checkpoint_resume_is_bit_exact_f32".into(),
+        Box::new(gpu_resume_is_bit_exact::<f32>),
+    );
+    add(
+        "checkpoint_resume_is_bit_exact_bf16".into(),
+        Box::new(gpu_resume_is_bit_exact::<bf16>),
     );
     // Needs about 35 GB free: ignored on smaller GPUs rather than failing.
     let big_enough = device

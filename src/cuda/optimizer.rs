@@ -277,6 +277,47 @@ impl<T: GpuStorage> CudaAdamax<T> {
         })
     }
 
+    /// The whole state copied to the host (synchronises the stream), for
+    /// [`Checkpoint::save`](crate::Checkpoint::save).
+    pub fn checkpoint(&self) -> Result<crate::Checkpoint> {
+        Ok(crate::Checkpoint {
+            config: *self.config(),
+            step: self.step_count(),
+            storage: T::NAME.to_owned(),
+            tensors: self.state_to_host()?,
+        })
+    }
+
+    /// Replaces config, step count and device state with `ck`'s, after checking that it
+    /// fits (storage type, tensor count and lengths); a refused checkpoint changes
+    /// nothing. The copies are enqueued on the optimizer's stream, ordered before the
+    /// next step. The parameters are the caller's to restore.
+    pub fn restore(&mut self, ck: &crate::Checkpoint) -> Result<()> {
+        ck.check_fits(T::NAME, &self.lens)?;
+        let upload =
+            |buf: &mut CudaSlice<f32>, pick: fn(&TensorState) -> &Vec<f32>| -> Result<()> {
+                for (i, t) in ck.tensors.iter().enumerate() {
+                    let o = self.offsets[i];
+                    let data = pick(t);
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let mut dst = buf.slice_mut(o..o + data.len());
+                    self.stream
+                        .memcpy_htod(data.as_slice(), &mut dst)
+                        .map_err(Error::driver("restoring a checkpoint"))?;
+                }
+                Ok(())
+            };
+        upload(&mut self.exp_avg, |t| &t.exp_avg)?;
+        upload(&mut self.exp_inf, |t| &t.exp_inf)?;
+        if let Some(master) = self.master.as_mut() {
+            upload(master, |t| &t.master)?;
+        }
+        self.schedule.restore(ck.config, ck.step);
+        Ok(())
+    }
+
     /// Steps taken so far (PyTorch's `state["step"]`).
     pub fn step_count(&self) -> u64 {
         self.schedule.step()
