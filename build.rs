@@ -4,16 +4,11 @@
 
 use std::{env, fs, path::Path};
 
-/// 64-bit FNV-1a: small, dependency-free and stable across Rust versions, which is all
-/// a cache key needs (it is not a security boundary).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
+include!("src/fnv.rs");
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=src/fnv.rs");
     let src_path = Path::new("kernels/adamax.cu");
     println!("cargo:rerun-if-changed={}", src_path.display());
     let source = match fs::read_to_string(src_path) {

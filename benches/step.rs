@@ -99,6 +99,14 @@ fn nvrtc(c: &mut Criterion) {
     }
     let mut group = c.benchmark_group("nvrtc");
     group.sample_size(10);
+    // What construction costs with the on-disk cache warm (read + validate), beside the
+    // compile it saves.
+    let dir = std::env::temp_dir().join(format!("adamax-bench-cache-{}", std::process::id()));
+    cuda::cache::compile_cached_in(Some(&dir), arch).expect("warm the cache");
+    group.bench_function("disk_cache_hit_sm_90", |b| {
+        b.iter(|| cuda::cache::compile_cached_in(Some(&dir), arch).expect("cache"))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
     group.bench_function("compile_all_entry_points_sm_90", |b| {
         b.iter(|| cuda::compile(arch).expect("compile"))
     });

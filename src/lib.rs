@@ -30,6 +30,7 @@ mod config;
 pub mod cpu;
 pub mod cuda;
 mod error;
+mod fnv;
 mod fsutil;
 mod storage;
 

@@ -3,7 +3,10 @@
 //! tests are reported as ignored, unless `CI` is set: then they fail.
 
 use adamax_cuda::{
-    cuda::{compile, compile_source, nvrtc_version, Arch, ENTRY_POINTS},
+    cuda::{
+        cache::{compile_cached_in, entry_path, CacheOutcome},
+        compile, compile_source, nvrtc_version, Arch, ENTRY_POINTS,
+    },
     Error,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -59,6 +62,74 @@ fn a_broken_source_is_a_compile_error_carrying_nvrtcs_log() -> Result<(), Failed
     }
 }
 
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("adamax-cache-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn the_cache_misses_then_hits_with_the_same_module() -> Result<(), Failed> {
+    let dir = temp_dir("hit");
+    let arch = ARCHS[2];
+    let (first, o1) = compile_cached_in(Some(&dir), arch).map_err(|e| e.to_string())?;
+    let path = entry_path(&dir, arch).map_err(|e| e.to_string())?;
+    if o1 != CacheOutcome::Written(path.clone()) {
+        return Err(format!("first lookup: {o1:?}").into());
+    }
+    let (second, o2) = compile_cached_in(Some(&dir), arch).map_err(|e| e.to_string())?;
+    if o2 != CacheOutcome::Hit(path) {
+        return Err(format!("second lookup: {o2:?}").into());
+    }
+    if first.image != second.image || first.is_ptx != second.is_ptx || first.log != second.log {
+        return Err("a cache hit differs from the compiled module".into());
+    }
+    let other = entry_path(&dir, ARCHS[1]).map_err(|e| e.to_string())?;
+    if other == entry_path(&dir, arch).map_err(|e| e.to_string())? {
+        return Err("entries of two architectures share a key".into());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn a_corrupt_cache_entry_is_ignored_and_rebuilt() -> Result<(), Failed> {
+    let dir = temp_dir("corrupt");
+    let arch = ARCHS[0];
+    let (good, _) = compile_cached_in(Some(&dir), arch).map_err(|e| e.to_string())?;
+    let path = entry_path(&dir, arch).map_err(|e| e.to_string())?;
+    let valid = std::fs::read(&path)?;
+    let mut flipped = valid.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    for (what, bytes) in [
+        ("truncated", valid[..valid.len() / 3].to_vec()),
+        ("flipped byte", flipped),
+        ("garbage", b"not a cache entry".to_vec()),
+        ("empty", Vec::new()),
+    ] {
+        std::fs::write(&path, &bytes)?;
+        let (c, outcome) = compile_cached_in(Some(&dir), arch).map_err(|e| e.to_string())?;
+        if outcome != CacheOutcome::Written(path.clone()) || c.image != good.image {
+            return Err(format!("{what}: {outcome:?}").into());
+        }
+        // The rebuilt entry is valid: the next lookup hits. (Its bytes may differ from
+        // the first entry's: ptxas's log carries compile times.)
+        let (again, outcome) = compile_cached_in(Some(&dir), arch).map_err(|e| e.to_string())?;
+        if outcome != CacheOutcome::Hit(path.clone()) || again.image != good.image {
+            return Err(format!("{what}: after the rebuild: {outcome:?}").into());
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn a_disabled_cache_compiles_and_writes_nothing() -> Result<(), Failed> {
+    let (c, outcome) = compile_cached_in(None, ARCHS[0]).map_err(|e| e.to_string())?;
+    if outcome != CacheOutcome::Disabled || c.image.is_empty() {
+        return Err(format!("{outcome:?}").into());
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let present = nvrtc_version();
@@ -81,6 +152,18 @@ fn main() {
     trials.push(Trial::test(
         "a_broken_source_is_a_compile_error_carrying_nvrtcs_log",
         a_broken_source_is_a_compile_error_carrying_nvrtcs_log,
+    ));
+    trials.push(Trial::test(
+        "the_cache_misses_then_hits_with_the_same_module",
+        the_cache_misses_then_hits_with_the_same_module,
+    ));
+    trials.push(Trial::test(
+        "a_corrupt_cache_entry_is_ignored_and_rebuilt",
+        a_corrupt_cache_entry_is_ignored_and_rebuilt,
+    ));
+    trials.push(Trial::test(
+        "a_disabled_cache_compiles_and_writes_nothing",
+        a_disabled_cache_compiles_and_writes_nothing,
     ));
     // CI runs this binary once per supported NVRTC major; make sure it got that one.
     if let Some(want) = std::env::var_os("ADAMAX_EXPECT_NVRTC_MAJOR") {

@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 
 use super::{
     args::BLOCK,
-    compile::{compile, Arch, MIN_ARCH},
+    cache::compile_cached,
+    compile::{Arch, MIN_ARCH},
 };
 
 /// Loads the CUDA driver library if present; `Err(DriverNotFound)` instead of cudarc's
@@ -88,7 +89,8 @@ impl Kernels {
     }
 }
 
-/// The kernels for `ctx`, compiled by NVRTC on first use in this process and cached.
+/// The kernels for `ctx`, compiled by NVRTC on first use in this process (or read from
+/// the on-disk cache) and kept for the process.
 pub(crate) fn kernels_for(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
     type Cache = Mutex<Vec<(usize, Arc<Kernels>)>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -121,7 +123,8 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
             minor,
         });
     }
-    let compiled = compile(arch)?;
+    // A failure to write the cache costs a compile next time, nothing more.
+    let (compiled, _outcome) = compile_cached(arch)?;
     let image = if compiled.is_ptx {
         Ptx::from_src(
             String::from_utf8_lossy(&compiled.image)

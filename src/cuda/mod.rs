@@ -4,10 +4,12 @@
 //! used, and their absence is an [`Error`](crate::Error), not a panic.
 
 mod args;
+pub mod cache;
 pub mod compile;
 mod device;
 mod optimizer;
 
+pub use cache::{compile_cached, CacheOutcome};
 pub use compile::{
     compile, compile_source, nvrtc_version, supported_archs, Arch, Compiled, ENTRY_POINTS,
 };

@@ -1,0 +1,151 @@
+//! On-disk cache of compiled kernel modules, so that only the first process on a machine
+//! pays for NVRTC.
+//!
+//! Entries are keyed by the kernel source hash, the NVRTC options, the NVRTC version,
+//! the architecture and this crate's version. The directory is `$ADAMAX_CUDA_CACHE_DIR`,
+//! else `$XDG_CACHE_HOME/adamax-cuda`, else `$HOME/.cache/adamax-cuda` (on Windows
+//! `%LOCALAPPDATA%\adamax-cuda`); `ADAMAX_CUDA_CACHE=0` (or `off`, `false`) switches it
+//! off. Writes are atomic (temporary file, then rename), and an entry that fails its
+//! checks (magic, lengths, content hash) is ignored and rebuilt. The cache is
+//! best-effort: a directory that cannot be written costs a compile, never an error.
+
+use std::path::{Path, PathBuf};
+
+use crate::{error::Result, fnv::fnv1a64, fsutil::write_atomically};
+
+use super::compile::{compile, nvrtc_version, options, Arch, Compiled, SOURCE_HASH};
+
+const MAGIC: &[u8; 8] = b"ADMXCUB1";
+
+/// What the cache did for one lookup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// A valid entry was read; NVRTC was not called.
+    Hit(PathBuf),
+    /// No valid entry (absent or corrupt): compiled, and the entry written.
+    Written(PathBuf),
+    /// Compiled, but the entry could not be written (the reason is given).
+    WriteFailed(String),
+    /// The cache is switched off; compiled.
+    Disabled,
+}
+
+/// The cache directory from environment variables, as documented in this module;
+/// `None` when switched off or when no home directory is known.
+pub fn cache_dir() -> Option<PathBuf> {
+    cache_dir_from(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))
+}
+
+/// [`cache_dir`] with an explicit environment lookup.
+pub fn cache_dir_from(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    if let Some(v) = set("ADAMAX_CUDA_CACHE") {
+        if ["0", "off", "false", "no"].contains(&v.to_ascii_lowercase().as_str()) {
+            return None;
+        }
+    }
+    if let Some(dir) = set("ADAMAX_CUDA_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = set("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| set("HOME").map(|h| Path::new(&h).join(".cache")))
+        .or_else(|| set("LOCALAPPDATA").map(PathBuf::from))?;
+    Some(base.join("adamax-cuda"))
+}
+
+/// The entry file for `arch` with the loaded NVRTC, in `dir`.
+pub fn entry_path(dir: &Path, arch: Arch) -> Result<PathBuf> {
+    let (major, minor) = nvrtc_version()?;
+    let mut key = format!(
+        "{SOURCE_HASH:016x}\0{arch}\0nvrtc {major}.{minor}\0{}\0",
+        env!("CARGO_PKG_VERSION")
+    );
+    // Both targets an arch may be compiled for; which one is used depends on NVRTC.
+    for target in [
+        format!("sm_{}{}", arch.major, arch.minor),
+        format!("compute_{}{}", arch.major, arch.minor),
+    ] {
+        key.push_str(&options(&target).join("\0"));
+    }
+    Ok(dir.join(format!(
+        "adamax-{arch}-{:016x}.bin",
+        fnv1a64(key.as_bytes())
+    )))
+}
+
+/// [`compile`] through the cache in [`cache_dir`].
+pub fn compile_cached(arch: Arch) -> Result<(Compiled, CacheOutcome)> {
+    compile_cached_in(cache_dir().as_deref(), arch)
+}
+
+/// [`compile`] through the cache in `dir` (`None`: no cache).
+pub fn compile_cached_in(dir: Option<&Path>, arch: Arch) -> Result<(Compiled, CacheOutcome)> {
+    let Some(dir) = dir else {
+        return Ok((compile(arch)?, CacheOutcome::Disabled));
+    };
+    let path = entry_path(dir, arch)?;
+    if let Some(c) = std::fs::read(&path).ok().and_then(|b| decode(&b, arch)) {
+        return Ok((c, CacheOutcome::Hit(path)));
+    }
+    let compiled = compile(arch)?;
+    let outcome = std::fs::create_dir_all(dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| write_atomically(&path, &encode(&compiled)).map_err(|e| e.to_string()));
+    Ok(match outcome {
+        Ok(()) => (compiled, CacheOutcome::Written(path)),
+        Err(reason) => (compiled, CacheOutcome::WriteFailed(reason)),
+    })
+}
+
+/// MAGIC, is_ptx (1 byte), image length, image hash, log length (u64 LE each), image, log.
+fn encode(c: &Compiled) -> Vec<u8> {
+    let mut out = Vec::with_capacity(41 + c.image.len() + c.log.len());
+    out.extend_from_slice(MAGIC);
+    out.push(u8::from(c.is_ptx));
+    out.extend_from_slice(&(c.image.len() as u64).to_le_bytes());
+    out.extend_from_slice(&fnv1a64(&c.image).to_le_bytes());
+    out.extend_from_slice(&(c.log.len() as u64).to_le_bytes());
+    out.extend_from_slice(&c.image);
+    out.extend_from_slice(c.log.as_bytes());
+    out
+}
+
+/// The entry, or `None` when anything about it is off.
+fn decode(b: &[u8], arch: Arch) -> Option<Compiled> {
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+    };
+    if b.get(..8)? != MAGIC {
+        return None;
+    }
+    let is_ptx = match *b.get(8)? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let image_len = usize::try_from(word(9)?).ok()?;
+    let hash = word(17)?;
+    let log_len = usize::try_from(word(25)?).ok()?;
+    let image_end = 33usize.checked_add(image_len)?;
+    if b.len() != image_end.checked_add(log_len)? {
+        return None;
+    }
+    let image = b[33..image_end].to_vec();
+    if fnv1a64(&image) != hash || image.is_empty() {
+        return None;
+    }
+    let log = String::from_utf8(b[image_end..].to_vec()).ok()?;
+    let target = if is_ptx {
+        format!("compute_{}{}", arch.major, arch.minor)
+    } else {
+        arch.to_string()
+    };
+    Some(Compiled {
+        arch,
+        image,
+        is_ptx,
+        log,
+        options: options(&target),
+    })
+}

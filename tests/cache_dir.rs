@@ -1,0 +1,53 @@
+//! Where the kernel cache lives, from the environment (no NVRTC needed).
+
+use std::{collections::HashMap, path::PathBuf};
+
+use adamax_cuda::cuda::cache::cache_dir_from;
+
+fn dir(vars: &[(&str, &str)]) -> Option<PathBuf> {
+    let env: HashMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    cache_dir_from(|k| env.get(k).cloned())
+}
+
+#[test]
+fn the_override_wins_then_xdg_then_home() {
+    let all = [
+        ("ADAMAX_CUDA_CACHE_DIR", "/o"),
+        ("XDG_CACHE_HOME", "/x"),
+        ("HOME", "/h"),
+    ];
+    assert_eq!(dir(&all), Some(PathBuf::from("/o")));
+    assert_eq!(dir(&all[1..]), Some(PathBuf::from("/x/adamax-cuda")));
+    assert_eq!(dir(&all[2..]), Some(PathBuf::from("/h/.cache/adamax-cuda")));
+    assert_eq!(
+        dir(&[("LOCALAPPDATA", "C:/L")]),
+        Some(PathBuf::from("C:/L/adamax-cuda"))
+    );
+    assert_eq!(dir(&[]), None, "no home: no cache");
+    assert_eq!(
+        dir(&[("XDG_CACHE_HOME", ""), ("HOME", "/h")]),
+        Some(PathBuf::from("/h/.cache/adamax-cuda"))
+    );
+}
+
+#[test]
+fn the_cache_can_be_switched_off() {
+    for off in ["0", "off", "OFF", "false", "no"] {
+        assert_eq!(
+            dir(&[
+                ("ADAMAX_CUDA_CACHE", off),
+                ("ADAMAX_CUDA_CACHE_DIR", "/o"),
+                ("HOME", "/h")
+            ]),
+            None,
+            "{off}"
+        );
+    }
+    assert_eq!(
+        dir(&[("ADAMAX_CUDA_CACHE", "1"), ("HOME", "/h")]),
+        Some(PathBuf::from("/h/.cache/adamax-cuda"))
+    );
+}
