@@ -96,6 +96,18 @@ pub enum Error {
         /// Device ordinal of the buffer.
         found: usize,
     },
+    /// A raw device address passed to an `_raw` entry point is unusable.
+    #[error("AdaMax GPU: {what} of tensor {tensor} at address {address:#x} {reason}; pass the device address of the tensor's first element")]
+    InvalidPointer {
+        /// Which buffer.
+        what: &'static str,
+        /// Index of the tensor.
+        tensor: usize,
+        /// The address given.
+        address: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A checkpoint was refused; the optimizer's state was not changed.
     #[error("AdaMax checkpoint refused: {reason}; the optimizer state was not changed")]
     Checkpoint {

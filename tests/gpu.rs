@@ -390,6 +390,76 @@ fn gpu_resume_is_bit_exact<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResul
     Ok(())
 }
 
+/// The raw-pointer entry points give the same bits as the typed ones, and refuse null
+/// and misaligned addresses and a wrong tensor count without counting a step.
+fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> TestResult {
+    use adamax_cuda::cuda::{
+        cudarc::driver::{DevicePtr, DevicePtrMut},
+        RawParam, RawTensor,
+    };
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [4097usize, 5, 0];
+    let init: Vec<Vec<f16>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let grads: Vec<Vec<f16>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+    let upload = |v: &Vec<Vec<f16>>| {
+        v.iter()
+            .map(|x| stream.clone_htod(x))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (mut typed_p, typed_g) = (upload(&init)?, upload(&grads)?);
+    let (mut raw_p, raw_g) = (upload(&init)?, upload(&grads)?);
+    let config = AdamaxConfig::default();
+    let mut typed = CudaAdamax::<f16>::new(stream, config, &typed_p)?;
+    let addrs: Vec<(u64, u64)> = raw_p
+        .iter_mut()
+        .zip(&raw_g)
+        .map(|(p, g)| (p.device_ptr_mut(stream).0, g.device_ptr(stream).0))
+        .collect();
+    let params: Vec<RawParam> = addrs
+        .iter()
+        .zip(&lens)
+        .map(|(&(ptr, _), &len)| RawParam { ptr, len })
+        .collect();
+    let tensors: Vec<RawTensor> = addrs
+        .iter()
+        .map(|&(param, grad)| RawTensor { param, grad })
+        .collect();
+    // SAFETY: the addresses come from live CudaSlices of this context with these lengths.
+    let mut raw = unsafe { CudaAdamax::<f16>::new_raw(stream, config, &params)? };
+    for _ in 0..3 {
+        typed.step(&mut typed_p, &typed_g)?;
+        // SAFETY: as above.
+        unsafe { raw.step_raw(&tensors)? };
+    }
+    for (a, b) in typed_p.iter().zip(&raw_p) {
+        if bits(&stream.clone_dtoh(a)?) != bits(&stream.clone_dtoh(b)?) {
+            return Err("step_raw differs from step".into());
+        }
+    }
+    if typed.state_to_host()? != raw.state_to_host()? {
+        return Err("step_raw state differs from step's".into());
+    }
+    let mut null = tensors.clone();
+    null[0].param = 0;
+    let mut odd = tensors.clone();
+    odd[1].grad += 1;
+    for (what, bad) in [
+        ("null", &null[..]),
+        ("misaligned", &odd[..]),
+        ("short list", &tensors[..2]),
+    ] {
+        // SAFETY: refused before any launch (the test checks that it is refused).
+        match unsafe { raw.step_raw(bad) } {
+            Err(Error::InvalidPointer { .. }) | Err(Error::TensorCountMismatch { .. }) => {}
+            other => return Err(format!("{what}: expected a refusal, got {other:?}").into()),
+        }
+    }
+    if raw.step_count() != 3 {
+        return Err("a refused raw step was counted".into());
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let device = cuda::device_count()
@@ -466,6 +536,10 @@ fn main() {
     add(
         "refused_steps_change_nothing".into(),
         Box::new(refused_steps_change_nothing),
+    );
+    add(
+        "raw_entry_points_match_the_typed_ones_and_refuse_bad_addresses".into(),
+        Box::new(raw_entry_points_match_and_refuse_bad_addresses),
     );
     add(
         "checkpoint_resume_is_bit_exact_f32".into(),

@@ -3,8 +3,9 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr,
-    LaunchConfig, PushKernelArg,
+    sys::{CUcontext, CUdevice_attribute, CUresult, CUstream},
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig,
+    PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -34,7 +35,7 @@ pub fn device_count() -> Result<usize> {
     match CudaContext::device_count() {
         Ok(n) => Ok(usize::try_from(n).unwrap_or(0)),
         // cuInit fails with NO_DEVICE on machines whose driver sees no GPU.
-        Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => Ok(0),
+        Err(e) if e.0 == CUresult::CUDA_ERROR_NO_DEVICE => Ok(0),
         Err(e) => Err(Error::Driver {
             context: "counting CUDA devices",
             source: e,
@@ -42,9 +43,9 @@ pub fn device_count() -> Result<usize> {
     }
 }
 
-/// The default stream of device `ordinal`'s primary context, with typed errors for a
-/// missing driver, a missing device or a device older than sm_75.
-pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+/// The primary context of device `ordinal`, with typed errors for a missing driver or
+/// device.
+fn primary_context(ordinal: usize) -> Result<Arc<CudaContext>> {
     let count = device_count()?;
     if ordinal >= count {
         return Err(Error::Driver {
@@ -53,13 +54,47 @@ pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
             } else {
                 "finding a CUDA device (ordinal out of range)"
             },
-            source: cudarc::driver::DriverError(
-                cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_DEVICE,
-            ),
+            source: DriverError(CUresult::CUDA_ERROR_INVALID_DEVICE),
         });
     }
-    let ctx = CudaContext::new(ordinal).map_err(Error::driver("creating a CUDA context"))?;
-    Ok(ctx.default_stream())
+    CudaContext::new(ordinal).map_err(Error::driver("creating a CUDA context"))
+}
+
+/// The default stream of device `ordinal`'s primary context, with typed errors for a
+/// missing driver or device. (A device older than sm_75 is refused when an optimizer
+/// is built on it.)
+pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    Ok(primary_context(ordinal)?.default_stream())
+}
+
+/// Wraps a stream owned by another CUDA stack (another cudarc version, candle, burn,
+/// tch: all use the device's primary context) so that an optimizer built on it enqueues
+/// its work in that stack's stream order.
+///
+/// Checked here: the driver and device exist, and `raw` belongs to the primary context
+/// of device `ordinal` (`cuStreamGetCtx`).
+///
+/// # Safety
+///
+/// `raw` is a live `CUstream` (or null, the legacy default stream) and its owner keeps
+/// it alive while anything built on the returned stream may use it.
+pub unsafe fn borrow_stream(ordinal: usize, raw: CUstream) -> Result<Arc<CudaStream>> {
+    let ctx = primary_context(ordinal)?;
+    ctx.bind_to_thread()
+        .map_err(Error::driver("binding the CUDA context"))?;
+    let mut owner: CUcontext = std::ptr::null_mut();
+    // SAFETY: `raw` is a live stream (the caller's contract); `owner` is writable.
+    unsafe { cudarc::driver::sys::cuStreamGetCtx(raw, &mut owner) }
+        .result()
+        .map_err(Error::driver("asking the borrowed stream for its context"))?;
+    if owner != ctx.cu_ctx() {
+        return Err(Error::Driver {
+            context: "borrowing a stream: it belongs to another CUDA context than the device's primary context",
+            source: DriverError(CUresult::CUDA_ERROR_INVALID_CONTEXT),
+        });
+    }
+    // SAFETY: `raw` belongs to `ctx` (checked above) and outlives its uses (contract).
+    Ok(unsafe { ctx.wrap_borrowed_stream(raw) })
 }
 
 /// The compiled kernels of one CUDA context.

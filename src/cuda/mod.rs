@@ -14,5 +14,5 @@ pub use compile::{
     compile, compile_source, nvrtc_version, supported_archs, Arch, Compiled, ENTRY_POINTS,
 };
 pub use cudarc;
-pub use device::{default_stream, device_count, ensure_driver};
-pub use optimizer::{CudaAdamax, GpuStorage};
+pub use device::{borrow_stream, default_stream, device_count, ensure_driver};
+pub use optimizer::{CudaAdamax, GpuStorage, RawParam, RawTensor};

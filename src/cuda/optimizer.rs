@@ -8,7 +8,7 @@ use cudarc::driver::{
 
 use crate::{
     config::AdamaxConfig,
-    cpu::{check_lists, Schedule, TensorState},
+    cpu::{check_lists, Schedule, StepScalars, TensorState},
     error::{Error, Result},
     storage::Storage,
 };
@@ -83,13 +83,48 @@ impl<T: GpuStorage> CudaAdamax<T> {
         config: AdamaxConfig,
         params: &[P],
     ) -> Result<Self> {
+        check_devices(stream, "param", params)?;
+        let lens: Vec<usize> = params.iter().map(DeviceSlice::len).collect();
+        let opt = Self::allocate(stream, config, lens)?;
+        let guarded: Vec<_> = params.iter().map(|p| p.device_ptr(stream)).collect();
+        let ptrs: Vec<u64> = guarded.iter().map(|(ptr, _)| *ptr).collect();
+        opt.init_master(&ptrs)?;
+        Ok(opt)
+    }
+
+    /// [`CudaAdamax::new`] for parameters owned by another CUDA stack (another cudarc
+    /// version, candle, burn, tch), given as raw device addresses and element counts.
+    ///
+    /// # Safety
+    ///
+    /// - `stream` belongs to the CUDA context the parameters were allocated in (for a
+    ///   stream owned by another stack, get it from [`borrow_stream`](super::borrow_stream)).
+    /// - Each `params[i].ptr` is the address of `params[i].len` initialised elements of
+    ///   `T` that stay allocated while the work enqueued here runs; work that writes them
+    ///   on other streams is ordered before this call by the caller.
+    ///
+    /// Checked here, as errors: an empty list, null or misaligned addresses.
+    pub unsafe fn new_raw(
+        stream: &Arc<CudaStream>,
+        config: AdamaxConfig,
+        params: &[RawParam],
+    ) -> Result<Self> {
+        for (i, p) in params.iter().enumerate() {
+            check_raw::<T>("param", i, p.ptr, p.len)?;
+        }
+        let opt = Self::allocate(stream, config, params.iter().map(|p| p.len).collect())?;
+        let ptrs: Vec<u64> = params.iter().map(|p| p.ptr).collect();
+        opt.init_master(&ptrs)?;
+        Ok(opt)
+    }
+
+    /// Validates, compiles or fetches the kernels, and allocates zeroed state.
+    fn allocate(stream: &Arc<CudaStream>, config: AdamaxConfig, lens: Vec<usize>) -> Result<Self> {
         let schedule = Schedule::new(config)?;
-        if params.is_empty() {
+        if lens.is_empty() {
             return Err(Error::EmptyParameterList);
         }
-        check_devices(stream, "param", params)?;
         let kernels = kernels_for(stream.context())?;
-        let lens: Vec<usize> = params.iter().map(DeviceSlice::len).collect();
         let mut offsets = Vec::with_capacity(lens.len());
         let mut chunk_begin = Vec::with_capacity(lens.len());
         let (mut total, mut chunks) = (0usize, 0u64);
@@ -120,7 +155,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             base_ptr(&exp_inf, stream),
             master.as_ref().map_or(0, |m| base_ptr(m, stream)),
         ];
-        let opt = Self {
+        Ok(Self {
             schedule,
             stream: stream.clone(),
             kernels,
@@ -135,21 +170,20 @@ impl<T: GpuStorage> CudaAdamax<T> {
             table,
             table_host: Vec::new(),
             _storage: std::marker::PhantomData,
-        };
-        opt.init_master(params)?;
-        Ok(opt)
+        })
     }
 
-    fn init_master<P: DevicePtr<T>>(&self, params: &[P]) -> Result<()> {
+    /// master = f32(param) for every tensor of a 16-bit optimizer; `params` are the
+    /// device addresses of the parameters, in order.
+    fn init_master(&self, params: &[u64]) -> Result<()> {
         let Some(func) = self.kernels.init_master(T::NAME) else {
             return Ok(());
         };
-        for (i, p) in params.iter().enumerate() {
+        for (i, &param) in params.iter().enumerate() {
             let n = self.lens[i] as u64;
             if n == 0 {
                 continue;
             }
-            let (param, _guard) = p.device_ptr(&self.stream);
             let args = InitArgs {
                 param,
                 master: self.bases[2] + 4 * self.offsets[i] as u64,
@@ -194,6 +228,50 @@ impl<T: GpuStorage> CudaAdamax<T> {
             guards.push(grad_guard);
             table.push(self.descriptor(i, param, grad));
         }
+        self.launch_step(table, t, &scalars)?;
+        drop(guards);
+        Ok(())
+    }
+
+    /// [`CudaAdamax::step`] for buffers owned by another CUDA stack, as raw device
+    /// addresses: `tensors[i]` is the parameter and gradient of tensor `i`.
+    ///
+    /// # Safety
+    ///
+    /// - Each `tensors[i].param` and `.grad` is the address of as many elements of `T`
+    ///   as tensor `i` was constructed with, allocated in the optimizer's CUDA context and
+    ///   alive while the enqueued step runs; the parameter is not aliased by any other
+    ///   tensor's parameter or by a gradient.
+    /// - Work that writes them on streams other than the optimizer's is ordered before
+    ///   this call by the caller (the step runs on the optimizer's stream: build the
+    ///   optimizer on the other stack's stream with [`borrow_stream`](super::borrow_stream)
+    ///   to share its ordering).
+    ///
+    /// Checked here, as errors: the tensor count, null and misaligned addresses.
+    pub unsafe fn step_raw(&mut self, tensors: &[RawTensor]) -> Result<()> {
+        if tensors.len() != self.lens.len() {
+            return Err(Error::TensorCountMismatch {
+                what: "tensors",
+                expected: self.lens.len(),
+                found: tensors.len(),
+            });
+        }
+        for (i, t) in tensors.iter().enumerate() {
+            check_raw::<T>("param", i, t.param, self.lens[i])?;
+            check_raw::<T>("grad", i, t.grad, self.lens[i])?;
+        }
+        let (t, scalars) = self.schedule.next()?;
+        let table = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, x)| self.descriptor(i, x.param, x.grad))
+            .collect();
+        self.launch_step(table, t, &scalars)
+    }
+
+    /// Uploads `table` if it changed, enqueues the step kernel, and counts step `t`.
+    fn launch_step(&mut self, table: Vec<TensorDesc>, t: u64, scalars: &StepScalars) -> Result<()> {
+        let stream = self.stream.clone();
         if table != self.table_host {
             stream
                 .memcpy_htod(&table, &mut self.table)
@@ -202,12 +280,10 @@ impl<T: GpuStorage> CudaAdamax<T> {
         }
         if self.num_chunks > 0 {
             let (table_ptr, _table_guard) = self.table.device_ptr(&stream);
-            let args =
-                AdamaxArgs::new(&scalars, table_ptr, self.lens.len() as u64, self.num_chunks);
+            let args = AdamaxArgs::new(scalars, table_ptr, self.lens.len() as u64, self.num_chunks);
             let blocks = self.num_chunks.min(u64::from(self.kernels.max_grid)) as u32;
             launch(&stream, self.kernels.step(T::NAME), blocks, &args)?;
         }
-        drop(guards);
         self.schedule.advance(t);
         Ok(())
     }
@@ -342,6 +418,43 @@ impl<T: GpuStorage> CudaAdamax<T> {
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
+}
+
+/// A parameter tensor owned by another CUDA stack: device address and element count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawParam {
+    /// Device address of the first element.
+    pub ptr: u64,
+    /// Number of elements.
+    pub len: usize,
+}
+
+/// One tensor of a [`CudaAdamax::step_raw`]: device addresses of its parameter and
+/// gradient (each as long as the tensor the optimizer was built with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawTensor {
+    /// Device address of the parameter.
+    pub param: u64,
+    /// Device address of the gradient.
+    pub grad: u64,
+}
+
+/// A raw address must be non-null (unless the tensor is empty) and aligned to `T`.
+fn check_raw<T>(what: &'static str, tensor: usize, address: u64, len: usize) -> Result<()> {
+    let align = std::mem::align_of::<T>() as u64;
+    let reason = if address == 0 && len > 0 {
+        "is null"
+    } else if address % align != 0 {
+        "is not aligned to its element type"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidPointer {
+        what,
+        tensor,
+        address,
+        reason,
+    })
 }
 
 /// Every buffer must live in the optimizer's CUDA context.
