@@ -46,6 +46,25 @@ fn compiles_every_entry_point(arch: Arch) -> Result<(), Failed> {
     Ok(())
 }
 
+/// The training example's kernels (examples/train_mlp/mlp.cu) compile too: CI is the
+/// only place their GPU path is checked without a GPU.
+fn the_training_examples_kernels_compile() -> Result<(), Failed> {
+    let src = include_str!("../examples/train_mlp/mlp.cu");
+    for arch in ARCHS {
+        let c = compile_source(src, arch).map_err(|e| e.to_string())?;
+        for name in [
+            "linear_forward_f16",
+            "linear_backward_params_f32",
+            "softmax_cross_entropy",
+        ] {
+            if !c.image.windows(name.len()).any(|w| w == name.as_bytes()) {
+                return Err(format!("{arch}: {name} missing").into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn a_broken_source_is_a_compile_error_carrying_nvrtcs_log() -> Result<(), Failed> {
     let src = "extern \"C\" __global__ void k() { this_is_not_declared = 1; }";
     match compile_source(src, ARCHS[0]) {
@@ -152,6 +171,10 @@ fn main() {
     trials.push(Trial::test(
         "a_broken_source_is_a_compile_error_carrying_nvrtcs_log",
         a_broken_source_is_a_compile_error_carrying_nvrtcs_log,
+    ));
+    trials.push(Trial::test(
+        "the_training_examples_kernels_compile",
+        the_training_examples_kernels_compile,
     ));
     trials.push(Trial::test(
         "the_cache_misses_then_hits_with_the_same_module",

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
+    ValidAsZeroBits,
 };
 
 use crate::{
@@ -19,7 +20,7 @@ use super::{
 };
 
 /// A [`Storage`] type the GPU kernels handle: `f32`, [`half::f16`], [`half::bf16`].
-pub trait GpuStorage: Storage + DeviceRepr {}
+pub trait GpuStorage: Storage + DeviceRepr + ValidAsZeroBits {}
 impl GpuStorage for f32 {}
 impl GpuStorage for half::f16 {}
 impl GpuStorage for half::bf16 {}
