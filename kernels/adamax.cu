@@ -37,6 +37,8 @@ struct TensorDesc {
     u64 master;       // float*: f32 master weights of a 16-bit parameter, else 0
     u64 len;          // elements
     u64 chunk_begin;  // index of this tensor's first chunk in the launch
+    double lr_scale;      // this tensor's learning rate is lr * lr_scale
+    double weight_decay;  // this tensor's weight decay (0: none)
 };
 
 enum { EPS_INSIDE_MAX = 0, EPS_DENOMINATOR = 1 };
@@ -46,17 +48,47 @@ struct AdamaxArgs {
     const TensorDesc* tensors;
     u64 num_tensors;
     u64 num_chunks;         // sum over tensors of ceil(len / ADAMAX_CHUNK)
+    double lr;              // global learning rate
+    double bias_correction; // 1 - beta1^t, from f64
     float beta1;
     float one_minus_beta1;  // f32(1 - beta1), from f64
     float beta2;
     float eps;
-    float step_size;        // f32(lr / (1 - beta1^t)), from f64
-    float decay;            // weight_decay (coupled) or f32(lr * weight_decay) (decoupled)
     u32 eps_mode;
-    u32 decay_mode;
+    u32 decay_mode;         // DECAY_COUPLED or DECAY_DECOUPLED (per tensor: none when 0)
     u32 maximize;
     u32 reserved;           // keeps the struct a multiple of 8 bytes; always 0
 };
+
+// The f32 scalars of one tensor for one step: the twin of StepScalars::for_tensor in
+// src/cpu.rs, with the same f64 operations and the same rounding to f32.
+struct Scalars {
+    float beta1, one_minus_beta1, beta2, eps, step_size, decay;
+    u32 eps_mode, decay_mode, maximize;
+};
+
+__device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const TensorDesc& t) {
+    Scalars s;
+    s.beta1 = a.beta1;
+    s.one_minus_beta1 = a.one_minus_beta1;
+    s.beta2 = a.beta2;
+    s.eps = a.eps;
+    s.eps_mode = a.eps_mode;
+    s.maximize = a.maximize;
+    const double lr = __dmul_rn(a.lr, t.lr_scale);
+    s.step_size = __double2float_rn(__ddiv_rn(lr, a.bias_correction));
+    if (t.weight_decay == 0.0) {
+        s.decay_mode = DECAY_NONE;
+        s.decay = 0.0f;
+    } else if (a.decay_mode == DECAY_COUPLED) {
+        s.decay_mode = DECAY_COUPLED;
+        s.decay = __double2float_rn(t.weight_decay);
+    } else {
+        s.decay_mode = DECAY_DECOUPLED;
+        s.decay = __double2float_rn(__dmul_rn(lr, t.weight_decay));
+    }
+    return s;
+}
 
 // Master-weight initialisation of one 16-bit tensor: master[i] = float(param[i]).
 struct InitArgs {
@@ -102,7 +134,7 @@ __device__ __forceinline__ float max_propagating_nan(float a, float b) {
     return a >= b ? a : b;
 }
 
-__device__ __forceinline__ void adamax_update(const AdamaxArgs& a, float& p, float g, float& m,
+__device__ __forceinline__ void adamax_update(const Scalars& a, float& p, float g, float& m,
                                               float& u) {
     if (a.maximize) g = -g;
     if (a.decay_mode == DECAY_COUPLED) g = __fmaf_rn(a.decay, p, g);
@@ -128,7 +160,7 @@ __device__ __forceinline__ void adamax_update(const AdamaxArgs& a, float& p, flo
 __device__ __forceinline__ float* f32_ptr(u64 addr, u64 i) { return (float*)addr + i; }
 
 // One element. f32 parameters are their own master.
-__device__ __forceinline__ void step_scalar(const AdamaxArgs& a, const TensorDesc& t, u64 i, float) {
+__device__ __forceinline__ void step_scalar(const Scalars& a, const TensorDesc& t, u64 i, float) {
     float p = *f32_ptr(t.param, i), m = *f32_ptr(t.exp_avg, i), u = *f32_ptr(t.exp_inf, i);
     adamax_update(a, p, *f32_ptr(t.grad, i), m, u);
     *f32_ptr(t.param, i) = p;
@@ -138,7 +170,7 @@ __device__ __forceinline__ void step_scalar(const AdamaxArgs& a, const TensorDes
 
 // One element of a 16-bit parameter: the master is stepped, the 16-bit copy rewritten.
 template <typename T>
-__device__ __forceinline__ void step_scalar(const AdamaxArgs& a, const TensorDesc& t, u64 i, T tag) {
+__device__ __forceinline__ void step_scalar(const Scalars& a, const TensorDesc& t, u64 i, T tag) {
     float p = *f32_ptr(t.master, i), m = *f32_ptr(t.exp_avg, i), u = *f32_ptr(t.exp_inf, i);
     adamax_update(a, p, widen(((const u16*)t.grad)[i], tag), m, u);
     ((u16*)t.param)[i] = narrow(p, tag);
@@ -147,7 +179,7 @@ __device__ __forceinline__ void step_scalar(const AdamaxArgs& a, const TensorDes
     *f32_ptr(t.exp_inf, i) = u;
 }
 
-__device__ __forceinline__ void update4(const AdamaxArgs& a, float4& p, float4 g, float4& m, float4& u) {
+__device__ __forceinline__ void update4(const Scalars& a, float4& p, float4 g, float4& m, float4& u) {
     adamax_update(a, p.x, g.x, m.x, u.x);
     adamax_update(a, p.y, g.y, m.y, u.y);
     adamax_update(a, p.z, g.z, m.z, u.z);
@@ -155,7 +187,7 @@ __device__ __forceinline__ void update4(const AdamaxArgs& a, float4& p, float4 g
 }
 
 // Vector path: 16-byte accesses only. f32: 4 elements per call.
-__device__ __forceinline__ void step_vector(const AdamaxArgs& a, const TensorDesc& t, u64 i, float) {
+__device__ __forceinline__ void step_vector(const Scalars& a, const TensorDesc& t, u64 i, float) {
     float4 p = *(const float4*)f32_ptr(t.param, i);
     float4 m = *(const float4*)f32_ptr(t.exp_avg, i);
     float4 u = *(const float4*)f32_ptr(t.exp_inf, i);
@@ -178,7 +210,7 @@ __device__ __forceinline__ u32 narrow2(float lo, float hi, T tag) {
 // 16-bit parameters: 8 elements per call, so the 16-bit buffers move 16 bytes and the
 // f32 state two 16-byte accesses each.
 template <typename T>
-__device__ __forceinline__ void step_vector(const AdamaxArgs& a, const TensorDesc& t, u64 i, T tag) {
+__device__ __forceinline__ void step_vector(const Scalars& a, const TensorDesc& t, u64 i, T tag) {
     const uint4 g = *(const uint4*)((const u16*)t.grad + i);
     float4 p0 = *(const float4*)f32_ptr(t.master, i), p1 = *(const float4*)f32_ptr(t.master, i + 4);
     float4 m0 = *(const float4*)f32_ptr(t.exp_avg, i), m1 = *(const float4*)f32_ptr(t.exp_avg, i + 4);
@@ -218,6 +250,7 @@ __device__ void adamax_step(const AdamaxArgs& a) {
     constexpr u64 N = Lanes<T>::N;
     for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
         const TensorDesc t = a.tensors[find_tensor(a, chunk)];
+        const Scalars sc = tensor_scalars(a, t);
         const u64 begin = (chunk - t.chunk_begin) * (u64)ADAMAX_CHUNK;
         const u64 end = min(begin + (u64)ADAMAX_CHUNK, t.len);
         // Chunks start at multiples of ADAMAX_CHUNK, so aligned base pointers make every
@@ -227,10 +260,10 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         if (aligned) {
             const u64 vec_end = begin + (end - begin) / N * N;
             for (u64 i = begin + threadIdx.x * N; i < vec_end; i += (u64)blockDim.x * N)
-                step_vector(a, t, i, T());
+                step_vector(sc, t, i, T());
             scalar_from = vec_end;
         }
-        for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(a, t, i, T());
+        for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(sc, t, i, T());
     }
 }
 

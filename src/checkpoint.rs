@@ -16,6 +16,7 @@
 //! | `eps_mode` | `inside_max` or `denominator` |
 //! | `weight_decay_mode` | `coupled` or `decoupled` |
 //! | `maximize` | `true` or `false` |
+//! | `tensor.{i}.lr_scale`, `tensor.{i}.weight_decay` | per-tensor hyperparameters (parameter groups); absent in PyTorch's files, where the config's apply |
 //!
 //! Loading validates everything (format, every tensor's presence, type and shape, the
 //! configuration) before an optimizer's state is touched: a truncated, mismatched or
@@ -26,7 +27,7 @@ use std::{borrow::Cow, collections::HashMap, path::Path};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors, View};
 
 use crate::{
-    config::{AdamaxConfig, EpsilonMode, WeightDecayMode},
+    config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode},
     cpu::TensorState,
     error::{Error, Result},
 };
@@ -47,6 +48,8 @@ pub struct Checkpoint {
     pub storage: String,
     /// Per-tensor state, in parameter order (masters empty for f32).
     pub tensors: Vec<TensorState>,
+    /// Per-tensor hyperparameters, in parameter order.
+    pub hypers: Vec<TensorHyper>,
 }
 
 fn refuse(reason: impl Into<String>) -> Error {
@@ -116,7 +119,7 @@ impl Checkpoint {
             }
         }
         let c = &self.config;
-        let meta: HashMap<String, String> = [
+        let mut meta: HashMap<String, String> = [
             ("format", FORMAT.to_owned()),
             ("storage", self.storage.clone()),
             ("step", self.step.to_string()),
@@ -147,6 +150,13 @@ impl Checkpoint {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        for (i, h) in self.hypers.iter().enumerate() {
+            meta.insert(format!("tensor.{i}.lr_scale"), h.lr_scale.to_string());
+            meta.insert(
+                format!("tensor.{i}.weight_decay"),
+                h.weight_decay.to_string(),
+            );
+        }
         safetensors::serialize(views, Some(meta))
             .map_err(|e| refuse(format!("cannot serialise: {e}")))
     }
@@ -247,11 +257,26 @@ impl Checkpoint {
                 master,
             });
         }
+        let mut hypers = vec![TensorHyper::from_config(&config); n_tensors];
+        for (i, h) in hypers.iter_mut().enumerate() {
+            let (scale, wd) = (
+                format!("tensor.{i}.lr_scale"),
+                format!("tensor.{i}.weight_decay"),
+            );
+            if meta.contains_key(&scale) || meta.contains_key(&wd) {
+                *h = TensorHyper {
+                    lr_scale: num(&scale)?,
+                    weight_decay: num(&wd)?,
+                };
+                h.validate()?;
+            }
+        }
         Ok(Self {
             config,
             step,
             storage,
             tensors,
+            hypers,
         })
     }
 
@@ -301,6 +326,16 @@ impl Checkpoint {
                     t.exp_avg.len()
                 )));
             }
+        }
+        if self.hypers.len() != lens.len() {
+            return Err(refuse(format!(
+                "it holds hyperparameters for {} tensors; this optimizer has {}",
+                self.hypers.len(),
+                lens.len()
+            )));
+        }
+        for h in &self.hypers {
+            h.validate()?;
         }
         self.config.validate()?;
         Ok(())

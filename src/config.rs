@@ -123,3 +123,36 @@ fn check(
     }
     Ok(())
 }
+
+/// Per-tensor hyperparameters, PyTorch's parameter groups: the tensor's learning rate is
+/// `lr_scale * config.lr` (so a schedule that changes `lr` moves every group alike), and
+/// its weight decay replaces `config.weight_decay` (0 for biases and norms, typically).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TensorHyper {
+    /// Multiplier of the global learning rate, `>= 0`.
+    pub lr_scale: f64,
+    /// Weight decay of this tensor, `>= 0`, applied in the config's mode.
+    pub weight_decay: f64,
+}
+
+impl TensorHyper {
+    /// What a tensor gets when nothing is set: the global learning rate and decay.
+    pub fn from_config(config: &AdamaxConfig) -> Self {
+        Self {
+            lr_scale: 1.0,
+            weight_decay: config.weight_decay,
+        }
+    }
+
+    /// Refuses non-finite or negative values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check("lr_scale", self.lr_scale, 0.0, None, "lr_scale >= 0")?;
+        check(
+            "weight_decay",
+            self.weight_decay,
+            0.0,
+            None,
+            "weight_decay >= 0",
+        )
+    }
+}

@@ -16,8 +16,11 @@
 //! decoupled decay:      p = p - fma(lr_wd, p, step_size * update)  lr_wd = f32(lr * wd)
 //! ```
 //!
-//! The scalars in the right-hand column are computed once per step in f64 and rounded
-//! to f32 ([`StepScalars::new`]); the GPU kernel receives exactly these values.
+//! The scalars in the right-hand column are computed per step and tensor in f64 and
+//! rounded to f32 ([`StepScalars::for_tensor`]); with per-tensor hyperparameters
+//! ([`TensorHyper`](crate::TensorHyper)) `lr` is `lr * lr_scale` and `wd` the tensor's
+//! own. The GPU kernel derives them with the same f64 operations, so it uses exactly
+//! these values.
 //!
 //! **Fused multiply-add.** The `fma`s above are single-rounding fused operations
 //! ([`f32::mul_add`] here, `__fmaf_rn` in the kernel); every other operation rounds on its
@@ -45,7 +48,7 @@
 //! ignored: the master is the source of truth.
 
 use crate::{
-    config::{AdamaxConfig, EpsilonMode, WeightDecayMode},
+    config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode},
     error::{Error, Result},
     storage::Storage,
 };
@@ -105,19 +108,43 @@ pub fn powi_exact(base: f64, mut exp: u64) -> f64 {
     acc
 }
 
+/// `1 - beta1^t`, the bias correction of step `t`, in f64 (the kernel computes it the
+/// same way when the step count lives on the device).
+pub fn bias_correction(beta1: f64, t: u64) -> f64 {
+    1.0 - powi_exact(beta1, t)
+}
+
 impl StepScalars {
-    /// Scalars for step `t` (the first step is `t = 1`). `config` must be valid.
+    /// Scalars for step `t` (the first step is `t = 1`) of a tensor with the config's
+    /// own learning rate and weight decay. `config` must be valid.
     pub fn new(config: &AdamaxConfig, t: u64) -> Self {
-        let bias_correction = 1.0 - powi_exact(config.beta1, t);
-        let decay = if config.weight_decay == 0.0 {
+        Self::for_tensor(
+            config,
+            config.lr,
+            bias_correction(config.beta1, t),
+            &TensorHyper::from_config(config),
+        )
+    }
+
+    /// Scalars of one tensor: learning rate `lr * hyper.lr_scale`, weight decay
+    /// `hyper.weight_decay`, with `bias_correction` from [`bias_correction`]. Every
+    /// f64 operation here is one the kernel repeats with the same IEEE rounding.
+    pub fn for_tensor(
+        config: &AdamaxConfig,
+        lr: f64,
+        bias_correction: f64,
+        hyper: &TensorHyper,
+    ) -> Self {
+        let lr = lr * hyper.lr_scale;
+        let decay = if hyper.weight_decay == 0.0 {
             Decay::None
         } else {
             match config.weight_decay_mode {
                 WeightDecayMode::Coupled => Decay::Coupled {
-                    weight_decay: config.weight_decay as f32,
+                    weight_decay: hyper.weight_decay as f32,
                 },
                 WeightDecayMode::Decoupled => Decay::Decoupled {
-                    lr_wd: (config.lr * config.weight_decay) as f32,
+                    lr_wd: (lr * hyper.weight_decay) as f32,
                 },
             }
         };
@@ -127,7 +154,7 @@ impl StepScalars {
             beta2: config.beta2 as f32,
             eps: config.eps as f32,
             eps_mode: config.eps_mode,
-            step_size: (config.lr / bias_correction) as f32,
+            step_size: (lr / bias_correction) as f32,
             decay,
             maximize: config.maximize,
         }
@@ -276,23 +303,57 @@ pub fn step_tensor<T: Storage>(
 pub(crate) struct Schedule {
     config: AdamaxConfig,
     step: u64,
+    hypers: Vec<TensorHyper>,
 }
 
 impl Schedule {
-    /// A schedule at step 0; refuses an invalid `config`.
-    pub(crate) fn new(config: AdamaxConfig) -> Result<Self> {
+    /// A schedule at step 0 for `tensors` tensors with the config's hyperparameters;
+    /// refuses an invalid `config`.
+    pub(crate) fn new(config: AdamaxConfig, tensors: usize) -> Result<Self> {
         config.validate()?;
-        Ok(Self { config, step: 0 })
+        let hypers = vec![TensorHyper::from_config(&config); tensors];
+        Ok(Self {
+            config,
+            step: 0,
+            hypers,
+        })
     }
 
-    /// The number and scalars of the next step, without advancing: call
+    /// The number and bias correction of the next step, without advancing: call
     /// [`Schedule::advance`] once the step has been carried out.
-    pub(crate) fn next(&self) -> Result<(u64, StepScalars)> {
+    pub(crate) fn next(&self) -> Result<(u64, f64)> {
         let t = self
             .step
             .checked_add(1)
             .ok_or(Error::StepOverflow(self.step))?;
-        Ok((t, StepScalars::new(&self.config, t)))
+        Ok((t, bias_correction(self.config.beta1, t)))
+    }
+
+    /// The scalars of tensor `i` for a step with `bias_correction`.
+    pub(crate) fn scalars(&self, i: usize, bias_correction: f64) -> StepScalars {
+        StepScalars::for_tensor(
+            &self.config,
+            self.config.lr,
+            bias_correction,
+            &self.hypers[i],
+        )
+    }
+
+    pub(crate) fn hypers(&self) -> &[TensorHyper] {
+        &self.hypers
+    }
+
+    /// Sets tensor `i`'s hyperparameters after validating them.
+    pub(crate) fn set_hyper(&mut self, i: usize, hyper: TensorHyper) -> Result<()> {
+        hyper.validate()?;
+        let n = self.hypers.len();
+        let slot = self.hypers.get_mut(i).ok_or(Error::TensorCountMismatch {
+            what: "tensor index",
+            expected: n,
+            found: i + 1,
+        })?;
+        *slot = hyper;
+        Ok(())
     }
 
     pub(crate) fn advance(&mut self, t: u64) {
@@ -307,10 +368,12 @@ impl Schedule {
         &self.config
     }
 
-    /// Replaces config and step (from a validated checkpoint).
-    pub(crate) fn restore(&mut self, config: AdamaxConfig, step: u64) {
-        self.config = config;
-        self.step = step;
+    /// Replaces config, step and per-tensor hyperparameters (from a checkpoint that
+    /// `Checkpoint::check_fits` accepted).
+    pub(crate) fn restore(&mut self, ck: &crate::Checkpoint) {
+        self.config = ck.config;
+        self.step = ck.step;
+        self.hypers = ck.hypers.clone();
     }
 
     pub(crate) fn set_lr(&mut self, lr: f64) -> Result<()> {
@@ -344,7 +407,7 @@ impl<T: Storage> CpuAdamax<T> {
     /// Validates `config` and creates zeroed state (and f32 masters for 16-bit types)
     /// for `params`. An empty list is refused; empty tensors are fine.
     pub fn new(config: AdamaxConfig, params: &[&[T]]) -> Result<Self> {
-        let schedule = Schedule::new(config)?;
+        let schedule = Schedule::new(config, params.len())?;
         if params.is_empty() {
             return Err(Error::EmptyParameterList);
         }
@@ -362,14 +425,14 @@ impl<T: Storage> CpuAdamax<T> {
         let param_lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
         let grad_lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
         check_lists(&lens, &param_lens, &grad_lens)?;
-        let (t, s) = self.schedule.next()?;
+        let (t, bc) = self.schedule.next()?;
         for (i, ((p, g), state)) in params
             .iter_mut()
             .zip(grads)
             .zip(&mut self.states)
             .enumerate()
         {
-            step_tensor(&s, i, p, g, state)?;
+            step_tensor(&self.schedule.scalars(i, bc), i, p, g, state)?;
         }
         self.schedule.advance(t);
         Ok(())
@@ -390,6 +453,16 @@ impl<T: Storage> CpuAdamax<T> {
         self.schedule.set_lr(lr)
     }
 
+    /// Sets tensor `tensor`'s learning-rate scale and weight decay (a parameter group).
+    pub fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()> {
+        self.schedule.set_hyper(tensor, hyper)
+    }
+
+    /// Every tensor's hyperparameters, in order.
+    pub fn tensor_hypers(&self) -> &[TensorHyper] {
+        self.schedule.hypers()
+    }
+
     /// The state of every tensor, in parameter order.
     pub fn state(&self) -> &[TensorState] {
         &self.states
@@ -402,6 +475,7 @@ impl<T: Storage> CpuAdamax<T> {
             step: self.step_count(),
             storage: T::NAME.to_owned(),
             tensors: self.states.clone(),
+            hypers: self.schedule.hypers().to_vec(),
         }
     }
 
@@ -412,7 +486,7 @@ impl<T: Storage> CpuAdamax<T> {
     pub fn restore(&mut self, ck: &crate::Checkpoint) -> Result<()> {
         let lens: Vec<usize> = self.states.iter().map(TensorState::len).collect();
         ck.check_fits(T::NAME, &lens)?;
-        self.schedule.restore(ck.config, ck.step);
+        self.schedule.restore(ck);
         self.states = ck.tensors.clone();
         Ok(())
     }

@@ -35,7 +35,7 @@ mod fsutil;
 mod storage;
 
 pub use checkpoint::Checkpoint;
-pub use config::{AdamaxConfig, EpsilonMode, WeightDecayMode};
+pub use config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode};
 pub use error::{ConfigError, Error, Result};
 pub use half::{bf16, f16};
 pub use storage::Storage;

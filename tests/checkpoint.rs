@@ -109,6 +109,15 @@ fn resume_is_bit_exact<T: Storage>() {
     let mut params = init.clone();
     let refs: Vec<&[T]> = params.iter().map(|p| p.as_slice()).collect();
     let mut a = CpuAdamax::new(config, &refs).unwrap();
+    // Parameter groups travel with the checkpoint.
+    a.set_tensor_hyper(
+        2,
+        adamax_cuda::TensorHyper {
+            lr_scale: 0.5,
+            weight_decay: 0.0,
+        },
+    )
+    .unwrap();
     for t in 0..5 {
         step_all(&mut a, &mut params, &grads(t));
     }
@@ -129,6 +138,7 @@ fn resume_is_bit_exact<T: Storage>() {
     let refs: Vec<&[T]> = init.iter().map(|p| p.as_slice()).collect();
     let mut b = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
     b.restore(&loaded).unwrap();
+    assert_eq!(b.tensor_hypers(), a.tensor_hypers());
     for t in 5..10 {
         step_all(&mut b, &mut resumed_params, &grads(t));
     }

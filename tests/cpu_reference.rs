@@ -329,3 +329,133 @@ fn bias_correction_power_is_exact_repeated_multiplication() {
         assert!(((a - b) / b).abs() <= bound, "t={t}: {a} vs {b}");
     }
 }
+
+#[test]
+fn per_tensor_hyperparameters_match_separate_optimizers_bit_for_bit() {
+    use adamax_cuda::TensorHyper;
+    // Parameter groups, the reference: a tensor with lr_scale s and weight decay w steps
+    // exactly like a one-tensor optimizer configured with lr * s and w.
+    for mode in [WeightDecayMode::Coupled, WeightDecayMode::Decoupled] {
+        let base = AdamaxConfig {
+            lr: 3e-3,
+            weight_decay: 0.05,
+            weight_decay_mode: mode,
+            ..AdamaxConfig::default()
+        };
+        let hypers = [
+            TensorHyper {
+                lr_scale: 1.0,
+                weight_decay: 0.05,
+            },
+            TensorHyper {
+                lr_scale: 0.25,
+                weight_decay: 0.0,
+            },
+            TensorHyper {
+                lr_scale: 3.0,
+                weight_decay: 0.2,
+            },
+        ];
+        let init: Vec<Vec<f32>> = (0..3)
+            .map(|k| (0..17).map(|i| ((i * 3 + k) as f32 * 0.41).sin()).collect())
+            .collect();
+        let mut grouped_params = init.clone();
+        let refs: Vec<&[f32]> = init.iter().map(|p| p.as_slice()).collect();
+        let mut grouped = CpuAdamax::new(base, &refs).unwrap();
+        for (i, h) in hypers.iter().enumerate() {
+            grouped.set_tensor_hyper(i, *h).unwrap();
+        }
+        let mut singles: Vec<(Vec<f32>, CpuAdamax<f32>)> = hypers
+            .iter()
+            .zip(&init)
+            .map(|(h, p)| {
+                let c = AdamaxConfig {
+                    lr: base.lr * h.lr_scale,
+                    weight_decay: h.weight_decay,
+                    ..base
+                };
+                (p.clone(), CpuAdamax::new(c, &[p]).unwrap())
+            })
+            .collect();
+        for t in 0..12 {
+            let grads: Vec<Vec<f32>> = (0..3)
+                .map(|k| {
+                    (0..17)
+                        .map(|i| ((i + 5 * t + k) as f32).cos() * 0.1)
+                        .collect()
+                })
+                .collect();
+            let g: Vec<&[f32]> = grads.iter().map(|x| x.as_slice()).collect();
+            let mut p: Vec<&mut [f32]> = grouped_params
+                .iter_mut()
+                .map(|x| x.as_mut_slice())
+                .collect();
+            grouped.step(&mut p, &g).unwrap();
+            for ((param, opt), grad) in singles.iter_mut().zip(&grads) {
+                opt.step(&mut [param.as_mut_slice()], &[grad]).unwrap();
+            }
+        }
+        for (i, (param, opt)) in singles.iter().enumerate() {
+            assert_eq!(&grouped_params[i], param, "{mode:?} tensor {i}");
+            assert_eq!(grouped.state()[i], opt.state()[0], "{mode:?} tensor {i}");
+        }
+    }
+}
+
+#[test]
+fn bad_tensor_hyperparameters_are_refused() {
+    use adamax_cuda::{ConfigError, TensorHyper};
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&[1.0f32][..]]).unwrap();
+    let err = opt
+        .set_tensor_hyper(
+            0,
+            TensorHyper {
+                lr_scale: -1.0,
+                weight_decay: 0.0,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Config(ConfigError::OutOfRange {
+                field: "lr_scale",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let err = opt
+        .set_tensor_hyper(
+            0,
+            TensorHyper {
+                lr_scale: 1.0,
+                weight_decay: f64::NAN,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Config(ConfigError::NotFinite {
+                field: "weight_decay",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let err = opt
+        .set_tensor_hyper(
+            1,
+            TensorHyper {
+                lr_scale: 1.0,
+                weight_decay: 0.0,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::TensorCountMismatch { .. }), "{err}");
+    assert_eq!(
+        opt.tensor_hypers(),
+        &[TensorHyper::from_config(&AdamaxConfig::default())]
+    );
+}

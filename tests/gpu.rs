@@ -460,6 +460,68 @@ fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> 
     Ok(())
 }
 
+/// Parameter groups on the GPU: every third tensor without decay, others at a quarter
+/// or three times the learning rate; the CPU reference with the same groups is the
+/// expected value, bit for bit.
+fn per_tensor_hyperparameters_match_the_cpu(
+    stream: &Arc<CudaStream>,
+    mode: WeightDecayMode,
+) -> TestResult {
+    use adamax_cuda::TensorHyper;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = mixed_sizes(40, 3);
+    let config = AdamaxConfig {
+        weight_decay: 0.05,
+        weight_decay_mode: mode,
+        lr: 3e-3,
+        ..AdamaxConfig::default()
+    };
+    let hyper = |i: usize| match i % 3 {
+        0 => TensorHyper {
+            lr_scale: 1.0,
+            weight_decay: 0.0,
+        },
+        1 => TensorHyper {
+            lr_scale: 0.25,
+            weight_decay: 0.05,
+        },
+        _ => TensorHyper {
+            lr_scale: 3.0,
+            weight_decay: 0.2,
+        },
+    };
+    let mut host: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let mut dev = host
+        .iter()
+        .map(|p| stream.clone_htod(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut gpu = CudaAdamax::<f32>::new(stream, config, &dev)?;
+    let refs: Vec<&[f32]> = host.iter().map(|p| p.as_slice()).collect();
+    let mut cpu = CpuAdamax::new(config, &refs)?;
+    for i in 0..lens.len() {
+        gpu.set_tensor_hyper(i, hyper(i))?;
+        cpu.set_tensor_hyper(i, hyper(i))?;
+    }
+    for _ in 0..20 {
+        let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+        let dg = grads
+            .iter()
+            .map(|g| stream.clone_htod(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        gpu.step(&mut dev, &dg)?;
+        let g: Vec<&[f32]> = grads.iter().map(|x| x.as_slice()).collect();
+        let mut p: Vec<&mut [f32]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
+        cpu.step(&mut p, &g)?;
+    }
+    for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
+        same("param", i, &stream.clone_dtoh(d)?, h)?;
+    }
+    if gpu.state_to_host()?.as_slice() != cpu.state() {
+        return Err(format!("{mode:?}: state differs").into());
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let device = cuda::device_count()
@@ -536,6 +598,14 @@ fn main() {
     add(
         "refused_steps_change_nothing".into(),
         Box::new(refused_steps_change_nothing),
+    );
+    add(
+        "per_tensor_hyperparameters_match_the_cpu_coupled".into(),
+        Box::new(|s| per_tensor_hyperparameters_match_the_cpu(s, WeightDecayMode::Coupled)),
+    );
+    add(
+        "per_tensor_hyperparameters_match_the_cpu_decoupled".into(),
+        Box::new(|s| per_tensor_hyperparameters_match_the_cpu(s, WeightDecayMode::Decoupled)),
     );
     add(
         "raw_entry_points_match_the_typed_ones_and_refuse_bad_addresses".into(),

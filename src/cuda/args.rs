@@ -6,8 +6,8 @@
 use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
 use crate::{
-    config::EpsilonMode,
-    cpu::{Decay, StepScalars},
+    config::{EpsilonMode, WeightDecayMode},
+    cpu::StepScalars,
 };
 
 /// Elements per chunk: the unit of work a block takes from the tensor list. A multiple
@@ -18,7 +18,7 @@ pub(crate) const BLOCK: u32 = 256;
 
 /// One tensor of a launch (`TensorDesc` in the kernel).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct TensorDesc {
     pub param: u64,
     pub grad: u64,
@@ -27,6 +27,8 @@ pub(crate) struct TensorDesc {
     pub master: u64,
     pub len: u64,
     pub chunk_begin: u64,
+    pub lr_scale: f64,
+    pub weight_decay: f64,
 }
 
 /// The launch's arguments (`AdamaxArgs` in the kernel), passed by value.
@@ -36,12 +38,12 @@ pub(crate) struct AdamaxArgs {
     pub tensors: u64,
     pub num_tensors: u64,
     pub num_chunks: u64,
+    pub lr: f64,
+    pub bias_correction: f64,
     pub beta1: f32,
     pub one_minus_beta1: f32,
     pub beta2: f32,
     pub eps: f32,
-    pub step_size: f32,
-    pub decay: f32,
     pub eps_mode: u32,
     pub decay_mode: u32,
     pub maximize: u32,
@@ -58,14 +60,14 @@ pub(crate) struct InitArgs {
 }
 
 const _: () = assert!(std::mem::size_of::<InitArgs>() == 24);
-const _: () = assert!(std::mem::size_of::<TensorDesc>() == 56);
-const _: () = assert!(std::mem::size_of::<AdamaxArgs>() == 64);
+const _: () = assert!(std::mem::size_of::<TensorDesc>() == 72);
+const _: () = assert!(std::mem::size_of::<AdamaxArgs>() == 72);
 
 // SAFETY: plain-old-data `repr(C)` structs of integers and floats, with no padding
 // (sizes asserted above), laid out exactly as the kernel's structs (checked by the
 // kernel's static_asserts against the sizes passed at compile time).
 unsafe impl DeviceRepr for TensorDesc {}
-// SAFETY: all fields are integers, for which all-zero bits are valid.
+// SAFETY: all fields are integers or floats, for which all-zero bits are valid.
 unsafe impl ValidAsZeroBits for TensorDesc {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdamaxArgs {}
@@ -73,29 +75,37 @@ unsafe impl DeviceRepr for AdamaxArgs {}
 unsafe impl DeviceRepr for InitArgs {}
 
 impl AdamaxArgs {
-    /// The kernel arguments for one step with scalars `s` over a table of `num_tensors`
-    /// descriptors at device address `tensors`.
-    pub(crate) fn new(s: &StepScalars, tensors: u64, num_tensors: u64, num_chunks: u64) -> Self {
-        let (decay_mode, decay) = match s.decay {
-            Decay::None => (0, 0.0),
-            Decay::Coupled { weight_decay } => (1, weight_decay),
-            Decay::Decoupled { lr_wd } => (2, lr_wd),
-        };
+    /// The kernel arguments for one step over a table of `num_tensors` descriptors at
+    /// device address `tensors`: global learning rate `lr` and `bias_correction`, and
+    /// the tensor-independent scalars of `s` (any tensor's [`StepScalars`]; the kernel
+    /// derives each tensor's step size and decay as `StepScalars::for_tensor` does).
+    pub(crate) fn new(
+        s: &StepScalars,
+        decay_mode: WeightDecayMode,
+        lr: f64,
+        bias_correction: f64,
+        tensors: u64,
+        num_tensors: u64,
+        num_chunks: u64,
+    ) -> Self {
         Self {
             tensors,
             num_tensors,
             num_chunks,
+            lr,
+            bias_correction,
             beta1: s.beta1,
             one_minus_beta1: s.one_minus_beta1,
             beta2: s.beta2,
             eps: s.eps,
-            step_size: s.step_size,
-            decay,
             eps_mode: match s.eps_mode {
                 EpsilonMode::InsideMax => 0,
                 EpsilonMode::Denominator => 1,
             },
-            decay_mode,
+            decay_mode: match decay_mode {
+                WeightDecayMode::Coupled => 1,
+                WeightDecayMode::Decoupled => 2,
+            },
             maximize: u32::from(s.maximize),
             reserved: 0,
         }

@@ -8,8 +8,8 @@ use cudarc::driver::{
 };
 
 use crate::{
-    config::AdamaxConfig,
-    cpu::{check_lists, Schedule, StepScalars, TensorState},
+    config::{AdamaxConfig, TensorHyper},
+    cpu::{check_lists, Schedule, TensorState},
     error::{Error, Result},
     storage::Storage,
 };
@@ -121,7 +121,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
 
     /// Validates, compiles or fetches the kernels, and allocates zeroed state.
     fn allocate(stream: &Arc<CudaStream>, config: AdamaxConfig, lens: Vec<usize>) -> Result<Self> {
-        let schedule = Schedule::new(config)?;
+        let schedule = Schedule::new(config, lens.len())?;
         if lens.is_empty() {
             return Err(Error::EmptyParameterList);
         }
@@ -215,7 +215,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         check_lists(&self.lens, &param_lens, &grad_lens)?;
         check_devices(&self.stream, "param", params)?;
         check_devices(&self.stream, "grad", grads)?;
-        let (t, scalars) = self.schedule.next()?;
+        let (t, bc) = self.schedule.next()?;
 
         let stream = self.stream.clone();
         // The guards make cudarc order this stream after other streams' writes to the
@@ -229,7 +229,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             guards.push(grad_guard);
             table.push(self.descriptor(i, param, grad));
         }
-        self.launch_step(table, t, &scalars)?;
+        self.launch_step(table, t, bc)?;
         drop(guards);
         Ok(())
     }
@@ -261,17 +261,17 @@ impl<T: GpuStorage> CudaAdamax<T> {
             check_raw::<T>("param", i, t.param, self.lens[i])?;
             check_raw::<T>("grad", i, t.grad, self.lens[i])?;
         }
-        let (t, scalars) = self.schedule.next()?;
+        let (t, bc) = self.schedule.next()?;
         let table = tensors
             .iter()
             .enumerate()
             .map(|(i, x)| self.descriptor(i, x.param, x.grad))
             .collect();
-        self.launch_step(table, t, &scalars)
+        self.launch_step(table, t, bc)
     }
 
     /// Uploads `table` if it changed, enqueues the step kernel, and counts step `t`.
-    fn launch_step(&mut self, table: Vec<TensorDesc>, t: u64, scalars: &StepScalars) -> Result<()> {
+    fn launch_step(&mut self, table: Vec<TensorDesc>, t: u64, bias_correction: f64) -> Result<()> {
         let stream = self.stream.clone();
         if table != self.table_host {
             stream
@@ -281,7 +281,16 @@ impl<T: GpuStorage> CudaAdamax<T> {
         }
         if self.num_chunks > 0 {
             let (table_ptr, _table_guard) = self.table.device_ptr(&stream);
-            let args = AdamaxArgs::new(scalars, table_ptr, self.lens.len() as u64, self.num_chunks);
+            let config = self.schedule.config();
+            let args = AdamaxArgs::new(
+                &self.schedule.scalars(0, bias_correction),
+                config.weight_decay_mode,
+                config.lr,
+                bias_correction,
+                table_ptr,
+                self.lens.len() as u64,
+                self.num_chunks,
+            );
             let blocks = self.num_chunks.min(u64::from(self.kernels.max_grid)) as u32;
             launch(&stream, self.kernels.step(T::NAME), blocks, &args)?;
         }
@@ -305,6 +314,8 @@ impl<T: GpuStorage> CudaAdamax<T> {
             master: at(self.bases[2]),
             len: self.lens[i] as u64,
             chunk_begin: self.chunk_begin[i],
+            lr_scale: self.schedule.hypers()[i].lr_scale,
+            weight_decay: self.schedule.hypers()[i].weight_decay,
         }
     }
 
@@ -362,6 +373,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             step: self.step_count(),
             storage: T::NAME.to_owned(),
             tensors: self.state_to_host()?,
+            hypers: self.schedule.hypers().to_vec(),
         })
     }
 
@@ -391,7 +403,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         if let Some(master) = self.master.as_mut() {
             upload(master, |t| &t.master)?;
         }
-        self.schedule.restore(ck.config, ck.step);
+        self.schedule.restore(ck);
         Ok(())
     }
 
@@ -408,6 +420,17 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// Changes the learning rate (for a schedule); validated like the config.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.schedule.set_lr(lr)
+    }
+
+    /// Sets tensor `tensor`'s learning-rate scale and weight decay (a parameter group);
+    /// takes effect from the next step.
+    pub fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()> {
+        self.schedule.set_hyper(tensor, hyper)
+    }
+
+    /// Every tensor's hyperparameters, in order.
+    pub fn tensor_hypers(&self) -> &[TensorHyper] {
+        self.schedule.hypers()
     }
 
     /// The element count of every tensor, in order.
