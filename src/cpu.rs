@@ -18,7 +18,7 @@
 //!
 //! The scalars in the right-hand column are computed per step and tensor in f64 and
 //! rounded to f32 ([`StepScalars::for_tensor`]); with per-tensor hyperparameters
-//! ([`TensorHyper`](crate::TensorHyper)) `lr` is `lr * lr_scale` and `wd` the tensor's
+//! ([`TensorHyper`]) `lr` is `lr * lr_scale` and `wd` the tensor's
 //! own. The GPU kernel derives them with the same f64 operations, so it uses exactly
 //! these values.
 //!
