@@ -109,6 +109,53 @@ def run_torch(cfg, inits, grads, bits):
     return traj, m, u
 
 
+def run_torch_fused(cfg, inits, grads, bits):
+    """torch.optim.Adamax behind torch.amp.GradScaler (unscale_, step, update) and/or
+    torch.nn.utils.clip_grad_norm_, the order PyTorch's AMP recipe uses. `grads` are
+    the unscaled gradients; with a scaler, the gradient fed in is grad * current scale
+    (what backward of the scaled loss gives) plus any injected infinities."""
+    dtype = torch.float64 if bits == 64 else torch.float32
+    params = [torch.tensor(p, dtype=dtype) for p in inits]
+    opt = torch.optim.Adamax(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                             weight_decay=cfg["weight_decay"], foreach=False)
+    sc = cfg.get("scaler")
+    scaler = torch.amp.GradScaler("cpu", init_scale=sc["init_scale"], growth_factor=sc["growth_factor"],
+                                  backoff_factor=sc["backoff_factor"], growth_interval=sc["growth_interval"]) if sc else None
+    traj = [[] for _ in params]
+    fed, skipped, scales, norms = [[] for _ in params], [], [], []
+    inf_at = []
+    for t in range(STEPS):
+        if scaler:
+            scaler.scale(torch.ones((), dtype=dtype))  # GradScaler sets its scale up lazily here
+        scale = scaler.get_scale() if scaler else 1.0
+        for i, (p, g) in enumerate(zip(params, grads)):
+            x = np.asarray(g[t], np.float32) * np.float32(scale)
+            fed[i].append(x.astype(np.float32))  # JSON has no inf: inf_at records them
+            if sc and t in sc["inf_at_steps"] and i == len(params) - 1:
+                x = x.copy()
+                x[0] = np.inf
+                inf_at.append([t, i, 0])
+            p.grad = torch.tensor(x, dtype=dtype)
+        step_before = opt.state[params[0]]["step"].item() if opt.state else 0
+        if scaler:
+            scaler.unscale_(opt)
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg["max_norm"]) if cfg.get("max_norm") else None
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        step_after = opt.state[params[0]]["step"].item() if opt.state else 0
+        skipped.append(step_after == step_before)
+        scales.append(scaler.get_scale() if scaler else None)
+        norms.append(float(norm) if norm is not None and np.isfinite(float(norm)) else None)
+        for i, p in enumerate(params):
+            traj[i].append(p.detach().numpy().copy())
+    m = [opt.state[p]["exp_avg"].numpy().copy() for p in params]
+    u = [opt.state[p]["exp_inf"].numpy().copy() for p in params]
+    return traj, m, u, dict(fed=fed, skipped=skipped, scales=scales, norms=norms, inf_at=inf_at)
+
+
 def run_optax(cfg, inits, grads, bits):
     dtype = jnp.float64 if bits == 64 else jnp.float32
     if cfg["weight_decay_mode"] == "decoupled":
@@ -154,6 +201,8 @@ def run_keras(cfg, inits, grads, bits):
 
 PEERS = {
     "torch": (run_torch, f"torch.optim.Adamax (PyTorch {torch.__version__}, foreach=False)"),
+    "torch_fused": (run_torch_fused, f"torch.optim.Adamax with torch.amp.GradScaler and/or "
+                    f"clip_grad_norm_ (PyTorch {torch.__version__})"),
     "optax": (run_optax, f"optax.adamax / optax.adamaxw (optax {optax.__version__}, JAX {jax.__version__})"),
     "keras": (run_keras, f"keras.optimizers.Adamax (Keras {keras.__version__}, JAX backend)"),
 }
@@ -179,6 +228,11 @@ CASES = [
     ("keras_decoupled_weight_decay", "keras",
      dict(KERAS_DEFAULTS, lr=1e-2, weight_decay=0.05, weight_decay_mode="decoupled"), "f32", "normal", 10),
     ("keras_zero_and_tiny_grads", "keras", KERAS_DEFAULTS, "f32", "zero_and_tiny", 11),
+    ("torch_clip_grad_norm", "torch_fused", dict(TORCH_DEFAULTS, lr=1e-2, max_norm=0.5), "f32", "normal", 12),
+    ("torch_grad_scaler_and_clipping", "torch_fused",
+     dict(TORCH_DEFAULTS, lr=1e-2, weight_decay=0.01, weight_decay_mode="coupled", max_norm=0.5,
+          scaler=dict(init_scale=1024.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=3,
+                      inf_at_steps=[4, 5, 12])), "f32", "normal", 13),
 ]
 
 
@@ -188,8 +242,14 @@ def main():
     for name, peer, cfg, storage, pattern, seed in CASES:
         run, peer_name = PEERS[peer]
         inits, grads = make_inputs(seed, storage, pattern)
-        traj, m, u = run(cfg, inits, grads, 32)
-        traj64, _, _ = run(cfg, inits, grads, 64)
+        out32, out64 = run(cfg, inits, grads, 32), run(cfg, inits, grads, 64)
+        traj, m, u = out32[:3]
+        traj64 = out64[0]
+        fused = out32[3] if len(out32) > 3 else None
+        if fused:
+            # The f64 run must take the same path (same skips) for its spread to mean anything.
+            assert fused["skipped"] == out64[3]["skipped"], name
+            grads = [[g for g in fused["fed"][i]] for i in range(len(LENGTHS))]
         spread = max(
             float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
             for ta, tb in zip(traj, traj64) for a, b in zip(ta, tb)
@@ -207,7 +267,12 @@ def main():
                 entry["expected_16bit"] = [[f32_text(v) for v in to_storage(np.asarray(p), storage)]
                                            for p in traj[i]]
             tensors.append(entry)
+        extra = {}
+        if fused:
+            extra = {"skipped": fused["skipped"], "scales": fused["scales"],
+                     "total_norms": fused["norms"], "inf_at": fused["inf_at"]}
         doc = {
+            **extra,
             "name": name,
             "peer": peer_name,
             "made_by": "scripts/peer_trajectories.sh",

@@ -50,6 +50,9 @@
 use crate::{
     config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode},
     error::{Error, Result},
+    fused::{
+        chunk_partial, clip_coef, total_from_partials, LossScaler, StepOptions, StepReport, CHUNK,
+    },
     storage::Storage,
 };
 
@@ -258,6 +261,19 @@ pub fn step_tensor<T: Storage>(
     grad: &[T],
     state: &mut TensorState,
 ) -> Result<()> {
+    step_tensor_with(s, tensor, param, grad, state, |g| g)
+}
+
+/// [`step_tensor`] with the gradient passed through `grad_map` first (unscaling and
+/// clipping, in [`crate::fused`]'s order).
+fn step_tensor_with<T: Storage>(
+    s: &StepScalars,
+    tensor: usize,
+    param: &mut [T],
+    grad: &[T],
+    state: &mut TensorState,
+    grad_map: impl Fn(f32) -> f32,
+) -> Result<()> {
     let n = state.len();
     let checks = [
         ("param", param.len()),
@@ -286,7 +302,7 @@ pub fn step_tensor<T: Storage>(
         } else {
             param[i].to_f32()
         };
-        let e = update(s, p, grad[i].to_f32(), exp_avg[i], exp_inf[i]);
+        let e = update(s, p, grad_map(grad[i].to_f32()), exp_avg[i], exp_inf[i]);
         if T::HAS_MASTER {
             master[i] = e.param;
         }
@@ -400,6 +416,9 @@ impl Schedule {
 pub struct CpuAdamax<T: Storage> {
     schedule: Schedule,
     states: Vec<TensorState>,
+    options: StepOptions,
+    scaler: Option<LossScaler>,
+    report: StepReport,
     _storage: std::marker::PhantomData<T>,
 }
 
@@ -414,28 +433,106 @@ impl<T: Storage> CpuAdamax<T> {
         Ok(Self {
             schedule,
             states: params.iter().map(|p| TensorState::new(p)).collect(),
+            options: StepOptions::default(),
+            scaler: None,
+            report: StepReport {
+                step: 0,
+                skipped: false,
+                total_norm: None,
+                clip_coef: 1.0,
+                loss_scale: None,
+            },
             _storage: std::marker::PhantomData,
         })
     }
 
-    /// One AdaMax step over every tensor. All lengths are checked before anything is
-    /// written, so a refused step leaves parameters and state as they were.
+    /// One AdaMax step over every tensor, with the options set by
+    /// [`CpuAdamax::set_options`] and the loss scaler, if any ([`crate::fused`] gives
+    /// the semantics). All lengths are checked before anything is written, so a refused
+    /// step leaves parameters and state as they were; so does a step skipped for a
+    /// non-finite gradient (see [`CpuAdamax::last_report`]).
     pub fn step(&mut self, params: &mut [&mut [T]], grads: &[&[T]]) -> Result<()> {
         let lens: Vec<usize> = self.states.iter().map(TensorState::len).collect();
         let param_lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
         let grad_lens: Vec<usize> = grads.iter().map(|g| g.len()).collect();
         check_lists(&lens, &param_lens, &grad_lens)?;
-        let (t, bc) = self.schedule.next()?;
-        for (i, ((p, g), state)) in params
-            .iter_mut()
-            .zip(grads)
-            .zip(&mut self.states)
-            .enumerate()
-        {
-            step_tensor(&self.schedule.scalars(i, bc), i, p, g, state)?;
+        let inv_scale = match &self.scaler {
+            Some(scaler) => Some(scaler.inv_scale()),
+            None => self.options.inv_scale,
+        };
+        let unscale = |g: f32| inv_scale.map_or(g, |s| g * s);
+        let check = self.options.checks(self.scaler.is_some());
+        let (mut found_inf, mut partials) = (false, Vec::new());
+        if check || self.options.max_norm.is_some() {
+            let lanes = 16 / std::mem::size_of::<T>();
+            for g in grads {
+                for chunk in g.chunks(CHUNK) {
+                    let (partial, bad) =
+                        chunk_partial(chunk.len(), lanes, |i| unscale(chunk[i].to_f32()));
+                    partials.push(partial);
+                    found_inf |= bad;
+                }
+            }
         }
-        self.schedule.advance(t);
+        let skip = check && found_inf;
+        let (total_norm, clip) = match self.options.max_norm {
+            Some(max_norm) if !skip => {
+                let (norm, c) = clip_coef(total_from_partials(&partials), max_norm);
+                (Some(norm), Some(c))
+            }
+            _ => (None, None),
+        };
+        if !skip {
+            let (t, bc) = self.schedule.next()?;
+            let grad_map = |g: f32| clip.map_or(unscale(g), |c| unscale(g) * c);
+            for (i, ((p, g), state)) in params
+                .iter_mut()
+                .zip(grads)
+                .zip(&mut self.states)
+                .enumerate()
+            {
+                step_tensor_with(&self.schedule.scalars(i, bc), i, p, g, state, grad_map)?;
+            }
+            self.schedule.advance(t);
+        }
+        if let Some(scaler) = self.scaler.as_mut() {
+            scaler.update(skip);
+        }
+        self.report = StepReport {
+            step: self.schedule.step(),
+            skipped: skip,
+            total_norm,
+            clip_coef: clip.unwrap_or(1.0),
+            loss_scale: self.scaler.map(|s| s.scale),
+        };
         Ok(())
+    }
+
+    /// Sets the options of every following step (unscaling, overflow skip, clipping).
+    pub fn set_options(&mut self, options: StepOptions) -> Result<()> {
+        options.validate()?;
+        self.options = options;
+        Ok(())
+    }
+
+    /// Enables dynamic loss scaling: each step unscales by the scaler's inverse scale,
+    /// skips on a non-finite gradient, and updates the scale (`None` disables it).
+    pub fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> Result<()> {
+        if let Some(s) = &scaler {
+            s.validate()?;
+        }
+        self.scaler = scaler;
+        Ok(())
+    }
+
+    /// The loss scaler's current state, when enabled.
+    pub fn loss_scaler(&self) -> Option<&LossScaler> {
+        self.scaler.as_ref()
+    }
+
+    /// What the last step did: skipped or not, the norm and clip factor, the new scale.
+    pub fn last_report(&self) -> StepReport {
+        self.report
     }
 
     /// Steps taken so far (PyTorch's `state["step"]`).

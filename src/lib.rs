@@ -32,11 +32,13 @@ pub mod cuda;
 mod error;
 mod fnv;
 mod fsutil;
+pub mod fused;
 mod storage;
 
 pub use checkpoint::Checkpoint;
 pub use config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode};
 pub use error::{ConfigError, Error, Result};
+pub use fused::{LossScaler, StepOptions, StepReport};
 pub use half::{bf16, f16};
 pub use storage::Storage;
 

@@ -35,6 +35,9 @@ fn replay<T: Storage>(t: &Trajectory) -> Replay {
     }
     let refs: Vec<&[T]> = params.iter().map(|p| p.as_slice()).collect();
     let mut opt = CpuAdamax::<T>::new(t.config.to_config(), &refs).unwrap();
+    let (options, scaler) = t.config.to_fused();
+    opt.set_options(options).unwrap();
+    opt.set_loss_scaler(scaler).unwrap();
     let mut out = Replay {
         params: vec![Vec::new(); params.len()],
         params_16bit: vec![Vec::new(); params.len()],
@@ -42,14 +45,20 @@ fn replay<T: Storage>(t: &Trajectory) -> Replay {
         exp_inf: Vec::new(),
     };
     for step in 0..t.steps {
-        let grads: Vec<Vec<T>> = t
+        let mut grads: Vec<Vec<T>> = t
             .tensors
             .iter()
             .map(|x| x.grads[step].iter().map(|&v| T::from_f32(v)).collect())
             .collect();
+        for &[s, i, e] in &t.inf_at {
+            if s == step {
+                grads[i][e] = T::from_f32(f32::INFINITY);
+            }
+        }
         let grad_refs: Vec<&[T]> = grads.iter().map(|g| g.as_slice()).collect();
         let mut param_refs: Vec<&mut [T]> = params.iter_mut().map(|p| p.as_mut_slice()).collect();
         opt.step(&mut param_refs, &grad_refs).unwrap();
+        check_fused_step(t, step, &opt.last_report());
         for (i, p) in params.iter().enumerate() {
             let state = &opt.state()[i];
             let stored: Vec<f32> = p.iter().map(|x| x.to_f32()).collect();
@@ -65,10 +74,40 @@ fn replay<T: Storage>(t: &Trajectory) -> Replay {
             out.params_16bit[i].push(stored);
         }
     }
-    assert_eq!(opt.step_count(), t.steps as u64);
+    let skipped = t.skipped.iter().filter(|&&s| s).count();
+    assert_eq!(opt.step_count(), (t.steps - skipped) as u64);
     out.exp_avg = opt.state().iter().map(|s| s.exp_avg.clone()).collect();
     out.exp_inf = opt.state().iter().map(|s| s.exp_inf.clone()).collect();
     out
+}
+
+/// The skip decision and the loss scale match PyTorch exactly (both are decided by the
+/// same comparisons and f64-then-f32 products); the global norm to 1e-5 relative (the
+/// sums of squares run in different orders: at most ~168 f32 roundings apart).
+fn check_fused_step(t: &Trajectory, step: usize, r: &adamax_cuda::StepReport) {
+    if let Some(&skipped) = t.skipped.get(step) {
+        assert_eq!(r.skipped, skipped, "{}: step {} skip", t.name, step + 1);
+    }
+    if let Some(Some(scale)) = t.scales.get(step) {
+        assert_eq!(
+            r.loss_scale,
+            Some(*scale),
+            "{}: step {} loss scale",
+            t.name,
+            step + 1
+        );
+    }
+    if let Some(Some(norm)) = t.total_norms.get(step) {
+        if !r.skipped {
+            let ours = f64::from(r.total_norm.expect("clipping computes the norm"));
+            assert!(
+                ((ours - norm) / norm).abs() < 1e-5,
+                "{}: step {} norm {ours} vs {norm}",
+                t.name,
+                step + 1
+            );
+        }
+    }
 }
 
 /// Largest |a - b| over two equally long lists.

@@ -49,6 +49,14 @@ pub const TRAJECTORIES: &[(&str, &str)] = &[
         "keras_zero_and_tiny_grads",
         include_str!("../data/keras_zero_and_tiny_grads.json"),
     ),
+    (
+        "torch_clip_grad_norm",
+        include_str!("../data/torch_clip_grad_norm.json"),
+    ),
+    (
+        "torch_grad_scaler_and_clipping",
+        include_str!("../data/torch_grad_scaler_and_clipping.json"),
+    ),
 ];
 
 #[derive(Deserialize)]
@@ -61,9 +69,39 @@ pub struct PeerConfig {
     pub weight_decay_mode: String,
     pub eps_mode: String,
     pub maximize: bool,
+    /// `clip_grad_norm_(params, max_norm)` before each step.
+    #[serde(default)]
+    pub max_norm: Option<f32>,
+    /// `torch.amp.GradScaler` around each step.
+    #[serde(default)]
+    pub scaler: Option<PeerScaler>,
+}
+
+#[derive(Deserialize)]
+pub struct PeerScaler {
+    pub init_scale: f32,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u32,
 }
 
 impl PeerConfig {
+    /// The step options and loss scaler that reproduce the peer's recipe.
+    pub fn to_fused(&self) -> (adamax_cuda::StepOptions, Option<adamax_cuda::LossScaler>) {
+        let options = adamax_cuda::StepOptions {
+            max_norm: self.max_norm,
+            ..Default::default()
+        };
+        let scaler = self.scaler.as_ref().map(|s| adamax_cuda::LossScaler {
+            scale: s.init_scale,
+            growth_factor: s.growth_factor,
+            backoff_factor: s.backoff_factor,
+            growth_interval: s.growth_interval,
+            growth_tracker: 0,
+        });
+        (options, scaler)
+    }
+
     pub fn to_config(&self) -> AdamaxConfig {
         AdamaxConfig {
             lr: self.lr,
@@ -110,6 +148,17 @@ pub struct Trajectory {
     /// Largest |f32 - f64| difference of the peer's own parameters over the trajectory.
     pub f32_vs_f64_max_abs: f64,
     pub tensors: Vec<PeerTensor>,
+    /// Fused-feature trajectories: whether each step was skipped, the loss scale after
+    /// it, the clip_grad_norm_ total norm, and the [step, tensor, element] gradients
+    /// that were +inf (JSON has no inf; the grads list holds a finite value there).
+    #[serde(default)]
+    pub skipped: Vec<bool>,
+    #[serde(default)]
+    pub scales: Vec<Option<f32>>,
+    #[serde(default)]
+    pub total_norms: Vec<Option<f64>>,
+    #[serde(default)]
+    pub inf_at: Vec<[usize; 3]>,
 }
 
 pub fn trajectories() -> impl Iterator<Item = Trajectory> {

@@ -1,0 +1,227 @@
+//! The fused features on the CPU reference: overflow skips leave everything untouched,
+//! the global norm is the norm, and bad options are refused. (Their agreement with
+//! PyTorch's GradScaler and clip_grad_norm_ is in tests/peer_trajectories.rs.)
+
+use adamax_cuda::{
+    cpu::CpuAdamax, f16, AdamaxConfig, ConfigError, Error, LossScaler, StepOptions, Storage,
+};
+
+fn grads_with<T: Storage>(
+    lens: &[usize],
+    t: usize,
+    poison: Option<(usize, usize, f32)>,
+) -> Vec<Vec<T>> {
+    let mut g: Vec<Vec<T>> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..n)
+                .map(|i| T::from_f32(((i * 7 + k * 3 + t) as f32 * 0.37).sin() * 0.5))
+                .collect()
+        })
+        .collect();
+    if let Some((k, i, v)) = poison {
+        g[k][i] = T::from_f32(v);
+    }
+    g
+}
+
+fn step<T: Storage>(opt: &mut CpuAdamax<T>, params: &mut [Vec<T>], grads: &[Vec<T>]) {
+    let mut p: Vec<&mut [T]> = params.iter_mut().map(|x| x.as_mut_slice()).collect();
+    let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
+    opt.step(&mut p, &g).unwrap();
+}
+
+#[test]
+fn a_non_finite_gradient_skips_the_whole_step_bit_for_bit() {
+    let lens = [9000usize, 5, 300];
+    for poison in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut params: Vec<Vec<f16>> =
+            lens.iter().map(|&n| vec![f16::from_f32(0.25); n]).collect();
+        let refs: Vec<&[f16]> = params.iter().map(|p| p.as_slice()).collect();
+        let mut opt = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
+        opt.set_loss_scaler(Some(LossScaler {
+            scale: 256.0,
+            ..LossScaler::default()
+        }))
+        .unwrap();
+        step(&mut opt, &mut params, &grads_with(&lens, 0, None));
+        let (params_before, ck_before) = (params.clone(), opt.checkpoint());
+        // One bad element, in the last tensor, far from the others.
+        step(
+            &mut opt,
+            &mut params,
+            &grads_with(&lens, 1, Some((2, 299, poison))),
+        );
+        let r = opt.last_report();
+        assert!(r.skipped, "{poison}");
+        assert_eq!(r.step, 1);
+        assert_eq!(params, params_before, "{poison}: parameters changed");
+        assert_eq!(
+            opt.checkpoint(),
+            ck_before,
+            "{poison}: state, masters or step changed"
+        );
+        assert_eq!(r.loss_scale, Some(128.0), "backoff halves the scale");
+        step(&mut opt, &mut params, &grads_with(&lens, 2, None));
+        assert!(!opt.last_report().skipped && opt.step_count() == 2);
+    }
+}
+
+#[test]
+fn skip_nonfinite_works_without_unscaling_and_is_off_by_default() {
+    let mut p = vec![vec![1.0f32; 4]];
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&p[0]]).unwrap();
+    step(&mut opt, &mut p, &[vec![0.1, f32::NAN, 0.1, 0.1]]);
+    assert!(
+        !opt.last_report().skipped && p[0][1].is_nan(),
+        "without the check NaN flows in, as in PyTorch"
+    );
+    let mut p = vec![vec![1.0f32; 4]];
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&p[0]]).unwrap();
+    opt.set_options(StepOptions {
+        skip_nonfinite: true,
+        ..Default::default()
+    })
+    .unwrap();
+    step(&mut opt, &mut p, &[vec![0.1, f32::NAN, 0.1, 0.1]]);
+    assert!(opt.last_report().skipped && p[0] == vec![1.0; 4]);
+}
+
+#[test]
+fn the_reported_norm_is_the_global_l2_norm_and_clipping_bounds_the_update() {
+    let lens = [20_000usize, 3, 777];
+    let grads = grads_with::<f32>(&lens, 5, None);
+    let exact: f64 = grads
+        .iter()
+        .flatten()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>()
+        .sqrt();
+    let mut params: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n]).collect();
+    let refs: Vec<&[f32]> = params.iter().map(|p| p.as_slice()).collect();
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
+    opt.set_options(StepOptions {
+        max_norm: Some(1.0),
+        inv_scale: Some(0.5),
+        ..Default::default()
+    })
+    .unwrap();
+    step(&mut opt, &mut params, &grads);
+    let r = opt.last_report();
+    // The norm is of the unscaled gradients (g * 0.5); f32 partials of 8192 terms each.
+    let norm = f64::from(r.total_norm.unwrap());
+    assert!(
+        (norm - exact * 0.5).abs() / (exact * 0.5) < 1e-6,
+        "{norm} vs {}",
+        exact * 0.5
+    );
+    let expected_coef = 1.0 / (norm + 1e-6);
+    assert!((f64::from(r.clip_coef) - expected_coef).abs() < 1e-6 * expected_coef);
+    // A clipped first step still moves each parameter by lr * sign(g) (AdaMax is
+    // invariant to gradient scale on its first step), so clipping shows in m, not theta.
+    let m0 = opt.state()[0].exp_avg[1];
+    assert!(
+        (f64::from(m0) - 0.1 * f64::from(grads[0][1]) * 0.5 * f64::from(r.clip_coef)).abs() < 1e-7
+    );
+}
+
+#[test]
+fn bad_options_and_scalers_are_refused() {
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&[1.0f32][..]]).unwrap();
+    for (o, field) in [
+        (
+            StepOptions {
+                inv_scale: Some(0.0),
+                ..Default::default()
+            },
+            "inv_scale",
+        ),
+        (
+            StepOptions {
+                inv_scale: Some(f32::INFINITY),
+                ..Default::default()
+            },
+            "inv_scale",
+        ),
+        (
+            StepOptions {
+                max_norm: Some(-1.0),
+                ..Default::default()
+            },
+            "max_norm",
+        ),
+        (
+            StepOptions {
+                max_norm: Some(f32::NAN),
+                ..Default::default()
+            },
+            "max_norm",
+        ),
+    ] {
+        let err = opt.set_options(o).unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    for (s, field) in [
+        (
+            LossScaler {
+                scale: 0.0,
+                ..LossScaler::default()
+            },
+            "scale",
+        ),
+        (
+            LossScaler {
+                growth_factor: 1.0,
+                ..LossScaler::default()
+            },
+            "growth_factor",
+        ),
+        (
+            LossScaler {
+                backoff_factor: 1.0,
+                ..LossScaler::default()
+            },
+            "backoff_factor",
+        ),
+        (
+            LossScaler {
+                growth_interval: 0,
+                ..LossScaler::default()
+            },
+            "growth_interval",
+        ),
+    ] {
+        let err = opt.set_loss_scaler(Some(s)).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(ConfigError::OutOfRange { field: f, .. }) if *f == field),
+            "{field}: {err}"
+        );
+    }
+    assert_eq!(opt.loss_scaler(), None);
+}
+
+#[test]
+fn the_loss_scaler_follows_grad_scalers_rule() {
+    // torch.amp.GradScaler: backoff on overflow, growth after `interval` good steps,
+    // growth refused when it would overflow f32.
+    let mut s = LossScaler {
+        scale: 8.0,
+        growth_interval: 2,
+        ..LossScaler::default()
+    };
+    s.update(false);
+    assert_eq!((s.scale, s.growth_tracker), (8.0, 1));
+    s.update(false);
+    assert_eq!((s.scale, s.growth_tracker), (16.0, 0));
+    s.update(true);
+    assert_eq!((s.scale, s.growth_tracker), (8.0, 0));
+    assert_eq!(s.inv_scale(), 0.125);
+    let mut big = LossScaler {
+        scale: f32::MAX,
+        growth_interval: 1,
+        ..LossScaler::default()
+    };
+    big.update(false);
+    assert_eq!((big.scale, big.growth_tracker), (f32::MAX, 0));
+}
