@@ -67,6 +67,76 @@ fn bench_storage<T: GpuStorage>(c: &mut Criterion, stream: &Arc<CudaStream>) {
     group.finish();
 }
 
+/// The cost of each fused feature against the plain step, at 2^24 f32 elements (DRAM
+/// resident). The reduction pass reads every gradient once more: 4 more bytes per f32
+/// element (32 in all); the finalize pass is one block. Per-tensor hyperparameters cost
+/// nothing per element (one f64 division per chunk), so they share the plain figure.
+fn bench_features(c: &mut Criterion, stream: &Arc<CudaStream>) {
+    use adamax_cuda::{LossScaler, StepOptions};
+    let n: u64 = 1 << 24;
+    let lens = [n as usize];
+    let mut group = c.benchmark_group("features_f32_2^24");
+    group.sample_size(20);
+    let cases: [(&str, StepOptions, Option<LossScaler>, u64); 3] = [
+        ("plain", StepOptions::default(), None, BYTES_PER_ELEMENT),
+        (
+            "clip_grad_norm",
+            StepOptions {
+                max_norm: Some(1.0),
+                ..Default::default()
+            },
+            None,
+            BYTES_PER_ELEMENT + 4,
+        ),
+        (
+            "loss_scaler_and_clip",
+            StepOptions {
+                max_norm: Some(1.0),
+                ..Default::default()
+            },
+            Some(LossScaler::default()),
+            BYTES_PER_ELEMENT + 4,
+        ),
+    ];
+    for (name, options, scaler, bytes) in cases {
+        let mut sets: Vec<Set<f32>> = (0..sets_needed(n))
+            .map(|i| Set::new(stream, &lens, i as u32))
+            .collect();
+        for s in &mut sets {
+            s.opt.set_options(options).expect("options");
+            s.opt.set_loss_scaler(scaler).expect("scaler");
+        }
+        group.throughput(Throughput::Bytes(n * bytes));
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                stream.synchronize().expect("sync");
+                let start = Instant::now();
+                for i in 0..iters as usize {
+                    let k = i % sets.len();
+                    sets[k].step();
+                }
+                stream.synchronize().expect("sync");
+                start.elapsed()
+            })
+        });
+    }
+    let (src, mut dst) = copy_buffers(stream, n);
+    group.throughput(Throughput::Bytes(n * BYTES_PER_ELEMENT));
+    group.bench_function("d2d_copy_28_bytes_per_element", |b| {
+        b.iter_custom(|iters| {
+            stream.synchronize().expect("sync");
+            let start = Instant::now();
+            for i in 0..iters as usize {
+                let j = i % src.len();
+                stream.memcpy_dtod(&src[j], &mut dst[j]).expect("copy");
+            }
+            stream.synchronize().expect("sync");
+            start.elapsed()
+        })
+    });
+    group.finish();
+}
+
 fn gpu(c: &mut Criterion) {
     let stream = match cuda::default_stream(0) {
         Ok(s) => s,
@@ -79,6 +149,7 @@ fn gpu(c: &mut Criterion) {
     bench_storage::<f32>(c, &stream);
     bench_storage::<f16>(c, &stream);
     bench_storage::<bf16>(c, &stream);
+    bench_features(c, &stream);
     // Construction once the kernels are compiled and cached in the process.
     let p = stream
         .clone_htod(&values::<f32>(1 << 20, 1, 1.0))

@@ -11,7 +11,7 @@
 // reference bit for bit.
 
 #if !defined(ADAMAX_ARGS_SIZE) || !defined(ADAMAX_TENSOR_SIZE) || !defined(ADAMAX_INIT_SIZE) || \
-    !defined(ADAMAX_CHUNK) || !defined(ADAMAX_BLOCK)
+    !defined(ADAMAX_CONTROL_SIZE) || !defined(ADAMAX_CHUNK) || !defined(ADAMAX_BLOCK)
 #error "compile through adamax-cuda: it defines the ADAMAX_* layout constants"
 #endif
 
@@ -44,12 +44,35 @@ struct TensorDesc {
 enum { EPS_INSIDE_MAX = 0, EPS_DENOMINATOR = 1 };
 enum { DECAY_NONE = 0, DECAY_COUPLED = 1, DECAY_DECOUPLED = 2 };
 
+// The optimizer's state that lives on the device, so that a step needs no host value
+// and can be captured in a CUDA graph: mirrored by src/cuda/args.rs. The host writes
+// the fields marked (host) between steps; the kernels own the rest.
+enum { FLAG_UNSCALE = 1, FLAG_CLIP = 2, FLAG_CHECK = 4, FLAG_SCALER = 8 };
+struct Control {
+    double lr;               // (host) global learning rate
+    double beta1;            // (host) for the bias correction
+    double bias_correction;  // 1 - beta1^step of the step in flight (finalize)
+    double growth_factor;    // (host) loss scaler
+    double backoff_factor;   // (host) loss scaler
+    u64 step;                // steps taken; finalize counts the step unless skipping
+    float inv_scale;         // gradient multiplier (host, or the scaler after each step)
+    float max_norm;          // (host) clipping threshold
+    float clip_coef;         // finalize: min(1, max_norm / (norm + 1e-6))
+    float total_norm;        // finalize: global L2 norm of the unscaled gradients
+    float scale;             // loss scaler: current scale
+    u32 growth_tracker;      // loss scaler: good steps since the last change
+    u32 growth_interval;     // (host) loss scaler
+    u32 flags;               // (host) FLAG_*
+    u32 found_inf;           // reduce: set on a non-finite gradient; finalize clears it
+    u32 skipped;             // finalize: 1 when the step in flight is skipped
+};
+
 struct AdamaxArgs {
     const TensorDesc* tensors;
     u64 num_tensors;
     u64 num_chunks;         // sum over tensors of ceil(len / ADAMAX_CHUNK)
-    double lr;              // global learning rate
-    double bias_correction; // 1 - beta1^t, from f64
+    Control* control;
+    float* partials;        // one f32 sum of squares per chunk (reduce -> finalize)
     float beta1;
     float one_minus_beta1;  // f32(1 - beta1), from f64
     float beta2;
@@ -65,6 +88,8 @@ struct AdamaxArgs {
 struct Scalars {
     float beta1, one_minus_beta1, beta2, eps, step_size, decay;
     u32 eps_mode, decay_mode, maximize;
+    float inv_scale, clip_coef;  // gradient multipliers, applied when the flag is set
+    u32 flags;
 };
 
 __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const TensorDesc& t) {
@@ -75,8 +100,12 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     s.eps = a.eps;
     s.eps_mode = a.eps_mode;
     s.maximize = a.maximize;
-    const double lr = __dmul_rn(a.lr, t.lr_scale);
-    s.step_size = __double2float_rn(__ddiv_rn(lr, a.bias_correction));
+    const Control& c = *a.control;
+    s.flags = c.flags;
+    s.inv_scale = c.inv_scale;
+    s.clip_coef = c.clip_coef;
+    const double lr = __dmul_rn(c.lr, t.lr_scale);
+    s.step_size = __double2float_rn(__ddiv_rn(lr, c.bias_correction));
     if (t.weight_decay == 0.0) {
         s.decay_mode = DECAY_NONE;
         s.decay = 0.0f;
@@ -100,6 +129,8 @@ struct InitArgs {
 static_assert(sizeof(InitArgs) == ADAMAX_INIT_SIZE, "InitArgs differs from src/cuda/args.rs");
 static_assert(sizeof(TensorDesc) == ADAMAX_TENSOR_SIZE, "TensorDesc differs from src/cuda/args.rs");
 static_assert(sizeof(AdamaxArgs) == ADAMAX_ARGS_SIZE, "AdamaxArgs differs from src/cuda/args.rs");
+static_assert(sizeof(Control) == ADAMAX_CONTROL_SIZE, "Control differs from src/cuda/args.rs");
+static_assert(ADAMAX_BLOCK == 256, "the reduction order is specified for 256 threads");
 static_assert(ADAMAX_CHUNK % 8 == 0, "chunks must start on a 16-byte boundary for every type");
 
 // ---- Conversions: exact widening, round-to-nearest-even narrowing ----
@@ -136,6 +167,9 @@ __device__ __forceinline__ float max_propagating_nan(float a, float b) {
 
 __device__ __forceinline__ void adamax_update(const Scalars& a, float& p, float g, float& m,
                                               float& u) {
+    // Unscale, then clip (crate::fused): the gradient the rule sees.
+    if (a.flags & FLAG_UNSCALE) g = __fmul_rn(g, a.inv_scale);
+    if (a.flags & FLAG_CLIP) g = __fmul_rn(g, a.clip_coef);
     if (a.maximize) g = -g;
     if (a.decay_mode == DECAY_COUPLED) g = __fmaf_rn(a.decay, p, g);
     m = __fmaf_rn(a.beta1, m, __fmul_rn(a.one_minus_beta1, g));
@@ -247,6 +281,7 @@ __device__ __forceinline__ u64 find_tensor(const AdamaxArgs& a, u64 chunk) {
 // multiprocessor count, and a chunk never spans two tensors. Indices are 64-bit.
 template <typename T>
 __device__ void adamax_step(const AdamaxArgs& a) {
+    if (a.control->skipped) return;  // a non-finite gradient: nothing changes
     constexpr u64 N = Lanes<T>::N;
     for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
         const TensorDesc t = a.tensors[find_tensor(a, chunk)];
@@ -264,6 +299,117 @@ __device__ void adamax_step(const AdamaxArgs& a) {
             scalar_from = vec_end;
         }
         for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(sc, t, i, T());
+    }
+}
+
+// ---- Reduction: non-finite check and sum of squares (crate::fused gives the order) ----
+
+__device__ __forceinline__ float unscaled(float g, const Control& c) {
+    return (c.flags & FLAG_UNSCALE) ? __fmul_rn(g, c.inv_scale) : g;
+}
+__device__ __forceinline__ float grad_f32(const TensorDesc& t, u64 i, float) { return ((const float*)t.grad)[i]; }
+template <typename T>
+__device__ __forceinline__ float grad_f32(const TensorDesc& t, u64 i, T tag) {
+    return widen(((const u16*)t.grad)[i], tag);
+}
+
+// The xor butterfly of a warp: every lane ends with the same sum; lane 0's is used.
+template <typename F>
+__device__ __forceinline__ F warp_sum(F v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// Per chunk: thread t accumulates fma(u, u, acc) over elements (j*256 + t)*N + k, then
+// warp butterflies, then warp sums in order by thread 0: partials[chunk]. Any non-finite
+// unscaled gradient sets control->found_inf.
+template <typename T>
+__device__ void adamax_reduce(const AdamaxArgs& a) {
+    constexpr u64 N = Lanes<T>::N;
+    __shared__ float warp_sums[ADAMAX_BLOCK / 32];
+    const Control& c = *a.control;
+    for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
+        const TensorDesc t = a.tensors[find_tensor(a, chunk)];
+        const u64 begin = (chunk - t.chunk_begin) * (u64)ADAMAX_CHUNK;
+        const u64 end = min(begin + (u64)ADAMAX_CHUNK, t.len);
+        float acc = 0.0f;
+        bool bad = false;
+        for (u64 base = begin + threadIdx.x * N; base < end; base += (u64)blockDim.x * N) {
+#pragma unroll
+            for (u64 k = 0; k < N; ++k) {
+                if (base + k < end) {
+                    const float v = unscaled(grad_f32(t, base + k, T()), c);
+                    bad |= !(fabsf(v) <= 3.402823466e38f);
+                    acc = __fmaf_rn(v, v, acc);
+                }
+            }
+        }
+        if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) atomicOr(&a.control->found_inf, 1u);
+        acc = warp_sum(acc);
+        if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = acc;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float s = warp_sums[0];
+            for (int w = 1; w < ADAMAX_BLOCK / 32; ++w) s = __fadd_rn(s, warp_sums[w]);
+            a.partials[chunk] = s;
+        }
+        __syncthreads();
+    }
+}
+
+// beta^t by repeated squaring: the twin of cpu::powi_exact.
+__device__ double powi_exact(double base, u64 exp) {
+    double acc = 1.0, b = base;
+    while (exp > 0) {
+        if (exp & 1) acc = __dmul_rn(acc, b);
+        b = __dmul_rn(b, b);
+        exp >>= 1;
+    }
+    return acc;
+}
+
+// One block: decides the step (skip or count it), the clip coefficient and the loss
+// scale, on the device. Twin of the decision part of CpuAdamax::step.
+__device__ void adamax_finalize(const AdamaxArgs& a) {
+    __shared__ double warp_totals[ADAMAX_BLOCK / 32];
+    Control& c = *a.control;
+    const bool skip = (c.flags & FLAG_CHECK) && c.found_inf;
+    if ((c.flags & FLAG_CLIP) && !skip) {
+        double acc = 0.0;
+        for (u64 k = threadIdx.x; k < a.num_chunks; k += blockDim.x) acc = __dadd_rn(acc, (double)a.partials[k]);
+        acc = warp_sum(acc);
+        if ((threadIdx.x & 31) == 0) warp_totals[threadIdx.x / 32] = acc;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double total = warp_totals[0];
+            for (int w = 1; w < ADAMAX_BLOCK / 32; ++w) total = __dadd_rn(total, warp_totals[w]);
+            const double norm = __dsqrt_rn(total);
+            double coef = __ddiv_rn((double)c.max_norm, __dadd_rn(norm, 1e-6));
+            if (coef > 1.0) coef = 1.0;
+            c.total_norm = __double2float_rn(norm);
+            c.clip_coef = __double2float_rn(coef);
+        }
+    }
+    if (threadIdx.x != 0) return;
+    c.found_inf = 0;
+    c.skipped = skip ? 1u : 0u;
+    if (!skip) {
+        c.step += 1;
+        c.bias_correction = __dsub_rn(1.0, powi_exact(c.beta1, c.step));
+    }
+    if (c.flags & FLAG_SCALER) {
+        // torch.amp.GradScaler's update: products in f64, rounded to f32.
+        if (skip) {
+            c.scale = __double2float_rn(__dmul_rn((double)c.scale, c.backoff_factor));
+            c.growth_tracker = 0;
+        } else if (c.growth_tracker + 1 == c.growth_interval) {
+            const float grown = __double2float_rn(__dmul_rn((double)c.scale, c.growth_factor));
+            if (fabsf(grown) <= 3.402823466e38f) c.scale = grown;
+            c.growth_tracker = 0;
+        } else {
+            c.growth_tracker += 1;
+        }
+        c.inv_scale = __double2float_rn(__ddiv_rn(1.0, (double)c.scale));
     }
 }
 
@@ -285,6 +431,18 @@ extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_step_f16(const
 }
 extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_step_bf16(const AdamaxArgs args) {
     adamax_step<bf16>(args);
+}
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_reduce_f32(const AdamaxArgs args) {
+    adamax_reduce<float>(args);
+}
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_reduce_f16(const AdamaxArgs args) {
+    adamax_reduce<f16>(args);
+}
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_reduce_bf16(const AdamaxArgs args) {
+    adamax_reduce<bf16>(args);
+}
+extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_finalize_step(const AdamaxArgs args) {
+    adamax_finalize(args);
 }
 extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_init_master_f16(const InitArgs args) {
     init_master<f16>(args);

@@ -183,8 +183,8 @@ fn gpu_matches_cpu<T: GpuStorage>(
             }
         }
     }
-    if gpu.step_count() != steps as u64 {
-        return Err(format!("{ctx}: step count {}", gpu.step_count()).into());
+    if gpu.step_count()? != steps as u64 {
+        return Err(format!("{ctx}: step count {}", gpu.step_count()?).into());
     }
     Ok(())
 }
@@ -280,7 +280,7 @@ fn refused_steps_change_nothing(stream: &Arc<CudaStream>) -> TestResult {
         other => return Err(format!("expected TensorCountMismatch, got {other:?}").into()),
     }
     let after = (stream.clone_dtoh(&params[0])?, opt.state_to_host()?);
-    if before != after || opt.step_count() != 1 {
+    if before != after || opt.step_count()? != 1 {
         return Err("a refused step changed the parameters or the state".into());
     }
     let none: [cuda::cudarc::driver::CudaSlice<f32>; 0] = [];
@@ -454,7 +454,7 @@ fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> 
             other => return Err(format!("{what}: expected a refusal, got {other:?}").into()),
         }
     }
-    if raw.step_count() != 3 {
+    if raw.step_count()? != 3 {
         return Err("a refused raw step was counted".into());
     }
     Ok(())
@@ -518,6 +518,163 @@ fn per_tensor_hyperparameters_match_the_cpu(
     }
     if gpu.state_to_host()?.as_slice() != cpu.state() {
         return Err(format!("{mode:?}: state differs").into());
+    }
+    Ok(())
+}
+
+/// Unscaling, overflow skips, clipping and the loss scaler on the GPU against the CPU
+/// reference, bit for bit, step by step: parameters, state, skips, scale, norm, clip
+/// factor. `inf_steps` get a +inf gradient in the last tensor (scaled runs skip them).
+fn fused_matches_the_cpu<T: GpuStorage>(
+    stream: &Arc<CudaStream>,
+    options: adamax_cuda::StepOptions,
+    scaler: Option<adamax_cuda::LossScaler>,
+    layout: Layout,
+) -> TestResult {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ctx = format!("{} {options:?} {scaler:?} seed {seed}", T::NAME);
+    let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700];
+    let inf_steps = [3usize, 4, 9];
+    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let mut dev = Vec::new();
+    for p in &host {
+        let mut padded = vec![T::from_f32(7.0); layout.param_offset];
+        padded.extend_from_slice(p);
+        dev.push(stream.clone_htod(&padded)?);
+    }
+    let views: Vec<_> = dev.iter().map(|b| b.slice(layout.param_offset..)).collect();
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        ..AdamaxConfig::default()
+    };
+    let mut gpu = CudaAdamax::<T>::new(stream, config, &views)?;
+    drop(views);
+    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
+    let mut cpu = CpuAdamax::<T>::new(config, &refs)?;
+    gpu.set_options(options)?;
+    gpu.set_loss_scaler(scaler)?;
+    cpu.set_options(options)?;
+    cpu.set_loss_scaler(scaler)?;
+    for step in 0..12 {
+        let scale = cpu.loss_scaler().map_or(1.0, |s| s.scale);
+        let mut grads: Vec<Vec<T>> = lens
+            .iter()
+            .map(|&n| random::<T>(&mut rng, n, 0.1))
+            .collect();
+        for g in grads.iter_mut() {
+            for x in g.iter_mut() {
+                *x = T::from_f32(x.to_f32() * scale);
+            }
+        }
+        if inf_steps.contains(&step) {
+            grads[4][0] = T::from_f32(f32::INFINITY);
+        }
+        let mut dev_grads = Vec::new();
+        for g in &grads {
+            let mut padded = vec![T::from_f32(-3.0); layout.grad_offset];
+            padded.extend_from_slice(g);
+            dev_grads.push(stream.clone_htod(&padded)?);
+        }
+        let gv: Vec<_> = dev_grads
+            .iter()
+            .map(|g| g.slice(layout.grad_offset..))
+            .collect();
+        let mut pv: Vec<_> = dev
+            .iter_mut()
+            .map(|b| b.slice_mut(layout.param_offset..))
+            .collect();
+        gpu.step(&mut pv, &gv)?;
+        drop(pv);
+        let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
+        let mut p: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
+        cpu.step(&mut p, &g)?;
+        let (gr, cr) = (gpu.last_report()?, cpu.last_report());
+        let same_norm = gr.total_norm.map(f32::to_bits) == cr.total_norm.map(f32::to_bits);
+        if gr.step != cr.step
+            || gr.skipped != cr.skipped
+            || gr.loss_scale != cr.loss_scale
+            || !same_norm
+            || gr.clip_coef.to_bits() != cr.clip_coef.to_bits()
+        {
+            return Err(format!("{ctx} step {}: report gpu {gr:?} cpu {cr:?}", step + 1).into());
+        }
+        for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
+            let got: Vec<T> = stream.clone_dtoh(d)?[layout.param_offset..].to_vec();
+            let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            same("param", i, &f(&got), &f(h))
+                .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
+        }
+        if gpu.state_to_host()?.as_slice() != cpu.state() {
+            return Err(format!("{ctx} step {}: state differs", step + 1).into());
+        }
+    }
+    Ok(())
+}
+
+/// A step captured in a CUDA graph and replayed N times gives the same bits as N eager
+/// steps, and a learning rate changed between replays takes effect without recapture.
+fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> TestResult {
+    use adamax_cuda::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let ctx = stream.context().clone();
+    // Graphs cannot capture the legacy default stream; and cudarc's cross-stream events
+    // must not reach into the capture.
+    let s = ctx.new_stream()?;
+    // SAFETY: every buffer below is used on `s` only.
+    unsafe { ctx.disable_event_tracking() };
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [4097usize, 100_003, 5];
+    let init: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+    let up = |v: &Vec<Vec<f32>>| {
+        v.iter()
+            .map(|x| s.clone_htod(x))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (mut pa, ga, mut pb, gb) = (up(&init)?, up(&grads)?, up(&init)?, up(&grads)?);
+    let options = adamax_cuda::StepOptions {
+        max_norm: Some(0.5),
+        ..Default::default()
+    };
+    let mut eager = CudaAdamax::<f32>::new(&s, AdamaxConfig::default(), &pa)?;
+    let mut graphed = CudaAdamax::<f32>::new(&s, AdamaxConfig::default(), &pb)?;
+    for o in [&mut eager, &mut graphed] {
+        o.set_options(options)?;
+        o.set_loss_scaler(Some(adamax_cuda::LossScaler {
+            scale: 8.0,
+            growth_interval: 2,
+            ..Default::default()
+        }))?;
+    }
+    // One eager step each uploads the tensor tables, then capture one step.
+    eager.step(&mut pa, &ga)?;
+    graphed.step(&mut pb, &gb)?;
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    graphed.step(&mut pb, &gb)?;
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)?
+        .ok_or("empty graph")?;
+    for k in 0..7 {
+        if k == 4 {
+            eager.set_lr(5e-4)?;
+            graphed.set_lr(5e-4)?;
+        }
+        eager.step(&mut pa, &ga)?;
+        graph.launch()?;
+    }
+    s.synchronize()?;
+    // SAFETY: restores cudarc's default for the rest of the process.
+    unsafe { ctx.enable_event_tracking() };
+    if eager.checkpoint()? != graphed.checkpoint()? {
+        return Err("graph replay: state differs from eager steps".into());
+    }
+    for (a, b) in pa.iter().zip(&pb) {
+        if bits(&s.clone_dtoh(a)?) != bits(&s.clone_dtoh(b)?) {
+            return Err("graph replay: parameters differ from eager steps".into());
+        }
+    }
+    if graphed.step_count()? != 8 || graphed.last_report()? != eager.last_report()? {
+        return Err("graph replay: step count or report differs".into());
     }
     Ok(())
 }
@@ -599,6 +756,50 @@ fn main() {
         "refused_steps_change_nothing".into(),
         Box::new(refused_steps_change_nothing),
     );
+    add(
+        "graph_replay_equals_eager_steps_and_follows_set_lr".into(),
+        Box::new(graph_replay_equals_eager_steps),
+    );
+    {
+        use adamax_cuda::{LossScaler, StepOptions};
+        let scaler = Some(LossScaler {
+            scale: 1024.0,
+            growth_interval: 3,
+            ..LossScaler::default()
+        });
+        let clip = StepOptions {
+            max_norm: Some(0.5),
+            ..Default::default()
+        };
+        let unscale = StepOptions {
+            inv_scale: Some(0.25),
+            ..Default::default()
+        };
+        let odd = Layout {
+            param_offset: 1,
+            grad_offset: 3,
+        };
+        add(
+            "fused_scaler_and_clipping_match_the_cpu_f32".into(),
+            Box::new(move |s| fused_matches_the_cpu::<f32>(s, clip, scaler, PLAIN)),
+        );
+        add(
+            "fused_scaler_and_clipping_match_the_cpu_f16".into(),
+            Box::new(move |s| fused_matches_the_cpu::<f16>(s, clip, scaler, PLAIN)),
+        );
+        add(
+            "fused_scaler_and_clipping_match_the_cpu_bf16_odd_views".into(),
+            Box::new(move |s| fused_matches_the_cpu::<bf16>(s, clip, scaler, odd)),
+        );
+        add(
+            "fused_clipping_alone_matches_the_cpu_f32_odd_views".into(),
+            Box::new(move |s| fused_matches_the_cpu::<f32>(s, clip, None, odd)),
+        );
+        add(
+            "fused_fixed_unscale_with_check_matches_the_cpu_f16".into(),
+            Box::new(move |s| fused_matches_the_cpu::<f16>(s, unscale, None, PLAIN)),
+        );
+    }
     add(
         "per_tensor_hyperparameters_match_the_cpu_coupled".into(),
         Box::new(|s| per_tensor_hyperparameters_match_the_cpu(s, WeightDecayMode::Coupled)),

@@ -38,8 +38,8 @@ pub(crate) struct AdamaxArgs {
     pub tensors: u64,
     pub num_tensors: u64,
     pub num_chunks: u64,
-    pub lr: f64,
-    pub bias_correction: f64,
+    pub control: u64,
+    pub partials: u64,
     pub beta1: f32,
     pub one_minus_beta1: f32,
     pub beta2: f32,
@@ -59,6 +59,36 @@ pub(crate) struct InitArgs {
     pub len: u64,
 }
 
+/// The optimizer state that lives on the device (`Control` in the kernel): what makes a
+/// step independent of host values, so it can be captured in a CUDA graph.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Control {
+    pub lr: f64,
+    pub beta1: f64,
+    pub bias_correction: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub step: u64,
+    pub inv_scale: f32,
+    pub max_norm: f32,
+    pub clip_coef: f32,
+    pub total_norm: f32,
+    pub scale: f32,
+    pub growth_tracker: u32,
+    pub growth_interval: u32,
+    pub flags: u32,
+    pub found_inf: u32,
+    pub skipped: u32,
+}
+
+/// `Control::flags` bits.
+pub(crate) const FLAG_UNSCALE: u32 = 1;
+pub(crate) const FLAG_CLIP: u32 = 2;
+pub(crate) const FLAG_CHECK: u32 = 4;
+pub(crate) const FLAG_SCALER: u32 = 8;
+
+const _: () = assert!(std::mem::size_of::<Control>() == 88);
 const _: () = assert!(std::mem::size_of::<InitArgs>() == 24);
 const _: () = assert!(std::mem::size_of::<TensorDesc>() == 72);
 const _: () = assert!(std::mem::size_of::<AdamaxArgs>() == 72);
@@ -73,17 +103,22 @@ unsafe impl ValidAsZeroBits for TensorDesc {}
 unsafe impl DeviceRepr for AdamaxArgs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for InitArgs {}
+// SAFETY: as above (no padding: 5 x f64, u64, 10 x 4-byte fields = 88 bytes, asserted).
+unsafe impl DeviceRepr for Control {}
+// SAFETY: all fields are integers or floats, for which all-zero bits are valid.
+unsafe impl ValidAsZeroBits for Control {}
 
 impl AdamaxArgs {
-    /// The kernel arguments for one step over a table of `num_tensors` descriptors at
-    /// device address `tensors`: global learning rate `lr` and `bias_correction`, and
-    /// the tensor-independent scalars of `s` (any tensor's [`StepScalars`]; the kernel
-    /// derives each tensor's step size and decay as `StepScalars::for_tensor` does).
+    /// The kernel arguments over a table of `num_tensors` descriptors at device address
+    /// `tensors`, with the device [`Control`] block at `control` and `num_chunks` f32
+    /// partial sums at `partials`; the tensor-independent scalars come from `s` (any
+    /// tensor's [`StepScalars`]: the kernel derives each tensor's step size and decay
+    /// from the control block as `StepScalars::for_tensor` does).
     pub(crate) fn new(
         s: &StepScalars,
         decay_mode: WeightDecayMode,
-        lr: f64,
-        bias_correction: f64,
+        control: u64,
+        partials: u64,
         tensors: u64,
         num_tensors: u64,
         num_chunks: u64,
@@ -92,8 +127,8 @@ impl AdamaxArgs {
             tensors,
             num_tensors,
             num_chunks,
-            lr,
-            bias_correction,
+            control,
+            partials,
             beta1: s.beta1,
             one_minus_beta1: s.one_minus_beta1,
             beta2: s.beta2,
@@ -113,8 +148,9 @@ impl AdamaxArgs {
 }
 
 /// The `-D` defines that tell the kernel the layout it must match.
-pub(crate) fn layout_defines() -> [String; 5] {
+pub(crate) fn layout_defines() -> [String; 6] {
     [
+        format!("-DADAMAX_CONTROL_SIZE={}", std::mem::size_of::<Control>()),
         format!("-DADAMAX_INIT_SIZE={}", std::mem::size_of::<InitArgs>()),
         format!("-DADAMAX_ARGS_SIZE={}", std::mem::size_of::<AdamaxArgs>()),
         format!("-DADAMAX_TENSOR_SIZE={}", std::mem::size_of::<TensorDesc>()),

@@ -17,10 +17,14 @@ pub const SOURCE: &str = crate::kernels::ADAMAX_CU;
 pub const SOURCE_HASH: u64 = crate::kernels::ADAMAX_CU_HASH;
 
 /// Every `extern "C"` entry point of the kernel source.
-pub const ENTRY_POINTS: [&str; 5] = [
+pub const ENTRY_POINTS: [&str; 9] = [
     "adamax_step_f32",
     "adamax_step_f16",
     "adamax_step_bf16",
+    "adamax_reduce_f32",
+    "adamax_reduce_f16",
+    "adamax_reduce_bf16",
+    "adamax_finalize_step",
     "adamax_init_master_f16",
     "adamax_init_master_bf16",
 ];

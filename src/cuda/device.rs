@@ -107,9 +107,10 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    pub(crate) fn step(&self, storage: &str) -> &CudaFunction {
-        self.find("adamax_step_", storage)
-            .unwrap_or_else(|| unreachable!("every storage type has a step kernel"))
+    /// The entry point `{prefix}{suffix}` (every one is loaded at construction).
+    pub(crate) fn function(&self, prefix: &str, suffix: &str) -> &CudaFunction {
+        self.find(prefix, suffix)
+            .unwrap_or_else(|| unreachable!("{prefix}{suffix} is in ENTRY_POINTS"))
     }
 
     pub(crate) fn init_master(&self, storage: &str) -> Option<&CudaFunction> {

@@ -11,11 +11,17 @@ use crate::{
     config::{AdamaxConfig, TensorHyper},
     cpu::{check_lists, Schedule, TensorState},
     error::{Error, Result},
+    fused::{LossScaler, StepOptions, StepReport},
     storage::Storage,
 };
 
+use std::mem::offset_of;
+
 use super::{
-    args::{AdamaxArgs, InitArgs, TensorDesc, BLOCK, CHUNK},
+    args::{
+        AdamaxArgs, Control, InitArgs, TensorDesc, BLOCK, CHUNK, FLAG_CHECK, FLAG_CLIP,
+        FLAG_SCALER, FLAG_UNSCALE,
+    },
     device::{kernels_for, launch, Kernels},
 };
 
@@ -35,8 +41,14 @@ const STATE_ALIGN: usize = 64;
 /// Owns the device memory it allocates: `exp_avg` (m) and `exp_inf` (u) for every
 /// tensor, and for 16-bit `T` the f32 master weights, initialised from the parameters
 /// at construction. Parameters and gradients stay in the caller's buffers; a step checks
-/// their count, lengths and device, then enqueues one kernel on the optimizer's stream
-/// without synchronising the host.
+/// their count, lengths and device, then enqueues its kernels on the optimizer's stream
+/// without synchronising the host: a one-block pass that counts the step on the device,
+/// and the update over every tensor in one launch (plus, with the overflow check or
+/// clipping of [`StepOptions`], one reduction pass before them).
+///
+/// The learning rate, the step count, the clip and loss-scale state live on the device,
+/// so a step captured in a CUDA graph replays exactly like eager steps, and
+/// [`CudaAdamax::set_lr`] between replays takes effect without recapture.
 ///
 /// ```no_run
 /// use adamax_cuda::{cuda::{self, CudaAdamax}, AdamaxConfig};
@@ -66,6 +78,15 @@ pub struct CudaAdamax<T: GpuStorage> {
     /// re-uploaded only when a caller's buffer moves.
     table: CudaSlice<TensorDesc>,
     table_host: Vec<TensorDesc>,
+    /// The device-side state of the step (lr, step count, clip and scaler state): see
+    /// `Control`. Only this optimizer's stream touches it, as for `bases`.
+    control: CudaSlice<Control>,
+    control_ptr: u64,
+    /// One f32 sum of squares per chunk, written by the reduction for the finalize pass.
+    _partials: CudaSlice<f32>,
+    partials_ptr: u64,
+    options: StepOptions,
+    scaler: bool,
     _storage: std::marker::PhantomData<T>,
 }
 
@@ -156,6 +177,21 @@ impl<T: GpuStorage> CudaAdamax<T> {
             base_ptr(&exp_inf, stream),
             master.as_ref().map_or(0, |m| base_ptr(m, stream)),
         ];
+        let control = stream
+            .clone_htod(&[Control {
+                lr: config.lr,
+                beta1: config.beta1,
+                inv_scale: 1.0,
+                clip_coef: 1.0,
+                scale: 1.0,
+                ..Control::default()
+            }])
+            .map_err(Error::driver("allocating the control block"))?;
+        let partials = stream
+            .alloc_zeros::<f32>(usize::try_from(chunks).unwrap_or(usize::MAX).max(1))
+            .map_err(Error::driver("allocating the partial sums"))?;
+        let (control_ptr, partials_ptr) =
+            (control.device_ptr(stream).0, partials.device_ptr(stream).0);
         Ok(Self {
             schedule,
             stream: stream.clone(),
@@ -170,6 +206,12 @@ impl<T: GpuStorage> CudaAdamax<T> {
             bases,
             table,
             table_host: Vec::new(),
+            control,
+            control_ptr,
+            _partials: partials,
+            partials_ptr,
+            options: StepOptions::default(),
+            scaler: false,
             _storage: std::marker::PhantomData,
         })
     }
@@ -215,7 +257,6 @@ impl<T: GpuStorage> CudaAdamax<T> {
         check_lists(&self.lens, &param_lens, &grad_lens)?;
         check_devices(&self.stream, "param", params)?;
         check_devices(&self.stream, "grad", grads)?;
-        let (t, bc) = self.schedule.next()?;
 
         let stream = self.stream.clone();
         // The guards make cudarc order this stream after other streams' writes to the
@@ -229,7 +270,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             guards.push(grad_guard);
             table.push(self.descriptor(i, param, grad));
         }
-        self.launch_step(table, t, bc)?;
+        self.launch_step(table)?;
         drop(guards);
         Ok(())
     }
@@ -261,17 +302,19 @@ impl<T: GpuStorage> CudaAdamax<T> {
             check_raw::<T>("param", i, t.param, self.lens[i])?;
             check_raw::<T>("grad", i, t.grad, self.lens[i])?;
         }
-        let (t, bc) = self.schedule.next()?;
         let table = tensors
             .iter()
             .enumerate()
             .map(|(i, x)| self.descriptor(i, x.param, x.grad))
             .collect();
-        self.launch_step(table, t, bc)
+        self.launch_step(table)
     }
 
-    /// Uploads `table` if it changed, enqueues the step kernel, and counts step `t`.
-    fn launch_step(&mut self, table: Vec<TensorDesc>, t: u64, bias_correction: f64) -> Result<()> {
+    /// Uploads `table` if it changed, then enqueues the step: the reduction (when the
+    /// options check or clip), the one-block finalize that decides the step on the
+    /// device, and the update. Nothing here reads a host value that changes per step,
+    /// so the same calls can be captured in a CUDA graph and replayed.
+    fn launch_step(&mut self, table: Vec<TensorDesc>) -> Result<()> {
         let stream = self.stream.clone();
         if table != self.table_host {
             stream
@@ -279,23 +322,185 @@ impl<T: GpuStorage> CudaAdamax<T> {
                 .map_err(Error::driver("uploading the tensor table"))?;
             self.table_host = table;
         }
-        if self.num_chunks > 0 {
-            let (table_ptr, _table_guard) = self.table.device_ptr(&stream);
-            let config = self.schedule.config();
-            let args = AdamaxArgs::new(
-                &self.schedule.scalars(0, bias_correction),
-                config.weight_decay_mode,
-                config.lr,
-                bias_correction,
-                table_ptr,
-                self.lens.len() as u64,
-                self.num_chunks,
-            );
-            let blocks = self.num_chunks.min(u64::from(self.kernels.max_grid)) as u32;
-            launch(&stream, self.kernels.step(T::NAME), blocks, &args)?;
+        let (table_ptr, _table_guard) = self.table.device_ptr(&stream);
+        let config = self.schedule.config();
+        let args = AdamaxArgs::new(
+            &self.schedule.scalars(0, 1.0),
+            config.weight_decay_mode,
+            self.control_ptr,
+            self.partials_ptr,
+            table_ptr,
+            self.lens.len() as u64,
+            self.num_chunks,
+        );
+        let grid = self.num_chunks.min(u64::from(self.kernels.max_grid)) as u32;
+        if self.flags() & (FLAG_CHECK | FLAG_CLIP) != 0 && self.num_chunks > 0 {
+            launch(
+                &stream,
+                self.kernels.function("adamax_reduce_", T::NAME),
+                grid,
+                &args,
+            )?;
         }
-        self.schedule.advance(t);
+        launch(
+            &stream,
+            self.kernels.function("adamax_finalize_", "step"),
+            1,
+            &args,
+        )?;
+        if self.num_chunks > 0 {
+            launch(
+                &stream,
+                self.kernels.function("adamax_step_", T::NAME),
+                grid,
+                &args,
+            )?;
+        }
         Ok(())
+    }
+
+    /// The `Control::flags` of the current options.
+    fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.scaler || self.options.inv_scale.is_some() {
+            f |= FLAG_UNSCALE;
+        }
+        if self.options.max_norm.is_some() {
+            f |= FLAG_CLIP;
+        }
+        if self.options.checks(self.scaler) {
+            f |= FLAG_CHECK;
+        }
+        if self.scaler {
+            f |= FLAG_SCALER;
+        }
+        f
+    }
+
+    /// Enqueues a write of `bytes` at byte `offset` of the control block.
+    fn write_control(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+        // SAFETY: Control is plain old data (88 bytes, asserted); a byte view of it is valid.
+        let mut view = unsafe {
+            self.control
+                .transmute_mut::<u8>(std::mem::size_of::<Control>())
+        }
+        .ok_or_else(|| {
+            Error::driver("viewing the control block")(cudarc::driver::DriverError(
+                cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE,
+            ))
+        })?;
+        let mut field = view.slice_mut(offset..offset + bytes.len());
+        self.stream
+            .memcpy_htod(bytes, &mut field)
+            .map_err(Error::driver("writing the control block"))
+    }
+
+    /// The control block, copied to the host (synchronises the stream).
+    fn read_control(&self) -> Result<Control> {
+        let c = self
+            .stream
+            .clone_dtoh(&self.control)
+            .map_err(Error::driver("reading the control block"))?;
+        c.first().copied().ok_or_else(|| {
+            Error::driver("reading the control block")(cudarc::driver::DriverError(
+                cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE,
+            ))
+        })
+    }
+
+    /// Writes the option fields (flags, inverse scale, max norm) to the device.
+    fn write_options(&mut self) -> Result<()> {
+        let flags = self.flags();
+        self.write_control(offset_of!(Control, flags), &flags.to_le_bytes())?;
+        self.write_control(
+            offset_of!(Control, max_norm),
+            &self.options.max_norm.unwrap_or(0.0).to_le_bytes(),
+        )?;
+        if !self.scaler {
+            let inv = self.options.inv_scale.unwrap_or(1.0);
+            self.write_control(offset_of!(Control, inv_scale), &inv.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Sets the options of every following step (unscaling, overflow skip, clipping);
+    /// written to the device, so a captured step picks them up without recapture.
+    pub fn set_options(&mut self, options: StepOptions) -> Result<()> {
+        options.validate()?;
+        self.options = options;
+        self.write_options()
+    }
+
+    /// Enables dynamic loss scaling on the device (`None` disables it): each step
+    /// unscales by the scaler's inverse scale, skips on a non-finite gradient and updates
+    /// the scale, all without the host. The scale to multiply the loss by is at
+    /// [`CudaAdamax::loss_scale_device_ptr`], or on the host from [`CudaAdamax::last_report`].
+    pub fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> Result<()> {
+        if let Some(s) = &scaler {
+            s.validate()?;
+            self.write_control(offset_of!(Control, scale), &s.scale.to_le_bytes())?;
+            self.write_control(offset_of!(Control, inv_scale), &s.inv_scale().to_le_bytes())?;
+            self.write_control(
+                offset_of!(Control, growth_factor),
+                &s.growth_factor.to_le_bytes(),
+            )?;
+            self.write_control(
+                offset_of!(Control, backoff_factor),
+                &s.backoff_factor.to_le_bytes(),
+            )?;
+            self.write_control(
+                offset_of!(Control, growth_interval),
+                &s.growth_interval.to_le_bytes(),
+            )?;
+            self.write_control(
+                offset_of!(Control, growth_tracker),
+                &s.growth_tracker.to_le_bytes(),
+            )?;
+        }
+        self.scaler = scaler.is_some();
+        self.write_options()
+    }
+
+    /// The loss scaler's state, read from the device (synchronises), when enabled.
+    pub fn loss_scaler(&self) -> Result<Option<LossScaler>> {
+        if !self.scaler {
+            return Ok(None);
+        }
+        let c = self.read_control()?;
+        Ok(Some(LossScaler {
+            scale: c.scale,
+            growth_factor: c.growth_factor,
+            backoff_factor: c.backoff_factor,
+            growth_interval: c.growth_interval,
+            growth_tracker: c.growth_tracker,
+        }))
+    }
+
+    /// What the last step did, read from the device (synchronises the stream).
+    pub fn last_report(&self) -> Result<StepReport> {
+        let c = self.read_control()?;
+        let skipped = c.skipped != 0;
+        let clipped = self.options.max_norm.is_some() && !skipped && c.step > 0;
+        Ok(StepReport {
+            step: c.step,
+            skipped,
+            total_norm: clipped.then_some(c.total_norm),
+            clip_coef: if clipped { c.clip_coef } else { 1.0 },
+            loss_scale: self.scaler.then_some(c.scale),
+        })
+    }
+
+    /// Device address of a `u32` that is 1 when the last step was skipped for a
+    /// non-finite gradient, else 0; valid while the optimizer lives. For device-side
+    /// consumers (a captured graph, a training stack's own kernels).
+    pub fn skipped_flag_device_ptr(&self) -> u64 {
+        self.control_ptr + offset_of!(Control, skipped) as u64
+    }
+
+    /// Device address of the loss scaler's current scale (`f32`), valid while the
+    /// optimizer lives: multiply the loss by it on the device, inside a graph too.
+    pub fn loss_scale_device_ptr(&self) -> u64 {
+        self.control_ptr + offset_of!(Control, scale) as u64
     }
 
     fn descriptor(&self, i: usize, param: u64, grad: u64) -> TensorDesc {
@@ -370,7 +575,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
     pub fn checkpoint(&self) -> Result<crate::Checkpoint> {
         Ok(crate::Checkpoint {
             config: *self.config(),
-            step: self.step_count(),
+            step: self.step_count()?,
             storage: T::NAME.to_owned(),
             tensors: self.state_to_host()?,
             hypers: self.schedule.hypers().to_vec(),
@@ -404,12 +609,17 @@ impl<T: GpuStorage> CudaAdamax<T> {
             upload(master, |t| &t.master)?;
         }
         self.schedule.restore(ck);
+        let c = &ck.config;
+        self.write_control(offset_of!(Control, lr), &c.lr.to_le_bytes())?;
+        self.write_control(offset_of!(Control, beta1), &c.beta1.to_le_bytes())?;
+        self.write_control(offset_of!(Control, step), &ck.step.to_le_bytes())?;
         Ok(())
     }
 
-    /// Steps taken so far (PyTorch's `state["step"]`).
-    pub fn step_count(&self) -> u64 {
-        self.schedule.step()
+    /// Steps taken so far (PyTorch's `state["step"]`; skipped steps are not counted),
+    /// read from the device, where it is kept (synchronises the stream).
+    pub fn step_count(&self) -> Result<u64> {
+        Ok(self.read_control()?.step)
     }
 
     /// The configuration in force.
@@ -418,8 +628,12 @@ impl<T: GpuStorage> CudaAdamax<T> {
     }
 
     /// Changes the learning rate (for a schedule); validated like the config.
+    ///
+    /// The value is written to the device, ordered before the next step: a step
+    /// captured in a CUDA graph uses the new rate on its next replay.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        self.schedule.set_lr(lr)
+        self.schedule.set_lr(lr)?;
+        self.write_control(offset_of!(Control, lr), &lr.to_le_bytes())
     }
 
     /// Sets tensor `tensor`'s learning-rate scale and weight decay (a parameter group);
