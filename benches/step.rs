@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use adamax_cuda::{
     bf16,
@@ -23,7 +23,7 @@ use adamax_cuda::{
     cuda::{self, cudarc::driver::CudaStream, CudaAdamax, GpuStorage},
     f16, AdamaxConfig,
 };
-use common::{copy_buffers, sets_needed, shapes, values, Set, BYTES_PER_ELEMENT};
+use common::{copy_buffers, sets_needed, shapes, timed, values, Set, BYTES_PER_ELEMENT};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn bench_storage<T: GpuStorage>(c: &mut Criterion, stream: &Arc<CudaStream>) {
@@ -37,14 +37,10 @@ fn bench_storage<T: GpuStorage>(c: &mut Criterion, stream: &Arc<CudaStream>) {
         group.throughput(Throughput::Bytes(n * BYTES_PER_ELEMENT));
         group.bench_function(BenchmarkId::new("adamax", &name), |b| {
             b.iter_custom(|iters| {
-                stream.synchronize().expect("sync");
-                let start = Instant::now();
-                for i in 0..iters as usize {
+                timed(stream, iters, |i| {
                     let k = i % sets.len();
                     sets[k].step();
-                }
-                stream.synchronize().expect("sync");
-                start.elapsed()
+                })
             })
         });
         drop(sets);
@@ -53,14 +49,10 @@ fn bench_storage<T: GpuStorage>(c: &mut Criterion, stream: &Arc<CudaStream>) {
         let k = src.len();
         group.bench_function(BenchmarkId::new("d2d_copy_same_bytes", &name), |b| {
             b.iter_custom(|iters| {
-                stream.synchronize().expect("sync");
-                let start = Instant::now();
-                for i in 0..iters as usize {
+                timed(stream, iters, |i| {
                     let j = i % k;
                     stream.memcpy_dtod(&src[j], &mut dst[j]).expect("copy");
-                }
-                stream.synchronize().expect("sync");
-                start.elapsed()
+                })
             })
         });
     }
@@ -109,14 +101,10 @@ fn bench_features(c: &mut Criterion, stream: &Arc<CudaStream>) {
         group.throughput(Throughput::Bytes(n * bytes));
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                stream.synchronize().expect("sync");
-                let start = Instant::now();
-                for i in 0..iters as usize {
+                timed(stream, iters, |i| {
                     let k = i % sets.len();
                     sets[k].step();
-                }
-                stream.synchronize().expect("sync");
-                start.elapsed()
+                })
             })
         });
     }
@@ -124,14 +112,10 @@ fn bench_features(c: &mut Criterion, stream: &Arc<CudaStream>) {
     group.throughput(Throughput::Bytes(n * BYTES_PER_ELEMENT));
     group.bench_function("d2d_copy_28_bytes_per_element", |b| {
         b.iter_custom(|iters| {
-            stream.synchronize().expect("sync");
-            let start = Instant::now();
-            for i in 0..iters as usize {
+            timed(stream, iters, |i| {
                 let j = i % src.len();
                 stream.memcpy_dtod(&src[j], &mut dst[j]).expect("copy");
-            }
-            stream.synchronize().expect("sync");
-            start.elapsed()
+            })
         })
     });
     group.finish();

@@ -93,14 +93,12 @@ impl AdamaxConfig {
         check("beta1", self.beta1, 0.0, Some(1.0), "0 <= beta1 < 1")?;
         check("beta2", self.beta2, 0.0, Some(1.0), "0 <= beta2 < 1")?;
         check("eps", self.eps, 0.0, None, "eps >= 0")?;
-        check(
-            "weight_decay",
-            self.weight_decay,
-            0.0,
-            None,
-            "weight_decay >= 0",
-        )
+        check_weight_decay(self.weight_decay)
     }
+}
+
+fn check_weight_decay(value: f64) -> Result<(), ConfigError> {
+    check("weight_decay", value, 0.0, None, "weight_decay >= 0")
 }
 
 /// `value` must be finite, `>= min`, and `< max_exclusive` when given.
@@ -147,12 +145,6 @@ impl TensorHyper {
     /// Refuses non-finite or negative values.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check("lr_scale", self.lr_scale, 0.0, None, "lr_scale >= 0")?;
-        check(
-            "weight_decay",
-            self.weight_decay,
-            0.0,
-            None,
-            "weight_decay >= 0",
-        )
+        check_weight_decay(self.weight_decay)
     }
 }

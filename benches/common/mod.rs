@@ -114,3 +114,15 @@ pub fn copy_buffers(
     };
     (alloc(), alloc())
 }
+
+/// Wall time of `iters` calls of `f(i)` between two synchronisations of `stream`: what
+/// criterion's `iter_custom` is given, so that queued GPU work is inside the measurement.
+pub fn timed(stream: &CudaStream, iters: u64, mut f: impl FnMut(usize)) -> std::time::Duration {
+    stream.synchronize().expect("sync");
+    let start = std::time::Instant::now();
+    for i in 0..iters as usize {
+        f(i);
+    }
+    stream.synchronize().expect("sync");
+    start.elapsed()
+}
