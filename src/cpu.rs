@@ -313,8 +313,10 @@ fn step_tensor_with<T: Storage>(
     Ok(())
 }
 
-/// The configuration and step counter, shared by [`CpuAdamax`] and
-/// [`CudaAdamax`](crate::cuda::CudaAdamax) so that both validate, count and schedule alike.
+/// The configuration, per-tensor hyperparameters and step counter, shared by
+/// [`CpuAdamax`] and [`CudaAdamax`](crate::cuda::CudaAdamax) so that both validate and
+/// derive their scalars alike. (The GPU optimizer counts steps in its device control
+/// block, where skips are decided; its `Schedule` step stays at 0 but for restores.)
 #[derive(Clone, Debug)]
 pub(crate) struct Schedule {
     config: AdamaxConfig,

@@ -527,9 +527,21 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// Copies the state of every tensor to the host (synchronises the stream): `exp_avg`,
     /// `exp_inf`, and for 16-bit `T` the master weights, in the CPU reference's layout.
     pub fn state_to_host(&self) -> Result<Vec<TensorState>> {
-        (0..self.lens.len())
-            .map(|i| self.tensor_state_to_host(i, 0..self.lens[i]))
-            .collect()
+        // Three whole-buffer copies, split on the host: not three per tensor.
+        let all = self.copy_state(0..self.exp_avg.len())?;
+        let part = |v: &Vec<f32>, o: usize, n: usize| {
+            v.get(o..o + n).map_or_else(Vec::new, <[f32]>::to_vec)
+        };
+        Ok(self
+            .lens
+            .iter()
+            .zip(&self.offsets)
+            .map(|(&n, &o)| TensorState {
+                exp_avg: part(&all.exp_avg, o, n),
+                exp_inf: part(&all.exp_inf, o, n),
+                master: part(&all.master, o, n),
+            })
+            .collect())
     }
 
     /// Copies elements `range` of tensor `tensor`'s state to the host (synchronises the
@@ -552,7 +564,13 @@ impl<T: GpuStorage> CudaAdamax<T> {
                 found: range.end,
             });
         }
-        let at = self.offsets[tensor] + range.start..self.offsets[tensor] + range.end;
+        let o = self.offsets[tensor];
+        self.copy_state(o + range.start..o + range.end)
+    }
+
+    /// Copies elements `at` of the state buffers (all tensors' state, laid out at
+    /// `offsets`) to the host; `master` is empty for f32.
+    fn copy_state(&self, at: std::ops::Range<usize>) -> Result<TensorState> {
         let copy = |buf: &CudaSlice<f32>| {
             self.stream
                 .clone_dtoh(&buf.slice(at.clone()))
