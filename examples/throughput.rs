@@ -12,7 +12,11 @@ use std::sync::Arc;
 
 use adamax_cuda::{
     bf16,
-    cuda::{self, cudarc::driver::CudaStream, GpuStorage},
+    cuda::{
+        self,
+        cudarc::driver::{sys::CUevent_flags, CudaStream},
+        GpuStorage,
+    },
     f16, Error,
 };
 use common::{copy_buffers, sets_needed, shapes, Set, BYTES_PER_ELEMENT};
@@ -30,13 +34,16 @@ fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut(usize)) -> Result<f64, Er
     for i in 0..WARMUP {
         f(i);
     }
+    // cudarc's default event flags disable timing (elapsed_ms then fails with
+    // CUDA_ERROR_INVALID_HANDLE): ask for timing events.
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
     let mut samples = Vec::new();
     for _ in 0..REPEATS {
-        let start = stream.record_event(None).map_err(drv)?;
+        let start = stream.record_event(timing).map_err(drv)?;
         for i in 0..ITERS {
             f(i);
         }
-        let end = stream.record_event(None).map_err(drv)?;
+        let end = stream.record_event(timing).map_err(drv)?;
         end.synchronize().map_err(drv)?;
         samples.push(f64::from(start.elapsed_ms(&end).map_err(drv)?) / ITERS as f64);
     }

@@ -10,9 +10,8 @@
 // with --fmad=false, so the compiler contracts nothing and f32 results equal the CPU
 // reference bit for bit.
 
-#if !defined(ADAMAX_ARGS_SIZE) || !defined(ADAMAX_TENSOR_SIZE) || !defined(ADAMAX_INIT_SIZE) || \
-    !defined(ADAMAX_CONTROL_SIZE) || !defined(ADAMAX_CHUNK) || !defined(ADAMAX_BLOCK)
-#error "compile through adamax-cuda: it defines the ADAMAX_* layout constants"
+#if !defined(ADAMAX_LAYOUT_CHECKS) || !defined(ADAMAX_CHUNK) || !defined(ADAMAX_BLOCK)
+#error "compile through adamax-cuda: it defines the ADAMAX_* layout constants and checks"
 #endif
 
 typedef unsigned long long u64;
@@ -24,7 +23,10 @@ typedef unsigned short u16;
 struct f16 { u16 bits; };
 struct bf16 { u16 bits; };
 
-// ---- Argument layout, mirrored by src/cuda/args.rs (sizes checked on both sides) ----
+// ---- Argument layout, mirrored by src/cuda/args.rs ----
+// NOTE: src/cuda/args.rs is the one source of the layout. It passes the size of every
+// struct below and the offset of every field as static_asserts (ADAMAX_LAYOUT_CHECKS,
+// expanded after the structs), and the mode and flag values as -D defines.
 
 // One tensor of the list. The optimizer's own buffers (exp_avg, exp_inf, master) are
 // allocated 256-byte aligned; param and grad belong to the caller and may be views at
@@ -41,30 +43,48 @@ struct TensorDesc {
     double weight_decay;  // this tensor's weight decay (0: none)
 };
 
-enum { EPS_INSIDE_MAX = 0, EPS_DENOMINATOR = 1 };
-enum { DECAY_NONE = 0, DECAY_COUPLED = 1, DECAY_DECOUPLED = 2 };
+enum { EPS_INSIDE_MAX = ADAMAX_EPS_INSIDE_MAX, EPS_DENOMINATOR = ADAMAX_EPS_DENOMINATOR };
+enum { DECAY_NONE = 0, DECAY_COUPLED = ADAMAX_DECAY_COUPLED, DECAY_DECOUPLED = ADAMAX_DECAY_DECOUPLED };
+enum {
+    FLAG_UNSCALE = ADAMAX_FLAG_UNSCALE,  // multiply gradients by an inverse loss scale
+    FLAG_CLIP = ADAMAX_FLAG_CLIP,        // clip to a global L2 norm
+    FLAG_CHECK = ADAMAX_FLAG_CHECK,      // skip the step on a non-finite gradient
+    FLAG_SCALER = ADAMAX_FLAG_SCALER,    // dynamic loss scale (ScalerState)
+};
+enum { SKIP_NONFINITE = ADAMAX_SKIP_NONFINITE, SKIP_COUNTER_FULL = ADAMAX_SKIP_COUNTER_FULL };
 
 // The optimizer's state that lives on the device, so that a step needs no host value
-// and can be captured in a CUDA graph: mirrored by src/cuda/args.rs. The host writes
-// the fields marked (host) between steps; the kernels own the rest.
-enum { FLAG_UNSCALE = 1, FLAG_CLIP = 2, FLAG_CHECK = 4, FLAG_SCALER = 8 };
+// and can be captured in a CUDA graph. The host writes ControlParams whole whenever a
+// setting changes; the kernels own ScalerState and StepState (the host writes them only
+// when it sets a scaler or restores a checkpoint, ordered on the optimizer's stream).
+struct ControlParams {
+    double lr;              // global learning rate
+    double beta1;           // for the bias correction
+    double growth_factor;   // loss scaler
+    double backoff_factor;  // loss scaler
+    float inv_scale;        // fixed inverse loss scale (no scaler); 1 when unset
+    float max_norm;         // clipping threshold
+    u32 growth_interval;    // loss scaler
+    u32 flags;              // FLAG_*
+};
+struct ScalerState {
+    float scale;            // the loss scale of the step in flight's gradients
+    u32 growth_tracker;     // good steps since the last change
+};
+struct StepState {
+    u64 step;               // steps taken; finalize counts the step unless skipping
+    double bias_correction; // finalize: 1 - beta1^step of the step in flight
+    float step_inv_scale;   // finalize: what this step's gradients are unscaled by
+    float clip_coef;        // finalize: min(1, max_norm / (norm + 1e-6))
+    float total_norm;       // finalize: global L2 norm of the unscaled gradients
+    u32 found_inf;          // reduce: set on a non-finite gradient; finalize clears it
+    u32 skipped;            // finalize: SKIP_* when the step in flight changes nothing
+    u32 reserved;
+};
 struct Control {
-    double lr;               // (host) global learning rate
-    double beta1;            // (host) for the bias correction
-    double bias_correction;  // 1 - beta1^step of the step in flight (finalize)
-    double growth_factor;    // (host) loss scaler
-    double backoff_factor;   // (host) loss scaler
-    u64 step;                // steps taken; finalize counts the step unless skipping
-    float inv_scale;         // gradient multiplier (host, or the scaler after each step)
-    float max_norm;          // (host) clipping threshold
-    float clip_coef;         // finalize: min(1, max_norm / (norm + 1e-6))
-    float total_norm;        // finalize: global L2 norm of the unscaled gradients
-    float scale;             // loss scaler: current scale
-    u32 growth_tracker;      // loss scaler: good steps since the last change
-    u32 growth_interval;     // (host) loss scaler
-    u32 flags;               // (host) FLAG_*
-    u32 found_inf;           // reduce: set on a non-finite gradient; finalize clears it
-    u32 skipped;             // finalize: 1 when the step in flight is skipped
+    ControlParams params;
+    ScalerState scaler;
+    StepState state;
 };
 
 struct AdamaxArgs {
@@ -82,6 +102,28 @@ struct AdamaxArgs {
     u32 maximize;
     u32 reserved;           // keeps the struct a multiple of 8 bytes; always 0
 };
+
+// Master-weight initialisation of one 16-bit tensor: master[i] = float(param[i]).
+struct InitArgs {
+    u64 param;   // const T*
+    u64 master;  // float*
+    u64 len;
+};
+
+// EDG's offsetof primitive: NVRTC has no <cstddef>, and __builtin_offsetof is not
+// available there, but __INTADDR__ gives a constant expression.
+#define ADAMAX_OFFSETOF(T, field) __INTADDR__(&((T*)0)->field)
+ADAMAX_LAYOUT_CHECKS
+static_assert(ADAMAX_BLOCK == 256, "the reduction order is specified for 256 threads");
+static_assert(ADAMAX_CHUNK % 8 == 0, "chunks must start on a 16-byte boundary for every type");
+
+// The inverse loss scale of the step in flight, before finalize moves the scaler on:
+// f32(1 / f64(scale)) with a scaler (torch.amp.GradScaler's arithmetic), else the
+// fixed one. Reduce reads it directly; the update reads finalize's copy.
+__device__ __forceinline__ float current_inv_scale(const Control& c) {
+    if (c.params.flags & FLAG_SCALER) return __double2float_rn(__ddiv_rn(1.0, (double)c.scaler.scale));
+    return c.params.inv_scale;
+}
 
 // The f32 scalars of one tensor for one step: the twin of StepScalars::for_tensor in
 // src/cpu.rs, with the same f64 operations and the same rounding to f32.
@@ -101,11 +143,11 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     s.eps_mode = a.eps_mode;
     s.maximize = a.maximize;
     const Control& c = *a.control;
-    s.flags = c.flags;
-    s.inv_scale = c.inv_scale;
-    s.clip_coef = c.clip_coef;
-    const double lr = __dmul_rn(c.lr, t.lr_scale);
-    s.step_size = __double2float_rn(__ddiv_rn(lr, c.bias_correction));
+    s.flags = c.params.flags;
+    s.inv_scale = c.state.step_inv_scale;
+    s.clip_coef = c.state.clip_coef;
+    const double lr = __dmul_rn(c.params.lr, t.lr_scale);
+    s.step_size = __double2float_rn(__ddiv_rn(lr, c.state.bias_correction));
     if (t.weight_decay == 0.0) {
         s.decay_mode = DECAY_NONE;
         s.decay = 0.0f;
@@ -118,20 +160,6 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     }
     return s;
 }
-
-// Master-weight initialisation of one 16-bit tensor: master[i] = float(param[i]).
-struct InitArgs {
-    u64 param;   // const T*
-    u64 master;  // float*
-    u64 len;
-};
-
-static_assert(sizeof(InitArgs) == ADAMAX_INIT_SIZE, "InitArgs differs from src/cuda/args.rs");
-static_assert(sizeof(TensorDesc) == ADAMAX_TENSOR_SIZE, "TensorDesc differs from src/cuda/args.rs");
-static_assert(sizeof(AdamaxArgs) == ADAMAX_ARGS_SIZE, "AdamaxArgs differs from src/cuda/args.rs");
-static_assert(sizeof(Control) == ADAMAX_CONTROL_SIZE, "Control differs from src/cuda/args.rs");
-static_assert(ADAMAX_BLOCK == 256, "the reduction order is specified for 256 threads");
-static_assert(ADAMAX_CHUNK % 8 == 0, "chunks must start on a 16-byte boundary for every type");
 
 // ---- Conversions: exact widening, round-to-nearest-even narrowing ----
 // On raw bits, so the vector path can pack lanes with shifts instead of addressing
@@ -281,7 +309,7 @@ __device__ __forceinline__ u64 find_tensor(const AdamaxArgs& a, u64 chunk) {
 // multiprocessor count, and a chunk never spans two tensors. Indices are 64-bit.
 template <typename T>
 __device__ void adamax_step(const AdamaxArgs& a) {
-    if (a.control->skipped) return;  // a non-finite gradient: nothing changes
+    if (a.control->state.skipped) return;  // finalize decided: nothing changes
     constexpr u64 N = Lanes<T>::N;
     for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
         const TensorDesc t = a.tensors[find_tensor(a, chunk)];
@@ -304,8 +332,8 @@ __device__ void adamax_step(const AdamaxArgs& a) {
 
 // ---- Reduction: non-finite check and sum of squares (crate::fused gives the order) ----
 
-__device__ __forceinline__ float unscaled(float g, const Control& c) {
-    return (c.flags & FLAG_UNSCALE) ? __fmul_rn(g, c.inv_scale) : g;
+__device__ __forceinline__ float unscaled(float g, u32 flags, float inv_scale) {
+    return (flags & FLAG_UNSCALE) ? __fmul_rn(g, inv_scale) : g;
 }
 __device__ __forceinline__ float grad_f32(const TensorDesc& t, u64 i, float) { return ((const float*)t.grad)[i]; }
 template <typename T>
@@ -327,7 +355,8 @@ template <typename T>
 __device__ void adamax_reduce(const AdamaxArgs& a) {
     constexpr u64 N = Lanes<T>::N;
     __shared__ float warp_sums[ADAMAX_BLOCK / 32];
-    const Control& c = *a.control;
+    const u32 flags = a.control->params.flags;
+    const float inv_scale = current_inv_scale(*a.control);
     for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
         const TensorDesc t = a.tensors[find_tensor(a, chunk)];
         const u64 begin = (chunk - t.chunk_begin) * (u64)ADAMAX_CHUNK;
@@ -338,13 +367,13 @@ __device__ void adamax_reduce(const AdamaxArgs& a) {
 #pragma unroll
             for (u64 k = 0; k < N; ++k) {
                 if (base + k < end) {
-                    const float v = unscaled(grad_f32(t, base + k, T()), c);
+                    const float v = unscaled(grad_f32(t, base + k, T()), flags, inv_scale);
                     bad |= !(fabsf(v) <= 3.402823466e38f);
                     acc = __fmaf_rn(v, v, acc);
                 }
             }
         }
-        if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) atomicOr(&a.control->found_inf, 1u);
+        if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31) == 0) atomicOr(&a.control->state.found_inf, 1u);
         acc = warp_sum(acc);
         if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x / 32] = acc;
         __syncthreads();
@@ -373,8 +402,10 @@ __device__ double powi_exact(double base, u64 exp) {
 __device__ void adamax_finalize(const AdamaxArgs& a) {
     __shared__ double warp_totals[ADAMAX_BLOCK / 32];
     Control& c = *a.control;
-    const bool skip = (c.flags & FLAG_CHECK) && c.found_inf;
-    if ((c.flags & FLAG_CLIP) && !skip) {
+    const ControlParams& p = c.params;
+    StepState& st = c.state;
+    const bool nonfinite = (p.flags & FLAG_CHECK) && st.found_inf;
+    if ((p.flags & FLAG_CLIP) && !nonfinite) {
         double acc = 0.0;
         for (u64 k = threadIdx.x; k < a.num_chunks; k += blockDim.x) acc = __dadd_rn(acc, (double)a.partials[k]);
         acc = warp_sum(acc);
@@ -384,32 +415,42 @@ __device__ void adamax_finalize(const AdamaxArgs& a) {
             double total = warp_totals[0];
             for (int w = 1; w < ADAMAX_BLOCK / 32; ++w) total = __dadd_rn(total, warp_totals[w]);
             const double norm = __dsqrt_rn(total);
-            double coef = __ddiv_rn((double)c.max_norm, __dadd_rn(norm, 1e-6));
+            double coef = __ddiv_rn((double)p.max_norm, __dadd_rn(norm, 1e-6));
             if (coef > 1.0) coef = 1.0;
-            c.total_norm = __double2float_rn(norm);
-            c.clip_coef = __double2float_rn(coef);
+            st.total_norm = __double2float_rn(norm);
+            st.clip_coef = __double2float_rn(coef);
         }
     }
     if (threadIdx.x != 0) return;
-    c.found_inf = 0;
-    c.skipped = skip ? 1u : 0u;
-    if (!skip) {
-        c.step += 1;
-        c.bias_correction = __dsub_rn(1.0, powi_exact(c.beta1, c.step));
+    // The update unscales by the scale these gradients were made with: captured here,
+    // before the scaler below moves on to the next step's scale.
+    st.step_inv_scale = current_inv_scale(c);
+    st.found_inf = 0;
+    if (nonfinite) {
+        st.skipped = SKIP_NONFINITE;
+    } else if (st.step == ~0ull) {
+        // The host refuses an eager step here; a replayed graph lands here instead and
+        // changes nothing (the scaler too stays as it is).
+        st.skipped = SKIP_COUNTER_FULL;
+        return;
+    } else {
+        st.skipped = 0;
+        st.step += 1;
+        st.bias_correction = __dsub_rn(1.0, powi_exact(p.beta1, st.step));
     }
-    if (c.flags & FLAG_SCALER) {
+    if (p.flags & FLAG_SCALER) {
         // torch.amp.GradScaler's update: products in f64, rounded to f32.
-        if (skip) {
-            c.scale = __double2float_rn(__dmul_rn((double)c.scale, c.backoff_factor));
-            c.growth_tracker = 0;
-        } else if (c.growth_tracker + 1 == c.growth_interval) {
-            const float grown = __double2float_rn(__dmul_rn((double)c.scale, c.growth_factor));
-            if (fabsf(grown) <= 3.402823466e38f) c.scale = grown;
-            c.growth_tracker = 0;
+        ScalerState& sc = c.scaler;
+        if (nonfinite) {
+            sc.scale = __double2float_rn(__dmul_rn((double)sc.scale, p.backoff_factor));
+            sc.growth_tracker = 0;
+        } else if (sc.growth_tracker >= p.growth_interval - 1) {  // twin of LossScaler::update
+            const float grown = __double2float_rn(__dmul_rn((double)sc.scale, p.growth_factor));
+            if (fabsf(grown) <= 3.402823466e38f) sc.scale = grown;
+            sc.growth_tracker = 0;
         } else {
-            c.growth_tracker += 1;
+            sc.growth_tracker += 1;
         }
-        c.inv_scale = __double2float_rn(__ddiv_rn(1.0, (double)c.scale));
     }
 }
 

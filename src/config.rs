@@ -22,8 +22,11 @@ pub enum WeightDecayMode {
     /// moments see it: PyTorch `torch.optim.Adamax`. The default.
     #[default]
     Coupled,
-    /// Decoupled decay applied to the weights, `theta *= 1 - lr * weight_decay`, before
-    /// the AdaMax update: Keras `Adamax(weight_decay=..)` and optax `adamaxw`.
+    /// Decoupled decay of the weights by `lr * weight_decay * theta`, separate from the
+    /// moments: Keras `Adamax(weight_decay=..)` and optax `adamaxw`. It is folded into
+    /// the update term, `theta = theta - fma(lr * wd, theta, step_size * update)`, so that
+    /// the parameter is rounded once per step (see [`crate::cpu`]); Keras applies
+    /// `theta *= 1 - lr * wd` first, which rounds twice.
     Decoupled,
 }
 
@@ -87,13 +90,64 @@ impl AdamaxConfig {
     /// Checks every field, returning the first one that is out of range.
     ///
     /// Refused: non-finite values, a negative learning rate or epsilon, betas outside
-    /// `[0, 1)`, a negative weight decay.
+    /// `[0, 1)`, a negative weight decay, and values whose f32 scalars (see
+    /// [`AdamaxConfig::check_scalars`]) would be infinite.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check("lr", self.lr, 0.0, None, "lr >= 0")?;
         check("beta1", self.beta1, 0.0, Some(1.0), "0 <= beta1 < 1")?;
         check("beta2", self.beta2, 0.0, Some(1.0), "0 <= beta2 < 1")?;
         check("eps", self.eps, 0.0, None, "eps >= 0")?;
-        check_weight_decay(self.weight_decay)
+        check_weight_decay(self.weight_decay)?;
+        self.check_scalars(&TensorHyper::from_config(self))
+    }
+
+    /// Checks that every f32 scalar a step of a tensor with `hyper` derives is finite:
+    /// `f32(eps)`, `f32(weight_decay)`, the largest step size `f32(lr * lr_scale / (1 -
+    /// beta1))` (step 1; later bias corrections only shrink it) and, for decoupled decay,
+    /// `f32(lr * lr_scale * weight_decay)`. A configuration that passes cannot turn a
+    /// finite, zero or tiny gradient into an infinite scalar (`lr = 1e38` with a zero
+    /// gradient would otherwise step by `inf * 0 = NaN`). The fields themselves must be
+    /// valid (see [`AdamaxConfig::validate`]).
+    pub fn check_scalars(&self, hyper: &TensorHyper) -> Result<(), ConfigError> {
+        let finite = |field: &'static str, value: f64, scalar: &'static str, x: f64| {
+            if (x as f32).is_finite() {
+                Ok(())
+            } else {
+                Err(ConfigError::NotRepresentable {
+                    field,
+                    value,
+                    scalar,
+                })
+            }
+        };
+        finite("eps", self.eps, "eps", self.eps)?;
+        finite(
+            "weight_decay",
+            hyper.weight_decay,
+            "weight_decay",
+            hyper.weight_decay,
+        )?;
+        let lr = self.lr * hyper.lr_scale;
+        let lr_field = if hyper.lr_scale == 1.0 {
+            ("lr", self.lr)
+        } else {
+            ("lr_scale", hyper.lr_scale)
+        };
+        finite(
+            lr_field.0,
+            lr_field.1,
+            "step size lr * lr_scale / (1 - beta1)",
+            lr / (1.0 - self.beta1),
+        )?;
+        if self.weight_decay_mode == WeightDecayMode::Decoupled {
+            finite(
+                "weight_decay",
+                hyper.weight_decay,
+                "lr * lr_scale * weight_decay",
+                lr * hyper.weight_decay,
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -35,13 +35,22 @@
 //! followed by the update would): against optax's float64 run this halves the drift.
 //!
 //! **Zero history.** When `den == 0` the update is 0 rather than `0/0`: with any epsilon
-//! (including 0, which both conventions allow) and any storage type, a history of zero
-//! gradients leaves the parameter unchanged (apart from decoupled decay) instead of
-//! producing NaN.
+//! (including 0, which both conventions allow), any storage type and any valid
+//! configuration, a history of zero gradients leaves the parameter unchanged (apart
+//! from weight decay) instead of producing NaN.
 //!
 //! **NaN and infinity.** `max` propagates NaN (like `torch.maximum`), so a NaN gradient
 //! makes `m`, `u` and the parameter NaN, and an infinite gradient makes the update
-//! `inf/inf = NaN`: the same as PyTorch. Skip such steps before calling the optimizer.
+//! `inf/inf = NaN`: the same as PyTorch. To skip such steps instead, as
+//! `torch.amp.GradScaler` does, turn on [`StepOptions::skip_nonfinite`] (or unscaling, or
+//! a [`LossScaler`]): the check runs over every tensor before anything is written.
+//!
+//! **Range.** Validation refuses configurations whose f32 scalars (the step size at
+//! step 1, `lr * wd`, `wd`, `eps`) would be infinite
+//! ([`AdamaxConfig::check_scalars`]); with those finite, a zero gradient never turns
+//! into NaN through an `inf * 0`. Beyond that the arithmetic is IEEE f32, as in the
+//! peers: a value that leaves f32's range during a step (a weight decay times a
+//! parameter near `f32::MAX`) becomes infinite.
 //!
 //! **16-bit parameters.** The f32 master weight is stepped; the 16-bit parameter is then
 //! overwritten with its round-to-nearest-even. The 16-bit value read before the step is
@@ -361,15 +370,15 @@ impl Schedule {
         &self.hypers
     }
 
-    /// Sets tensor `i`'s hyperparameters after validating them.
+    /// Sets tensor `i`'s hyperparameters after validating them with the config.
     pub(crate) fn set_hyper(&mut self, i: usize, hyper: TensorHyper) -> Result<()> {
         hyper.validate()?;
-        let n = self.hypers.len();
-        let slot = self.hypers.get_mut(i).ok_or(Error::TensorCountMismatch {
-            what: "tensor index",
-            expected: n,
-            found: i + 1,
-        })?;
+        self.config.check_scalars(&hyper)?;
+        let count = self.hypers.len();
+        let slot = self
+            .hypers
+            .get_mut(i)
+            .ok_or(Error::TensorIndexOutOfRange { index: i, count })?;
         *slot = hyper;
         Ok(())
     }
@@ -394,9 +403,10 @@ impl Schedule {
         self.hypers = ck.hypers.clone();
     }
 
+    /// Changes the learning rate after checking it with every tensor's settings.
     pub(crate) fn set_lr(&mut self, lr: f64) -> Result<()> {
         let config = AdamaxConfig { lr, ..self.config };
-        config.validate()?;
+        check_pairs(&config, &self.hypers)?;
         self.config = config;
         Ok(())
     }
@@ -572,7 +582,7 @@ impl<T: Storage> CpuAdamax<T> {
         crate::Checkpoint {
             config: *self.config(),
             step: self.step_count(),
-            storage: T::NAME.to_owned(),
+            storage: T::TYPE,
             tensors: self.states.clone(),
             hypers: self.schedule.hypers().to_vec(),
         }
@@ -584,11 +594,21 @@ impl<T: Storage> CpuAdamax<T> {
     /// storage the master weights in `ck` are the source of truth).
     pub fn restore(&mut self, ck: &crate::Checkpoint) -> Result<()> {
         let lens: Vec<usize> = self.states.iter().map(TensorState::len).collect();
-        ck.check_fits(T::NAME, &lens)?;
+        ck.check_fits(T::TYPE, &lens)?;
         self.schedule.restore(ck);
         self.states = ck.tensors.clone();
         Ok(())
     }
+}
+
+/// Validates `config` and every per-tensor setting with it.
+pub(crate) fn check_pairs(config: &AdamaxConfig, hypers: &[TensorHyper]) -> Result<()> {
+    config.validate()?;
+    for h in hypers {
+        h.validate()?;
+        config.check_scalars(h)?;
+    }
+    Ok(())
 }
 
 /// Checks that the parameter and gradient lists have one entry per tensor and that

@@ -1,7 +1,16 @@
 //! Typed errors. Every message says what was wrong and what to do about it.
 
-/// An [`AdamaxConfig`](crate::AdamaxConfig) field outside its allowed range.
+/// An [`AdamaxConfig`](crate::AdamaxConfig) (or option, scaler, per-tensor setting) field
+/// outside its allowed range.
+///
+/// ```
+/// use adamax_cuda::{AdamaxConfig, ConfigError};
+/// let err = AdamaxConfig { beta1: 1.0, ..AdamaxConfig::default() }.validate().unwrap_err();
+/// assert!(matches!(err, ConfigError::OutOfRange { field: "beta1", .. }));
+/// println!("{err}"); // AdaMax config: `beta1` is 1, outside the allowed range (0 <= beta1 < 1)
+/// ```
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// NaN or infinite hyperparameter.
     #[error("AdaMax config: `{field}` is {value}, which is not finite; pass a finite number")]
@@ -20,6 +29,17 @@ pub enum ConfigError {
         value: f64,
         /// The allowed range, e.g. `0 <= beta1 < 1`.
         allowed: &'static str,
+    },
+    /// Finite and in range, but an f32 scalar the step derives from it would be
+    /// infinite (f32's largest value is about 3.4e38).
+    #[error("AdaMax config: `{field}` is {value}, which makes the step's f32 scalar `{scalar}` infinite; use a value small enough for f32")]
+    NotRepresentable {
+        /// The field to change.
+        field: &'static str,
+        /// The value given.
+        value: f64,
+        /// The scalar that overflows.
+        scalar: &'static str,
     },
 }
 
@@ -54,6 +74,20 @@ pub enum Error {
         expected: usize,
         /// Elements the buffer has.
         found: usize,
+    },
+    /// A tensor index past the end of the optimizer's list.
+    #[error("AdaMax: tensor index {index} is out of range: the optimizer holds {count} tensors (indices 0..{count})")]
+    TensorIndexOutOfRange {
+        /// The index given.
+        index: usize,
+        /// Tensors the optimizer holds.
+        count: usize,
+    },
+    /// The tensors' total size does not fit the address space or the device's indices.
+    #[error("AdaMax: {what} overflows; split the parameters over several optimizers")]
+    TooLarge {
+        /// What overflowed, e.g. "the total element count".
+        what: &'static str,
     },
     /// The step counter would pass `u64::MAX`.
     #[error("AdaMax: the step counter is at its maximum ({0}); reset the optimizer")]
@@ -121,6 +155,12 @@ pub enum Error {
         path: std::path::PathBuf,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// An invariant of this crate did not hold: a bug, never the caller's input.
+    #[error("AdaMax internal error: {what}; please report it with the steps that led here")]
+    Internal {
+        /// What did not hold.
+        what: &'static str,
     },
     /// The device is older than the kernels support.
     #[error("AdaMax GPU: device {ordinal} has compute capability {major}.{minor}; the kernels need 7.5 (Turing) or newer")]

@@ -1,14 +1,27 @@
 //! File helpers shared by checkpoints and the kernel cache.
 
-use std::{fs, io::Write, path::Path};
+use std::{
+    fs,
+    io::{self, Write},
+    path::Path,
+};
 
 use crate::error::{Error, Result};
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory (so the
-/// rename cannot cross file systems), flushed to disk, then renamed over `path`.
-/// Readers see the old content or the new, never a torn file.
+/// Writes `bytes` to `path` atomically (see [`write_atomically_with`]).
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io = |source| Error::Io {
+    write_atomically_with(path, |w| w.write_all(bytes))
+}
+
+/// Writes to `path` atomically what `write` writes: to a temporary file in the same
+/// directory (so the rename cannot cross file systems), buffered, flushed to disk,
+/// then renamed over `path`. Readers see the old content or the new, never a torn
+/// file; on any error the temporary file is removed and `path` is untouched.
+pub(crate) fn write_atomically_with(
+    path: &Path,
+    write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
+) -> Result<()> {
+    let io_err = |source| Error::Io {
         path: path.to_owned(),
         source,
     };
@@ -16,14 +29,14 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.{:x}.tmp", std::process::id(), unique()));
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(".{}.{:x}.tmp", std::process::id(), unique()));
+    let tmp = dir.join(name);
     let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, fs::File::create(&tmp)?);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(io::IntoInnerError::into_error)?;
         f.sync_all()?;
         fs::rename(&tmp, path)
     })();
@@ -31,7 +44,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         // Best effort: a leftover temporary file is harmless but untidy.
         let _ = fs::remove_file(&tmp);
     }
-    result.map_err(io)
+    result.map_err(io_err)
 }
 
 /// A value distinct per call within the process, for temporary file names.

@@ -124,10 +124,18 @@ impl Default for LossScaler {
 }
 
 impl LossScaler {
-    /// Refuses a scale that is not finite and positive, `growth_factor <= 1`,
-    /// `backoff_factor` outside (0, 1), and a zero interval.
+    /// Refuses a scale that is not finite and positive or whose inverse is not finite
+    /// in f32 (below about 2.9e-39), `growth_factor <= 1`, `backoff_factor` outside
+    /// (0, 1), a zero interval, and a tracker that has already reached the interval.
     pub fn validate(&self) -> Result<()> {
         positive("scale", f64::from(self.scale), "> 0")?;
+        if !self.inv_scale().is_finite() {
+            return Err(out_of_range(
+                "scale",
+                f64::from(self.scale),
+                "1 / scale finite in f32 (scale >= 2.9e-39)",
+            ));
+        }
         if !self.growth_factor.is_finite() || self.growth_factor <= 1.0 {
             return Err(out_of_range(
                 "growth_factor",
@@ -145,6 +153,13 @@ impl LossScaler {
         if self.growth_interval == 0 {
             return Err(out_of_range("growth_interval", 0.0, ">= 1"));
         }
+        if self.growth_tracker >= self.growth_interval {
+            return Err(out_of_range(
+                "growth_tracker",
+                f64::from(self.growth_tracker),
+                "growth_tracker < growth_interval",
+            ));
+        }
         Ok(())
     }
 
@@ -160,8 +175,10 @@ impl LossScaler {
             self.scale = (f64::from(self.scale) * self.backoff_factor) as f32;
             self.growth_tracker = 0;
         } else {
-            let successful = self.growth_tracker + 1;
-            if successful == self.growth_interval {
+            // `>=` equals PyTorch's `==` for every valid scaler (tracker < interval) and
+            // cannot overflow or miss the interval for an invalid one.
+            let successful = self.growth_tracker.saturating_add(1);
+            if successful >= self.growth_interval {
                 let grown = (f64::from(self.scale) * self.growth_factor) as f32;
                 if grown.is_finite() {
                     self.scale = grown;

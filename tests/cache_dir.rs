@@ -1,13 +1,13 @@
 //! Where the kernel cache lives, from the environment (no NVRTC needed).
 
-use std::{collections::HashMap, path::PathBuf};
+use std::{collections::HashMap, ffi::OsString, path::PathBuf};
 
 use adamax_cuda::cuda::cache::cache_dir_from;
 
 fn dir(vars: &[(&str, &str)]) -> Option<PathBuf> {
-    let env: HashMap<String, String> = vars
+    let env: HashMap<String, OsString> = vars
         .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .map(|(k, v)| (k.to_string(), OsString::from(v)))
         .collect();
     cache_dir_from(|k| env.get(k).cloned())
 }
@@ -35,7 +35,7 @@ fn the_override_wins_then_xdg_then_home() {
 
 #[test]
 fn the_cache_can_be_switched_off() {
-    for off in ["0", "off", "OFF", "false", "no"] {
+    for off in ["0", "off", "OFF", "false", "False", "no", "disabled"] {
         assert_eq!(
             dir(&[
                 ("ADAMAX_CUDA_CACHE", off),
@@ -49,5 +49,18 @@ fn the_cache_can_be_switched_off() {
     assert_eq!(
         dir(&[("ADAMAX_CUDA_CACHE", "1"), ("HOME", "/h")]),
         Some(PathBuf::from("/h/.cache/adamax-cuda"))
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_non_utf8_directory_is_kept_as_the_os_gave_it() {
+    use std::os::unix::ffi::OsStringExt;
+    let raw = OsString::from_vec(b"/tmp/caf\xe9".to_vec());
+    let got = cache_dir_from(|k| (k == "ADAMAX_CUDA_CACHE_DIR").then(|| raw.clone()));
+    assert_eq!(
+        got,
+        Some(PathBuf::from(raw)),
+        "not replaced by a lossy conversion"
     );
 }

@@ -2,7 +2,11 @@
 //! scripts/torch_checkpoint.sh), bit-exact resume, and refusal of bad files with the
 //! live state untouched.
 
-use adamax_cuda::{bf16, cpu::CpuAdamax, AdamaxConfig, Checkpoint, Error, Storage};
+use adamax_cuda::{
+    bf16, cpu::CpuAdamax, AdamaxConfig, Checkpoint, ConfigError, Error, Storage, StorageType,
+    TensorHyper,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
@@ -176,23 +180,39 @@ fn trained() -> (CpuAdamax<f32>, Vec<u8>) {
 }
 
 #[test]
-fn truncated_and_corrupt_files_are_refused() {
+fn truncated_and_corrupt_files_are_refused_for_what_is_wrong_with_them() {
     let (_, bytes) = trained();
-    for cut in [0, 1, 7, 8, 20, bytes.len() / 2, bytes.len() - 1] {
-        let err = Checkpoint::from_bytes(&bytes[..cut]).unwrap_err();
+    let reason = |b: &[u8]| match Checkpoint::from_bytes(b) {
+        Err(Error::Checkpoint { reason }) => reason,
+        other => panic!("expected Error::Checkpoint, got {other:?}"),
+    };
+    for cut in [0, 1, 7] {
+        assert!(reason(&bytes[..cut]).contains("too short"), "cut at {cut}");
+    }
+    for cut in [8, 20] {
         assert!(
-            matches!(err, Error::Checkpoint { .. }),
-            "cut at {cut}: {err}"
+            reason(&bytes[..cut]).contains("header claims"),
+            "cut at {cut}"
         );
     }
-    // Flip bytes inside the JSON header.
+    for cut in [bytes.len() / 2, bytes.len() - 1] {
+        let r = reason(&bytes[..cut]);
+        assert!(
+            r.contains("truncated") || r.contains("header claims"),
+            "cut at {cut}: {r}"
+        );
+    }
+    // Bytes flipped inside the JSON header: no longer JSON.
     let mut bad = bytes.clone();
     for b in bad[8..40].iter_mut() {
         *b ^= 0x5a;
     }
-    let err = Checkpoint::from_bytes(&bad).unwrap_err();
-    assert!(matches!(err, Error::Checkpoint { .. }), "{err}");
-    assert!(err.to_string().contains("not changed"), "{err}");
+    assert!(reason(&bad).contains("not a readable safetensors header"));
+    // One bit flipped in the last tensor's data: only the checksum can tell.
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x01;
+    assert!(reason(&flipped).contains("integrity check failed"));
 }
 
 #[test]
@@ -202,7 +222,10 @@ fn mismatched_checkpoints_are_refused_and_leave_the_state_untouched() {
     let good = Checkpoint::from_bytes(&bytes).unwrap();
 
     let mut wrong_storage = good.clone();
-    wrong_storage.storage = "bf16".into();
+    wrong_storage.storage = StorageType::Bf16;
+    for t in &mut wrong_storage.tensors {
+        t.master = vec![0.0; t.exp_avg.len()];
+    }
     let mut wrong_count = good.clone();
     wrong_count.tensors.pop();
     let mut wrong_len = good.clone();
@@ -244,17 +267,228 @@ fn mismatched_checkpoints_are_refused_and_leave_the_state_untouched() {
 
 #[test]
 fn a_step_scalar_that_disagrees_with_the_metadata_is_refused() {
-    let (opt, _) = trained();
-    let ck = opt.checkpoint();
-    // Rewrite the file with step 2 in the metadata but 1.0 in state.0.step.
-    let text = ck.to_bytes().unwrap();
-    let header_len = u64::from_le_bytes(text[..8].try_into().unwrap()) as usize;
-    let header = std::str::from_utf8(&text[8..8 + header_len]).unwrap();
-    let patched = header.replace("\"step\":\"1\"", "\"step\":\"2\"");
-    assert_ne!(patched, header, "metadata step found");
-    let mut bytes = text[..8].to_vec();
-    bytes.extend_from_slice(patched.as_bytes());
-    bytes.extend_from_slice(&text[8 + header_len..]);
-    let err = Checkpoint::from_bytes(&bytes).unwrap_err();
+    // In a PyTorch file (no checksum, so the edit reaches validation): step 8 in the
+    // metadata, 7.0 in every `state.{i}.step`.
+    let edited = with_header(TORCH_FILE, |h| {
+        h.replace("\"step\":\"7\"", "\"step\":\"8\"")
+    });
+    assert!(edited != TORCH_FILE, "metadata step found");
+    let err = Checkpoint::from_bytes(&edited).unwrap_err();
     assert!(err.to_string().contains("state.0.step"), "{err}");
+    // The same edit in one of this crate's files is caught by its checksum.
+    let (_, ours) = trained();
+    let edited = with_header(&ours, |h| h.replace("\"step\":\"1\"", "\"step\":\"2\""));
+    assert!(edited != ours, "metadata step found");
+    let err = Checkpoint::from_bytes(&edited).unwrap_err();
+    assert!(err.to_string().contains("integrity check failed"), "{err}");
+}
+
+/// `bytes` with its JSON header replaced by `edit(header)` (the length prefix follows).
+fn with_header(bytes: &[u8], edit: impl Fn(&str) -> String) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = edit(std::str::from_utf8(&bytes[8..8 + n]).unwrap());
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
+#[test]
+fn a_tensor_count_beyond_what_the_file_holds_is_refused_before_anything_is_sized() {
+    // PyTorch's files carry no checksum, so the count reaches validation; it used to
+    // overflow a multiplication and then `Vec::with_capacity`.
+    for count in ["4611686018427387904", "18446744073709551615", "4", "2", "0"] {
+        let edited = with_header(TORCH_FILE, |h| {
+            h.replace("\"tensors\":\"3\"", &format!("\"tensors\":\"{count}\""))
+        });
+        assert!(edited != TORCH_FILE, "the count was found");
+        let err = Checkpoint::from_bytes(&edited).unwrap_err();
+        assert!(err.to_string().contains("the file holds"), "{count}: {err}");
+    }
+}
+
+#[test]
+fn the_same_state_gives_the_same_bytes() {
+    let (opt, bytes) = trained();
+    assert_eq!(opt.checkpoint().to_bytes().unwrap(), bytes);
+    let path =
+        std::env::temp_dir().join(format!("adamax-ck-det-{}.safetensors", std::process::id()));
+    opt.checkpoint().save(&path).unwrap();
+    let saved = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(saved, bytes, "save writes what to_bytes gives");
+}
+
+#[test]
+fn save_refuses_what_load_would_refuse_and_writes_nothing() {
+    let (opt, _) = trained();
+    let good = opt.checkpoint();
+    let mut nan_lr = good.clone();
+    nan_lr.config.lr = f64::NAN;
+    let mut masters_on_f32 = good.clone();
+    masters_on_f32.tensors[0].master = vec![0.0; 9];
+    let mut one_hyper_for_two = good.clone();
+    one_hyper_for_two.hypers.pop();
+    let mut negative_u = good.clone();
+    negative_u.tensors[1].exp_inf[2] = -1.0;
+    let mut nan_u = good.clone();
+    nan_u.tensors[0].exp_inf[0] = f32::NAN;
+    let mut short_u = good.clone();
+    short_u.tensors[0].exp_inf.pop();
+    let mut huge_lr_scale = good.clone();
+    huge_lr_scale.hypers[0] = TensorHyper {
+        lr_scale: 1e300,
+        weight_decay: 0.0,
+    };
+    let path =
+        std::env::temp_dir().join(format!("adamax-ck-bad-{}.safetensors", std::process::id()));
+    for (what, ck) in [
+        ("NaN learning rate", nan_lr),
+        ("f32 checkpoint with masters", masters_on_f32),
+        ("one hyperparameter for two tensors", one_hyper_for_two),
+        ("negative exp_inf", negative_u),
+        ("NaN exp_inf", nan_u),
+        ("exp_inf shorter than exp_avg", short_u),
+        ("an infinite step size", huge_lr_scale),
+    ] {
+        assert!(ck.to_bytes().is_err(), "{what}: to_bytes");
+        let err = ck.save(&path).unwrap_err();
+        assert!(
+            matches!(err, Error::Checkpoint { .. } | Error::Config(_)),
+            "{what}: {err}"
+        );
+        assert!(!path.exists(), "{what}: a refused save wrote a file");
+        // The same state is refused by restore, leaving the optimizer as it was.
+        let mut o = opt.clone();
+        assert!(o.restore(&ck).is_err(), "{what}: restore");
+        assert_eq!(
+            o.checkpoint(),
+            good,
+            "{what}: a refused restore changed state"
+        );
+    }
+}
+
+#[test]
+fn load_reads_regular_files_only() {
+    let err = Checkpoint::load("/dev/zero").unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    let dir = std::env::temp_dir();
+    let err = Checkpoint::load(&dir).unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    #[cfg(unix)]
+    {
+        let fifo = dir.join(format!("adamax-ck-fifo-{}", std::process::id()));
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            // Would block forever if it were opened for reading.
+            let err = Checkpoint::load(&fifo).unwrap_err();
+            std::fs::remove_file(&fifo).unwrap();
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
+    }
+    let err = Checkpoint::load(dir.join("adamax-no-such-file")).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+}
+
+#[test]
+fn config_errors_from_a_file_are_typed() {
+    let (opt, _) = trained();
+    let mut ck = opt.checkpoint();
+    ck.config.beta2 = 1.0;
+    assert!(matches!(
+        ck.validate(),
+        Err(Error::Config(ConfigError::OutOfRange {
+            field: "beta2",
+            ..
+        }))
+    ));
+}
+
+/// Thousands of random truncations, byte flips, bit flips and header-digit edits:
+/// each is refused with a typed error or (when the edit left the content as it was,
+/// e.g. one space of header padding for another) loads the same state. No panics,
+/// no silently different state.
+#[test]
+fn fuzzed_checkpoints_are_refused_or_identical_never_different() {
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let lens = [9usize, 0, 70];
+    let mut params: Vec<Vec<bf16>> = lens
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|i| bf16::from_f32((i as f32 * 0.7).sin()))
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[bf16]> = params.iter().map(|p| p.as_slice()).collect();
+    let mut opt = CpuAdamax::new(
+        AdamaxConfig {
+            weight_decay: 0.01,
+            ..AdamaxConfig::default()
+        },
+        &refs,
+    )
+    .unwrap();
+    opt.set_tensor_hyper(
+        2,
+        TensorHyper {
+            lr_scale: 0.5,
+            weight_decay: 0.0,
+        },
+    )
+    .unwrap();
+    for t in 0..3 {
+        let grads: Vec<Vec<bf16>> = lens
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|i| bf16::from_f32(((i + t) as f32).cos() * 0.1))
+                    .collect()
+            })
+            .collect();
+        step_all(&mut opt, &mut params, &grads);
+    }
+    let original = opt.checkpoint();
+    let bytes = original.to_bytes().unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let digits: Vec<usize> = (8..8 + header_len)
+        .filter(|&i| bytes[i].is_ascii_digit())
+        .collect();
+    let (mut refused, mut identical) = (0, 0);
+    for round in 0..6000 {
+        let mut b = bytes.clone();
+        match round % 4 {
+            0 => b.truncate(rng.random_range(0..bytes.len())),
+            1 => {
+                let i = rng.random_range(0..b.len());
+                b[i] = rng.random();
+            }
+            2 => {
+                let i = rng.random_range(0..b.len());
+                b[i] ^= 1 << rng.random_range(0..8);
+            }
+            _ => {
+                let i = digits[rng.random_range(0..digits.len())];
+                let d = b'0' + (b[i] - b'0' + rng.random_range(1..10)) % 10;
+                b[i] = d;
+            }
+        }
+        if b == bytes {
+            continue;
+        }
+        match Checkpoint::from_bytes(&b) {
+            Err(Error::Checkpoint { .. }) | Err(Error::Config(_)) => refused += 1,
+            Err(other) => panic!("round {round}: untyped refusal {other:?}"),
+            Ok(ck) => {
+                assert_eq!(
+                    ck, original,
+                    "round {round}: a corrupt file loaded as different state"
+                );
+                identical += 1;
+            }
+        }
+    }
+    println!("fuzzed checkpoints: {refused} refused, {identical} identical");
+    assert!(refused > 5000, "{refused}");
 }

@@ -1,7 +1,10 @@
 //! Every invalid configuration is refused with a typed error naming the field, the
 //! value and the allowed range; the boundaries the docs allow are accepted.
 
-use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, ConfigError, Error};
+use adamax_cuda::{
+    cpu::CpuAdamax, cuda::Arch, AdamaxConfig, ConfigError, EpsilonMode, Error, LossScaler,
+    TensorHyper, WeightDecayMode,
+};
 
 fn with(field: &str, value: f64) -> AdamaxConfig {
     let mut c = AdamaxConfig::default();
@@ -118,4 +121,218 @@ fn optimizer_construction_and_schedules_refuse_invalid_configs() {
     );
     opt.set_lr(1e-4).unwrap();
     assert_eq!(opt.config().lr, 1e-4);
+}
+
+/// Valid fields whose f32 scalars overflow: each used to give NaN or inf from finite
+/// input (a zero gradient included) and is now refused, naming the field and scalar.
+#[test]
+fn configurations_whose_f32_scalars_overflow_are_refused() {
+    let d = AdamaxConfig::default();
+    let decoupled = AdamaxConfig {
+        weight_decay_mode: WeightDecayMode::Decoupled,
+        ..d
+    };
+    let table: &[(AdamaxConfig, &str, &str)] = &[
+        (AdamaxConfig { lr: 1e38, ..d }, "lr", "step size"),
+        (
+            AdamaxConfig {
+                lr: 1e37,
+                beta1: 0.99,
+                ..d
+            },
+            "lr",
+            "step size",
+        ),
+        (AdamaxConfig { eps: 1e300, ..d }, "eps", "eps"),
+        (
+            AdamaxConfig {
+                weight_decay: 1e300,
+                ..d
+            },
+            "weight_decay",
+            "weight_decay",
+        ),
+        (
+            AdamaxConfig {
+                lr: 1e30,
+                weight_decay: 1e10,
+                ..decoupled
+            },
+            "weight_decay",
+            "lr * lr_scale * weight_decay",
+        ),
+    ];
+    for (c, field, scalar) in table {
+        match c.validate() {
+            Err(ConfigError::NotRepresentable {
+                field: f,
+                scalar: s,
+                ..
+            }) => {
+                assert_eq!((f, s.contains(scalar)), (*field, true), "{c:?}");
+            }
+            other => panic!("{c:?}: expected NotRepresentable, got {other:?}"),
+        }
+    }
+}
+
+/// At the edge of what is accepted, a history of zero gradients stays finite and
+/// leaves the parameter where it was (the documented promise).
+#[test]
+fn the_largest_accepted_scalars_keep_a_zero_gradient_history_finite() {
+    for (eps, mode) in [
+        (0.0, EpsilonMode::InsideMax),
+        (0.0, EpsilonMode::Denominator),
+        (3e38, EpsilonMode::InsideMax),
+    ] {
+        let c = AdamaxConfig {
+            lr: 3.0e37,
+            eps,
+            eps_mode: mode,
+            ..AdamaxConfig::default()
+        };
+        c.validate().unwrap();
+        let mut p = [1.0f32, -2.5, 0.0];
+        let mut opt = CpuAdamax::new(c, &[&p]).unwrap();
+        for _ in 0..5 {
+            opt.step(&mut [&mut p], &[&[0.0; 3]]).unwrap();
+        }
+        assert_eq!(p, [1.0, -2.5, 0.0], "{c:?}");
+    }
+}
+
+#[test]
+fn learning_rates_and_scales_are_checked_together() {
+    let p = [1.0f32];
+    let mut opt = CpuAdamax::<f32>::new(
+        AdamaxConfig {
+            lr: 1e35,
+            ..AdamaxConfig::default()
+        },
+        &[&p],
+    )
+    .unwrap();
+    let big = TensorHyper {
+        lr_scale: 1e300,
+        weight_decay: 0.0,
+    };
+    let err = opt.set_tensor_hyper(0, big).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Config(ConfigError::NotRepresentable {
+                field: "lr_scale",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    opt.set_tensor_hyper(
+        0,
+        TensorHyper {
+            lr_scale: 10.0,
+            weight_decay: 0.0,
+        },
+    )
+    .unwrap();
+    // 1e37 * 10 / 0.1 = 1e39 overflows f32 for the scaled tensor: refused, lr kept.
+    let err = opt.set_lr(1e37).unwrap_err();
+    assert!(
+        matches!(err, Error::Config(ConfigError::NotRepresentable { .. })),
+        "{err}"
+    );
+    assert_eq!(opt.config().lr, 1e35);
+}
+
+#[test]
+fn loss_scalers_that_cannot_work_are_refused() {
+    let mut opt = CpuAdamax::<f32>::new(AdamaxConfig::default(), &[&[1.0f32][..]]).unwrap();
+    for (s, field) in [
+        // Its inverse is infinite: every step would be skipped and the scale fall to 0.
+        (
+            LossScaler {
+                scale: 1e-45,
+                ..LossScaler::default()
+            },
+            "scale",
+        ),
+        // `growth_tracker + 1` used to overflow in the first step.
+        (
+            LossScaler {
+                growth_tracker: u32::MAX,
+                ..LossScaler::default()
+            },
+            "growth_tracker",
+        ),
+        (
+            LossScaler {
+                growth_tracker: 2000,
+                ..LossScaler::default()
+            },
+            "growth_tracker",
+        ),
+    ] {
+        let err = opt.set_loss_scaler(Some(s)).unwrap_err();
+        assert!(
+            matches!(&err, Error::Config(ConfigError::OutOfRange { field: f, .. }) if *f == field),
+            "{s:?}: {err}"
+        );
+    }
+    // The boundaries are fine.
+    for s in [
+        LossScaler {
+            growth_tracker: 1999,
+            ..LossScaler::default()
+        },
+        LossScaler {
+            scale: 3e-39,
+            ..LossScaler::default()
+        },
+        LossScaler {
+            scale: f32::MAX,
+            growth_interval: u32::MAX,
+            growth_tracker: u32::MAX - 1,
+            ..LossScaler::default()
+        },
+    ] {
+        opt.set_loss_scaler(Some(s)).unwrap();
+        opt.step(&mut [&mut [1.0f32][..]], &[&[0.5][..]]).unwrap();
+    }
+    // An invalid scaler used directly still never overflows.
+    let mut raw = LossScaler {
+        growth_tracker: u32::MAX,
+        growth_interval: 5,
+        ..LossScaler::default()
+    };
+    raw.update(false);
+    assert_eq!(raw.growth_tracker, 0);
+}
+
+#[test]
+fn architectures_display_as_nvidia_names_for_any_value() {
+    assert_eq!(Arch { major: 9, minor: 0 }.to_string(), "sm_90");
+    assert_eq!(
+        Arch {
+            major: 12,
+            minor: 1
+        }
+        .to_string(),
+        "sm_121"
+    );
+    assert_eq!(
+        Arch {
+            major: 7,
+            minor: 15
+        }
+        .to_string(),
+        "sm_715"
+    );
+    assert_eq!(
+        Arch {
+            major: u32::MAX,
+            minor: u32::MAX
+        }
+        .to_string(),
+        "sm_42949672954294967295"
+    );
 }

@@ -444,16 +444,17 @@ fn bad_tensor_hyperparameters_are_refused() {
         ),
         "{err}"
     );
-    let err = opt
-        .set_tensor_hyper(
-            1,
-            TensorHyper {
-                lr_scale: 1.0,
-                weight_decay: 0.0,
-            },
-        )
-        .unwrap_err();
-    assert!(matches!(err, Error::TensorCountMismatch { .. }), "{err}");
+    let fine = TensorHyper {
+        lr_scale: 1.0,
+        weight_decay: 0.0,
+    };
+    for index in [1, usize::MAX] {
+        let err = opt.set_tensor_hyper(index, fine).unwrap_err();
+        assert!(
+            matches!(err, Error::TensorIndexOutOfRange { index: i, count: 1 } if i == index),
+            "{err}"
+        );
+    }
     assert_eq!(
         opt.tensor_hypers(),
         &[TensorHyper::from_config(&AdamaxConfig::default())]

@@ -2,9 +2,12 @@
 //! the global norm is the norm, and bad options are refused. (Their agreement with
 //! PyTorch's GradScaler and clip_grad_norm_ is in tests/peer_trajectories.rs.)
 
+mod common;
+
 use adamax_cuda::{
     cpu::CpuAdamax, f16, AdamaxConfig, ConfigError, Error, LossScaler, StepOptions, Storage,
 };
+use common::{SCALER_INF_STEPS, SCALER_SCALES};
 
 fn grads_with<T: Storage>(
     lens: &[usize],
@@ -224,4 +227,53 @@ fn the_loss_scaler_follows_grad_scalers_rule() {
     };
     big.update(false);
     assert_eq!((big.scale, big.growth_tracker), (f32::MAX, 0));
+}
+
+/// With power-of-two scales, unscaling is exact: a run whose gradients carry the
+/// scaler's scale must give the bits of a run on the unscaled gradients that simply
+/// leaves out the skipped steps. This pins down which scale the update divides by on a
+/// growth step (the scale the gradients were made with, not the next one).
+#[test]
+fn with_a_loss_scaler_the_update_sees_exactly_the_unscaled_gradients() {
+    let lens = [3000usize, 5, 8193];
+    let init =
+        |k: usize| -> Vec<f32> { (0..lens[k]).map(|i| ((i + k) as f32 * 0.3).sin()).collect() };
+    let mut scaled_p: Vec<Vec<f32>> = (0..lens.len()).map(init).collect();
+    let mut plain_p = scaled_p.clone();
+    let refs: Vec<&[f32]> = scaled_p.iter().map(|p| p.as_slice()).collect();
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        ..AdamaxConfig::default()
+    };
+    let mut scaled = CpuAdamax::new(config, &refs).unwrap();
+    let mut plain = CpuAdamax::new(config, &refs).unwrap();
+    scaled
+        .set_loss_scaler(Some(LossScaler {
+            scale: 1024.0,
+            growth_interval: 2,
+            ..LossScaler::default()
+        }))
+        .unwrap();
+    for (t, &want_scale) in SCALER_SCALES.iter().enumerate() {
+        let scale = scaled.loss_scaler().unwrap().scale;
+        assert_eq!(scale, want_scale, "scale before step {t}");
+        let g = grads_with::<f32>(&lens, t, None);
+        let mut gs: Vec<Vec<f32>> = g
+            .iter()
+            .map(|x| x.iter().map(|v| v * scale).collect())
+            .collect();
+        let inf = SCALER_INF_STEPS.contains(&t);
+        if inf {
+            gs[1][3] = f32::INFINITY;
+        }
+        step(&mut scaled, &mut scaled_p, &gs);
+        assert_eq!(scaled.last_report().skipped, inf, "step {t}");
+        if !inf {
+            step(&mut plain, &mut plain_p, &g);
+        }
+        let bits =
+            |v: &[Vec<f32>]| -> Vec<u32> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+        assert_eq!(bits(&scaled_p), bits(&plain_p), "parameters after step {t}");
+        assert_eq!(scaled.state(), plain.state(), "state after step {t}");
+    }
 }

@@ -5,11 +5,13 @@
 //! replay one) and poisons the 16-bit parameter copies with NaN before each step, so a
 //! kernel that skips an element cannot pass.
 
+mod common;
+
 use std::sync::Arc;
 
 use adamax_cuda::{
     bf16,
-    cpu::CpuAdamax,
+    cpu::{CpuAdamax, TensorState},
     cuda::{self, cudarc::driver::CudaStream, CudaAdamax, GpuStorage},
     f16, AdamaxConfig, EpsilonMode, Error, Storage, WeightDecayMode,
 };
@@ -71,6 +73,31 @@ fn same(what: &str, tensor: usize, gpu: &[f32], cpu: &[f32]) -> Result<(), Strin
             cpu[i].to_bits()
         )),
     }
+}
+
+/// Every tensor's state bit for bit, NaN counted equal to NaN (an infinite gradient
+/// with clipping and no skip makes `m` NaN on both sides, as PyTorch does).
+fn same_state(gpu: &[TensorState], cpu: &[TensorState]) -> Result<(), String> {
+    if gpu.len() != cpu.len() {
+        return Err(format!("{} vs {} tensors of state", gpu.len(), cpu.len()));
+    }
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        same("exp_avg", i, &g.exp_avg, &c.exp_avg)?;
+        same("exp_inf", i, &g.exp_inf, &c.exp_inf)?;
+        same("master", i, &g.master, &c.master)?;
+    }
+    Ok(())
+}
+
+/// Two checkpoints: every field equal, the state bit for bit (NaN equal to NaN).
+fn same_checkpoint(a: &adamax_cuda::Checkpoint, b: &adamax_cuda::Checkpoint) -> Result<(), String> {
+    if (a.config, a.step, a.storage, &a.hypers) != (b.config, b.step, b.storage, &b.hypers) {
+        return Err(format!(
+            "config, step, storage or hyperparameters differ: step {} vs {}",
+            a.step, b.step
+        ));
+    }
+    same_state(&a.tensors, &b.tensors)
 }
 
 /// Where each tensor's parameter and gradient sit inside larger buffers: a non-zero
@@ -280,9 +307,11 @@ fn refused_steps_change_nothing(stream: &Arc<CudaStream>) -> TestResult {
         other => return Err(format!("expected TensorCountMismatch, got {other:?}").into()),
     }
     let after = (stream.clone_dtoh(&params[0])?, opt.state_to_host()?);
-    if before != after || opt.step_count()? != 1 {
-        return Err("a refused step changed the parameters or the state".into());
+    if before.0 != after.0 || opt.step_count()? != 1 {
+        return Err("a refused step changed the parameters or the step count".into());
     }
+    same_state(&after.1, &before.1)
+        .map_err(|e| format!("a refused step changed the state: {e}"))?;
     let none: [cuda::cudarc::driver::CudaSlice<f32>; 0] = [];
     match CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &none) {
         Err(Error::EmptyParameterList) => Ok(()),
@@ -379,9 +408,8 @@ fn gpu_resume_is_bit_exact<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResul
     for g in &grads[5..] {
         b.step(&mut resumed, &upload(g)?)?;
     }
-    if a.checkpoint()? != b.checkpoint()? {
-        return Err(format!("{}: state differs after resume", T::NAME).into());
-    }
+    same_checkpoint(&a.checkpoint()?, &b.checkpoint()?)
+        .map_err(|e| format!("{}: after resume: {e}", T::NAME))?;
     for (x, y) in params.iter().zip(&resumed) {
         if bits(&stream.clone_dtoh(x)?) != bits(&stream.clone_dtoh(y)?) {
             return Err(format!("{}: parameters differ after resume", T::NAME).into());
@@ -436,9 +464,8 @@ fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> 
             return Err("step_raw differs from step".into());
         }
     }
-    if typed.state_to_host()? != raw.state_to_host()? {
-        return Err("step_raw state differs from step's".into());
-    }
+    same_state(&raw.state_to_host()?, &typed.state_to_host()?)
+        .map_err(|e| format!("step_raw state differs from step's: {e}"))?;
     let mut null = tensors.clone();
     null[0].param = 0;
     let mut odd = tensors.clone();
@@ -516,9 +543,7 @@ fn per_tensor_hyperparameters_match_the_cpu(
     for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
         same("param", i, &stream.clone_dtoh(d)?, h)?;
     }
-    if gpu.state_to_host()?.as_slice() != cpu.state() {
-        return Err(format!("{mode:?}: state differs").into());
-    }
+    same_state(&gpu.state_to_host()?, cpu.state()).map_err(|e| format!("{mode:?}: {e}"))?;
     Ok(())
 }
 
@@ -605,9 +630,8 @@ fn fused_matches_the_cpu<T: GpuStorage>(
             same("param", i, &f(&got), &f(h))
                 .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
         }
-        if gpu.state_to_host()?.as_slice() != cpu.state() {
-            return Err(format!("{ctx} step {}: state differs", step + 1).into());
-        }
+        same_state(&gpu.state_to_host()?, cpu.state())
+            .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
     }
     Ok(())
 }
@@ -665,9 +689,8 @@ fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> TestResult {
     s.synchronize()?;
     // SAFETY: restores cudarc's default for the rest of the process.
     unsafe { ctx.enable_event_tracking() };
-    if eager.checkpoint()? != graphed.checkpoint()? {
-        return Err("graph replay: state differs from eager steps".into());
-    }
+    same_checkpoint(&graphed.checkpoint()?, &eager.checkpoint()?)
+        .map_err(|e| format!("graph replay differs from eager steps: {e}"))?;
     for (a, b) in pa.iter().zip(&pb) {
         if bits(&s.clone_dtoh(a)?) != bits(&s.clone_dtoh(b)?) {
             return Err("graph replay: parameters differ from eager steps".into());
@@ -675,6 +698,214 @@ fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> TestResult {
     }
     if graphed.step_count()? != 8 || graphed.last_report()? != eager.last_report()? {
         return Err("graph replay: step count or report differs".into());
+    }
+    Ok(())
+}
+
+/// The loss-scaler regression of the first H100 run: on a growth step the update
+/// divided by the next step's scale. With power-of-two scales, unscaling is exact, so
+/// the GPU's scaled run must equal the CPU reference on the unscaled gradients with the
+/// skipped steps left out, bit for bit, through a growth step followed by a skip and
+/// two backoffs in a row (tests/common's schedule; the CPU twin is in fused_cpu.rs).
+fn loss_scaler_unscales_by_the_scale_the_gradients_carry<T: GpuStorage>(
+    stream: &Arc<CudaStream>,
+) -> TestResult {
+    use common::{SCALER_INF_STEPS, SCALER_SCALES};
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [(1usize << 16) + 5, 3, 8193];
+    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let mut dev = host
+        .iter()
+        .map(|p| stream.clone_htod(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        ..AdamaxConfig::default()
+    };
+    let mut gpu = CudaAdamax::<T>::new(stream, config, &dev)?;
+    gpu.set_loss_scaler(Some(adamax_cuda::LossScaler {
+        scale: 1024.0,
+        growth_interval: 2,
+        ..Default::default()
+    }))?;
+    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
+    let mut plain = CpuAdamax::<T>::new(config, &refs)?;
+    for (t, &scale) in SCALER_SCALES.iter().enumerate() {
+        let got_scale = gpu.loss_scaler()?.map(|s| s.scale);
+        if got_scale != Some(scale) {
+            return Err(format!(
+                "{} step {t}: scale {got_scale:?}, expected {scale}",
+                T::NAME
+            )
+            .into());
+        }
+        let grads: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+        let mut scaled: Vec<Vec<T>> = grads
+            .iter()
+            .map(|g| g.iter().map(|x| T::from_f32(x.to_f32() * scale)).collect())
+            .collect();
+        let inf = SCALER_INF_STEPS.contains(&t);
+        if inf {
+            scaled[2][100] = T::from_f32(f32::INFINITY);
+        }
+        let dg = scaled
+            .iter()
+            .map(|g| stream.clone_htod(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        gpu.step(&mut dev, &dg)?;
+        if gpu.last_report()?.skipped != inf {
+            return Err(format!("{} step {t}: skip decision differs", T::NAME).into());
+        }
+        if !inf {
+            let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
+            let mut p: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
+            plain.step(&mut p, &g)?;
+        }
+        for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
+            let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            same("param", i, &f(&stream.clone_dtoh(d)?), &f(h))
+                .map_err(|e| format!("{} step {t}: {e}", T::NAME))?;
+        }
+        same_state(&gpu.state_to_host()?, plain.state())
+            .map_err(|e| format!("{} step {t}: {e}", T::NAME))?;
+    }
+    Ok(())
+}
+
+/// A step counter at `u64::MAX` refuses the next step with `StepOverflow`, as the CPU
+/// reference does, and nothing changes; a replayed graph at the limit changes nothing
+/// either and reports the same error.
+fn a_full_step_counter_refuses_the_step_like_the_cpu(stream: &Arc<CudaStream>) -> TestResult {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [4097usize, 3];
+    let init: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+    let mut params = init
+        .iter()
+        .map(|p| stream.clone_htod(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dg = grads
+        .iter()
+        .map(|g| stream.clone_htod(g))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut gpu = CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &params)?;
+    let refs: Vec<&[f32]> = init.iter().map(|p| p.as_slice()).collect();
+    let mut cpu = CpuAdamax::<f32>::new(AdamaxConfig::default(), &refs)?;
+    let mut ck = cpu.checkpoint();
+    ck.step = u64::MAX - 1;
+    gpu.restore(&ck)?;
+    cpu.restore(&ck)?;
+    let mut host = init.clone();
+    gpu.step(&mut params, &dg)?;
+    {
+        let g: Vec<&[f32]> = grads.iter().map(|x| x.as_slice()).collect();
+        let mut p: Vec<&mut [f32]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
+        cpu.step(&mut p, &g)?;
+    }
+    let before = (
+        gpu.checkpoint()?,
+        params
+            .iter()
+            .map(|p| stream.clone_dtoh(p))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    let g: Vec<&[f32]> = grads.iter().map(|x| x.as_slice()).collect();
+    let mut p: Vec<&mut [f32]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
+    let cpu_err = cpu.step(&mut p, &g);
+    let gpu_err = gpu.step(&mut params, &dg);
+    match (&cpu_err, &gpu_err) {
+        (Err(Error::StepOverflow(a)), Err(Error::StepOverflow(b)))
+            if *a == u64::MAX && *b == u64::MAX => {}
+        _ => {
+            return Err(
+                format!("expected StepOverflow on both: cpu {cpu_err:?}, gpu {gpu_err:?}").into(),
+            )
+        }
+    }
+    let after = (
+        gpu.checkpoint()?,
+        params
+            .iter()
+            .map(|p| stream.clone_dtoh(p))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    same_checkpoint(&after.0, &before.0)?;
+    if after.1 != before.1 {
+        return Err("a refused step changed the parameters".into());
+    }
+    same_checkpoint(&after.0, &cpu.checkpoint())?;
+    counter_full_in_a_replayed_graph_changes_nothing(stream, &init, &grads)
+}
+
+/// The device's own guard: a graph captured at step u64::MAX - 1 replays once (step
+/// u64::MAX), then changes nothing and reports StepOverflow; an eager step after it is
+/// refused on the host.
+fn counter_full_in_a_replayed_graph_changes_nothing(
+    stream: &Arc<CudaStream>,
+    init: &[Vec<f32>],
+    grads: &[Vec<f32>],
+) -> TestResult {
+    use adamax_cuda::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let ctx = stream.context().clone();
+    let s = ctx.new_stream()?;
+    // SAFETY: every buffer below is used on `s` only.
+    unsafe { ctx.disable_event_tracking() };
+    let up = |v: &[Vec<f32>]| {
+        v.iter()
+            .map(|x| s.clone_htod(x))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (mut params, dg) = (up(init)?, up(grads)?);
+    let mut opt = CudaAdamax::<f32>::new(&s, AdamaxConfig::default(), &params)?;
+    let refs: Vec<&[f32]> = init.iter().map(|p| p.as_slice()).collect();
+    let mut ck = CpuAdamax::<f32>::new(AdamaxConfig::default(), &refs)?.checkpoint();
+    ck.step = u64::MAX - 2;
+    opt.restore(&ck)?;
+    opt.step(&mut params, &dg)?; // step u64::MAX - 1; uploads the tensor table
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    opt.step(&mut params, &dg)?;
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)?
+        .ok_or("empty graph")?;
+    graph.launch()?; // step u64::MAX
+    s.synchronize()?;
+    let at_max = (
+        opt.checkpoint()?,
+        params
+            .iter()
+            .map(|p| s.clone_dtoh(p))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    let replayed = graph.launch();
+    s.synchronize()?;
+    let report = opt.last_report();
+    let eager = opt.step(&mut params, &dg);
+    let after = (
+        opt.checkpoint()?,
+        params
+            .iter()
+            .map(|p| s.clone_dtoh(p))
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    // SAFETY: restores cudarc's default for the rest of the process.
+    unsafe { ctx.enable_event_tracking() };
+    replayed?;
+    if at_max.0.step != u64::MAX {
+        return Err(format!(
+            "step count {} after the replay, expected u64::MAX",
+            at_max.0.step
+        )
+        .into());
+    }
+    if !matches!(report, Err(Error::StepOverflow(u64::MAX))) {
+        return Err(format!("the replay at the limit reported {report:?}").into());
+    }
+    if !matches!(eager, Err(Error::StepOverflow(u64::MAX))) {
+        return Err(format!("an eager step at the limit gave {eager:?}").into());
+    }
+    same_checkpoint(&after.0, &at_max.0)?;
+    if after.1 != at_max.1 {
+        return Err("a step at the limit changed the parameters".into());
     }
     Ok(())
 }
@@ -800,6 +1031,18 @@ fn main() {
             Box::new(move |s| fused_matches_the_cpu::<f16>(s, unscale, None, PLAIN)),
         );
     }
+    add(
+        "loss_scaler_unscales_by_the_scale_the_gradients_carry_f32".into(),
+        Box::new(loss_scaler_unscales_by_the_scale_the_gradients_carry::<f32>),
+    );
+    add(
+        "loss_scaler_unscales_by_the_scale_the_gradients_carry_bf16".into(),
+        Box::new(loss_scaler_unscales_by_the_scale_the_gradients_carry::<bf16>),
+    );
+    add(
+        "a_full_step_counter_refuses_the_step_like_the_cpu".into(),
+        Box::new(a_full_step_counter_refuses_the_step_like_the_cpu),
+    );
     add(
         "per_tensor_hyperparameters_match_the_cpu_coupled".into(),
         Box::new(|s| per_tensor_hyperparameters_match_the_cpu(s, WeightDecayMode::Coupled)),

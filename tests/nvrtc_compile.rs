@@ -4,8 +4,10 @@
 
 use adamax_cuda::{
     cuda::{
-        cache::{compile_cached_in, entry_path, CacheOutcome},
-        compile, compile_source, nvrtc_version, Arch, ENTRY_POINTS,
+        cache::{cache_dir_from, compile_cached_in, entry_path, CacheOutcome},
+        compile, compile_source,
+        cubin::kernel_resources,
+        nvrtc_version, Arch, Compiled, ENTRY_POINTS,
     },
     Error,
 };
@@ -21,29 +23,113 @@ const ARCHS: [Arch; 4] = [
     },
 ];
 
+/// ptxas's report for one function in NVRTC's log, when the log has one:
+/// "Function properties for NAME" / "N bytes stack frame, N bytes spill stores, N bytes
+/// spill loads" / ... "Used N registers".
+struct LogReport {
+    frame: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+    registers: u32,
+}
+
+fn log_report(log: &str, name: &str) -> Option<LogReport> {
+    let props = log
+        .split("Function properties for ")
+        .find(|s| s.starts_with(name) && s[name.len()..].starts_with(char::is_whitespace))?;
+    let number_before = |text: &str, unit: &str| -> Option<u32> {
+        let head = &text[..text.find(unit)?];
+        head.split_whitespace().last()?.parse().ok()
+    };
+    let line = props.lines().nth(1)?;
+    let used = props.lines().find(|l| l.contains("Used "))?;
+    Some(LogReport {
+        frame: number_before(line, "bytes stack frame")?,
+        spill_stores: number_before(line, "bytes spill stores")?,
+        spill_loads: number_before(line, "bytes spill loads")?,
+        registers: number_before(used, "registers")?,
+    })
+}
+
+/// The no-spill audit of one compiled module. The CUBIN's own attributes are the
+/// source (they are always there); ptxas's log, when NVRTC returns one, must agree with
+/// them, which keeps the CUBIN reader honest. A missing figure fails the audit.
+fn audit(c: &Compiled, entry_points: &[&str]) -> Result<Vec<String>, String> {
+    let arch = c.arch;
+    let resources = kernel_resources(&c.image).map_err(|e| format!("{arch}: {e}"))?;
+    let mut notes = Vec::new();
+    for &name in entry_points {
+        let r = resources
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| format!("{arch}: no resource attributes for {name} in the CUBIN"))?;
+        let (Some(registers), Some(frame), Some(stack)) =
+            (r.registers, r.frame_bytes, r.min_stack_bytes)
+        else {
+            return Err(format!("{arch}: incomplete resource attributes: {r:?}"));
+        };
+        if frame != 0 || stack != 0 {
+            return Err(format!(
+                "{arch}: {name} uses local memory: {frame} bytes stack frame, {stack} bytes stack with calls"
+            ));
+        }
+        match log_report(&c.log, name) {
+            Some(l) => {
+                if (l.frame, l.registers) != (frame, registers) {
+                    return Err(format!(
+                        "{arch}: {name}: ptxas reports {} bytes frame and {} registers, the CUBIN {frame} and {registers}",
+                        l.frame, l.registers
+                    ));
+                }
+                if l.spill_stores != 0 || l.spill_loads != 0 {
+                    return Err(format!("{arch}: {name} spills ({} stores, {} loads)", l.spill_stores, l.spill_loads));
+                }
+            }
+            None => notes.push(format!(
+                "{arch}: {name}: no ptxas report in NVRTC's {}-byte log; the CUBIN's attributes decide ({registers} registers, 0 bytes frame)",
+                c.log.len()
+            )),
+        }
+    }
+    Ok(notes)
+}
+
 fn compiles_every_entry_point(arch: Arch) -> Result<(), Failed> {
     let c = compile(arch).map_err(|e| e.to_string())?;
     if c.is_ptx {
         return Err(format!("NVRTC fell back to PTX for {arch}: it should support it").into());
     }
-    for name in ENTRY_POINTS {
-        let found = c.image.windows(name.len()).any(|w| w == name.as_bytes());
-        if !found {
-            return Err(format!("{arch}: entry point {name} missing from the CUBIN").into());
-        }
-        // ptxas --verbose: "Function properties for NAME" then
-        // "N bytes stack frame, N bytes spill stores, N bytes spill loads".
-        let props = c
-            .log
-            .split("Function properties for ")
-            .find(|s| s.starts_with(name) && s[name.len()..].starts_with(char::is_whitespace))
-            .ok_or_else(|| format!("{arch}: no ptxas report for {name} in log:\n{}", c.log))?;
-        let line = props.lines().nth(1).unwrap_or_default();
-        if !line.contains(" 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") {
-            return Err(format!("{arch}: {name} uses local memory: {line}").into());
-        }
+    for note in audit(&c, &ENTRY_POINTS)? {
+        eprintln!("{note}");
     }
     Ok(())
+}
+
+/// The audit fails on a kernel that does use local memory (a dynamically indexed
+/// array cannot live in registers), both from the CUBIN and, where given, the log.
+fn the_audit_catches_a_kernel_with_a_stack_frame() -> Result<(), Failed> {
+    let src = r#"extern "C" __global__ void uses_a_frame(float* out, int k) {
+        float a[64];
+        for (int i = 0; i < 64; ++i) a[i] = out[i];
+        for (int i = 0; i < 64; ++i) a[(i * k) & 63] += out[64 + i];
+        out[threadIdx.x] = a[(k + threadIdx.x) & 63];
+    }"#;
+    let c = compile_source(src, ARCHS[2]).map_err(|e| e.to_string())?;
+    let r = kernel_resources(&c.image).map_err(|e| e.to_string())?;
+    let frame = r
+        .iter()
+        .find(|r| r.name == "uses_a_frame")
+        .and_then(|r| r.frame_bytes)
+        .ok_or("no frame attribute for uses_a_frame")?;
+    if frame < 256 {
+        return Err(format!("expected a frame of >= 256 bytes, the CUBIN says {frame}").into());
+    }
+    match audit(&c, &["uses_a_frame"]) {
+        Err(e) if e.contains("uses local memory") => Ok(()),
+        other => {
+            Err(format!("the audit passed a kernel with a {frame}-byte frame: {other:?}").into())
+        }
+    }
 }
 
 /// The training example's kernels (examples/train_mlp/mlp.cu) compile too: CI is the
@@ -141,10 +227,27 @@ fn a_corrupt_cache_entry_is_ignored_and_rebuilt() -> Result<(), Failed> {
     Ok(())
 }
 
+/// `ADAMAX_CUDA_CACHE=off` with a cache directory set: the lookup resolves to no cache,
+/// the compile still succeeds, and nothing appears in the directory.
 fn a_disabled_cache_compiles_and_writes_nothing() -> Result<(), Failed> {
-    let (c, outcome) = compile_cached_in(None, ARCHS[0]).map_err(|e| e.to_string())?;
+    let dir = temp_dir("disabled");
+    let env = |k: &str| match k {
+        "ADAMAX_CUDA_CACHE" => Some("off".into()),
+        "ADAMAX_CUDA_CACHE_DIR" => Some(dir.clone().into_os_string()),
+        "HOME" => Some(dir.join("home").into_os_string()),
+        _ => None,
+    };
+    let resolved = cache_dir_from(env);
+    if resolved.is_some() {
+        return Err(format!("switched off, but the cache resolved to {resolved:?}").into());
+    }
+    let (c, outcome) =
+        compile_cached_in(resolved.as_deref(), ARCHS[0]).map_err(|e| e.to_string())?;
     if outcome != CacheOutcome::Disabled || c.image.is_empty() {
         return Err(format!("{outcome:?}").into());
+    }
+    if dir.exists() {
+        return Err(format!("a disabled cache wrote {}", dir.display()).into());
     }
     Ok(())
 }
@@ -169,6 +272,10 @@ fn main() {
         })
         .collect();
     trials.push(Trial::test(
+        "the_audit_catches_a_kernel_with_a_stack_frame",
+        the_audit_catches_a_kernel_with_a_stack_frame,
+    ));
+    trials.push(Trial::test(
         "a_broken_source_is_a_compile_error_carrying_nvrtcs_log",
         a_broken_source_is_a_compile_error_carrying_nvrtcs_log,
     ));
@@ -188,17 +295,21 @@ fn main() {
         "a_disabled_cache_compiles_and_writes_nothing",
         a_disabled_cache_compiles_and_writes_nothing,
     ));
-    // CI runs this binary once per supported NVRTC major; make sure it got that one.
-    if let Some(want) = std::env::var_os("ADAMAX_EXPECT_NVRTC_MAJOR") {
+    // CI runs this binary once per NVRTC it supports; make sure it got that one.
+    // ADAMAX_EXPECT_NVRTC is a major ("12") or a major.minor ("13.0").
+    if let Some(want) = std::env::var_os("ADAMAX_EXPECT_NVRTC") {
         let want = want.to_string_lossy().into_owned();
-        let got = present.as_ref().ok().map(|(major, _)| major.to_string());
+        let got = present.as_ref().ok().copied();
         trials.push(Trial::test(
-            "the_loaded_nvrtc_has_the_expected_major",
+            "the_loaded_nvrtc_is_the_expected_one",
             move || {
-                if got.as_deref() == Some(want.as_str()) {
+                let matches = got.is_some_and(|(major, minor)| {
+                    want == major.to_string() || want == format!("{major}.{minor}")
+                });
+                if matches {
                     Ok(())
                 } else {
-                    Err(format!("expected NVRTC {want}.x, loaded {got:?}").into())
+                    Err(format!("expected NVRTC {want}, loaded {got:?}").into())
                 }
             },
         ));

@@ -83,30 +83,68 @@ fn replay<T: Storage>(t: &Trajectory) -> Replay {
 
 /// The skip decision and the loss scale match PyTorch exactly (both are decided by the
 /// same comparisons and f64-then-f32 products); the global norm to 1e-5 relative (the
-/// sums of squares run in different orders: at most ~168 f32 roundings apart).
+/// sums of squares run in different orders: at most ~168 f32 roundings apart). A
+/// trajectory recorded with a scaler must carry a skip and a scale for every step, and
+/// one recorded with clipping a norm for every step: a file without them fails here
+/// instead of skipping the checks.
 fn check_fused_step(t: &Trajectory, step: usize, r: &adamax_cuda::StepReport) {
-    if let Some(&skipped) = t.skipped.get(step) {
+    let (scaler, clipping) = (t.config.scaler.is_some(), t.config.max_norm.is_some());
+    if scaler {
+        let skipped = *t.skipped.get(step).unwrap_or_else(|| {
+            panic!(
+                "{}: recorded with a scaler but no skip for step {}",
+                t.name,
+                step + 1
+            )
+        });
         assert_eq!(r.skipped, skipped, "{}: step {} skip", t.name, step + 1);
-    }
-    if let Some(Some(scale)) = t.scales.get(step) {
+        let scale = t.scales.get(step).copied().flatten().unwrap_or_else(|| {
+            panic!(
+                "{}: recorded with a scaler but no scale for step {}",
+                t.name,
+                step + 1
+            )
+        });
         assert_eq!(
             r.loss_scale,
-            Some(*scale),
+            Some(scale),
             "{}: step {} loss scale",
             t.name,
             step + 1
         );
+    } else {
+        assert!(
+            t.skipped.iter().all(|s| !s) && t.scales.iter().all(Option::is_none),
+            "{}: skips or scales recorded without a scaler in the config",
+            t.name
+        );
+        assert!(
+            !r.skipped,
+            "{}: step {} skipped without a scaler",
+            t.name,
+            step + 1
+        );
     }
-    if let Some(Some(norm)) = t.total_norms.get(step) {
-        if !r.skipped {
-            let ours = f64::from(r.total_norm.expect("clipping computes the norm"));
-            assert!(
-                ((ours - norm) / norm).abs() < 1e-5,
-                "{}: step {} norm {ours} vs {norm}",
-                t.name,
-                step + 1
-            );
-        }
+    if clipping && !r.skipped {
+        let norm = t
+            .total_norms
+            .get(step)
+            .copied()
+            .flatten()
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: recorded with clipping but no norm for step {}",
+                    t.name,
+                    step + 1
+                )
+            });
+        let ours = f64::from(r.total_norm.expect("clipping computes the norm"));
+        assert!(
+            ((ours - norm) / norm).abs() < 1e-5,
+            "{}: step {} norm {ours} vs {norm}",
+            t.name,
+            step + 1
+        );
     }
 }
 

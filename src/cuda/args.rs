@@ -1,112 +1,201 @@
-//! The kernel's argument layout, mirrored in `kernels/adamax.cu`. The kernel is compiled
-//! with the sizes below passed as `-D` defines and `static_assert`s them against its own
-//! structs, so a field added on one side only fails the compile instead of corrupting
-//! memory; the asserts here pin the Rust side.
+//! The kernel's argument layout, mirrored in `kernels/adamax.cu`.
+//!
+//! # NOTE: one source for every layout fact
+//!
+//! Each struct here is declared through [`mirrored!`], which records its size and the
+//! offset of every field. [`layout_defines`] turns those records into `static_assert`s
+//! that NVRTC compiles into the kernel (`-DADAMAX_LAYOUT_CHECKS=...`), so a field
+//! added, removed, resized or reordered on either side fails the compile with the name
+//! of the field instead of corrupting memory. The chunk and block sizes and the mode
+//! values reach the kernel the same way, as `-D` defines generated from the constants
+//! below; the kernel has no copy of them.
 
-use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::DeviceRepr;
 
 use crate::{
     config::{EpsilonMode, WeightDecayMode},
     cpu::StepScalars,
 };
 
-/// Elements per chunk: the unit of work a block takes from the tensor list. A multiple
-/// of 8 so that every chunk of every storage type starts on a 16-byte boundary.
-pub(crate) const CHUNK: u64 = 8192;
-/// Threads per block (the kernel's `__launch_bounds__`).
-pub(crate) const BLOCK: u32 = 256;
+/// Elements per chunk: the unit of work a block takes from the tensor list, and the
+/// unit of the reduction's partial sums (`crate::fused::CHUNK` is this value). A
+/// multiple of 8 so that every chunk of every storage type starts on a 16-byte boundary.
+pub(crate) const CHUNK: u64 = crate::fused::CHUNK as u64;
+/// Threads per block (the kernel's `__launch_bounds__`; `crate::fused::THREADS`).
+pub(crate) const BLOCK: u32 = crate::fused::THREADS as u32;
 
-/// One tensor of a launch (`TensorDesc` in the kernel).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct TensorDesc {
-    pub param: u64,
-    pub grad: u64,
-    pub exp_avg: u64,
-    pub exp_inf: u64,
-    pub master: u64,
-    pub len: u64,
-    pub chunk_begin: u64,
-    pub lr_scale: f64,
-    pub weight_decay: f64,
+const _: () = assert!(CHUNK.is_multiple_of(8) && BLOCK == 256);
+
+/// A `repr(C)` struct that the kernel declares too, with its layout for the checks.
+pub(crate) trait Mirrored {
+    /// The struct's name in the kernel.
+    const NAME: &'static str;
+    /// `(field, byte offset)` of every field, in declaration order.
+    fn fields() -> Vec<(&'static str, usize)>;
 }
 
-/// The launch's arguments (`AdamaxArgs` in the kernel), passed by value.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) struct AdamaxArgs {
-    pub tensors: u64,
-    pub num_tensors: u64,
-    pub num_chunks: u64,
-    pub control: u64,
-    pub partials: u64,
-    pub beta1: f32,
-    pub one_minus_beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub eps_mode: u32,
-    pub decay_mode: u32,
-    pub maximize: u32,
-    pub reserved: u32,
+/// Declares a `#[repr(C)]` struct mirrored in the kernel and records its layout.
+macro_rules! mirrored {
+    ($(#[$meta:meta])* struct $name:ident { $($(#[$fmeta:meta])* $field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        pub(crate) struct $name { $($(#[$fmeta])* pub $field: $ty),* }
+
+        impl Mirrored for $name {
+            const NAME: &'static str = stringify!($name);
+            fn fields() -> Vec<(&'static str, usize)> {
+                vec![$((stringify!($field), std::mem::offset_of!($name, $field))),*]
+            }
+        }
+    };
 }
 
-/// Arguments of the master-weight initialisation (`InitArgs` in the kernel).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct InitArgs {
-    pub param: u64,
-    pub master: u64,
-    pub len: u64,
+mirrored! {
+    /// One tensor of a launch (`TensorDesc` in the kernel).
+    #[derive(Default)]
+    struct TensorDesc {
+        param: u64,
+        grad: u64,
+        exp_avg: u64,
+        exp_inf: u64,
+        master: u64,
+        len: u64,
+        chunk_begin: u64,
+        lr_scale: f64,
+        weight_decay: f64,
+    }
 }
 
-/// The optimizer state that lives on the device (`Control` in the kernel): what makes a
-/// step independent of host values, so it can be captured in a CUDA graph.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct Control {
-    pub lr: f64,
-    pub beta1: f64,
-    pub bias_correction: f64,
-    pub growth_factor: f64,
-    pub backoff_factor: f64,
-    pub step: u64,
-    pub inv_scale: f32,
-    pub max_norm: f32,
-    pub clip_coef: f32,
-    pub total_norm: f32,
-    pub scale: f32,
-    pub growth_tracker: u32,
-    pub growth_interval: u32,
-    pub flags: u32,
-    pub found_inf: u32,
-    pub skipped: u32,
+mirrored! {
+    /// The launch's arguments (`AdamaxArgs` in the kernel), passed by value.
+    struct AdamaxArgs {
+        tensors: u64,
+        num_tensors: u64,
+        num_chunks: u64,
+        control: u64,
+        partials: u64,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        eps: f32,
+        eps_mode: u32,
+        decay_mode: u32,
+        maximize: u32,
+        reserved: u32,
+    }
 }
 
-/// `Control::flags` bits.
+mirrored! {
+    /// Arguments of the master-weight initialisation (`InitArgs` in the kernel).
+    struct InitArgs {
+        param: u64,
+        master: u64,
+        len: u64,
+    }
+}
+
+mirrored! {
+    /// What the host decides (`ControlParams`): written whole, in one copy, whenever a
+    /// setting changes. The kernels only read it.
+    #[derive(Default)]
+    struct ControlParams {
+        lr: f64,
+        beta1: f64,
+        growth_factor: f64,
+        backoff_factor: f64,
+        /// The fixed inverse loss scale of `StepOptions::inv_scale` (1 when unset);
+        /// with a loss scaler the inverse of `ScalerState::scale` is used instead.
+        inv_scale: f32,
+        max_norm: f32,
+        growth_interval: u32,
+        flags: u32,
+    }
+}
+
+mirrored! {
+    /// The dynamic loss scale (`ScalerState`): updated by the device after every step;
+    /// the host writes it only when a scaler is set or state is restored.
+    #[derive(Default)]
+    struct ScalerState {
+        scale: f32,
+        growth_tracker: u32,
+    }
+}
+
+mirrored! {
+    /// The step counter and what the decision pass leaves for the update (`StepState`).
+    #[derive(Default)]
+    struct StepState {
+        /// Steps taken (skipped steps are not counted).
+        step: u64,
+        /// `1 - beta1^t` of the step in flight.
+        bias_correction: f64,
+        /// The inverse scale this step's gradients are unscaled by, captured before
+        /// the scaler moves to the next step's scale.
+        step_inv_scale: f32,
+        clip_coef: f32,
+        total_norm: f32,
+        found_inf: u32,
+        /// `SKIP_*`: why the step in flight changes nothing, or 0.
+        skipped: u32,
+        reserved: u32,
+    }
+}
+
+mirrored! {
+    /// The optimizer state that lives on the device (`Control` in the kernel): what
+    /// makes a step independent of host values, so that it can be captured in a CUDA
+    /// graph. Three parts, so that the host can write its settings without racing the
+    /// fields the kernels own.
+    #[derive(Default)]
+    struct Control {
+        params: ControlParams,
+        scaler: ScalerState,
+        state: StepState,
+    }
+}
+
+/// `ControlParams::flags` bits.
 pub(crate) const FLAG_UNSCALE: u32 = 1;
 pub(crate) const FLAG_CLIP: u32 = 2;
 pub(crate) const FLAG_CHECK: u32 = 4;
 pub(crate) const FLAG_SCALER: u32 = 8;
+/// `StepState::skipped`: a non-finite gradient (the overflow check).
+pub(crate) const SKIP_NONFINITE: u32 = 1;
+/// `StepState::skipped`: the step counter is at `u64::MAX` (a replayed graph; an eager
+/// step is refused on the host first).
+pub(crate) const SKIP_COUNTER_FULL: u32 = 2;
 
-const _: () = assert!(std::mem::size_of::<Control>() == 88);
-const _: () = assert!(std::mem::size_of::<InitArgs>() == 24);
-const _: () = assert!(std::mem::size_of::<TensorDesc>() == 72);
-const _: () = assert!(std::mem::size_of::<AdamaxArgs>() == 72);
+/// `AdamaxArgs::eps_mode` of an [`EpsilonMode`].
+pub(crate) const fn eps_mode_value(mode: EpsilonMode) -> u32 {
+    match mode {
+        EpsilonMode::InsideMax => 0,
+        EpsilonMode::Denominator => 1,
+    }
+}
 
-// SAFETY: plain-old-data `repr(C)` structs of integers and floats, with no padding
-// (sizes asserted above), laid out exactly as the kernel's structs (checked by the
-// kernel's static_asserts against the sizes passed at compile time).
+/// `AdamaxArgs::decay_mode` of a [`WeightDecayMode`] (0 is "none", per tensor).
+pub(crate) const fn decay_mode_value(mode: WeightDecayMode) -> u32 {
+    match mode {
+        WeightDecayMode::Coupled => 1,
+        WeightDecayMode::Decoupled => 2,
+    }
+}
+
+// SAFETY (all five): plain-old-data `repr(C)` structs of integers and floats whose
+// layout the kernel checks field by field at compile time (`layout_defines`).
 unsafe impl DeviceRepr for TensorDesc {}
-// SAFETY: all fields are integers or floats, for which all-zero bits are valid.
-unsafe impl ValidAsZeroBits for TensorDesc {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for AdamaxArgs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for InitArgs {}
-// SAFETY: as above (no padding: 5 x f64, u64, 10 x 4-byte fields = 88 bytes, asserted).
+// SAFETY: as above.
 unsafe impl DeviceRepr for Control {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ControlParams {}
 // SAFETY: all fields are integers or floats, for which all-zero bits are valid.
-unsafe impl ValidAsZeroBits for Control {}
+unsafe impl cudarc::driver::ValidAsZeroBits for TensorDesc {}
 
 impl AdamaxArgs {
     /// The kernel arguments over a table of `num_tensors` descriptors at device address
@@ -133,28 +222,86 @@ impl AdamaxArgs {
             one_minus_beta1: s.one_minus_beta1,
             beta2: s.beta2,
             eps: s.eps,
-            eps_mode: match s.eps_mode {
-                EpsilonMode::InsideMax => 0,
-                EpsilonMode::Denominator => 1,
-            },
-            decay_mode: match decay_mode {
-                WeightDecayMode::Coupled => 1,
-                WeightDecayMode::Decoupled => 2,
-            },
+            eps_mode: eps_mode_value(s.eps_mode),
+            decay_mode: decay_mode_value(decay_mode),
             maximize: u32::from(s.maximize),
             reserved: 0,
         }
     }
 }
 
-/// The `-D` defines that tell the kernel the layout it must match.
-pub(crate) fn layout_defines() -> [String; 6] {
-    [
-        format!("-DADAMAX_CONTROL_SIZE={}", std::mem::size_of::<Control>()),
-        format!("-DADAMAX_INIT_SIZE={}", std::mem::size_of::<InitArgs>()),
-        format!("-DADAMAX_ARGS_SIZE={}", std::mem::size_of::<AdamaxArgs>()),
-        format!("-DADAMAX_TENSOR_SIZE={}", std::mem::size_of::<TensorDesc>()),
-        format!("-DADAMAX_CHUNK={CHUNK}"),
-        format!("-DADAMAX_BLOCK={BLOCK}"),
+/// `static_assert`s of `T`'s size and of every field's offset, in CUDA.
+fn checks_of<T: Mirrored>() -> String {
+    let name = T::NAME;
+    let mut s = format!(
+        "static_assert(sizeof({name}) == {}, \"{name}: size differs from src/cuda/args.rs\");",
+        std::mem::size_of::<T>()
+    );
+    for (field, offset) in T::fields() {
+        s.push_str(&format!(
+            "static_assert(ADAMAX_OFFSETOF({name}, {field}) == {offset}, \"{name}.{field}: offset differs from src/cuda/args.rs\");"
+        ));
+    }
+    s
+}
+
+/// The `-D` defines that give the kernel its layout constants and checks.
+pub(crate) fn layout_defines() -> Vec<String> {
+    let checks = [
+        checks_of::<TensorDesc>(),
+        checks_of::<AdamaxArgs>(),
+        checks_of::<InitArgs>(),
+        checks_of::<ControlParams>(),
+        checks_of::<ScalerState>(),
+        checks_of::<StepState>(),
+        checks_of::<Control>(),
     ]
+    .concat();
+    let values = [
+        ("ADAMAX_CHUNK", CHUNK),
+        ("ADAMAX_BLOCK", u64::from(BLOCK)),
+        ("ADAMAX_FLAG_UNSCALE", u64::from(FLAG_UNSCALE)),
+        ("ADAMAX_FLAG_CLIP", u64::from(FLAG_CLIP)),
+        ("ADAMAX_FLAG_CHECK", u64::from(FLAG_CHECK)),
+        ("ADAMAX_FLAG_SCALER", u64::from(FLAG_SCALER)),
+        ("ADAMAX_SKIP_NONFINITE", u64::from(SKIP_NONFINITE)),
+        ("ADAMAX_SKIP_COUNTER_FULL", u64::from(SKIP_COUNTER_FULL)),
+        (
+            "ADAMAX_EPS_INSIDE_MAX",
+            u64::from(eps_mode_value(EpsilonMode::InsideMax)),
+        ),
+        (
+            "ADAMAX_EPS_DENOMINATOR",
+            u64::from(eps_mode_value(EpsilonMode::Denominator)),
+        ),
+        (
+            "ADAMAX_DECAY_COUPLED",
+            u64::from(decay_mode_value(WeightDecayMode::Coupled)),
+        ),
+        (
+            "ADAMAX_DECAY_DECOUPLED",
+            u64::from(decay_mode_value(WeightDecayMode::Decoupled)),
+        ),
+    ];
+    let mut defines: Vec<String> = values.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
+    defines.push(format!("-DADAMAX_LAYOUT_CHECKS={checks}"));
+    defines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_checks_name_every_field_with_its_offset() {
+        let c = checks_of::<Control>();
+        assert!(c.contains("sizeof(Control) == 96"), "{c}");
+        assert!(c.contains("ADAMAX_OFFSETOF(Control, scaler) == 48"), "{c}");
+        assert!(c.contains("ADAMAX_OFFSETOF(Control, state) == 56"), "{c}");
+        let s = checks_of::<StepState>();
+        assert!(
+            s.contains("ADAMAX_OFFSETOF(StepState, skipped) == 32"),
+            "{s}"
+        );
+    }
 }

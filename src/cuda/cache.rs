@@ -4,12 +4,16 @@
 //! Entries are keyed by the kernel source hash, the NVRTC options, the NVRTC version,
 //! the architecture and this crate's version. The directory is `$ADAMAX_CUDA_CACHE_DIR`,
 //! else `$XDG_CACHE_HOME/adamax-cuda`, else `$HOME/.cache/adamax-cuda` (on Windows
-//! `%LOCALAPPDATA%\adamax-cuda`); `ADAMAX_CUDA_CACHE=0` (or `off`, `false`) switches it
-//! off. Writes are atomic (temporary file, then rename), and an entry that fails its
+//! `%LOCALAPPDATA%\adamax-cuda`); paths are taken as the OS gives them (not
+//! necessarily UTF-8). `ADAMAX_CUDA_CACHE` set to `0`, `off`, `false`, `no` or
+//! `disabled` (any case) switches it off; any other value, or none, leaves it on. Writes are atomic (temporary file, then rename), and an entry that fails its
 //! checks (magic, lengths, content hash) is ignored and rebuilt. The cache is
 //! best-effort: a directory that cannot be written costs a compile, never an error.
 
-use std::path::{Path, PathBuf};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+};
 
 use crate::{error::Result, fnv::fnv1a64, fsutil::write_atomically};
 
@@ -30,17 +34,21 @@ pub enum CacheOutcome {
     Disabled,
 }
 
+/// Values of `ADAMAX_CUDA_CACHE` that switch the cache off (compared ignoring case).
+pub const OFF_VALUES: [&str; 5] = ["0", "off", "false", "no", "disabled"];
+
 /// The cache directory from environment variables, as documented in this module;
 /// `None` when switched off or when no home directory is known.
 pub fn cache_dir() -> Option<PathBuf> {
-    cache_dir_from(|k| std::env::var_os(k).map(|v| v.to_string_lossy().into_owned()))
+    cache_dir_from(|k| std::env::var_os(k))
 }
 
 /// [`cache_dir`] with an explicit environment lookup.
-pub fn cache_dir_from(env: impl Fn(&str) -> Option<String>) -> Option<PathBuf> {
+pub fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
     let set = |k: &str| env(k).filter(|v| !v.is_empty());
     if let Some(v) = set("ADAMAX_CUDA_CACHE") {
-        if ["0", "off", "false", "no"].contains(&v.to_ascii_lowercase().as_str()) {
+        let v = v.to_string_lossy().to_ascii_lowercase();
+        if OFF_VALUES.contains(&v.as_str()) {
             return None;
         }
     }
@@ -62,10 +70,7 @@ pub fn entry_path(dir: &Path, arch: Arch) -> Result<PathBuf> {
         env!("CARGO_PKG_VERSION")
     );
     // Both targets an arch may be compiled for; which one is used depends on NVRTC.
-    for target in [
-        format!("sm_{}{}", arch.major, arch.minor),
-        format!("compute_{}{}", arch.major, arch.minor),
-    ] {
+    for target in [arch.to_string(), format!("compute_{}", arch.number())] {
         key.push_str(&options(&target).join("\0"));
     }
     Ok(dir.join(format!(
@@ -137,7 +142,7 @@ fn decode(b: &[u8], arch: Arch) -> Option<Compiled> {
     }
     let log = String::from_utf8(b[image_end..].to_vec()).ok()?;
     let target = if is_ptx {
-        format!("compute_{}{}", arch.major, arch.minor)
+        format!("compute_{}", arch.number())
     } else {
         arch.to_string()
     };

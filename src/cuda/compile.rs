@@ -42,8 +42,10 @@ pub struct Arch {
 }
 
 impl Arch {
-    fn number(self) -> u32 {
-        self.major * 10 + self.minor
+    /// NVIDIA's number for the architecture: the major and minor digits written side
+    /// by side (`75`, `90`, `100`, `121`); as text, so no value can overflow.
+    pub(crate) fn number(self) -> String {
+        format!("{}{}", self.major, self.minor)
     }
 }
 

@@ -2,10 +2,18 @@
 //!
 //! Nothing here needs CUDA at build time: the driver and NVRTC are loaded when first
 //! used, and their absence is an [`Error`](crate::Error), not a panic.
+//!
+//! Get streams through [`default_stream`] (or [`borrow_stream`] for another stack's),
+//! and check for a driver with [`ensure_driver`]: they return errors. The re-exported
+//! [`cudarc`] is the same crate underneath, but some of its calls panic when the driver
+//! library is missing (`cudarc::driver::CudaContext::new(0)` on a machine without one),
+//! so call them only once one of ours has succeeded.
 
 mod args;
 pub mod cache;
 pub mod compile;
+mod control;
+pub mod cubin;
 mod device;
 mod optimizer;
 

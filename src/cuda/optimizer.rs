@@ -19,9 +19,10 @@ use std::mem::offset_of;
 
 use super::{
     args::{
-        AdamaxArgs, Control, InitArgs, TensorDesc, BLOCK, CHUNK, FLAG_CHECK, FLAG_CLIP,
-        FLAG_SCALER, FLAG_UNSCALE,
+        AdamaxArgs, Control, ControlParams, InitArgs, ScalerState, StepState, TensorDesc, BLOCK,
+        CHUNK, FLAG_CHECK, FLAG_CLIP, FLAG_SCALER, FLAG_UNSCALE, SKIP_COUNTER_FULL, SKIP_NONFINITE,
     },
+    control::ControlBlock,
     device::{kernels_for, launch, Kernels},
 };
 
@@ -36,7 +37,8 @@ impl GpuStorage for half::bf16 {}
 /// the optimizer's own buffers.
 const STATE_ALIGN: usize = 64;
 
-/// AdaMax on an NVIDIA GPU over a list of parameter tensors, stepped in one launch.
+/// AdaMax on an NVIDIA GPU over a list of parameter tensors: the update of every tensor
+/// is one kernel launch.
 ///
 /// Owns the device memory it allocates: `exp_avg` (m) and `exp_inf` (u) for every
 /// tensor, and for 16-bit `T` the f32 master weights, initialised from the parameters
@@ -78,10 +80,12 @@ pub struct CudaAdamax<T: GpuStorage> {
     /// re-uploaded only when a caller's buffer moves.
     table: CudaSlice<TensorDesc>,
     table_host: Vec<TensorDesc>,
-    /// The device-side state of the step (lr, step count, clip and scaler state): see
-    /// `Control`. Only this optimizer's stream touches it, as for `bases`.
-    control: CudaSlice<Control>,
-    control_ptr: u64,
+    /// The device-side state of the step (lr, step count, clip and scaler state).
+    control: ControlBlock,
+    /// An upper bound of the device's step count (skips only lower the true count): the
+    /// host reads the device count only when this bound reaches `u64::MAX`, to refuse a
+    /// step as the CPU reference does instead of letting the counter wrap.
+    step_bound: u64,
     /// One f32 sum of squares per chunk, written by the reduction for the finalize pass.
     _partials: CudaSlice<f32>,
     partials_ptr: u64,
@@ -153,7 +157,14 @@ impl<T: GpuStorage> CudaAdamax<T> {
         for &n in &lens {
             offsets.push(total);
             chunk_begin.push(chunks);
-            total += n.div_ceil(STATE_ALIGN) * STATE_ALIGN;
+            total = n
+                .checked_next_multiple_of(STATE_ALIGN)
+                .and_then(|padded| total.checked_add(padded))
+                // Every buffer's byte size must fit too (4 bytes per element).
+                .filter(|t| t.checked_mul(4).is_some())
+                .ok_or(Error::TooLarge {
+                    what: "the total element count of the parameter list",
+                })?;
             chunks += (n as u64).div_ceil(CHUNK);
         }
         let alloc = |what: &'static str| {
@@ -177,21 +188,27 @@ impl<T: GpuStorage> CudaAdamax<T> {
             base_ptr(&exp_inf, stream),
             master.as_ref().map_or(0, |m| base_ptr(m, stream)),
         ];
-        let control = stream
-            .clone_htod(&[Control {
-                lr: config.lr,
-                beta1: config.beta1,
-                inv_scale: 1.0,
-                clip_coef: 1.0,
-                scale: 1.0,
-                ..Control::default()
-            }])
-            .map_err(Error::driver("allocating the control block"))?;
+        let control = ControlBlock::new(
+            stream,
+            Control {
+                params: ControlParams {
+                    lr: config.lr,
+                    beta1: config.beta1,
+                    inv_scale: 1.0,
+                    ..ControlParams::default()
+                },
+                scaler: ScalerState::default(),
+                state: StepState {
+                    step_inv_scale: 1.0,
+                    clip_coef: 1.0,
+                    ..StepState::default()
+                },
+            },
+        )?;
         let partials = stream
             .alloc_zeros::<f32>(usize::try_from(chunks).unwrap_or(usize::MAX).max(1))
             .map_err(Error::driver("allocating the partial sums"))?;
-        let (control_ptr, partials_ptr) =
-            (control.device_ptr(stream).0, partials.device_ptr(stream).0);
+        let partials_ptr = partials.device_ptr(stream).0;
         Ok(Self {
             schedule,
             stream: stream.clone(),
@@ -207,7 +224,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             table,
             table_host: Vec::new(),
             control,
-            control_ptr,
+            step_bound: 0,
             _partials: partials,
             partials_ptr,
             options: StepOptions::default(),
@@ -315,6 +332,13 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// device, and the update. Nothing here reads a host value that changes per step,
     /// so the same calls can be captured in a CUDA graph and replayed.
     fn launch_step(&mut self, table: Vec<TensorDesc>) -> Result<()> {
+        if self.step_bound == u64::MAX {
+            let step = self.control.read()?.state.step;
+            if step == u64::MAX {
+                return Err(Error::StepOverflow(step));
+            }
+            self.step_bound = step;
+        }
         let stream = self.stream.clone();
         if table != self.table_host {
             stream
@@ -327,14 +351,14 @@ impl<T: GpuStorage> CudaAdamax<T> {
         let args = AdamaxArgs::new(
             &self.schedule.scalars(0, 1.0),
             config.weight_decay_mode,
-            self.control_ptr,
+            self.control.device_ptr(),
             self.partials_ptr,
             table_ptr,
             self.lens.len() as u64,
             self.num_chunks,
         );
         let grid = self.num_chunks.min(u64::from(self.kernels.max_grid)) as u32;
-        if self.flags() & (FLAG_CHECK | FLAG_CLIP) != 0 && self.num_chunks > 0 {
+        if self.control.params().flags & (FLAG_CHECK | FLAG_CLIP) != 0 && self.num_chunks > 0 {
             launch(
                 &stream,
                 self.kernels.function("adamax_reduce_", T::NAME),
@@ -356,109 +380,70 @@ impl<T: GpuStorage> CudaAdamax<T> {
                 &args,
             )?;
         }
+        self.step_bound += 1;
         Ok(())
     }
 
-    /// The `Control::flags` of the current options.
-    fn flags(&self) -> u32 {
-        let mut f = 0;
-        if self.scaler || self.options.inv_scale.is_some() {
-            f |= FLAG_UNSCALE;
+    /// The settings part of the control block for `options`, with or without a loss
+    /// scaler (whose factors stay as last set).
+    fn params_with(&self, options: &StepOptions, scaler: bool) -> ControlParams {
+        let mut flags = 0;
+        if scaler || options.inv_scale.is_some() {
+            flags |= FLAG_UNSCALE;
         }
-        if self.options.max_norm.is_some() {
-            f |= FLAG_CLIP;
+        if options.max_norm.is_some() {
+            flags |= FLAG_CLIP;
         }
-        if self.options.checks(self.scaler) {
-            f |= FLAG_CHECK;
+        if options.checks(scaler) {
+            flags |= FLAG_CHECK;
         }
-        if self.scaler {
-            f |= FLAG_SCALER;
+        if scaler {
+            flags |= FLAG_SCALER;
         }
-        f
-    }
-
-    /// Enqueues a write of `bytes` at byte `offset` of the control block.
-    fn write_control(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
-        // SAFETY: Control is plain old data (88 bytes, asserted); a byte view of it is valid.
-        let mut view = unsafe {
-            self.control
-                .transmute_mut::<u8>(std::mem::size_of::<Control>())
+        ControlParams {
+            inv_scale: options.inv_scale.unwrap_or(1.0),
+            max_norm: options.max_norm.unwrap_or(0.0),
+            flags,
+            ..*self.control.params()
         }
-        .ok_or_else(|| {
-            Error::driver("viewing the control block")(cudarc::driver::DriverError(
-                cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE,
-            ))
-        })?;
-        let mut field = view.slice_mut(offset..offset + bytes.len());
-        self.stream
-            .memcpy_htod(bytes, &mut field)
-            .map_err(Error::driver("writing the control block"))
-    }
-
-    /// The control block, copied to the host (synchronises the stream).
-    fn read_control(&self) -> Result<Control> {
-        let c = self
-            .stream
-            .clone_dtoh(&self.control)
-            .map_err(Error::driver("reading the control block"))?;
-        c.first().copied().ok_or_else(|| {
-            Error::driver("reading the control block")(cudarc::driver::DriverError(
-                cudarc::driver::sys::CUresult::CUDA_ERROR_INVALID_VALUE,
-            ))
-        })
-    }
-
-    /// Writes the option fields (flags, inverse scale, max norm) to the device.
-    fn write_options(&mut self) -> Result<()> {
-        let flags = self.flags();
-        self.write_control(offset_of!(Control, flags), &flags.to_le_bytes())?;
-        self.write_control(
-            offset_of!(Control, max_norm),
-            &self.options.max_norm.unwrap_or(0.0).to_le_bytes(),
-        )?;
-        if !self.scaler {
-            let inv = self.options.inv_scale.unwrap_or(1.0);
-            self.write_control(offset_of!(Control, inv_scale), &inv.to_le_bytes())?;
-        }
-        Ok(())
     }
 
     /// Sets the options of every following step (unscaling, overflow skip, clipping);
     /// written to the device, so a captured step picks them up without recapture.
     pub fn set_options(&mut self, options: StepOptions) -> Result<()> {
         options.validate()?;
+        let params = self.params_with(&options, self.scaler);
+        self.control.set_params(params)?;
         self.options = options;
-        self.write_options()
+        Ok(())
     }
 
     /// Enables dynamic loss scaling on the device (`None` disables it): each step
     /// unscales by the scaler's inverse scale, skips on a non-finite gradient and updates
     /// the scale, all without the host. The scale to multiply the loss by is at
     /// [`CudaAdamax::loss_scale_device_ptr`], or on the host from [`CudaAdamax::last_report`].
+    /// Synchronises the stream (it rewrites the device's scaler state).
     pub fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> Result<()> {
         if let Some(s) = &scaler {
             s.validate()?;
-            self.write_control(offset_of!(Control, scale), &s.scale.to_le_bytes())?;
-            self.write_control(offset_of!(Control, inv_scale), &s.inv_scale().to_le_bytes())?;
-            self.write_control(
-                offset_of!(Control, growth_factor),
-                &s.growth_factor.to_le_bytes(),
-            )?;
-            self.write_control(
-                offset_of!(Control, backoff_factor),
-                &s.backoff_factor.to_le_bytes(),
-            )?;
-            self.write_control(
-                offset_of!(Control, growth_interval),
-                &s.growth_interval.to_le_bytes(),
-            )?;
-            self.write_control(
-                offset_of!(Control, growth_tracker),
-                &s.growth_tracker.to_le_bytes(),
-            )?;
         }
+        let mut params = self.params_with(&self.options, scaler.is_some());
+        if let Some(s) = &scaler {
+            params.growth_factor = s.growth_factor;
+            params.backoff_factor = s.backoff_factor;
+            params.growth_interval = s.growth_interval;
+        }
+        self.control.update(|c| {
+            c.params = params;
+            if let Some(s) = &scaler {
+                c.scaler = ScalerState {
+                    scale: s.scale,
+                    growth_tracker: s.growth_tracker,
+                };
+            }
+        })?;
         self.scaler = scaler.is_some();
-        self.write_options()
+        Ok(())
     }
 
     /// The loss scaler's state, read from the device (synchronises), when enabled.
@@ -466,41 +451,51 @@ impl<T: GpuStorage> CudaAdamax<T> {
         if !self.scaler {
             return Ok(None);
         }
-        let c = self.read_control()?;
+        let c = self.control.read()?;
         Ok(Some(LossScaler {
-            scale: c.scale,
-            growth_factor: c.growth_factor,
-            backoff_factor: c.backoff_factor,
-            growth_interval: c.growth_interval,
-            growth_tracker: c.growth_tracker,
+            scale: c.scaler.scale,
+            growth_factor: c.params.growth_factor,
+            backoff_factor: c.params.backoff_factor,
+            growth_interval: c.params.growth_interval,
+            growth_tracker: c.scaler.growth_tracker,
         }))
     }
 
     /// What the last step did, read from the device (synchronises the stream).
+    ///
+    /// A step replayed from a CUDA graph while the step counter was at `u64::MAX`
+    /// changed nothing and is reported as [`Error::StepOverflow`] (an eager step is
+    /// refused with that error before it is enqueued).
     pub fn last_report(&self) -> Result<StepReport> {
-        let c = self.read_control()?;
-        let skipped = c.skipped != 0;
-        let clipped = self.options.max_norm.is_some() && !skipped && c.step > 0;
+        let c = self.control.read()?;
+        if c.state.skipped == SKIP_COUNTER_FULL {
+            return Err(Error::StepOverflow(c.state.step));
+        }
+        let skipped = c.state.skipped == SKIP_NONFINITE;
+        let clipped = self.options.max_norm.is_some() && !skipped && c.state.step > 0;
         Ok(StepReport {
-            step: c.step,
+            step: c.state.step,
             skipped,
-            total_norm: clipped.then_some(c.total_norm),
-            clip_coef: if clipped { c.clip_coef } else { 1.0 },
-            loss_scale: self.scaler.then_some(c.scale),
+            total_norm: clipped.then_some(c.state.total_norm),
+            clip_coef: if clipped { c.state.clip_coef } else { 1.0 },
+            loss_scale: self.scaler.then_some(c.scaler.scale),
         })
     }
 
-    /// Device address of a `u32` that is 1 when the last step was skipped for a
-    /// non-finite gradient, else 0; valid while the optimizer lives. For device-side
-    /// consumers (a captured graph, a training stack's own kernels).
+    /// Device address of a `u32` that is non-zero when the last step changed nothing: 1
+    /// for a non-finite gradient (the overflow check), 2 for a step counter at its
+    /// maximum; else 0. Valid while the optimizer lives. For device-side consumers (a
+    /// captured graph, a training stack's own kernels).
     pub fn skipped_flag_device_ptr(&self) -> u64 {
-        self.control_ptr + offset_of!(Control, skipped) as u64
+        self.control.device_ptr()
+            + (offset_of!(Control, state) + offset_of!(StepState, skipped)) as u64
     }
 
     /// Device address of the loss scaler's current scale (`f32`), valid while the
     /// optimizer lives: multiply the loss by it on the device, inside a graph too.
     pub fn loss_scale_device_ptr(&self) -> u64 {
-        self.control_ptr + offset_of!(Control, scale) as u64
+        self.control.device_ptr()
+            + (offset_of!(Control, scaler) + offset_of!(ScalerState, scale)) as u64
     }
 
     fn descriptor(&self, i: usize, param: u64, grad: u64) -> TensorDesc {
@@ -551,10 +546,9 @@ impl<T: GpuStorage> CudaAdamax<T> {
         tensor: usize,
         range: std::ops::Range<usize>,
     ) -> Result<TensorState> {
-        let n = *self.lens.get(tensor).ok_or(Error::TensorCountMismatch {
-            what: "tensor index",
-            expected: self.lens.len(),
-            found: tensor + 1,
+        let n = *self.lens.get(tensor).ok_or(Error::TensorIndexOutOfRange {
+            index: tensor,
+            count: self.lens.len(),
         })?;
         if range.start > range.end || range.end > n {
             return Err(Error::LengthMismatch {
@@ -594,50 +588,73 @@ impl<T: GpuStorage> CudaAdamax<T> {
         Ok(crate::Checkpoint {
             config: *self.config(),
             step: self.step_count()?,
-            storage: T::NAME.to_owned(),
+            storage: T::TYPE,
             tensors: self.state_to_host()?,
             hypers: self.schedule.hypers().to_vec(),
         })
     }
 
     /// Replaces config, step count and device state with `ck`'s, after checking that it
-    /// fits (storage type, tensor count and lengths); a refused checkpoint changes
-    /// nothing. The copies are enqueued on the optimizer's stream, ordered before the
-    /// next step. The parameters are the caller's to restore.
+    /// fits (storage type, tensor count and lengths). All or nothing: the state is
+    /// uploaded into new device buffers (so the optimizer's memory doubles while it
+    /// runs), and only once every copy has been enqueued are they swapped in and the
+    /// control block rewritten (one copy); a refused checkpoint or a failed driver call
+    /// changes nothing. Synchronises the stream. The parameters are the caller's to
+    /// restore.
     pub fn restore(&mut self, ck: &crate::Checkpoint) -> Result<()> {
-        ck.check_fits(T::NAME, &self.lens)?;
-        let upload =
-            |buf: &mut CudaSlice<f32>, pick: fn(&TensorState) -> &Vec<f32>| -> Result<()> {
-                for (i, t) in ck.tensors.iter().enumerate() {
-                    let o = self.offsets[i];
-                    let data = pick(t);
-                    if data.is_empty() {
-                        continue;
-                    }
-                    let mut dst = buf.slice_mut(o..o + data.len());
-                    self.stream
-                        .memcpy_htod(data.as_slice(), &mut dst)
-                        .map_err(Error::driver("restoring a checkpoint"))?;
+        ck.check_fits(T::TYPE, &self.lens)?;
+        let mut schedule = self.schedule.clone();
+        schedule.restore(ck);
+        let total = self.exp_avg.len();
+        let upload = |pick: fn(&TensorState) -> &Vec<f32>| -> Result<CudaSlice<f32>> {
+            let mut buf = self
+                .stream
+                .alloc_zeros::<f32>(total)
+                .map_err(Error::driver(
+                    "allocating state to restore a checkpoint into",
+                ))?;
+            for (i, t) in ck.tensors.iter().enumerate() {
+                let (o, data) = (self.offsets[i], pick(t));
+                if data.is_empty() {
+                    continue;
                 }
-                Ok(())
-            };
-        upload(&mut self.exp_avg, |t| &t.exp_avg)?;
-        upload(&mut self.exp_inf, |t| &t.exp_inf)?;
-        if let Some(master) = self.master.as_mut() {
-            upload(master, |t| &t.master)?;
-        }
-        self.schedule.restore(ck);
+                let mut dst = buf.slice_mut(o..o + data.len());
+                self.stream
+                    .memcpy_htod(data.as_slice(), &mut dst)
+                    .map_err(Error::driver("restoring a checkpoint"))?;
+            }
+            Ok(buf)
+        };
+        let exp_avg = upload(|t| &t.exp_avg)?;
+        let exp_inf = upload(|t| &t.exp_inf)?;
+        let master = match self.master {
+            Some(_) => Some(upload(|t| &t.master)?),
+            None => None,
+        };
         let c = &ck.config;
-        self.write_control(offset_of!(Control, lr), &c.lr.to_le_bytes())?;
-        self.write_control(offset_of!(Control, beta1), &c.beta1.to_le_bytes())?;
-        self.write_control(offset_of!(Control, step), &ck.step.to_le_bytes())?;
+        self.control.update(|ctl| {
+            ctl.params.lr = c.lr;
+            ctl.params.beta1 = c.beta1;
+            ctl.state.step = ck.step;
+            ctl.state.skipped = 0;
+        })?;
+        self.bases = [
+            base_ptr(&exp_avg, &self.stream),
+            base_ptr(&exp_inf, &self.stream),
+            master.as_ref().map_or(0, |m| base_ptr(m, &self.stream)),
+        ];
+        (self.exp_avg, self.exp_inf, self.master) = (exp_avg, exp_inf, master);
+        // The state moved: the next step uploads a fresh tensor table.
+        self.table_host.clear();
+        self.schedule = schedule;
+        self.step_bound = ck.step;
         Ok(())
     }
 
     /// Steps taken so far (PyTorch's `state["step"]`; skipped steps are not counted),
     /// read from the device, where it is kept (synchronises the stream).
     pub fn step_count(&self) -> Result<u64> {
-        Ok(self.read_control()?.step)
+        Ok(self.control.read()?.state.step)
     }
 
     /// The configuration in force.
@@ -650,8 +667,14 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// The value is written to the device, ordered before the next step: a step
     /// captured in a CUDA graph uses the new rate on its next replay.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        self.schedule.set_lr(lr)?;
-        self.write_control(offset_of!(Control, lr), &lr.to_le_bytes())
+        let mut schedule = self.schedule.clone();
+        schedule.set_lr(lr)?;
+        self.control.set_params(ControlParams {
+            lr,
+            ..*self.control.params()
+        })?;
+        self.schedule = schedule;
+        Ok(())
     }
 
     /// Sets tensor `tensor`'s learning-rate scale and weight decay (a parameter group);
@@ -700,7 +723,7 @@ fn check_raw<T>(what: &'static str, tensor: usize, address: u64, len: usize) -> 
     let align = std::mem::align_of::<T>() as u64;
     let reason = if address == 0 && len > 0 {
         "is null"
-    } else if address % align != 0 {
+    } else if !address.is_multiple_of(align) {
         "is not aligned to its element type"
     } else {
         return Ok(());

@@ -169,3 +169,14 @@ pub fn trajectories() -> impl Iterator<Item = Trajectory> {
         t
     })
 }
+
+/// A loss-scaler schedule shared by tests/fused_cpu.rs and tests/gpu.rs: from scale
+/// 1024 with growth_interval 2, steps 2, 5 and 6 (counted from 0) get an infinite
+/// gradient. That gives a skip right after a growth step (2 and 5) and two backoffs in
+/// a row (5, 6).
+pub const SCALER_INF_STEPS: [usize; 3] = [2, 5, 6];
+/// The scale before each of those 10 steps, by torch.amp.GradScaler's documented rule
+/// (x2 after `growth_interval` good steps in a row, x0.5 on a non-finite gradient).
+pub const SCALER_SCALES: [f32; 10] = [
+    1024.0, 1024.0, 2048.0, 1024.0, 1024.0, 2048.0, 1024.0, 512.0, 512.0, 1024.0,
+];

@@ -1,0 +1,241 @@
+//! The safetensors file: writing it deterministically, reading it within bounds, and
+//! the integrity checksum. Validation of what was read is the parent module's.
+//!
+//! The writer is this crate's own (the format is an 8-byte header length, a JSON
+//! header padded with spaces to 8 bytes, then the tensors' bytes) so that the header's
+//! key order is fixed (sorted) and tensors stream to the file without a copy of the
+//! whole file in memory. The header is parsed by the `safetensors` crate, which checks
+//! that the tensors' offsets tile the data exactly.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{Read, Write},
+};
+
+use safetensors::{tensor::Metadata, Dtype};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::{refuse, Checkpoint, Entry};
+use crate::error::Error;
+
+/// The metadata key of the integrity checksum.
+pub(super) const CHECKSUM_KEY: &str = "checksum";
+/// The largest header read (the `safetensors` crate's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+/// Bytes converted at a time between f32 values and file bytes.
+const BLOCK_BYTES: usize = 1 << 16;
+
+/// One tensor as read from a file.
+pub(super) struct RawTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// A file's metadata and tensors, read but not yet validated.
+pub(super) struct RawFile {
+    pub meta: HashMap<String, String>,
+    /// By name, so that iteration is in name order (the checksum's order).
+    pub tensors: BTreeMap<String, RawTensor>,
+}
+
+pub(super) enum WriteError {
+    Invalid(Error),
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WriteError::Invalid(e) => e.fmt(f),
+            WriteError::Io(e) => e.fmt(f),
+        }
+    }
+}
+
+pub(super) enum ReadError {
+    Refused(Error),
+    Io(std::io::Error),
+}
+
+/// `f32`s as little-endian bytes, a block at a time, to `sink`.
+fn for_each_le_block(
+    data: &[f32],
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut buf = [0u8; BLOCK_BYTES];
+    for chunk in data.chunks(BLOCK_BYTES / 4) {
+        for (b, x) in buf.chunks_exact_mut(4).zip(chunk) {
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        sink(&buf[..4 * chunk.len()])?;
+    }
+    Ok(())
+}
+
+/// The integrity checksum: XXH3-64 over the metadata (every key but the checksum, in
+/// key order: key, NUL, value, NUL) and then every tensor in name order (name, NUL,
+/// `F32`, NUL, rank, dimensions and byte length as u64 little-endian, the bytes).
+fn checksum<'a>(
+    meta: impl Iterator<Item = (&'a str, &'a str)>,
+    tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [f32])>,
+) -> String {
+    let mut h = Xxh3::new();
+    h.update(b"adamax-cuda checkpoint checksum 1\0");
+    for (k, v) in meta.filter(|(k, _)| *k != CHECKSUM_KEY) {
+        for part in [k.as_bytes(), b"\0", v.as_bytes(), b"\0"] {
+            h.update(part);
+        }
+    }
+    for (name, shape, data) in tensors {
+        h.update(name.as_bytes());
+        h.update(b"\0F32\0");
+        h.update(&(shape.len() as u64).to_le_bytes());
+        for &d in shape {
+            h.update(&(d as u64).to_le_bytes());
+        }
+        h.update(&(4 * data.len() as u64).to_le_bytes());
+        // Writing to a hasher cannot fail.
+        let _ = for_each_le_block(data, |b| {
+            h.update(b);
+            Ok(())
+        });
+    }
+    format!("xxh3-64:{:016x}", h.digest())
+}
+
+/// Refuses `raw` unless its stored checksum matches its content.
+pub(super) fn verify_checksum(raw: &RawFile, stored: &str) -> Result<(), Error> {
+    let mut meta: Vec<(&str, &str)> = raw
+        .meta
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    meta.sort_unstable();
+    let actual = checksum(
+        meta.into_iter(),
+        raw.tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice())),
+    );
+    if actual == stored {
+        Ok(())
+    } else {
+        Err(refuse(format!(
+            "its integrity check failed (stored {stored}, content gives {actual}): the file is corrupt or was edited"
+        )))
+    }
+}
+
+/// Writes `ck` (validated first) as a safetensors file: entries in name order, header
+/// keys sorted, the checksum in the metadata.
+pub(super) fn write(ck: &Checkpoint, w: &mut impl Write) -> Result<(), WriteError> {
+    ck.validate().map_err(WriteError::Invalid)?;
+    let step = [ck.step as f32];
+    let mut entries: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    for (i, t) in ck.tensors.iter().enumerate() {
+        for &e in Entry::of(ck.storage) {
+            let (shape, data): (Vec<usize>, &[f32]) = match e {
+                Entry::ExpAvg => (vec![t.exp_avg.len()], &t.exp_avg),
+                Entry::ExpInf => (vec![t.exp_inf.len()], &t.exp_inf),
+                Entry::Master => (vec![t.master.len()], &t.master),
+                Entry::Step => (vec![], &step),
+            };
+            entries.push((e.name(i), shape, data));
+        }
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = ck.metadata();
+    let sum = checksum(
+        meta.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        entries
+            .iter()
+            .map(|(n, s, d)| (n.as_str(), s.as_slice(), *d)),
+    );
+    meta.insert(CHECKSUM_KEY.to_owned(), sum);
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".to_owned(), serde_json::json!(meta));
+    let mut offset = 0usize;
+    for (name, shape, data) in &entries {
+        let end = offset + 4 * data.len();
+        header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }),
+        );
+        offset = end;
+    }
+    // serde_json's map keeps keys sorted (or, with `preserve_order` enabled elsewhere,
+    // in the sorted order they were inserted in): the header is deterministic.
+    let mut text = serde_json::to_vec(&header).map_err(|e| WriteError::Io(e.into()))?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let io = WriteError::Io;
+    w.write_all(&(text.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&text).map_err(io)?;
+    for (_, _, data) in &entries {
+        for_each_le_block(data, |b| w.write_all(b)).map_err(io)?;
+    }
+    w.flush().map_err(io)
+}
+
+/// Reads a safetensors file of `total_len` bytes from `r`: the header (bounded), then
+/// every tensor, no byte past what the header declares.
+pub(super) fn read(r: &mut impl Read, total_len: u64) -> Result<RawFile, ReadError> {
+    let bad = |reason: String| ReadError::Refused(refuse(reason));
+    if total_len < 8 {
+        return Err(bad(format!(
+            "{total_len} bytes is too short for a safetensors file"
+        )));
+    }
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).map_err(ReadError::Io)?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER || n > total_len - 8 {
+        return Err(bad(format!(
+            "its header claims {n} bytes; the file has {total_len} and headers are at most {MAX_HEADER}"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    r.read_exact(&mut header).map_err(ReadError::Io)?;
+    let metadata: Metadata = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not a readable safetensors header ({e})")))?;
+    let declared = 8 + n + metadata.data_len() as u64;
+    if declared != total_len {
+        return Err(bad(format!(
+            "its header declares {declared} bytes but the file has {total_len}: truncated or corrupt"
+        )));
+    }
+    let meta = metadata
+        .metadata()
+        .clone()
+        .ok_or_else(|| bad("no metadata: not an AdaMax checkpoint".into()))?;
+    let mut tensors = BTreeMap::new();
+    let mut buf = vec![0u8; BLOCK_BYTES];
+    for name in metadata.offset_keys() {
+        let Some(info) = metadata.info(&name) else {
+            return Err(bad(format!("`{name}` is listed without its description")));
+        };
+        if info.dtype != Dtype::F32 {
+            return Err(bad(format!("`{name}` is {:?}, expected F32", info.dtype)));
+        }
+        let mut left = info.data_offsets.1 - info.data_offsets.0;
+        let mut data = Vec::with_capacity(left / 4);
+        while left > 0 {
+            let take = left.min(BLOCK_BYTES);
+            r.read_exact(&mut buf[..take]).map_err(ReadError::Io)?;
+            data.extend(
+                buf[..take]
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+            left -= take;
+        }
+        tensors.insert(
+            name,
+            RawTensor {
+                shape: info.shape.clone(),
+                data,
+            },
+        );
+    }
+    Ok(RawFile { meta, tensors })
+}
