@@ -21,7 +21,7 @@ use adamax_cuda::{
     bf16,
     cpu::CpuAdamax,
     cuda::{self, cudarc::driver::CudaStream, CudaAdamax, GpuStorage},
-    f16, AdamaxConfig,
+    f16, AdamaxConfig, Optimizer,
 };
 use common::{copy_buffers, sets_needed, shapes, timed, values, Set, BYTES_PER_ELEMENT};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

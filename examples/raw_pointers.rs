@@ -14,7 +14,7 @@
 use adamax_cuda::{
     cpu::CpuAdamax,
     cuda::{self, cudarc::driver::result, CudaAdamax, RawParam, RawTensor},
-    AdamaxConfig,
+    AdamaxConfig, Optimizer,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -10,8 +10,9 @@
 // with --fmad=false, so the compiler contracts nothing and f32 results equal the CPU
 // reference bit for bit.
 
-#if !defined(ADAMAX_LAYOUT_CHECKS) || !defined(ADAMAX_CHUNK) || !defined(ADAMAX_BLOCK)
-#error "compile through adamax-cuda: it defines the ADAMAX_* layout constants and checks"
+#if !defined(ADAMAX_LAYOUT_CHECKS) || !defined(ADAMAX_ENTRY_POINTS) || !defined(ADAMAX_CHUNK) || \
+    !defined(ADAMAX_BLOCK)
+#error "compile through adamax-cuda: it defines the ADAMAX_* layout, checks and entry points"
 #endif
 
 typedef unsigned long long u64;
@@ -462,32 +463,19 @@ __device__ void init_master(const InitArgs& a) {
         master[i] = widen(((const u16*)param)[i], T());
 }
 
-// ---- Entry points, one per storage type ----
+// ---- Entry points ----
+// NOTE: the list of entry points (their names and storage types) comes from
+// src/cuda/entry.rs as ADAMAX_ENTRY_POINTS, e.g. ADAMAX_STEP(adamax_step_f32, float):
+// this file says what each kind does, Rust names them, and the loader looks up the
+// same names.
 
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_step_f32(const AdamaxArgs args) {
-    adamax_step<float>(args);
-}
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_step_f16(const AdamaxArgs args) {
-    adamax_step<f16>(args);
-}
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_step_bf16(const AdamaxArgs args) {
-    adamax_step<bf16>(args);
-}
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_reduce_f32(const AdamaxArgs args) {
-    adamax_reduce<float>(args);
-}
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_reduce_f16(const AdamaxArgs args) {
-    adamax_reduce<f16>(args);
-}
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_reduce_bf16(const AdamaxArgs args) {
-    adamax_reduce<bf16>(args);
-}
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_finalize_step(const AdamaxArgs args) {
-    adamax_finalize(args);
-}
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_init_master_f16(const InitArgs args) {
-    init_master<f16>(args);
-}
-extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) adamax_init_master_bf16(const InitArgs args) {
-    init_master<bf16>(args);
-}
+#define ADAMAX_STEP(name, T) \
+    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_step<T>(args); }
+#define ADAMAX_REDUCE(name, T) \
+    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_reduce<T>(args); }
+#define ADAMAX_FINALIZE(name) \
+    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_finalize(args); }
+#define ADAMAX_INIT_MASTER(name, T) \
+    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const InitArgs args) { init_master<T>(args); }
+
+ADAMAX_ENTRY_POINTS

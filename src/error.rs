@@ -118,6 +118,21 @@ pub enum Error {
         /// The driver's error.
         source: cudarc::driver::DriverError,
     },
+    /// No CUDA device has this ordinal.
+    #[error("AdaMax GPU: there is no CUDA device {ordinal} ({visible} visible); pick an ordinal below {visible}, check CUDA_VISIBLE_DEVICES, or use adamax_cuda::cpu::CpuAdamax without a GPU")]
+    NoSuchDevice {
+        /// The ordinal asked for.
+        ordinal: usize,
+        /// Devices the driver sees.
+        visible: usize,
+    },
+    /// A stream handed to `borrow_stream` belongs to another CUDA context than the
+    /// device's primary context.
+    #[error("AdaMax GPU: the borrowed stream belongs to another CUDA context than device {ordinal}'s primary context; pass a stream created in the primary context (as candle, burn and tch do)")]
+    ForeignStream {
+        /// The device ordinal asked for.
+        ordinal: usize,
+    },
     /// A buffer lives in another CUDA context than the optimizer's stream.
     #[error("AdaMax GPU: {what} of tensor {tensor} lives on device {found} but the optimizer runs on device {expected}; move it or build the optimizer on that device's stream")]
     WrongDevice {

@@ -15,6 +15,7 @@
 //! with coupled (L2) or decoupled weight decay and `maximize`; see [`AdamaxConfig`] for
 //! the conventions and [`cpu`] for the exact arithmetic, which is the crate's spec.
 //!
+//! - [`Optimizer`]: the trait both optimizers implement with the same signatures.
 //! - [`cuda::CudaAdamax`]: the GPU optimizer. The update of a whole list of tensors is
 //!   one kernel launch; each step also launches a one-block pass that counts the step
 //!   on the device, and, with clipping or the overflow check, a reduction before it.
@@ -33,6 +34,12 @@
 //!
 //! Nothing CUDA is needed to build: the driver and NVRTC are loaded at run time, and
 //! their absence is an [`Error`], not a panic.
+//!
+//! **Layout.** [`cpu`] is the spec and the CPU optimizer; [`fused`] the training-loop
+//! features and their reduction order; [`checkpoint`] the file format; [`cuda`] the GPU
+//! path, one job per module (NVRTC, cache, driver, device memory, control block,
+//! launches, raw pointers, the optimizer). `kernels/adamax.cu` is CUDA only; its struct
+//! layouts and entry-point names come from `src/cuda/args.rs` and `src/cuda/entry.rs`.
 
 #![deny(missing_docs)]
 
@@ -44,6 +51,8 @@ mod error;
 mod fnv;
 mod fsutil;
 pub mod fused;
+mod optimizer;
+mod state;
 mod storage;
 
 pub use checkpoint::Checkpoint;
@@ -51,6 +60,8 @@ pub use config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode};
 pub use error::{ConfigError, Error, Result};
 pub use fused::{LossScaler, StepOptions, StepReport};
 pub use half::{bf16, f16};
+pub use optimizer::Optimizer;
+pub use state::TensorState;
 pub use storage::{Storage, StorageType};
 
 /// CUDA sources embedded by build.rs.

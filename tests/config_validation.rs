@@ -3,7 +3,7 @@
 
 use adamax_cuda::{
     cpu::CpuAdamax, cuda::Arch, AdamaxConfig, ConfigError, EpsilonMode, Error, LossScaler,
-    TensorHyper, WeightDecayMode,
+    Optimizer, TensorHyper, WeightDecayMode,
 };
 
 fn with(field: &str, value: f64) -> AdamaxConfig {

@@ -5,7 +5,8 @@
 mod common;
 
 use adamax_cuda::{
-    cpu::CpuAdamax, f16, AdamaxConfig, ConfigError, Error, LossScaler, StepOptions, Storage,
+    cpu::CpuAdamax, f16, AdamaxConfig, ConfigError, Error, LossScaler, Optimizer, StepOptions,
+    Storage,
 };
 use common::{SCALER_INF_STEPS, SCALER_SCALES};
 
@@ -49,25 +50,25 @@ fn a_non_finite_gradient_skips_the_whole_step_bit_for_bit() {
         }))
         .unwrap();
         step(&mut opt, &mut params, &grads_with(&lens, 0, None));
-        let (params_before, ck_before) = (params.clone(), opt.checkpoint());
+        let (params_before, ck_before) = (params.clone(), opt.checkpoint().unwrap());
         // One bad element, in the last tensor, far from the others.
         step(
             &mut opt,
             &mut params,
             &grads_with(&lens, 1, Some((2, 299, poison))),
         );
-        let r = opt.last_report();
+        let r = opt.last_report().unwrap();
         assert!(r.skipped, "{poison}");
         assert_eq!(r.step, 1);
         assert_eq!(params, params_before, "{poison}: parameters changed");
         assert_eq!(
-            opt.checkpoint(),
+            opt.checkpoint().unwrap(),
             ck_before,
             "{poison}: state, masters or step changed"
         );
         assert_eq!(r.loss_scale, Some(128.0), "backoff halves the scale");
         step(&mut opt, &mut params, &grads_with(&lens, 2, None));
-        assert!(!opt.last_report().skipped && opt.step_count() == 2);
+        assert!(!opt.last_report().unwrap().skipped && opt.step_count().unwrap() == 2);
     }
 }
 
@@ -77,7 +78,7 @@ fn skip_nonfinite_works_without_unscaling_and_is_off_by_default() {
     let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&p[0]]).unwrap();
     step(&mut opt, &mut p, &[vec![0.1, f32::NAN, 0.1, 0.1]]);
     assert!(
-        !opt.last_report().skipped && p[0][1].is_nan(),
+        !opt.last_report().unwrap().skipped && p[0][1].is_nan(),
         "without the check NaN flows in, as in PyTorch"
     );
     let mut p = vec![vec![1.0f32; 4]];
@@ -88,7 +89,7 @@ fn skip_nonfinite_works_without_unscaling_and_is_off_by_default() {
     })
     .unwrap();
     step(&mut opt, &mut p, &[vec![0.1, f32::NAN, 0.1, 0.1]]);
-    assert!(opt.last_report().skipped && p[0] == vec![1.0; 4]);
+    assert!(opt.last_report().unwrap().skipped && p[0] == vec![1.0; 4]);
 }
 
 #[test]
@@ -111,7 +112,7 @@ fn the_reported_norm_is_the_global_l2_norm_and_clipping_bounds_the_update() {
     })
     .unwrap();
     step(&mut opt, &mut params, &grads);
-    let r = opt.last_report();
+    let r = opt.last_report().unwrap();
     // The norm is of the unscaled gradients (g * 0.5); f32 partials of 8192 terms each.
     let norm = f64::from(r.total_norm.unwrap());
     assert!(
@@ -123,7 +124,7 @@ fn the_reported_norm_is_the_global_l2_norm_and_clipping_bounds_the_update() {
     assert!((f64::from(r.clip_coef) - expected_coef).abs() < 1e-6 * expected_coef);
     // A clipped first step still moves each parameter by lr * sign(g) (AdaMax is
     // invariant to gradient scale on its first step), so clipping shows in m, not theta.
-    let m0 = opt.state()[0].exp_avg[1];
+    let m0 = opt.tensor_states()[0].exp_avg[1];
     assert!(
         (f64::from(m0) - 0.1 * f64::from(grads[0][1]) * 0.5 * f64::from(r.clip_coef)).abs() < 1e-7
     );
@@ -201,7 +202,7 @@ fn bad_options_and_scalers_are_refused() {
             "{field}: {err}"
         );
     }
-    assert_eq!(opt.loss_scaler(), None);
+    assert_eq!(opt.loss_scaler().unwrap(), None);
 }
 
 #[test]
@@ -255,7 +256,7 @@ fn with_a_loss_scaler_the_update_sees_exactly_the_unscaled_gradients() {
         }))
         .unwrap();
     for (t, &want_scale) in SCALER_SCALES.iter().enumerate() {
-        let scale = scaled.loss_scaler().unwrap().scale;
+        let scale = scaled.loss_scaler().unwrap().unwrap().scale;
         assert_eq!(scale, want_scale, "scale before step {t}");
         let g = grads_with::<f32>(&lens, t, None);
         let mut gs: Vec<Vec<f32>> = g
@@ -267,13 +268,17 @@ fn with_a_loss_scaler_the_update_sees_exactly_the_unscaled_gradients() {
             gs[1][3] = f32::INFINITY;
         }
         step(&mut scaled, &mut scaled_p, &gs);
-        assert_eq!(scaled.last_report().skipped, inf, "step {t}");
+        assert_eq!(scaled.last_report().unwrap().skipped, inf, "step {t}");
         if !inf {
             step(&mut plain, &mut plain_p, &g);
         }
         let bits =
             |v: &[Vec<f32>]| -> Vec<u32> { v.iter().flatten().map(|x| x.to_bits()).collect() };
         assert_eq!(bits(&scaled_p), bits(&plain_p), "parameters after step {t}");
-        assert_eq!(scaled.state(), plain.state(), "state after step {t}");
+        assert_eq!(
+            scaled.tensor_states(),
+            plain.tensor_states(),
+            "state after step {t}"
+        );
     }
 }

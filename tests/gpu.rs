@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use adamax_cuda::{
     bf16,
-    cpu::{CpuAdamax, TensorState},
+    cpu::CpuAdamax,
     cuda::{self, cudarc::driver::CudaStream, CudaAdamax, GpuStorage},
-    f16, AdamaxConfig, EpsilonMode, Error, Storage, WeightDecayMode,
+    f16, AdamaxConfig, EpsilonMode, Error, Optimizer, Storage, TensorState, WeightDecayMode,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -181,13 +181,13 @@ fn gpu_matches_cpu<T: GpuStorage>(
         cpu.step(&mut param_refs, &grad_refs)?;
 
         if step == 0 || step + 1 == steps {
-            let gpu_state = gpu.state_to_host()?;
+            let gpu_state = gpu.state()?;
             for (i, (dev, want)) in dev_params.iter().zip(&host).enumerate() {
                 let got: Vec<T> = stream.clone_dtoh(dev)?[layout.param_offset..].to_vec();
                 let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
                 same("param", i, &f(&got), &f(want))
                     .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
-                let cs = &cpu.state()[i];
+                let cs = &cpu.tensor_states()[i];
                 let gs = &gpu_state[i];
                 for (what, g, c) in [
                     ("exp_avg", &gs.exp_avg, &cs.exp_avg),
@@ -288,7 +288,7 @@ fn refused_steps_change_nothing(stream: &Arc<CudaStream>) -> TestResult {
     let mut params = vec![p];
     let mut opt = CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &params)?;
     opt.step(&mut params, std::slice::from_ref(&g))?;
-    let before = (stream.clone_dtoh(&params[0])?, opt.state_to_host()?);
+    let before = (stream.clone_dtoh(&params[0])?, opt.state()?);
     match opt.step(&mut params, &[short]) {
         Err(Error::LengthMismatch {
             what: "grad",
@@ -306,7 +306,7 @@ fn refused_steps_change_nothing(stream: &Arc<CudaStream>) -> TestResult {
         }) => {}
         other => return Err(format!("expected TensorCountMismatch, got {other:?}").into()),
     }
-    let after = (stream.clone_dtoh(&params[0])?, opt.state_to_host()?);
+    let after = (stream.clone_dtoh(&params[0])?, opt.state()?);
     if before.0 != after.0 || opt.step_count()? != 1 {
         return Err("a refused step changed the parameters or the step count".into());
     }
@@ -338,11 +338,11 @@ fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult
     let config = AdamaxConfig::default();
     let mut gpu = CudaAdamax::<T>::new(stream, config, &params)?;
     let windows = [0..4096, (1 << 31) - 4096..(1 << 31) + 4096, n - 4096..n];
-    let mut cpu: Vec<(Vec<T>, adamax_cuda::cpu::TensorState)> = windows
+    let mut cpu: Vec<(Vec<T>, adamax_cuda::TensorState)> = windows
         .iter()
         .map(|w| {
             let p: Vec<T> = w.clone().map(|i| value(i, 1, 1.0)).collect();
-            let st = adamax_cuda::cpu::TensorState::new(&p);
+            let st = adamax_cuda::TensorState::new(&p);
             (p, st)
         })
         .collect();
@@ -464,7 +464,7 @@ fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> 
             return Err("step_raw differs from step".into());
         }
     }
-    same_state(&raw.state_to_host()?, &typed.state_to_host()?)
+    same_state(&raw.state()?, &typed.state()?)
         .map_err(|e| format!("step_raw state differs from step's: {e}"))?;
     let mut null = tensors.clone();
     null[0].param = 0;
@@ -543,7 +543,7 @@ fn per_tensor_hyperparameters_match_the_cpu(
     for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
         same("param", i, &stream.clone_dtoh(d)?, h)?;
     }
-    same_state(&gpu.state_to_host()?, cpu.state()).map_err(|e| format!("{mode:?}: {e}"))?;
+    same_state(&gpu.state()?, cpu.tensor_states()).map_err(|e| format!("{mode:?}: {e}"))?;
     Ok(())
 }
 
@@ -582,7 +582,7 @@ fn fused_matches_the_cpu<T: GpuStorage>(
     cpu.set_options(options)?;
     cpu.set_loss_scaler(scaler)?;
     for step in 0..12 {
-        let scale = cpu.loss_scaler().map_or(1.0, |s| s.scale);
+        let scale = cpu.loss_scaler()?.map_or(1.0, |s| s.scale);
         let mut grads: Vec<Vec<T>> = lens
             .iter()
             .map(|&n| random::<T>(&mut rng, n, 0.1))
@@ -614,7 +614,7 @@ fn fused_matches_the_cpu<T: GpuStorage>(
         let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
         let mut p: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
         cpu.step(&mut p, &g)?;
-        let (gr, cr) = (gpu.last_report()?, cpu.last_report());
+        let (gr, cr) = (gpu.last_report()?, cpu.last_report()?);
         let same_norm = gr.total_norm.map(f32::to_bits) == cr.total_norm.map(f32::to_bits);
         if gr.step != cr.step
             || gr.skipped != cr.skipped
@@ -630,7 +630,7 @@ fn fused_matches_the_cpu<T: GpuStorage>(
             same("param", i, &f(&got), &f(h))
                 .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
         }
-        same_state(&gpu.state_to_host()?, cpu.state())
+        same_state(&gpu.state()?, cpu.tensor_states())
             .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
     }
     Ok(())
@@ -766,7 +766,7 @@ fn loss_scaler_unscales_by_the_scale_the_gradients_carry<T: GpuStorage>(
             same("param", i, &f(&stream.clone_dtoh(d)?), &f(h))
                 .map_err(|e| format!("{} step {t}: {e}", T::NAME))?;
         }
-        same_state(&gpu.state_to_host()?, plain.state())
+        same_state(&gpu.state()?, plain.tensor_states())
             .map_err(|e| format!("{} step {t}: {e}", T::NAME))?;
     }
     Ok(())
@@ -791,7 +791,7 @@ fn a_full_step_counter_refuses_the_step_like_the_cpu(stream: &Arc<CudaStream>) -
     let mut gpu = CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &params)?;
     let refs: Vec<&[f32]> = init.iter().map(|p| p.as_slice()).collect();
     let mut cpu = CpuAdamax::<f32>::new(AdamaxConfig::default(), &refs)?;
-    let mut ck = cpu.checkpoint();
+    let mut ck = cpu.checkpoint()?;
     ck.step = u64::MAX - 1;
     gpu.restore(&ck)?;
     cpu.restore(&ck)?;
@@ -833,7 +833,7 @@ fn a_full_step_counter_refuses_the_step_like_the_cpu(stream: &Arc<CudaStream>) -
     if after.1 != before.1 {
         return Err("a refused step changed the parameters".into());
     }
-    same_checkpoint(&after.0, &cpu.checkpoint())?;
+    same_checkpoint(&after.0, &cpu.checkpoint()?)?;
     counter_full_in_a_replayed_graph_changes_nothing(stream, &init, &grads)
 }
 
@@ -858,7 +858,7 @@ fn counter_full_in_a_replayed_graph_changes_nothing(
     let (mut params, dg) = (up(init)?, up(grads)?);
     let mut opt = CudaAdamax::<f32>::new(&s, AdamaxConfig::default(), &params)?;
     let refs: Vec<&[f32]> = init.iter().map(|p| p.as_slice()).collect();
-    let mut ck = CpuAdamax::<f32>::new(AdamaxConfig::default(), &refs)?.checkpoint();
+    let mut ck = CpuAdamax::<f32>::new(AdamaxConfig::default(), &refs)?.checkpoint()?;
     ck.step = u64::MAX - 2;
     opt.restore(&ck)?;
     opt.step(&mut params, &dg)?; // step u64::MAX - 1; uploads the tensor table

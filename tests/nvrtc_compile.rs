@@ -7,7 +7,7 @@ use adamax_cuda::{
         cache::{cache_dir_from, compile_cached_in, entry_path, CacheOutcome},
         compile, compile_source,
         cubin::kernel_resources,
-        nvrtc_version, Arch, Compiled, ENTRY_POINTS,
+        nvrtc_version, Arch, Compiled, EntryPoint,
     },
     Error,
 };
@@ -99,8 +99,25 @@ fn compiles_every_entry_point(arch: Arch) -> Result<(), Failed> {
     if c.is_ptx {
         return Err(format!("NVRTC fell back to PTX for {arch}: it should support it").into());
     }
-    for note in audit(&c, &ENTRY_POINTS)? {
+    let names = EntryPoint::ALL.map(EntryPoint::name);
+    for note in audit(&c, &names)? {
         eprintln!("{note}");
+    }
+    // The CUBIN's kernels are exactly the table's: nothing missing, nothing extra (the
+    // names come from src/cuda/entry.rs; `$`-prefixed symbols are the compiler's own).
+    let mut kernels: Vec<String> = kernel_resources(&c.image)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|r| r.name)
+        .filter(|n| !n.starts_with('$'))
+        .collect();
+    kernels.sort();
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    if kernels != want {
+        return Err(
+            format!("{arch}: the CUBIN exports {kernels:?}, the table lists {want:?}").into(),
+        );
     }
     Ok(())
 }

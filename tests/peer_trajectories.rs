@@ -4,7 +4,7 @@
 
 mod common;
 
-use adamax_cuda::{bf16, cpu::CpuAdamax, f16, Storage};
+use adamax_cuda::{bf16, cpu::CpuAdamax, f16, Optimizer, Storage};
 use common::{trajectories, Trajectory, TRAJECTORIES};
 
 /// What the replay produced: parameters after every step (master for 16-bit), the
@@ -58,9 +58,9 @@ fn replay<T: Storage>(t: &Trajectory) -> Replay {
         let grad_refs: Vec<&[T]> = grads.iter().map(|g| g.as_slice()).collect();
         let mut param_refs: Vec<&mut [T]> = params.iter_mut().map(|p| p.as_mut_slice()).collect();
         opt.step(&mut param_refs, &grad_refs).unwrap();
-        check_fused_step(t, step, &opt.last_report());
+        check_fused_step(t, step, &opt.last_report().unwrap());
         for (i, p) in params.iter().enumerate() {
-            let state = &opt.state()[i];
+            let state = &opt.tensor_states()[i];
             let stored: Vec<f32> = p.iter().map(|x| x.to_f32()).collect();
             if T::HAS_MASTER {
                 // The 16-bit copy is exactly the round-to-nearest-even of the master.
@@ -75,9 +75,17 @@ fn replay<T: Storage>(t: &Trajectory) -> Replay {
         }
     }
     let skipped = t.skipped.iter().filter(|&&s| s).count();
-    assert_eq!(opt.step_count(), (t.steps - skipped) as u64);
-    out.exp_avg = opt.state().iter().map(|s| s.exp_avg.clone()).collect();
-    out.exp_inf = opt.state().iter().map(|s| s.exp_inf.clone()).collect();
+    assert_eq!(opt.step_count().unwrap(), (t.steps - skipped) as u64);
+    out.exp_avg = opt
+        .tensor_states()
+        .iter()
+        .map(|s| s.exp_avg.clone())
+        .collect();
+    out.exp_inf = opt
+        .tensor_states()
+        .iter()
+        .map(|s| s.exp_inf.clone())
+        .collect();
     out
 }
 

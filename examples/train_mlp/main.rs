@@ -19,7 +19,7 @@ use adamax_cuda::{
         },
         Arch, CudaAdamax, GpuStorage,
     },
-    f16, AdamaxConfig, Storage,
+    f16, AdamaxConfig, Optimizer, Storage,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;

@@ -40,11 +40,11 @@
 //! regular files only (not a FIFO or `/dev/zero`), and no more than the header declares.
 //!
 //! ```no_run
-//! use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Checkpoint};
+//! use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Checkpoint, Optimizer};
 //! let mut weights = vec![0.5f32; 1000];
 //! let mut opt = CpuAdamax::<f32>::new(AdamaxConfig::default(), &[&weights])?;
 //! opt.step(&mut [&mut weights], &[&vec![0.01; 1000]])?;
-//! opt.checkpoint().save("adamax.safetensors")?;
+//! opt.checkpoint()?.save("adamax.safetensors")?;
 //! // Later, or in another process: a corrupt or mismatched file is refused here.
 //! opt.restore(&Checkpoint::load("adamax.safetensors")?)?;
 //! # Ok::<(), adamax_cuda::Error>(())
@@ -56,8 +56,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use crate::{
     config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode},
-    cpu::TensorState,
     error::{Error, Result},
+    state::{check_pairs, TensorState},
     storage::StorageType,
 };
 
@@ -152,7 +152,7 @@ impl Checkpoint {
     /// and (for 16-bit storage only) `master` of equal lengths, and `exp_inf >= 0`
     /// everywhere (NaN is refused). `save` and `load` both run it.
     pub fn validate(&self) -> Result<()> {
-        crate::cpu::check_pairs(&self.config, &self.hypers)?;
+        check_pairs(&self.config, &self.hypers)?;
         if self.hypers.len() != self.tensors.len() {
             return Err(refuse(format!(
                 "it holds hyperparameters for {} tensors and state for {}",

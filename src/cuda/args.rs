@@ -198,26 +198,18 @@ unsafe impl DeviceRepr for ControlParams {}
 unsafe impl cudarc::driver::ValidAsZeroBits for TensorDesc {}
 
 impl AdamaxArgs {
-    /// The kernel arguments over a table of `num_tensors` descriptors at device address
-    /// `tensors`, with the device [`Control`] block at `control` and `num_chunks` f32
-    /// partial sums at `partials`; the tensor-independent scalars come from `s` (any
-    /// tensor's [`StepScalars`]: the kernel derives each tensor's step size and decay
-    /// from the control block as `StepScalars::for_tensor` does).
-    pub(crate) fn new(
-        s: &StepScalars,
-        decay_mode: WeightDecayMode,
-        control: u64,
-        partials: u64,
-        tensors: u64,
-        num_tensors: u64,
-        num_chunks: u64,
-    ) -> Self {
+    /// The kernel arguments with the device [`Control`] block at `control`, the
+    /// tensor-independent scalars from `s` (any tensor's [`StepScalars`]: the kernel
+    /// derives each tensor's step size and decay from the control block as
+    /// `StepScalars::for_tensor` does), and no tensor table yet (the launch plan fills
+    /// in the table, the partial sums and the counts).
+    pub(crate) fn new(s: &StepScalars, decay_mode: WeightDecayMode, control: u64) -> Self {
         Self {
-            tensors,
-            num_tensors,
-            num_chunks,
+            tensors: 0,
+            num_tensors: 0,
+            num_chunks: 0,
             control,
-            partials,
+            partials: 0,
             beta1: s.beta1,
             one_minus_beta1: s.one_minus_beta1,
             beta2: s.beta2,

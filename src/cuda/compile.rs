@@ -9,25 +9,12 @@ use cudarc::nvrtc::{result, sys};
 
 use crate::error::{Error, Result};
 
-use super::args::layout_defines;
+use super::{args::layout_defines, entry::entry_points_define};
 
 /// The CUDA source, embedded by build.rs.
 pub const SOURCE: &str = crate::kernels::ADAMAX_CU;
 /// FNV-1a hash of [`SOURCE`] (a cache key).
 pub const SOURCE_HASH: u64 = crate::kernels::ADAMAX_CU_HASH;
-
-/// Every `extern "C"` entry point of the kernel source.
-pub const ENTRY_POINTS: [&str; 9] = [
-    "adamax_step_f32",
-    "adamax_step_f16",
-    "adamax_step_bf16",
-    "adamax_reduce_f32",
-    "adamax_reduce_f16",
-    "adamax_reduce_bf16",
-    "adamax_finalize_step",
-    "adamax_init_master_f16",
-    "adamax_init_master_bf16",
-];
 
 /// Oldest architecture the kernels support (Turing, sm_75): the oldest NVRTC 13 targets.
 pub const MIN_ARCH: Arch = Arch { major: 7, minor: 5 };
@@ -137,6 +124,7 @@ pub fn options(target: &str) -> Vec<String> {
         "--ptxas-options=--verbose".into(),
     ];
     o.extend(layout_defines());
+    o.push(entry_points_define());
     o
 }
 

@@ -15,12 +15,17 @@ pub mod compile;
 mod control;
 pub mod cubin;
 mod device;
+mod entry;
+mod launch;
+mod module;
 mod optimizer;
+mod raw;
+mod state;
 
 pub use cache::{compile_cached, CacheOutcome};
-pub use compile::{
-    compile, compile_source, nvrtc_version, supported_archs, Arch, Compiled, ENTRY_POINTS,
-};
+pub use compile::{compile, compile_source, nvrtc_version, supported_archs, Arch, Compiled};
 pub use cudarc;
 pub use device::{borrow_stream, default_stream, device_count, ensure_driver};
-pub use optimizer::{CudaAdamax, GpuStorage, RawParam, RawTensor};
+pub use entry::EntryPoint;
+pub use optimizer::{CudaAdamax, GpuStorage};
+pub use raw::{RawParam, RawTensor};

@@ -1,0 +1,247 @@
+//! [`CpuAdamax`]: the reference optimizer over host slices.
+
+use crate::{
+    checkpoint::Checkpoint,
+    config::{AdamaxConfig, TensorHyper},
+    error::{Error, Result},
+    fused::{
+        chunk_partial, clip_coef, total_from_partials, LossScaler, StepOptions, StepReport, CHUNK,
+    },
+    optimizer::Optimizer,
+    state::{check_lists, Schedule, TensorState},
+    storage::Storage,
+};
+
+use super::{bias_correction, step_tensor_with, StepScalars};
+
+/// AdaMax on the CPU over a list of tensors of any lengths, owning their state. The
+/// shared API is the [`Optimizer`] trait.
+///
+/// ```
+/// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Optimizer};
+/// let mut weights = vec![0.5f32, -1.0, 2.0];
+/// let mut bias = vec![0.0f32];
+/// let mut opt = CpuAdamax::<f32>::new(AdamaxConfig::default(), &[&weights, &bias])?;
+/// opt.step(&mut [&mut weights, &mut bias], &[&[0.1, -0.2, 0.3], &[1.0]])?;
+/// // The first AdaMax step moves each parameter by about lr against its gradient's sign.
+/// assert!((weights[0] - (0.5 - 2e-3)).abs() < 1e-6);
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct CpuAdamax<T: Storage> {
+    schedule: Schedule,
+    lens: Vec<usize>,
+    states: Vec<TensorState>,
+    step: u64,
+    options: StepOptions,
+    scaler: Option<LossScaler>,
+    report: StepReport,
+    _storage: std::marker::PhantomData<T>,
+}
+
+/// What the overflow check and clipping decide before a step writes anything.
+struct Decision {
+    skip: bool,
+    total_norm: Option<f32>,
+    clip: Option<f32>,
+}
+
+impl<T: Storage> CpuAdamax<T> {
+    /// Validates `config` and creates zeroed state (and f32 masters for 16-bit types)
+    /// for `params`. An empty list is refused; empty tensors are fine.
+    pub fn new(config: AdamaxConfig, params: &[&[T]]) -> Result<Self> {
+        let schedule = Schedule::new(config, params.len())?;
+        if params.is_empty() {
+            return Err(Error::EmptyParameterList);
+        }
+        Ok(Self {
+            schedule,
+            lens: params.iter().map(|p| p.len()).collect(),
+            states: params.iter().map(|p| TensorState::new(p)).collect(),
+            step: 0,
+            options: StepOptions::default(),
+            scaler: None,
+            report: StepReport {
+                step: 0,
+                skipped: false,
+                total_norm: None,
+                clip_coef: 1.0,
+                loss_scale: None,
+            },
+            _storage: std::marker::PhantomData,
+        })
+    }
+
+    /// The state of every tensor, borrowed (the trait's [`Optimizer::state`] copies it).
+    pub fn tensor_states(&self) -> &[TensorState] {
+        &self.states
+    }
+
+    /// The inverse scale this step's gradients are unscaled by, if any.
+    fn inv_scale(&self) -> Option<f32> {
+        match &self.scaler {
+            Some(scaler) => Some(scaler.inv_scale()),
+            None => self.options.inv_scale,
+        }
+    }
+
+    /// The overflow check and the global norm, over every tensor, in the reduction
+    /// order of [`crate::fused`].
+    fn decide(&self, grads: &[&[T]]) -> Decision {
+        let check = self.options.checks(self.scaler.is_some());
+        if !check && self.options.max_norm.is_none() {
+            return Decision {
+                skip: false,
+                total_norm: None,
+                clip: None,
+            };
+        }
+        let inv_scale = self.inv_scale();
+        let unscale = |g: f32| inv_scale.map_or(g, |s| g * s);
+        let lanes = 16 / std::mem::size_of::<T>();
+        let (mut found_inf, mut partials) = (false, Vec::new());
+        for g in grads {
+            for chunk in g.chunks(CHUNK) {
+                let (partial, bad) =
+                    chunk_partial(chunk.len(), lanes, |i| unscale(chunk[i].to_f32()));
+                partials.push(partial);
+                found_inf |= bad;
+            }
+        }
+        let skip = check && found_inf;
+        match self.options.max_norm {
+            Some(max_norm) if !skip => {
+                let (norm, c) = clip_coef(total_from_partials(&partials), max_norm);
+                Decision {
+                    skip,
+                    total_norm: Some(norm),
+                    clip: Some(c),
+                }
+            }
+            _ => Decision {
+                skip,
+                total_norm: None,
+                clip: None,
+            },
+        }
+    }
+}
+
+impl<T: Storage> Optimizer for CpuAdamax<T> {
+    type Storage = T;
+    type Param<'a> = &'a mut [T];
+    type Grad<'a> = &'a [T];
+
+    /// One AdaMax step over every tensor, with the options and the loss scaler, if any
+    /// ([`crate::fused`] gives the semantics). All lengths are checked before anything
+    /// is written, so a refused step leaves parameters and state as they were; so does
+    /// a step skipped for a non-finite gradient (see [`Optimizer::last_report`]).
+    fn step<'a>(&mut self, params: &mut [&'a mut [T]], grads: &[&'a [T]]) -> Result<()> {
+        check_lists(
+            &self.lens,
+            params.iter().map(|p| p.len()),
+            grads.iter().map(|g| g.len()),
+        )?;
+        let d = self.decide(grads);
+        if !d.skip {
+            let t = self
+                .step
+                .checked_add(1)
+                .ok_or(Error::StepOverflow(self.step))?;
+            let bc = bias_correction(self.schedule.config().beta1, t);
+            let inv_scale = self.inv_scale();
+            let grad_map = |g: f32| {
+                let u = inv_scale.map_or(g, |s| g * s);
+                d.clip.map_or(u, |c| u * c)
+            };
+            let (config, hypers) = (self.schedule.config(), self.schedule.hypers());
+            for (i, ((p, g), state)) in params
+                .iter_mut()
+                .zip(grads)
+                .zip(&mut self.states)
+                .enumerate()
+            {
+                let s = StepScalars::for_tensor(config, config.lr, bc, &hypers[i]);
+                step_tensor_with(&s, i, p, g, state, grad_map)?;
+            }
+            self.step = t;
+        }
+        if let Some(scaler) = self.scaler.as_mut() {
+            scaler.update(d.skip);
+        }
+        self.report = StepReport {
+            step: self.step,
+            skipped: d.skip,
+            total_norm: d.total_norm,
+            clip_coef: d.clip.unwrap_or(1.0),
+            loss_scale: self.scaler.map(|s| s.scale),
+        };
+        Ok(())
+    }
+
+    fn config(&self) -> &AdamaxConfig {
+        self.schedule.config()
+    }
+
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.schedule.set_lr(lr)
+    }
+
+    fn tensor_lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    fn tensor_hypers(&self) -> &[TensorHyper] {
+        self.schedule.hypers()
+    }
+
+    fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()> {
+        self.schedule.set_hyper(tensor, hyper)
+    }
+
+    fn options(&self) -> StepOptions {
+        self.options
+    }
+
+    fn set_options(&mut self, options: StepOptions) -> Result<()> {
+        options.validate()?;
+        self.options = options;
+        Ok(())
+    }
+
+    fn loss_scaler(&self) -> Result<Option<LossScaler>> {
+        Ok(self.scaler)
+    }
+
+    /// Each step unscales by the scaler's inverse scale, skips on a non-finite
+    /// gradient, and updates the scale (`None` disables it).
+    fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> Result<()> {
+        if let Some(s) = &scaler {
+            s.validate()?;
+        }
+        self.scaler = scaler;
+        Ok(())
+    }
+
+    fn last_report(&self) -> Result<StepReport> {
+        Ok(self.report)
+    }
+
+    fn step_count(&self) -> Result<u64> {
+        Ok(self.step)
+    }
+
+    fn state(&self) -> Result<Vec<TensorState>> {
+        Ok(self.states.clone())
+    }
+
+    fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
+        ck.check_fits(T::TYPE, &self.lens)?;
+        let mut schedule = self.schedule.clone();
+        schedule.replace(ck.config, &ck.hypers)?;
+        self.schedule = schedule;
+        self.states = ck.tensors.clone();
+        self.step = ck.step;
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! The compiled kernels of a CUDA context: NVRTC (or the on-disk cache) once per
+//! context and process, the module loaded, every entry point looked up.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+
+use super::{
+    args::BLOCK,
+    cache::compile_cached,
+    compile::{Arch, MIN_ARCH},
+    entry::EntryPoint,
+};
+
+/// The compiled kernels of one CUDA context.
+pub(crate) struct Kernels {
+    _module: Arc<CudaModule>,
+    /// Indexed by [`EntryPoint::index`]; every one is loaded at construction.
+    functions: Vec<CudaFunction>,
+    /// Blocks that fill the device once: multiprocessors x resident blocks of the
+    /// heaviest step kernel.
+    pub(crate) max_grid: u32,
+}
+
+impl Kernels {
+    /// The function of entry point `e`.
+    pub(crate) fn function(&self, e: EntryPoint) -> &CudaFunction {
+        &self.functions[e.index()]
+    }
+}
+
+/// The kernels for `ctx`, compiled by NVRTC on first use in this process (or read from
+/// the on-disk cache) and kept for the process.
+pub(crate) fn kernels_for(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+    type Cache = Mutex<Vec<(usize, Arc<Kernels>)>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let key = ctx.cu_ctx() as usize;
+    // A panic elsewhere while holding the lock leaves the cache itself consistent.
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, k)) = cache.iter().find(|(k, _)| *k == key) {
+        return Ok(k.clone());
+    }
+    let kernels = Arc::new(load(ctx)?);
+    cache.push((key, kernels.clone()));
+    Ok(kernels)
+}
+
+fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(Error::driver("reading the compute capability"))?;
+    let arch = Arch {
+        major: u32::try_from(major).unwrap_or(0),
+        minor: u32::try_from(minor).unwrap_or(0),
+    };
+    if arch < MIN_ARCH {
+        return Err(Error::UnsupportedDevice {
+            ordinal: ctx.ordinal(),
+            major,
+            minor,
+        });
+    }
+    // A failure to write the cache costs a compile next time, nothing more.
+    let (compiled, _outcome) = compile_cached(arch)?;
+    let image = if compiled.is_ptx {
+        Ptx::from_src(
+            String::from_utf8_lossy(&compiled.image)
+                .trim_end_matches('\0')
+                .to_owned(),
+        )
+    } else {
+        Ptx::from_binary(compiled.image)
+    };
+    let module = ctx
+        .load_module(image)
+        .map_err(Error::driver("loading the compiled kernels"))?;
+    let functions = EntryPoint::ALL
+        .iter()
+        .map(|e| {
+            module
+                .load_function(e.name())
+                .map_err(Error::driver("finding a kernel entry point"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let sms = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(Error::driver("reading the multiprocessor count"))?;
+    let mut per_sm = u32::MAX;
+    for t in crate::storage::StorageType::ALL {
+        let n = functions[EntryPoint::step(t).index()]
+            .occupancy_max_active_blocks_per_multiprocessor(BLOCK, 0, None)
+            .map_err(Error::driver("querying occupancy"))?;
+        per_sm = per_sm.min(n.max(1));
+    }
+    Ok(Kernels {
+        _module: module,
+        functions,
+        max_grid: u32::try_from(sms).unwrap_or(1).max(1) * per_sm,
+    })
+}

@@ -1,0 +1,111 @@
+//! The raw-pointer entry points, for stacks on another cudarc version, candle, burn or
+//! tch: parameters and gradients as device addresses, under a documented safety
+//! contract; counts, null and misaligned addresses are still refused as errors.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+
+use crate::{
+    config::AdamaxConfig,
+    error::{Error, Result},
+    optimizer::Optimizer,
+};
+
+use super::optimizer::{CudaAdamax, GpuStorage};
+
+/// A parameter tensor owned by another CUDA stack: device address and element count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawParam {
+    /// Device address of the first element.
+    pub ptr: u64,
+    /// Number of elements.
+    pub len: usize,
+}
+
+/// One tensor of a [`CudaAdamax::step_raw`]: device addresses of its parameter and
+/// gradient (each as long as the tensor the optimizer was built with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawTensor {
+    /// Device address of the parameter.
+    pub param: u64,
+    /// Device address of the gradient.
+    pub grad: u64,
+}
+
+impl<T: GpuStorage> CudaAdamax<T> {
+    /// [`CudaAdamax::new`] for parameters owned by another CUDA stack (another cudarc
+    /// version, candle, burn, tch), given as raw device addresses and element counts.
+    ///
+    /// # Safety
+    ///
+    /// - `stream` belongs to the CUDA context the parameters were allocated in (for a
+    ///   stream owned by another stack, get it from [`borrow_stream`](super::borrow_stream)).
+    /// - Each `params[i].ptr` is the address of `params[i].len` initialised elements of
+    ///   `T` that stay allocated while the work enqueued here runs; work that writes them
+    ///   on other streams is ordered before this call by the caller.
+    ///
+    /// Checked here, as errors: an empty list, null or misaligned addresses.
+    pub unsafe fn new_raw(
+        stream: &Arc<CudaStream>,
+        config: AdamaxConfig,
+        params: &[RawParam],
+    ) -> Result<Self> {
+        for (i, p) in params.iter().enumerate() {
+            check_raw::<T>("param", i, p.ptr, p.len)?;
+        }
+        let opt = Self::allocate(stream, config, params.iter().map(|p| p.len).collect())?;
+        opt.init_master(params.iter().map(|p| p.ptr))?;
+        Ok(opt)
+    }
+
+    /// [`CudaAdamax::step`] for buffers owned by another CUDA stack, as raw device
+    /// addresses: `tensors[i]` is the parameter and gradient of tensor `i`.
+    ///
+    /// # Safety
+    ///
+    /// - Each `tensors[i].param` and `.grad` is the address of as many elements of `T`
+    ///   as tensor `i` was constructed with, allocated in the optimizer's CUDA context and
+    ///   alive while the enqueued step runs; the parameter is not aliased by any other
+    ///   tensor's parameter or by a gradient.
+    /// - Work that writes them on streams other than the optimizer's is ordered before
+    ///   this call by the caller (the step runs on the optimizer's stream: build the
+    ///   optimizer on the other stack's stream with [`borrow_stream`](super::borrow_stream)
+    ///   to share its ordering).
+    ///
+    /// Checked here, as errors: the tensor count, null and misaligned addresses.
+    pub unsafe fn step_raw(&mut self, tensors: &[RawTensor]) -> Result<()> {
+        let lens = self.tensor_lens();
+        if tensors.len() != lens.len() {
+            return Err(Error::TensorCountMismatch {
+                what: "tensors",
+                expected: lens.len(),
+                found: tensors.len(),
+            });
+        }
+        for (i, (t, &n)) in tensors.iter().zip(lens).enumerate() {
+            check_raw::<T>("param", i, t.param, n)?;
+            check_raw::<T>("grad", i, t.grad, n)?;
+        }
+        self.prepare_raw(tensors.iter().map(|t| (t.param, t.grad)));
+        self.enqueue()
+    }
+}
+
+/// A raw address must be non-null (unless the tensor is empty) and aligned to `T`.
+fn check_raw<T>(what: &'static str, tensor: usize, address: u64, len: usize) -> Result<()> {
+    let align = std::mem::align_of::<T>() as u64;
+    let reason = if address == 0 && len > 0 {
+        "is null"
+    } else if !address.is_multiple_of(align) {
+        "is not aligned to its element type"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidPointer {
+        what,
+        tensor,
+        address,
+        reason,
+    })
+}

@@ -1,0 +1,337 @@
+//! The optimizer's device memory: `exp_avg`, `exp_inf` and (for 16-bit parameters) the
+//! f32 master weights of every tensor, each in one allocation, with the layout that
+//! places the tensors in them; masters initialised from the parameters; copies to the
+//! host; and restores staged in new buffers so that a failure changes nothing.
+
+use std::{ops::Range, sync::Arc};
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use crate::{
+    config::TensorHyper,
+    error::{Error, Result},
+    state::TensorState,
+    storage::StorageType,
+};
+
+use super::{
+    args::{InitArgs, TensorDesc, BLOCK, CHUNK},
+    entry::EntryPoint,
+    launch::launch,
+    module::Kernels,
+};
+
+/// Elements between the starts of two tensors' state: offsets stay 256-byte aligned
+/// (what cudaMalloc guarantees), so the kernel's 16-byte vector path always applies to
+/// the optimizer's own buffers.
+const STATE_ALIGN: usize = 64;
+
+/// Where each tensor lives in the state buffers and in the launch's chunks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct StateLayout {
+    lens: Vec<usize>,
+    /// Element offset of each tensor in the state buffers.
+    offsets: Vec<usize>,
+    /// Index of each tensor's first chunk in a launch.
+    chunk_begin: Vec<u64>,
+    num_chunks: u64,
+    /// Elements of each state buffer (at least 1: the driver refuses empty ones).
+    total: usize,
+}
+
+impl StateLayout {
+    /// The layout of tensors of `lens`; refuses sizes whose sum or byte size does not
+    /// fit (nothing is allocated before this succeeds).
+    pub(crate) fn new(lens: Vec<usize>) -> Result<Self> {
+        let too_large = || Error::TooLarge {
+            what: "the total element count of the parameter list",
+        };
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut chunk_begin = Vec::with_capacity(lens.len());
+        let (mut total, mut chunks) = (0usize, 0u64);
+        for &n in &lens {
+            offsets.push(total);
+            chunk_begin.push(chunks);
+            total = n
+                .checked_next_multiple_of(STATE_ALIGN)
+                .and_then(|padded| total.checked_add(padded))
+                // Every buffer's byte size must fit too (4 bytes per element).
+                .filter(|t| t.checked_mul(4).is_some())
+                .ok_or_else(too_large)?;
+            chunks = chunks
+                .checked_add((n as u64).div_ceil(CHUNK))
+                .ok_or_else(too_large)?;
+        }
+        Ok(Self {
+            lens,
+            offsets,
+            chunk_begin,
+            num_chunks: chunks,
+            total: total.max(1),
+        })
+    }
+
+    pub(crate) fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    pub(crate) fn num_chunks(&self) -> u64 {
+        self.num_chunks
+    }
+}
+
+/// The state buffers of one optimizer, on its stream.
+pub(crate) struct DeviceState {
+    layout: StateLayout,
+    stream: Arc<CudaStream>,
+    exp_avg: CudaSlice<f32>,
+    exp_inf: CudaSlice<f32>,
+    master: Option<CudaSlice<f32>>,
+    /// Device addresses of the three buffers (0 for no master). Only the optimizer's
+    /// stream touches them, so launches need none of cudarc's cross-stream events.
+    bases: [u64; 3],
+}
+
+/// State uploaded to new buffers, not yet in use.
+pub(crate) struct Staged {
+    exp_avg: CudaSlice<f32>,
+    exp_inf: CudaSlice<f32>,
+    master: Option<CudaSlice<f32>>,
+}
+
+/// The device addresses of the three buffers (0 for no master).
+fn bases(
+    stream: &CudaStream,
+    exp_avg: &CudaSlice<f32>,
+    exp_inf: &CudaSlice<f32>,
+    master: Option<&CudaSlice<f32>>,
+) -> [u64; 3] {
+    let ptr = |b: &CudaSlice<f32>| b.device_ptr(stream).0;
+    [ptr(exp_avg), ptr(exp_inf), master.map_or(0, ptr)]
+}
+
+impl DeviceState {
+    /// Zeroed state for `layout`, with master buffers when `storage` has them.
+    pub(crate) fn zeroed(
+        stream: &Arc<CudaStream>,
+        layout: StateLayout,
+        storage: StorageType,
+    ) -> Result<Self> {
+        let alloc = |what: &'static str| {
+            stream
+                .alloc_zeros::<f32>(layout.total)
+                .map_err(Error::driver(what))
+        };
+        let (exp_avg, exp_inf) = (alloc("allocating exp_avg")?, alloc("allocating exp_inf")?);
+        let master = if storage.has_master() {
+            Some(alloc("allocating master weights")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            bases: bases(stream, &exp_avg, &exp_inf, master.as_ref()),
+            layout,
+            stream: stream.clone(),
+            exp_avg,
+            exp_inf,
+            master,
+        })
+    }
+
+    pub(crate) fn layout(&self) -> &StateLayout {
+        &self.layout
+    }
+
+    /// master = f32(param) for every tensor, from the parameters' device addresses in
+    /// order (nothing for f32 storage).
+    pub(crate) fn init_master(
+        &self,
+        kernels: &Kernels,
+        storage: StorageType,
+        params: impl Iterator<Item = u64>,
+    ) -> Result<()> {
+        let Some(entry) = EntryPoint::init_master(storage) else {
+            return Ok(());
+        };
+        for (i, param) in params.enumerate() {
+            let n = self.layout.lens[i] as u64;
+            if n == 0 {
+                continue;
+            }
+            let args = InitArgs {
+                param,
+                master: self.bases[2] + 4 * self.layout.offsets[i] as u64,
+                len: n,
+            };
+            let blocks = n
+                .div_ceil(u64::from(BLOCK))
+                .min(u64::from(kernels.max_grid));
+            launch(&self.stream, kernels.function(entry), blocks as u32, &args)?;
+        }
+        Ok(())
+    }
+
+    /// The launch descriptor of tensor `i` with its parameter and gradient addresses.
+    pub(crate) fn descriptor(
+        &self,
+        i: usize,
+        param: u64,
+        grad: u64,
+        h: &TensorHyper,
+    ) -> TensorDesc {
+        let at = |base: u64| {
+            if base == 0 {
+                0
+            } else {
+                base + 4 * self.layout.offsets[i] as u64
+            }
+        };
+        TensorDesc {
+            param,
+            grad,
+            exp_avg: at(self.bases[0]),
+            exp_inf: at(self.bases[1]),
+            master: at(self.bases[2]),
+            len: self.layout.lens[i] as u64,
+            chunk_begin: self.layout.chunk_begin[i],
+            lr_scale: h.lr_scale,
+            weight_decay: h.weight_decay,
+        }
+    }
+
+    /// Every tensor's state on the host, in the CPU reference's layout (synchronises):
+    /// three whole-buffer copies, split on the host.
+    pub(crate) fn to_host(&self) -> Result<Vec<TensorState>> {
+        let all = self.copy(0..self.exp_avg.len())?;
+        let part = |v: &Vec<f32>, o: usize, n: usize| {
+            v.get(o..o + n).map_or_else(Vec::new, <[f32]>::to_vec)
+        };
+        Ok(self
+            .layout
+            .lens
+            .iter()
+            .zip(&self.layout.offsets)
+            .map(|(&n, &o)| TensorState {
+                exp_avg: part(&all.exp_avg, o, n),
+                exp_inf: part(&all.exp_inf, o, n),
+                master: part(&all.master, o, n),
+            })
+            .collect())
+    }
+
+    /// Elements `range` of tensor `tensor`'s state on the host (synchronises).
+    pub(crate) fn window_to_host(&self, tensor: usize, range: Range<usize>) -> Result<TensorState> {
+        let n = *self
+            .layout
+            .lens
+            .get(tensor)
+            .ok_or(Error::TensorIndexOutOfRange {
+                index: tensor,
+                count: self.layout.lens.len(),
+            })?;
+        if range.start > range.end || range.end > n {
+            return Err(Error::LengthMismatch {
+                what: "state range end",
+                tensor,
+                expected: n,
+                found: range.end,
+            });
+        }
+        let o = self.layout.offsets[tensor];
+        self.copy(o + range.start..o + range.end)
+    }
+
+    /// Elements `at` of the three buffers; `master` is empty for f32.
+    fn copy(&self, at: Range<usize>) -> Result<TensorState> {
+        let copy = |buf: &CudaSlice<f32>| {
+            self.stream
+                .clone_dtoh(&buf.slice(at.clone()))
+                .map_err(Error::driver("copying the optimizer state to the host"))
+        };
+        Ok(TensorState {
+            exp_avg: copy(&self.exp_avg)?,
+            exp_inf: copy(&self.exp_inf)?,
+            master: self
+                .master
+                .as_ref()
+                .map(copy)
+                .transpose()?
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Uploads `tensors` (which fit the layout: checked by the caller) into new buffers,
+    /// leaving the state in use untouched.
+    pub(crate) fn stage(&self, tensors: &[TensorState]) -> Result<Staged> {
+        let upload = |pick: fn(&TensorState) -> &Vec<f32>| -> Result<CudaSlice<f32>> {
+            let mut buf =
+                self.stream
+                    .alloc_zeros::<f32>(self.layout.total)
+                    .map_err(Error::driver(
+                        "allocating state to restore a checkpoint into",
+                    ))?;
+            for (t, &o) in tensors.iter().zip(&self.layout.offsets) {
+                let data = pick(t);
+                if data.is_empty() {
+                    continue;
+                }
+                let mut dst = buf.slice_mut(o..o + data.len());
+                self.stream
+                    .memcpy_htod(data.as_slice(), &mut dst)
+                    .map_err(Error::driver("restoring a checkpoint"))?;
+            }
+            Ok(buf)
+        };
+        Ok(Staged {
+            exp_avg: upload(|t| &t.exp_avg)?,
+            exp_inf: upload(|t| &t.exp_inf)?,
+            master: match self.master {
+                Some(_) => Some(upload(|t| &t.master)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Puts staged buffers in use (the old ones are freed in stream order).
+    pub(crate) fn commit(&mut self, staged: Staged) {
+        self.bases = bases(
+            &self.stream,
+            &staged.exp_avg,
+            &staged.exp_inf,
+            staged.master.as_ref(),
+        );
+        self.exp_avg = staged.exp_avg;
+        self.exp_inf = staged.exp_inf;
+        self.master = staged.master;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_layout_aligns_every_tensor_and_counts_chunks() {
+        let l = StateLayout::new(vec![0, 1, 64, 65, 8193]).unwrap();
+        assert_eq!(l.offsets, [0, 0, 64, 128, 256]);
+        assert_eq!(l.chunk_begin, [0, 0, 1, 2, 3]);
+        assert_eq!(l.num_chunks, 5);
+        assert_eq!(l.total, 256 + 8256);
+        assert_eq!(StateLayout::new(vec![0]).unwrap().total, 1);
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused_before_anything_is_allocated() {
+        for lens in [
+            vec![usize::MAX],
+            vec![usize::MAX / 2, usize::MAX / 2],
+            vec![usize::MAX / 4 + 1],
+            vec![1 << 62, 1 << 62, 1 << 62],
+        ] {
+            assert!(
+                matches!(StateLayout::new(lens.clone()), Err(Error::TooLarge { .. })),
+                "{lens:?}"
+            );
+        }
+    }
+}

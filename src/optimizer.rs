@@ -1,0 +1,103 @@
+//! [`Optimizer`]: the interface both optimizers implement with the same signatures, so
+//! that a training loop, a checkpointing routine or a test scenario is written once and
+//! runs on the CPU reference and on the GPU.
+
+use crate::{
+    checkpoint::Checkpoint,
+    config::{AdamaxConfig, TensorHyper},
+    error::Result,
+    fused::{LossScaler, StepOptions, StepReport},
+    state::TensorState,
+    storage::Storage,
+};
+
+/// AdaMax over a list of parameter tensors, with its state: what
+/// [`cpu::CpuAdamax`](crate::cpu::CpuAdamax) and
+/// [`cuda::CudaAdamax`](crate::cuda::CudaAdamax) both offer.
+///
+/// Queries that the GPU answers from device memory (`step_count`, `last_report`,
+/// `loss_scaler`, `state`, `checkpoint`) synchronise its stream and return a
+/// `Result` on both, so that the same code serves either.
+///
+/// ```
+/// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Optimizer};
+///
+/// /// Works with any optimizer of f32 parameters held in host slices.
+/// fn train<O>(opt: &mut O, weights: &mut [f32]) -> adamax_cuda::Result<u64>
+/// where
+///     O: for<'a> Optimizer<Param<'a> = &'a mut [f32], Grad<'a> = &'a [f32]>,
+/// {
+///     for _ in 0..3 {
+///         let grads = vec![0.01f32; weights.len()];
+///         opt.step(&mut [&mut *weights], &[&grads])?;
+///     }
+///     opt.step_count()
+/// }
+///
+/// let mut w = vec![0.5f32; 8];
+/// let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&w])?;
+/// assert_eq!(train(&mut opt, &mut w)?, 3);
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
+pub trait Optimizer {
+    /// The parameter storage type.
+    type Storage: Storage;
+    /// One tensor's parameters as a step takes them (`&mut [T]` on the CPU, a
+    /// `CudaViewMut<T>` on the GPU).
+    type Param<'a>;
+    /// One tensor's gradient as a step takes it (`&[T]` on the CPU, a `CudaView<T>` on
+    /// the GPU).
+    type Grad<'a>;
+
+    /// One AdaMax step over every tensor: `params[i]` is updated in place from
+    /// `grads[i]`, with the options and loss scaler in force. Every argument is checked
+    /// before anything is written: a refused step changes nothing.
+    fn step<'a>(&mut self, params: &mut [Self::Param<'a>], grads: &[Self::Grad<'a>]) -> Result<()>;
+
+    /// The configuration in force.
+    fn config(&self) -> &AdamaxConfig;
+    /// Changes the learning rate (for a schedule), validated with every tensor's
+    /// settings; a refused value changes nothing.
+    fn set_lr(&mut self, lr: f64) -> Result<()>;
+
+    /// The element count of every tensor, in order.
+    fn tensor_lens(&self) -> &[usize];
+    /// Every tensor's hyperparameters, in order.
+    fn tensor_hypers(&self) -> &[TensorHyper];
+    /// Sets tensor `tensor`'s learning-rate scale and weight decay (a parameter group),
+    /// from the next step on.
+    fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()>;
+
+    /// The options of every step (unscaling, overflow skip, clipping).
+    fn options(&self) -> StepOptions;
+    /// Sets the options of every following step.
+    fn set_options(&mut self, options: StepOptions) -> Result<()>;
+    /// The loss scaler's current state, when one is enabled.
+    fn loss_scaler(&self) -> Result<Option<LossScaler>>;
+    /// Enables (or, with `None`, disables) dynamic loss scaling.
+    fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> Result<()>;
+
+    /// What the last step did: skipped or not, the norm and clip factor, the new scale.
+    fn last_report(&self) -> Result<StepReport>;
+    /// Steps taken so far (PyTorch's `state["step"]`; skipped steps are not counted).
+    fn step_count(&self) -> Result<u64>;
+    /// A host copy of every tensor's state, in parameter order.
+    fn state(&self) -> Result<Vec<TensorState>>;
+
+    /// The whole state on the host, for [`Checkpoint::save`].
+    fn checkpoint(&self) -> Result<Checkpoint> {
+        Ok(Checkpoint {
+            config: *self.config(),
+            step: self.step_count()?,
+            storage: <Self::Storage as Storage>::TYPE,
+            tensors: self.state()?,
+            hypers: self.tensor_hypers().to_vec(),
+        })
+    }
+
+    /// Replaces configuration, per-tensor settings, step count and state with `ck`'s,
+    /// after checking that it fits (storage type, tensor count and lengths). All or
+    /// nothing: a refused checkpoint changes nothing. The parameters are the caller's
+    /// to restore (for 16-bit storage, the master weights in `ck` are the truth).
+    fn restore(&mut self, ck: &Checkpoint) -> Result<()>;
+}

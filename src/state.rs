@@ -1,0 +1,160 @@
+//! What both optimizers and the checkpoint share: the per-tensor state, the schedule
+//! (configuration and per-tensor settings), and the checks of a step's arguments, so
+//! that the CPU reference and the GPU refuse exactly the same inputs.
+
+use crate::{
+    config::{AdamaxConfig, TensorHyper},
+    error::{Error, Result},
+    storage::Storage,
+};
+
+/// The optimizer state of one tensor: `m`, `u`, and the f32 master copy of a 16-bit
+/// parameter (empty for f32 parameters).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TensorState {
+    /// First moment `m` (PyTorch's `exp_avg`).
+    pub exp_avg: Vec<f32>,
+    /// Infinity norm `u` (PyTorch's `exp_inf`); never negative.
+    pub exp_inf: Vec<f32>,
+    /// f32 master weights; empty for f32 parameters, which are their own master.
+    pub master: Vec<f32>,
+}
+
+impl TensorState {
+    /// Zeroed moments for a tensor, with the master copy initialised from `param`
+    /// when `T` is a 16-bit type.
+    pub fn new<T: Storage>(param: &[T]) -> Self {
+        Self {
+            exp_avg: vec![0.0; param.len()],
+            exp_inf: vec![0.0; param.len()],
+            master: if T::HAS_MASTER {
+                param.iter().map(|x| x.to_f32()).collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// Elements of the tensor.
+    pub fn len(&self) -> usize {
+        self.exp_avg.len()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.exp_avg.is_empty()
+    }
+}
+
+/// The configuration and per-tensor hyperparameters of an optimizer, validated
+/// together on every change. Shared by both optimizers so that they accept the same
+/// settings. (Step counting is each optimizer's own: the GPU keeps its count on the
+/// device, where skips are decided.)
+#[derive(Clone, Debug)]
+pub(crate) struct Schedule {
+    config: AdamaxConfig,
+    hypers: Vec<TensorHyper>,
+}
+
+impl Schedule {
+    /// The config's own hyperparameters for `tensors` tensors; refuses an invalid
+    /// `config`.
+    pub(crate) fn new(config: AdamaxConfig, tensors: usize) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            hypers: vec![TensorHyper::from_config(&config); tensors],
+        })
+    }
+
+    pub(crate) fn config(&self) -> &AdamaxConfig {
+        &self.config
+    }
+
+    pub(crate) fn hypers(&self) -> &[TensorHyper] {
+        &self.hypers
+    }
+
+    /// Sets tensor `i`'s hyperparameters after validating them with the config.
+    pub(crate) fn set_hyper(&mut self, i: usize, hyper: TensorHyper) -> Result<()> {
+        hyper.validate()?;
+        self.config.check_scalars(&hyper)?;
+        let count = self.hypers.len();
+        let slot = self
+            .hypers
+            .get_mut(i)
+            .ok_or(Error::TensorIndexOutOfRange { index: i, count })?;
+        *slot = hyper;
+        Ok(())
+    }
+
+    /// Changes the learning rate after checking it with every tensor's settings.
+    pub(crate) fn set_lr(&mut self, lr: f64) -> Result<()> {
+        let config = AdamaxConfig { lr, ..self.config };
+        check_pairs(&config, &self.hypers)?;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Replaces both, after the same checks (for a restore).
+    pub(crate) fn replace(&mut self, config: AdamaxConfig, hypers: &[TensorHyper]) -> Result<()> {
+        if hypers.len() != self.hypers.len() {
+            return Err(Error::TensorCountMismatch {
+                what: "hyperparameters",
+                expected: self.hypers.len(),
+                found: hypers.len(),
+            });
+        }
+        check_pairs(&config, hypers)?;
+        self.config = config;
+        self.hypers = hypers.to_vec();
+        Ok(())
+    }
+}
+
+/// Validates `config` and every per-tensor setting with it.
+pub(crate) fn check_pairs(config: &AdamaxConfig, hypers: &[TensorHyper]) -> Result<()> {
+    config.validate()?;
+    for h in hypers {
+        h.validate()?;
+        config.check_scalars(h)?;
+    }
+    Ok(())
+}
+
+/// Checks that the parameter and gradient lists have one entry per tensor and that
+/// every length matches the tensor's; allocates nothing.
+pub(crate) fn check_lists(
+    expected: &[usize],
+    params: impl ExactSizeIterator<Item = usize>,
+    grads: impl ExactSizeIterator<Item = usize>,
+) -> Result<()> {
+    check_list(expected, "params", "param", params)?;
+    check_list(expected, "grads", "grad", grads)
+}
+
+fn check_list(
+    expected: &[usize],
+    list: &'static str,
+    what: &'static str,
+    lens: impl ExactSizeIterator<Item = usize>,
+) -> Result<()> {
+    if lens.len() != expected.len() {
+        return Err(Error::TensorCountMismatch {
+            what: list,
+            expected: expected.len(),
+            found: lens.len(),
+        });
+    }
+    for (tensor, (&e, found)) in expected.iter().zip(lens).enumerate() {
+        if e != found {
+            return Err(Error::LengthMismatch {
+                what,
+                tensor,
+                expected: e,
+                found,
+            });
+        }
+    }
+    Ok(())
+}

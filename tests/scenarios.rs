@@ -1,0 +1,387 @@
+//! Every optimizer behaviour, written once against the `Optimizer` trait and run on the
+//! CPU reference and on the GPU (reported as ignored when no GPU is visible, never as
+//! passed). Expected values come from the behaviour itself (a refused call changes
+//! nothing, a resumed run equals an unbroken one, a negated gradient equals
+//! `maximize`) or from a named reference (torch.amp.GradScaler's rule); tests/gpu.rs
+//! compares the GPU with the CPU reference bit for bit.
+
+mod common;
+
+use std::sync::Arc;
+
+use adamax_cuda::{
+    bf16,
+    cpu::CpuAdamax,
+    cuda::{
+        self,
+        cudarc::driver::{CudaSlice, CudaStream},
+        CudaAdamax, GpuStorage,
+    },
+    AdamaxConfig, Checkpoint, Error, LossScaler, Optimizer, StepOptions, Storage, TensorHyper,
+};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+type R<T = ()> = Result<T, Failed>;
+
+/// An optimizer with its parameters, on some device, driven through the trait.
+trait Backend<T: GpuStorage>: Sized {
+    type Opt: Optimizer<Storage = T>;
+    fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self>;
+    fn opt(&mut self) -> &mut Self::Opt;
+    /// One step with these host gradients (uploaded first on the GPU).
+    fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()>;
+    /// The parameters, copied to the host.
+    fn params(&self) -> R<Vec<Vec<T>>>;
+}
+
+struct Cpu<T: Storage> {
+    opt: CpuAdamax<T>,
+    params: Vec<Vec<T>>,
+}
+
+impl<T: GpuStorage> Backend<T> for Cpu<T> {
+    type Opt = CpuAdamax<T>;
+    fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self> {
+        let refs: Vec<&[T]> = init.iter().map(|p| p.as_slice()).collect();
+        Ok(Self {
+            opt: CpuAdamax::new(config, &refs)?,
+            params: init.to_vec(),
+        })
+    }
+    fn opt(&mut self) -> &mut CpuAdamax<T> {
+        &mut self.opt
+    }
+    fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()> {
+        let mut p: Vec<&mut [T]> = self.params.iter_mut().map(|x| x.as_mut_slice()).collect();
+        let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
+        self.opt.step(&mut p, &g)
+    }
+    fn params(&self) -> R<Vec<Vec<T>>> {
+        Ok(self.params.clone())
+    }
+}
+
+struct Gpu<T: GpuStorage> {
+    stream: Arc<CudaStream>,
+    opt: CudaAdamax<T>,
+    params: Vec<CudaSlice<T>>,
+}
+
+fn gpu_stream() -> Option<Arc<CudaStream>> {
+    static STREAM: std::sync::OnceLock<Option<Arc<CudaStream>>> = std::sync::OnceLock::new();
+    STREAM
+        .get_or_init(|| {
+            cuda::device_count()
+                .ok()
+                .filter(|&n| n > 0)
+                .and_then(|_| cuda::default_stream(0).ok())
+        })
+        .clone()
+}
+
+impl<T: GpuStorage> Backend<T> for Gpu<T> {
+    type Opt = CudaAdamax<T>;
+    fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self> {
+        let stream = gpu_stream().ok_or("no CUDA device")?;
+        let params = init
+            .iter()
+            .map(|p| stream.clone_htod(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let opt = CudaAdamax::new(&stream, config, &params)?;
+        Ok(Self {
+            stream,
+            opt,
+            params,
+        })
+    }
+    fn opt(&mut self) -> &mut CudaAdamax<T> {
+        &mut self.opt
+    }
+    fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()> {
+        let dg = grads
+            .iter()
+            .map(|g| self.stream.clone_htod(g))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Driver {
+                context: "uploading test gradients",
+                source,
+            })?;
+        let mut pv: Vec<_> = self.params.iter_mut().map(|p| p.as_view_mut()).collect();
+        let gv: Vec<_> = dg.iter().map(|g| g.as_view()).collect();
+        Optimizer::step(&mut self.opt, &mut pv, &gv)
+    }
+    fn params(&self) -> R<Vec<Vec<T>>> {
+        Ok(self
+            .params
+            .iter()
+            .map(|p| self.stream.clone_dtoh(p))
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+const LENS: [usize; 4] = [4097, 3, 0, 70_001];
+
+/// Deterministic values in [-scale, scale), varied by `seed`.
+fn values<T: Storage>(seed: usize, scale: f32) -> Vec<Vec<T>> {
+    LENS.iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..n)
+                .map(|i| T::from_f32((((i * 7 + k * 13 + seed * 31) as f32) * 0.37).sin() * scale))
+                .collect()
+        })
+        .collect()
+}
+
+fn bits<T: Storage>(v: &[Vec<T>]) -> Vec<u32> {
+    v.iter().flatten().map(|x| x.to_f32().to_bits()).collect()
+}
+
+/// Everything an optimizer exposes, for "nothing changed" checks (NaN-free here).
+fn snapshot<T: GpuStorage, B: Backend<T>>(b: &mut B) -> R<(Vec<u32>, Checkpoint)> {
+    Ok((bits(&b.params()?), b.opt().checkpoint()?))
+}
+
+fn config() -> AdamaxConfig {
+    AdamaxConfig {
+        weight_decay: 0.01,
+        ..AdamaxConfig::default()
+    }
+}
+
+fn refused_calls_change_nothing<T: GpuStorage, B: Backend<T>>() -> R {
+    let mut b = B::new(config(), &values::<T>(0, 1.0))?;
+    b.step(&values(1, 0.1))?;
+    let before = snapshot(&mut b)?;
+    let mut short = values::<T>(2, 0.1);
+    short[3].pop();
+    match b.step(&short) {
+        Err(Error::LengthMismatch { tensor: 3, .. }) => {}
+        other => return Err(format!("short gradient: {other:?}").into()),
+    }
+    match b.step(&values(2, 0.1)[..3]) {
+        Err(Error::TensorCountMismatch { .. }) => {}
+        other => return Err(format!("three gradients: {other:?}").into()),
+    }
+    let opt = b.opt();
+    assert_refused(opt.set_lr(f64::NAN), "NaN lr")?;
+    assert_refused(opt.set_lr(1e38), "overflowing lr")?;
+    let bad_hyper = TensorHyper {
+        lr_scale: -1.0,
+        weight_decay: 0.0,
+    };
+    assert_refused(opt.set_tensor_hyper(0, bad_hyper), "negative lr_scale")?;
+    let fine = TensorHyper::from_config(&config());
+    assert_refused(opt.set_tensor_hyper(usize::MAX, fine), "tensor index")?;
+    let bad_options = StepOptions {
+        max_norm: Some(-1.0),
+        ..Default::default()
+    };
+    assert_refused(opt.set_options(bad_options), "negative max_norm")?;
+    let bad_scaler = LossScaler {
+        scale: 1e-45,
+        ..Default::default()
+    };
+    assert_refused(opt.set_loss_scaler(Some(bad_scaler)), "tiny scale")?;
+    let mut other = before.1.clone();
+    other.tensors[1].exp_avg.push(0.0);
+    other.tensors[1].exp_inf.push(0.0);
+    assert_refused(opt.restore(&other), "mismatched checkpoint")?;
+    if snapshot(&mut b)? != before || b.opt().options() != StepOptions::default() {
+        return Err("a refused call changed the optimizer".into());
+    }
+    Ok(())
+}
+
+fn assert_refused(r: adamax_cuda::Result<()>, what: &str) -> R {
+    match r {
+        Err(Error::Config(_) | Error::Checkpoint { .. } | Error::TensorIndexOutOfRange { .. }) => {
+            Ok(())
+        }
+        other => Err(format!("{what}: expected a typed refusal, got {other:?}").into()),
+    }
+}
+
+fn a_non_finite_gradient_skips_the_whole_step<T: GpuStorage, B: Backend<T>>() -> R {
+    let mut b = B::new(config(), &values::<T>(0, 1.0))?;
+    b.opt().set_options(StepOptions {
+        skip_nonfinite: true,
+        ..Default::default()
+    })?;
+    b.step(&values(1, 0.1))?;
+    let before = snapshot(&mut b)?;
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut g = values::<T>(2, 0.1);
+        g[3][70_000] = T::from_f32(bad);
+        b.step(&g)?;
+        let r = b.opt().last_report()?;
+        if !r.skipped || r.step != 1 {
+            return Err(format!("{bad}: report {r:?}").into());
+        }
+        if snapshot(&mut b)? != before {
+            return Err(format!("{bad}: a skipped step changed something").into());
+        }
+    }
+    b.step(&values(3, 0.1))?;
+    if b.opt().step_count()? != 2 {
+        return Err("a good step after skips was not counted".into());
+    }
+    Ok(())
+}
+
+fn resuming_from_a_checkpoint_equals_an_unbroken_run<T: GpuStorage, B: Backend<T>>() -> R {
+    let mut a = B::new(config(), &values::<T>(0, 1.0))?;
+    a.opt().set_tensor_hyper(
+        3,
+        TensorHyper {
+            lr_scale: 0.5,
+            weight_decay: 0.0,
+        },
+    )?;
+    for t in 1..=4 {
+        a.step(&values(t, 0.1))?;
+    }
+    let ck = Checkpoint::from_bytes(&a.opt().checkpoint()?.to_bytes()?)?;
+    let params_at_4 = a.params()?;
+    for t in 5..=8 {
+        a.step(&values(t, 0.1))?;
+    }
+    // A fresh optimizer with another config: restore takes config, groups and state.
+    let mut b = B::new(AdamaxConfig::default(), &params_at_4)?;
+    b.opt().restore(&ck)?;
+    for t in 5..=8 {
+        b.step(&values(t, 0.1))?;
+    }
+    if snapshot(&mut a)? != snapshot(&mut b)? {
+        return Err("resumed run differs from the unbroken one".into());
+    }
+    Ok(())
+}
+
+fn maximize_equals_descending_the_negated_gradient<T: GpuStorage, B: Backend<T>>() -> R {
+    let up = AdamaxConfig {
+        maximize: true,
+        ..config()
+    };
+    let (mut a, mut b) = (
+        B::new(up, &values::<T>(0, 1.0))?,
+        B::new(config(), &values::<T>(0, 1.0))?,
+    );
+    for t in 1..=5 {
+        let g = values::<T>(t, 0.1);
+        let neg: Vec<Vec<T>> = g
+            .iter()
+            .map(|v| v.iter().map(|x| T::from_f32(-x.to_f32())).collect())
+            .collect();
+        a.step(&g)?;
+        b.step(&neg)?;
+    }
+    if bits(&a.params()?) != bits(&b.params()?) || a.opt().state()? != b.opt().state()? {
+        return Err("maximize differs from the negated gradient".into());
+    }
+    Ok(())
+}
+
+fn learning_rate_zero_and_frozen_groups_leave_parameters<T: GpuStorage, B: Backend<T>>() -> R {
+    let init = values::<T>(0, 1.0);
+    let mut b = B::new(
+        AdamaxConfig {
+            weight_decay: 0.0,
+            ..config()
+        },
+        &init,
+    )?;
+    b.opt().set_tensor_hyper(
+        0,
+        TensorHyper {
+            lr_scale: 0.0,
+            weight_decay: 0.0,
+        },
+    )?;
+    b.step(&values(1, 0.1))?;
+    let after = b.params()?;
+    if bits(&after[..1]) != bits(&init[..1]) || bits(&after[3..]) == bits(&init[3..]) {
+        return Err("lr_scale 0 must freeze tensor 0 and only it".into());
+    }
+    b.opt().set_lr(0.0)?;
+    b.step(&values(2, 0.1))?;
+    if bits(&b.params()?) != bits(&after) || b.opt().step_count()? != 2 {
+        return Err("lr 0 must count the step and move nothing".into());
+    }
+    Ok(())
+}
+
+fn the_loss_scale_follows_grad_scalers_rule<T: GpuStorage, B: Backend<T>>() -> R {
+    use common::{SCALER_INF_STEPS, SCALER_SCALES};
+    let mut b = B::new(config(), &values::<T>(0, 1.0))?;
+    b.opt().set_loss_scaler(Some(LossScaler {
+        scale: 1024.0,
+        growth_interval: 2,
+        ..Default::default()
+    }))?;
+    for (t, &scale) in SCALER_SCALES.iter().enumerate() {
+        let got = b.opt().loss_scaler()?.map(|s| s.scale);
+        if got != Some(scale) {
+            return Err(format!("step {t}: scale {got:?}, expected {scale}").into());
+        }
+        let mut g = values::<T>(t + 1, 0.1 * scale);
+        if SCALER_INF_STEPS.contains(&t) {
+            g[0][5] = T::from_f32(f32::INFINITY);
+        }
+        b.step(&g)?;
+        if b.opt().last_report()?.skipped != SCALER_INF_STEPS.contains(&t) {
+            return Err(format!("step {t}: skip decision").into());
+        }
+    }
+    Ok(())
+}
+
+fn a_full_step_counter_refuses_the_step<T: GpuStorage, B: Backend<T>>() -> R {
+    let mut b = B::new(config(), &values::<T>(0, 1.0))?;
+    let mut ck = b.opt().checkpoint()?;
+    ck.step = u64::MAX;
+    b.opt().restore(&ck)?;
+    let before = snapshot(&mut b)?;
+    match b.step(&values(1, 0.1)) {
+        Err(Error::StepOverflow(u64::MAX)) => {}
+        other => return Err(format!("expected StepOverflow, got {other:?}").into()),
+    }
+    if snapshot(&mut b)? != before {
+        return Err("a refused step changed something".into());
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let gpu = gpu_stream().is_some();
+    if !gpu {
+        eprintln!("no CUDA device visible: the GPU scenarios are ignored");
+    }
+    let mut trials = Vec::new();
+    macro_rules! scenario {
+        ($f:ident, $t:ty) => {
+            trials.push(Trial::test(
+                format!("cpu_{}_{}", stringify!($t), stringify!($f)),
+                || $f::<$t, Cpu<$t>>(),
+            ));
+            trials.push(
+                Trial::test(format!("gpu_{}_{}", stringify!($t), stringify!($f)), || {
+                    $f::<$t, Gpu<$t>>()
+                })
+                .with_ignored_flag(!gpu),
+            );
+        };
+    }
+    scenario!(refused_calls_change_nothing, f32);
+    scenario!(refused_calls_change_nothing, bf16);
+    scenario!(a_non_finite_gradient_skips_the_whole_step, f32);
+    scenario!(a_non_finite_gradient_skips_the_whole_step, bf16);
+    scenario!(resuming_from_a_checkpoint_equals_an_unbroken_run, f32);
+    scenario!(resuming_from_a_checkpoint_equals_an_unbroken_run, bf16);
+    scenario!(maximize_equals_descending_the_negated_gradient, f32);
+    scenario!(learning_rate_zero_and_frozen_groups_leave_parameters, f32);
+    scenario!(the_loss_scale_follows_grad_scalers_rule, f32);
+    scenario!(a_full_step_counter_refuses_the_step, f32);
+    libtest_mimic::run(&args, trials).exit();
+}
