@@ -39,7 +39,8 @@ struct TensorDesc {
     u64 exp_inf;      // float*: u
     u64 master;       // float*: f32 master weights of a 16-bit parameter, else 0
     u64 len;          // elements
-    u64 chunk_begin;  // index of this tensor's first chunk in the launch
+    u64 chunk_begin;  // index of this tensor's first reduction chunk (ADAMAX_CHUNK elements)
+    u64 unit_begin;   // index of this tensor's first work unit of the update (unit_len)
     double lr_scale;      // this tensor's learning rate is lr * lr_scale
     double weight_decay;  // this tensor's weight decay (0: none)
 };
@@ -73,14 +74,13 @@ struct ScalerState {
     u32 growth_tracker;     // good steps since the last change
 };
 struct StepState {
-    u64 step;               // steps taken; finalize counts the step unless skipping
-    double bias_correction; // finalize: 1 - beta1^step of the step in flight
+    u64 step;               // steps taken; the update's last block counts the step
     float step_inv_scale;   // finalize: what this step's gradients are unscaled by
     float clip_coef;        // finalize: min(1, max_norm / (norm + 1e-6))
     float total_norm;       // finalize: global L2 norm of the unscaled gradients
     u32 found_inf;          // reduce: set on a non-finite gradient; finalize clears it
-    u32 skipped;            // finalize: SKIP_* when the step in flight changes nothing
-    u32 reserved;
+    u32 skipped;            // SKIP_* when the step in flight changes nothing, else 0
+    u32 blocks_done;        // update: blocks finished; the last one resets it to 0
 };
 struct Control {
     ControlParams params;
@@ -91,7 +91,9 @@ struct Control {
 struct AdamaxArgs {
     const TensorDesc* tensors;
     u64 num_tensors;
-    u64 num_chunks;         // sum over tensors of ceil(len / ADAMAX_CHUNK)
+    u64 num_chunks;         // sum over tensors of ceil(len / ADAMAX_CHUNK): the reduction
+    u64 num_units;          // sum over tensors of ceil(len / unit_len): the update
+    u64 unit_len;           // elements per work unit, a power of two in [1024, ADAMAX_CHUNK]
     Control* control;
     float* partials;        // one f32 sum of squares per chunk (reduce -> finalize)
     float beta1;
@@ -135,7 +137,8 @@ struct Scalars {
     u32 flags;
 };
 
-__device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const TensorDesc& t) {
+__device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const TensorDesc& t,
+                                                  double bias_correction) {
     Scalars s;
     s.beta1 = a.beta1;
     s.one_minus_beta1 = a.one_minus_beta1;
@@ -148,7 +151,7 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     s.inv_scale = c.state.step_inv_scale;
     s.clip_coef = c.state.clip_coef;
     const double lr = __dmul_rn(c.params.lr, t.lr_scale);
-    s.step_size = __double2float_rn(__ddiv_rn(lr, c.state.bias_correction));
+    s.step_size = __double2float_rn(__ddiv_rn(lr, bias_correction));
     if (t.weight_decay == 0.0) {
         s.decay_mode = DECAY_NONE;
         s.decay = 0.0f;
@@ -294,30 +297,63 @@ __device__ __forceinline__ void step_vector(const Scalars& a, const TensorDesc& 
 template <typename T>
 struct Lanes { static constexpr u64 N = 16 / sizeof(T); };
 
-// Index of the tensor that owns global chunk `chunk`: the last one whose chunk_begin is
-// <= chunk (empty tensors share their successor's chunk_begin and are never chosen).
-__device__ __forceinline__ u64 find_tensor(const AdamaxArgs& a, u64 chunk) {
+// Index of the tensor that owns global chunk (or unit) `index`: the last one whose first
+// chunk (unit), given by `begin`, is <= index (empty tensors share their successor's
+// begin and are never chosen).
+template <typename Begin>
+__device__ __forceinline__ u64 find_tensor(const AdamaxArgs& a, u64 index, Begin begin) {
     u64 lo = 0, hi = a.num_tensors - 1;
     while (lo < hi) {
         const u64 mid = (lo + hi + 1) / 2;
-        if (a.tensors[mid].chunk_begin <= chunk) lo = mid;
+        if (begin(a.tensors[mid]) <= index) lo = mid;
         else hi = mid - 1;
     }
     return lo;
 }
+__device__ __forceinline__ u64 chunk_begin(const TensorDesc& t) { return t.chunk_begin; }
+__device__ __forceinline__ u64 unit_begin(const TensorDesc& t) { return t.unit_begin; }
 
-// Blocks walk the chunks of all tensors with a grid stride: the grid is sized from the
-// multiprocessor count, and a chunk never spans two tensors. Indices are 64-bit.
+// beta^t by repeated squaring: the twin of cpu::powi_exact.
+__device__ double powi_exact(double base, u64 exp) {
+    double acc = 1.0, b = base;
+    while (exp > 0) {
+        if (exp & 1) acc = __dmul_rn(acc, b);
+        b = __dmul_rn(b, b);
+        exp >>= 1;
+    }
+    return acc;
+}
+
+// NOTE: [one launch per common step] The update counts the step itself, so a step
+// without clipping or the overflow check is this one launch. Every block reads the
+// step counter at its start and derives the bias correction of step + 1 (the same f64
+// operations as cpu::bias_correction); the last block to finish writes step + 1. That
+// block knows it is last only after every block has counted itself, and each block
+// reads the counter before it counts itself, so no block sees the new value. With
+// clipping or the check, finalize has decided before this launch whether the step
+// happens (StepState::skipped); without them, a counter at u64::MAX is found here.
+//
+// Blocks walk the work units of all tensors with a grid stride: a unit never spans two
+// tensors, units start at multiples of unit_len (a multiple of 8), and indices are
+// 64-bit. The grid is sized from this kernel's own occupancy.
 template <typename T>
 __device__ void adamax_step(const AdamaxArgs& a) {
-    if (a.control->state.skipped) return;  // finalize decided: nothing changes
+    Control& c = *a.control;
+    StepState& st = c.state;
+    const bool decided = (c.params.flags & (FLAG_CHECK | FLAG_CLIP)) != 0;
+    const u64 step = st.step;
+    if (decided ? st.skipped != 0 : step == ~0ull) {
+        if (!decided && blockIdx.x == 0 && threadIdx.x == 0) st.skipped = SKIP_COUNTER_FULL;
+        return;  // nothing changes, and the step is not counted
+    }
+    const double bias_correction = __dsub_rn(1.0, powi_exact(c.params.beta1, step + 1));
     constexpr u64 N = Lanes<T>::N;
-    for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
-        const TensorDesc t = a.tensors[find_tensor(a, chunk)];
-        const Scalars sc = tensor_scalars(a, t);
-        const u64 begin = (chunk - t.chunk_begin) * (u64)ADAMAX_CHUNK;
-        const u64 end = min(begin + (u64)ADAMAX_CHUNK, t.len);
-        // Chunks start at multiples of ADAMAX_CHUNK, so aligned base pointers make every
+    for (u64 unit = blockIdx.x; unit < a.num_units; unit += gridDim.x) {
+        const TensorDesc t = a.tensors[find_tensor(a, unit, unit_begin)];
+        const Scalars sc = tensor_scalars(a, t, bias_correction);
+        const u64 begin = (unit - t.unit_begin) * a.unit_len;
+        const u64 end = min(begin + a.unit_len, t.len);
+        // Units start at multiples of 8 elements, so aligned base pointers make every
         // vector access aligned; a view at an odd offset takes the scalar path.
         const bool aligned = ((t.param | t.grad | t.exp_avg | t.exp_inf | t.master) & 15) == 0;
         u64 scalar_from = begin;
@@ -328,6 +364,15 @@ __device__ void adamax_step(const AdamaxArgs& a) {
             scalar_from = vec_end;
         }
         for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(sc, t, i, T());
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&st.blocks_done, 1u) == gridDim.x - 1) {
+            st.blocks_done = 0;
+            st.skipped = 0;
+            st.step = step + 1;
+        }
     }
 }
 
@@ -340,6 +385,18 @@ __device__ __forceinline__ float grad_f32(const TensorDesc& t, u64 i, float) { r
 template <typename T>
 __device__ __forceinline__ float grad_f32(const TensorDesc& t, u64 i, T tag) {
     return widen(((const u16*)t.grad)[i], tag);
+}
+// One 16-byte load of gradients, widened: 4 f32 or 8 16-bit values.
+__device__ __forceinline__ void load_vector(const TensorDesc& t, u64 i, float* g, float) {
+    const float4 v = *(const float4*)f32_ptr(t.grad, i);
+    g[0] = v.x, g[1] = v.y, g[2] = v.z, g[3] = v.w;
+}
+template <typename T>
+__device__ __forceinline__ void load_vector(const TensorDesc& t, u64 i, float* g, T tag) {
+    const uint4 v = *(const uint4*)((const u16*)t.grad + i);
+    const float4 lo = widen4(v.x, v.y, tag), hi = widen4(v.z, v.w, tag);
+    g[0] = lo.x, g[1] = lo.y, g[2] = lo.z, g[3] = lo.w;
+    g[4] = hi.x, g[5] = hi.y, g[6] = hi.z, g[7] = hi.w;
 }
 
 // The xor butterfly of a warp: every lane ends with the same sum; lane 0's is used.
@@ -359,16 +416,27 @@ __device__ void adamax_reduce(const AdamaxArgs& a) {
     const u32 flags = a.control->params.flags;
     const float inv_scale = current_inv_scale(*a.control);
     for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
-        const TensorDesc t = a.tensors[find_tensor(a, chunk)];
+        const TensorDesc t = a.tensors[find_tensor(a, chunk, chunk_begin)];
         const u64 begin = (chunk - t.chunk_begin) * (u64)ADAMAX_CHUNK;
         const u64 end = min(begin + (u64)ADAMAX_CHUNK, t.len);
+        const bool aligned = (t.grad & 15) == 0;
         float acc = 0.0f;
         bool bad = false;
+        // One 16-byte load per thread and round where the gradient is aligned and the
+        // round is whole; element by element otherwise. Either way the values enter the
+        // sum in the order crate::fused specifies (k = 0..N within a thread's group).
         for (u64 base = begin + threadIdx.x * N; base < end; base += (u64)blockDim.x * N) {
+            float g[N];
+            if (aligned && base + N <= end) {
+                load_vector(t, base, g, T());
+            } else {
+#pragma unroll
+                for (u64 k = 0; k < N; ++k) g[k] = base + k < end ? grad_f32(t, base + k, T()) : 0.0f;
+            }
 #pragma unroll
             for (u64 k = 0; k < N; ++k) {
                 if (base + k < end) {
-                    const float v = unscaled(grad_f32(t, base + k, T()), flags, inv_scale);
+                    const float v = unscaled(g[k], flags, inv_scale);
                     bad |= !(fabsf(v) <= 3.402823466e38f);
                     acc = __fmaf_rn(v, v, acc);
                 }
@@ -387,19 +455,9 @@ __device__ void adamax_reduce(const AdamaxArgs& a) {
     }
 }
 
-// beta^t by repeated squaring: the twin of cpu::powi_exact.
-__device__ double powi_exact(double base, u64 exp) {
-    double acc = 1.0, b = base;
-    while (exp > 0) {
-        if (exp & 1) acc = __dmul_rn(acc, b);
-        b = __dmul_rn(b, b);
-        exp >>= 1;
-    }
-    return acc;
-}
-
-// One block: decides the step (skip or count it), the clip coefficient and the loss
-// scale, on the device. Twin of the decision part of CpuAdamax::step.
+// One block, only with clipping or the overflow check: decides whether the step
+// happens, the clip coefficient and the loss scale, on the device, before the update.
+// Twin of the decision part of CpuAdamax::step.
 __device__ void adamax_finalize(const AdamaxArgs& a) {
     __shared__ double warp_totals[ADAMAX_BLOCK / 32];
     Control& c = *a.control;
@@ -435,9 +493,7 @@ __device__ void adamax_finalize(const AdamaxArgs& a) {
         st.skipped = SKIP_COUNTER_FULL;
         return;
     } else {
-        st.skipped = 0;
-        st.step += 1;
-        st.bias_correction = __dsub_rn(1.0, powi_exact(p.beta1, st.step));
+        st.skipped = 0;  // the update counts the step
     }
     if (p.flags & FLAG_SCALER) {
         // torch.amp.GradScaler's update: products in f64, rounded to f32.

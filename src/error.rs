@@ -133,6 +133,9 @@ pub enum Error {
         /// The device ordinal asked for.
         ordinal: usize,
     },
+    /// `step_flat` on an optimizer not built with `new_flat`.
+    #[error("AdaMax GPU: step_flat needs an optimizer built with CudaAdamax::new_flat (it knows no flat layout); use step with one view per tensor, or build it with new_flat")]
+    NotFlat,
     /// A buffer lives in another CUDA context than the optimizer's stream.
     #[error("AdaMax GPU: {what} of tensor {tensor} lives on device {found} but the optimizer runs on device {expected}; move it or build the optimizer on that device's stream")]
     WrongDevice {

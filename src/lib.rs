@@ -16,9 +16,11 @@
 //! the conventions and [`cpu`] for the exact arithmetic, which is the crate's spec.
 //!
 //! - [`Optimizer`]: the trait both optimizers implement with the same signatures.
-//! - [`cuda::CudaAdamax`]: the GPU optimizer. The update of a whole list of tensors is
-//!   one kernel launch; each step also launches a one-block pass that counts the step
-//!   on the device, and, with clipping or the overflow check, a reduction before it.
+//! - [`cuda::CudaAdamax`]: the GPU optimizer. A step of a whole list of tensors is one
+//!   kernel launch, which also counts the step on the device; with clipping or the
+//!   overflow check, a reduction and a one-block decision pass run before it. Tensors
+//!   may also live in one flat buffer ([`cuda::FlatLayout`]), so that a step's host
+//!   work does not grow with their number.
 //! - [`cpu::CpuAdamax`]: the reference, usable as a CPU fallback.
 //! - [`AdamaxConfig`]: hyperparameters; [`Default`] is PyTorch's `torch.optim.Adamax`.
 //! - [`Checkpoint`]: the whole state as a checksummed safetensors file with PyTorch's

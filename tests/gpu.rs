@@ -910,6 +910,103 @@ fn counter_full_in_a_replayed_graph_changes_nothing(
     Ok(())
 }
 
+/// The flat-buffer path against the CPU reference, bit for bit: 100 mixed tensors in
+/// one parameter buffer (packed or aligned layout), stepped with gradients written into
+/// the same flat buffer (the tensor table on the device is reused), then from a new
+/// gradient buffer, after a per-tensor setting changed, and after a per-tensor step
+/// (each rebuilds it). Refusals: a short buffer, and step_flat on a per-tensor optimizer.
+fn flat_buffers_match_the_cpu<T: GpuStorage>(
+    stream: &Arc<CudaStream>,
+    aligned: bool,
+) -> TestResult {
+    use adamax_cuda::{cuda::FlatLayout, TensorHyper};
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = mixed_sizes(100, 7);
+    let layout = if aligned {
+        FlatLayout::aligned(&lens)?
+    } else {
+        FlatLayout::packed(&lens)?
+    };
+    let flatten = |tensors: &[Vec<T>]| {
+        let mut flat = vec![T::from_f32(-9.0); layout.total()];
+        for (t, &o) in tensors.iter().zip(layout.offsets()) {
+            flat[o..o + t.len()].copy_from_slice(t);
+        }
+        flat
+    };
+    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let mut params = stream.clone_htod(&flatten(&host))?;
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        ..AdamaxConfig::default()
+    };
+    let mut gpu = CudaAdamax::<T>::new_flat(stream, config, &params, layout.clone())?;
+    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
+    let mut cpu = CpuAdamax::<T>::new(config, &refs)?;
+    let mut grads = stream.alloc_zeros::<T>(layout.total())?;
+    for step in 0..8 {
+        let g: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+        match step {
+            3 => grads = stream.alloc_zeros::<T>(layout.total() + 5)?,
+            4 => {
+                let h = TensorHyper {
+                    lr_scale: 0.5,
+                    weight_decay: 0.0,
+                };
+                gpu.set_tensor_hyper(5, h)?;
+                cpu.set_tensor_hyper(5, h)?;
+            }
+            _ => {}
+        }
+        stream.memcpy_htod(&flatten(&g), &mut grads)?;
+        if step == 5 {
+            // A per-tensor step (raw addresses into the same buffers): it replaces the
+            // table on the device, so the next flat step must rebuild it.
+            use adamax_cuda::cuda::{
+                cudarc::driver::{DevicePtr, DevicePtrMut},
+                RawTensor,
+            };
+            let size = std::mem::size_of::<T>() as u64;
+            let pbase = params.device_ptr_mut(stream).0;
+            let gbase = grads.device_ptr(stream).0;
+            let tensors: Vec<RawTensor> = layout
+                .offsets()
+                .iter()
+                .map(|&o| RawTensor {
+                    param: pbase + o as u64 * size,
+                    grad: gbase + o as u64 * size,
+                })
+                .collect();
+            // SAFETY: the addresses lie in live buffers of this stream's context, each
+            // tensor within the layout these buffers were made for; one stream only.
+            unsafe { gpu.step_raw(&tensors)? };
+        } else {
+            gpu.step_flat(&mut params, &grads)?;
+        }
+        let gr: Vec<&[T]> = g.iter().map(|x| x.as_slice()).collect();
+        let mut pr: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
+        cpu.step(&mut pr, &gr)?;
+        let flat = stream.clone_dtoh(&params)?;
+        for (i, (&o, h)) in layout.offsets().iter().zip(&host).enumerate() {
+            let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            same("param", i, &f(&flat[o..o + h.len()]), &f(h))
+                .map_err(|e| format!("{} step {step}: {e}", T::NAME))?;
+        }
+        same_state(&gpu.state()?, cpu.tensor_states())
+            .map_err(|e| format!("{} step {step}: {e}", T::NAME))?;
+    }
+    let short = stream.alloc_zeros::<T>(layout.total() - 1)?;
+    match gpu.step_flat(&mut params, &short) {
+        Err(Error::LengthMismatch { .. }) => {}
+        other => return Err(format!("a short gradient buffer: {other:?}").into()),
+    }
+    let mut per_tensor = CudaAdamax::<T>::new(stream, config, &[params.slice(0..3)])?;
+    match per_tensor.step_flat(&mut params, &grads) {
+        Err(Error::NotFlat) => Ok(()),
+        other => Err(format!("step_flat on a per-tensor optimizer: {other:?}").into()),
+    }
+}
+
 fn main() {
     let args = Arguments::from_args();
     let device = cuda::device_count()
@@ -1042,6 +1139,18 @@ fn main() {
     add(
         "a_full_step_counter_refuses_the_step_like_the_cpu".into(),
         Box::new(a_full_step_counter_refuses_the_step_like_the_cpu),
+    );
+    add(
+        "flat_buffers_match_the_cpu_packed_f32".into(),
+        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, false)),
+    );
+    add(
+        "flat_buffers_match_the_cpu_aligned_f32".into(),
+        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, true)),
+    );
+    add(
+        "flat_buffers_match_the_cpu_aligned_bf16".into(),
+        Box::new(|s| flat_buffers_match_the_cpu::<bf16>(s, true)),
     );
     add(
         "per_tensor_hyperparameters_match_the_cpu_coupled".into(),

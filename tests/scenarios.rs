@@ -15,7 +15,7 @@ use adamax_cuda::{
     cuda::{
         self,
         cudarc::driver::{CudaSlice, CudaStream},
-        CudaAdamax, GpuStorage,
+        CudaAdamax, FlatLayout, GpuStorage,
     },
     AdamaxConfig, Checkpoint, Error, LossScaler, Optimizer, StepOptions, Storage, TensorHyper,
 };
@@ -26,6 +26,8 @@ type R<T = ()> = Result<T, Failed>;
 /// An optimizer with its parameters, on some device, driven through the trait.
 trait Backend<T: GpuStorage>: Sized {
     type Opt: Optimizer<Storage = T>;
+    /// Whether gradients go in as one flat buffer (no per-tensor list to mismatch).
+    const FLAT: bool = false;
     fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self>;
     fn opt(&mut self) -> &mut Self::Opt;
     /// One step with these host gradients (uploaded first on the GPU).
@@ -119,6 +121,77 @@ impl<T: GpuStorage> Backend<T> for Gpu<T> {
     }
 }
 
+/// The GPU optimizer over one flat parameter buffer (aligned layout), stepped with
+/// `step_flat` from one flat gradient buffer: every scenario runs on the flat path too.
+struct GpuFlat<T: GpuStorage> {
+    stream: Arc<CudaStream>,
+    opt: CudaAdamax<T>,
+    layout: FlatLayout,
+    params: CudaSlice<T>,
+}
+
+impl<T: GpuStorage> GpuFlat<T> {
+    fn flatten(layout: &FlatLayout, tensors: &[Vec<T>]) -> Vec<T> {
+        let mut flat = vec![T::from_f32(0.0); layout.total()];
+        for (t, &o) in tensors.iter().zip(layout.offsets()) {
+            flat[o..o + t.len()].copy_from_slice(t);
+        }
+        flat
+    }
+}
+
+impl<T: GpuStorage> Backend<T> for GpuFlat<T> {
+    type Opt = CudaAdamax<T>;
+    const FLAT: bool = true;
+    fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self> {
+        let stream = gpu_stream().ok_or("no CUDA device")?;
+        let lens: Vec<usize> = init.iter().map(Vec::len).collect();
+        let layout = FlatLayout::aligned(&lens)?;
+        let params = stream.clone_htod(&Self::flatten(&layout, init))?;
+        let opt = CudaAdamax::new_flat(&stream, config, &params, layout.clone())?;
+        Ok(Self {
+            stream,
+            opt,
+            layout,
+            params,
+        })
+    }
+    fn opt(&mut self) -> &mut CudaAdamax<T> {
+        &mut self.opt
+    }
+    fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()> {
+        let lens: Vec<usize> = grads.iter().map(Vec::len).collect();
+        let mut host = if lens == self.layout.lens() {
+            Self::flatten(&self.layout, grads)
+        } else {
+            // Gradients that do not fit the layout: on the flat path that is a gradient
+            // buffer shorter than the layout, which step_flat must refuse.
+            vec![T::from_f32(0.0); self.layout.total()]
+        };
+        if lens != self.layout.lens() {
+            host.pop();
+        }
+        let flat = self
+            .stream
+            .clone_htod(&host)
+            .map_err(|source| Error::Driver {
+                context: "uploading test gradients",
+                source,
+            })?;
+        self.opt.step_flat(&mut self.params, &flat)
+    }
+    fn params(&self) -> R<Vec<Vec<T>>> {
+        let flat = self.stream.clone_dtoh(&self.params)?;
+        Ok(self
+            .layout
+            .offsets()
+            .iter()
+            .zip(self.layout.lens())
+            .map(|(&o, &n)| flat[o..o + n].to_vec())
+            .collect())
+    }
+}
+
 const LENS: [usize; 4] = [4097, 3, 0, 70_001];
 
 /// Deterministic values in [-scale, scale), varied by `seed`.
@@ -155,12 +228,24 @@ fn refused_calls_change_nothing<T: GpuStorage, B: Backend<T>>() -> R {
     let before = snapshot(&mut b)?;
     let mut short = values::<T>(2, 0.1);
     short[3].pop();
+    let flat_refusal = |r: &adamax_cuda::Result<()>| {
+        B::FLAT
+            && matches!(
+                r,
+                Err(Error::LengthMismatch {
+                    what: "flat grads",
+                    ..
+                })
+            )
+    };
     match b.step(&short) {
-        Err(Error::LengthMismatch { tensor: 3, .. }) => {}
+        Err(Error::LengthMismatch { tensor: 3, .. }) if !B::FLAT => {}
+        r if flat_refusal(&r) => {}
         other => return Err(format!("short gradient: {other:?}").into()),
     }
     match b.step(&values(2, 0.1)[..3]) {
-        Err(Error::TensorCountMismatch { .. }) => {}
+        Err(Error::TensorCountMismatch { .. }) if !B::FLAT => {}
+        r if flat_refusal(&r) => {}
         other => return Err(format!("three gradients: {other:?}").into()),
     }
     let opt = b.opt();
@@ -369,6 +454,13 @@ fn main() {
                 Trial::test(format!("gpu_{}_{}", stringify!($t), stringify!($f)), || {
                     $f::<$t, Gpu<$t>>()
                 })
+                .with_ignored_flag(!gpu),
+            );
+            trials.push(
+                Trial::test(
+                    format!("gpu_flat_{}_{}", stringify!($t), stringify!($f)),
+                    || $f::<$t, GpuFlat<$t>>(),
+                )
                 .with_ignored_flag(!gpu),
             );
         };

@@ -62,6 +62,7 @@ mirrored! {
         master: u64,
         len: u64,
         chunk_begin: u64,
+        unit_begin: u64,
         lr_scale: f64,
         weight_decay: f64,
     }
@@ -73,6 +74,8 @@ mirrored! {
         tensors: u64,
         num_tensors: u64,
         num_chunks: u64,
+        num_units: u64,
+        unit_len: u64,
         control: u64,
         partials: u64,
         beta1: f32,
@@ -127,10 +130,8 @@ mirrored! {
     /// The step counter and what the decision pass leaves for the update (`StepState`).
     #[derive(Default)]
     struct StepState {
-        /// Steps taken (skipped steps are not counted).
+        /// Steps taken (skipped steps are not counted); the update's last block counts.
         step: u64,
-        /// `1 - beta1^t` of the step in flight.
-        bias_correction: f64,
         /// The inverse scale this step's gradients are unscaled by, captured before
         /// the scaler moves to the next step's scale.
         step_inv_scale: f32,
@@ -139,7 +140,8 @@ mirrored! {
         found_inf: u32,
         /// `SKIP_*`: why the step in flight changes nothing, or 0.
         skipped: u32,
-        reserved: u32,
+        /// Blocks of the update that have finished (the last one resets it).
+        blocks_done: u32,
     }
 }
 
@@ -208,6 +210,8 @@ impl AdamaxArgs {
             tensors: 0,
             num_tensors: 0,
             num_chunks: 0,
+            num_units: 0,
+            unit_len: 0,
             control,
             partials: 0,
             beta1: s.beta1,
@@ -287,12 +291,12 @@ mod tests {
     #[test]
     fn the_layout_checks_name_every_field_with_its_offset() {
         let c = checks_of::<Control>();
-        assert!(c.contains("sizeof(Control) == 96"), "{c}");
+        assert!(c.contains("sizeof(Control) == 88"), "{c}");
         assert!(c.contains("ADAMAX_OFFSETOF(Control, scaler) == 48"), "{c}");
         assert!(c.contains("ADAMAX_OFFSETOF(Control, state) == 56"), "{c}");
         let s = checks_of::<StepState>();
         assert!(
-            s.contains("ADAMAX_OFFSETOF(StepState, skipped) == 32"),
+            s.contains("ADAMAX_OFFSETOF(StepState, skipped) == 24"),
             "{s}"
         );
     }

@@ -4,9 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{result, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use crate::{
     error::{Error, Result},
@@ -35,7 +33,12 @@ pub(crate) struct LaunchPlan {
     partials_ptr: u64,
     num_tensors: u64,
     num_chunks: u64,
-    grid: u32,
+    num_units: u64,
+    unit_len: u64,
+    /// Blocks of the update and of the reduction: at most one whole wave each, of
+    /// that kernel's own occupancy.
+    step_grid: u32,
+    reduce_grid: u32,
 }
 
 impl LaunchPlan {
@@ -43,6 +46,7 @@ impl LaunchPlan {
         stream: &Arc<CudaStream>,
         kernels: &Kernels,
         layout: &StateLayout,
+        storage: StorageType,
     ) -> Result<Self> {
         let n = layout.lens().len();
         let table = stream
@@ -63,7 +67,13 @@ impl LaunchPlan {
             partials_ptr,
             num_tensors: n as u64,
             num_chunks: layout.num_chunks(),
-            grid: layout.num_chunks().min(u64::from(kernels.max_grid)).max(1) as u32,
+            num_units: layout.num_units(),
+            unit_len: layout.unit_len(),
+            step_grid: grid(layout.num_units(), kernels.wave(EntryPoint::step(storage))),
+            reduce_grid: grid(
+                layout.num_chunks(),
+                kernels.wave(EntryPoint::reduce(storage)),
+            ),
         })
     }
 
@@ -78,11 +88,14 @@ impl LaunchPlan {
         self.uploaded.clear();
     }
 
-    /// Uploads the prepared table if it changed, then enqueues the step: the reduction
-    /// (when `flags` ask for the overflow check or clipping), the one-block finalize
-    /// that decides the step on the device, and the update. Nothing here reads a host
-    /// value that changes per step, so the same calls can be captured in a CUDA graph
-    /// and replayed.
+    /// Uploads the prepared table if it changed, then enqueues the step: with the
+    /// overflow check or clipping (`flags`), the reduction and the one-block finalize
+    /// that decides the step; then the update, which counts the step itself (so the
+    /// common step is one launch). Nothing here reads a host value that changes per
+    /// step, so the same calls can be captured in a CUDA graph and replayed.
+    ///
+    /// `prepared` says whether [`LaunchPlan::next_table`] was filled for this step;
+    /// without it the table already on the device is used as it is.
     pub(crate) fn enqueue(
         &mut self,
         stream: &Arc<CudaStream>,
@@ -90,8 +103,9 @@ impl LaunchPlan {
         storage: StorageType,
         args: AdamaxArgs,
         flags: u32,
+        prepared: bool,
     ) -> Result<()> {
-        if self.next != self.uploaded {
+        if prepared && self.next != self.uploaded {
             stream
                 .memcpy_htod(&self.next, &mut self.table)
                 .map_err(Error::driver("uploading the tensor table"))?;
@@ -102,44 +116,60 @@ impl LaunchPlan {
             tensors: table,
             num_tensors: self.num_tensors,
             num_chunks: self.num_chunks,
+            num_units: self.num_units,
+            unit_len: self.unit_len,
             partials: self.partials_ptr,
             ..args
         };
-        if flags & (FLAG_CHECK | FLAG_CLIP) != 0 && self.num_chunks > 0 {
-            let f = kernels.function(EntryPoint::reduce(storage));
-            launch(stream, f, self.grid, &args)?;
+        if flags & (FLAG_CHECK | FLAG_CLIP) != 0 {
+            if self.num_chunks > 0 {
+                let f = kernels.function(EntryPoint::reduce(storage));
+                launch(stream, f, self.reduce_grid, &args)?;
+            }
+            launch(stream, kernels.function(EntryPoint::Finalize), 1, &args)?;
         }
-        launch(stream, kernels.function(EntryPoint::Finalize), 1, &args)?;
-        if self.num_chunks > 0 {
-            let f = kernels.function(EntryPoint::step(storage));
-            launch(stream, f, self.grid, &args)?;
-        }
-        Ok(())
+        // Launched even with no elements: it counts the step.
+        let f = kernels.function(EntryPoint::step(storage));
+        launch(stream, f, self.step_grid, &args)
     }
 }
 
+/// Blocks for `work` grid-stride items: at most one wave, at least one block.
+fn grid(work: u64, wave: u32) -> u32 {
+    u32::try_from(work.min(u64::from(wave)).max(1)).unwrap_or(1)
+}
+
 /// Enqueues `func` on `stream` with `blocks` blocks of [`BLOCK`] threads and one
-/// by-value argument struct: the crate's only launch site.
+/// by-value argument struct: the crate's only launch site. Calls the driver directly
+/// (cudarc's launch builder allocates its argument list on every launch).
 pub(crate) fn launch<A: DeviceRepr>(
     stream: &CudaStream,
     func: &CudaFunction,
     blocks: u32,
     args: &A,
 ) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (blocks.max(1), 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut builder = stream.launch_builder(func);
-    builder.arg(args);
-    // SAFETY: `func` comes from kernels/adamax.cu, whose every entry point takes exactly
-    // one by-value struct, and `A` is the `repr(C)` mirror of that struct (sizes checked
-    // at compile time on both sides). Callers build the struct from device addresses
-    // they have checked: buffers in this stream's context, lengths that match the
-    // element counts written in the struct, and state buffers this crate allocated for
-    // those lengths; the kernel touches no element beyond them.
-    unsafe { builder.launch(cfg) }
-        .map(|_| ())
-        .map_err(Error::driver("launching an AdaMax kernel"))
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(Error::driver("binding the CUDA context"))?;
+    let mut params = [(args as *const A).cast_mut().cast::<std::ffi::c_void>()];
+    // SAFETY: `func` comes from kernels/adamax.cu, loaded in the stream's context (the
+    // optimizer holds the module), and each of its entry points takes exactly one
+    // by-value struct, whose `repr(C)` mirror `A` is (layout checked field by field at
+    // compile time); `params` points at `args`, alive for the call, which is all the
+    // driver reads (it copies the value when the launch is enqueued). Callers build the
+    // struct from device addresses they have checked: buffers in this stream's context,
+    // lengths that match the element counts written in the struct, and state buffers
+    // this crate allocated for those lengths; the kernel touches no element beyond them.
+    unsafe {
+        result::launch_kernel(
+            func.cu_function(),
+            (blocks.max(1), 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            stream.cu_stream(),
+            &mut params,
+        )
+    }
+    .map_err(Error::driver("launching an AdaMax kernel"))
 }

@@ -16,6 +16,7 @@ mod control;
 pub mod cubin;
 mod device;
 mod entry;
+mod flat;
 mod launch;
 mod module;
 mod optimizer;
@@ -27,5 +28,6 @@ pub use compile::{compile, compile_source, nvrtc_version, supported_archs, Arch,
 pub use cudarc;
 pub use device::{borrow_stream, default_stream, device_count, ensure_driver};
 pub use entry::EntryPoint;
+pub use flat::{FlatLayout, FLAT_ALIGN};
 pub use optimizer::{CudaAdamax, GpuStorage};
 pub use raw::{RawParam, RawTensor};

@@ -20,15 +20,21 @@ pub(crate) struct Kernels {
     _module: Arc<CudaModule>,
     /// Indexed by [`EntryPoint::index`]; every one is loaded at construction.
     functions: Vec<CudaFunction>,
-    /// Blocks that fill the device once: multiprocessors x resident blocks of the
-    /// heaviest step kernel.
-    pub(crate) max_grid: u32,
+    /// Blocks of each entry point that fill the device once (a whole wave):
+    /// multiprocessors x the blocks of that kernel that fit on one.
+    waves: Vec<u32>,
 }
 
 impl Kernels {
     /// The function of entry point `e`.
     pub(crate) fn function(&self, e: EntryPoint) -> &CudaFunction {
         &self.functions[e.index()]
+    }
+
+    /// The grid of one whole wave of entry point `e`: a grid-stride kernel launched
+    /// with it keeps every multiprocessor at that kernel's own occupancy.
+    pub(crate) fn wave(&self, e: EntryPoint) -> u32 {
+        self.waves[e.index()]
     }
 }
 
@@ -91,16 +97,21 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let sms = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(Error::driver("reading the multiprocessor count"))?;
-    let mut per_sm = u32::MAX;
-    for t in crate::storage::StorageType::ALL {
-        let n = functions[EntryPoint::step(t).index()]
-            .occupancy_max_active_blocks_per_multiprocessor(BLOCK, 0, None)
-            .map_err(Error::driver("querying occupancy"))?;
-        per_sm = per_sm.min(n.max(1));
-    }
+    let sms = u32::try_from(sms).unwrap_or(1).max(1);
+    // Each kernel's own occupancy: the first H100 run launched the f32 update with the
+    // bf16 kernel's (fewer blocks per multiprocessor), two thirds of a wave.
+    let waves = functions
+        .iter()
+        .map(|f| {
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(BLOCK, 0, None)
+                .map_err(Error::driver("querying occupancy"))?;
+            Ok(sms * per_sm.max(1))
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(Kernels {
         _module: module,
         functions,
-        max_grid: u32::try_from(sms).unwrap_or(1).max(1) * per_sm,
+        waves,
     })
 }

@@ -27,6 +27,8 @@ use super::{
     },
     control::ControlBlock,
     device::check_devices,
+    entry::EntryPoint,
+    flat::FlatLayout,
     launch::LaunchPlan,
     module::{kernels_for, Kernels},
     state::{DeviceState, StateLayout},
@@ -45,9 +47,10 @@ impl GpuStorage for half::bf16 {}
 /// tensor, and for 16-bit `T` the f32 master weights, initialised from the parameters
 /// at construction. Parameters and gradients stay in the caller's buffers; a step checks
 /// their count, lengths and device, then enqueues its kernels on the optimizer's stream
-/// without synchronising the host: a one-block pass that counts the step on the device,
-/// and the update over every tensor in one launch (plus, with the overflow check or
-/// clipping of [`StepOptions`], one reduction pass before them).
+/// without synchronising the host: the update of every tensor in one launch, which also
+/// counts the step on the device (plus, with the overflow check or clipping of
+/// [`StepOptions`], a reduction and a one-block decision pass before it). For many
+/// tensors in one flat buffer, see [`CudaAdamax::new_flat`].
 ///
 /// The learning rate, the step count, the clip and loss-scale state live on the device,
 /// so a step captured in a CUDA graph replays exactly like eager steps, and
@@ -77,6 +80,9 @@ pub struct CudaAdamax<T: GpuStorage> {
     step_bound: u64,
     options: StepOptions,
     scaler: bool,
+    /// The layout of an optimizer built with `new_flat`, and the flat buffers
+    /// (parameter, gradient addresses) the table on the device was built for.
+    flat: Option<(FlatLayout, Option<(u64, u64)>)>,
     _storage: std::marker::PhantomData<T>,
 }
 
@@ -116,9 +122,10 @@ impl<T: GpuStorage> CudaAdamax<T> {
         if lens.is_empty() {
             return Err(Error::EmptyParameterList);
         }
-        let layout = StateLayout::new(lens)?;
+        let mut layout = StateLayout::new(lens)?;
         let kernels = kernels_for(stream.context())?;
-        let plan = LaunchPlan::new(stream, &kernels, &layout)?;
+        layout.plan_units(kernels.wave(EntryPoint::step(T::TYPE)));
+        let plan = LaunchPlan::new(stream, &kernels, &layout, T::TYPE)?;
         let state = DeviceState::zeroed(stream, layout, T::TYPE)?;
         let control = ControlBlock::new(
             stream,
@@ -147,6 +154,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             step_bound: 0,
             options: StepOptions::default(),
             scaler: false,
+            flat: None,
             _storage: std::marker::PhantomData,
         })
     }
@@ -174,26 +182,35 @@ impl<T: GpuStorage> CudaAdamax<T> {
         check_devices(&self.stream, "grad", grads)?;
         let stream = self.stream.clone();
         // The guards make cudarc order this stream after other streams' writes to the
-        // caller's buffers, and record our use when dropped after the launch.
-        let mut guards = Vec::with_capacity(2 * params.len());
+        // caller's buffers, and record our use when dropped after the launch. Without
+        // event tracking they do nothing and are not kept (nothing is allocated).
+        let tracking = stream.context().is_managing_stream_synchronization();
+        let mut guards = Vec::new();
         let table = self.plan.next_table();
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let (param, param_guard) = p.device_ptr_mut(&stream);
             let (grad, grad_guard) = g.device_ptr(&stream);
-            guards.push(param_guard);
-            guards.push(grad_guard);
+            if tracking {
+                guards.push(param_guard);
+                guards.push(grad_guard);
+            }
             table.push(
                 self.state
                     .descriptor(i, param, grad, &self.schedule.hypers()[i]),
             );
         }
-        self.enqueue()?;
+        self.enqueue(true)?;
         drop(guards);
         Ok(())
     }
 
-    /// Enqueues the step whose table is prepared, after the counter check.
-    pub(super) fn enqueue(&mut self) -> Result<()> {
+    /// Enqueues a step, after the counter check: with the table just prepared in the
+    /// plan (`prepared`), or with the one on the device.
+    pub(super) fn enqueue(&mut self, prepared: bool) -> Result<()> {
+        if prepared {
+            // The table on the device no longer matches any flat buffers.
+            self.forget_flat_table();
+        }
         if self.step_bound == u64::MAX {
             let step = self.control.read()?.state.step;
             if step == u64::MAX {
@@ -209,8 +226,49 @@ impl<T: GpuStorage> CudaAdamax<T> {
         );
         let flags = self.control.params().flags;
         self.plan
-            .enqueue(&self.stream, &self.kernels, T::TYPE, args, flags)?;
+            .enqueue(&self.stream, &self.kernels, T::TYPE, args, flags, prepared)?;
         self.step_bound += 1;
+        Ok(())
+    }
+
+    pub(super) fn set_flat(&mut self, layout: FlatLayout) {
+        self.flat = Some((layout, None));
+    }
+
+    pub(super) fn flat_total(&self) -> Option<usize> {
+        self.flat.as_ref().map(|(l, _)| l.total())
+    }
+
+    fn forget_flat_table(&mut self) {
+        if let Some((_, built_for)) = &mut self.flat {
+            *built_for = None;
+        }
+    }
+
+    /// A step over flat buffers at these device addresses: the table is rebuilt only
+    /// when they differ from the ones it was built for.
+    pub(super) fn enqueue_flat(&mut self, params: u64, grads: u64) -> Result<()> {
+        let Some((layout, built_for)) = &self.flat else {
+            return Err(Error::NotFlat);
+        };
+        let fresh = *built_for != Some((params, grads));
+        if fresh {
+            let size = std::mem::size_of::<T>() as u64;
+            let table = self.plan.next_table();
+            for (i, &o) in layout.offsets().iter().enumerate() {
+                let at = o as u64 * size;
+                table.push(self.state.descriptor(
+                    i,
+                    params + at,
+                    grads + at,
+                    &self.schedule.hypers()[i],
+                ));
+            }
+        }
+        self.enqueue(fresh)?;
+        if let Some((_, built_for)) = &mut self.flat {
+            *built_for = Some((params, grads));
+        }
         Ok(())
     }
 
@@ -320,7 +378,10 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
     }
 
     fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()> {
-        self.schedule.set_hyper(tensor, hyper)
+        self.schedule.set_hyper(tensor, hyper)?;
+        // The table carries the settings: the next flat step rebuilds it.
+        self.forget_flat_table();
+        Ok(())
     }
 
     fn options(&self) -> StepOptions {
@@ -426,6 +487,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         })?;
         self.state.commit(staged);
         self.plan.invalidate();
+        self.forget_flat_table();
         self.schedule = schedule;
         self.step_bound = ck.step;
         Ok(())

@@ -88,7 +88,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             check_raw::<T>("grad", i, t.grad, n)?;
         }
         self.prepare_raw(tensors.iter().map(|t| (t.param, t.grad)));
-        self.enqueue()
+        self.enqueue(true)
     }
 }
 

@@ -1,0 +1,228 @@
+//! The flat-buffer path: every parameter tensor a view into one allocation, every
+//! gradient into another with the same layout (the contiguous buffers of Apex and
+//! Megatron). A step then takes two buffers whatever the tensor count: two device
+//! addresses, two of cudarc's event operations, and while neither buffer moves (nor
+//! the per-tensor settings) the tensor table already on the device is reused as it is,
+//! so the host work per step does not grow with the number of tensors, and nothing is
+//! allocated.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+
+use crate::{
+    config::AdamaxConfig,
+    error::{Error, Result},
+};
+
+use super::{
+    device::check_devices,
+    optimizer::{CudaAdamax, GpuStorage},
+};
+
+/// Where each tensor lies in a flat buffer: element offsets and lengths, in tensor
+/// order, without overlaps. The gradient buffer has the same layout.
+///
+/// ```
+/// use adamax_cuda::cuda::FlatLayout;
+/// let l = FlatLayout::aligned(&[768, 3, 50_257])?;
+/// assert_eq!(l.offsets(), &[0, 768, 832]);
+/// assert_eq!(l.total(), 832 + 50_257);
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatLayout {
+    offsets: Vec<usize>,
+    lens: Vec<usize>,
+    total: usize,
+}
+
+/// Elements each tensor of [`FlatLayout::aligned`] starts at a multiple of: 256 bytes
+/// for f32, so every tensor takes the kernel's 16-byte vector path.
+pub const FLAT_ALIGN: usize = 64;
+
+impl FlatLayout {
+    /// Tensors back to back. A tensor whose offset is not a multiple of 4 (f32) or 8
+    /// (16-bit) elements takes the kernel's element-by-element path: prefer
+    /// [`FlatLayout::aligned`] when the buffer is yours to lay out.
+    pub fn packed(lens: &[usize]) -> Result<Self> {
+        Self::with_alignment(lens, 1)
+    }
+
+    /// Each tensor starting at a multiple of [`FLAT_ALIGN`] elements.
+    pub fn aligned(lens: &[usize]) -> Result<Self> {
+        Self::with_alignment(lens, FLAT_ALIGN)
+    }
+
+    fn with_alignment(lens: &[usize], align: usize) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut at = 0usize;
+        for &n in lens {
+            let start = at.checked_next_multiple_of(align).ok_or(too_large())?;
+            offsets.push(start);
+            at = start.checked_add(n).ok_or(too_large())?;
+        }
+        Self::new(offsets, lens.to_vec())
+    }
+
+    /// A layout of your own: `offsets[i]` is where tensor `i` of `lens[i]` elements
+    /// starts. Refused: lists of different lengths, an empty list, tensors out of order
+    /// or overlapping, sizes that overflow.
+    pub fn new(offsets: Vec<usize>, lens: Vec<usize>) -> Result<Self> {
+        if offsets.len() != lens.len() {
+            return Err(Error::TensorCountMismatch {
+                what: "flat layout offsets",
+                expected: lens.len(),
+                found: offsets.len(),
+            });
+        }
+        if lens.is_empty() {
+            return Err(Error::EmptyParameterList);
+        }
+        let mut end = 0usize;
+        for (tensor, (&o, &n)) in offsets.iter().zip(&lens).enumerate() {
+            if o < end {
+                return Err(Error::LengthMismatch {
+                    what: "flat layout offset (tensors overlap or are out of order)",
+                    tensor,
+                    expected: end,
+                    found: o,
+                });
+            }
+            end = o.checked_add(n).ok_or(too_large())?;
+        }
+        Ok(Self {
+            offsets,
+            lens,
+            total: end,
+        })
+    }
+
+    /// Element offset of every tensor.
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+
+    /// Elements of every tensor.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Elements a buffer of this layout needs (the end of the last tensor).
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+fn too_large() -> Error {
+    Error::TooLarge {
+        what: "the flat layout",
+    }
+}
+
+/// The buffer must hold the layout.
+fn check_len(what: &'static str, found: usize, layout: &FlatLayout) -> Result<()> {
+    if found < layout.total {
+        return Err(Error::LengthMismatch {
+            what,
+            tensor: 0,
+            expected: layout.total,
+            found,
+        });
+    }
+    Ok(())
+}
+
+impl<T: GpuStorage> CudaAdamax<T> {
+    /// An optimizer over the tensors of `layout` in the flat buffer `params` (for
+    /// 16-bit `T`, the masters are copied from it). Step it with
+    /// [`CudaAdamax::step_flat`]; the per-tensor API ([`CudaAdamax::step`] with views)
+    /// works on it too.
+    pub fn new_flat<P: DevicePtr<T>>(
+        stream: &Arc<CudaStream>,
+        config: AdamaxConfig,
+        params: &P,
+        layout: FlatLayout,
+    ) -> Result<Self> {
+        check_devices(stream, "flat params", [params])?;
+        check_len("flat params", params.len(), &layout)?;
+        let mut opt = Self::allocate(stream, config, layout.lens.clone())?;
+        {
+            let (base, _guard) = params.device_ptr(stream);
+            let size = std::mem::size_of::<T>() as u64;
+            opt.init_master(layout.offsets.iter().map(|&o| base + o as u64 * size))?;
+        }
+        opt.set_flat(layout);
+        Ok(opt)
+    }
+
+    /// One step of every tensor, with parameters and gradients in flat buffers laid
+    /// out as the optimizer's [`FlatLayout`]. Checked before anything is enqueued: the
+    /// optimizer was built with [`CudaAdamax::new_flat`], both buffers hold the layout
+    /// and live in the optimizer's context.
+    pub fn step_flat<P: DevicePtrMut<T>, G: DevicePtr<T>>(
+        &mut self,
+        params: &mut P,
+        grads: &G,
+    ) -> Result<()> {
+        let total = self.flat_total().ok_or(Error::NotFlat)?;
+        for (what, len) in [("flat params", params.len()), ("flat grads", grads.len())] {
+            if len < total {
+                return Err(Error::LengthMismatch {
+                    what,
+                    tensor: 0,
+                    expected: total,
+                    found: len,
+                });
+            }
+        }
+        let stream = self.stream().clone();
+        check_devices(&stream, "flat params", [&*params])?;
+        check_devices(&stream, "flat grads", [grads])?;
+        // Held until the launch is enqueued: cudarc orders this stream after other
+        // streams' writes to the buffers, and records our use when they drop.
+        let (param_base, _param_guard) = params.device_ptr_mut(&stream);
+        let (grad_base, _grad_guard) = grads.device_ptr(&stream);
+        self.enqueue_flat(param_base, grad_base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_pack_or_align_and_refuse_what_cannot_be_a_buffer() {
+        let p = FlatLayout::packed(&[3, 0, 5]).unwrap();
+        assert_eq!((p.offsets(), p.total()), (&[0, 3, 3][..], 8));
+        let a = FlatLayout::aligned(&[3, 0, 5]).unwrap();
+        assert_eq!((a.offsets(), a.total()), (&[0, 64, 64][..], 69));
+        assert!(matches!(
+            FlatLayout::new(vec![0, 2], vec![3, 1]),
+            Err(Error::LengthMismatch { tensor: 1, .. })
+        ));
+        assert!(matches!(
+            FlatLayout::new(vec![5, 0], vec![1, 1]),
+            Err(Error::LengthMismatch { tensor: 1, .. })
+        ));
+        assert!(matches!(
+            FlatLayout::new(vec![0], vec![1, 1]),
+            Err(Error::TensorCountMismatch { .. })
+        ));
+        assert!(matches!(
+            FlatLayout::new(vec![], vec![]),
+            Err(Error::EmptyParameterList)
+        ));
+        assert!(matches!(
+            FlatLayout::new(vec![usize::MAX], vec![2]),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(matches!(
+            FlatLayout::aligned(&[usize::MAX - 3, 1]),
+            Err(Error::TooLarge { .. })
+        ));
+        // Gaps are fine (padding), and a tensor may start where the last ended.
+        let own = FlatLayout::new(vec![10, 20, 25], vec![10, 5, 0]).unwrap();
+        assert_eq!(own.total(), 25);
+    }
+}
