@@ -61,8 +61,7 @@ pub struct Compiled {
 /// Loads NVRTC if present; `Err(NvrtcNotFound)` instead of cudarc's panic otherwise.
 pub fn ensure_nvrtc() -> Result<()> {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: only tries to dlopen the library names cudarc knows.
-    if *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() }) {
+    if *PRESENT.get_or_init(super::libs::nvrtc_present) {
         Ok(())
     } else {
         Err(Error::NvrtcNotFound)

@@ -15,8 +15,7 @@ use crate::error::{Error, Result};
 /// panic otherwise.
 pub fn ensure_driver() -> Result<()> {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: only tries to dlopen the library names cudarc knows.
-    if *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() }) {
+    if *PRESENT.get_or_init(super::libs::driver_present) {
         Ok(())
     } else {
         Err(Error::DriverNotFound)

@@ -18,6 +18,7 @@ mod device;
 mod entry;
 mod flat;
 mod launch;
+mod libs;
 mod module;
 mod optimizer;
 mod raw;
