@@ -41,6 +41,7 @@ struct TensorDesc {
     u64 len;          // elements
     u64 chunk_begin;  // index of this tensor's first reduction chunk (ADAMAX_CHUNK elements)
     u64 unit_begin;   // index of this tensor's first work unit of the update (unit_len)
+    u64 has_grad;     // 0: no gradient this step, the tensor is skipped (grad unused)
     double lr_scale;      // this tensor's learning rate is lr * lr_scale
     double weight_decay;  // this tensor's weight decay (0: none)
 };
@@ -96,6 +97,7 @@ struct AdamaxArgs {
     u64 unit_len;           // elements per work unit, a power of two in [1024, ADAMAX_CHUNK]
     Control* control;
     float* partials;        // one f32 sum of squares per chunk (reduce -> finalize)
+    u64* tensor_steps;      // each tensor's own step count (PyTorch's per-parameter step)
     float beta1;
     float one_minus_beta1;  // f32(1 - beta1), from f64
     float beta2;
@@ -128,6 +130,17 @@ __device__ __forceinline__ float current_inv_scale(const Control& c) {
     return c.params.inv_scale;
 }
 
+// beta^t by repeated squaring: the twin of cpu::powi_exact.
+__device__ double powi_exact(double base, u64 exp) {
+    double acc = 1.0, b = base;
+    while (exp > 0) {
+        if (exp & 1) acc = __dmul_rn(acc, b);
+        b = __dmul_rn(b, b);
+        exp >>= 1;
+    }
+    return acc;
+}
+
 // The f32 scalars of one tensor for one step: the twin of StepScalars::for_tensor in
 // src/cpu.rs, with the same f64 operations and the same rounding to f32.
 struct Scalars {
@@ -138,7 +151,9 @@ struct Scalars {
 };
 
 __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const TensorDesc& t,
-                                                  double bias_correction) {
+                                                  u64 tensor_step) {
+    // 1 - beta1^t of this tensor's step t (the twin of cpu::bias_correction).
+    const double bias_correction = __dsub_rn(1.0, powi_exact(a.control->params.beta1, tensor_step + 1));
     Scalars s;
     s.beta1 = a.beta1;
     s.one_minus_beta1 = a.one_minus_beta1;
@@ -313,25 +328,16 @@ __device__ __forceinline__ u64 find_tensor(const AdamaxArgs& a, u64 index, Begin
 __device__ __forceinline__ u64 chunk_begin(const TensorDesc& t) { return t.chunk_begin; }
 __device__ __forceinline__ u64 unit_begin(const TensorDesc& t) { return t.unit_begin; }
 
-// beta^t by repeated squaring: the twin of cpu::powi_exact.
-__device__ double powi_exact(double base, u64 exp) {
-    double acc = 1.0, b = base;
-    while (exp > 0) {
-        if (exp & 1) acc = __dmul_rn(acc, b);
-        b = __dmul_rn(b, b);
-        exp >>= 1;
-    }
-    return acc;
-}
 
 // NOTE: [one launch per common step] The update counts the step itself, so a step
 // without clipping or the overflow check is this one launch. Every block reads the
-// step counter at its start and derives the bias correction of step + 1 (the same f64
-// operations as cpu::bias_correction); the last block to finish writes step + 1. That
-// block knows it is last only after every block has counted itself, and each block
-// reads the counter before it counts itself, so no block sees the new value. With
-// clipping or the check, finalize has decided before this launch whether the step
-// happens (StepState::skipped); without them, a counter at u64::MAX is found here.
+// counters (the optimizer's, and each tensor's own, from which the tensor's bias
+// correction comes) before it counts itself as done; the last block to finish then
+// writes the new counts: the optimizer's step + 1, and + 1 for every tensor that had a
+// gradient. It knows it is last only after every block has counted itself, so no
+// block sees a new value. With clipping or the check, finalize has decided before
+// this launch whether the step happens (StepState::skipped); without them, a counter
+// at u64::MAX is found here.
 //
 // Blocks walk the work units of all tensors with a grid stride: a unit never spans two
 // tensors, units start at multiples of unit_len (a multiple of 8), and indices are
@@ -346,11 +352,12 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         if (!decided && blockIdx.x == 0 && threadIdx.x == 0) st.skipped = SKIP_COUNTER_FULL;
         return;  // nothing changes, and the step is not counted
     }
-    const double bias_correction = __dsub_rn(1.0, powi_exact(c.params.beta1, step + 1));
     constexpr u64 N = Lanes<T>::N;
     for (u64 unit = blockIdx.x; unit < a.num_units; unit += gridDim.x) {
-        const TensorDesc t = a.tensors[find_tensor(a, unit, unit_begin)];
-        const Scalars sc = tensor_scalars(a, t, bias_correction);
+        const u64 k = find_tensor(a, unit, unit_begin);
+        const TensorDesc t = a.tensors[k];
+        if (!t.has_grad) continue;  // no gradient this step: the tensor is not touched
+        const Scalars sc = tensor_scalars(a, t, a.tensor_steps[k]);
         const u64 begin = (unit - t.unit_begin) * a.unit_len;
         const u64 end = min(begin + a.unit_len, t.len);
         // Units start at multiples of 8 elements, so aligned base pointers make every
@@ -365,14 +372,20 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         }
         for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(sc, t, i, T());
     }
+    __shared__ bool last;
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
-        if (atomicAdd(&st.blocks_done, 1u) == gridDim.x - 1) {
-            st.blocks_done = 0;
-            st.skipped = 0;
-            st.step = step + 1;
-        }
+        last = atomicAdd(&st.blocks_done, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last) return;
+    for (u64 k = threadIdx.x; k < a.num_tensors; k += blockDim.x)
+        if (a.tensors[k].has_grad) a.tensor_steps[k] += 1;
+    if (threadIdx.x == 0) {
+        st.blocks_done = 0;
+        st.skipped = 0;
+        st.step = step + 1;
     }
 }
 
@@ -418,7 +431,8 @@ __device__ void adamax_reduce(const AdamaxArgs& a) {
     for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
         const TensorDesc t = a.tensors[find_tensor(a, chunk, chunk_begin)];
         const u64 begin = (chunk - t.chunk_begin) * (u64)ADAMAX_CHUNK;
-        const u64 end = min(begin + (u64)ADAMAX_CHUNK, t.len);
+        // A tensor without a gradient adds a zero partial (its chunks keep their numbers).
+        const u64 end = t.has_grad ? min(begin + (u64)ADAMAX_CHUNK, t.len) : begin;
         const bool aligned = (t.grad & 15) == 0;
         float acc = 0.0f;
         bool bad = false;

@@ -54,6 +54,19 @@ pub trait Optimizer {
     /// before anything is written: a refused step changes nothing.
     fn step<'a>(&mut self, params: &mut [Self::Param<'a>], grads: &[Self::Grad<'a>]) -> Result<()>;
 
+    /// [`Optimizer::step`] where some tensors have no gradient this step (`None`: a
+    /// frozen layer, an embedding row set not used), as PyTorch and candle skip
+    /// parameters whose gradient is `None`: such a tensor is not read or written, takes
+    /// no weight decay, adds nothing to the clipping norm or the overflow check, and does
+    /// not count the step (its own step count, [`TensorState::step`], drives its bias
+    /// correction, as PyTorch's per-parameter `state["step"]` does). The optimizer's
+    /// step count still advances.
+    fn step_some<'a>(
+        &mut self,
+        params: &mut [Self::Param<'a>],
+        grads: &[Option<Self::Grad<'a>>],
+    ) -> Result<()>;
+
     /// The configuration in force.
     fn config(&self) -> &AdamaxConfig;
     /// Changes the learning rate (for a schedule), validated with every tensor's

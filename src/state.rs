@@ -8,10 +8,14 @@ use crate::{
     storage::Storage,
 };
 
-/// The optimizer state of one tensor: `m`, `u`, and the f32 master copy of a 16-bit
-/// parameter (empty for f32 parameters).
+/// The optimizer state of one tensor: its step count, `m`, `u`, and the f32 master copy
+/// of a 16-bit parameter (empty for f32 parameters).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TensorState {
+    /// Steps this tensor took (PyTorch's per-parameter `state["step"]`): a tensor without
+    /// a gradient in a step is skipped and does not count it, and its bias correction
+    /// uses this count.
+    pub step: u64,
     /// First moment `m` (PyTorch's `exp_avg`).
     pub exp_avg: Vec<f32>,
     /// Infinity norm `u` (PyTorch's `exp_inf`); never negative.
@@ -25,6 +29,7 @@ impl TensorState {
     /// when `T` is a 16-bit type.
     pub fn new<T: Storage>(param: &[T]) -> Self {
         Self {
+            step: 0,
             exp_avg: vec![0.0; param.len()],
             exp_inf: vec![0.0; param.len()],
             master: if T::HAS_MASTER {
@@ -123,13 +128,14 @@ pub(crate) fn check_pairs(config: &AdamaxConfig, hypers: &[TensorHyper]) -> Resu
 }
 
 /// Checks that the parameter and gradient lists have one entry per tensor and that
-/// every length matches the tensor's; allocates nothing.
+/// every length matches the tensor's (a missing gradient, `None`, is fine: that tensor
+/// is skipped); allocates nothing.
 pub(crate) fn check_lists(
     expected: &[usize],
     params: impl ExactSizeIterator<Item = usize>,
-    grads: impl ExactSizeIterator<Item = usize>,
+    grads: impl ExactSizeIterator<Item = Option<usize>>,
 ) -> Result<()> {
-    check_list(expected, "params", "param", params)?;
+    check_list(expected, "params", "param", params.map(Some))?;
     check_list(expected, "grads", "grad", grads)
 }
 
@@ -137,7 +143,7 @@ fn check_list(
     expected: &[usize],
     list: &'static str,
     what: &'static str,
-    lens: impl ExactSizeIterator<Item = usize>,
+    lens: impl ExactSizeIterator<Item = Option<usize>>,
 ) -> Result<()> {
     if lens.len() != expected.len() {
         return Err(Error::TensorCountMismatch {
@@ -147,6 +153,7 @@ fn check_list(
         });
     }
     for (tensor, (&e, found)) in expected.iter().zip(lens).enumerate() {
+        let Some(found) = found else { continue };
         if e != found {
             return Err(Error::LengthMismatch {
                 what,

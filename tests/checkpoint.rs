@@ -266,21 +266,63 @@ fn mismatched_checkpoints_are_refused_and_leave_the_state_untouched() {
 }
 
 #[test]
-fn a_step_scalar_that_disagrees_with_the_metadata_is_refused() {
-    // In a PyTorch file (no checksum, so the edit reaches validation): step 8 in the
-    // metadata, 7.0 in every `state.{i}.step`.
+fn step_counts_that_cannot_be_are_refused() {
+    // In a PyTorch file (no checksum, so the edit reaches validation): every
+    // `state.{i}.step` is 7.0. An optimizer of 6 steps cannot hold tensors of 7.
     let edited = with_header(TORCH_FILE, |h| {
-        h.replace("\"step\":\"7\"", "\"step\":\"8\"")
+        h.replace("\"step\":\"7\"", "\"step\":\"6\"")
     });
     assert!(edited != TORCH_FILE, "metadata step found");
     let err = Checkpoint::from_bytes(&edited).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("took 7 steps but the optimizer only 6"),
+        "{err}"
+    );
+    // An exact per-tensor count that its f32 scalar contradicts.
+    let edited = with_header(TORCH_FILE, |h| {
+        h.replace("\"step\":\"7\"", "\"step\":\"7\",\"tensor.0.step\":\"5\"")
+    });
+    let err = Checkpoint::from_bytes(&edited).unwrap_err();
     assert!(err.to_string().contains("state.0.step"), "{err}");
-    // The same edit in one of this crate's files is caught by its checksum.
+    // The same kind of edit in one of this crate's files is caught by its checksum.
     let (_, ours) = trained();
     let edited = with_header(&ours, |h| h.replace("\"step\":\"1\"", "\"step\":\"2\""));
     assert!(edited != ours, "metadata step found");
     let err = Checkpoint::from_bytes(&edited).unwrap_err();
     assert!(err.to_string().contains("integrity check failed"), "{err}");
+}
+
+/// PyTorch counts steps per parameter. A file whose tensors took fewer steps than the
+/// optimizer (here 7 of 8: each skipped once for lack of a gradient) loads with each
+/// tensor's own count, and resuming continues PyTorch's trajectory, whose next step is
+/// each parameter's eighth.
+#[test]
+fn per_tensor_step_counts_from_pytorch_resume_its_trajectory() {
+    let edited = with_header(TORCH_FILE, |h| {
+        h.replace("\"step\":\"7\"", "\"step\":\"8\"")
+    });
+    let ck = Checkpoint::from_bytes(&edited).unwrap();
+    assert_eq!(ck.step, 8);
+    assert!(ck.tensors.iter().all(|t| t.step == 7));
+    let r: Resume = serde_json::from_str(TORCH_RESUME).unwrap();
+    let mut params = r.params_at_step7.clone();
+    let refs: Vec<&[f32]> = params.iter().map(|p| p.as_slice()).collect();
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
+    opt.restore(&ck).unwrap();
+    for (t, grads) in r.grads_steps_8_to_10.iter().enumerate() {
+        step_all(&mut opt, &mut params, grads);
+        for (ours, theirs) in params.iter().zip(&r.params_after_steps_8_to_10[t]) {
+            for (a, b) in ours.iter().zip(theirs) {
+                assert!((a - b).abs() <= 2e-6, "step {}: {a} vs {b}", t + 8);
+            }
+        }
+    }
+    assert_eq!(opt.step_count().unwrap(), 11);
+    assert!(opt.tensor_states().iter().all(|t| t.step == 10));
+    // Written back, the per-tensor counts travel in the metadata, exactly.
+    let back = Checkpoint::from_bytes(&opt.checkpoint().unwrap().to_bytes().unwrap()).unwrap();
+    assert_eq!(back, opt.checkpoint().unwrap());
 }
 
 /// `bytes` with its JSON header replaced by `edit(header)` (the length prefix follows).

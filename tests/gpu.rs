@@ -1007,6 +1007,117 @@ fn flat_buffers_match_the_cpu<T: GpuStorage>(
     }
 }
 
+/// Missing gradients with clipping, a loss scaler and overflow skips, against the CPU
+/// reference bit for bit: absent tensors add zero partial sums (their chunks keep their
+/// numbers in the reduction order), take no update and keep their own step counts.
+fn missing_gradients_match_the_cpu<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult {
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700, 9000];
+    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let mut dev = host
+        .iter()
+        .map(|p| stream.clone_htod(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        ..AdamaxConfig::default()
+    };
+    let mut gpu = CudaAdamax::<T>::new(stream, config, &dev)?;
+    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
+    let mut cpu = CpuAdamax::<T>::new(config, &refs)?;
+    let options = adamax_cuda::StepOptions {
+        max_norm: Some(0.5),
+        ..Default::default()
+    };
+    let scaler = Some(adamax_cuda::LossScaler {
+        scale: 256.0,
+        growth_interval: 2,
+        ..Default::default()
+    });
+    for o in [&mut gpu as &mut dyn FnMutOpt, &mut cpu] {
+        o.setup(options, scaler)?;
+    }
+    for step in 0..10usize {
+        let scale = cpu.loss_scaler()?.map_or(1.0, |s| s.scale);
+        let grads: Vec<Option<Vec<T>>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let g: Vec<T> = random::<T>(&mut rng, n, 0.1)
+                    .iter()
+                    .map(|x| T::from_f32(x.to_f32() * scale))
+                    .collect();
+                ((i + step) % 3 != 0).then_some(g)
+            })
+            .collect();
+        let mut grads = grads;
+        if step == 4 {
+            if let Some(g) = grads[5].as_mut() {
+                g[10] = T::from_f32(f32::INFINITY);
+            }
+        }
+        let dg = grads
+            .iter()
+            .map(|g| g.as_ref().map(|g| stream.clone_htod(g)).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        gpu.step_some(&mut dev, &dg)?;
+        let g: Vec<Option<&[T]>> = grads.iter().map(|x| x.as_deref()).collect();
+        let mut p: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
+        cpu.step_some(&mut p, &g)?;
+        let (gr, cr) = (gpu.last_report()?, cpu.last_report()?);
+        if (
+            gr.skipped,
+            gr.loss_scale,
+            gr.total_norm.map(f32::to_bits),
+            gr.clip_coef.to_bits(),
+        ) != (
+            cr.skipped,
+            cr.loss_scale,
+            cr.total_norm.map(f32::to_bits),
+            cr.clip_coef.to_bits(),
+        ) {
+            return Err(format!("{} step {step}: gpu {gr:?} cpu {cr:?}", T::NAME).into());
+        }
+        for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
+            let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            same("param", i, &f(&stream.clone_dtoh(d)?), &f(h))
+                .map_err(|e| format!("{} step {step}: {e}", T::NAME))?;
+        }
+        let (gs, cs) = (gpu.state()?, cpu.tensor_states().to_vec());
+        same_state(&gs, &cs).map_err(|e| format!("{} step {step}: {e}", T::NAME))?;
+        let counts = |v: &[TensorState]| v.iter().map(|t| t.step).collect::<Vec<_>>();
+        if counts(&gs) != counts(&cs) {
+            return Err(format!(
+                "{} step {step}: step counts {:?} vs {:?}",
+                T::NAME,
+                counts(&gs),
+                counts(&cs)
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Options and scaler set alike on either optimizer (through the trait).
+trait FnMutOpt {
+    fn setup(
+        &mut self,
+        o: adamax_cuda::StepOptions,
+        s: Option<adamax_cuda::LossScaler>,
+    ) -> adamax_cuda::Result<()>;
+}
+impl<O: Optimizer> FnMutOpt for O {
+    fn setup(
+        &mut self,
+        o: adamax_cuda::StepOptions,
+        s: Option<adamax_cuda::LossScaler>,
+    ) -> adamax_cuda::Result<()> {
+        self.set_options(o)?;
+        self.set_loss_scaler(s)
+    }
+}
+
 fn main() {
     let args = Arguments::from_args();
     let device = cuda::device_count()
@@ -1151,6 +1262,14 @@ fn main() {
     add(
         "flat_buffers_match_the_cpu_aligned_bf16".into(),
         Box::new(|s| flat_buffers_match_the_cpu::<bf16>(s, true)),
+    );
+    add(
+        "missing_gradients_match_the_cpu_with_clipping_and_scaler_f32".into(),
+        Box::new(missing_gradients_match_the_cpu::<f32>),
+    );
+    add(
+        "missing_gradients_match_the_cpu_with_clipping_and_scaler_bf16".into(),
+        Box::new(missing_gradients_match_the_cpu::<bf16>),
     );
     add(
         "per_tensor_hyperparameters_match_the_cpu_coupled".into(),

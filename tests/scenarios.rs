@@ -32,6 +32,8 @@ trait Backend<T: GpuStorage>: Sized {
     fn opt(&mut self) -> &mut Self::Opt;
     /// One step with these host gradients (uploaded first on the GPU).
     fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()>;
+    /// One step where some tensors have no gradient.
+    fn step_some(&mut self, grads: &[Option<Vec<T>>]) -> adamax_cuda::Result<()>;
     /// The parameters, copied to the host.
     fn params(&self) -> R<Vec<Vec<T>>>;
 }
@@ -57,6 +59,11 @@ impl<T: GpuStorage> Backend<T> for Cpu<T> {
         let mut p: Vec<&mut [T]> = self.params.iter_mut().map(|x| x.as_mut_slice()).collect();
         let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
         self.opt.step(&mut p, &g)
+    }
+    fn step_some(&mut self, grads: &[Option<Vec<T>>]) -> adamax_cuda::Result<()> {
+        let mut p: Vec<&mut [T]> = self.params.iter_mut().map(|x| x.as_mut_slice()).collect();
+        let g: Vec<Option<&[T]>> = grads.iter().map(|x| x.as_deref()).collect();
+        self.opt.step_some(&mut p, &g)
     }
     fn params(&self) -> R<Vec<Vec<T>>> {
         Ok(self.params.clone())
@@ -111,6 +118,19 @@ impl<T: GpuStorage> Backend<T> for Gpu<T> {
         let mut pv: Vec<_> = self.params.iter_mut().map(|p| p.as_view_mut()).collect();
         let gv: Vec<_> = dg.iter().map(|g| g.as_view()).collect();
         Optimizer::step(&mut self.opt, &mut pv, &gv)
+    }
+    fn step_some(&mut self, grads: &[Option<Vec<T>>]) -> adamax_cuda::Result<()> {
+        let dg = grads
+            .iter()
+            .map(|g| g.as_ref().map(|g| self.stream.clone_htod(g)).transpose())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Driver {
+                context: "uploading test gradients",
+                source,
+            })?;
+        let mut pv: Vec<_> = self.params.iter_mut().map(|p| p.as_view_mut()).collect();
+        let gv: Vec<_> = dg.iter().map(|g| g.as_ref().map(|g| g.as_view())).collect();
+        Optimizer::step_some(&mut self.opt, &mut pv, &gv)
     }
     fn params(&self) -> R<Vec<Vec<T>>> {
         Ok(self
@@ -179,6 +199,9 @@ impl<T: GpuStorage> Backend<T> for GpuFlat<T> {
                 source,
             })?;
         self.opt.step_flat(&mut self.params, &flat)
+    }
+    fn step_some(&mut self, _: &[Option<Vec<T>>]) -> adamax_cuda::Result<()> {
+        unreachable!("the flat path has no per-tensor gradients to leave out")
     }
     fn params(&self) -> R<Vec<Vec<T>>> {
         let flat = self.stream.clone_dtoh(&self.params)?;
@@ -421,6 +444,52 @@ fn the_loss_scale_follows_grad_scalers_rule<T: GpuStorage, B: Backend<T>>() -> R
     Ok(())
 }
 
+/// Tensors without a gradient in a step are skipped: not touched, no weight decay, and
+/// their own step count (PyTorch's per-parameter step) does not advance, so a tensor
+/// skipped in some steps ends bit-identical to an optimizer over that tensor alone that
+/// saw only its steps.
+fn tensors_without_a_gradient_are_skipped_and_keep_their_count<T: GpuStorage, B: Backend<T>>() -> R
+{
+    let init = values::<T>(0, 1.0);
+    let mut b = B::new(config(), &init)?;
+    let mut alone: Vec<B> = init
+        .iter()
+        .map(|t| B::new(config(), std::slice::from_ref(t)))
+        .collect::<R<_>>()?;
+    // Tensor 1 has no gradient in steps 2 and 3, tensor 3 none in step 4.
+    let absent = |t: usize, i: usize| (i == 1 && (t == 2 || t == 3)) || (i == 3 && t == 4);
+    for t in 1..=6 {
+        let g: Vec<Option<Vec<T>>> = values::<T>(t, 0.1)
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| (!absent(t, i)).then_some(g))
+            .collect();
+        let before = b.params()?;
+        b.step_some(&g)?;
+        let after = b.params()?;
+        for (i, g) in g.iter().enumerate() {
+            match g {
+                Some(g) => alone[i].step(std::slice::from_ref(g))?,
+                None if bits(&after[i..=i]) != bits(&before[i..=i]) => {
+                    return Err(format!("step {t}: tensor {i} moved without a gradient").into())
+                }
+                None => {}
+            }
+        }
+    }
+    let state = b.opt().state()?;
+    for (i, a) in alone.iter_mut().enumerate() {
+        if bits(&b.params()?[i..=i]) != bits(&a.params()?) || state[i] != a.opt().state()?[0] {
+            return Err(format!("tensor {i} differs from its optimizer alone").into());
+        }
+    }
+    let steps: Vec<u64> = state.iter().map(|s| s.step).collect();
+    if steps != [6, 4, 6, 5] || b.opt().step_count()? != 6 {
+        return Err(format!("step counts {steps:?}").into());
+    }
+    Ok(())
+}
+
 fn a_full_step_counter_refuses_the_step<T: GpuStorage, B: Backend<T>>() -> R {
     let mut b = B::new(config(), &values::<T>(0, 1.0))?;
     let mut ck = b.opt().checkpoint()?;
@@ -475,5 +544,31 @@ fn main() {
     scenario!(learning_rate_zero_and_frozen_groups_leave_parameters, f32);
     scenario!(the_loss_scale_follows_grad_scalers_rule, f32);
     scenario!(a_full_step_counter_refuses_the_step, f32);
+    for (name, f) in [
+        (
+            "cpu_f32_tensors_without_a_gradient_are_skipped_and_keep_their_count",
+            tensors_without_a_gradient_are_skipped_and_keep_their_count::<f32, Cpu<f32>>
+                as fn() -> R,
+        ),
+        (
+            "cpu_bf16_tensors_without_a_gradient_are_skipped_and_keep_their_count",
+            tensors_without_a_gradient_are_skipped_and_keep_their_count::<bf16, Cpu<bf16>>,
+        ),
+    ] {
+        trials.push(Trial::test(name, f));
+    }
+    for (name, f) in [
+        (
+            "gpu_f32_tensors_without_a_gradient_are_skipped_and_keep_their_count",
+            tensors_without_a_gradient_are_skipped_and_keep_their_count::<f32, Gpu<f32>>
+                as fn() -> R,
+        ),
+        (
+            "gpu_bf16_tensors_without_a_gradient_are_skipped_and_keep_their_count",
+            tensors_without_a_gradient_are_skipped_and_keep_their_count::<bf16, Gpu<bf16>>,
+        ),
+    ] {
+        trials.push(Trial::test(name, f).with_ignored_flag(!gpu));
+    }
     libtest_mimic::run(&args, trials).exit();
 }

@@ -130,15 +130,16 @@ pub(super) fn verify_checksum(raw: &RawFile, stored: &str) -> Result<(), Error> 
 /// keys sorted, the checksum in the metadata.
 pub(super) fn write(ck: &Checkpoint, w: &mut impl Write) -> Result<(), WriteError> {
     ck.validate().map_err(WriteError::Invalid)?;
-    let step = [ck.step as f32];
+    // PyTorch's f32 step scalar of every tensor (the exact count is in the metadata).
+    let steps: Vec<[f32; 1]> = ck.tensors.iter().map(|t| [t.step as f32]).collect();
     let mut entries: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for (i, t) in ck.tensors.iter().enumerate() {
+    for (i, (t, step)) in ck.tensors.iter().zip(&steps).enumerate() {
         for &e in Entry::of(ck.storage) {
             let (shape, data): (Vec<usize>, &[f32]) = match e {
                 Entry::ExpAvg => (vec![t.exp_avg.len()], &t.exp_avg),
                 Entry::ExpInf => (vec![t.exp_inf.len()], &t.exp_inf),
                 Entry::Master => (vec![t.master.len()], &t.master),
-                Entry::Step => (vec![], &step),
+                Entry::Step => (vec![], step),
             };
             entries.push((e.name(i), shape, data));
         }

@@ -17,6 +17,7 @@
 //! | `weight_decay_mode` | `coupled` or `decoupled` |
 //! | `maximize` | `true` or `false` |
 //! | `tensor.{i}.lr_scale`, `tensor.{i}.weight_decay` | per-tensor hyperparameters (parameter groups); absent in PyTorch's files, where the config's apply |
+//! | `tensor.{i}.step` | tensor `i`'s own step count, when it differs from `step` (the tensor was skipped in some steps for lack of a gradient); in PyTorch's files, a `state.{i}.step` that differs from `step` is that count |
 //! | `checksum` | `xxh3-64:` and 16 hex digits: the integrity check below |
 //!
 //! # Integrity
@@ -149,8 +150,9 @@ impl MetaName for WeightDecayMode {
 impl Checkpoint {
     /// Checks that the checkpoint is whole and consistent: a valid configuration and
     /// per-tensor settings, one setting and one state per tensor, `exp_avg`, `exp_inf`
-    /// and (for 16-bit storage only) `master` of equal lengths, and `exp_inf >= 0`
-    /// everywhere (NaN is refused). `save` and `load` both run it.
+    /// and (for 16-bit storage only) `master` of equal lengths, `exp_inf >= 0`
+    /// everywhere (NaN is refused), and no tensor with more steps than the optimizer.
+    /// `save` and `load` both run it.
     pub fn validate(&self) -> Result<()> {
         check_pairs(&self.config, &self.hypers)?;
         if self.hypers.len() != self.tensors.len() {
@@ -161,6 +163,12 @@ impl Checkpoint {
             )));
         }
         for (i, t) in self.tensors.iter().enumerate() {
+            if t.step > self.step {
+                return Err(refuse(format!(
+                    "tensor {i} took {} steps but the optimizer only {}",
+                    t.step, self.step
+                )));
+            }
             let n = t.exp_avg.len();
             let master = if self.storage.has_master() { n } else { 0 };
             if t.exp_inf.len() != n || t.master.len() != master {
@@ -232,6 +240,11 @@ impl Checkpoint {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        for (i, t) in self.tensors.iter().enumerate() {
+            if t.step != self.step {
+                meta.insert(format!("tensor.{i}.step"), t.step.to_string());
+            }
+        }
         for (i, h) in self.hypers.iter().enumerate() {
             meta.insert(format!("tensor.{i}.lr_scale"), h.lr_scale.to_string());
             meta.insert(
@@ -405,15 +418,35 @@ impl Checkpoint {
             } else {
                 Vec::new()
             };
-            // The scalar is what PyTorch reads; it must agree with the exact count.
-            let s = take(Entry::Step, i, Some(&[]))?;
-            if s.first().copied() != Some(step as f32) {
+            // The scalar is what PyTorch reads; it must agree with the exact count:
+            // the metadata's for this tensor, else the optimizer's, else (a PyTorch file
+            // whose tensors took different numbers of steps) the scalar itself when it
+            // is a whole number that f32 holds exactly.
+            let s = take(Entry::Step, i, Some(&[]))?
+                .first()
+                .copied()
+                .unwrap_or(f32::NAN);
+            let tensor_step = match meta.get(&format!("tensor.{i}.step")) {
+                Some(v) => v
+                    .parse::<u64>()
+                    .map_err(|_| refuse(format!("metadata `tensor.{i}.step` is not a count")))?,
+                None if s == step as f32 => step,
+                None if s.fract() == 0.0 && (0.0..=16_777_216.0).contains(&s) => s as u64,
+                None => {
+                    return Err(refuse(format!(
+                        "`{}` is {s} but the metadata says step {step}",
+                        Entry::Step.name(i)
+                    )))
+                }
+            };
+            if s != tensor_step as f32 {
                 return Err(refuse(format!(
-                    "`{}` is {s:?} but the metadata says step {step}",
+                    "`{}` is {s} but tensor {i} took {tensor_step} steps",
                     Entry::Step.name(i)
                 )));
             }
             tensors.push(TensorState {
+                step: tensor_step,
                 exp_avg,
                 exp_inf,
                 master,

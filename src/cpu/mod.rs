@@ -277,6 +277,7 @@ pub(crate) fn step_tensor_with<T: Storage>(
         exp_avg,
         exp_inf,
         master,
+        ..
     } = state;
     for i in 0..n {
         let p = if T::HAS_MASTER {

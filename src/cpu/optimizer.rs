@@ -85,9 +85,10 @@ impl<T: Storage> CpuAdamax<T> {
         }
     }
 
-    /// The overflow check and the global norm, over every tensor, in the reduction
-    /// order of [`crate::fused`].
-    fn decide(&self, grads: &[&[T]]) -> Decision {
+    /// The overflow check and the global norm, over every tensor with a gradient, in
+    /// the reduction order of [`crate::fused`]. A tensor without one contributes zero
+    /// partial sums for its chunks, as on the GPU, so chunk numbers stay the same.
+    fn decide<'g>(&self, grad: impl Fn(usize) -> Option<&'g [T]>) -> Decision {
         let check = self.options.checks(self.scaler.is_some());
         if !check && self.options.max_norm.is_none() {
             return Decision {
@@ -100,12 +101,17 @@ impl<T: Storage> CpuAdamax<T> {
         let unscale = |g: f32| inv_scale.map_or(g, |s| g * s);
         let lanes = 16 / std::mem::size_of::<T>();
         let (mut found_inf, mut partials) = (false, Vec::new());
-        for g in grads {
-            for chunk in g.chunks(CHUNK) {
-                let (partial, bad) =
-                    chunk_partial(chunk.len(), lanes, |i| unscale(chunk[i].to_f32()));
-                partials.push(partial);
-                found_inf |= bad;
+        for (i, &n) in self.lens.iter().enumerate() {
+            match grad(i) {
+                Some(g) => {
+                    for chunk in g.chunks(CHUNK) {
+                        let (partial, bad) =
+                            chunk_partial(chunk.len(), lanes, |i| unscale(chunk[i].to_f32()));
+                        partials.push(partial);
+                        found_inf |= bad;
+                    }
+                }
+                None => partials.extend(std::iter::repeat_n(0.0, n.div_ceil(CHUNK))),
             }
         }
         let skip = check && found_inf;
@@ -125,6 +131,49 @@ impl<T: Storage> CpuAdamax<T> {
             },
         }
     }
+
+    /// One step over the tensors whose gradient is given (lists already checked).
+    fn step_checked<'g>(
+        &mut self,
+        params: &mut [&mut [T]],
+        grad: impl Fn(usize) -> Option<&'g [T]>,
+    ) -> Result<()> {
+        let d = self.decide(&grad);
+        if !d.skip {
+            let t = self
+                .step
+                .checked_add(1)
+                .ok_or(Error::StepOverflow(self.step))?;
+            let inv_scale = self.inv_scale();
+            let grad_map = |g: f32| {
+                let u = inv_scale.map_or(g, |s| g * s);
+                d.clip.map_or(u, |c| u * c)
+            };
+            let (config, hypers) = (self.schedule.config(), self.schedule.hypers());
+            for (i, (p, state)) in params.iter_mut().zip(&mut self.states).enumerate() {
+                let Some(g) = grad(i) else { continue };
+                // Each tensor's own count (PyTorch's per-parameter step): never above
+                // the optimizer's, so it cannot overflow before it.
+                let ti = state.step + 1;
+                let bc = bias_correction(config.beta1, ti);
+                let s = StepScalars::for_tensor(config, config.lr, bc, &hypers[i]);
+                step_tensor_with(&s, i, p, g, state, grad_map)?;
+                state.step = ti;
+            }
+            self.step = t;
+        }
+        if let Some(scaler) = self.scaler.as_mut() {
+            scaler.update(d.skip);
+        }
+        self.report = StepReport {
+            step: self.step,
+            skipped: d.skip,
+            total_norm: d.total_norm,
+            clip_coef: d.clip.unwrap_or(1.0),
+            loss_scale: self.scaler.map(|s| s.scale),
+        };
+        Ok(())
+    }
 }
 
 impl<T: Storage> Optimizer for CpuAdamax<T> {
@@ -140,43 +189,22 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         check_lists(
             &self.lens,
             params.iter().map(|p| p.len()),
-            grads.iter().map(|g| g.len()),
+            grads.iter().map(|g| Some(g.len())),
         )?;
-        let d = self.decide(grads);
-        if !d.skip {
-            let t = self
-                .step
-                .checked_add(1)
-                .ok_or(Error::StepOverflow(self.step))?;
-            let bc = bias_correction(self.schedule.config().beta1, t);
-            let inv_scale = self.inv_scale();
-            let grad_map = |g: f32| {
-                let u = inv_scale.map_or(g, |s| g * s);
-                d.clip.map_or(u, |c| u * c)
-            };
-            let (config, hypers) = (self.schedule.config(), self.schedule.hypers());
-            for (i, ((p, g), state)) in params
-                .iter_mut()
-                .zip(grads)
-                .zip(&mut self.states)
-                .enumerate()
-            {
-                let s = StepScalars::for_tensor(config, config.lr, bc, &hypers[i]);
-                step_tensor_with(&s, i, p, g, state, grad_map)?;
-            }
-            self.step = t;
-        }
-        if let Some(scaler) = self.scaler.as_mut() {
-            scaler.update(d.skip);
-        }
-        self.report = StepReport {
-            step: self.step,
-            skipped: d.skip,
-            total_norm: d.total_norm,
-            clip_coef: d.clip.unwrap_or(1.0),
-            loss_scale: self.scaler.map(|s| s.scale),
-        };
-        Ok(())
+        self.step_checked(params, |i| Some(grads[i]))
+    }
+
+    fn step_some<'a>(
+        &mut self,
+        params: &mut [&'a mut [T]],
+        grads: &[Option<&'a [T]>],
+    ) -> Result<()> {
+        check_lists(
+            &self.lens,
+            params.iter().map(|p| p.len()),
+            grads.iter().map(|g| g.map(<[T]>::len)),
+        )?;
+        self.step_checked(params, |i| grads[i])
     }
 
     fn config(&self) -> &AdamaxConfig {

@@ -63,6 +63,7 @@ mirrored! {
         len: u64,
         chunk_begin: u64,
         unit_begin: u64,
+        has_grad: u64,
         lr_scale: f64,
         weight_decay: f64,
     }
@@ -78,6 +79,7 @@ mirrored! {
         unit_len: u64,
         control: u64,
         partials: u64,
+        tensor_steps: u64,
         beta1: f32,
         one_minus_beta1: f32,
         beta2: f32,
@@ -214,6 +216,7 @@ impl AdamaxArgs {
             unit_len: 0,
             control,
             partials: 0,
+            tensor_steps: 0,
             beta1: s.beta1,
             one_minus_beta1: s.one_minus_beta1,
             beta2: s.beta2,

@@ -80,14 +80,16 @@ pub unsafe fn borrow_stream(ordinal: usize, raw: CUstream) -> Result<Arc<CudaStr
     Ok(unsafe { ctx.wrap_borrowed_stream(raw) })
 }
 
-/// Every buffer must live in the optimizer's CUDA context.
+/// Every buffer must live in the optimizer's CUDA context (`None`: no buffer for that
+/// tensor, nothing to check).
 pub(crate) fn check_devices<'b, T: 'b, B: DeviceSlice<T> + 'b>(
     stream: &CudaStream,
     what: &'static str,
-    bufs: impl IntoIterator<Item = &'b B>,
+    bufs: impl IntoIterator<Item = Option<&'b B>>,
 ) -> Result<()> {
     let ours: &Arc<CudaContext> = stream.context();
     for (tensor, b) in bufs.into_iter().enumerate() {
+        let Some(b) = b else { continue };
         let theirs = b.stream().context();
         if theirs.cu_ctx() != ours.cu_ctx() {
             return Err(Error::WrongDevice {

@@ -144,7 +144,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         params: &P,
         layout: FlatLayout,
     ) -> Result<Self> {
-        check_devices(stream, "flat params", [params])?;
+        check_devices(stream, "flat params", [Some(params)])?;
         check_len("flat params", params.len(), &layout)?;
         let mut opt = Self::allocate(stream, config, layout.lens.clone())?;
         {
@@ -177,8 +177,8 @@ impl<T: GpuStorage> CudaAdamax<T> {
             }
         }
         let stream = self.stream().clone();
-        check_devices(&stream, "flat params", [&*params])?;
-        check_devices(&stream, "flat grads", [grads])?;
+        check_devices(&stream, "flat params", [Some(&*params)])?;
+        check_devices(&stream, "flat grads", [Some(grads)])?;
         // Held until the launch is enqueued: cudarc orders this stream after other
         // streams' writes to the buffers, and records our use when they drop.
         let (param_base, _param_guard) = params.device_ptr_mut(&stream);

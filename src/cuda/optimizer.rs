@@ -95,7 +95,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         config: AdamaxConfig,
         params: &[P],
     ) -> Result<Self> {
-        check_devices(stream, "param", params)?;
+        check_devices(stream, "param", params.iter().map(Some))?;
         let opt = Self::allocate(
             stream,
             config,
@@ -176,10 +176,34 @@ impl<T: GpuStorage> CudaAdamax<T> {
         check_lists(
             self.state.layout().lens(),
             params.iter().map(DeviceSlice::len),
-            grads.iter().map(DeviceSlice::len),
+            grads.iter().map(|g| Some(g.len())),
         )?;
-        check_devices(&self.stream, "param", params.iter())?;
-        check_devices(&self.stream, "grad", grads)?;
+        self.step_checked(params, |i| Some(&grads[i]))
+    }
+
+    /// [`CudaAdamax::step`] where some tensors have no gradient this step (`None`);
+    /// they are skipped in the same launch, as [`Optimizer::step_some`] describes.
+    pub fn step_some<P: DevicePtrMut<T>, G: DevicePtr<T>>(
+        &mut self,
+        params: &mut [P],
+        grads: &[Option<G>],
+    ) -> Result<()> {
+        check_lists(
+            self.state.layout().lens(),
+            params.iter().map(DeviceSlice::len),
+            grads.iter().map(|g| g.as_ref().map(|g| g.len())),
+        )?;
+        self.step_checked(params, |i| grads[i].as_ref())
+    }
+
+    /// A step whose lists are checked: devices, then the table, then the launch.
+    fn step_checked<'g, P: DevicePtrMut<T>, G: DevicePtr<T> + 'g>(
+        &mut self,
+        params: &mut [P],
+        grad: impl Fn(usize) -> Option<&'g G>,
+    ) -> Result<()> {
+        check_devices(&self.stream, "param", params.iter().map(Some))?;
+        check_devices(&self.stream, "grad", (0..params.len()).map(&grad))?;
         let stream = self.stream.clone();
         // The guards make cudarc order this stream after other streams' writes to the
         // caller's buffers, and record our use when dropped after the launch. Without
@@ -187,12 +211,17 @@ impl<T: GpuStorage> CudaAdamax<T> {
         let tracking = stream.context().is_managing_stream_synchronization();
         let mut guards = Vec::new();
         let table = self.plan.next_table();
-        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+        for (i, p) in params.iter_mut().enumerate() {
             let (param, param_guard) = p.device_ptr_mut(&stream);
-            let (grad, grad_guard) = g.device_ptr(&stream);
+            let grad = grad(i).map(|g| g.device_ptr(&stream));
+            let grad = grad.map(|(ptr, guard)| {
+                if tracking {
+                    guards.push(guard);
+                }
+                ptr
+            });
             if tracking {
                 guards.push(param_guard);
-                guards.push(grad_guard);
             }
             table.push(
                 self.state
@@ -219,11 +248,14 @@ impl<T: GpuStorage> CudaAdamax<T> {
             self.step_bound = step;
         }
         let config = self.schedule.config();
-        let args = AdamaxArgs::new(
-            &StepScalars::new(config, 1),
-            config.weight_decay_mode,
-            self.control.device_ptr(),
-        );
+        let args = AdamaxArgs {
+            tensor_steps: self.state.steps_ptr(),
+            ..AdamaxArgs::new(
+                &StepScalars::new(config, 1),
+                config.weight_decay_mode,
+                self.control.device_ptr(),
+            )
+        };
         let flags = self.control.params().flags;
         self.plan
             .enqueue(&self.stream, &self.kernels, T::TYPE, args, flags, prepared)?;
@@ -260,7 +292,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
                 table.push(self.state.descriptor(
                     i,
                     params + at,
-                    grads + at,
+                    Some(grads + at),
                     &self.schedule.hypers()[i],
                 ));
             }
@@ -278,7 +310,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         for (i, (param, grad)) in tensors.enumerate() {
             table.push(
                 self.state
-                    .descriptor(i, param, grad, &self.schedule.hypers()[i]),
+                    .descriptor(i, param, Some(grad), &self.schedule.hypers()[i]),
             );
         }
     }
@@ -350,6 +382,14 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         grads: &[CudaView<'a, T>],
     ) -> Result<()> {
         CudaAdamax::step(self, params, grads)
+    }
+
+    fn step_some<'a>(
+        &mut self,
+        params: &mut [CudaViewMut<'a, T>],
+        grads: &[Option<CudaView<'a, T>>],
+    ) -> Result<()> {
+        CudaAdamax::step_some(self, params, grads)
     }
 
     fn config(&self) -> &AdamaxConfig {

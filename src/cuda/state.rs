@@ -136,9 +136,12 @@ pub(crate) struct DeviceState {
     exp_avg: CudaSlice<f32>,
     exp_inf: CudaSlice<f32>,
     master: Option<CudaSlice<f32>>,
-    /// Device addresses of the three buffers (0 for no master). Only the optimizer's
-    /// stream touches them, so launches need none of cudarc's cross-stream events.
+    /// Each tensor's own step count (one per tensor, not per element).
+    steps: CudaSlice<u64>,
+    /// Device addresses of the three buffers (0 for no master) and of `steps`. Only the
+    /// optimizer's stream touches them, so launches need none of cudarc's events.
     bases: [u64; 3],
+    steps_ptr: u64,
 }
 
 /// State uploaded to new buffers, not yet in use.
@@ -146,6 +149,7 @@ pub(crate) struct Staged {
     exp_avg: CudaSlice<f32>,
     exp_inf: CudaSlice<f32>,
     master: Option<CudaSlice<f32>>,
+    steps: CudaSlice<u64>,
 }
 
 /// The device addresses of the three buffers (0 for no master).
@@ -177,13 +181,19 @@ impl DeviceState {
         } else {
             None
         };
+        let steps = stream
+            .alloc_zeros::<u64>(layout.lens.len().max(1))
+            .map_err(Error::driver("allocating the per-tensor step counts"))?;
+        let steps_ptr = steps.device_ptr(stream).0;
         Ok(Self {
             bases: bases(stream, &exp_avg, &exp_inf, master.as_ref()),
+            steps_ptr,
             layout,
             stream: stream.clone(),
             exp_avg,
             exp_inf,
             master,
+            steps,
         })
     }
 
@@ -220,12 +230,18 @@ impl DeviceState {
         Ok(())
     }
 
-    /// The launch descriptor of tensor `i` with its parameter and gradient addresses.
+    /// Device address of the per-tensor step counts (the kernel's `tensor_steps`).
+    pub(crate) fn steps_ptr(&self) -> u64 {
+        self.steps_ptr
+    }
+
+    /// The launch descriptor of tensor `i` with its parameter address and its gradient's
+    /// (`None`: no gradient this step, the tensor is skipped).
     pub(crate) fn descriptor(
         &self,
         i: usize,
         param: u64,
-        grad: u64,
+        grad: Option<u64>,
         h: &TensorHyper,
     ) -> TensorDesc {
         let at = |base: u64| {
@@ -237,7 +253,8 @@ impl DeviceState {
         };
         TensorDesc {
             param,
-            grad,
+            grad: grad.unwrap_or(0),
+            has_grad: u64::from(grad.is_some()),
             exp_avg: at(self.bases[0]),
             exp_inf: at(self.bases[1]),
             master: at(self.bases[2]),
@@ -253,6 +270,7 @@ impl DeviceState {
     /// three whole-buffer copies, split on the host.
     pub(crate) fn to_host(&self) -> Result<Vec<TensorState>> {
         let all = self.copy(0..self.exp_avg.len())?;
+        let steps = self.steps_to_host()?;
         let part = |v: &Vec<f32>, o: usize, n: usize| {
             v.get(o..o + n).map_or_else(Vec::new, <[f32]>::to_vec)
         };
@@ -261,7 +279,9 @@ impl DeviceState {
             .lens
             .iter()
             .zip(&self.layout.offsets)
-            .map(|(&n, &o)| TensorState {
+            .zip(steps)
+            .map(|((&n, &o), step)| TensorState {
+                step,
                 exp_avg: part(&all.exp_avg, o, n),
                 exp_inf: part(&all.exp_inf, o, n),
                 master: part(&all.master, o, n),
@@ -288,7 +308,19 @@ impl DeviceState {
             });
         }
         let o = self.layout.offsets[tensor];
-        self.copy(o + range.start..o + range.end)
+        let mut window = self.copy(o + range.start..o + range.end)?;
+        window.step = self.steps_to_host()?.get(tensor).copied().unwrap_or(0);
+        Ok(window)
+    }
+
+    /// Every tensor's step count on the host (synchronises).
+    fn steps_to_host(&self) -> Result<Vec<u64>> {
+        let mut steps = self
+            .stream
+            .clone_dtoh(&self.steps)
+            .map_err(Error::driver("copying the step counts to the host"))?;
+        steps.truncate(self.layout.lens.len());
+        Ok(steps)
     }
 
     /// Elements `at` of the three buffers; `master` is empty for f32.
@@ -299,6 +331,7 @@ impl DeviceState {
                 .map_err(Error::driver("copying the optimizer state to the host"))
         };
         Ok(TensorState {
+            step: 0,
             exp_avg: copy(&self.exp_avg)?,
             exp_inf: copy(&self.exp_inf)?,
             master: self
@@ -332,6 +365,8 @@ impl DeviceState {
             }
             Ok(buf)
         };
+        let mut steps: Vec<u64> = tensors.iter().map(|t| t.step).collect();
+        steps.resize(self.layout.lens.len().max(1), 0);
         Ok(Staged {
             exp_avg: upload(|t| &t.exp_avg)?,
             exp_inf: upload(|t| &t.exp_inf)?,
@@ -339,6 +374,10 @@ impl DeviceState {
                 Some(_) => Some(upload(|t| &t.master)?),
                 None => None,
             },
+            steps: self
+                .stream
+                .clone_htod(&steps)
+                .map_err(Error::driver("restoring the step counts"))?,
         })
     }
 
@@ -350,9 +389,11 @@ impl DeviceState {
             &staged.exp_inf,
             staged.master.as_ref(),
         );
+        self.steps_ptr = staged.steps.device_ptr(&self.stream).0;
         self.exp_avg = staged.exp_avg;
         self.exp_inf = staged.exp_inf;
         self.master = staged.master;
+        self.steps = staged.steps;
     }
 }
 
