@@ -4,6 +4,7 @@
 use crate::error::ConfigError;
 
 /// Where epsilon enters the rule. The peers disagree; both are supported.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum EpsilonMode {
     /// `u = max(beta2 * u, |g| + eps)`, update `m / u`: PyTorch `torch.optim.Adamax` and
@@ -16,6 +17,7 @@ pub enum EpsilonMode {
 }
 
 /// How weight decay is applied when `weight_decay > 0`.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum WeightDecayMode {
     /// L2 regularisation added to the gradient, `g += weight_decay * theta`, before the
@@ -50,6 +52,7 @@ pub enum WeightDecayMode {
 /// keras.validate()?;
 /// # Ok::<(), adamax_cuda::ConfigError>(())
 /// ```
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamaxConfig {
     /// Learning rate (alpha in the paper), `>= 0`. Default `2e-3` (PyTorch).
@@ -179,6 +182,7 @@ fn check(
 /// Per-tensor hyperparameters, PyTorch's parameter groups: the tensor's learning rate is
 /// `lr_scale * config.lr` (so a schedule that changes `lr` moves every group alike), and
 /// its weight decay replaces `config.weight_decay` (0 for biases and norms, typically).
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TensorHyper {
     /// Multiplier of the global learning rate, `>= 0`.

@@ -30,6 +30,7 @@ pub const THREADS: usize = 256;
 
 /// Options of every step until changed (`set_options`): persistent rather than per call,
 /// so that a step captured in a CUDA graph needs no host writes.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepOptions {
     /// Multiply every gradient by this first (1 / loss scale). Implies the overflow check.
@@ -76,6 +77,7 @@ fn positive(field: &'static str, value: f64, allowed: &'static str) -> Result<()
 }
 
 /// What the last step did.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepReport {
     /// Steps taken so far (skipped steps are not counted).
@@ -96,6 +98,7 @@ pub struct StepReport {
 /// after `growth_interval` consecutive good steps, by `growth_factor` (if the result is
 /// finite). Products are taken in f64 and rounded to f32, and the inverse scale is
 /// `f32(1 / f64(scale))`, as PyTorch computes them.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossScaler {
     /// The current scale: multiply the loss by it before the backward pass.

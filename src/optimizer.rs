@@ -105,11 +105,13 @@ pub trait Optimizer {
             storage: <Self::Storage as Storage>::TYPE,
             tensors: self.state()?,
             hypers: self.tensor_hypers().to_vec(),
+            options: self.options(),
+            scaler: self.loss_scaler()?,
         })
     }
 
-    /// Replaces configuration, per-tensor settings, step count and state with `ck`'s,
-    /// after checking that it fits (storage type, tensor count and lengths). All or
+    /// Replaces configuration, per-tensor settings, step options, loss scaler, step
+    /// count and state with `ck`'s, after checking that it fits (storage type, tensor count and lengths). All or
     /// nothing: a refused checkpoint changes nothing. The parameters are the caller's
     /// to restore (for 16-bit storage, the master weights in `ck` are the truth).
     fn restore(&mut self, ck: &Checkpoint) -> Result<()>;

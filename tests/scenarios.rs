@@ -337,8 +337,19 @@ fn a_non_finite_gradient_skips_the_whole_step<T: GpuStorage, B: Backend<T>>() ->
     Ok(())
 }
 
+/// With clipping and a loss scaler too: the checkpoint carries both, so a fresh
+/// optimizer (built without them) resumes the scaled, clipped run exactly.
 fn resuming_from_a_checkpoint_equals_an_unbroken_run<T: GpuStorage, B: Backend<T>>() -> R {
     let mut a = B::new(config(), &values::<T>(0, 1.0))?;
+    a.opt().set_options(StepOptions {
+        max_norm: Some(0.5),
+        ..Default::default()
+    })?;
+    a.opt().set_loss_scaler(Some(LossScaler {
+        scale: 64.0,
+        growth_interval: 3,
+        ..Default::default()
+    }))?;
     a.opt().set_tensor_hyper(
         3,
         TensorHyper {
@@ -362,6 +373,9 @@ fn resuming_from_a_checkpoint_equals_an_unbroken_run<T: GpuStorage, B: Backend<T
     }
     if snapshot(&mut a)? != snapshot(&mut b)? {
         return Err("resumed run differs from the unbroken one".into());
+    }
+    if a.opt().options() != b.opt().options() || a.opt().loss_scaler()? != b.opt().loss_scaler()? {
+        return Err("the options or the loss scaler did not travel with the checkpoint".into());
     }
     Ok(())
 }

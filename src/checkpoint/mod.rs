@@ -18,6 +18,9 @@
 //! | `maximize` | `true` or `false` |
 //! | `tensor.{i}.lr_scale`, `tensor.{i}.weight_decay` | per-tensor hyperparameters (parameter groups); absent in PyTorch's files, where the config's apply |
 //! | `tensor.{i}.step` | tensor `i`'s own step count, when it differs from `step` (the tensor was skipped in some steps for lack of a gradient); in PyTorch's files, a `state.{i}.step` that differs from `step` is that count |
+//! | `options.inv_scale`, `options.max_norm` | the [`StepOptions`] in force, when set |
+//! | `options.skip_nonfinite` | `true` or `false` |
+//! | `scaler.scale`, `scaler.growth_factor`, `scaler.backoff_factor`, `scaler.growth_interval`, `scaler.growth_tracker` | the [`LossScaler`]'s state, when one is enabled |
 //! | `checksum` | `xxh3-64:` and 16 hex digits: the integrity check below |
 //!
 //! # Integrity
@@ -58,6 +61,7 @@ use std::{collections::BTreeMap, path::Path};
 use crate::{
     config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode},
     error::{Error, Result},
+    fused::{LossScaler, StepOptions},
     state::{check_pairs, TensorState},
     storage::StorageType,
 };
@@ -80,6 +84,11 @@ pub struct Checkpoint {
     pub tensors: Vec<TensorState>,
     /// Per-tensor hyperparameters, in parameter order.
     pub hypers: Vec<TensorHyper>,
+    /// The step options in force (default in PyTorch's files).
+    pub options: StepOptions,
+    /// The loss scaler's state, when one is enabled, so a mixed-precision run resumes
+    /// with the scale it had (`None` in PyTorch's files, which keep GradScaler apart).
+    pub scaler: Option<LossScaler>,
 }
 
 pub(crate) fn refuse(reason: impl Into<String>) -> Error {
@@ -155,6 +164,10 @@ impl Checkpoint {
     /// `save` and `load` both run it.
     pub fn validate(&self) -> Result<()> {
         check_pairs(&self.config, &self.hypers)?;
+        self.options.validate()?;
+        if let Some(s) = &self.scaler {
+            s.validate()?;
+        }
         if self.hypers.len() != self.tensors.len() {
             return Err(refuse(format!(
                 "it holds hyperparameters for {} tensors and state for {}",
@@ -243,6 +256,27 @@ impl Checkpoint {
         for (i, t) in self.tensors.iter().enumerate() {
             if t.step != self.step {
                 meta.insert(format!("tensor.{i}.step"), t.step.to_string());
+            }
+        }
+        let o = &self.options;
+        for (k, v) in [("inv_scale", o.inv_scale), ("max_norm", o.max_norm)] {
+            if let Some(v) = v {
+                meta.insert(format!("options.{k}"), v.to_string());
+            }
+        }
+        meta.insert(
+            "options.skip_nonfinite".into(),
+            o.skip_nonfinite.to_string(),
+        );
+        if let Some(s) = &self.scaler {
+            for (k, v) in [
+                ("scale", s.scale.to_string()),
+                ("growth_factor", s.growth_factor.to_string()),
+                ("backoff_factor", s.backoff_factor.to_string()),
+                ("growth_interval", s.growth_interval.to_string()),
+                ("growth_tracker", s.growth_tracker.to_string()),
+            ] {
+                meta.insert(format!("scaler.{k}"), v);
             }
         }
         for (i, h) in self.hypers.iter().enumerate() {
@@ -465,12 +499,49 @@ impl Checkpoint {
                 };
             }
         }
+        let parse = |k: &str| -> Result<Option<&str>> { Ok(meta.get(k).map(String::as_str)) };
+        let number = |k: &str| -> Result<Option<f32>> {
+            parse(k)?
+                .map(|v| {
+                    v.parse::<f32>()
+                        .map_err(|_| refuse(format!("metadata `{k}` is not a number")))
+                })
+                .transpose()
+        };
+        let options = StepOptions {
+            inv_scale: number("options.inv_scale")?,
+            max_norm: number("options.max_norm")?,
+            skip_nonfinite: match parse("options.skip_nonfinite")? {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => return Err(refuse(format!("options.skip_nonfinite is `{other}`"))),
+            },
+        };
+        let scaler = match number("scaler.scale")? {
+            None => None,
+            Some(scale) => {
+                let whole = |k: &str| -> Result<u32> {
+                    get(k)?
+                        .parse::<u32>()
+                        .map_err(|_| refuse(format!("metadata `{k}` is not a count")))
+                };
+                Some(LossScaler {
+                    scale,
+                    growth_factor: num("scaler.growth_factor")?,
+                    backoff_factor: num("scaler.backoff_factor")?,
+                    growth_interval: whole("scaler.growth_interval")?,
+                    growth_tracker: whole("scaler.growth_tracker")?,
+                })
+            }
+        };
         let ck = Self {
             config,
             step,
             storage,
             tensors,
             hypers,
+            options,
+            scaler,
         };
         ck.validate()?;
         Ok(ck)

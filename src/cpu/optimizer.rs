@@ -270,6 +270,8 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         self.schedule = schedule;
         self.states = ck.tensors.clone();
         self.step = ck.step;
+        self.options = ck.options;
+        self.scaler = ck.scaler;
         Ok(())
     }
 }

@@ -519,9 +519,22 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         let mut schedule = self.schedule.clone();
         schedule.replace(ck.config, &ck.hypers)?;
         let staged = self.state.stage(&ck.tensors)?;
+        let mut params = self.params_with(&ck.options, ck.scaler.is_some());
+        params.lr = ck.config.lr;
+        params.beta1 = ck.config.beta1;
+        if let Some(s) = &ck.scaler {
+            params.growth_factor = s.growth_factor;
+            params.backoff_factor = s.backoff_factor;
+            params.growth_interval = s.growth_interval;
+        }
         self.control.update(|c| {
-            c.params.lr = ck.config.lr;
-            c.params.beta1 = ck.config.beta1;
+            c.params = params;
+            if let Some(s) = &ck.scaler {
+                c.scaler = ScalerState {
+                    scale: s.scale,
+                    growth_tracker: s.growth_tracker,
+                };
+            }
             c.state.step = ck.step;
             c.state.skipped = 0;
         })?;
@@ -530,6 +543,8 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         self.forget_flat_table();
         self.schedule = schedule;
         self.step_bound = ck.step;
+        self.options = ck.options;
+        self.scaler = ck.scaler.is_some();
         Ok(())
     }
 }
