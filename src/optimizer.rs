@@ -110,6 +110,14 @@ pub trait Optimizer {
         })
     }
 
+    /// Writes the whole state to a checkpoint file at `path`, atomically, as
+    /// [`Checkpoint::save`] does (and refusing what it refuses). The GPU optimizer
+    /// streams it from the device one tensor at a time, so the host holds one tensor's
+    /// state, not the model's.
+    fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+        self.checkpoint()?.save(path)
+    }
+
     /// Replaces configuration, per-tensor settings, step options, loss scaler, step
     /// count and state with `ck`'s, after checking that it fits (storage type, tensor count and lengths). All or
     /// nothing: a refused checkpoint changes nothing. The parameters are the caller's

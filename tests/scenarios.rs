@@ -377,6 +377,20 @@ fn resuming_from_a_checkpoint_equals_an_unbroken_run<T: GpuStorage, B: Backend<T
     if a.opt().options() != b.opt().options() || a.opt().loss_scaler()? != b.opt().loss_scaler()? {
         return Err("the options or the loss scaler did not travel with the checkpoint".into());
     }
+    // save_checkpoint (streamed from the device on the GPU) writes exactly the bytes of
+    // the in-memory checkpoint.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "adamax-scenario-{}-{unique}.safetensors",
+        std::process::id()
+    ));
+    a.opt().save_checkpoint(&path)?;
+    let saved = std::fs::read(&path)?;
+    std::fs::remove_file(&path)?;
+    if saved != a.opt().checkpoint()?.to_bytes()? {
+        return Err("save_checkpoint differs from checkpoint().to_bytes()".into());
+    }
     Ok(())
 }
 

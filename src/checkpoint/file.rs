@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{Read, Write},
+    io::{Read, Seek, SeekFrom, Write},
 };
 
 use safetensors::{tensor::Metadata, Dtype};
@@ -72,21 +72,26 @@ fn for_each_le_block(
     Ok(())
 }
 
-/// The integrity checksum: XXH3-64 over the metadata (every key but the checksum, in
-/// key order: key, NUL, value, NUL) and then every tensor in name order (name, NUL,
-/// `F32`, NUL, rank, dimensions and byte length as u64 little-endian, the bytes).
-fn checksum<'a>(
-    meta: impl Iterator<Item = (&'a str, &'a str)>,
-    tensors: impl Iterator<Item = (&'a str, &'a [usize], &'a [f32])>,
-) -> String {
-    let mut h = Xxh3::new();
-    h.update(b"adamax-cuda checkpoint checksum 1\0");
-    for (k, v) in meta.filter(|(k, _)| *k != CHECKSUM_KEY) {
-        for part in [k.as_bytes(), b"\0", v.as_bytes(), b"\0"] {
-            h.update(part);
+/// The integrity checksum, computed incrementally: XXH3-64 over the metadata (every key
+/// but the checksum, in key order: key, NUL, value, NUL) and then every tensor in name
+/// order (name, NUL, `F32`, NUL, rank, dimensions and byte length as u64
+/// little-endian, the bytes).
+struct Checksum(Xxh3);
+
+impl Checksum {
+    fn new<'a>(meta: impl Iterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut h = Xxh3::new();
+        h.update(b"adamax-cuda checkpoint checksum 1\0");
+        for (k, v) in meta.filter(|(k, _)| *k != CHECKSUM_KEY) {
+            for part in [k.as_bytes(), b"\0", v.as_bytes(), b"\0"] {
+                h.update(part);
+            }
         }
+        Self(h)
     }
-    for (name, shape, data) in tensors {
+
+    fn entry(&mut self, name: &str, shape: &[usize], data: &[f32]) {
+        let h = &mut self.0;
         h.update(name.as_bytes());
         h.update(b"\0F32\0");
         h.update(&(shape.len() as u64).to_le_bytes());
@@ -100,7 +105,10 @@ fn checksum<'a>(
             Ok(())
         });
     }
-    format!("xxh3-64:{:016x}", h.digest())
+
+    fn finish(self) -> String {
+        format!("xxh3-64:{:016x}", self.0.digest())
+    }
 }
 
 /// Refuses `raw` unless its stored checksum matches its content.
@@ -111,12 +119,11 @@ pub(super) fn verify_checksum(raw: &RawFile, stored: &str) -> Result<(), Error> 
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     meta.sort_unstable();
-    let actual = checksum(
-        meta.into_iter(),
-        raw.tensors
-            .iter()
-            .map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice())),
-    );
+    let mut sum = Checksum::new(meta.into_iter());
+    for (name, t) in &raw.tensors {
+        sum.entry(name, &t.shape, &t.data);
+    }
+    let actual = sum.finish();
     if actual == stored {
         Ok(())
     } else {
@@ -126,41 +133,38 @@ pub(super) fn verify_checksum(raw: &RawFile, stored: &str) -> Result<(), Error> 
     }
 }
 
-/// Writes `ck` (validated first) as a safetensors file: entries in name order, header
-/// keys sorted, the checksum in the metadata.
-pub(super) fn write(ck: &Checkpoint, w: &mut impl Write) -> Result<(), WriteError> {
-    ck.validate().map_err(WriteError::Invalid)?;
-    // PyTorch's f32 step scalar of every tensor (the exact count is in the metadata).
-    let steps: Vec<[f32; 1]> = ck.tensors.iter().map(|t| [t.step as f32]).collect();
-    let mut entries: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for (i, (t, step)) in ck.tensors.iter().zip(&steps).enumerate() {
-        for &e in Entry::of(ck.storage) {
-            let (shape, data): (Vec<usize>, &[f32]) = match e {
-                Entry::ExpAvg => (vec![t.exp_avg.len()], &t.exp_avg),
-                Entry::ExpInf => (vec![t.exp_inf.len()], &t.exp_inf),
-                Entry::Master => (vec![t.master.len()], &t.master),
-                Entry::Step => (vec![], step),
-            };
-            entries.push((e.name(i), shape, data));
-        }
-    }
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut meta = ck.metadata();
-    let sum = checksum(
-        meta.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        entries
-            .iter()
-            .map(|(n, s, d)| (n.as_str(), s.as_slice(), *d)),
-    );
-    meta.insert(CHECKSUM_KEY.to_owned(), sum);
+/// One tensor of a file being written: its data comes from the caller when its turn
+/// comes, so a file is written one tensor at a time.
+pub(super) struct EntrySpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub len: usize,
+}
+
+/// The checksum's place in the header until the data has been hashed.
+const PLACEHOLDER: &str = "xxh3-64:0000000000000000";
+
+/// Writes a safetensors file of `entries` (in name order; `fill(k, buf)` puts entry
+/// `k`'s values in `buf` when its turn comes) with `meta` and its checksum. The header
+/// is written first with a placeholder checksum, the tensors are hashed as they are
+/// written, and the checksum is then written over the placeholder: one tensor in
+/// memory at a time.
+pub(super) fn write_streaming<W: Write + Seek>(
+    mut meta: BTreeMap<String, String>,
+    entries: &[EntrySpec],
+    mut fill: impl FnMut(usize, &mut Vec<f32>) -> Result<(), Error>,
+    w: &mut W,
+) -> Result<(), WriteError> {
+    let mut sum = Checksum::new(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    meta.insert(CHECKSUM_KEY.to_owned(), PLACEHOLDER.to_owned());
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".to_owned(), serde_json::json!(meta));
     let mut offset = 0usize;
-    for (name, shape, data) in &entries {
-        let end = offset + 4 * data.len();
+    for e in entries {
+        let end = offset + 4 * e.len;
         header.insert(
-            name.clone(),
-            serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }),
+            e.name.clone(),
+            serde_json::json!({ "dtype": "F32", "shape": e.shape, "data_offsets": [offset, end] }),
         );
         offset = end;
     }
@@ -168,14 +172,74 @@ pub(super) fn write(ck: &Checkpoint, w: &mut impl Write) -> Result<(), WriteErro
     // in the sorted order they were inserted in): the header is deterministic.
     let mut text = serde_json::to_vec(&header).map_err(|e| WriteError::Io(e.into()))?;
     text.resize(text.len().next_multiple_of(8), b' ');
+    let at = text
+        .windows(PLACEHOLDER.len())
+        .position(|w| w == PLACEHOLDER.as_bytes())
+        .ok_or_else(|| WriteError::Io(std::io::Error::other("checksum placeholder lost")))?;
     let io = WriteError::Io;
+    let start = w.stream_position().map_err(io)?;
     w.write_all(&(text.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&text).map_err(io)?;
-    for (_, _, data) in &entries {
-        for_each_le_block(data, |b| w.write_all(b)).map_err(io)?;
+    let mut buf = Vec::new();
+    for (k, e) in entries.iter().enumerate() {
+        buf.clear();
+        fill(k, &mut buf).map_err(WriteError::Invalid)?;
+        if buf.len() != e.len {
+            return Err(WriteError::Invalid(Error::Internal {
+                what: "a checkpoint entry changed length while being written",
+            }));
+        }
+        sum.entry(&e.name, &e.shape, &buf);
+        for_each_le_block(&buf, |b| w.write_all(b)).map_err(io)?;
     }
+    let end = w.stream_position().map_err(io)?;
+    w.seek(SeekFrom::Start(start + 8 + at as u64)).map_err(io)?;
+    w.write_all(sum.finish().as_bytes()).map_err(io)?;
+    w.seek(SeekFrom::Start(end)).map_err(io)?;
     w.flush().map_err(io)
+}
+
+/// Writes `ck` (validated first) as a safetensors file: entries in name order, header
+/// keys sorted, the checksum in the metadata.
+pub(super) fn write<W: Write + Seek>(ck: &Checkpoint, w: &mut W) -> Result<(), WriteError> {
+    ck.validate().map_err(WriteError::Invalid)?;
+    let mut entries: Vec<(EntrySpec, usize, Entry)> = Vec::new();
+    for (i, t) in ck.tensors.iter().enumerate() {
+        for &e in Entry::of(ck.storage) {
+            let n = if e == Entry::Step { 1 } else { t.len() };
+            let shape = if e == Entry::Step { vec![] } else { vec![n] };
+            entries.push((
+                EntrySpec {
+                    name: e.name(i),
+                    shape,
+                    len: n,
+                },
+                i,
+                e,
+            ));
+        }
+    }
+    entries.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let (specs, which): (Vec<EntrySpec>, Vec<(usize, Entry)>) =
+        entries.into_iter().map(|(s, i, e)| (s, (i, e))).unzip();
+    write_streaming(
+        ck.metadata(),
+        &specs,
+        |k, buf| {
+            let (i, e) = which[k];
+            let t = &ck.tensors[i];
+            match e {
+                Entry::ExpAvg => buf.extend_from_slice(&t.exp_avg),
+                Entry::ExpInf => buf.extend_from_slice(&t.exp_inf),
+                Entry::Master => buf.extend_from_slice(&t.master),
+                // PyTorch's f32 step scalar (the exact count is in the metadata).
+                Entry::Step => buf.push(t.step as f32),
+            }
+            Ok(())
+        },
+        w,
+    )
 }
 
 /// Reads a safetensors file of `total_len` bytes from `r`: the header (bounded), then

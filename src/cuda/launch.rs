@@ -14,8 +14,8 @@ use crate::{
 use super::{
     args::{AdamaxArgs, TensorDesc, BLOCK, FLAG_CHECK, FLAG_CLIP},
     entry::EntryPoint,
+    layout::StateLayout,
     module::Kernels,
-    state::StateLayout,
 };
 
 /// What every step launch needs besides the kernels: the tensor table on the device,

@@ -18,10 +18,12 @@ mod device;
 mod entry;
 mod flat;
 mod launch;
+mod layout;
 mod libs;
 mod module;
 mod optimizer;
 mod raw;
+mod settings;
 mod state;
 
 pub use cache::{compile_cached, CacheOutcome};

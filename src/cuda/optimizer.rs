@@ -5,33 +5,34 @@
 use std::{mem::offset_of, sync::Arc};
 
 use cudarc::driver::{
-    CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
-    ValidAsZeroBits,
+    CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, ValidAsZeroBits,
 };
 
 use crate::{
-    checkpoint::Checkpoint,
-    config::{AdamaxConfig, TensorHyper},
+    config::AdamaxConfig,
     cpu::StepScalars,
     error::{Error, Result},
-    fused::{LossScaler, StepOptions, StepReport},
-    optimizer::Optimizer,
+    fused::StepOptions,
     state::{check_lists, Schedule, TensorState},
     storage::Storage,
 };
 
+#[cfg(doc)]
+use crate::optimizer::Optimizer;
+
 use super::{
     args::{
         AdamaxArgs, Control, ControlParams, ScalerState, StepState, FLAG_CHECK, FLAG_CLIP,
-        FLAG_SCALER, FLAG_UNSCALE, SKIP_COUNTER_FULL, SKIP_NONFINITE,
+        FLAG_SCALER, FLAG_UNSCALE,
     },
     control::ControlBlock,
     device::check_devices,
     entry::EntryPoint,
     flat::FlatLayout,
     launch::LaunchPlan,
+    layout::StateLayout,
     module::{kernels_for, Kernels},
-    state::{DeviceState, StateLayout},
+    state::DeviceState,
 };
 
 /// A [`Storage`] type the GPU kernels handle: `f32`, [`half::f16`], [`half::bf16`].
@@ -67,23 +68,23 @@ impl GpuStorage for half::bf16 {}
 /// # Ok::<(), adamax_cuda::Error>(())
 /// ```
 pub struct CudaAdamax<T: GpuStorage> {
-    schedule: Schedule,
-    stream: Arc<CudaStream>,
-    kernels: Arc<Kernels>,
-    state: DeviceState,
-    plan: LaunchPlan,
+    pub(super) schedule: Schedule,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) kernels: Arc<Kernels>,
+    pub(super) state: DeviceState,
+    pub(super) plan: LaunchPlan,
     /// The device-side state of the step (lr, step count, clip and scaler state).
-    control: ControlBlock,
+    pub(super) control: ControlBlock,
     /// An upper bound of the device's step count (skips only lower the true count): the
     /// host reads the device count only when this bound reaches `u64::MAX`, to refuse a
     /// step as the CPU reference does instead of letting the counter wrap.
-    step_bound: u64,
-    options: StepOptions,
-    scaler: bool,
+    pub(super) step_bound: u64,
+    pub(super) options: StepOptions,
+    pub(super) scaler: bool,
     /// The layout of an optimizer built with `new_flat`, and the flat buffers
     /// (parameter, gradient addresses) the table on the device was built for.
-    flat: Option<(FlatLayout, Option<(u64, u64)>)>,
-    _storage: std::marker::PhantomData<T>,
+    pub(super) flat: Option<(FlatLayout, Option<(u64, u64)>)>,
+    pub(super) _storage: std::marker::PhantomData<T>,
 }
 
 impl<T: GpuStorage> CudaAdamax<T> {
@@ -271,7 +272,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         self.flat.as_ref().map(|(l, _)| l.total())
     }
 
-    fn forget_flat_table(&mut self) {
+    pub(super) fn forget_flat_table(&mut self) {
         if let Some((_, built_for)) = &mut self.flat {
             *built_for = None;
         }
@@ -317,7 +318,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
 
     /// The settings part of the control block for `options`, with or without a loss
     /// scaler (whose factors stay as last set).
-    fn params_with(&self, options: &StepOptions, scaler: bool) -> ControlParams {
+    pub(super) fn params_with(&self, options: &StepOptions, scaler: bool) -> ControlParams {
         let mut flags = 0;
         if scaler || options.inv_scale.is_some() {
             flags |= FLAG_UNSCALE;
@@ -368,183 +369,5 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// The stream the optimizer enqueues its work on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-}
-
-impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
-    type Storage = T;
-    type Param<'a> = CudaViewMut<'a, T>;
-    type Grad<'a> = CudaView<'a, T>;
-
-    fn step<'a>(
-        &mut self,
-        params: &mut [CudaViewMut<'a, T>],
-        grads: &[CudaView<'a, T>],
-    ) -> Result<()> {
-        CudaAdamax::step(self, params, grads)
-    }
-
-    fn step_some<'a>(
-        &mut self,
-        params: &mut [CudaViewMut<'a, T>],
-        grads: &[Option<CudaView<'a, T>>],
-    ) -> Result<()> {
-        CudaAdamax::step_some(self, params, grads)
-    }
-
-    fn config(&self) -> &AdamaxConfig {
-        self.schedule.config()
-    }
-
-    /// The value is written to the device, ordered before the next step: a step
-    /// captured in a CUDA graph uses the new rate on its next replay.
-    fn set_lr(&mut self, lr: f64) -> Result<()> {
-        let mut schedule = self.schedule.clone();
-        schedule.set_lr(lr)?;
-        self.control.set_params(ControlParams {
-            lr,
-            ..*self.control.params()
-        })?;
-        self.schedule = schedule;
-        Ok(())
-    }
-
-    fn tensor_lens(&self) -> &[usize] {
-        self.state.layout().lens()
-    }
-
-    fn tensor_hypers(&self) -> &[TensorHyper] {
-        self.schedule.hypers()
-    }
-
-    fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()> {
-        self.schedule.set_hyper(tensor, hyper)?;
-        // The table carries the settings: the next flat step rebuilds it.
-        self.forget_flat_table();
-        Ok(())
-    }
-
-    fn options(&self) -> StepOptions {
-        self.options
-    }
-
-    /// Written to the device, so a captured step picks them up without recapture.
-    fn set_options(&mut self, options: StepOptions) -> Result<()> {
-        options.validate()?;
-        let params = self.params_with(&options, self.scaler);
-        self.control.set_params(params)?;
-        self.options = options;
-        Ok(())
-    }
-
-    /// Read from the device (synchronises).
-    fn loss_scaler(&self) -> Result<Option<LossScaler>> {
-        if !self.scaler {
-            return Ok(None);
-        }
-        let c = self.control.read()?;
-        Ok(Some(LossScaler {
-            scale: c.scaler.scale,
-            growth_factor: c.params.growth_factor,
-            backoff_factor: c.params.backoff_factor,
-            growth_interval: c.params.growth_interval,
-            growth_tracker: c.scaler.growth_tracker,
-        }))
-    }
-
-    /// Dynamic loss scaling on the device: each step unscales by the scaler's inverse
-    /// scale, skips on a non-finite gradient and updates the scale, all without the
-    /// host. The scale to multiply the loss by is at
-    /// [`CudaAdamax::loss_scale_device_ptr`], or on the host from
-    /// [`Optimizer::last_report`]. Synchronises the stream (it rewrites the device's
-    /// scaler state).
-    fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> Result<()> {
-        if let Some(s) = &scaler {
-            s.validate()?;
-        }
-        let mut params = self.params_with(&self.options, scaler.is_some());
-        if let Some(s) = &scaler {
-            params.growth_factor = s.growth_factor;
-            params.backoff_factor = s.backoff_factor;
-            params.growth_interval = s.growth_interval;
-        }
-        self.control.update(|c| {
-            c.params = params;
-            if let Some(s) = &scaler {
-                c.scaler = ScalerState {
-                    scale: s.scale,
-                    growth_tracker: s.growth_tracker,
-                };
-            }
-        })?;
-        self.scaler = scaler.is_some();
-        Ok(())
-    }
-
-    /// Read from the device (synchronises). A step replayed from a CUDA graph while the
-    /// step counter was at `u64::MAX` changed nothing and is reported as
-    /// [`Error::StepOverflow`] (an eager step is refused with that error before it is
-    /// enqueued).
-    fn last_report(&self) -> Result<StepReport> {
-        let c = self.control.read()?;
-        if c.state.skipped == SKIP_COUNTER_FULL {
-            return Err(Error::StepOverflow(c.state.step));
-        }
-        let skipped = c.state.skipped == SKIP_NONFINITE;
-        let clipped = self.options.max_norm.is_some() && !skipped && c.state.step > 0;
-        Ok(StepReport {
-            step: c.state.step,
-            skipped,
-            total_norm: clipped.then_some(c.state.total_norm),
-            clip_coef: if clipped { c.state.clip_coef } else { 1.0 },
-            loss_scale: self.scaler.then_some(c.scaler.scale),
-        })
-    }
-
-    /// Read from the device, where it is kept (synchronises).
-    fn step_count(&self) -> Result<u64> {
-        Ok(self.control.read()?.state.step)
-    }
-
-    /// Three whole-buffer copies (synchronises).
-    fn state(&self) -> Result<Vec<TensorState>> {
-        self.state.to_host()
-    }
-
-    /// The state is uploaded into new device buffers (so the optimizer's memory doubles
-    /// while it runs), and only once every copy has been enqueued are they swapped in
-    /// and the control block rewritten (one copy). Synchronises the stream.
-    fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        ck.check_fits(T::TYPE, self.state.layout().lens())?;
-        let mut schedule = self.schedule.clone();
-        schedule.replace(ck.config, &ck.hypers)?;
-        let staged = self.state.stage(&ck.tensors)?;
-        let mut params = self.params_with(&ck.options, ck.scaler.is_some());
-        params.lr = ck.config.lr;
-        params.beta1 = ck.config.beta1;
-        if let Some(s) = &ck.scaler {
-            params.growth_factor = s.growth_factor;
-            params.backoff_factor = s.backoff_factor;
-            params.growth_interval = s.growth_interval;
-        }
-        self.control.update(|c| {
-            c.params = params;
-            if let Some(s) = &ck.scaler {
-                c.scaler = ScalerState {
-                    scale: s.scale,
-                    growth_tracker: s.growth_tracker,
-                };
-            }
-            c.state.step = ck.step;
-            c.state.skipped = 0;
-        })?;
-        self.state.commit(staged);
-        self.plan.invalidate();
-        self.forget_flat_table();
-        self.schedule = schedule;
-        self.step_bound = ck.step;
-        self.options = ck.options;
-        self.scaler = ck.scaler.is_some();
-        Ok(())
     }
 }

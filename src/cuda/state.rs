@@ -8,6 +8,7 @@ use std::{ops::Range, sync::Arc};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::{
+    checkpoint::Part,
     config::TensorHyper,
     error::{Error, Result},
     state::TensorState,
@@ -15,119 +16,12 @@ use crate::{
 };
 
 use super::{
-    args::{InitArgs, TensorDesc, BLOCK, CHUNK},
+    args::{InitArgs, TensorDesc, BLOCK},
     entry::EntryPoint,
     launch::launch,
+    layout::StateLayout,
     module::Kernels,
 };
-
-/// Elements between the starts of two tensors' state: offsets stay 256-byte aligned
-/// (what cudaMalloc guarantees), so the kernel's 16-byte vector path always applies to
-/// the optimizer's own buffers.
-const STATE_ALIGN: usize = 64;
-/// The smallest work unit of the update, in elements (a multiple of 8, so that every
-/// unit of every storage type starts on a 16-byte boundary).
-const MIN_UNIT: u64 = 1024;
-const _: () = assert!(MIN_UNIT.is_multiple_of(8) && CHUNK.is_multiple_of(MIN_UNIT));
-
-/// Where each tensor lives in the state buffers and in the launch's chunks.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct StateLayout {
-    lens: Vec<usize>,
-    /// Element offset of each tensor in the state buffers.
-    offsets: Vec<usize>,
-    /// Index of each tensor's first reduction chunk in a launch.
-    chunk_begin: Vec<u64>,
-    num_chunks: u64,
-    /// Elements per work unit of the update, and each tensor's first unit.
-    unit_len: u64,
-    unit_begin: Vec<u64>,
-    num_units: u64,
-    /// Elements of each state buffer (at least 1: the driver refuses empty ones).
-    total: usize,
-}
-
-impl StateLayout {
-    /// The layout of tensors of `lens`; refuses sizes whose sum or byte size does not
-    /// fit (nothing is allocated before this succeeds).
-    pub(crate) fn new(lens: Vec<usize>) -> Result<Self> {
-        let too_large = || Error::TooLarge {
-            what: "the total element count of the parameter list",
-        };
-        let mut offsets = Vec::with_capacity(lens.len());
-        let mut chunk_begin = Vec::with_capacity(lens.len());
-        let (mut total, mut chunks) = (0usize, 0u64);
-        for &n in &lens {
-            offsets.push(total);
-            chunk_begin.push(chunks);
-            total = n
-                .checked_next_multiple_of(STATE_ALIGN)
-                .and_then(|padded| total.checked_add(padded))
-                // Every buffer's byte size must fit too (4 bytes per element).
-                .filter(|t| t.checked_mul(4).is_some())
-                .ok_or_else(too_large)?;
-            chunks = chunks
-                .checked_add((n as u64).div_ceil(CHUNK))
-                .ok_or_else(too_large)?;
-        }
-        let mut layout = Self {
-            lens,
-            offsets,
-            chunk_begin,
-            num_chunks: chunks,
-            unit_len: CHUNK,
-            unit_begin: Vec::new(),
-            num_units: 0,
-            total: total.max(1),
-        };
-        layout.plan_units(1);
-        Ok(layout)
-    }
-
-    /// Cuts the tensors into work units of the update for a device whose whole wave of
-    /// the update kernel is `wave` blocks.
-    ///
-    /// NOTE: [unit size] The unit is the largest power of two in `[1024, CHUNK]` that
-    /// still gives about a wave of units, so a small step spreads over every
-    /// multiprocessor (the first H100 run: a 2^16 step took 11.2 us in 8 chunk-sized
-    /// blocks and 5.0 us in 1,024-element units), while a large one keeps long units
-    /// whose per-unit cost (finding the tensor, its scalars) is spread over 8,192
-    /// elements. The reduction keeps its own fixed chunks: its summation order is
-    /// specified over them.
-    pub(crate) fn plan_units(&mut self, wave: u32) {
-        let total: u64 = self.lens.iter().map(|&n| n as u64).sum();
-        let per_block = total / u64::from(wave.max(1));
-        let unit = if per_block == 0 {
-            MIN_UNIT
-        } else {
-            (1u64 << per_block.ilog2()).clamp(MIN_UNIT, CHUNK)
-        };
-        self.unit_len = unit;
-        self.unit_begin.clear();
-        let mut units = 0u64;
-        for &n in &self.lens {
-            self.unit_begin.push(units);
-            units += (n as u64).div_ceil(unit);
-        }
-        self.num_units = units;
-    }
-
-    pub(crate) fn unit_len(&self) -> u64 {
-        self.unit_len
-    }
-
-    pub(crate) fn num_units(&self) -> u64 {
-        self.num_units
-    }
-
-    pub(crate) fn lens(&self) -> &[usize] {
-        &self.lens
-    }
-
-    pub(crate) fn num_chunks(&self) -> u64 {
-        self.num_chunks
-    }
-}
 
 /// The state buffers of one optimizer, on its stream.
 pub(crate) struct DeviceState {
@@ -313,8 +207,31 @@ impl DeviceState {
         Ok(window)
     }
 
+    /// One part of tensor `tensor`'s state appended to `buf` (synchronises): for a
+    /// streamed checkpoint. Nothing for a master of f32 storage.
+    pub(crate) fn part_to_host(&self, tensor: usize, part: Part, buf: &mut Vec<f32>) -> Result<()> {
+        let (o, n) = (self.layout.offsets[tensor], self.layout.lens[tensor]);
+        let src = match part {
+            Part::ExpAvg => &self.exp_avg,
+            Part::ExpInf => &self.exp_inf,
+            Part::Master => match &self.master {
+                Some(m) => m,
+                None => return Ok(()),
+            },
+        };
+        let start = buf.len();
+        buf.resize(start + n, 0.0);
+        if n == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtoh(&src.slice(o..o + n), &mut buf[start..])
+            .and_then(|()| self.stream.synchronize())
+            .map_err(Error::driver("copying the optimizer state to the host"))
+    }
+
     /// Every tensor's step count on the host (synchronises).
-    fn steps_to_host(&self) -> Result<Vec<u64>> {
+    pub(crate) fn steps_to_host(&self) -> Result<Vec<u64>> {
         let mut steps = self
             .stream
             .clone_dtoh(&self.steps)
@@ -394,54 +311,5 @@ impl DeviceState {
         self.exp_inf = staged.exp_inf;
         self.master = staged.master;
         self.steps = staged.steps;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_layout_aligns_every_tensor_and_counts_chunks() {
-        let l = StateLayout::new(vec![0, 1, 64, 65, 8193]).unwrap();
-        assert_eq!(l.offsets, [0, 0, 64, 128, 256]);
-        assert_eq!(l.chunk_begin, [0, 0, 1, 2, 3]);
-        assert_eq!(l.num_chunks, 5);
-        assert_eq!(l.total, 256 + 8256);
-        assert_eq!(StateLayout::new(vec![0]).unwrap().total, 1);
-    }
-
-    #[test]
-    fn units_shrink_to_spread_small_steps_over_a_wave_and_stay_whole_for_large_ones() {
-        let wave = 132 * 6;
-        let mut l = StateLayout::new(vec![1 << 16]).unwrap();
-        l.plan_units(wave);
-        assert_eq!((l.unit_len, l.num_units), (1024, 64));
-        let mut l = StateLayout::new(vec![1 << 28]).unwrap();
-        l.plan_units(wave);
-        assert_eq!((l.unit_len, l.num_units), (8192, 1 << 15));
-        let mut l = StateLayout::new(vec![4096, 0, 5, 1 << 20]).unwrap();
-        l.plan_units(wave);
-        assert_eq!(l.unit_len, 1024);
-        assert_eq!(l.unit_begin, [0, 4, 4, 5]);
-        assert_eq!(l.num_units, 5 + 1024);
-        let mut l = StateLayout::new(vec![0, 0]).unwrap();
-        l.plan_units(wave);
-        assert_eq!(l.num_units, 0);
-    }
-
-    #[test]
-    fn sizes_that_overflow_are_refused_before_anything_is_allocated() {
-        for lens in [
-            vec![usize::MAX],
-            vec![usize::MAX / 2, usize::MAX / 2],
-            vec![usize::MAX / 4 + 1],
-            vec![1 << 62, 1 << 62, 1 << 62],
-        ] {
-            assert!(
-                matches!(StateLayout::new(lens.clone()), Err(Error::TooLarge { .. })),
-                "{lens:?}"
-            );
-        }
     }
 }

@@ -1,0 +1,206 @@
+//! Validating what `file::read` found: the checkpoint built from a file's metadata and
+//! tensors, every field checked, before any optimizer sees it.
+
+use super::{file, refuse, Checkpoint, Entry, MetaName, FORMAT, TORCH_FORMAT};
+use crate::{
+    config::{AdamaxConfig, TensorHyper},
+    error::Result,
+    fused::{LossScaler, StepOptions},
+    state::TensorState,
+    storage::StorageType,
+};
+
+impl Checkpoint {
+    /// Validates what [`file::read`] found and builds the checkpoint from it.
+    pub(super) fn from_raw(raw: file::RawFile) -> Result<Self> {
+        if let Some(stored) = raw.meta.get(file::CHECKSUM_KEY) {
+            file::verify_checksum(&raw, stored)?;
+        }
+        let file::RawFile {
+            meta,
+            tensors: mut entries_in_file,
+        } = raw;
+        let get = |k: &str| {
+            meta.get(k)
+                .map(String::as_str)
+                .ok_or_else(|| refuse(format!("metadata has no `{k}`")))
+        };
+        let format = get("format")?;
+        if format != FORMAT && format != TORCH_FORMAT {
+            return Err(refuse(format!(
+                "format `{format}`; expected `{FORMAT}` or `{TORCH_FORMAT}`"
+            )));
+        }
+        if format == FORMAT && !meta.contains_key(file::CHECKSUM_KEY) {
+            return Err(refuse(format!(
+                "it has no `{}`; files of format {FORMAT} always carry one",
+                file::CHECKSUM_KEY
+            )));
+        }
+        let num = |k: &str| -> Result<f64> {
+            get(k)?
+                .parse::<f64>()
+                .map_err(|_| refuse(format!("metadata `{k}` is not a number")))
+        };
+        let count = |k: &str| -> Result<u64> {
+            get(k)?
+                .parse::<u64>()
+                .map_err(|_| refuse(format!("metadata `{k}` is not a count")))
+        };
+        fn mode<M: MetaName>(key: &str, value: &str) -> Result<M> {
+            M::from_meta(value).ok_or_else(|| refuse(format!("unknown {key} `{value}`")))
+        }
+        let storage: StorageType = get("storage")?.parse().map_err(refuse)?;
+        let config = AdamaxConfig {
+            lr: num("lr")?,
+            beta1: num("beta1")?,
+            beta2: num("beta2")?,
+            eps: num("eps")?,
+            weight_decay: num("weight_decay")?,
+            eps_mode: mode("eps_mode", get("eps_mode")?)?,
+            weight_decay_mode: mode("weight_decay_mode", get("weight_decay_mode")?)?,
+            maximize: match get("maximize")? {
+                "true" => true,
+                "false" => false,
+                other => return Err(refuse(format!("maximize is `{other}`"))),
+            },
+        };
+        config.validate()?;
+        let step = count("step")?;
+        // The count is checked against the entries the file holds before anything is
+        // sized from it.
+        let entries = Entry::of(storage);
+        let n_tensors = usize::try_from(count("tensors")?)
+            .ok()
+            .filter(|n| n.checked_mul(entries.len()) == Some(entries_in_file.len()))
+            .ok_or_else(|| {
+                refuse(format!(
+                    "metadata says {} tensors of {storage}, but the file holds {} entries ({} per tensor)",
+                    meta.get("tensors").map_or("?", String::as_str),
+                    entries_in_file.len(),
+                    entries.len()
+                ))
+            })?;
+        let mut take = |entry: Entry, i: usize, shape: Option<&[usize]>| -> Result<Vec<f32>> {
+            let name = entry.name(i);
+            let t = entries_in_file
+                .remove(&name)
+                .ok_or_else(|| refuse(format!("`{name}` is missing")))?;
+            let ok = match shape {
+                Some(s) => t.shape == s,
+                None => t.shape.len() == 1,
+            };
+            if !ok {
+                return Err(refuse(format!(
+                    "`{name}` has shape {:?}, expected {}",
+                    t.shape,
+                    shape.map_or("1-D".to_owned(), |s| format!("{s:?}"))
+                )));
+            }
+            Ok(t.data)
+        };
+        let mut tensors = Vec::with_capacity(n_tensors);
+        for i in 0..n_tensors {
+            let exp_avg = take(Entry::ExpAvg, i, None)?;
+            let n = [exp_avg.len()];
+            let exp_inf = take(Entry::ExpInf, i, Some(&n))?;
+            let master = if storage.has_master() {
+                take(Entry::Master, i, Some(&n))?
+            } else {
+                Vec::new()
+            };
+            // The scalar is what PyTorch reads; it must agree with the exact count:
+            // the metadata's for this tensor, else the optimizer's, else (a PyTorch file
+            // whose tensors took different numbers of steps) the scalar itself when it
+            // is a whole number that f32 holds exactly.
+            let s = take(Entry::Step, i, Some(&[]))?
+                .first()
+                .copied()
+                .unwrap_or(f32::NAN);
+            let tensor_step = match meta.get(&format!("tensor.{i}.step")) {
+                Some(v) => v
+                    .parse::<u64>()
+                    .map_err(|_| refuse(format!("metadata `tensor.{i}.step` is not a count")))?,
+                None if s == step as f32 => step,
+                None if s.fract() == 0.0 && (0.0..=16_777_216.0).contains(&s) => s as u64,
+                None => {
+                    return Err(refuse(format!(
+                        "`{}` is {s} but the metadata says step {step}",
+                        Entry::Step.name(i)
+                    )))
+                }
+            };
+            if s != tensor_step as f32 {
+                return Err(refuse(format!(
+                    "`{}` is {s} but tensor {i} took {tensor_step} steps",
+                    Entry::Step.name(i)
+                )));
+            }
+            tensors.push(TensorState {
+                step: tensor_step,
+                exp_avg,
+                exp_inf,
+                master,
+            });
+        }
+        let mut hypers = vec![TensorHyper::from_config(&config); n_tensors];
+        for (i, h) in hypers.iter_mut().enumerate() {
+            let (scale, wd) = (
+                format!("tensor.{i}.lr_scale"),
+                format!("tensor.{i}.weight_decay"),
+            );
+            if meta.contains_key(&scale) || meta.contains_key(&wd) {
+                *h = TensorHyper {
+                    lr_scale: num(&scale)?,
+                    weight_decay: num(&wd)?,
+                };
+            }
+        }
+        let parse = |k: &str| -> Result<Option<&str>> { Ok(meta.get(k).map(String::as_str)) };
+        let number = |k: &str| -> Result<Option<f32>> {
+            parse(k)?
+                .map(|v| {
+                    v.parse::<f32>()
+                        .map_err(|_| refuse(format!("metadata `{k}` is not a number")))
+                })
+                .transpose()
+        };
+        let options = StepOptions {
+            inv_scale: number("options.inv_scale")?,
+            max_norm: number("options.max_norm")?,
+            skip_nonfinite: match parse("options.skip_nonfinite")? {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => return Err(refuse(format!("options.skip_nonfinite is `{other}`"))),
+            },
+        };
+        let scaler = match number("scaler.scale")? {
+            None => None,
+            Some(scale) => {
+                let whole = |k: &str| -> Result<u32> {
+                    get(k)?
+                        .parse::<u32>()
+                        .map_err(|_| refuse(format!("metadata `{k}` is not a count")))
+                };
+                Some(LossScaler {
+                    scale,
+                    growth_factor: num("scaler.growth_factor")?,
+                    backoff_factor: num("scaler.backoff_factor")?,
+                    growth_interval: whole("scaler.growth_interval")?,
+                    growth_tracker: whole("scaler.growth_tracker")?,
+                })
+            }
+        };
+        let ck = Self {
+            config,
+            step,
+            storage,
+            tensors,
+            hypers,
+            options,
+            scaler,
+        };
+        ck.validate()?;
+        Ok(ck)
+    }
+}

@@ -1,0 +1,215 @@
+//! The [`Optimizer`] interface of [`CudaAdamax`]: settings written to the device's
+//! control block, reports read from it, state copied to and from device memory, and
+//! checkpoints saved from the device one tensor at a time.
+
+use cudarc::driver::{CudaView, CudaViewMut};
+
+use crate::{
+    checkpoint::{save_streamed, Checkpoint, Head},
+    config::{AdamaxConfig, TensorHyper},
+    error::{Error, Result},
+    fused::{LossScaler, StepOptions, StepReport},
+    optimizer::Optimizer,
+    state::TensorState,
+};
+
+use super::{
+    args::{ControlParams, ScalerState, SKIP_COUNTER_FULL, SKIP_NONFINITE},
+    optimizer::{CudaAdamax, GpuStorage},
+};
+
+impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
+    type Storage = T;
+    type Param<'a> = CudaViewMut<'a, T>;
+    type Grad<'a> = CudaView<'a, T>;
+
+    fn step<'a>(
+        &mut self,
+        params: &mut [CudaViewMut<'a, T>],
+        grads: &[CudaView<'a, T>],
+    ) -> Result<()> {
+        CudaAdamax::step(self, params, grads)
+    }
+
+    fn step_some<'a>(
+        &mut self,
+        params: &mut [CudaViewMut<'a, T>],
+        grads: &[Option<CudaView<'a, T>>],
+    ) -> Result<()> {
+        CudaAdamax::step_some(self, params, grads)
+    }
+
+    fn config(&self) -> &AdamaxConfig {
+        self.schedule.config()
+    }
+
+    /// The value is written to the device, ordered before the next step: a step
+    /// captured in a CUDA graph uses the new rate on its next replay.
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        let mut schedule = self.schedule.clone();
+        schedule.set_lr(lr)?;
+        self.control.set_params(ControlParams {
+            lr,
+            ..*self.control.params()
+        })?;
+        self.schedule = schedule;
+        Ok(())
+    }
+
+    fn tensor_lens(&self) -> &[usize] {
+        self.state.layout().lens()
+    }
+
+    fn tensor_hypers(&self) -> &[TensorHyper] {
+        self.schedule.hypers()
+    }
+
+    fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()> {
+        self.schedule.set_hyper(tensor, hyper)?;
+        // The table carries the settings: the next flat step rebuilds it.
+        self.forget_flat_table();
+        Ok(())
+    }
+
+    fn options(&self) -> StepOptions {
+        self.options
+    }
+
+    /// Written to the device, so a captured step picks them up without recapture.
+    fn set_options(&mut self, options: StepOptions) -> Result<()> {
+        options.validate()?;
+        let params = self.params_with(&options, self.scaler);
+        self.control.set_params(params)?;
+        self.options = options;
+        Ok(())
+    }
+
+    /// Read from the device (synchronises).
+    fn loss_scaler(&self) -> Result<Option<LossScaler>> {
+        if !self.scaler {
+            return Ok(None);
+        }
+        let c = self.control.read()?;
+        Ok(Some(LossScaler {
+            scale: c.scaler.scale,
+            growth_factor: c.params.growth_factor,
+            backoff_factor: c.params.backoff_factor,
+            growth_interval: c.params.growth_interval,
+            growth_tracker: c.scaler.growth_tracker,
+        }))
+    }
+
+    /// Dynamic loss scaling on the device: each step unscales by the scaler's inverse
+    /// scale, skips on a non-finite gradient and updates the scale, all without the
+    /// host. The scale to multiply the loss by is at
+    /// [`CudaAdamax::loss_scale_device_ptr`], or on the host from
+    /// [`Optimizer::last_report`]. Synchronises the stream (it rewrites the device's
+    /// scaler state).
+    fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> Result<()> {
+        if let Some(s) = &scaler {
+            s.validate()?;
+        }
+        let mut params = self.params_with(&self.options, scaler.is_some());
+        if let Some(s) = &scaler {
+            params.growth_factor = s.growth_factor;
+            params.backoff_factor = s.backoff_factor;
+            params.growth_interval = s.growth_interval;
+        }
+        self.control.update(|c| {
+            c.params = params;
+            if let Some(s) = &scaler {
+                c.scaler = ScalerState {
+                    scale: s.scale,
+                    growth_tracker: s.growth_tracker,
+                };
+            }
+        })?;
+        self.scaler = scaler.is_some();
+        Ok(())
+    }
+
+    /// Read from the device (synchronises). A step replayed from a CUDA graph while the
+    /// step counter was at `u64::MAX` changed nothing and is reported as
+    /// [`Error::StepOverflow`] (an eager step is refused with that error before it is
+    /// enqueued).
+    fn last_report(&self) -> Result<StepReport> {
+        let c = self.control.read()?;
+        if c.state.skipped == SKIP_COUNTER_FULL {
+            return Err(Error::StepOverflow(c.state.step));
+        }
+        let skipped = c.state.skipped == SKIP_NONFINITE;
+        let clipped = self.options.max_norm.is_some() && !skipped && c.state.step > 0;
+        Ok(StepReport {
+            step: c.state.step,
+            skipped,
+            total_norm: clipped.then_some(c.state.total_norm),
+            clip_coef: if clipped { c.state.clip_coef } else { 1.0 },
+            loss_scale: self.scaler.then_some(c.scaler.scale),
+        })
+    }
+
+    /// Read from the device, where it is kept (synchronises).
+    fn step_count(&self) -> Result<u64> {
+        Ok(self.control.read()?.state.step)
+    }
+
+    /// Three whole-buffer copies (synchronises).
+    fn state(&self) -> Result<Vec<TensorState>> {
+        self.state.to_host()
+    }
+
+    /// Streamed from the device one tensor at a time (synchronises).
+    fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+        let steps = self.state.steps_to_host()?;
+        let (options, scaler) = (self.options(), self.loss_scaler()?);
+        let head = Head {
+            config: self.schedule.config(),
+            step: self.step_count()?,
+            storage: T::TYPE,
+            tensor_steps: &steps,
+            hypers: self.schedule.hypers(),
+            options: &options,
+            scaler: scaler.as_ref(),
+        };
+        save_streamed(path, &head, self.state.layout().lens(), |i, part, buf| {
+            self.state.part_to_host(i, part, buf)
+        })
+    }
+
+    /// The state is uploaded into new device buffers (so the optimizer's memory doubles
+    /// while it runs), and only once every copy has been enqueued are they swapped in
+    /// and the control block rewritten (one copy). Synchronises the stream.
+    fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
+        ck.check_fits(T::TYPE, self.state.layout().lens())?;
+        let mut schedule = self.schedule.clone();
+        schedule.replace(ck.config, &ck.hypers)?;
+        let staged = self.state.stage(&ck.tensors)?;
+        let mut params = self.params_with(&ck.options, ck.scaler.is_some());
+        params.lr = ck.config.lr;
+        params.beta1 = ck.config.beta1;
+        if let Some(s) = &ck.scaler {
+            params.growth_factor = s.growth_factor;
+            params.backoff_factor = s.backoff_factor;
+            params.growth_interval = s.growth_interval;
+        }
+        self.control.update(|c| {
+            c.params = params;
+            if let Some(s) = &ck.scaler {
+                c.scaler = ScalerState {
+                    scale: s.scale,
+                    growth_tracker: s.growth_tracker,
+                };
+            }
+            c.state.step = ck.step;
+            c.state.skipped = 0;
+        })?;
+        self.state.commit(staged);
+        self.plan.invalidate();
+        self.forget_flat_table();
+        self.schedule = schedule;
+        self.step_bound = ck.step;
+        self.options = ck.options;
+        self.scaler = ck.scaler.is_some();
+        Ok(())
+    }
+}
