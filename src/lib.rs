@@ -66,6 +66,17 @@ pub use optimizer::Optimizer;
 pub use state::TensorState;
 pub use storage::{Storage, StorageType};
 
+/// A `tracing` event when the feature is on; nothing otherwise.
+macro_rules! trace {
+    ($level:ident, $($arg:tt)*) => {{
+        #[cfg(feature = "tracing")]
+        {
+            tracing::$level!(target: "adamax_cuda", $($arg)*);
+        }
+    }};
+}
+pub(crate) use trace;
+
 /// CUDA sources embedded by build.rs.
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

@@ -269,6 +269,69 @@ fn a_disabled_cache_compiles_and_writes_nothing() -> Result<(), Failed> {
     Ok(())
 }
 
+/// With the `tracing` feature, the cache reports a miss and the compile, a hit, and a
+/// failed write as events (recorded here by a minimal subscriber on this thread).
+#[cfg(feature = "tracing")]
+fn the_cache_reports_its_outcomes_as_tracing_events() -> Result<(), Failed> {
+    use std::sync::{Arc, Mutex};
+    use tracing::{field, span, Event, Metadata, Subscriber};
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+    struct Message(String);
+    impl field::Visit for Message {
+        fn record_debug(&mut self, f: &field::Field, value: &dyn std::fmt::Debug) {
+            if f.name() == "message" {
+                self.0 = format!("{value:?}");
+            }
+        }
+    }
+    impl Subscriber for Recorder {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+            span::Id::from_u64(1)
+        }
+        fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+        fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+        fn event(&self, e: &Event<'_>) {
+            let mut m = Message(String::new());
+            e.record(&mut m);
+            let line = format!("{} {} {}", e.metadata().target(), e.metadata().level(), m.0);
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        }
+        fn enter(&self, _: &span::Id) {}
+        fn exit(&self, _: &span::Id) {}
+    }
+
+    let dir = temp_dir("tracing");
+    let recorder = Recorder::default();
+    let result = tracing::subscriber::with_default(recorder.clone(), || {
+        compile_cached_in(Some(&dir), ARCHS[0])?;
+        compile_cached_in(Some(&dir), ARCHS[0])?;
+        // A "directory" inside a file cannot be created: the write fails, the compile
+        // does not.
+        let blocked = dir.join(entry_path(&dir, ARCHS[0])?).join("sub");
+        compile_cached_in(Some(&blocked), ARCHS[0])
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map_err(|e| e.to_string())?;
+    let events = recorder.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for want in [
+        "adamax_cuda INFO kernel cache miss",
+        "adamax_cuda INFO NVRTC compiled the kernels",
+        "adamax_cuda DEBUG kernel cache written",
+        "adamax_cuda DEBUG kernel cache hit",
+        "adamax_cuda WARN kernel cache write failed",
+    ] {
+        if !events.iter().any(|e| e.starts_with(want)) {
+            return Err(format!("no event `{want}` in {events:#?}").into());
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let present = nvrtc_version();
@@ -299,6 +362,11 @@ fn main() {
     trials.push(Trial::test(
         "the_training_examples_kernels_compile",
         the_training_examples_kernels_compile,
+    ));
+    #[cfg(feature = "tracing")]
+    trials.push(Trial::test(
+        "the_cache_reports_its_outcomes_as_tracing_events",
+        the_cache_reports_its_outcomes_as_tracing_events,
     ));
     trials.push(Trial::test(
         "the_cache_misses_then_hits_with_the_same_module",

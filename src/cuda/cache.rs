@@ -15,7 +15,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{error::Result, fnv::fnv1a64, fsutil::write_atomically};
+use crate::{error::Result, fnv::fnv1a64, fsutil::write_atomically, trace};
 
 use super::compile::{compile, nvrtc_version, options, Arch, Compiled, SOURCE_HASH};
 
@@ -85,22 +85,52 @@ pub fn compile_cached(arch: Arch) -> Result<(Compiled, CacheOutcome)> {
 }
 
 /// [`compile`] through the cache in `dir` (`None`: no cache).
+/// With the `tracing` feature, every outcome is an event: a hit (debug), a miss and
+/// the compile that follows (info, with its duration), a failed write (warn).
 pub fn compile_cached_in(dir: Option<&Path>, arch: Arch) -> Result<(Compiled, CacheOutcome)> {
     let Some(dir) = dir else {
-        return Ok((compile(arch)?, CacheOutcome::Disabled));
+        trace!(debug, %arch, "kernel cache off: compiling with NVRTC");
+        return Ok((timed_compile(arch)?, CacheOutcome::Disabled));
     };
     let path = entry_path(dir, arch)?;
     if let Some(c) = std::fs::read(&path).ok().and_then(|b| decode(&b, arch)) {
+        trace!(debug, %arch, path = %path.display(), "kernel cache hit");
         return Ok((c, CacheOutcome::Hit(path)));
     }
-    let compiled = compile(arch)?;
+    trace!(info, %arch, path = %path.display(), "kernel cache miss: compiling with NVRTC");
+    let compiled = timed_compile(arch)?;
     let outcome = std::fs::create_dir_all(dir)
         .map_err(|e| e.to_string())
         .and_then(|()| write_atomically(&path, &encode(&compiled)).map_err(|e| e.to_string()));
     Ok(match outcome {
-        Ok(()) => (compiled, CacheOutcome::Written(path)),
-        Err(reason) => (compiled, CacheOutcome::WriteFailed(reason)),
+        Ok(()) => {
+            trace!(debug, %arch, path = %path.display(), "kernel cache written");
+            (compiled, CacheOutcome::Written(path))
+        }
+        Err(reason) => {
+            trace!(warn, %arch, %reason, "kernel cache write failed: the next process compiles again");
+            (compiled, CacheOutcome::WriteFailed(reason))
+        }
     })
+}
+
+/// [`compile`].
+#[cfg(not(feature = "tracing"))]
+fn timed_compile(arch: Arch) -> Result<Compiled> {
+    compile(arch)
+}
+
+/// [`compile`], with its outcome and duration as an event.
+#[cfg(feature = "tracing")]
+fn timed_compile(arch: Arch) -> Result<Compiled> {
+    let start = std::time::Instant::now();
+    let compiled = compile(arch);
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    match &compiled {
+        Ok(c) => trace!(info, %arch, ms, ptx = c.is_ptx, "NVRTC compiled the kernels"),
+        Err(e) => trace!(warn, %arch, ms, error = %e, "NVRTC failed"),
+    }
+    compiled
 }
 
 /// MAGIC, is_ptx (1 byte), image length, image hash, log length (u64 LE each), image, log.

@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::{sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    trace,
+};
 
 use super::{
     args::BLOCK,
@@ -74,6 +77,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     }
     // A failure to write the cache costs a compile next time, nothing more.
     let (compiled, _outcome) = compile_cached(arch)?;
+    trace!(info, ordinal = ctx.ordinal(), %arch, outcome = ?_outcome, "loading the AdaMax kernels");
     let image = if compiled.is_ptx {
         Ptx::from_src(
             String::from_utf8_lossy(&compiled.image)
