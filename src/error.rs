@@ -43,7 +43,23 @@ pub enum ConfigError {
     },
 }
 
-/// Everything a step, a construction or a state query can refuse.
+/// Everything a step, a construction or a state query can refuse. Every message says
+/// what was wrong and what to do; match on the variants to act on them.
+///
+/// ```
+/// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Error, Optimizer};
+/// let mut w = vec![0.0f32; 3];
+/// let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&w])?;
+/// match opt.step(&mut [&mut w], &[&[1.0, 2.0]]) {
+///     Err(Error::LengthMismatch { what: "grad", tensor: 0, expected: 3, found: 2 }) => {}
+///     other => panic!("{other:?}"),
+/// }
+/// // Without a GPU the GPU path says so, as a value: never a panic.
+/// if let Err(e) = adamax_cuda::cuda::default_stream(0) {
+///     assert!(matches!(e, Error::DriverNotFound | Error::NoSuchDevice { .. } | Error::Driver { .. }));
+/// }
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

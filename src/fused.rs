@@ -30,6 +30,22 @@ pub const THREADS: usize = 256;
 
 /// Options of every step until changed (`set_options`): persistent rather than per call,
 /// so that a step captured in a CUDA graph needs no host writes.
+///
+/// ```
+/// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Optimizer, StepOptions};
+/// let mut w = vec![1.0f32; 4];
+/// let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&w])?;
+/// // clip_grad_norm_(params, 1.0), and skip steps with a NaN or infinite gradient.
+/// opt.set_options(StepOptions { max_norm: Some(1.0), skip_nonfinite: true, ..Default::default() })?;
+/// opt.step(&mut [&mut w], &[&[3.0, 4.0, 0.0, f32::NAN]])?;
+/// assert!(opt.last_report()?.skipped);
+/// assert_eq!(w, [1.0; 4]);
+/// opt.step(&mut [&mut w], &[&[3.0, 4.0, 0.0, 0.0]])?;
+/// let r = opt.last_report()?;
+/// assert_eq!(r.total_norm, Some(5.0)); // the norm before clipping
+/// assert!((r.clip_coef - 0.2).abs() < 1e-6);
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct StepOptions {
@@ -93,6 +109,20 @@ pub struct StepReport {
 }
 
 /// A dynamic loss scale with growth and backoff: `torch.amp.GradScaler`'s update rule.
+///
+/// ```
+/// use adamax_cuda::{cpu::CpuAdamax, f16, AdamaxConfig, LossScaler, Optimizer};
+/// let mut w = vec![f16::from_f32(0.5); 3];
+/// let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&w])?;
+/// opt.set_loss_scaler(Some(LossScaler { scale: 1024.0, ..LossScaler::default() }))?;
+/// // The backward pass ran on loss * 1024: gradients arrive scaled, and overflow.
+/// let scaled = [f16::from_f32(0.01 * 1024.0), f16::INFINITY, f16::from_f32(0.0)];
+/// opt.step(&mut [&mut w], &[&scaled])?;
+/// let r = opt.last_report()?;
+/// assert!(r.skipped);
+/// assert_eq!(r.loss_scale, Some(512.0)); // backed off for the next step
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
 ///
 /// After a step with a non-finite gradient the scale is multiplied by `backoff_factor`;
 /// after `growth_interval` consecutive good steps, by `growth_factor` (if the result is

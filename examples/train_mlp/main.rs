@@ -408,9 +408,14 @@ fn plot(path: &str, curves: &[(String, Vec<f32>)]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let out = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "train_mlp_loss.svg".into());
+    // Where the caller asked, else the system's temporary directory (not the
+    // repository the example runs from).
+    let out = std::env::args().nth(1).unwrap_or_else(|| {
+        std::env::temp_dir()
+            .join("adamax-cuda-train_mlp_loss.svg")
+            .display()
+            .to_string()
+    });
     let (x, y) = spiral(3);
     let config = AdamaxConfig {
         lr: 1e-2,

@@ -1,4 +1,4 @@
-//! The README's run command: `cargo run --release --example quickstart`.
+//! The README's run command: `cargo run --release --features quickstart --bin quickstart`.
 //!
 //! On a GPU it steps a few million parameters in f32 and in f16 with f32 master weights,
 //! checks them against the CPU reference bit for bit, and prints a rough throughput.
