@@ -75,6 +75,17 @@ fn same(what: &str, tensor: usize, gpu: &[f32], cpu: &[f32]) -> Result<(), Strin
     }
 }
 
+/// Host tensors copied to the device, in order.
+fn upload<T: GpuStorage>(
+    stream: &Arc<CudaStream>,
+    tensors: &[Vec<T>],
+) -> Result<Vec<cuda::cudarc::driver::CudaSlice<T>>, Failed> {
+    Ok(tensors
+        .iter()
+        .map(|t| stream.clone_htod(t))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Every tensor's state bit for bit, NaN counted equal to NaN (an infinite gradient
 /// with clipping and no skip makes `m` NaN on both sides, as PyTorch does).
 fn same_state(gpu: &[TensorState], cpu: &[TensorState]) -> Result<(), String> {
@@ -380,19 +391,14 @@ fn gpu_resume_is_bit_exact<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResul
     let grads: Vec<Vec<Vec<T>>> = (0..10)
         .map(|_| lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect())
         .collect();
-    let upload = |v: &Vec<Vec<T>>| {
-        v.iter()
-            .map(|x| stream.clone_htod(x))
-            .collect::<Result<Vec<_>, _>>()
-    };
     let config = AdamaxConfig {
         weight_decay: 0.01,
         ..AdamaxConfig::default()
     };
-    let mut params = upload(&init)?;
+    let mut params = upload(stream, &init)?;
     let mut a = CudaAdamax::<T>::new(stream, config, &params)?;
     for g in &grads[..5] {
-        a.step(&mut params, &upload(g)?)?;
+        a.step(&mut params, &upload(stream, g)?)?;
     }
     let ck = adamax_cuda::Checkpoint::from_bytes(&a.checkpoint()?.to_bytes()?)?;
     let host_at_5: Vec<Vec<T>> = params
@@ -400,13 +406,13 @@ fn gpu_resume_is_bit_exact<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResul
         .map(|p| stream.clone_dtoh(p))
         .collect::<Result<_, _>>()?;
     for g in &grads[5..] {
-        a.step(&mut params, &upload(g)?)?;
+        a.step(&mut params, &upload(stream, g)?)?;
     }
-    let mut resumed = upload(&host_at_5)?;
-    let mut b = CudaAdamax::<T>::new(stream, AdamaxConfig::default(), &upload(&init)?)?;
+    let mut resumed = upload(stream, &host_at_5)?;
+    let mut b = CudaAdamax::<T>::new(stream, AdamaxConfig::default(), &upload(stream, &init)?)?;
     b.restore(&ck)?;
     for g in &grads[5..] {
-        b.step(&mut resumed, &upload(g)?)?;
+        b.step(&mut resumed, &upload(stream, g)?)?;
     }
     same_checkpoint(&a.checkpoint()?, &b.checkpoint()?)
         .map_err(|e| format!("{}: after resume: {e}", T::NAME))?;
@@ -429,13 +435,8 @@ fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> 
     let lens = [4097usize, 5, 0];
     let init: Vec<Vec<f16>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
     let grads: Vec<Vec<f16>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-    let upload = |v: &Vec<Vec<f16>>| {
-        v.iter()
-            .map(|x| stream.clone_htod(x))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let (mut typed_p, typed_g) = (upload(&init)?, upload(&grads)?);
-    let (mut raw_p, raw_g) = (upload(&init)?, upload(&grads)?);
+    let (mut typed_p, typed_g) = (upload(stream, &init)?, upload(stream, &grads)?);
+    let (mut raw_p, raw_g) = (upload(stream, &init)?, upload(stream, &grads)?);
     let config = AdamaxConfig::default();
     let mut typed = CudaAdamax::<f16>::new(stream, config, &typed_p)?;
     let addrs: Vec<(u64, u64)> = raw_p
@@ -518,10 +519,7 @@ fn per_tensor_hyperparameters_match_the_cpu(
         },
     };
     let mut host: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut dev = host
-        .iter()
-        .map(|p| stream.clone_htod(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut dev = upload(stream, &host)?;
     let mut gpu = CudaAdamax::<f32>::new(stream, config, &dev)?;
     let refs: Vec<&[f32]> = host.iter().map(|p| p.as_slice()).collect();
     let mut cpu = CpuAdamax::new(config, &refs)?;
@@ -531,10 +529,7 @@ fn per_tensor_hyperparameters_match_the_cpu(
     }
     for _ in 0..20 {
         let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-        let dg = grads
-            .iter()
-            .map(|g| stream.clone_htod(g))
-            .collect::<Result<Vec<_>, _>>()?;
+        let dg = upload(stream, &grads)?;
         gpu.step(&mut dev, &dg)?;
         let g: Vec<&[f32]> = grads.iter().map(|x| x.as_slice()).collect();
         let mut p: Vec<&mut [f32]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
@@ -714,10 +709,7 @@ fn loss_scaler_unscales_by_the_scale_the_gradients_carry<T: GpuStorage>(
     let mut rng = StdRng::seed_from_u64(seed());
     let lens = [(1usize << 16) + 5, 3, 8193];
     let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut dev = host
-        .iter()
-        .map(|p| stream.clone_htod(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut dev = upload(stream, &host)?;
     let config = AdamaxConfig {
         weight_decay: 0.01,
         ..AdamaxConfig::default()
@@ -748,10 +740,7 @@ fn loss_scaler_unscales_by_the_scale_the_gradients_carry<T: GpuStorage>(
         if inf {
             scaled[2][100] = T::from_f32(f32::INFINITY);
         }
-        let dg = scaled
-            .iter()
-            .map(|g| stream.clone_htod(g))
-            .collect::<Result<Vec<_>, _>>()?;
+        let dg = upload(stream, &scaled)?;
         gpu.step(&mut dev, &dg)?;
         if gpu.last_report()?.skipped != inf {
             return Err(format!("{} step {t}: skip decision differs", T::NAME).into());
@@ -780,14 +769,8 @@ fn a_full_step_counter_refuses_the_step_like_the_cpu(stream: &Arc<CudaStream>) -
     let lens = [4097usize, 3];
     let init: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
     let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-    let mut params = init
-        .iter()
-        .map(|p| stream.clone_htod(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    let dg = grads
-        .iter()
-        .map(|g| stream.clone_htod(g))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut params = upload(stream, &init)?;
+    let dg = upload(stream, &grads)?;
     let mut gpu = CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &params)?;
     let refs: Vec<&[f32]> = init.iter().map(|p| p.as_slice()).collect();
     let mut cpu = CpuAdamax::<f32>::new(AdamaxConfig::default(), &refs)?;
@@ -1014,10 +997,7 @@ fn missing_gradients_match_the_cpu<T: GpuStorage>(stream: &Arc<CudaStream>) -> T
     let mut rng = StdRng::seed_from_u64(seed());
     let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700, 9000];
     let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut dev = host
-        .iter()
-        .map(|p| stream.clone_htod(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut dev = upload(stream, &host)?;
     let config = AdamaxConfig {
         weight_decay: 0.01,
         ..AdamaxConfig::default()
