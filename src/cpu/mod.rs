@@ -19,8 +19,10 @@
 //! The scalars in the right-hand column are computed per step and tensor in f64 and
 //! rounded to f32 ([`StepScalars::for_tensor`]); with per-tensor hyperparameters
 //! ([`TensorHyper`]) `lr` is `lr * lr_scale` and `wd` the tensor's
-//! own. The GPU kernel derives them with the same f64 operations, so it uses exactly
-//! these values.
+//! own. `t` is the tensor's own step count plus one ([`TensorState::step`]; a tensor
+//! without a gradient in a step does not count it, as PyTorch's per-parameter step). The
+//! GPU kernel derives them with the same f64 operations, so it uses exactly these
+//! values.
 //!
 //! **Fused multiply-add.** The `fma`s above are single-rounding fused operations
 //! ([`f32::mul_add`] here, `__fmaf_rn` in the kernel); every other operation rounds on its
