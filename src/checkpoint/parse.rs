@@ -117,18 +117,18 @@ impl Checkpoint {
                 .first()
                 .copied()
                 .unwrap_or(f32::NAN);
-            let tensor_step = match meta.get(&format!("tensor.{i}.step")) {
-                Some(v) => v
-                    .parse::<u64>()
-                    .map_err(|_| refuse(format!("metadata `tensor.{i}.step` is not a count")))?,
-                None if s == step as f32 => step,
-                None if s.fract() == 0.0 && (0.0..=16_777_216.0).contains(&s) => s as u64,
-                None => {
-                    return Err(refuse(format!(
-                        "`{}` is {s} but the metadata says step {step}",
-                        Entry::Step.name(i)
-                    )))
-                }
+            let key = format!("tensor.{i}.step");
+            let tensor_step = if meta.contains_key(&key) {
+                count(&key)?
+            } else if s == step as f32 {
+                step
+            } else if s.fract() == 0.0 && (0.0..=16_777_216.0).contains(&s) {
+                s as u64
+            } else {
+                return Err(refuse(format!(
+                    "`{}` is {s} but the metadata says step {step}",
+                    Entry::Step.name(i)
+                )));
             };
             if s != tensor_step as f32 {
                 return Err(refuse(format!(
@@ -156,9 +156,9 @@ impl Checkpoint {
                 };
             }
         }
-        let parse = |k: &str| -> Result<Option<&str>> { Ok(meta.get(k).map(String::as_str)) };
+        let optional = |k: &str| meta.get(k).map(String::as_str);
         let number = |k: &str| -> Result<Option<f32>> {
-            parse(k)?
+            optional(k)
                 .map(|v| {
                     v.parse::<f32>()
                         .map_err(|_| refuse(format!("metadata `{k}` is not a number")))
@@ -168,7 +168,7 @@ impl Checkpoint {
         let options = StepOptions {
             inv_scale: number("options.inv_scale")?,
             max_norm: number("options.max_norm")?,
-            skip_nonfinite: match parse("options.skip_nonfinite")? {
+            skip_nonfinite: match optional("options.skip_nonfinite") {
                 None | Some("false") => false,
                 Some("true") => true,
                 Some(other) => return Err(refuse(format!("options.skip_nonfinite is `{other}`"))),
@@ -178,9 +178,8 @@ impl Checkpoint {
             None => None,
             Some(scale) => {
                 let whole = |k: &str| -> Result<u32> {
-                    get(k)?
-                        .parse::<u32>()
-                        .map_err(|_| refuse(format!("metadata `{k}` is not a count")))
+                    u32::try_from(count(k)?)
+                        .map_err(|_| refuse(format!("metadata `{k}` is beyond u32")))
                 };
                 Some(LossScaler {
                     scale,
