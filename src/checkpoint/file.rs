@@ -17,6 +17,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::{refuse, Checkpoint, Entry};
 use crate::error::Error;
+use crate::{state::TensorState, storage::StorageType};
 
 /// The metadata key of the integrity checksum.
 pub(super) const CHECKSUM_KEY: &str = "checksum";
@@ -200,29 +201,33 @@ pub(super) fn write_streaming<W: Write + Seek>(
     w.flush().map_err(io)
 }
 
+/// The entries of a file of tensors of `lens` with `storage`, in name order (the file's
+/// and the checksum's order), and which tensor and part each one is.
+pub(super) fn entries(
+    storage: StorageType,
+    lens: impl Iterator<Item = usize>,
+) -> (Vec<EntrySpec>, Vec<(usize, Entry)>) {
+    let mut all: Vec<(EntrySpec, (usize, Entry))> = Vec::new();
+    for (i, n) in lens.enumerate() {
+        for &e in Entry::of(storage) {
+            let (shape, len) = if e == Entry::Step {
+                (vec![], 1)
+            } else {
+                (vec![n], n)
+            };
+            let name = e.name(i);
+            all.push((EntrySpec { name, shape, len }, (i, e)));
+        }
+    }
+    all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    all.into_iter().unzip()
+}
+
 /// Writes `ck` (validated first) as a safetensors file: entries in name order, header
 /// keys sorted, the checksum in the metadata.
 pub(super) fn write<W: Write + Seek>(ck: &Checkpoint, w: &mut W) -> Result<(), WriteError> {
     ck.validate().map_err(WriteError::Invalid)?;
-    let mut entries: Vec<(EntrySpec, usize, Entry)> = Vec::new();
-    for (i, t) in ck.tensors.iter().enumerate() {
-        for &e in Entry::of(ck.storage) {
-            let n = if e == Entry::Step { 1 } else { t.len() };
-            let shape = if e == Entry::Step { vec![] } else { vec![n] };
-            entries.push((
-                EntrySpec {
-                    name: e.name(i),
-                    shape,
-                    len: n,
-                },
-                i,
-                e,
-            ));
-        }
-    }
-    entries.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    let (specs, which): (Vec<EntrySpec>, Vec<(usize, Entry)>) =
-        entries.into_iter().map(|(s, i, e)| (s, (i, e))).unzip();
+    let (specs, which) = entries(ck.storage, ck.tensors.iter().map(TensorState::len));
     write_streaming(
         ck.metadata(),
         &specs,

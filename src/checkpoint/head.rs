@@ -133,21 +133,7 @@ pub(crate) fn save_streamed(
             what: "a streamed checkpoint with one length per tensor expected",
         });
     }
-    let mut entries: Vec<(file::EntrySpec, usize, Entry)> = Vec::new();
-    for (i, &n) in lens.iter().enumerate() {
-        for &e in Entry::of(head.storage) {
-            let (shape, len) = if e == Entry::Step {
-                (vec![], 1)
-            } else {
-                (vec![n], n)
-            };
-            let name = e.name(i);
-            entries.push((file::EntrySpec { name, shape, len }, i, e));
-        }
-    }
-    entries.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    let (specs, which): (Vec<file::EntrySpec>, Vec<(usize, Entry)>) =
-        entries.into_iter().map(|(s, i, e)| (s, (i, e))).unzip();
+    let (specs, which) = file::entries(head.storage, lens.iter().copied());
     let mut refusal = None;
     let written = crate::fsutil::write_atomically_with(path, |w| {
         file::write_streaming(

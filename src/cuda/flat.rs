@@ -121,12 +121,12 @@ fn too_large() -> Error {
 }
 
 /// The buffer must hold the layout.
-fn check_len(what: &'static str, found: usize, layout: &FlatLayout) -> Result<()> {
-    if found < layout.total {
+fn check_len(what: &'static str, found: usize, total: usize) -> Result<()> {
+    if found < total {
         return Err(Error::LengthMismatch {
             what,
             tensor: 0,
-            expected: layout.total,
+            expected: total,
             found,
         });
     }
@@ -145,7 +145,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         layout: FlatLayout,
     ) -> Result<Self> {
         check_devices(stream, "flat params", [Some(params)])?;
-        check_len("flat params", params.len(), &layout)?;
+        check_len("flat params", params.len(), layout.total)?;
         let mut opt = Self::allocate(stream, config, layout.lens.clone())?;
         {
             let (base, _guard) = params.device_ptr(stream);
@@ -166,16 +166,8 @@ impl<T: GpuStorage> CudaAdamax<T> {
         grads: &G,
     ) -> Result<()> {
         let total = self.flat_total().ok_or(Error::NotFlat)?;
-        for (what, len) in [("flat params", params.len()), ("flat grads", grads.len())] {
-            if len < total {
-                return Err(Error::LengthMismatch {
-                    what,
-                    tensor: 0,
-                    expected: total,
-                    found: len,
-                });
-            }
-        }
+        check_len("flat params", params.len(), total)?;
+        check_len("flat grads", grads.len(), total)?;
         let stream = self.stream().clone();
         check_devices(&stream, "flat params", [Some(&*params)])?;
         check_devices(&stream, "flat grads", [Some(grads)])?;

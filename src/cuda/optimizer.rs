@@ -211,8 +211,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         // event tracking they do nothing and are not kept (nothing is allocated).
         let tracking = stream.context().is_managing_stream_synchronization();
         let mut guards = Vec::new();
-        let table = self.plan.next_table();
-        for (i, p) in params.iter_mut().enumerate() {
+        let addresses = params.iter_mut().enumerate().map(|(i, p)| {
             let (param, param_guard) = p.device_ptr_mut(&stream);
             let grad = grad(i).map(|g| g.device_ptr(&stream));
             let grad = grad.map(|(ptr, guard)| {
@@ -224,11 +223,9 @@ impl<T: GpuStorage> CudaAdamax<T> {
             if tracking {
                 guards.push(param_guard);
             }
-            table.push(
-                self.state
-                    .descriptor(i, param, grad, &self.schedule.hypers()[i]),
-            );
-        }
+            (param, grad)
+        });
+        fill_table(&mut self.plan, &self.state, &self.schedule, addresses);
         self.enqueue(true)?;
         drop(guards);
         Ok(())
@@ -287,16 +284,11 @@ impl<T: GpuStorage> CudaAdamax<T> {
         let fresh = *built_for != Some((params, grads));
         if fresh {
             let size = std::mem::size_of::<T>() as u64;
-            let table = self.plan.next_table();
-            for (i, &o) in layout.offsets().iter().enumerate() {
+            let addresses = layout.offsets().iter().map(|&o| {
                 let at = o as u64 * size;
-                table.push(self.state.descriptor(
-                    i,
-                    params + at,
-                    Some(grads + at),
-                    &self.schedule.hypers()[i],
-                ));
-            }
+                (params + at, Some(grads + at))
+            });
+            fill_table(&mut self.plan, &self.state, &self.schedule, addresses);
         }
         self.enqueue(fresh)?;
         if let Some((_, built_for)) = &mut self.flat {
@@ -307,13 +299,8 @@ impl<T: GpuStorage> CudaAdamax<T> {
 
     /// Fills the prepared table from raw addresses (the raw entry point).
     pub(super) fn prepare_raw(&mut self, tensors: impl Iterator<Item = (u64, u64)>) {
-        let table = self.plan.next_table();
-        for (i, (param, grad)) in tensors.enumerate() {
-            table.push(
-                self.state
-                    .descriptor(i, param, Some(grad), &self.schedule.hypers()[i]),
-            );
-        }
+        let addresses = tensors.map(|(param, grad)| (param, Some(grad)));
+        fill_table(&mut self.plan, &self.state, &self.schedule, addresses);
     }
 
     /// The settings part of the control block for `options`, with or without a loss
@@ -369,5 +356,21 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// The stream the optimizer enqueues its work on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+}
+
+/// The table of the next step, from each tensor's parameter address and its gradient's
+/// (`None`: no gradient this step), in tensor order. The one place a table is built:
+/// per-tensor, flat and raw steps all come through here. Takes the fields it needs, not
+/// the optimizer, so that the addresses may borrow the optimizer's other fields.
+fn fill_table(
+    plan: &mut LaunchPlan,
+    state: &DeviceState,
+    schedule: &Schedule,
+    addresses: impl Iterator<Item = (u64, Option<u64>)>,
+) {
+    let table = plan.next_table();
+    for (i, (param, grad)) in addresses.enumerate() {
+        table.push(state.descriptor(i, param, grad, &schedule.hypers()[i]));
     }
 }

@@ -110,18 +110,11 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             s.validate()?;
         }
         let mut params = self.params_with(&self.options, scaler.is_some());
-        if let Some(s) = &scaler {
-            params.growth_factor = s.growth_factor;
-            params.backoff_factor = s.backoff_factor;
-            params.growth_interval = s.growth_interval;
-        }
+        let scaler_state = set_scaler(&mut params, scaler.as_ref());
         self.control.update(|c| {
             c.params = params;
-            if let Some(s) = &scaler {
-                c.scaler = ScalerState {
-                    scale: s.scale,
-                    growth_tracker: s.growth_tracker,
-                };
+            if let Some(s) = scaler_state {
+                c.scaler = s;
             }
         })?;
         self.scaler = scaler.is_some();
@@ -187,18 +180,11 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         let mut params = self.params_with(&ck.options, ck.scaler.is_some());
         params.lr = ck.config.lr;
         params.beta1 = ck.config.beta1;
-        if let Some(s) = &ck.scaler {
-            params.growth_factor = s.growth_factor;
-            params.backoff_factor = s.backoff_factor;
-            params.growth_interval = s.growth_interval;
-        }
+        let scaler_state = set_scaler(&mut params, ck.scaler.as_ref());
         self.control.update(|c| {
             c.params = params;
-            if let Some(s) = &ck.scaler {
-                c.scaler = ScalerState {
-                    scale: s.scale,
-                    growth_tracker: s.growth_tracker,
-                };
+            if let Some(s) = scaler_state {
+                c.scaler = s;
             }
             c.state.step = ck.step;
             c.state.skipped = 0;
@@ -212,4 +198,17 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         self.scaler = ck.scaler.is_some();
         Ok(())
     }
+}
+
+/// A loss scaler as the control block holds it: its factors go into the settings part
+/// (`params`), and its scale and tracker are returned for the scaler part.
+fn set_scaler(params: &mut ControlParams, scaler: Option<&LossScaler>) -> Option<ScalerState> {
+    let s = scaler?;
+    params.growth_factor = s.growth_factor;
+    params.backoff_factor = s.backoff_factor;
+    params.growth_interval = s.growth_interval;
+    Some(ScalerState {
+        scale: s.scale,
+        growth_tracker: s.growth_tracker,
+    })
 }
