@@ -11,7 +11,7 @@
 // reference bit for bit.
 
 #if !defined(ADAMAX_LAYOUT_CHECKS) || !defined(ADAMAX_ENTRY_POINTS) || !defined(ADAMAX_CHUNK) || \
-    !defined(ADAMAX_BLOCK)
+    !defined(ADAMAX_BLOCK) || !defined(ADAMAX_QBLOCK)
 #error "compile through adamax-cuda: it defines the ADAMAX_* layout, checks and entry points"
 #endif
 
@@ -29,15 +29,17 @@ struct bf16 { u16 bits; };
 // struct below and the offset of every field as static_asserts (ADAMAX_LAYOUT_CHECKS,
 // expanded after the structs), and the mode and flag values as -D defines.
 
-// One tensor of the list. The optimizer's own buffers (exp_avg, exp_inf, master) are
-// allocated 256-byte aligned; param and grad belong to the caller and may be views at
-// any element offset.
+// One tensor of the list. The optimizer's own buffers (exp_avg, exp_inf, master, the
+// scales) are allocated 256-byte aligned, and each tensor's part starts 64 elements
+// aligned; param and grad belong to the caller and may be views at any element offset.
 struct TensorDesc {
     u64 param;        // T*: the parameter (the 16-bit copy when master != 0)
     u64 grad;         // const T*
-    u64 exp_avg;      // float*: m
-    u64 exp_inf;      // float*: u
+    u64 exp_avg;      // float*: m; with 8-bit state (MODE_Q8), unsigned char*: m's codes
+    u64 exp_inf;      // float*: u; with 8-bit state, unsigned char*: u's codes
     u64 master;       // float*: f32 master weights of a 16-bit parameter, else 0
+    u64 exp_avg_scale;  // float*: one scale of m per ADAMAX_QBLOCK elements (MODE_Q8), else 0
+    u64 exp_inf_scale;  // float*: the same for u
     u64 len;          // elements
     u64 chunk_begin;  // index of this tensor's first reduction chunk (ADAMAX_CHUNK elements)
     u64 unit_begin;   // index of this tensor's first work unit of the update (unit_len)
@@ -55,6 +57,9 @@ enum {
     FLAG_SCALER = ADAMAX_FLAG_SCALER,    // dynamic loss scale (ScalerState)
 };
 enum { SKIP_NONFINITE = ADAMAX_SKIP_NONFINITE, SKIP_COUNTER_FULL = ADAMAX_SKIP_COUNTER_FULL };
+// Storage modes of an update entry point (bits): parameters rounded stochastically
+// without a master (ParamMode::Stochastic), moments in 8 bits (StateFormat::Blockwise8).
+enum { MODE_SR = ADAMAX_MODE_SR, MODE_Q8 = ADAMAX_MODE_Q8 };
 
 // The optimizer's state that lives on the device, so that a step needs no host value
 // and can be captured in a CUDA graph. The host writes ControlParams whole whenever a
@@ -98,6 +103,7 @@ struct AdamaxArgs {
     Control* control;
     float* partials;        // one f32 sum of squares per chunk (reduce -> finalize)
     u64* tensor_steps;      // each tensor's own step count (PyTorch's per-parameter step)
+    u64 seed;               // the random stream's seed (MODE_SR, MODE_Q8)
     float beta1;
     float one_minus_beta1;  // f32(1 - beta1), from f64
     float beta2;
@@ -121,6 +127,7 @@ struct InitArgs {
 ADAMAX_LAYOUT_CHECKS
 static_assert(ADAMAX_BLOCK == 256, "the reduction order is specified for 256 threads");
 static_assert(ADAMAX_CHUNK % 8 == 0, "chunks must start on a 16-byte boundary for every type");
+static_assert(ADAMAX_QBLOCK == 32 * 8, "an 8-bit state block is one warp of 8 elements per lane");
 
 // The inverse loss scale of the step in flight, before finalize moves the scaler on:
 // f32(1 / f64(scale)) with a scaler (torch.amp.GradScaler's arithmetic), else the
@@ -236,6 +243,86 @@ __device__ __forceinline__ void adamax_update(const Scalars& a, float& p, float 
         p = __fmaf_rn(-a.step_size, step, p);
 }
 
+
+// ---- Low-byte modes (twin of src/cpu/lowbit.rs) ----
+
+// splitmix64's output function, and the counter-based stream of (seed, step, tensor,
+// element): twins of lowbit::mix64, stream_key and element_bits.
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ u64 stream_key(u64 seed, u64 t, u64 tensor) {
+    return mix64(mix64(seed ^ (t * 0xD1B54A32D192ED03ull)) ^ (tensor * 0xAEF17502108EF2D9ull));
+}
+__device__ __forceinline__ u64 element_bits(u64 key, u64 i) {
+    return mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull);
+}
+
+// Stochastic rounding to bf16: 16 random bits added below the kept half.
+__device__ __forceinline__ u16 round_bf16_stochastic(float x, u64 bits) {
+    const u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return narrow(x, bf16());
+    return (u16)((b + (u32)(bits & 0xffffu)) >> 16);
+}
+
+// The 8-bit codes (lowbit::Code): E exponent and M mantissa bits of value / scale.
+// m: sign, E4, M3; u: E4, M4. emin = 2 - 2^E.
+template <int E, int M>
+struct Code {
+    static constexpr int EMIN = 2 - (1 << E);
+};
+typedef Code<4, 3> ExpAvgCode;
+typedef Code<4, 4> ExpInfCode;
+
+__device__ __forceinline__ float pow2(int e) { return __uint_as_float((u32)(e + 127) << 23); }
+
+template <typename C, int M>
+__device__ __forceinline__ float decode_magnitude(u32 code) {
+    const u32 e = code >> M, f = code & ((1u << M) - 1u);
+    const u32 mant = e == 0 ? f : f + (1u << M);
+    const int exp = e == 0 ? C::EMIN - M : (int)e - 1 + C::EMIN - M;
+    return __fmul_rn(__uint2float_rn(mant), pow2(exp));
+}
+
+// Twin of Code::encode_magnitude: q in [0, 1], 24 random bits r.
+template <typename C, int M>
+__device__ __forceinline__ u32 encode_magnitude(float q, u32 r) {
+    const int eq = (int)((__float_as_uint(q) >> 23) & 0xffu) - 127;
+    const int ee = eq > C::EMIN ? eq : C::EMIN;
+    const float y = __fmul_rn(q, pow2(M - ee));
+    const u32 k = __float2uint_rz(y);
+    const float frac = __fsub_rn(y, __uint2float_rn(k));
+    const u32 up = __fmul_rn(frac, 16777216.0f) > __uint2float_rn(r & 0xffffffu) ? 1u : 0u;
+    return ((u32)(ee - C::EMIN) << M) + k + up;
+}
+
+__device__ __forceinline__ float decode_exp_avg(u32 code, float scale) {
+    const float v = __fmul_rn(decode_magnitude<ExpAvgCode, 3>(code & 0x7fu), scale);
+    return (code & 0x80u) ? -v : v;
+}
+__device__ __forceinline__ float decode_exp_inf(u32 code, float scale) {
+    return __fmul_rn(decode_magnitude<ExpInfCode, 4>(code), scale);
+}
+__device__ __forceinline__ u32 encode_exp_avg(float x, float scale, u32 r) {
+    const u32 magnitude = encode_magnitude<ExpAvgCode, 3>(__fdiv_rn(fabsf(x), scale), r);
+    return magnitude | ((x < 0.0f && magnitude != 0) ? 0x80u : 0u);
+}
+__device__ __forceinline__ u32 encode_exp_inf(float x, float scale, u32 r) {
+    return encode_magnitude<ExpInfCode, 4>(__fdiv_rn(fabsf(x), scale), r);
+}
+// A block's scale from its largest magnitude: 0 stays 0 (codes 0), a non-finite one
+// marks the block NaN (twin of Code::encode_block).
+__device__ __forceinline__ float block_scale(float absmax) {
+    if (absmax == 0.0f) return 0.0f;
+    return fabsf(absmax) <= 3.402823466e38f ? absmax : __uint_as_float(0x7fc00000u);
+}
+__device__ __forceinline__ float warp_absmax(float v) {
+    for (int off = 16; off > 0; off >>= 1) v = max_propagating_nan(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
 // ---- Memory traversal ----
 
 __device__ __forceinline__ float* f32_ptr(u64 addr, u64 i) { return (float*)addr + i; }
@@ -308,6 +395,195 @@ __device__ __forceinline__ void step_vector(const Scalars& a, const TensorDesc& 
     *(float4*)f32_ptr(t.exp_inf, i + 4) = u1;
 }
 
+// ---- The low-byte modes' traversal: 8 elements per thread ----
+// Parameters as the rule reads them (the master when there is one) and gradients,
+// widened, for a storage type and mode; then the stores. f32 parameters are their own
+// master; MODE_SR is for bf16 only (the host refuses it otherwise).
+
+__device__ __forceinline__ void unpack8(uint4 v, float* x, bf16 tag) {
+    const float4 lo = widen4(v.x, v.y, tag), hi = widen4(v.z, v.w, tag);
+    x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w, x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
+}
+__device__ __forceinline__ void unpack8(uint4 v, float* x, f16 tag) {
+    const float4 lo = widen4(v.x, v.y, tag), hi = widen4(v.z, v.w, tag);
+    x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w, x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
+}
+__device__ __forceinline__ void load_f32x8(u64 base, u64 i, float* x) {
+    const float4 a = *(const float4*)f32_ptr(base, i), b = *(const float4*)f32_ptr(base, i + 4);
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+__device__ __forceinline__ void store_f32x8(u64 base, u64 i, const float* x) {
+    *(float4*)f32_ptr(base, i) = make_float4(x[0], x[1], x[2], x[3]);
+    *(float4*)f32_ptr(base, i + 4) = make_float4(x[4], x[5], x[6], x[7]);
+}
+
+template <typename T, int MODE>
+__device__ __forceinline__ void load8(const TensorDesc& t, u64 i, float* p, float* g) {
+    if constexpr (sizeof(T) == 4) {
+        load_f32x8(t.param, i, p);
+        load_f32x8(t.grad, i, g);
+    } else {
+        unpack8(*(const uint4*)((const u16*)t.grad + i), g, T());
+        if constexpr ((MODE & MODE_SR) != 0) unpack8(*(const uint4*)((const u16*)t.param + i), p, T());
+        else load_f32x8(t.master, i, p);
+    }
+}
+template <typename T, int MODE>
+__device__ __forceinline__ void load1(const TensorDesc& t, u64 i, float& p, float& g) {
+    if constexpr (sizeof(T) == 4) {
+        p = *f32_ptr(t.param, i);
+        g = *f32_ptr(t.grad, i);
+    } else {
+        g = widen(((const u16*)t.grad)[i], T());
+        p = (MODE & MODE_SR) ? widen(((const u16*)t.param)[i], T()) : *f32_ptr(t.master, i);
+    }
+}
+template <typename T, int MODE>
+__device__ __forceinline__ u16 narrow_param(float p, u64 bits) {
+    if constexpr ((MODE & MODE_SR) != 0) return round_bf16_stochastic(p, bits);
+    else return narrow(p, T());
+}
+template <typename T, int MODE>
+__device__ __forceinline__ void store8(const TensorDesc& t, u64 i, const float* p, const u64* h) {
+    if constexpr (sizeof(T) == 4) {
+        store_f32x8(t.param, i, p);
+    } else {
+        u32 w[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            w[k] = (u32)narrow_param<T, MODE>(p[2 * k], h[2 * k]) |
+                   ((u32)narrow_param<T, MODE>(p[2 * k + 1], h[2 * k + 1]) << 16);
+        *(uint4*)((u16*)t.param + i) = make_uint4(w[0], w[1], w[2], w[3]);
+        if constexpr ((MODE & MODE_SR) == 0) store_f32x8(t.master, i, p);
+    }
+}
+template <typename T, int MODE>
+__device__ __forceinline__ void store1(const TensorDesc& t, u64 i, float p, u64 h) {
+    if constexpr (sizeof(T) == 4) {
+        *f32_ptr(t.param, i) = p;
+    } else {
+        ((u16*)t.param)[i] = narrow_param<T, MODE>(p, h);
+        if constexpr ((MODE & MODE_SR) == 0) *f32_ptr(t.master, i) = p;
+    }
+}
+
+// f32 moments, stochastically rounded bf16 parameters: 8 elements from i (aligned), or
+// one element.
+template <typename T, int MODE>
+__device__ __forceinline__ void step8_sr(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
+    float p[8], g[8], m[8], u[8];
+    u64 h[8];
+    load8<T, MODE>(t, i, p, g);
+    load_f32x8(t.exp_avg, i, m);
+    load_f32x8(t.exp_inf, i, u);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        h[k] = element_bits(key, i + k);
+        adamax_update(sc, p[k], g[k], m[k], u[k]);
+    }
+    store8<T, MODE>(t, i, p, h);
+    store_f32x8(t.exp_avg, i, m);
+    store_f32x8(t.exp_inf, i, u);
+}
+template <typename T, int MODE>
+__device__ __forceinline__ void step1_sr(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
+    float p, g, m = *f32_ptr(t.exp_avg, i), u = *f32_ptr(t.exp_inf, i);
+    load1<T, MODE>(t, i, p, g);
+    adamax_update(sc, p, g, m, u);
+    store1<T, MODE>(t, i, p, element_bits(key, i));
+    *f32_ptr(t.exp_avg, i) = m;
+    *f32_ptr(t.exp_inf, i) = u;
+}
+
+// NOTE: [8-bit blocks] One warp steps one block of ADAMAX_QBLOCK elements, 8 per lane:
+// decode, update in f32 (the parameter moves by the f32 values), a warp-wide largest
+// magnitude of the new m and u (the block's new scales), then encode. Every lane of
+// the warp takes part in the shuffles, also those past the tensor's end. Twin of the
+// block loop of cpu::step_tensor_with.
+template <typename T, int MODE>
+__device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block, u64 key, bool aligned) {
+    const u64 begin = block * (u64)ADAMAX_QBLOCK;
+    const u64 i0 = begin + (u64)(threadIdx.x & 31) * 8;
+    const u64 end = min(begin + (u64)ADAMAX_QBLOCK, t.len);
+    const bool whole = aligned && i0 + 8 <= end;
+    const unsigned char* cm_in = (const unsigned char*)t.exp_avg;
+    const unsigned char* cu_in = (const unsigned char*)t.exp_inf;
+    float* scale_m = (float*)t.exp_avg_scale;
+    float* scale_u = (float*)t.exp_inf_scale;
+    const float sm = scale_m[block], su = scale_u[block];
+    float p[8], g[8], m[8], u[8];
+    u64 h[8];
+    u32 cm[8], cu[8];
+    if (whole) {
+        load8<T, MODE>(t, i0, p, g);
+        const uint2 a = *(const uint2*)(cm_in + i0), b = *(const uint2*)(cu_in + i0);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            cm[k] = ((k < 4 ? a.x : a.y) >> (8 * (k & 3))) & 0xffu;
+            cu[k] = ((k < 4 ? b.x : b.y) >> (8 * (k & 3))) & 0xffu;
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            p[k] = g[k] = 0.0f;
+            cm[k] = cu[k] = 0;
+            if (i0 + k < end) {
+                load1<T, MODE>(t, i0 + k, p[k], g[k]);
+                cm[k] = cm_in[i0 + k];
+                cu[k] = cu_in[i0 + k];
+            }
+        }
+    }
+    float amax_m = 0.0f, amax_u = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        m[k] = u[k] = 0.0f;
+        h[k] = 0;
+        if (i0 + k < end) {
+            m[k] = decode_exp_avg(cm[k], sm);
+            u[k] = decode_exp_inf(cu[k], su);
+            h[k] = element_bits(key, i0 + k);
+            adamax_update(sc, p[k], g[k], m[k], u[k]);
+            amax_m = max_propagating_nan(amax_m, fabsf(m[k]));
+            amax_u = max_propagating_nan(amax_u, fabsf(u[k]));
+        }
+    }
+    if (whole) {
+        store8<T, MODE>(t, i0, p, h);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            if (i0 + k < end) store1<T, MODE>(t, i0 + k, p[k], h[k]);
+    }
+    const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
+    const bool code_m = nsm == nsm && nsm != 0.0f, code_u = nsu == nsu && nsu != 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        cm[k] = code_m ? encode_exp_avg(m[k], nsm, (u32)(h[k] >> 16) & 0xffffffu) : 0u;
+        cu[k] = code_u ? encode_exp_inf(u[k], nsu, (u32)(h[k] >> 40)) : 0u;
+    }
+    unsigned char* cm_out = (unsigned char*)t.exp_avg;
+    unsigned char* cu_out = (unsigned char*)t.exp_inf;
+    if (whole) {
+        *(uint2*)(cm_out + i0) = make_uint2(cm[0] | cm[1] << 8 | cm[2] << 16 | cm[3] << 24,
+                                            cm[4] | cm[5] << 8 | cm[6] << 16 | cm[7] << 24);
+        *(uint2*)(cu_out + i0) = make_uint2(cu[0] | cu[1] << 8 | cu[2] << 16 | cu[3] << 24,
+                                            cu[4] | cu[5] << 8 | cu[6] << 16 | cu[7] << 24);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            if (i0 + k < end) {
+                cm_out[i0 + k] = (unsigned char)cm[k];
+                cu_out[i0 + k] = (unsigned char)cu[k];
+            }
+        }
+    }
+    if ((threadIdx.x & 31) == 0) {
+        scale_m[block] = nsm;
+        scale_u[block] = nsu;
+    }
+}
+
 // Elements per vector call: 16 bytes of the storage type.
 template <typename T>
 struct Lanes { static constexpr u64 N = 16 / sizeof(T); };
@@ -342,7 +618,7 @@ __device__ __forceinline__ u64 unit_begin(const TensorDesc& t) { return t.unit_b
 // Blocks walk the work units of all tensors with a grid stride: a unit never spans two
 // tensors, units start at multiples of unit_len (a multiple of 8), and indices are
 // 64-bit. The grid is sized from this kernel's own occupancy.
-template <typename T>
+template <typename T, int MODE>
 __device__ void adamax_step(const AdamaxArgs& a) {
     Control& c = *a.control;
     StepState& st = c.state;
@@ -357,20 +633,44 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         const u64 k = find_tensor(a, unit, unit_begin);
         const TensorDesc t = a.tensors[k];
         if (!t.has_grad) continue;  // no gradient this step: the tensor is not touched
-        const Scalars sc = tensor_scalars(a, t, a.tensor_steps[k]);
+        const u64 tensor_step = a.tensor_steps[k];
+        const Scalars sc = tensor_scalars(a, t, tensor_step);
         const u64 begin = (unit - t.unit_begin) * a.unit_len;
         const u64 end = min(begin + a.unit_len, t.len);
-        // Units start at multiples of 8 elements, so aligned base pointers make every
-        // vector access aligned; a view at an odd offset takes the scalar path.
-        const bool aligned = ((t.param | t.grad | t.exp_avg | t.exp_inf | t.master) & 15) == 0;
-        u64 scalar_from = begin;
-        if (aligned) {
-            const u64 vec_end = begin + (end - begin) / N * N;
-            for (u64 i = begin + threadIdx.x * N; i < vec_end; i += (u64)blockDim.x * N)
-                step_vector(sc, t, i, T());
-            scalar_from = vec_end;
+        if constexpr (MODE == 0) {
+            // Units start at multiples of 8 elements, so aligned base pointers make
+            // every vector access aligned; a view at an odd offset takes the scalar path.
+            const bool aligned = ((t.param | t.grad | t.exp_avg | t.exp_inf | t.master) & 15) == 0;
+            u64 scalar_from = begin;
+            if (aligned) {
+                const u64 vec_end = begin + (end - begin) / N * N;
+                for (u64 i = begin + threadIdx.x * N; i < vec_end; i += (u64)blockDim.x * N)
+                    step_vector(sc, t, i, T());
+                scalar_from = vec_end;
+            }
+            for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(sc, t, i, T());
+        } else {
+            // The random stream of this tensor in its step (lowbit::stream_key).
+            const u64 key = stream_key(a.seed, tensor_step + 1, k);
+            const bool aligned = ((t.param | t.grad | t.master) & 15) == 0;
+            if constexpr ((MODE & MODE_Q8) != 0) {
+                // Units are whole blocks (unit_len is a multiple of ADAMAX_QBLOCK).
+                const u64 warps = blockDim.x / 32;
+                const u64 first = begin / (u64)ADAMAX_QBLOCK;
+                const u64 blocks = (end - begin + ADAMAX_QBLOCK - 1) / (u64)ADAMAX_QBLOCK;
+                for (u64 b = threadIdx.x / 32; b < blocks; b += warps)
+                    step_q8_block<T, MODE>(sc, t, first + b, key, aligned);
+            } else {
+                u64 scalar_from = begin;
+                if (aligned) {
+                    const u64 vec_end = begin + (end - begin) / 8 * 8;
+                    for (u64 i = begin + threadIdx.x * 8; i < vec_end; i += (u64)blockDim.x * 8)
+                        step8_sr<T, MODE>(sc, t, i, key);
+                    scalar_from = vec_end;
+                }
+                for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step1_sr<T, MODE>(sc, t, i, key);
+            }
         }
-        for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(sc, t, i, T());
     }
     __shared__ bool last;
     __syncthreads();
@@ -535,12 +835,12 @@ __device__ void init_master(const InitArgs& a) {
 
 // ---- Entry points ----
 // NOTE: the list of entry points (their names and storage types) comes from
-// src/cuda/entry.rs as ADAMAX_ENTRY_POINTS, e.g. ADAMAX_STEP(adamax_step_f32, float):
+// src/cuda/entry.rs as ADAMAX_ENTRY_POINTS, e.g. ADAMAX_STEP(adamax_step_f32, float, 0):
 // this file says what each kind does, Rust names them, and the loader looks up the
 // same names.
 
-#define ADAMAX_STEP(name, T) \
-    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_step<T>(args); }
+#define ADAMAX_STEP(name, T, MODE) \
+    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_step<T, MODE>(args); }
 #define ADAMAX_REDUCE(name, T) \
     extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_reduce<T>(args); }
 #define ADAMAX_FINALIZE(name) \

@@ -32,6 +32,92 @@ pub enum WeightDecayMode {
     Decoupled,
 }
 
+/// How 16-bit parameters are kept between steps.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ParamMode {
+    /// An f32 master copy is stepped and the 16-bit parameter is its round-to-nearest
+    /// (4 more bytes of state per parameter for f16 and bf16). The default; the only
+    /// mode of f32 parameters, which are their own master.
+    #[default]
+    Master,
+    /// No master copy: the 16-bit parameter is widened, stepped in f32, and rounded
+    /// back **stochastically**, up or down with probabilities that make the rounding
+    /// unbiased, from a counter-based random stream keyed by
+    /// ([`Precision::seed`], step, tensor, element) (see [`crate::cpu::lowbit`]). An
+    /// update below half a unit in the last place still moves the parameter on average,
+    /// where round-to-nearest would lose it. bf16 parameters only.
+    Stochastic,
+}
+
+/// How the moments `m` and `u` are stored between steps.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StateFormat {
+    /// f32, 8 bytes per parameter: PyTorch's `exp_avg` and `exp_inf`. The default.
+    #[default]
+    F32,
+    /// 8 bits per moment and element, with an f32 scale per block of
+    /// [`crate::cpu::lowbit::QBLOCK`] elements (about 2.03 bytes per parameter): the
+    /// codes are small floats relative to the block's largest magnitude, rounded
+    /// stochastically (see [`crate::cpu::lowbit`]). Each step decodes, updates in f32,
+    /// and encodes again; the update of the step itself uses the f32 values.
+    Blockwise8,
+}
+
+/// Storage modes: what a step keeps between steps, and so how many bytes it moves.
+///
+/// | params | state | parameter bytes moved per element (f32 / bf16) | state bytes per element |
+/// | --- | --- | --- | --- |
+/// | [`ParamMode::Master`] | [`StateFormat::F32`] | 28 / 28 | 8 / 12 |
+/// | [`ParamMode::Stochastic`] | [`StateFormat::F32`] | – / 22 | – / 8 |
+/// | [`ParamMode::Master`] | [`StateFormat::Blockwise8`] | 16 / 16 | 2.03 / 6.03 |
+/// | [`ParamMode::Stochastic`] | [`StateFormat::Blockwise8`] | – / 10 | – / 2.03 |
+///
+/// ```
+/// use adamax_cuda::{AdamaxConfig, ParamMode, Precision, StateFormat};
+/// let lean = AdamaxConfig {
+///     precision: Precision { params: ParamMode::Stochastic, state: StateFormat::Blockwise8, seed: 7 },
+///     ..AdamaxConfig::default()
+/// };
+/// lean.validate()?;
+/// # Ok::<(), adamax_cuda::ConfigError>(())
+/// ```
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Precision {
+    /// How 16-bit parameters are kept. Default [`ParamMode::Master`].
+    pub params: ParamMode,
+    /// How `m` and `u` are stored. Default [`StateFormat::F32`].
+    pub state: StateFormat,
+    /// Seed of the random stream that stochastic rounding draws from; a run with the
+    /// same seed, data and settings gives the same bits on the CPU and the GPU.
+    /// Unused (and any value is fine) when nothing is rounded stochastically.
+    pub seed: u64,
+}
+
+impl Precision {
+    /// Whether any rounding draws from the random stream.
+    pub const fn is_random(&self) -> bool {
+        matches!(self.params, ParamMode::Stochastic)
+            || matches!(self.state, StateFormat::Blockwise8)
+    }
+
+    /// Checks the modes against the parameters' storage type: stochastic rounding is
+    /// for bf16 parameters only (f32 parameters have no narrower copy to round to; f16
+    /// keeps a master, see the crate's README for why).
+    pub fn check_storage(&self, storage: crate::storage::StorageType) -> Result<(), ConfigError> {
+        if self.params == ParamMode::Stochastic && storage != crate::storage::StorageType::Bf16 {
+            return Err(ConfigError::Unsupported {
+                what: "ParamMode::Stochastic",
+                storage: storage.as_str(),
+                allowed: "bf16 parameters",
+            });
+        }
+        Ok(())
+    }
+}
+
 /// AdaMax hyperparameters (Kingma & Ba 2015, sec. 7.1) and conventions.
 ///
 /// [`Default`] gives PyTorch's `torch.optim.Adamax` defaults: `lr = 2e-3`,
@@ -72,6 +158,11 @@ pub struct AdamaxConfig {
     pub weight_decay_mode: WeightDecayMode,
     /// Ascend the objective instead of descending it (PyTorch's `maximize`).
     pub maximize: bool,
+    /// How parameters and moments are stored: f32 state and f32 master weights by
+    /// default; see [`Precision`] for the modes that move fewer bytes. (Absent from a
+    /// serialized config, it is the default.)
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub precision: Precision,
 }
 
 impl Default for AdamaxConfig {
@@ -85,6 +176,7 @@ impl Default for AdamaxConfig {
             weight_decay: 0.0,
             weight_decay_mode: WeightDecayMode::Coupled,
             maximize: false,
+            precision: Precision::default(),
         }
     }
 }

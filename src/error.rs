@@ -41,6 +41,16 @@ pub enum ConfigError {
         /// The scalar that overflows.
         scalar: &'static str,
     },
+    /// A storage mode that the parameters' type does not have.
+    #[error("AdaMax config: {what} is not available for {storage} parameters; it is for {allowed}: choose another mode or parameter type")]
+    Unsupported {
+        /// The mode, as spelled in the API.
+        what: &'static str,
+        /// The parameters' storage type.
+        storage: &'static str,
+        /// What the mode supports.
+        allowed: &'static str,
+    },
 }
 
 /// Everything a step, a construction or a state query can refuse. Every message says

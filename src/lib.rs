@@ -58,7 +58,9 @@ mod state;
 mod storage;
 
 pub use checkpoint::Checkpoint;
-pub use config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode};
+pub use config::{
+    AdamaxConfig, EpsilonMode, ParamMode, Precision, StateFormat, TensorHyper, WeightDecayMode,
+};
 pub use error::{ConfigError, Error, Result};
 pub use fused::{LossScaler, StepOptions, StepReport};
 pub use half::{bf16, f16};

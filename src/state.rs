@@ -3,13 +3,16 @@
 //! that the CPU reference and the GPU refuse exactly the same inputs.
 
 use crate::{
-    config::{AdamaxConfig, TensorHyper},
+    config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper},
+    cpu::lowbit::Blockwise8,
     error::{Error, Result},
     storage::Storage,
 };
 
 /// The optimizer state of one tensor: its step count, `m`, `u`, and the f32 master copy
-/// of a 16-bit parameter (empty for f32 parameters).
+/// of a 16-bit parameter (empty for f32 parameters). Which fields are in use follows the
+/// [`Precision`]: `exp_avg`/`exp_inf` with f32 state, `exp_avg_q8`/`exp_inf_q8` with
+/// 8-bit state; the unused ones are empty.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TensorState {
     /// Steps this tensor took (PyTorch's per-parameter `state["step"]`): a tensor without
@@ -20,35 +23,59 @@ pub struct TensorState {
     pub exp_avg: Vec<f32>,
     /// Infinity norm `u` (PyTorch's `exp_inf`); never negative.
     pub exp_inf: Vec<f32>,
-    /// f32 master weights; empty for f32 parameters, which are their own master.
+    /// f32 master weights; empty for f32 parameters, which are their own master, and
+    /// for [`ParamMode::Stochastic`].
     pub master: Vec<f32>,
+    /// `m` in 8 bits ([`StateFormat::Blockwise8`]); empty otherwise.
+    pub exp_avg_q8: Blockwise8,
+    /// `u` in 8 bits ([`StateFormat::Blockwise8`]); empty otherwise.
+    pub exp_inf_q8: Blockwise8,
 }
 
 impl TensorState {
-    /// Zeroed moments for a tensor, with the master copy initialised from `param`
-    /// when `T` is a 16-bit type.
+    /// Zeroed moments for a tensor in the default precision, with the master copy
+    /// initialised from `param` when `T` is a 16-bit type.
     pub fn new<T: Storage>(param: &[T]) -> Self {
+        Self::with_precision(param, &Precision::default())
+    }
+
+    /// Zeroed moments in `precision`'s format, with a master copy initialised from
+    /// `param` when `T` is a 16-bit type kept with [`ParamMode::Master`].
+    pub fn with_precision<T: Storage>(param: &[T], precision: &Precision) -> Self {
+        let n = param.len();
+        let (f32_len, q8_len) = match precision.state {
+            StateFormat::F32 => (n, None),
+            StateFormat::Blockwise8 => (0, Some(n)),
+        };
+        let q8 = || q8_len.map_or_else(Blockwise8::default, Blockwise8::zeros);
         Self {
             step: 0,
-            exp_avg: vec![0.0; param.len()],
-            exp_inf: vec![0.0; param.len()],
-            master: if T::HAS_MASTER {
+            exp_avg: vec![0.0; f32_len],
+            exp_inf: vec![0.0; f32_len],
+            master: if has_master(T::TYPE, precision) {
                 param.iter().map(|x| x.to_f32()).collect()
             } else {
                 Vec::new()
             },
+            exp_avg_q8: q8(),
+            exp_inf_q8: q8(),
         }
     }
 
     /// Elements of the tensor.
     pub fn len(&self) -> usize {
-        self.exp_avg.len()
+        self.exp_avg.len().max(self.exp_avg_q8.codes.len())
     }
 
     /// Whether the tensor has no elements.
     pub fn is_empty(&self) -> bool {
-        self.exp_avg.is_empty()
+        self.len() == 0
     }
+}
+
+/// Whether parameters of `storage` kept in `precision` carry an f32 master copy.
+pub(crate) fn has_master(storage: crate::storage::StorageType, precision: &Precision) -> bool {
+    storage.has_master() && precision.params == ParamMode::Master
 }
 
 /// The configuration and per-tensor hyperparameters of an optimizer, validated

@@ -453,8 +453,18 @@ fn config_errors_from_a_file_are_typed() {
 /// no silently different state.
 #[test]
 fn fuzzed_checkpoints_are_refused_or_identical_never_different() {
+    fuzz(adamax_cuda::Precision::default());
+    // 8-bit codes (U8 entries), their scales and no master.
+    fuzz(adamax_cuda::Precision {
+        params: adamax_cuda::ParamMode::Stochastic,
+        state: adamax_cuda::StateFormat::Blockwise8,
+        seed: 9,
+    });
+}
+
+fn fuzz(precision: adamax_cuda::Precision) {
     let mut rng = StdRng::seed_from_u64(0x5eed);
-    let lens = [9usize, 0, 70];
+    let lens = [9usize, 0, 300];
     let mut params: Vec<Vec<bf16>> = lens
         .iter()
         .map(|&n| {
@@ -467,6 +477,7 @@ fn fuzzed_checkpoints_are_refused_or_identical_never_different() {
     let mut opt = CpuAdamax::new(
         AdamaxConfig {
             weight_decay: 0.01,
+            precision,
             ..AdamaxConfig::default()
         },
         &refs,
@@ -531,6 +542,6 @@ fn fuzzed_checkpoints_are_refused_or_identical_never_different() {
             }
         }
     }
-    println!("fuzzed checkpoints: {refused} refused, {identical} identical");
+    println!("fuzzed checkpoints ({precision:?}): {refused} refused, {identical} identical");
     assert!(refused > 5000, "{refused}");
 }

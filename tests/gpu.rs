@@ -13,7 +13,8 @@ use adamax_cuda::{
     bf16,
     cpu::CpuAdamax,
     cuda::{self, cudarc::driver::CudaStream, CudaAdamax, GpuStorage},
-    f16, AdamaxConfig, EpsilonMode, Error, Optimizer, Storage, TensorState, WeightDecayMode,
+    f16, AdamaxConfig, EpsilonMode, Error, Optimizer, ParamMode, Precision, StateFormat, Storage,
+    TensorState, WeightDecayMode,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -93,9 +94,47 @@ fn same_state(gpu: &[TensorState], cpu: &[TensorState]) -> Result<(), String> {
         return Err(format!("{} vs {} tensors of state", gpu.len(), cpu.len()));
     }
     for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
-        same("exp_avg", i, &g.exp_avg, &c.exp_avg)?;
-        same("exp_inf", i, &g.exp_inf, &c.exp_inf)?;
-        same("master", i, &g.master, &c.master)?;
+        same_tensor(i, g, c)?;
+    }
+    Ok(())
+}
+
+/// One tensor's state, every part, bit for bit: f32 moments and masters, or the 8-bit
+/// codes and their block scales.
+fn same_tensor(i: usize, g: &TensorState, c: &TensorState) -> Result<(), String> {
+    same("exp_avg", i, &g.exp_avg, &c.exp_avg)?;
+    same("exp_inf", i, &g.exp_inf, &c.exp_inf)?;
+    same("master", i, &g.master, &c.master)?;
+    same(
+        "exp_avg scales",
+        i,
+        &g.exp_avg_q8.scales,
+        &c.exp_avg_q8.scales,
+    )?;
+    same(
+        "exp_inf scales",
+        i,
+        &g.exp_inf_q8.scales,
+        &c.exp_inf_q8.scales,
+    )?;
+    for (what, a, b) in [
+        ("exp_avg codes", &g.exp_avg_q8.codes, &c.exp_avg_q8.codes),
+        ("exp_inf codes", &g.exp_inf_q8.codes, &c.exp_inf_q8.codes),
+    ] {
+        if a != b {
+            let at = a.iter().zip(b).position(|(x, y)| x != y);
+            return Err(format!(
+                "{what} of tensor {i} differ: {} vs {} codes, first difference at {at:?}",
+                a.len(),
+                b.len()
+            ));
+        }
+    }
+    if g.step != c.step {
+        return Err(format!(
+            "tensor {i} took {} steps on the GPU, {} on the CPU",
+            g.step, c.step
+        ));
     }
     Ok(())
 }
@@ -137,6 +176,7 @@ fn gpu_matches_cpu<T: GpuStorage>(
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let ctx = format!("{} {config:?} seed {seed}", T::NAME);
+    let has_master = T::HAS_MASTER && config.precision.params == ParamMode::Master;
     let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
     let mut dev_params = Vec::new();
     for p in &host {
@@ -169,7 +209,7 @@ fn gpu_matches_cpu<T: GpuStorage>(
             padded.extend_from_slice(g);
             dev_grads.push(stream.clone_htod(&padded)?);
         }
-        if T::HAS_MASTER {
+        if has_master {
             // Poison: the 16-bit copy is output only, and every element must be written.
             for p in dev_params.iter_mut() {
                 let nan = vec![T::from_f32(f32::NAN); p.len()];
@@ -200,14 +240,8 @@ fn gpu_matches_cpu<T: GpuStorage>(
                     .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
                 let cs = &cpu.tensor_states()[i];
                 let gs = &gpu_state[i];
-                for (what, g, c) in [
-                    ("exp_avg", &gs.exp_avg, &cs.exp_avg),
-                    ("exp_inf", &gs.exp_inf, &cs.exp_inf),
-                    ("master", &gs.master, &cs.master),
-                ] {
-                    same(what, i, g, c).map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
-                }
-                if T::HAS_MASTER {
+                same_tensor(i, gs, cs).map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
+                if has_master {
                     // The 16-bit copy is exactly the round-to-nearest-even of the master.
                     let rounded: Vec<T> = gs.master.iter().map(|&m| T::from_f32(m)).collect();
                     if bits(&rounded) != bits(&got)
@@ -228,6 +262,106 @@ fn gpu_matches_cpu<T: GpuStorage>(
 }
 
 const SIZES: [usize; 6] = [0, 1, 3, 4, 4097, (1 << 20) + 3];
+
+/// The default storage modes.
+const F32: Precision = Precision {
+    params: ParamMode::Master,
+    state: StateFormat::F32,
+    seed: 0,
+};
+/// bf16 parameters rounded stochastically, f32 moments.
+const SR: Precision = Precision {
+    params: ParamMode::Stochastic,
+    state: StateFormat::F32,
+    seed: 0x5EED,
+};
+/// f32 masters (or f32 parameters), 8-bit moments.
+const Q8: Precision = Precision {
+    params: ParamMode::Master,
+    state: StateFormat::Blockwise8,
+    seed: 0x5EED,
+};
+/// bf16 parameters rounded stochastically, 8-bit moments.
+const SR_Q8: Precision = Precision {
+    params: ParamMode::Stochastic,
+    state: StateFormat::Blockwise8,
+    seed: 0x5EED,
+};
+
+/// The low-byte modes against the CPU reference, bit for bit: every mode each storage
+/// type has, over sizes with partial 8-bit blocks, odd views, 150 mixed tensors in one
+/// launch, NaN and infinite gradients (a NaN poisons its 8-bit block on both sides),
+/// fused clipping with a loss scaler, flat buffers, missing gradients and resume.
+fn add_low_byte_tests(add: &mut dyn FnMut(String, GpuTest)) {
+    let odd = Layout {
+        param_offset: 1,
+        grad_offset: 3,
+    };
+    let with = |p: Precision, c: AdamaxConfig| AdamaxConfig { precision: p, ..c };
+    for (mode, p) in [("sr", SR), ("q8", Q8), ("sr_q8", SR_Q8)] {
+        for (name, config) in configs() {
+            let c = with(p, config);
+            if p.params == ParamMode::Master {
+                add(
+                    format!("{mode}_f32_is_bit_identical_to_cpu_{name}"),
+                    Box::new(move |s| gpu_matches_cpu::<f32>(s, c, &SIZES, 30, PLAIN, false)),
+                );
+                add(
+                    format!("{mode}_f16_is_bit_identical_to_cpu_{name}"),
+                    Box::new(move |s| gpu_matches_cpu::<f16>(s, c, &SIZES, 10, PLAIN, false)),
+                );
+            }
+            add(
+                format!("{mode}_bf16_is_bit_identical_to_cpu_{name}"),
+                Box::new(move |s| gpu_matches_cpu::<bf16>(s, c, &SIZES, 30, PLAIN, false)),
+            );
+        }
+        let c = with(p, AdamaxConfig::default());
+        add(
+            format!("{mode}_views_at_odd_offsets_bf16"),
+            Box::new(move |s| gpu_matches_cpu::<bf16>(s, c, &SIZES, 10, odd, false)),
+        );
+        add(
+            format!("{mode}_a_list_of_150_mixed_tensors_bf16"),
+            Box::new(move |s| {
+                gpu_matches_cpu::<bf16>(s, c, &mixed_sizes(150, 3), 10, PLAIN, false)
+            }),
+        );
+        add(
+            format!("{mode}_nan_and_inf_gradients_bf16"),
+            Box::new(move |s| gpu_matches_cpu::<bf16>(s, c, &SIZES[..5], 5, PLAIN, true)),
+        );
+        let scaler = Some(adamax_cuda::LossScaler {
+            scale: 1024.0,
+            growth_interval: 3,
+            ..adamax_cuda::LossScaler::default()
+        });
+        let clip = adamax_cuda::StepOptions {
+            max_norm: Some(0.5),
+            ..Default::default()
+        };
+        add(
+            format!("{mode}_fused_scaler_and_clipping_bf16_odd_views"),
+            Box::new(move |s| fused_matches_the_cpu::<bf16>(s, clip, scaler, odd, p)),
+        );
+        add(
+            format!("{mode}_flat_buffers_packed_bf16"),
+            Box::new(move |s| flat_buffers_match_the_cpu::<bf16>(s, false, p)),
+        );
+        add(
+            format!("{mode}_missing_gradients_bf16"),
+            Box::new(move |s| missing_gradients_match_the_cpu::<bf16>(s, p)),
+        );
+        add(
+            format!("{mode}_checkpoint_resume_is_bit_exact_bf16"),
+            Box::new(move |s| gpu_resume_is_bit_exact::<bf16>(s, p)),
+        );
+    }
+    add(
+        "q8_flat_buffers_aligned_f32".into(),
+        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, true, Q8)),
+    );
+}
 
 fn configs() -> Vec<(&'static str, AdamaxConfig)> {
     let d = AdamaxConfig::default();
@@ -363,7 +497,7 @@ fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult
         gpu.step(&mut params, &grads)?;
         let s = adamax_cuda::cpu::StepScalars::new(&config, step);
         for (w, (p, st)) in windows.iter().zip(cpu.iter_mut()) {
-            adamax_cuda::cpu::step_tensor(&s, 0, p, &host_grads[w.clone()], st)?;
+            adamax_cuda::cpu::step_tensor(&s, &config.precision, 0, p, &host_grads[w.clone()], st)?;
         }
     }
     for (w, (p, st)) in windows.iter().zip(&cpu) {
@@ -384,7 +518,10 @@ fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult
 
 /// Checkpoint on the GPU, keep stepping; restore into a fresh optimizer and step the
 /// same gradients: parameters and state must be identical.
-fn gpu_resume_is_bit_exact<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult {
+fn gpu_resume_is_bit_exact<T: GpuStorage>(
+    stream: &Arc<CudaStream>,
+    precision: Precision,
+) -> TestResult {
     let mut rng = StdRng::seed_from_u64(seed());
     let lens = [4097usize, 3, 0, 70_001];
     let init: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
@@ -393,6 +530,7 @@ fn gpu_resume_is_bit_exact<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResul
         .collect();
     let config = AdamaxConfig {
         weight_decay: 0.01,
+        precision,
         ..AdamaxConfig::default()
     };
     let mut params = upload(stream, &init)?;
@@ -409,7 +547,11 @@ fn gpu_resume_is_bit_exact<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResul
         a.step(&mut params, &upload(stream, g)?)?;
     }
     let mut resumed = upload(stream, &host_at_5)?;
-    let mut b = CudaAdamax::<T>::new(stream, AdamaxConfig::default(), &upload(stream, &init)?)?;
+    let fresh = AdamaxConfig {
+        precision,
+        ..AdamaxConfig::default()
+    };
+    let mut b = CudaAdamax::<T>::new(stream, fresh, &upload(stream, &init)?)?;
     b.restore(&ck)?;
     for g in &grads[5..] {
         b.step(&mut resumed, &upload(stream, g)?)?;
@@ -550,10 +692,14 @@ fn fused_matches_the_cpu<T: GpuStorage>(
     options: adamax_cuda::StepOptions,
     scaler: Option<adamax_cuda::LossScaler>,
     layout: Layout,
+    precision: Precision,
 ) -> TestResult {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
-    let ctx = format!("{} {options:?} {scaler:?} seed {seed}", T::NAME);
+    let ctx = format!(
+        "{} {options:?} {scaler:?} {precision:?} seed {seed}",
+        T::NAME
+    );
     let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700];
     let inf_steps = [3usize, 4, 9];
     let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
@@ -566,6 +712,7 @@ fn fused_matches_the_cpu<T: GpuStorage>(
     let views: Vec<_> = dev.iter().map(|b| b.slice(layout.param_offset..)).collect();
     let config = AdamaxConfig {
         weight_decay: 0.01,
+        precision,
         ..AdamaxConfig::default()
     };
     let mut gpu = CudaAdamax::<T>::new(stream, config, &views)?;
@@ -901,6 +1048,7 @@ fn counter_full_in_a_replayed_graph_changes_nothing(
 fn flat_buffers_match_the_cpu<T: GpuStorage>(
     stream: &Arc<CudaStream>,
     aligned: bool,
+    precision: Precision,
 ) -> TestResult {
     use adamax_cuda::{cuda::FlatLayout, TensorHyper};
     let mut rng = StdRng::seed_from_u64(seed());
@@ -921,6 +1069,7 @@ fn flat_buffers_match_the_cpu<T: GpuStorage>(
     let mut params = stream.clone_htod(&flatten(&host))?;
     let config = AdamaxConfig {
         weight_decay: 0.01,
+        precision,
         ..AdamaxConfig::default()
     };
     let mut gpu = CudaAdamax::<T>::new_flat(stream, config, &params, layout.clone())?;
@@ -993,13 +1142,17 @@ fn flat_buffers_match_the_cpu<T: GpuStorage>(
 /// Missing gradients with clipping, a loss scaler and overflow skips, against the CPU
 /// reference bit for bit: absent tensors add zero partial sums (their chunks keep their
 /// numbers in the reduction order), take no update and keep their own step counts.
-fn missing_gradients_match_the_cpu<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult {
+fn missing_gradients_match_the_cpu<T: GpuStorage>(
+    stream: &Arc<CudaStream>,
+    precision: Precision,
+) -> TestResult {
     let mut rng = StdRng::seed_from_u64(seed());
     let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700, 9000];
     let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
     let mut dev = upload(stream, &host)?;
     let config = AdamaxConfig {
         weight_decay: 0.01,
+        precision,
         ..AdamaxConfig::default()
     };
     let mut gpu = CudaAdamax::<T>::new(stream, config, &dev)?;
@@ -1200,23 +1353,23 @@ fn main() {
         };
         add(
             "fused_scaler_and_clipping_match_the_cpu_f32".into(),
-            Box::new(move |s| fused_matches_the_cpu::<f32>(s, clip, scaler, PLAIN)),
+            Box::new(move |s| fused_matches_the_cpu::<f32>(s, clip, scaler, PLAIN, F32)),
         );
         add(
             "fused_scaler_and_clipping_match_the_cpu_f16".into(),
-            Box::new(move |s| fused_matches_the_cpu::<f16>(s, clip, scaler, PLAIN)),
+            Box::new(move |s| fused_matches_the_cpu::<f16>(s, clip, scaler, PLAIN, F32)),
         );
         add(
             "fused_scaler_and_clipping_match_the_cpu_bf16_odd_views".into(),
-            Box::new(move |s| fused_matches_the_cpu::<bf16>(s, clip, scaler, odd)),
+            Box::new(move |s| fused_matches_the_cpu::<bf16>(s, clip, scaler, odd, F32)),
         );
         add(
             "fused_clipping_alone_matches_the_cpu_f32_odd_views".into(),
-            Box::new(move |s| fused_matches_the_cpu::<f32>(s, clip, None, odd)),
+            Box::new(move |s| fused_matches_the_cpu::<f32>(s, clip, None, odd, F32)),
         );
         add(
             "fused_fixed_unscale_with_check_matches_the_cpu_f16".into(),
-            Box::new(move |s| fused_matches_the_cpu::<f16>(s, unscale, None, PLAIN)),
+            Box::new(move |s| fused_matches_the_cpu::<f16>(s, unscale, None, PLAIN, F32)),
         );
     }
     add(
@@ -1233,23 +1386,23 @@ fn main() {
     );
     add(
         "flat_buffers_match_the_cpu_packed_f32".into(),
-        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, false)),
+        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, false, F32)),
     );
     add(
         "flat_buffers_match_the_cpu_aligned_f32".into(),
-        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, true)),
+        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, true, F32)),
     );
     add(
         "flat_buffers_match_the_cpu_aligned_bf16".into(),
-        Box::new(|s| flat_buffers_match_the_cpu::<bf16>(s, true)),
+        Box::new(|s| flat_buffers_match_the_cpu::<bf16>(s, true, F32)),
     );
     add(
         "missing_gradients_match_the_cpu_with_clipping_and_scaler_f32".into(),
-        Box::new(missing_gradients_match_the_cpu::<f32>),
+        Box::new(|s| missing_gradients_match_the_cpu::<f32>(s, F32)),
     );
     add(
         "missing_gradients_match_the_cpu_with_clipping_and_scaler_bf16".into(),
-        Box::new(missing_gradients_match_the_cpu::<bf16>),
+        Box::new(|s| missing_gradients_match_the_cpu::<bf16>(s, F32)),
     );
     add(
         "per_tensor_hyperparameters_match_the_cpu_coupled".into(),
@@ -1265,12 +1418,13 @@ fn main() {
     );
     add(
         "checkpoint_resume_is_bit_exact_f32".into(),
-        Box::new(gpu_resume_is_bit_exact::<f32>),
+        Box::new(|s| gpu_resume_is_bit_exact::<f32>(s, F32)),
     );
     add(
         "checkpoint_resume_is_bit_exact_bf16".into(),
-        Box::new(gpu_resume_is_bit_exact::<bf16>),
+        Box::new(|s| gpu_resume_is_bit_exact::<bf16>(s, F32)),
     );
+    add_low_byte_tests(&mut add);
     // Needs about 35 GB free: ignored on smaller GPUs rather than failing.
     let big_enough = device
         .as_ref()

@@ -22,6 +22,11 @@ fn settings_round_trip_through_json() {
         weight_decay: 0.004,
         weight_decay_mode: WeightDecayMode::Decoupled,
         maximize: true,
+        precision: adamax_cuda::Precision {
+            params: adamax_cuda::ParamMode::Stochastic,
+            state: adamax_cuda::StateFormat::Blockwise8,
+            seed: 17,
+        },
         ..AdamaxConfig::default()
     });
     round_trip(TensorHyper {
@@ -39,6 +44,7 @@ fn settings_round_trip_through_json() {
     });
 }
 
+/// A config serialized before the storage modes existed reads with the default ones.
 #[test]
 fn a_deserialized_config_is_checked_when_used() {
     let bad: AdamaxConfig = serde_json::from_str(

@@ -17,7 +17,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::{refuse, Checkpoint, Entry};
 use crate::error::Error;
-use crate::{state::TensorState, storage::StorageType};
+use crate::{config::Precision, state::TensorState, storage::StorageType};
 
 /// The metadata key of the integrity checksum.
 pub(super) const CHECKSUM_KEY: &str = "checksum";
@@ -26,10 +26,104 @@ const MAX_HEADER: u64 = 100_000_000;
 /// Bytes converted at a time between f32 values and file bytes.
 const BLOCK_BYTES: usize = 1 << 16;
 
+/// The values of one tensor of a file: f32 (moments, masters, steps, scales) or u8
+/// (8-bit codes).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Data {
+    F32(Vec<f32>),
+    U8(Vec<u8>),
+}
+
+impl Data {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Data::F32(v) => v.len(),
+            Data::U8(v) => v.len(),
+        }
+    }
+
+    pub(super) fn view_dtype(&self) -> Dtype {
+        self.dtype()
+    }
+
+    fn dtype(&self) -> Dtype {
+        match self {
+            Data::F32(_) => Dtype::F32,
+            Data::U8(_) => Dtype::U8,
+        }
+    }
+
+    /// An empty buffer of `dtype`'s kind.
+    fn empty(dtype: Dtype) -> Self {
+        match dtype {
+            Dtype::U8 => Data::U8(Vec::new()),
+            _ => Data::F32(Vec::new()),
+        }
+    }
+
+    /// The f32 buffer to fill; an internal error if this entry holds codes.
+    pub(crate) fn f32_mut(&mut self) -> Result<&mut Vec<f32>, Error> {
+        match self {
+            Data::F32(v) => Ok(v),
+            Data::U8(_) => Err(Error::Internal {
+                what: "an f32 checkpoint entry was filled with codes",
+            }),
+        }
+    }
+
+    /// Appends `values`, which must be of this buffer's type.
+    pub(crate) fn extend(&mut self, values: View<'_>) -> Result<(), Error> {
+        match (self, values) {
+            (Data::F32(b), View::F32(v)) => b.extend_from_slice(v),
+            (Data::U8(b), View::U8(v)) => b.extend_from_slice(v),
+            _ => {
+                return Err(Error::Internal {
+                    what: "a checkpoint entry was filled with values of another type",
+                })
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn view(&self) -> View<'_> {
+        match self {
+            Data::F32(v) => View::F32(v),
+            Data::U8(v) => View::U8(v),
+        }
+    }
+
+    /// The little-endian bytes, a block at a time, to `sink`.
+    fn for_each_le_block(
+        &self,
+        sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        match self {
+            Data::F32(v) => for_each_le_block(v, sink),
+            Data::U8(v) => v.chunks(BLOCK_BYTES).try_for_each(sink),
+        }
+    }
+}
+
+/// Borrowed values of one entry.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum View<'a> {
+    F32(&'a [f32]),
+    U8(&'a [u8]),
+}
+
+impl View<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            View::F32(v) => v.len(),
+            View::U8(v) => v.len(),
+        }
+    }
+}
+
 /// One tensor as read from a file.
 pub(super) struct RawTensor {
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: Data,
 }
 
 /// A file's metadata and tensors, read but not yet validated.
@@ -91,17 +185,21 @@ impl Checksum {
         Self(h)
     }
 
-    fn entry(&mut self, name: &str, shape: &[usize], data: &[f32]) {
+    fn entry(&mut self, name: &str, shape: &[usize], data: &Data) {
         let h = &mut self.0;
         h.update(name.as_bytes());
-        h.update(b"\0F32\0");
+        h.update(match data {
+            Data::F32(_) => b"\0F32\0",
+            Data::U8(_) => b"\0U8\0",
+        });
         h.update(&(shape.len() as u64).to_le_bytes());
         for &d in shape {
             h.update(&(d as u64).to_le_bytes());
         }
-        h.update(&(4 * data.len() as u64).to_le_bytes());
+        let bytes = data.len() * data.dtype().bitsize() / 8;
+        h.update(&(bytes as u64).to_le_bytes());
         // Writing to a hasher cannot fail.
-        let _ = for_each_le_block(data, |b| {
+        let _ = data.for_each_le_block(|b| {
             h.update(b);
             Ok(())
         });
@@ -138,6 +236,7 @@ pub(super) fn verify_checksum(raw: &RawFile, stored: &str) -> Result<(), Error> 
 /// comes, so a file is written one tensor at a time.
 pub(super) struct EntrySpec {
     pub name: String,
+    pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub len: usize,
 }
@@ -153,7 +252,7 @@ const PLACEHOLDER: &str = "xxh3-64:0000000000000000";
 pub(super) fn write_streaming<W: Write + Seek>(
     mut meta: BTreeMap<String, String>,
     entries: &[EntrySpec],
-    mut fill: impl FnMut(usize, &mut Vec<f32>) -> Result<(), Error>,
+    mut fill: impl FnMut(usize, &mut Data) -> Result<(), Error>,
     w: &mut W,
 ) -> Result<(), WriteError> {
     let mut sum = Checksum::new(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -162,10 +261,10 @@ pub(super) fn write_streaming<W: Write + Seek>(
     header.insert("__metadata__".to_owned(), serde_json::json!(meta));
     let mut offset = 0usize;
     for e in entries {
-        let end = offset + 4 * e.len;
+        let end = offset + e.dtype.bitsize() / 8 * e.len;
         header.insert(
             e.name.clone(),
-            serde_json::json!({ "dtype": "F32", "shape": e.shape, "data_offsets": [offset, end] }),
+            serde_json::json!({ "dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end] }),
         );
         offset = end;
     }
@@ -182,9 +281,8 @@ pub(super) fn write_streaming<W: Write + Seek>(
     w.write_all(&(text.len() as u64).to_le_bytes())
         .map_err(io)?;
     w.write_all(&text).map_err(io)?;
-    let mut buf = Vec::new();
     for (k, e) in entries.iter().enumerate() {
-        buf.clear();
+        let mut buf = Data::empty(e.dtype);
         fill(k, &mut buf).map_err(WriteError::Invalid)?;
         if buf.len() != e.len {
             return Err(WriteError::Invalid(Error::Internal {
@@ -192,7 +290,7 @@ pub(super) fn write_streaming<W: Write + Seek>(
             }));
         }
         sum.entry(&e.name, &e.shape, &buf);
-        for_each_le_block(&buf, |b| w.write_all(b)).map_err(io)?;
+        buf.for_each_le_block(|b| w.write_all(b)).map_err(io)?;
     }
     let end = w.stream_position().map_err(io)?;
     w.seek(SeekFrom::Start(start + 8 + at as u64)).map_err(io)?;
@@ -205,18 +303,25 @@ pub(super) fn write_streaming<W: Write + Seek>(
 /// and the checksum's order), and which tensor and part each one is.
 pub(super) fn entries(
     storage: StorageType,
+    precision: &Precision,
     lens: impl Iterator<Item = usize>,
 ) -> (Vec<EntrySpec>, Vec<(usize, Entry)>) {
     let mut all: Vec<(EntrySpec, (usize, Entry))> = Vec::new();
     for (i, n) in lens.enumerate() {
-        for &e in Entry::of(storage) {
-            let (shape, len) = if e == Entry::Step {
-                (vec![], 1)
-            } else {
-                (vec![n], n)
-            };
+        for e in Entry::of(storage, precision) {
+            let len = e.len(n);
+            let shape = if e == Entry::Step { vec![] } else { vec![len] };
             let name = e.name(i);
-            all.push((EntrySpec { name, shape, len }, (i, e)));
+            let dtype = e.dtype();
+            all.push((
+                EntrySpec {
+                    name,
+                    dtype,
+                    shape,
+                    len,
+                },
+                (i, e),
+            ));
         }
     }
     all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
@@ -227,21 +332,22 @@ pub(super) fn entries(
 /// keys sorted, the checksum in the metadata.
 pub(super) fn write<W: Write + Seek>(ck: &Checkpoint, w: &mut W) -> Result<(), WriteError> {
     ck.validate().map_err(WriteError::Invalid)?;
-    let (specs, which) = entries(ck.storage, ck.tensors.iter().map(TensorState::len));
+    let (specs, which) = entries(
+        ck.storage,
+        &ck.config.precision,
+        ck.tensors.iter().map(TensorState::len),
+    );
     write_streaming(
         ck.metadata(),
         &specs,
         |k, buf| {
             let (i, e) = which[k];
             let t = &ck.tensors[i];
-            match e {
-                Entry::ExpAvg => buf.extend_from_slice(&t.exp_avg),
-                Entry::ExpInf => buf.extend_from_slice(&t.exp_inf),
-                Entry::Master => buf.extend_from_slice(&t.master),
+            match e.part() {
+                Some(part) => buf.extend(part.view(t)),
                 // PyTorch's f32 step scalar (the exact count is in the metadata).
-                Entry::Step => buf.push(t.step as f32),
+                None => buf.f32_mut().map(|b| b.push(t.step as f32)),
             }
-            Ok(())
         },
         w,
     )
@@ -284,19 +390,23 @@ pub(super) fn read(r: &mut impl Read, total_len: u64) -> Result<RawFile, ReadErr
         let Some(info) = metadata.info(&name) else {
             return Err(bad(format!("`{name}` is listed without its description")));
         };
-        if info.dtype != Dtype::F32 {
-            return Err(bad(format!("`{name}` is {:?}, expected F32", info.dtype)));
-        }
         let mut left = info.data_offsets.1 - info.data_offsets.0;
-        let mut data = Vec::with_capacity(left / 4);
+        let mut data = match info.dtype {
+            Dtype::F32 => Data::F32(Vec::with_capacity(left / 4)),
+            Dtype::U8 => Data::U8(Vec::with_capacity(left)),
+            other => return Err(bad(format!("`{name}` is {other:?}, expected F32 or U8"))),
+        };
         while left > 0 {
             let take = left.min(BLOCK_BYTES);
             r.read_exact(&mut buf[..take]).map_err(ReadError::Io)?;
-            data.extend(
-                buf[..take]
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
+            match &mut data {
+                Data::F32(v) => v.extend(
+                    buf[..take]
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+                Data::U8(v) => v.extend_from_slice(&buf[..take]),
+            }
             left -= take;
         }
         tensors.insert(

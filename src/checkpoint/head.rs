@@ -4,12 +4,16 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use super::{file, refuse, Entry, MetaName, FORMAT};
+use super::{
+    file::{self, View},
+    refuse, Data, MetaName, FORMAT,
+};
 use crate::{
-    config::{AdamaxConfig, TensorHyper},
+    config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper},
+    cpu::lowbit::{Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
     error::{Error, Result},
     fused::{LossScaler, StepOptions},
-    state::check_pairs,
+    state::{check_pairs, has_master, TensorState},
     storage::StorageType,
 };
 
@@ -49,6 +53,19 @@ impl Head<'_> {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        // Written only when not the default, so files of the default modes keep their
+        // bytes (and PyTorch's files, which have none of these keys, read as default).
+        let p = &c.precision;
+        if p.params != ParamMode::Master {
+            meta.insert("param_mode".into(), p.params.meta_name().to_owned());
+        }
+        if p.state != StateFormat::F32 {
+            meta.insert("state_format".into(), p.state.meta_name().to_owned());
+            meta.insert("state_block".into(), QBLOCK.to_string());
+        }
+        if p.is_random() {
+            meta.insert("seed".into(), p.seed.to_string());
+        }
         for (i, t) in self.tensor_steps.iter().enumerate() {
             if *t != self.step {
                 meta.insert(format!("tensor.{i}.step"), t.to_string());
@@ -88,6 +105,7 @@ impl Head<'_> {
     /// What `Checkpoint::validate` checks that needs no tensor data.
     pub(super) fn validate(&self) -> Result<()> {
         check_pairs(self.config, self.hypers)?;
+        self.config.precision.check_storage(self.storage)?;
         self.options.validate()?;
         if let Some(s) = self.scaler {
             s.validate()?;
@@ -109,12 +127,151 @@ impl Head<'_> {
     }
 }
 
-/// A part of one tensor's state, fetched by [`save_streamed`].
+/// A part of one tensor's state: an entry of the file, fetched by [`save_streamed`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Part {
     ExpAvg,
     ExpInf,
     Master,
+    ExpAvgCodes,
+    ExpAvgScales,
+    ExpInfCodes,
+    ExpInfScales,
+}
+
+impl Part {
+    /// The name after `state.{i}.` (the master's entry is named apart).
+    pub(super) fn suffix(self) -> &'static str {
+        match self {
+            Part::ExpAvg => "exp_avg",
+            Part::ExpInf => "exp_inf",
+            Part::Master => "master",
+            Part::ExpAvgCodes => "exp_avg_q8",
+            Part::ExpAvgScales => "exp_avg_q8_scale",
+            Part::ExpInfCodes => "exp_inf_q8",
+            Part::ExpInfScales => "exp_inf_q8_scale",
+        }
+    }
+
+    /// The parts of the state of a tensor of `storage` kept in `precision`, in the
+    /// order a file lists them.
+    pub(crate) fn of(storage: StorageType, precision: &Precision) -> Vec<Part> {
+        let mut parts = match precision.state {
+            StateFormat::F32 => vec![Part::ExpAvg, Part::ExpInf],
+            StateFormat::Blockwise8 => vec![
+                Part::ExpAvgCodes,
+                Part::ExpAvgScales,
+                Part::ExpInfCodes,
+                Part::ExpInfScales,
+            ],
+        };
+        if has_master(storage, precision) {
+            parts.push(Part::Master);
+        }
+        parts
+    }
+
+    /// Whether the values are one per block of 8-bit state rather than one per element.
+    pub(crate) fn per_block(self) -> bool {
+        matches!(self, Part::ExpAvgScales | Part::ExpInfScales)
+    }
+
+    /// Whether the values are 8-bit codes (else f32).
+    pub(crate) fn is_codes(self) -> bool {
+        matches!(self, Part::ExpAvgCodes | Part::ExpInfCodes)
+    }
+
+    /// Values held for a tensor of `n` elements.
+    pub(crate) fn len(self, n: usize) -> usize {
+        if self.per_block() {
+            n.div_ceil(QBLOCK)
+        } else {
+            n
+        }
+    }
+
+    /// This part of `t`.
+    pub(crate) fn view(self, t: &TensorState) -> View<'_> {
+        match self {
+            Part::ExpAvg => View::F32(&t.exp_avg),
+            Part::ExpInf => View::F32(&t.exp_inf),
+            Part::Master => View::F32(&t.master),
+            Part::ExpAvgCodes => View::U8(&t.exp_avg_q8.codes),
+            Part::ExpAvgScales => View::F32(&t.exp_avg_q8.scales),
+            Part::ExpInfCodes => View::U8(&t.exp_inf_q8.codes),
+            Part::ExpInfScales => View::F32(&t.exp_inf_q8.scales),
+        }
+    }
+
+    /// Stores values read from a file as this part of `t` (types checked by the
+    /// reader).
+    pub(crate) fn store(self, t: &mut TensorState, data: Data) -> Result<()> {
+        let wrong = || refuse(format!("`{}` has values of the wrong type", self.suffix()));
+        match (self, data) {
+            (Part::ExpAvg, Data::F32(v)) => t.exp_avg = v,
+            (Part::ExpInf, Data::F32(v)) => t.exp_inf = v,
+            (Part::Master, Data::F32(v)) => t.master = v,
+            (Part::ExpAvgScales, Data::F32(v)) => t.exp_avg_q8.scales = v,
+            (Part::ExpInfScales, Data::F32(v)) => t.exp_inf_q8.scales = v,
+            (Part::ExpAvgCodes, Data::U8(v)) => t.exp_avg_q8.codes = v,
+            (Part::ExpInfCodes, Data::U8(v)) => t.exp_inf_q8.codes = v,
+            _ => return Err(wrong()),
+        }
+        Ok(())
+    }
+
+    /// Every part.
+    pub(super) const ALL: [Part; 7] = [
+        Part::ExpAvg,
+        Part::ExpInf,
+        Part::Master,
+        Part::ExpAvgCodes,
+        Part::ExpAvgScales,
+        Part::ExpInfCodes,
+        Part::ExpInfScales,
+    ];
+
+    /// Refuses values of this part that no valid state holds: a negative or NaN
+    /// infinity norm (or its scale), a code the encoder cannot produce.
+    pub(super) fn check(self, tensor: usize, data: View<'_>) -> Result<()> {
+        let never = |what: &str, j: usize, v: String| {
+            Err(refuse(format!(
+                "{what}[{j}] of tensor {tensor} is {v}; the infinity norm is never negative or NaN"
+            )))
+        };
+        match (self, data) {
+            (Part::ExpInf | Part::ExpInfScales, View::F32(v)) => {
+                match v.iter().position(|u| u.is_nan() || *u < 0.0) {
+                    Some(j) => never(self.suffix(), j, v[j].to_string()),
+                    None => Ok(()),
+                }
+            }
+            (Part::ExpAvgScales, View::F32(v)) => match v.iter().position(|s| *s < 0.0) {
+                Some(j) => Err(refuse(format!(
+                    "exp_avg_q8_scale[{j}] of tensor {tensor} is {}; a block's scale is its largest magnitude, never negative",
+                    v[j]
+                ))),
+                None => Ok(()),
+            },
+            (Part::ExpAvgCodes | Part::ExpInfCodes, View::U8(v)) => {
+                let code: Code = if self == Part::ExpAvgCodes {
+                    EXP_AVG_CODE
+                } else {
+                    EXP_INF_CODE
+                };
+                match v.iter().position(|&c| !code.is_valid(c)) {
+                    Some(j) => Err(refuse(format!(
+                        "{}[{j}] of tensor {tensor} is code {}, above the magnitude 1.0 (code {}) that the encoder never exceeds",
+                        self.suffix(),
+                        v[j],
+                        code.max_magnitude_code()
+                    ))),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Writes a checkpoint file of `head` and tensors of `lens` to `path` atomically, one
@@ -125,7 +282,7 @@ pub(crate) fn save_streamed(
     path: &Path,
     head: &Head<'_>,
     lens: &[usize],
-    mut fetch: impl FnMut(usize, Part, &mut Vec<f32>) -> Result<()>,
+    mut fetch: impl FnMut(usize, Part, &mut Data) -> Result<()>,
 ) -> Result<()> {
     head.validate()?;
     if lens.len() != head.tensor_steps.len() {
@@ -133,7 +290,7 @@ pub(crate) fn save_streamed(
             what: "a streamed checkpoint with one length per tensor expected",
         });
     }
-    let (specs, which) = file::entries(head.storage, lens.iter().copied());
+    let (specs, which) = file::entries(head.storage, &head.config.precision, lens.iter().copied());
     let mut refusal = None;
     let written = crate::fsutil::write_atomically_with(path, |w| {
         file::write_streaming(
@@ -141,25 +298,12 @@ pub(crate) fn save_streamed(
             &specs,
             |k, buf| {
                 let (i, e) = which[k];
-                let part = match e {
-                    Entry::Step => {
-                        buf.push(head.tensor_steps[i] as f32);
-                        return Ok(());
-                    }
-                    Entry::ExpAvg => Part::ExpAvg,
-                    Entry::ExpInf => Part::ExpInf,
-                    Entry::Master => Part::Master,
+                let Some(part) = e.part() else {
+                    buf.f32_mut()?.push(head.tensor_steps[i] as f32);
+                    return Ok(());
                 };
                 fetch(i, part, buf)?;
-                if let (Part::ExpInf, Some(j)) =
-                    (part, buf.iter().position(|u| u.is_nan() || *u < 0.0))
-                {
-                    return Err(refuse(format!(
-                        "exp_inf[{j}] of tensor {i} is {}; the infinity norm is never negative or NaN",
-                        buf[j]
-                    )));
-                }
-                Ok(())
+                part.check(i, buf.view())
             },
             w,
         )

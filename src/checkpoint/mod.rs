@@ -4,8 +4,14 @@
 //! moves between the two: `state.{i}.exp_avg` and `state.{i}.exp_inf` (f32, shape
 //! `[n]`) and `state.{i}.step` (an f32 scalar, PyTorch's own type for it), for tensor
 //! `i` in parameter order; 16-bit parameters add their f32 master weights as
-//! `master.{i}`. The metadata holds the configuration and the exact step count (f32
-//! counts exactly only to 2^24):
+//! `master.{i}`. With [`StateFormat::Blockwise8`] the moments are saved as stored:
+//! `state.{i}.exp_avg_q8` and `state.{i}.exp_inf_q8` (U8 codes, shape `[n]`) and
+//! `state.{i}.exp_avg_q8_scale` and `state.{i}.exp_inf_q8_scale` (f32, one per block of
+//! [`QBLOCK`](crate::cpu::lowbit::QBLOCK), shape `[ceil(n / QBLOCK)]`), in place of
+//! `exp_avg` and `exp_inf`; [`ParamMode::Stochastic`] has no `master.{i}`.
+//! [`Checkpoint::convert_state`] maps 8-bit state to PyTorch's f32 names (exact
+//! decoding) and back. The metadata holds the configuration and the exact step count
+//! (f32 counts exactly only to 2^24):
 //!
 //! | key | value |
 //! | --- | --- |
@@ -16,6 +22,9 @@
 //! | `eps_mode` | `inside_max` or `denominator` |
 //! | `weight_decay_mode` | `coupled` or `decoupled` |
 //! | `maximize` | `true` or `false` |
+//! | `param_mode` | `stochastic` for [`ParamMode::Stochastic`]; absent for the default, `master` |
+//! | `state_format`, `state_block` | `blockwise8` and `256` for 8-bit state; absent for f32 state |
+//! | `seed` | the stochastic rounding seed, when a mode rounds stochastically |
 //! | `tensor.{i}.lr_scale`, `tensor.{i}.weight_decay` | per-tensor hyperparameters (parameter groups); absent in PyTorch's files, where the config's apply |
 //! | `tensor.{i}.step` | tensor `i`'s own step count, when it differs from `step` (the tensor was skipped in some steps for lack of a gradient); in PyTorch's files, a `state.{i}.step` that differs from `step` is that count |
 //! | `options.inv_scale`, `options.max_norm` | the [`StepOptions`] in force, when set |
@@ -58,12 +67,16 @@ mod file;
 mod head;
 mod parse;
 
+pub(crate) use file::{Data, View};
 pub(crate) use head::{save_streamed, Head, Part};
 
 use std::{collections::BTreeMap, path::Path};
 
 use crate::{
-    config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode},
+    config::{
+        AdamaxConfig, EpsilonMode, ParamMode, Precision, StateFormat, TensorHyper, WeightDecayMode,
+    },
+    cpu::lowbit::{Blockwise8, EXP_AVG_CODE, EXP_INF_CODE},
     error::{Error, Result},
     fused::{LossScaler, StepOptions},
     state::TensorState,
@@ -104,29 +117,50 @@ pub(crate) fn refuse(reason: impl Into<String>) -> Error {
 /// The entries of tensor `i` in a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Entry {
-    ExpAvg,
-    ExpInf,
     Step,
-    Master,
+    Part(Part),
 }
 
 impl Entry {
-    /// The entry's name for tensor `i`: PyTorch's state names, and `master.{i}`.
+    /// The entry's name for tensor `i`: PyTorch's state names, `master.{i}`, and the
+    /// 8-bit state's codes and scales.
     fn name(self, i: usize) -> String {
         match self {
-            Entry::ExpAvg => format!("state.{i}.exp_avg"),
-            Entry::ExpInf => format!("state.{i}.exp_inf"),
             Entry::Step => format!("state.{i}.step"),
-            Entry::Master => format!("master.{i}"),
+            Entry::Part(Part::Master) => format!("master.{i}"),
+            Entry::Part(p) => format!("state.{i}.{}", p.suffix()),
         }
     }
 
-    /// The entries of one tensor of `storage`.
-    fn of(storage: StorageType) -> &'static [Entry] {
-        if storage.has_master() {
-            &[Entry::ExpAvg, Entry::ExpInf, Entry::Step, Entry::Master]
-        } else {
-            &[Entry::ExpAvg, Entry::ExpInf, Entry::Step]
+    /// The entries of one tensor of `storage` in `precision`.
+    fn of(storage: StorageType, precision: &Precision) -> Vec<Entry> {
+        let mut all: Vec<Entry> = Part::of(storage, precision)
+            .into_iter()
+            .map(Entry::Part)
+            .collect();
+        all.push(Entry::Step);
+        all
+    }
+
+    /// Values held for a tensor of `n` elements.
+    fn len(self, n: usize) -> usize {
+        match self {
+            Entry::Step => 1,
+            Entry::Part(p) => p.len(n),
+        }
+    }
+
+    fn dtype(self) -> safetensors::Dtype {
+        match self {
+            Entry::Part(p) if p.is_codes() => safetensors::Dtype::U8,
+            _ => safetensors::Dtype::F32,
+        }
+    }
+
+    fn part(self) -> Option<Part> {
+        match self {
+            Entry::Step => None,
+            Entry::Part(p) => Some(p),
         }
     }
 }
@@ -160,6 +194,26 @@ impl MetaName for WeightDecayMode {
     }
 }
 
+impl MetaName for ParamMode {
+    const ALL: &'static [Self] = &[ParamMode::Master, ParamMode::Stochastic];
+    fn meta_name(self) -> &'static str {
+        match self {
+            ParamMode::Master => "master",
+            ParamMode::Stochastic => "stochastic",
+        }
+    }
+}
+
+impl MetaName for StateFormat {
+    const ALL: &'static [Self] = &[StateFormat::F32, StateFormat::Blockwise8];
+    fn meta_name(self) -> &'static str {
+        match self {
+            StateFormat::F32 => "f32",
+            StateFormat::Blockwise8 => "blockwise8",
+        }
+    }
+}
+
 impl Checkpoint {
     /// Checks that the checkpoint is whole and consistent: a valid configuration and
     /// per-tensor settings, one setting and one state per tensor, `exp_avg`, `exp_inf`
@@ -169,31 +223,43 @@ impl Checkpoint {
     pub fn validate(&self) -> Result<()> {
         let steps: Vec<u64> = self.tensors.iter().map(|t| t.step).collect();
         self.head(&steps).validate()?;
+        let precision = &self.config.precision;
+        let entries = Entry::of(self.storage, precision);
         for (i, t) in self.tensors.iter().enumerate() {
-            let n = t.exp_avg.len();
-            let master = if self.storage.has_master() { n } else { 0 };
-            if t.exp_inf.len() != n || t.master.len() != master {
-                return Err(refuse(format!(
-                    "tensor {i} has {n} exp_avg, {} exp_inf and {} master values; {} storage needs {n}, {n} and {master}",
-                    t.exp_inf.len(),
-                    t.master.len(),
-                    self.storage
-                )));
-            }
-            if let Some(j) = t.exp_inf.iter().position(|u| u.is_nan() || *u < 0.0) {
-                return Err(refuse(format!(
-                    "exp_inf[{j}] of tensor {i} is {}; the infinity norm is never negative or NaN",
-                    t.exp_inf[j]
-                )));
+            let n = t.len();
+            for part in Part::ALL {
+                let expected = if entries.contains(&Entry::Part(part)) {
+                    part.len(n)
+                } else {
+                    0
+                };
+                let values = part.view(t);
+                if values.len() != expected {
+                    return Err(refuse(format!(
+                        "tensor {i} of {n} elements has {} values of `{}`; {} parameters with {} state and {} need {expected}",
+                        values.len(),
+                        part.suffix(),
+                        self.storage,
+                        precision.state.meta_name(),
+                        precision.params.meta_name(),
+                    )));
+                }
+                part.check(i, values)?;
             }
         }
         Ok(())
     }
 
     /// Checks that this checkpoint is valid and fits an optimizer over tensors of
-    /// `lens` with storage `storage`, before anything is restored.
-    pub(crate) fn check_fits(&self, storage: StorageType, lens: &[usize]) -> Result<()> {
+    /// `lens` with storage `storage` kept in `precision`, before anything is restored.
+    pub(crate) fn check_fits(
+        &self,
+        storage: StorageType,
+        precision: &Precision,
+        lens: &[usize],
+    ) -> Result<()> {
         self.validate()?;
+        self.check_precision(precision)?;
         if self.storage != storage {
             return Err(refuse(format!(
                 "it holds {} parameters; this optimizer steps {storage}",
@@ -208,14 +274,60 @@ impl Checkpoint {
             )));
         }
         for (i, (t, &n)) in self.tensors.iter().zip(lens).enumerate() {
-            if t.exp_avg.len() != n {
+            if t.len() != n {
                 return Err(refuse(format!(
                     "tensor {i} has {} elements in the file and {n} in the optimizer",
-                    t.exp_avg.len()
+                    t.len()
                 )));
             }
         }
         Ok(())
+    }
+
+    /// Checks that the checkpoint's storage modes are `precision`'s (the state's
+    /// layout depends on them); [`Checkpoint::convert_state`] changes the state format.
+    fn check_precision(&self, precision: &Precision) -> Result<()> {
+        let have = &self.config.precision;
+        if have.params != precision.params || have.state != precision.state {
+            return Err(refuse(format!(
+                "it holds {} state with {} parameters; this optimizer keeps {} state with {} parameters (Checkpoint::convert_state converts the state format)",
+                have.state.meta_name(),
+                have.params.meta_name(),
+                precision.state.meta_name(),
+                precision.params.meta_name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The same checkpoint with its moments in `format`: 8-bit state is decoded
+    /// exactly to f32 (PyTorch's `exp_avg` and `exp_inf`, for a PyTorch optimizer or an
+    /// f32-state run), and f32 state is encoded to 8 bits with round-to-nearest
+    /// ([`Blockwise8::from_f32`]), deterministic. The parameter mode and the rest stay
+    /// as they are; the result is validated.
+    pub fn convert_state(&self, format: StateFormat) -> Result<Checkpoint> {
+        self.validate()?;
+        let mut ck = self.clone();
+        ck.config.precision.state = format;
+        for t in &mut ck.tensors {
+            match (self.config.precision.state, format) {
+                (StateFormat::Blockwise8, StateFormat::F32) => {
+                    t.exp_avg = t.exp_avg_q8.to_f32(EXP_AVG_CODE);
+                    t.exp_inf = t.exp_inf_q8.to_f32(EXP_INF_CODE);
+                    t.exp_avg_q8 = Blockwise8::default();
+                    t.exp_inf_q8 = Blockwise8::default();
+                }
+                (StateFormat::F32, StateFormat::Blockwise8) => {
+                    t.exp_avg_q8 = Blockwise8::from_f32(EXP_AVG_CODE, &t.exp_avg);
+                    t.exp_inf_q8 = Blockwise8::from_f32(EXP_INF_CODE, &t.exp_inf);
+                    t.exp_avg = Vec::new();
+                    t.exp_inf = Vec::new();
+                }
+                _ => {}
+            }
+        }
+        ck.validate()?;
+        Ok(ck)
     }
 
     /// The metadata of the file, without the checksum.

@@ -1,9 +1,10 @@
 //! Validating what `file::read` found: the checkpoint built from a file's metadata and
 //! tensors, every field checked, before any optimizer sees it.
 
-use super::{file, refuse, Checkpoint, Entry, MetaName, FORMAT, TORCH_FORMAT};
+use super::{file, refuse, Checkpoint, Data, Entry, MetaName, FORMAT, TORCH_FORMAT};
 use crate::{
-    config::{AdamaxConfig, TensorHyper},
+    config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper},
+    cpu::lowbit::QBLOCK,
     error::Result,
     fused::{LossScaler, StepOptions},
     state::TensorState,
@@ -51,6 +52,24 @@ impl Checkpoint {
             M::from_meta(value).ok_or_else(|| refuse(format!("unknown {key} `{value}`")))
         }
         let storage: StorageType = get("storage")?.parse().map_err(refuse)?;
+        let optional = |k: &str| meta.get(k).map(String::as_str);
+        let precision = Precision {
+            params: optional("param_mode")
+                .map_or(Ok(ParamMode::Master), |v| mode("param_mode", v))?,
+            state: optional("state_format")
+                .map_or(Ok(StateFormat::F32), |v| mode("state_format", v))?,
+            seed: if meta.contains_key("seed") {
+                count("seed")?
+            } else {
+                0
+            },
+        };
+        if precision.state == StateFormat::Blockwise8 && get("state_block")? != QBLOCK.to_string() {
+            return Err(refuse(format!(
+                "its 8-bit state has blocks of {} elements; this version reads blocks of {QBLOCK}",
+                get("state_block")?
+            )));
+        }
         let config = AdamaxConfig {
             lr: num("lr")?,
             beta1: num("beta1")?,
@@ -64,12 +83,13 @@ impl Checkpoint {
                 "false" => false,
                 other => return Err(refuse(format!("maximize is `{other}`"))),
             },
+            precision,
         };
         config.validate()?;
         let step = count("step")?;
         // The count is checked against the entries the file holds before anything is
         // sized from it.
-        let entries = Entry::of(storage);
+        let entries = Entry::of(storage, &precision);
         let n_tensors = usize::try_from(count("tensors")?)
             .ok()
             .filter(|n| n.checked_mul(entries.len()) == Some(entries_in_file.len()))
@@ -81,13 +101,18 @@ impl Checkpoint {
                     entries.len()
                 ))
             })?;
-        let mut take = |entry: Entry, i: usize, shape: Option<&[usize]>| -> Result<Vec<f32>> {
+        let mut take = |entry: Entry, i: usize, len: Option<usize>| -> Result<Data> {
             let name = entry.name(i);
             let t = entries_in_file
                 .remove(&name)
                 .ok_or_else(|| refuse(format!("`{name}` is missing")))?;
-            let ok = match shape {
-                Some(s) => t.shape == s,
+            let shape: Option<Vec<usize>> = match (entry, len) {
+                (Entry::Step, _) => Some(vec![]),
+                (_, Some(n)) => Some(vec![n]),
+                (_, None) => None,
+            };
+            let ok = match &shape {
+                Some(s) => &t.shape == s,
                 None => t.shape.len() == 1,
             };
             if !ok {
@@ -97,26 +122,36 @@ impl Checkpoint {
                     shape.map_or("1-D".to_owned(), |s| format!("{s:?}"))
                 )));
             }
+            if t.data.view_dtype() != entry.dtype() {
+                return Err(refuse(format!(
+                    "`{name}` is {:?}, expected {:?}",
+                    t.data.view_dtype(),
+                    entry.dtype()
+                )));
+            }
             Ok(t.data)
         };
         let mut tensors = Vec::with_capacity(n_tensors);
         for i in 0..n_tensors {
-            let exp_avg = take(Entry::ExpAvg, i, None)?;
-            let n = [exp_avg.len()];
-            let exp_inf = take(Entry::ExpInf, i, Some(&n))?;
-            let master = if storage.has_master() {
-                take(Entry::Master, i, Some(&n))?
-            } else {
-                Vec::new()
-            };
+            let mut state = TensorState::default();
+            // The first entry fixes the element count; the others must agree with it.
+            let mut n = None;
+            for &e in &entries {
+                let Some(part) = e.part() else { continue };
+                let data = take(e, i, n.map(|n| part.len(n)))?;
+                if n.is_none() {
+                    n = Some(data.len());
+                }
+                part.store(&mut state, data)?;
+            }
             // The scalar is what PyTorch reads; it must agree with the exact count:
             // the metadata's for this tensor, else the optimizer's, else (a PyTorch file
             // whose tensors took different numbers of steps) the scalar itself when it
             // is a whole number that f32 holds exactly.
-            let s = take(Entry::Step, i, Some(&[]))?
-                .first()
-                .copied()
-                .unwrap_or(f32::NAN);
+            let s = match take(Entry::Step, i, None)? {
+                Data::F32(v) => v.first().copied().unwrap_or(f32::NAN),
+                Data::U8(_) => f32::NAN,
+            };
             let key = format!("tensor.{i}.step");
             let tensor_step = if meta.contains_key(&key) {
                 count(&key)?
@@ -136,12 +171,8 @@ impl Checkpoint {
                     Entry::Step.name(i)
                 )));
             }
-            tensors.push(TensorState {
-                step: tensor_step,
-                exp_avg,
-                exp_inf,
-                master,
-            });
+            state.step = tensor_step;
+            tensors.push(state);
         }
         let mut hypers = vec![TensorHyper::from_config(&config); n_tensors];
         for (i, h) in hypers.iter_mut().enumerate() {
@@ -156,7 +187,6 @@ impl Checkpoint {
                 };
             }
         }
-        let optional = |k: &str| meta.get(k).map(String::as_str);
         let number = |k: &str| -> Result<Option<f32>> {
             optional(k)
                 .map(|v| {

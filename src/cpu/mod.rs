@@ -54,20 +54,32 @@
 //! peers: a value that leaves f32's range during a step (a weight decay times a
 //! parameter near `f32::MAX`) becomes infinite.
 //!
-//! **16-bit parameters.** The f32 master weight is stepped; the 16-bit parameter is then
-//! overwritten with its round-to-nearest-even. The 16-bit value read before the step is
-//! ignored: the master is the source of truth.
+//! **16-bit parameters.** With [`ParamMode::Master`] the f32 master weight is stepped;
+//! the 16-bit parameter is then overwritten with its round-to-nearest-even. The 16-bit
+//! value read before the step is ignored: the master is the source of truth. With
+//! [`ParamMode::Stochastic`] there is no master: `p` is the bf16 parameter widened, and
+//! the result is rounded back with [`lowbit::round_bf16_stochastic`].
+//!
+//! **8-bit state.** With [`StateFormat::Blockwise8`] a step works a block of
+//! [`lowbit::QBLOCK`] elements at a time: it decodes the block's `m` and `u`, applies
+//! the rule above to each element in f32 (the parameter moves by the f32 values), then
+//! encodes the new `m` and `u` with [`lowbit::Code::encode_block`]. [`lowbit`] gives
+//! the codes and the random stream the roundings draw from.
 
+pub mod lowbit;
 mod optimizer;
 
 pub use optimizer::CpuAdamax;
 
 use crate::{
-    config::{AdamaxConfig, EpsilonMode, TensorHyper, WeightDecayMode},
+    config::{
+        AdamaxConfig, EpsilonMode, ParamMode, Precision, StateFormat, TensorHyper, WeightDecayMode,
+    },
     error::{Error, Result},
-    state::TensorState,
+    state::{has_master, TensorState},
     storage::Storage,
 };
+use lowbit::{EXP_AVG_CODE, EXP_INF_CODE, QBLOCK};
 
 #[cfg(doc)]
 use crate::fused::{LossScaler, StepOptions};
@@ -193,7 +205,7 @@ pub struct Element {
 
 /// `max` that returns NaN when either side is NaN, like `torch.maximum`.
 #[inline(always)]
-fn max_propagating_nan(a: f32, b: f32) -> f32 {
+pub(crate) fn max_propagating_nan(a: f32, b: f32) -> f32 {
     if a.is_nan() || b.is_nan() {
         f32::NAN
     } else if a >= b {
@@ -236,64 +248,127 @@ pub fn update(s: &StepScalars, param: f32, grad: f32, exp_avg: f32, exp_inf: f32
     }
 }
 
-/// Steps one tensor in place with the scalars of one step. Lengths are checked first;
-/// nothing is written when they disagree.
+/// Steps one tensor in place with the scalars of one step, in `precision`'s storage
+/// modes (the state must have been made for it, see [`TensorState::with_precision`]).
+/// Lengths are checked first; nothing is written when they disagree. The step taken is
+/// the tensor's `state.step + 1` (the caller counts it).
 pub fn step_tensor<T: Storage>(
     s: &StepScalars,
+    precision: &Precision,
     tensor: usize,
     param: &mut [T],
     grad: &[T],
     state: &mut TensorState,
 ) -> Result<()> {
-    step_tensor_with(s, tensor, param, grad, state, |g| g)
+    step_tensor_with(s, precision, tensor, param, grad, state, |g| g)
 }
 
 /// [`step_tensor`] with the gradient passed through `grad_map` first (unscaling and
 /// clipping, in [`crate::fused`]'s order).
 pub(crate) fn step_tensor_with<T: Storage>(
     s: &StepScalars,
+    precision: &Precision,
     tensor: usize,
     param: &mut [T],
     grad: &[T],
     state: &mut TensorState,
     grad_map: impl Fn(f32) -> f32,
 ) -> Result<()> {
-    let n = state.len();
+    precision.check_storage(T::TYPE)?;
+    let n = param.len();
+    let q8 = precision.state == StateFormat::Blockwise8;
+    let blocks = if q8 { n.div_ceil(QBLOCK) } else { 0 };
+    let f32_state = if q8 { 0 } else { n };
     let checks = [
-        ("param", param.len()),
-        ("grad", grad.len()),
-        ("exp_inf", state.exp_inf.len()),
-        ("master", if T::HAS_MASTER { state.master.len() } else { n }),
+        ("grad", grad.len(), n),
+        ("exp_avg", state.exp_avg.len(), f32_state),
+        ("exp_inf", state.exp_inf.len(), f32_state),
+        (
+            "exp_avg codes",
+            state.exp_avg_q8.codes.len(),
+            blocks.min(1) * n,
+        ),
+        (
+            "exp_inf codes",
+            state.exp_inf_q8.codes.len(),
+            blocks.min(1) * n,
+        ),
+        ("exp_avg scales", state.exp_avg_q8.scales.len(), blocks),
+        ("exp_inf scales", state.exp_inf_q8.scales.len(), blocks),
+        (
+            "master",
+            state.master.len(),
+            if has_master(T::TYPE, precision) { n } else { 0 },
+        ),
     ];
-    for (what, found) in checks {
-        if found != n {
+    for (what, found, expected) in checks {
+        if found != expected {
             return Err(Error::LengthMismatch {
                 what,
                 tensor,
-                expected: n,
+                expected,
                 found,
             });
         }
     }
-    let TensorState {
-        exp_avg,
-        exp_inf,
-        master,
-        ..
-    } = state;
-    for i in 0..n {
-        let p = if T::HAS_MASTER {
+    let key = lowbit::stream_key(precision.seed, state.step.wrapping_add(1), tensor as u64);
+    let stochastic = precision.params == ParamMode::Stochastic;
+    // One element: read the parameter (the master when there is one), step, write it.
+    let mut element = |i: usize, master: &mut [f32], m: f32, u: f32| -> (f32, f32, u64) {
+        let bits = if precision.is_random() {
+            lowbit::element_bits(key, i as u64)
+        } else {
+            0
+        };
+        let p = if T::HAS_MASTER && !stochastic {
             master[i]
         } else {
             param[i].to_f32()
         };
-        let e = update(s, p, grad_map(grad[i].to_f32()), exp_avg[i], exp_inf[i]);
-        if T::HAS_MASTER {
-            master[i] = e.param;
+        let e = update(s, p, grad_map(grad[i].to_f32()), m, u);
+        if stochastic {
+            param[i] = T::from_f32(
+                lowbit::round_bf16_stochastic(e.param, lowbit::param_bits(bits)).to_f32(),
+            );
+        } else {
+            if T::HAS_MASTER {
+                master[i] = e.param;
+            }
+            param[i] = T::from_f32(e.param);
         }
-        param[i] = T::from_f32(e.param);
-        exp_avg[i] = e.exp_avg;
-        exp_inf[i] = e.exp_inf;
+        (e.exp_avg, e.exp_inf, bits)
+    };
+    let TensorState {
+        exp_avg,
+        exp_inf,
+        master,
+        exp_avg_q8,
+        exp_inf_q8,
+        ..
+    } = state;
+    if !q8 {
+        for i in 0..n {
+            (exp_avg[i], exp_inf[i], _) = element(i, master, exp_avg[i], exp_inf[i]);
+        }
+        return Ok(());
+    }
+    let (mut m, mut u, mut bits) = ([0f32; QBLOCK], [0f32; QBLOCK], [0u64; QBLOCK]);
+    for b in 0..blocks {
+        let range = b * QBLOCK..n.min((b + 1) * QBLOCK);
+        let len = range.len();
+        for (j, i) in range.clone().enumerate() {
+            let m0 = EXP_AVG_CODE.decode(exp_avg_q8.codes[i], exp_avg_q8.scales[b]);
+            let u0 = EXP_INF_CODE.decode(exp_inf_q8.codes[i], exp_inf_q8.scales[b]);
+            (m[j], u[j], bits[j]) = element(i, master, m0, u0);
+        }
+        exp_avg_q8.scales[b] =
+            EXP_AVG_CODE.encode_block(&m[..len], &mut exp_avg_q8.codes[range.clone()], |j| {
+                lowbit::exp_avg_bits(bits[j])
+            });
+        exp_inf_q8.scales[b] =
+            EXP_INF_CODE.encode_block(&u[..len], &mut exp_inf_q8.codes[range], |j| {
+                lowbit::exp_inf_bits(bits[j])
+            });
     }
     Ok(())
 }

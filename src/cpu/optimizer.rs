@@ -51,13 +51,17 @@ impl<T: Storage> CpuAdamax<T> {
     /// for `params`. An empty list is refused; empty tensors are fine.
     pub fn new(config: AdamaxConfig, params: &[&[T]]) -> Result<Self> {
         let schedule = Schedule::new(config, params.len())?;
+        config.precision.check_storage(T::TYPE)?;
         if params.is_empty() {
             return Err(Error::EmptyParameterList);
         }
         Ok(Self {
             schedule,
             lens: params.iter().map(|p| p.len()).collect(),
-            states: params.iter().map(|p| TensorState::new(p)).collect(),
+            states: params
+                .iter()
+                .map(|p| TensorState::with_precision(p, &config.precision))
+                .collect(),
             step: 0,
             options: StepOptions::default(),
             scaler: None,
@@ -157,7 +161,7 @@ impl<T: Storage> CpuAdamax<T> {
                 let ti = state.step + 1;
                 let bc = bias_correction(config.beta1, ti);
                 let s = StepScalars::for_tensor(config, config.lr, bc, &hypers[i]);
-                step_tensor_with(&s, i, p, g, state, grad_map)?;
+                step_tensor_with(&s, &config.precision, i, p, g, state, grad_map)?;
                 state.step = ti;
             }
             self.step = t;
@@ -264,7 +268,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
     }
 
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        ck.check_fits(T::TYPE, &self.lens)?;
+        ck.check_fits(T::TYPE, &self.schedule.config().precision, &self.lens)?;
         let mut schedule = self.schedule.clone();
         schedule.replace(ck.config, &ck.hypers)?;
         self.schedule = schedule;

@@ -60,6 +60,8 @@ mirrored! {
         exp_avg: u64,
         exp_inf: u64,
         master: u64,
+        exp_avg_scale: u64,
+        exp_inf_scale: u64,
         len: u64,
         chunk_begin: u64,
         unit_begin: u64,
@@ -80,6 +82,7 @@ mirrored! {
         control: u64,
         partials: u64,
         tensor_steps: u64,
+        seed: u64,
         beta1: f32,
         one_minus_beta1: f32,
         beta2: f32,
@@ -165,6 +168,10 @@ pub(crate) const FLAG_UNSCALE: u32 = 1;
 pub(crate) const FLAG_CLIP: u32 = 2;
 pub(crate) const FLAG_CHECK: u32 = 4;
 pub(crate) const FLAG_SCALER: u32 = 8;
+/// Mode bits of an update entry point: parameters rounded stochastically, no master.
+pub(crate) const MODE_SR: u32 = 1;
+/// Mode bits of an update entry point: 8-bit blockwise moments.
+pub(crate) const MODE_Q8: u32 = 2;
 /// `StepState::skipped`: a non-finite gradient (the overflow check).
 pub(crate) const SKIP_NONFINITE: u32 = 1;
 /// `StepState::skipped`: the step counter is at `u64::MAX` (a replayed graph; an eager
@@ -217,6 +224,7 @@ impl AdamaxArgs {
             control,
             partials: 0,
             tensor_steps: 0,
+            seed: 0,
             beta1: s.beta1,
             one_minus_beta1: s.one_minus_beta1,
             beta2: s.beta2,
@@ -259,6 +267,9 @@ pub(crate) fn layout_defines() -> Vec<String> {
     let values = [
         ("ADAMAX_CHUNK", CHUNK),
         ("ADAMAX_BLOCK", u64::from(BLOCK)),
+        ("ADAMAX_QBLOCK", crate::cpu::lowbit::QBLOCK as u64),
+        ("ADAMAX_MODE_SR", u64::from(MODE_SR)),
+        ("ADAMAX_MODE_Q8", u64::from(MODE_Q8)),
         ("ADAMAX_FLAG_UNSCALE", u64::from(FLAG_UNSCALE)),
         ("ADAMAX_FLAG_CLIP", u64::from(FLAG_CLIP)),
         ("ADAMAX_FLAG_CHECK", u64::from(FLAG_CHECK)),

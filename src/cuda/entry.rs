@@ -8,7 +8,12 @@
 //! ...` built from [`EntryPoint::ALL`] below. So the names the CUBIN exports and the
 //! names the loader looks up are the same strings, from this table.
 
-use crate::storage::StorageType;
+use crate::{
+    config::{ParamMode, Precision, StateFormat},
+    storage::StorageType,
+};
+
+use super::args::{MODE_Q8, MODE_SR};
 
 /// One `extern "C"` entry point of the kernel source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -19,6 +24,16 @@ pub enum EntryPoint {
     StepF16,
     /// The update of bf16 parameters with f32 masters.
     StepBf16,
+    /// bf16 parameters rounded stochastically, no master ([`ParamMode::Stochastic`]).
+    StepBf16Sr,
+    /// f32 parameters, 8-bit moments ([`StateFormat::Blockwise8`]).
+    StepF32Q8,
+    /// f16 parameters with f32 masters, 8-bit moments.
+    StepF16Q8,
+    /// bf16 parameters with f32 masters, 8-bit moments.
+    StepBf16Q8,
+    /// bf16 parameters rounded stochastically, 8-bit moments: the 10-byte step.
+    StepBf16SrQ8,
     /// The overflow check and per-chunk sums of squares of f32 gradients.
     ReduceF32,
     /// The same for f16 gradients.
@@ -35,10 +50,15 @@ pub enum EntryPoint {
 
 impl EntryPoint {
     /// Every entry point, in the order the loader keeps them.
-    pub const ALL: [EntryPoint; 9] = [
+    pub const ALL: [EntryPoint; 14] = [
         EntryPoint::StepF32,
         EntryPoint::StepF16,
         EntryPoint::StepBf16,
+        EntryPoint::StepBf16Sr,
+        EntryPoint::StepF32Q8,
+        EntryPoint::StepF16Q8,
+        EntryPoint::StepBf16Q8,
+        EntryPoint::StepBf16SrQ8,
         EntryPoint::ReduceF32,
         EntryPoint::ReduceF16,
         EntryPoint::ReduceBf16,
@@ -47,13 +67,21 @@ impl EntryPoint {
         EntryPoint::InitMasterBf16,
     ];
 
-    /// The update of parameters of `storage`.
-    pub const fn step(storage: StorageType) -> Self {
-        match storage {
-            StorageType::F32 => EntryPoint::StepF32,
-            StorageType::F16 => EntryPoint::StepF16,
-            StorageType::Bf16 => EntryPoint::StepBf16,
-        }
+    /// The update of parameters of `storage` kept in `precision`; `None` for a mode
+    /// the type does not have (stochastic rounding of f32 or f16).
+    pub const fn step(storage: StorageType, precision: &Precision) -> Option<Self> {
+        use {EntryPoint as E, StorageType as S};
+        Some(match (storage, precision.params, precision.state) {
+            (S::F32, ParamMode::Master, StateFormat::F32) => E::StepF32,
+            (S::F16, ParamMode::Master, StateFormat::F32) => E::StepF16,
+            (S::Bf16, ParamMode::Master, StateFormat::F32) => E::StepBf16,
+            (S::Bf16, ParamMode::Stochastic, StateFormat::F32) => E::StepBf16Sr,
+            (S::F32, ParamMode::Master, StateFormat::Blockwise8) => E::StepF32Q8,
+            (S::F16, ParamMode::Master, StateFormat::Blockwise8) => E::StepF16Q8,
+            (S::Bf16, ParamMode::Master, StateFormat::Blockwise8) => E::StepBf16Q8,
+            (S::Bf16, ParamMode::Stochastic, StateFormat::Blockwise8) => E::StepBf16SrQ8,
+            (S::F32 | S::F16, ParamMode::Stochastic, _) => return None,
+        })
     }
 
     /// The reduction over gradients of `storage`.
@@ -80,6 +108,11 @@ impl EntryPoint {
             EntryPoint::StepF32 => "adamax_step_f32",
             EntryPoint::StepF16 => "adamax_step_f16",
             EntryPoint::StepBf16 => "adamax_step_bf16",
+            EntryPoint::StepBf16Sr => "adamax_step_bf16_sr",
+            EntryPoint::StepF32Q8 => "adamax_step_f32_q8",
+            EntryPoint::StepF16Q8 => "adamax_step_f16_q8",
+            EntryPoint::StepBf16Q8 => "adamax_step_bf16_q8",
+            EntryPoint::StepBf16SrQ8 => "adamax_step_bf16_sr_q8",
             EntryPoint::ReduceF32 => "adamax_reduce_f32",
             EntryPoint::ReduceF16 => "adamax_reduce_f16",
             EntryPoint::ReduceBf16 => "adamax_reduce_bf16",
@@ -94,18 +127,25 @@ impl EntryPoint {
         self as usize
     }
 
-    /// The kernel macro that defines it, and its storage type in CUDA (if any).
-    const fn definition(self) -> (&'static str, Option<&'static str>) {
+    /// The kernel macro that defines it, its storage type in CUDA (if any), and (for
+    /// an update) its mode bits.
+    const fn definition(self) -> (&'static str, Option<&'static str>, Option<u32>) {
+        use EntryPoint as E;
         match self {
-            EntryPoint::StepF32 => ("ADAMAX_STEP", Some("float")),
-            EntryPoint::StepF16 => ("ADAMAX_STEP", Some("f16")),
-            EntryPoint::StepBf16 => ("ADAMAX_STEP", Some("bf16")),
-            EntryPoint::ReduceF32 => ("ADAMAX_REDUCE", Some("float")),
-            EntryPoint::ReduceF16 => ("ADAMAX_REDUCE", Some("f16")),
-            EntryPoint::ReduceBf16 => ("ADAMAX_REDUCE", Some("bf16")),
-            EntryPoint::Finalize => ("ADAMAX_FINALIZE", None),
-            EntryPoint::InitMasterF16 => ("ADAMAX_INIT_MASTER", Some("f16")),
-            EntryPoint::InitMasterBf16 => ("ADAMAX_INIT_MASTER", Some("bf16")),
+            E::StepF32 => ("ADAMAX_STEP", Some("float"), Some(0)),
+            E::StepF16 => ("ADAMAX_STEP", Some("f16"), Some(0)),
+            E::StepBf16 => ("ADAMAX_STEP", Some("bf16"), Some(0)),
+            E::StepBf16Sr => ("ADAMAX_STEP", Some("bf16"), Some(MODE_SR)),
+            E::StepF32Q8 => ("ADAMAX_STEP", Some("float"), Some(MODE_Q8)),
+            E::StepF16Q8 => ("ADAMAX_STEP", Some("f16"), Some(MODE_Q8)),
+            E::StepBf16Q8 => ("ADAMAX_STEP", Some("bf16"), Some(MODE_Q8)),
+            E::StepBf16SrQ8 => ("ADAMAX_STEP", Some("bf16"), Some(MODE_SR | MODE_Q8)),
+            E::ReduceF32 => ("ADAMAX_REDUCE", Some("float"), None),
+            E::ReduceF16 => ("ADAMAX_REDUCE", Some("f16"), None),
+            E::ReduceBf16 => ("ADAMAX_REDUCE", Some("bf16"), None),
+            E::Finalize => ("ADAMAX_FINALIZE", None, None),
+            E::InitMasterF16 => ("ADAMAX_INIT_MASTER", Some("f16"), None),
+            E::InitMasterBf16 => ("ADAMAX_INIT_MASTER", Some("bf16"), None),
         }
     }
 }
@@ -115,8 +155,9 @@ pub(crate) fn entry_points_define() -> String {
     let list: Vec<String> = EntryPoint::ALL
         .iter()
         .map(|e| match e.definition() {
-            (m, Some(t)) => format!("{m}({}, {t})", e.name()),
-            (m, None) => format!("{m}({})", e.name()),
+            (m, Some(t), Some(mode)) => format!("{m}({}, {t}, {mode})", e.name()),
+            (m, Some(t), None) => format!("{m}({}, {t})", e.name()),
+            (m, None, _) => format!("{m}({})", e.name()),
         })
         .collect();
     format!("-DADAMAX_ENTRY_POINTS={}", list.join(" "))
@@ -127,17 +168,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_storage_mode_has_an_update_where_the_type_allows_it() {
+        for t in StorageType::ALL {
+            for params in [ParamMode::Master, ParamMode::Stochastic] {
+                for state in [StateFormat::F32, StateFormat::Blockwise8] {
+                    let p = Precision {
+                        params,
+                        state,
+                        seed: 0,
+                    };
+                    let e = EntryPoint::step(t, &p);
+                    assert_eq!(e.is_some(), p.check_storage(t).is_ok(), "{t} {p:?}");
+                    if let Some(e) = e {
+                        assert!(e.name().starts_with(&format!("adamax_step_{t}")));
+                        assert_eq!(e.name().contains("_q8"), state == StateFormat::Blockwise8);
+                        assert_eq!(e.name().contains("_sr"), params == ParamMode::Stochastic);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_table_is_in_index_order_and_every_storage_type_has_its_entry_points() {
         for (i, e) in EntryPoint::ALL.iter().enumerate() {
             assert_eq!(e.index(), i, "{e:?}");
         }
         for t in StorageType::ALL {
-            assert!(EntryPoint::step(t).name().ends_with(t.as_str()));
+            let step = EntryPoint::step(t, &Precision::default());
+            assert!(step.is_some_and(|e| e.name().ends_with(t.as_str())));
             assert!(EntryPoint::reduce(t).name().ends_with(t.as_str()));
             assert_eq!(EntryPoint::init_master(t).is_some(), t.has_master());
         }
         let d = entry_points_define();
-        assert!(d.contains("ADAMAX_STEP(adamax_step_bf16, bf16)"), "{d}");
+        assert!(d.contains("ADAMAX_STEP(adamax_step_bf16, bf16, 0)"), "{d}");
+        assert!(
+            d.contains("ADAMAX_STEP(adamax_step_bf16_sr_q8, bf16, 3)"),
+            "{d}"
+        );
         assert!(d.contains("ADAMAX_FINALIZE(adamax_finalize_step)"), "{d}");
     }
 }

@@ -39,6 +39,9 @@ pub(crate) struct LaunchPlan {
     /// that kernel's own occupancy.
     step_grid: u32,
     reduce_grid: u32,
+    /// The update of this optimizer's storage type and modes, and its reduction.
+    step: EntryPoint,
+    reduce: EntryPoint,
 }
 
 impl LaunchPlan {
@@ -46,8 +49,10 @@ impl LaunchPlan {
         stream: &Arc<CudaStream>,
         kernels: &Kernels,
         layout: &StateLayout,
+        step: EntryPoint,
         storage: StorageType,
     ) -> Result<Self> {
+        let reduce = EntryPoint::reduce(storage);
         let n = layout.lens().len();
         let table = stream
             .alloc_zeros::<TensorDesc>(n.max(1))
@@ -69,11 +74,10 @@ impl LaunchPlan {
             num_chunks: layout.num_chunks(),
             num_units: layout.num_units(),
             unit_len: layout.unit_len(),
-            step_grid: grid(layout.num_units(), kernels.wave(EntryPoint::step(storage))),
-            reduce_grid: grid(
-                layout.num_chunks(),
-                kernels.wave(EntryPoint::reduce(storage)),
-            ),
+            step_grid: grid(layout.num_units(), kernels.wave(step)),
+            reduce_grid: grid(layout.num_chunks(), kernels.wave(reduce)),
+            step,
+            reduce,
         })
     }
 
@@ -100,7 +104,6 @@ impl LaunchPlan {
         &mut self,
         stream: &Arc<CudaStream>,
         kernels: &Kernels,
-        storage: StorageType,
         args: AdamaxArgs,
         flags: u32,
         prepared: bool,
@@ -123,13 +126,13 @@ impl LaunchPlan {
         };
         if flags & (FLAG_CHECK | FLAG_CLIP) != 0 {
             if self.num_chunks > 0 {
-                let f = kernels.function(EntryPoint::reduce(storage));
+                let f = kernels.function(self.reduce);
                 launch(stream, f, self.reduce_grid, &args)?;
             }
             launch(stream, kernels.function(EntryPoint::Finalize), 1, &args)?;
         }
         // Launched even with no elements: it counts the step.
-        let f = kernels.function(EntryPoint::step(storage));
+        let f = kernels.function(self.step);
         launch(stream, f, self.step_grid, &args)
     }
 }

@@ -4,6 +4,8 @@
 
 use crate::error::{Error, Result};
 
+use crate::cpu::lowbit::QBLOCK;
+
 use super::args::CHUNK;
 
 /// Elements between the starts of two tensors' state: offsets stay 256-byte aligned
@@ -13,7 +15,12 @@ const STATE_ALIGN: usize = 64;
 /// The smallest work unit of the update, in elements (a multiple of 8, so that every
 /// unit of every storage type starts on a 16-byte boundary).
 const MIN_UNIT: u64 = 1024;
-const _: () = assert!(MIN_UNIT.is_multiple_of(8) && CHUNK.is_multiple_of(MIN_UNIT));
+// Units are whole blocks of 8-bit state (one warp each in the kernel).
+const _: () = assert!(
+    MIN_UNIT.is_multiple_of(8)
+        && MIN_UNIT.is_multiple_of(QBLOCK as u64)
+        && CHUNK.is_multiple_of(MIN_UNIT)
+);
 
 /// Where each tensor lives in the state buffers and in the launch's chunks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -21,6 +28,10 @@ pub(crate) struct StateLayout {
     pub(super) lens: Vec<usize>,
     /// Element offset of each tensor in the state buffers.
     pub(super) offsets: Vec<usize>,
+    /// Index of each tensor's first block of 8-bit state in the scale buffers.
+    pub(super) block_begin: Vec<usize>,
+    /// Scales per scale buffer (at least 1).
+    pub(super) total_blocks: usize,
     /// Index of each tensor's first reduction chunk in a launch.
     pub(super) chunk_begin: Vec<u64>,
     pub(super) num_chunks: u64,
@@ -41,10 +52,14 @@ impl StateLayout {
         };
         let mut offsets = Vec::with_capacity(lens.len());
         let mut chunk_begin = Vec::with_capacity(lens.len());
-        let (mut total, mut chunks) = (0usize, 0u64);
+        let mut block_begin = Vec::with_capacity(lens.len());
+        let (mut total, mut chunks, mut blocks) = (0usize, 0u64, 0usize);
         for &n in &lens {
             offsets.push(total);
             chunk_begin.push(chunks);
+            block_begin.push(blocks);
+            // Never overflows: fewer blocks than elements, and `total` is checked.
+            blocks += n.div_ceil(QBLOCK);
             total = n
                 .checked_next_multiple_of(STATE_ALIGN)
                 .and_then(|padded| total.checked_add(padded))
@@ -58,6 +73,8 @@ impl StateLayout {
         let mut layout = Self {
             lens,
             offsets,
+            block_begin,
+            total_blocks: blocks.max(1),
             chunk_begin,
             num_chunks: chunks,
             unit_len: CHUNK,
@@ -122,6 +139,8 @@ mod tests {
     fn the_layout_aligns_every_tensor_and_counts_chunks() {
         let l = StateLayout::new(vec![0, 1, 64, 65, 8193]).unwrap();
         assert_eq!(l.offsets, [0, 0, 64, 128, 256]);
+        assert_eq!(l.block_begin, [0, 0, 1, 2, 3]);
+        assert_eq!(l.total_blocks, 3 + 33);
         assert_eq!(l.chunk_begin, [0, 0, 1, 2, 3]);
         assert_eq!(l.num_chunks, 5);
         assert_eq!(l.total, 256 + 8256);

@@ -120,14 +120,18 @@ impl<T: GpuStorage> CudaAdamax<T> {
         lens: Vec<usize>,
     ) -> Result<Self> {
         let schedule = Schedule::new(config, lens.len())?;
+        config.precision.check_storage(T::TYPE)?;
         if lens.is_empty() {
             return Err(Error::EmptyParameterList);
         }
+        let step = EntryPoint::step(T::TYPE, &config.precision).ok_or(Error::Internal {
+            what: "a storage mode without an update entry point passed validation",
+        })?;
         let mut layout = StateLayout::new(lens)?;
         let kernels = kernels_for(stream.context())?;
-        layout.plan_units(kernels.wave(EntryPoint::step(T::TYPE)));
-        let plan = LaunchPlan::new(stream, &kernels, &layout, T::TYPE)?;
-        let state = DeviceState::zeroed(stream, layout, T::TYPE)?;
+        layout.plan_units(kernels.wave(step));
+        let plan = LaunchPlan::new(stream, &kernels, &layout, step, T::TYPE)?;
+        let state = DeviceState::zeroed(stream, layout, T::TYPE, &config.precision)?;
         let control = ControlBlock::new(
             stream,
             Control {
@@ -248,6 +252,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         let config = self.schedule.config();
         let args = AdamaxArgs {
             tensor_steps: self.state.steps_ptr(),
+            seed: config.precision.seed,
             ..AdamaxArgs::new(
                 &StepScalars::new(config, 1),
                 config.weight_decay_mode,
@@ -256,7 +261,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         };
         let flags = self.control.params().flags;
         self.plan
-            .enqueue(&self.stream, &self.kernels, T::TYPE, args, flags, prepared)?;
+            .enqueue(&self.stream, &self.kernels, args, flags, prepared)?;
         self.step_bound += 1;
         Ok(())
     }

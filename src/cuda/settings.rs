@@ -173,7 +173,11 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
     /// while it runs), and only once every copy has been enqueued are they swapped in
     /// and the control block rewritten (one copy). Synchronises the stream.
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        ck.check_fits(T::TYPE, self.state.layout().lens())?;
+        ck.check_fits(
+            T::TYPE,
+            &self.schedule.config().precision,
+            self.state.layout().lens(),
+        )?;
         let mut schedule = self.schedule.clone();
         schedule.replace(ck.config, &ck.hypers)?;
         let staged = self.state.stage(&ck.tensors)?;

@@ -1,15 +1,17 @@
-//! The optimizer's device memory: `exp_avg`, `exp_inf` and (for 16-bit parameters) the
-//! f32 master weights of every tensor, each in one allocation, with the layout that
-//! places the tensors in them; masters initialised from the parameters; copies to the
-//! host; and restores staged in new buffers so that a failure changes nothing.
+//! The optimizer's device memory: every part of every tensor's state (`exp_avg` and
+//! `exp_inf`, or their 8-bit codes and block scales, and the f32 master weights of
+//! 16-bit parameters kept with a master), each part in one allocation, with the layout
+//! that places the tensors in them; masters initialised from the parameters; copies to
+//! the host; and restores staged in new buffers so that a failure changes nothing.
 
 use std::{ops::Range, sync::Arc};
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::{
-    checkpoint::Part,
-    config::TensorHyper,
+    checkpoint::{Data, Part, View},
+    config::{Precision, TensorHyper},
+    cpu::lowbit::QBLOCK,
     error::{Error, Result},
     state::TensorState,
     storage::StorageType,
@@ -23,80 +25,190 @@ use super::{
     module::Kernels,
 };
 
+/// One device buffer of state: f32 values or 8-bit codes.
+enum Buffer {
+    F32(CudaSlice<f32>),
+    U8(CudaSlice<u8>),
+}
+
+impl Buffer {
+    fn zeroed(
+        stream: &Arc<CudaStream>,
+        codes: bool,
+        len: usize,
+        what: &'static str,
+    ) -> Result<Self> {
+        Ok(if codes {
+            Buffer::U8(stream.alloc_zeros::<u8>(len).map_err(Error::driver(what))?)
+        } else {
+            Buffer::F32(
+                stream
+                    .alloc_zeros::<f32>(len)
+                    .map_err(Error::driver(what))?,
+            )
+        })
+    }
+
+    fn address(&self, stream: &CudaStream) -> u64 {
+        match self {
+            Buffer::F32(b) => b.device_ptr(stream).0,
+            Buffer::U8(b) => b.device_ptr(stream).0,
+        }
+    }
+
+    /// Bytes per value.
+    fn size(&self) -> u64 {
+        match self {
+            Buffer::F32(_) => 4,
+            Buffer::U8(_) => 1,
+        }
+    }
+
+    /// Values `at` appended to `out` (which has this buffer's type), synchronously.
+    fn append_to(&self, stream: &Arc<CudaStream>, at: Range<usize>, out: &mut Data) -> Result<()> {
+        const COPYING: &str = "copying the optimizer state to the host";
+        let n = at.len();
+        if n == 0 {
+            return Ok(());
+        }
+        match (self, out) {
+            (Buffer::F32(b), Data::F32(v)) => {
+                let start = v.len();
+                v.resize(start + n, 0.0);
+                stream
+                    .memcpy_dtoh(&b.slice(at), &mut v[start..])
+                    .map_err(Error::driver(COPYING))?;
+            }
+            (Buffer::U8(b), Data::U8(v)) => {
+                let start = v.len();
+                v.resize(start + n, 0);
+                stream
+                    .memcpy_dtoh(&b.slice(at), &mut v[start..])
+                    .map_err(Error::driver(COPYING))?;
+            }
+            _ => {
+                return Err(Error::Internal {
+                    what: "state copied into a buffer of another type",
+                })
+            }
+        }
+        stream.synchronize().map_err(Error::driver(COPYING))
+    }
+
+    /// Empty host values of this buffer's type.
+    fn empty_data(&self) -> Data {
+        match self {
+            Buffer::F32(_) => Data::F32(Vec::new()),
+            Buffer::U8(_) => Data::U8(Vec::new()),
+        }
+    }
+
+    /// Uploads `values` (of this buffer's type) at `at`.
+    fn upload(&mut self, stream: &Arc<CudaStream>, at: usize, values: View<'_>) -> Result<()> {
+        let restoring = Error::driver("restoring a checkpoint");
+        match (self, values) {
+            (_, v) if v.len() == 0 => Ok(()),
+            (Buffer::F32(b), View::F32(v)) => stream
+                .memcpy_htod(v, &mut b.slice_mut(at..at + v.len()))
+                .map_err(restoring),
+            (Buffer::U8(b), View::U8(v)) => stream
+                .memcpy_htod(v, &mut b.slice_mut(at..at + v.len()))
+                .map_err(restoring),
+            _ => Err(Error::Internal {
+                what: "state uploaded from values of another type",
+            }),
+        }
+    }
+}
+
 /// The state buffers of one optimizer, on its stream.
 pub(crate) struct DeviceState {
     layout: StateLayout,
     stream: Arc<CudaStream>,
-    exp_avg: CudaSlice<f32>,
-    exp_inf: CudaSlice<f32>,
-    master: Option<CudaSlice<f32>>,
+    /// One buffer per part of the state ([`Part::of`] the storage and precision).
+    parts: Vec<(Part, Buffer)>,
     /// Each tensor's own step count (one per tensor, not per element).
     steps: CudaSlice<u64>,
-    /// Device addresses of the three buffers (0 for no master) and of `steps`. Only the
+    /// Device addresses of the buffers, in `parts` order, and of `steps`. Only the
     /// optimizer's stream touches them, so launches need none of cudarc's events.
-    bases: [u64; 3],
+    bases: Vec<u64>,
     steps_ptr: u64,
 }
 
 /// State uploaded to new buffers, not yet in use.
 pub(crate) struct Staged {
-    exp_avg: CudaSlice<f32>,
-    exp_inf: CudaSlice<f32>,
-    master: Option<CudaSlice<f32>>,
+    parts: Vec<(Part, Buffer)>,
     steps: CudaSlice<u64>,
 }
 
-/// The device addresses of the three buffers (0 for no master).
-fn bases(
-    stream: &CudaStream,
-    exp_avg: &CudaSlice<f32>,
-    exp_inf: &CudaSlice<f32>,
-    master: Option<&CudaSlice<f32>>,
-) -> [u64; 3] {
-    let ptr = |b: &CudaSlice<f32>| b.device_ptr(stream).0;
-    [ptr(exp_avg), ptr(exp_inf), master.map_or(0, ptr)]
-}
-
 impl DeviceState {
-    /// Zeroed state for `layout`, with master buffers when `storage` has them.
+    /// Zeroed state for `layout`: the parts of `storage` kept in `precision`.
     pub(crate) fn zeroed(
         stream: &Arc<CudaStream>,
         layout: StateLayout,
         storage: StorageType,
+        precision: &Precision,
     ) -> Result<Self> {
-        let alloc = |what: &'static str| {
-            stream
-                .alloc_zeros::<f32>(layout.total)
-                .map_err(Error::driver(what))
-        };
-        let (exp_avg, exp_inf) = (alloc("allocating exp_avg")?, alloc("allocating exp_inf")?);
-        let master = if storage.has_master() {
-            Some(alloc("allocating master weights")?)
-        } else {
-            None
-        };
+        let parts = Part::of(storage, precision)
+            .into_iter()
+            .map(|p| Ok((p, Self::alloc(stream, &layout, p)?)))
+            .collect::<Result<Vec<_>>>()?;
         let steps = stream
             .alloc_zeros::<u64>(layout.lens.len().max(1))
             .map_err(Error::driver("allocating the per-tensor step counts"))?;
         let steps_ptr = steps.device_ptr(stream).0;
         Ok(Self {
-            bases: bases(stream, &exp_avg, &exp_inf, master.as_ref()),
+            bases: parts.iter().map(|(_, b)| b.address(stream)).collect(),
             steps_ptr,
             layout,
             stream: stream.clone(),
-            exp_avg,
-            exp_inf,
-            master,
+            parts,
             steps,
         })
+    }
+
+    /// A zeroed buffer for `part` of every tensor.
+    fn alloc(stream: &Arc<CudaStream>, layout: &StateLayout, part: Part) -> Result<Buffer> {
+        let len = if part.per_block() {
+            layout.total_blocks
+        } else {
+            layout.total
+        };
+        Buffer::zeroed(
+            stream,
+            part.is_codes(),
+            len,
+            "allocating the optimizer state",
+        )
     }
 
     pub(crate) fn layout(&self) -> &StateLayout {
         &self.layout
     }
 
+    /// Where tensor `tensor`'s values of `part` start in the part's buffer.
+    fn offset(&self, part: Part, tensor: usize) -> usize {
+        if part.per_block() {
+            self.layout.block_begin[tensor]
+        } else {
+            self.layout.offsets[tensor]
+        }
+    }
+
+    /// The device address of tensor `tensor`'s values of `part`; 0 when the state has
+    /// no such part.
+    fn address(&self, part: Part, tensor: usize) -> u64 {
+        self.parts
+            .iter()
+            .zip(&self.bases)
+            .find(|((p, _), _)| *p == part)
+            .map_or(0, |((p, b), base)| {
+                base + b.size() * self.offset(*p, tensor) as u64
+            })
+    }
+
     /// master = f32(param) for every tensor, from the parameters' device addresses in
-    /// order (nothing for f32 storage).
+    /// order (nothing for state without masters).
     pub(crate) fn init_master(
         &self,
         kernels: &Kernels,
@@ -106,6 +218,9 @@ impl DeviceState {
         let Some(entry) = EntryPoint::init_master(storage) else {
             return Ok(());
         };
+        if !self.parts.iter().any(|(p, _)| *p == Part::Master) {
+            return Ok(());
+        }
         for (i, param) in params.enumerate() {
             let n = self.layout.lens[i] as u64;
             if n == 0 {
@@ -113,7 +228,7 @@ impl DeviceState {
             }
             let args = InitArgs {
                 param,
-                master: self.bases[2] + 4 * self.layout.offsets[i] as u64,
+                master: self.address(Part::Master, i),
                 len: n,
             };
             let blocks = n
@@ -130,7 +245,8 @@ impl DeviceState {
     }
 
     /// The launch descriptor of tensor `i` with its parameter address and its gradient's
-    /// (`None`: no gradient this step, the tensor is skipped).
+    /// (`None`: no gradient this step, the tensor is skipped). With 8-bit state the
+    /// moment addresses are those of the codes.
     pub(crate) fn descriptor(
         &self,
         i: usize,
@@ -138,20 +254,18 @@ impl DeviceState {
         grad: Option<u64>,
         h: &TensorHyper,
     ) -> TensorDesc {
-        let at = |base: u64| {
-            if base == 0 {
-                0
-            } else {
-                base + 4 * self.layout.offsets[i] as u64
-            }
+        let at = |f32_part: Part, code_part: Part| {
+            self.address(f32_part, i) | self.address(code_part, i)
         };
         TensorDesc {
             param,
             grad: grad.unwrap_or(0),
             has_grad: u64::from(grad.is_some()),
-            exp_avg: at(self.bases[0]),
-            exp_inf: at(self.bases[1]),
-            master: at(self.bases[2]),
+            exp_avg: at(Part::ExpAvg, Part::ExpAvgCodes),
+            exp_inf: at(Part::ExpInf, Part::ExpInfCodes),
+            master: self.address(Part::Master, i),
+            exp_avg_scale: self.address(Part::ExpAvgScales, i),
+            exp_inf_scale: self.address(Part::ExpInfScales, i),
             len: self.layout.lens[i] as u64,
             chunk_begin: self.layout.chunk_begin[i],
             unit_begin: self.layout.unit_begin[i],
@@ -161,29 +275,41 @@ impl DeviceState {
     }
 
     /// Every tensor's state on the host, in the CPU reference's layout (synchronises):
-    /// three whole-buffer copies, split on the host.
+    /// one whole-buffer copy per part, split on the host.
     pub(crate) fn to_host(&self) -> Result<Vec<TensorState>> {
-        let all = self.copy(0..self.exp_avg.len())?;
         let steps = self.steps_to_host()?;
-        let part = |v: &Vec<f32>, o: usize, n: usize| {
-            v.get(o..o + n).map_or_else(Vec::new, <[f32]>::to_vec)
-        };
-        Ok(self
-            .layout
-            .lens
-            .iter()
-            .zip(&self.layout.offsets)
-            .zip(steps)
-            .map(|((&n, &o), step)| TensorState {
+        let mut states: Vec<TensorState> = steps
+            .into_iter()
+            .map(|step| TensorState {
                 step,
-                exp_avg: part(&all.exp_avg, o, n),
-                exp_inf: part(&all.exp_inf, o, n),
-                master: part(&all.master, o, n),
+                ..TensorState::default()
             })
-            .collect())
+            .collect();
+        for (part, buf) in &self.parts {
+            let mut all = buf.empty_data();
+            let len = if part.per_block() {
+                self.layout.total_blocks
+            } else {
+                self.layout.total
+            };
+            buf.append_to(&self.stream, 0..len, &mut all)?;
+            for (i, state) in states.iter_mut().enumerate() {
+                let (o, n) = (self.offset(*part, i), part.len(self.layout.lens[i]));
+                let mut mine = buf.empty_data();
+                match (&all, &mut mine) {
+                    (Data::F32(a), Data::F32(m)) => m.extend_from_slice(&a[o..o + n]),
+                    (Data::U8(a), Data::U8(m)) => m.extend_from_slice(&a[o..o + n]),
+                    _ => {}
+                }
+                part.store(state, mine)?;
+            }
+        }
+        Ok(states)
     }
 
-    /// Elements `range` of tensor `tensor`'s state on the host (synchronises).
+    /// Elements `range` of tensor `tensor`'s state on the host (synchronises). With
+    /// 8-bit state the range must start on a block ([`QBLOCK`] elements); the window
+    /// holds the scales of the blocks it touches.
     pub(crate) fn window_to_host(&self, tensor: usize, range: Range<usize>) -> Result<TensorState> {
         let n = *self
             .layout
@@ -201,33 +327,45 @@ impl DeviceState {
                 found: range.end,
             });
         }
-        let o = self.layout.offsets[tensor];
-        let mut window = self.copy(o + range.start..o + range.end)?;
-        window.step = self.steps_to_host()?.get(tensor).copied().unwrap_or(0);
+        let blocked = self.parts.iter().any(|(p, _)| p.per_block());
+        if blocked && !range.start.is_multiple_of(QBLOCK) {
+            return Err(Error::LengthMismatch {
+                what: "start of a window of 8-bit state (a multiple of 256)",
+                tensor,
+                expected: range.start - range.start % QBLOCK,
+                found: range.start,
+            });
+        }
+        let mut window = TensorState {
+            step: self.steps_to_host()?.get(tensor).copied().unwrap_or(0),
+            ..TensorState::default()
+        };
+        for (part, buf) in &self.parts {
+            let o = self.offset(*part, tensor);
+            let at = if part.per_block() {
+                o + range.start / QBLOCK..o + range.end.div_ceil(QBLOCK)
+            } else {
+                o + range.start..o + range.end
+            };
+            let mut data = buf.empty_data();
+            buf.append_to(&self.stream, at, &mut data)?;
+            part.store(&mut window, data)?;
+        }
         Ok(window)
     }
 
     /// One part of tensor `tensor`'s state appended to `buf` (synchronises): for a
-    /// streamed checkpoint. Nothing for a master of f32 storage.
-    pub(crate) fn part_to_host(&self, tensor: usize, part: Part, buf: &mut Vec<f32>) -> Result<()> {
-        let (o, n) = (self.layout.offsets[tensor], self.layout.lens[tensor]);
-        let src = match part {
-            Part::ExpAvg => &self.exp_avg,
-            Part::ExpInf => &self.exp_inf,
-            Part::Master => match &self.master {
-                Some(m) => m,
-                None => return Ok(()),
-            },
-        };
-        let start = buf.len();
-        buf.resize(start + n, 0.0);
-        if n == 0 {
-            return Ok(());
-        }
-        self.stream
-            .memcpy_dtoh(&src.slice(o..o + n), &mut buf[start..])
-            .and_then(|()| self.stream.synchronize())
-            .map_err(Error::driver("copying the optimizer state to the host"))
+    /// streamed checkpoint.
+    pub(crate) fn part_to_host(&self, tensor: usize, part: Part, buf: &mut Data) -> Result<()> {
+        let (_, src) = self
+            .parts
+            .iter()
+            .find(|(p, _)| *p == part)
+            .ok_or(Error::Internal {
+                what: "a part of the state this optimizer does not keep was requested",
+            })?;
+        let o = self.offset(part, tensor);
+        src.append_to(&self.stream, o..o + part.len(self.layout.lens[tensor]), buf)
     }
 
     /// Every tensor's step count on the host (synchronises).
@@ -240,57 +378,21 @@ impl DeviceState {
         Ok(steps)
     }
 
-    /// Elements `at` of the three buffers; `master` is empty for f32.
-    fn copy(&self, at: Range<usize>) -> Result<TensorState> {
-        let copy = |buf: &CudaSlice<f32>| {
-            self.stream
-                .clone_dtoh(&buf.slice(at.clone()))
-                .map_err(Error::driver("copying the optimizer state to the host"))
-        };
-        Ok(TensorState {
-            step: 0,
-            exp_avg: copy(&self.exp_avg)?,
-            exp_inf: copy(&self.exp_inf)?,
-            master: self
-                .master
-                .as_ref()
-                .map(copy)
-                .transpose()?
-                .unwrap_or_default(),
-        })
-    }
-
-    /// Uploads `tensors` (which fit the layout: checked by the caller) into new buffers,
-    /// leaving the state in use untouched.
+    /// Uploads `tensors` (which fit the layout and the parts: checked by the caller)
+    /// into new buffers, leaving the state in use untouched.
     pub(crate) fn stage(&self, tensors: &[TensorState]) -> Result<Staged> {
-        let upload = |pick: fn(&TensorState) -> &Vec<f32>| -> Result<CudaSlice<f32>> {
-            let mut buf =
-                self.stream
-                    .alloc_zeros::<f32>(self.layout.total)
-                    .map_err(Error::driver(
-                        "allocating state to restore a checkpoint into",
-                    ))?;
-            for (t, &o) in tensors.iter().zip(&self.layout.offsets) {
-                let data = pick(t);
-                if data.is_empty() {
-                    continue;
-                }
-                let mut dst = buf.slice_mut(o..o + data.len());
-                self.stream
-                    .memcpy_htod(data.as_slice(), &mut dst)
-                    .map_err(Error::driver("restoring a checkpoint"))?;
+        let mut parts = Vec::with_capacity(self.parts.len());
+        for (part, _) in &self.parts {
+            let mut buf = Self::alloc(&self.stream, &self.layout, *part)?;
+            for (i, t) in tensors.iter().enumerate() {
+                buf.upload(&self.stream, self.offset(*part, i), part.view(t))?;
             }
-            Ok(buf)
-        };
+            parts.push((*part, buf));
+        }
         let mut steps: Vec<u64> = tensors.iter().map(|t| t.step).collect();
         steps.resize(self.layout.lens.len().max(1), 0);
         Ok(Staged {
-            exp_avg: upload(|t| &t.exp_avg)?,
-            exp_inf: upload(|t| &t.exp_inf)?,
-            master: match self.master {
-                Some(_) => Some(upload(|t| &t.master)?),
-                None => None,
-            },
+            parts,
             steps: self
                 .stream
                 .clone_htod(&steps)
@@ -300,16 +402,13 @@ impl DeviceState {
 
     /// Puts staged buffers in use (the old ones are freed in stream order).
     pub(crate) fn commit(&mut self, staged: Staged) {
-        self.bases = bases(
-            &self.stream,
-            &staged.exp_avg,
-            &staged.exp_inf,
-            staged.master.as_ref(),
-        );
+        self.bases = staged
+            .parts
+            .iter()
+            .map(|(_, b)| b.address(&self.stream))
+            .collect();
         self.steps_ptr = staged.steps.device_ptr(&self.stream).0;
-        self.exp_avg = staged.exp_avg;
-        self.exp_inf = staged.exp_inf;
-        self.master = staged.master;
+        self.parts = staged.parts;
         self.steps = staged.steps;
     }
 }

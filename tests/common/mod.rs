@@ -120,6 +120,7 @@ impl PeerConfig {
                 other => panic!("unknown weight_decay_mode {other} in test data"),
             },
             maximize: self.maximize,
+            precision: Default::default(),
         }
     }
 }

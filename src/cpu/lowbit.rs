@@ -1,0 +1,284 @@
+//! The spec of the modes that move fewer bytes: the counter-based random stream,
+//! stochastic rounding of bf16 parameters ([`ParamMode::Stochastic`]) and the 8-bit
+//! blockwise moments ([`StateFormat::Blockwise8`]). `kernels/adamax.cu` repeats each
+//! function with the same integer and IEEE f32 operations, so the GPU draws the same
+//! bits and rounds the same way.
+//!
+//! # The random stream
+//!
+//! Every random bit is a function of (seed, step, tensor, element), never of the order
+//! in which threads run, so a run is reproducible and the GPU matches this module:
+//!
+//! ```text
+//! key(seed, t, tensor) = mix(mix(seed ^ t * 0xD1B54A32D192ED03) ^ tensor * 0xAEF17502108EF2D9)
+//! bits(key, i)         = mix(key + (i + 1) * 0x9E3779B97F4A7C15)      (all wrapping u64)
+//! ```
+//!
+//! `mix` is splitmix64's output function (Steele, Lea & Flood 2014; the constants of
+//! Stafford's "variant 13"), so `bits(key, 0), bits(key, 1), ...` is the splitmix64
+//! sequence seeded with `key`. `t` is the tensor's own step (the step being taken,
+//! counted from one) and `i` the element's index in its tensor. One draw serves the
+//! element: bits 0 to 15 round the parameter, bits 16 to 39 the first moment, bits 40
+//! to 63 the infinity norm.
+//!
+//! # Stochastic rounding to bf16
+//!
+//! bf16 is the upper half of an f32. Adding 16 random bits to the f32's bit pattern
+//! and keeping the upper half rounds the magnitude up with probability exactly
+//! (dropped bits) / 2^16 and down otherwise, so the rounding is unbiased: `E[bf16(x)] =
+//! x` (for finite results). A carry into the exponent is the correct rounding up to the
+//! next binade; above bf16's largest finite value the result can round to infinity.
+//! NaN is rounded as round-to-nearest does (a quiet NaN).
+//!
+//! # 8-bit blockwise moments
+//!
+//! Each tensor's `m` and `u` are cut into blocks of [`QBLOCK`] elements (the last block
+//! may be shorter). A block stores its largest magnitude as an f32 `scale` and one
+//! 8-bit code per element for `value / scale`, a number in `[-1, 1]` (in `[0, 1]` for
+//! `u`). The codes are small floating-point numbers ([`Code`]): the first moment
+//! ([`EXP_AVG_CODE`]) has a sign, 4 exponent and 3 mantissa bits; the infinity norm
+//! ([`EXP_INF_CODE`]), never negative, spends the sign bit on a 4th mantissa bit. Both
+//! reach down to 2^-17 (2^-18) of the block's scale, with subnormals, and hold the
+//! scale itself, 1.0, exactly, so a block's largest element is stored without error.
+//! The choice of codes, block and rounding was made from the measurements in
+//! BENCHMARKS.md ("8-bit state: choosing the codes").
+//!
+//! Encoding rounds stochastically with 24 random bits: with `y` the magnitude in units
+//! of the code's spacing at that magnitude, `k = trunc(y)`, the code for `k + 1` is
+//! taken when `frac(y) * 2^24 > r`, so up with probability `frac(y)` to within 2^-24.
+//! Rounding to nearest would freeze `u`: `beta2 * u` is within half a code step of
+//! `u` (0.999 against a relative step of 1/16), so `u` would never decay; unbiased
+//! rounding lets it decay at the right rate on average.
+//!
+//! A block whose largest magnitude is 0 stores scale 0 and codes 0. A block with a
+//! non-finite value stores a NaN scale: every element of the block reads back as NaN
+//! (one NaN poisons its block, where f32 state poisons its element; with
+//! [`StepOptions::skip_nonfinite`] no non-finite gradient reaches the state).
+//!
+//! [`ParamMode::Stochastic`]: crate::ParamMode::Stochastic
+//! [`StateFormat::Blockwise8`]: crate::StateFormat::Blockwise8
+//! [`StepOptions::skip_nonfinite`]: crate::StepOptions::skip_nonfinite
+
+use half::bf16;
+
+/// Elements per block of 8-bit state (one f32 scale each for `m` and for `u`).
+pub const QBLOCK: usize = 256;
+
+const K_STEP: u64 = 0xD1B5_4A32_D192_ED03;
+const K_TENSOR: u64 = 0xAEF1_7502_108E_F2D9;
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// splitmix64's output function: a bijective 64-bit mix.
+pub const fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The key of tensor `tensor`'s stream in its step `t` (from 1).
+pub const fn stream_key(seed: u64, t: u64, tensor: u64) -> u64 {
+    mix64(mix64(seed ^ t.wrapping_mul(K_STEP)) ^ tensor.wrapping_mul(K_TENSOR))
+}
+
+/// The 64 random bits of element `i` of a stream.
+pub const fn element_bits(key: u64, i: u64) -> u64 {
+    mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)))
+}
+
+/// The 16 bits that round the parameter.
+pub const fn param_bits(bits: u64) -> u32 {
+    (bits & 0xFFFF) as u32
+}
+
+/// The 24 bits that round the first moment.
+pub const fn exp_avg_bits(bits: u64) -> u32 {
+    ((bits >> 16) & 0xFF_FFFF) as u32
+}
+
+/// The 24 bits that round the infinity norm.
+pub const fn exp_inf_bits(bits: u64) -> u32 {
+    (bits >> 40) as u32
+}
+
+/// `x` rounded to bf16 stochastically with the 16 random bits `r` (see the module docs).
+pub fn round_bf16_stochastic(x: f32, r: u32) -> bf16 {
+    let b = x.to_bits();
+    if (b & 0x7FFF_FFFF) > 0x7F80_0000 {
+        return bf16::from_f32(x);
+    }
+    // Cannot overflow: every non-NaN pattern is at most 0xFF80_0000.
+    bf16::from_bits(((b + (r & 0xFFFF)) >> 16) as u16)
+}
+
+/// `2^e` for `e` in f32's normal range.
+fn pow2(e: i32) -> f32 {
+    f32::from_bits(((e + 127) as u32) << 23)
+}
+
+/// An 8-bit code: a small float for `value / scale`, a number of magnitude at most 1.
+///
+/// With `E = exp_bits` and `M = man_bits`, a magnitude's bits are an exponent field `e`
+/// and a fraction `f`; it is `f * 2^(emin - M)` when `e = 0` (subnormals) and
+/// `(2^M + f) * 2^(e - 1 + emin - M)` otherwise, with `emin = 2 - 2^E`. The top field
+/// `e = 2^E - 1` is the binade of 1.0, of which only 1.0 itself is used. A signed code
+/// puts the sign in bit 7.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Code {
+    /// Whether bit 7 is a sign.
+    pub signed: bool,
+    /// Exponent bits.
+    pub exp_bits: u32,
+    /// Mantissa bits: `exp_bits + man_bits` is 7 for a signed code, 8 otherwise.
+    pub man_bits: u32,
+}
+
+/// The code of the first moment `m`: sign, 4 exponent bits, 3 mantissa bits.
+pub const EXP_AVG_CODE: Code = Code {
+    signed: true,
+    exp_bits: 4,
+    man_bits: 3,
+};
+
+/// The code of the infinity norm `u`: 4 exponent bits, 4 mantissa bits, no sign.
+pub const EXP_INF_CODE: Code = Code {
+    signed: false,
+    exp_bits: 4,
+    man_bits: 4,
+};
+
+impl Code {
+    /// The exponent of the smallest normal magnitude.
+    const fn emin(self) -> i32 {
+        2 - (1 << self.exp_bits)
+    }
+
+    /// The largest valid code: the magnitude 1.0 (positive for a signed code).
+    pub const fn max_magnitude_code(self) -> u32 {
+        ((1 << self.exp_bits) - 1) << self.man_bits
+    }
+
+    /// Whether `code` is one the encoder can produce (no magnitude above 1).
+    pub const fn is_valid(self, code: u8) -> bool {
+        let magnitude = if self.signed {
+            code as u32 & 0x7F
+        } else {
+            code as u32
+        };
+        magnitude <= self.max_magnitude_code()
+    }
+
+    /// Stochastic rounding of a magnitude `q` in `[0, 1]` to a code, with 24 random
+    /// bits `r` (`0x80_0000` rounds to nearest, ties down).
+    pub fn encode_magnitude(self, q: f32, r: u32) -> u32 {
+        let eq = ((q.to_bits() >> 23) & 0xFF) as i32 - 127;
+        let ee = eq.max(self.emin());
+        // Exact: a power-of-two scaling into [0, 2^(M+1)).
+        let y = q * pow2(self.man_bits as i32 - ee);
+        let k = y as u32;
+        let frac = y - k as f32;
+        let up = u32::from(frac * 16_777_216.0 > (r & 0xFF_FFFF) as f32);
+        (((ee - self.emin()) as u32) << self.man_bits) + k + up
+    }
+
+    /// The magnitude of a code (exact).
+    pub fn decode_magnitude(self, code: u32) -> f32 {
+        let e = code >> self.man_bits;
+        let f = code & ((1 << self.man_bits) - 1);
+        let (mant, exp) = if e == 0 {
+            (f, self.emin() - self.man_bits as i32)
+        } else {
+            (
+                f + (1 << self.man_bits),
+                e as i32 - 1 + self.emin() - self.man_bits as i32,
+            )
+        };
+        mant as f32 * pow2(exp)
+    }
+
+    /// `x` (of magnitude at most `scale`, which is finite and positive) as a code.
+    pub fn encode(self, x: f32, scale: f32, r: u32) -> u8 {
+        let magnitude = self.encode_magnitude(x.abs() / scale, r);
+        let sign = if self.signed && x < 0.0 && magnitude != 0 {
+            0x80
+        } else {
+            0
+        };
+        (magnitude | sign) as u8
+    }
+
+    /// The value a code stands for in a block of scale `scale`: one rounding, of the
+    /// product.
+    pub fn decode(self, code: u8, scale: f32) -> f32 {
+        let (magnitude, negative) = if self.signed {
+            (code as u32 & 0x7F, code & 0x80 != 0)
+        } else {
+            (code as u32, false)
+        };
+        let v = self.decode_magnitude(magnitude) * scale;
+        if negative {
+            -v
+        } else {
+            v
+        }
+    }
+
+    /// Encodes a block: returns its scale and writes one code per value, drawing the
+    /// rounding bits of value `j` from `bits(j)`.
+    pub fn encode_block(
+        self,
+        values: &[f32],
+        codes: &mut [u8],
+        bits: impl Fn(usize) -> u32,
+    ) -> f32 {
+        let absmax = values
+            .iter()
+            .fold(0.0f32, |a, &v| super::max_propagating_nan(a, v.abs()));
+        if absmax == 0.0 || !absmax.is_finite() {
+            codes.fill(0);
+            return if absmax == 0.0 { 0.0 } else { f32::NAN };
+        }
+        for (j, (c, &v)) in codes.iter_mut().zip(values).enumerate() {
+            *c = self.encode(v, absmax, bits(j));
+        }
+        absmax
+    }
+}
+
+/// One moment stored in 8 bits: a code per element, a scale per block of [`QBLOCK`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Blockwise8 {
+    /// One code per element.
+    pub codes: Vec<u8>,
+    /// One scale per block: `ceil(len / QBLOCK)` of them.
+    pub scales: Vec<f32>,
+}
+
+impl Blockwise8 {
+    /// A zero moment of `len` elements.
+    pub fn zeros(len: usize) -> Self {
+        Self {
+            codes: vec![0; len],
+            scales: vec![0.0; len.div_ceil(QBLOCK)],
+        }
+    }
+
+    /// Quantizes f32 values with round-to-nearest (ties down), the deterministic
+    /// conversion used to bring f32 state (a PyTorch checkpoint) into 8 bits.
+    pub fn from_f32(code: Code, values: &[f32]) -> Self {
+        let mut q = Self::zeros(values.len());
+        for (b, block) in values.chunks(QBLOCK).enumerate() {
+            let codes = &mut q.codes[b * QBLOCK..b * QBLOCK + block.len()];
+            q.scales[b] = code.encode_block(block, codes, |_| 0x80_0000);
+        }
+        q
+    }
+
+    /// The values the codes stand for (exact decoding, one rounding per element).
+    pub fn to_f32(&self, code: Code) -> Vec<f32> {
+        self.codes
+            .chunks(QBLOCK)
+            .zip(&self.scales)
+            .flat_map(|(block, &scale)| block.iter().map(move |&c| code.decode(c, scale)))
+            .collect()
+    }
+}

@@ -1,0 +1,463 @@
+//! The modes that move fewer bytes, on the CPU reference: the random stream against
+//! splitmix64's published outputs, stochastic rounding against its definition (exact
+//! counts over every random input), the 8-bit codes against their documented value
+//! sets, and the optimizer in each mode against the f32 reference.
+
+use adamax_cuda::{
+    bf16,
+    cpu::{
+        lowbit::{self, Blockwise8, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
+        CpuAdamax,
+    },
+    f16, AdamaxConfig, Checkpoint, ConfigError, Error, Optimizer, ParamMode, Precision,
+    StateFormat, Storage,
+};
+
+fn precision(params: ParamMode, state: StateFormat) -> Precision {
+    Precision {
+        params,
+        state,
+        seed: 42,
+    }
+}
+
+fn config(p: Precision) -> AdamaxConfig {
+    AdamaxConfig {
+        lr: 1e-2,
+        precision: p,
+        ..AdamaxConfig::default()
+    }
+}
+
+/// `steps` steps of one tensor of `n` elements with smooth, sign-changing gradients.
+fn run<T: Storage>(p: Precision, n: usize, steps: usize) -> (Vec<T>, CpuAdamax<T>) {
+    let mut w: Vec<T> = (0..n)
+        .map(|i| T::from_f32((i as f32 * 0.37).sin()))
+        .collect();
+    let mut opt = CpuAdamax::new(config(p), &[&w]).unwrap();
+    for t in 0..steps {
+        let g: Vec<T> = (0..n)
+            .map(|i| T::from_f32(((i * 7 + t * 3) as f32 * 0.11).cos() * (1.0 + (i % 5) as f32)))
+            .collect();
+        opt.step(&mut [&mut w], &[&g]).unwrap();
+    }
+    (w, opt)
+}
+
+#[test]
+fn the_stream_is_splitmix64() {
+    // splitmix64 seeded with 0: its first outputs, from the reference implementation
+    // (Vigna, prng.di.unimi.it/splitmix64.c), as quoted by every port.
+    assert_eq!(lowbit::element_bits(0, 0), 0xE220_A839_7B1D_CDAF);
+    assert_eq!(lowbit::element_bits(0, 1), 0x6E78_9E6A_A1B9_65F4);
+    assert_eq!(lowbit::element_bits(0, 2), 0x06C4_5D18_8009_454F);
+    // Keys differ by seed, step and tensor.
+    let k = lowbit::stream_key(1, 1, 0);
+    for other in [
+        lowbit::stream_key(2, 1, 0),
+        lowbit::stream_key(1, 2, 0),
+        lowbit::stream_key(1, 1, 1),
+    ] {
+        assert_ne!(k, other);
+    }
+}
+
+#[test]
+fn stochastic_rounding_to_bf16_rounds_up_with_probability_equal_to_the_dropped_fraction() {
+    for x in [
+        1.0f32 + 3.0 * f32::EPSILON,
+        -2.5e-3,
+        0.1,
+        1e-40, // an f32 subnormal
+        -7.0e30,
+        3.389e38, // between bf16's largest finite value and infinity
+    ] {
+        let b = x.to_bits();
+        let (down, up) = (b & 0xFFFF_0000, (b & 0xFFFF_0000) + 0x1_0000);
+        let mut ups = 0u32;
+        for r in 0..=0xFFFFu32 {
+            let got = lowbit::round_bf16_stochastic(x, r).to_bits() as u32;
+            assert!(got << 16 == down || got << 16 == up, "{x}: {got:#x}");
+            ups += u32::from(got << 16 == up);
+        }
+        assert_eq!(
+            ups,
+            b & 0xFFFF,
+            "{x}: rounds up for exactly the dropped bits' share"
+        );
+    }
+    for x in [
+        0.0f32,
+        -0.0,
+        1.5,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -3.0e38f32.next_down(),
+    ] {
+        let exact = bf16::from_f32(x);
+        if exact.to_f32() == x {
+            for r in [0, 1, 0x7FFF, 0xFFFF] {
+                assert_eq!(
+                    lowbit::round_bf16_stochastic(x, r).to_bits(),
+                    exact.to_bits(),
+                    "{x}"
+                );
+            }
+        }
+    }
+    let nan = lowbit::round_bf16_stochastic(f32::from_bits(0x7FFF_FFFF), 0xFFFF);
+    assert!(nan.is_nan(), "NaN stays NaN (no carry into the sign)");
+}
+
+#[test]
+fn every_code_decodes_to_the_documented_value_and_encodes_back_to_itself() {
+    for (code, smallest) in [
+        (EXP_AVG_CODE, 2f32.powi(-17)),
+        (EXP_INF_CODE, 2f32.powi(-18)),
+    ] {
+        let max = code.max_magnitude_code();
+        assert_eq!(code.decode_magnitude(max), 1.0);
+        assert_eq!(code.decode_magnitude(1), smallest);
+        assert_eq!(code.decode_magnitude(0), 0.0);
+        let mut last = -1.0f32;
+        for c in 0..=max {
+            let v = code.decode_magnitude(c);
+            assert!(v > last, "codes increase");
+            last = v;
+            for r in [0, 1, 0x80_0000, 0xFF_FFFF] {
+                assert_eq!(
+                    code.encode_magnitude(v, r),
+                    c,
+                    "{code:?} code {c} round trip"
+                );
+            }
+        }
+        assert!(!code.is_valid((max + 1) as u8));
+    }
+    // The sign of m's code.
+    assert_eq!(
+        EXP_AVG_CODE.decode(EXP_AVG_CODE.encode(-0.5, 2.0, 0), 2.0),
+        -0.5
+    );
+}
+
+#[test]
+fn encoding_rounds_up_with_probability_equal_to_the_fraction() {
+    for code in [EXP_AVG_CODE, EXP_INF_CODE] {
+        for c in [0u32, 1, 7, 8, 9, 40, code.max_magnitude_code() - 1] {
+            let (lo, hi) = (code.decode_magnitude(c), code.decode_magnitude(c + 1));
+            for frac in [0.25f32, 0.5, 0.75, 0.001] {
+                let q = lo + (hi - lo) * frac;
+                // frac(y) = (q - lo) / (hi - lo) is exact (the spacing is a power of
+                // two); the code rounds up for r < frac * 2^24: ceil of it values.
+                let f = f64::from((q - lo) / (hi - lo)) * 16_777_216.0;
+                let ups = f.ceil() as u32;
+                assert_eq!(
+                    code.encode_magnitude(q, ups - 1),
+                    c + 1,
+                    "{code:?} {c} {frac}"
+                );
+                assert_eq!(code.encode_magnitude(q, ups), c, "{code:?} {c} {frac}");
+                assert_eq!(
+                    code.encode_magnitude(q, 0x80_0000),
+                    if frac > 0.5 { c + 1 } else { c }
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_block_keeps_its_largest_value_exactly_and_zero_and_nan_blocks_are_marked() {
+    let values: Vec<f32> = (0..QBLOCK).map(|i| (i as f32 - 100.0) * 1e-3).collect();
+    let q = Blockwise8::from_f32(EXP_AVG_CODE, &values);
+    let back = q.to_f32(EXP_AVG_CODE);
+    assert_eq!(q.scales, vec![0.155]);
+    assert_eq!(back[255], 0.155, "the block's largest magnitude is exact");
+    for (a, b) in values.iter().zip(&back) {
+        // Nearest rounding: half a step of 3 mantissa bits, or half the smallest step.
+        assert!(
+            (a - b).abs() <= a.abs() / 16.0 + 0.155 * 2f32.powi(-18),
+            "{a} {b}"
+        );
+    }
+    let zeros = Blockwise8::from_f32(EXP_INF_CODE, &[0.0; 10]);
+    assert_eq!(
+        (zeros.scales[0], zeros.to_f32(EXP_INF_CODE)),
+        (0.0, vec![0.0; 10])
+    );
+    let poisoned = Blockwise8::from_f32(EXP_INF_CODE, &[1.0, f32::NAN, 2.0]);
+    assert!(poisoned.to_f32(EXP_INF_CODE).iter().all(|v| v.is_nan()));
+    // A tensor of 300 elements has two blocks, the second of 44.
+    assert_eq!(Blockwise8::zeros(300).scales.len(), 2);
+}
+
+#[test]
+fn modes_are_refused_for_parameter_types_that_do_not_have_them() {
+    let sr = config(precision(ParamMode::Stochastic, StateFormat::F32));
+    for err in [
+        CpuAdamax::<f32>::new(sr, &[&[1.0f32][..]]).err(),
+        CpuAdamax::<f16>::new(sr, &[&[f16::ONE][..]]).err(),
+    ] {
+        assert!(
+            matches!(
+                err,
+                Some(Error::Config(ConfigError::Unsupported {
+                    what: "ParamMode::Stochastic",
+                    ..
+                }))
+            ),
+            "{err:?}"
+        );
+    }
+    assert!(CpuAdamax::<bf16>::new(sr, &[&[bf16::ONE][..]]).is_ok());
+    // 8-bit state is for every type.
+    let q8 = config(precision(ParamMode::Master, StateFormat::Blockwise8));
+    assert!(CpuAdamax::<f32>::new(q8, &[&[1.0f32][..]]).is_ok());
+    assert!(CpuAdamax::<f16>::new(q8, &[&[f16::ONE][..]]).is_ok());
+}
+
+#[test]
+fn state_takes_the_bytes_each_mode_promises() {
+    let n = 1000;
+    let sizes = |p: Precision| {
+        let (_, opt) = run::<bf16>(p, n, 1);
+        let t = &opt.tensor_states()[0];
+        4 * (t.exp_avg.len()
+            + t.exp_inf.len()
+            + t.master.len()
+            + t.exp_avg_q8.scales.len()
+            + t.exp_inf_q8.scales.len())
+            + t.exp_avg_q8.codes.len()
+            + t.exp_inf_q8.codes.len()
+    };
+    let blocks = n.div_ceil(QBLOCK);
+    assert_eq!(
+        sizes(precision(ParamMode::Master, StateFormat::F32)),
+        12 * n
+    );
+    assert_eq!(
+        sizes(precision(ParamMode::Stochastic, StateFormat::F32)),
+        8 * n
+    );
+    assert_eq!(
+        sizes(precision(ParamMode::Master, StateFormat::Blockwise8)),
+        6 * n + 8 * blocks
+    );
+    assert_eq!(
+        sizes(precision(ParamMode::Stochastic, StateFormat::Blockwise8)),
+        2 * n + 8 * blocks
+    );
+}
+
+#[test]
+fn a_run_is_reproducible_from_its_seed_and_changes_with_it() {
+    let p = precision(ParamMode::Stochastic, StateFormat::Blockwise8);
+    let bits = |w: &[bf16]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (a, oa) = run::<bf16>(p, 700, 6);
+    let (b, ob) = run::<bf16>(p, 700, 6);
+    assert_eq!(bits(&a), bits(&b));
+    assert_eq!(oa.checkpoint().unwrap(), ob.checkpoint().unwrap());
+    let (c, _) = run::<bf16>(Precision { seed: 43, ..p }, 700, 6);
+    assert_ne!(bits(&a), bits(&c));
+}
+
+#[test]
+fn stochastic_rounding_is_unbiased_where_nearest_rounding_loses_the_update() {
+    // 2^16 copies of one parameter, one step. The f32 reference gives the exact
+    // result; its bf16 round-to-nearest is the old value (the update is below half an
+    // ulp), while the mean of the stochastically rounded copies is the f32 result.
+    let n = 1 << 16;
+    let start = bf16::from_f32(1.0);
+    let cfg = |p| AdamaxConfig {
+        lr: 1e-3,
+        precision: p,
+        ..AdamaxConfig::default()
+    };
+    let grads = vec![bf16::from_f32(0.5); n];
+    let mut exact = vec![1.0f32];
+    let mut reference = CpuAdamax::new(cfg(Precision::default()), &[&exact]).unwrap();
+    reference.step(&mut [&mut exact], &[&[0.5]]).unwrap();
+    assert_eq!(
+        exact[0],
+        1.0 - 1e-3,
+        "the reference's first step is -lr * sign(g)"
+    );
+    assert_eq!(
+        bf16::from_f32(exact[0]),
+        start,
+        "nearest rounding loses this update"
+    );
+
+    let mut w = vec![start; n];
+    let sr = precision(ParamMode::Stochastic, StateFormat::F32);
+    let mut opt = CpuAdamax::new(cfg(sr), &[&w]).unwrap();
+    opt.step(&mut [&mut w], &[&grads]).unwrap();
+    let mean = w.iter().map(|x| f64::from(x.to_f32())).sum::<f64>() / n as f64;
+    // Each copy lands on 1 - 2^-8 or 1 with p = 0.256; the mean's standard error is
+    // 2^-8 * sqrt(p(1-p)/n) = 6.7e-6.
+    assert!((mean - f64::from(exact[0])).abs() < 4e-5, "mean {mean}");
+}
+
+#[test]
+fn the_first_8_bit_step_equals_the_f32_step_and_later_steps_stay_close() {
+    let n = 1000;
+    let (w32, _) = run::<f32>(Precision::default(), n, 1);
+    let (w8, _) = run::<f32>(precision(ParamMode::Master, StateFormat::Blockwise8), n, 1);
+    let bits = |w: &[f32]| w.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(&w32),
+        bits(&w8),
+        "zero state decodes exactly; the step uses f32 values"
+    );
+    let steps = 200;
+    let (w32, _) = run::<f32>(Precision::default(), n, steps);
+    let (w8, o8) = run::<f32>(
+        precision(ParamMode::Master, StateFormat::Blockwise8),
+        n,
+        steps,
+    );
+    // lr 1e-2 for 200 steps moves each parameter by up to 2; 8-bit state changes
+    // each step's size by a few percent at most.
+    let worst = w32
+        .iter()
+        .zip(&w8)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < 0.05, "largest difference {worst}");
+    let t = &o8.tensor_states()[0];
+    assert!(t.exp_avg.is_empty() && t.exp_inf.is_empty());
+}
+
+#[test]
+fn the_8_bit_infinity_norm_decays_at_the_f32_rate_on_average() {
+    // After one large gradient, zero gradients: u decays by beta2 each step. Nearest
+    // rounding would keep it at its first value; unbiased rounding follows beta2^t.
+    let n = QBLOCK;
+    let p = precision(ParamMode::Master, StateFormat::Blockwise8);
+    let mut w = vec![0.0f32; n];
+    let mut opt = CpuAdamax::new(config(p), &[&w]).unwrap();
+    // Element 0 holds the block's scale (exact); the others are 0.5 of it.
+    let mut g = vec![0.5f32; n];
+    g[0] = 1.0;
+    opt.step(&mut [&mut w], &[&g]).unwrap();
+    let zeros = vec![0.0f32; n];
+    for _ in 0..500 {
+        opt.step(&mut [&mut w], &[&zeros]).unwrap();
+    }
+    let u = opt.tensor_states()[0].exp_inf_q8.to_f32(EXP_INF_CODE);
+    let expected = 0.5 * 0.999f64.powi(500);
+    let mean = u[1..].iter().map(|&x| f64::from(x)).sum::<f64>() / (n - 1) as f64;
+    assert!(
+        (mean / expected - 1.0).abs() < 0.02,
+        "mean {mean}, f32 rate {expected}"
+    );
+}
+
+#[test]
+fn a_low_byte_run_resumes_from_its_checkpoint_bit_for_bit() {
+    for p in [
+        precision(ParamMode::Stochastic, StateFormat::F32),
+        precision(ParamMode::Stochastic, StateFormat::Blockwise8),
+        precision(ParamMode::Master, StateFormat::Blockwise8),
+    ] {
+        let (mut w, mut a) = run::<bf16>(p, 600, 4);
+        let ck = Checkpoint::from_bytes(&a.checkpoint().unwrap().to_bytes().unwrap()).unwrap();
+        assert_eq!(ck, a.checkpoint().unwrap(), "{p:?}: file round trip");
+        let mut w2 = w.clone();
+        let mut b = CpuAdamax::<bf16>::new(
+            AdamaxConfig {
+                precision: p,
+                ..AdamaxConfig::default()
+            },
+            &[&w2],
+        )
+        .unwrap();
+        b.restore(&ck).unwrap();
+        let g: Vec<bf16> = (0..600).map(|i| bf16::from_f32((i as f32).sin())).collect();
+        a.step(&mut [&mut w], &[&g]).unwrap();
+        b.step(&mut [&mut w2], &[&g]).unwrap();
+        assert_eq!(w, w2, "{p:?}: parameters after resume");
+        assert_eq!(
+            a.checkpoint().unwrap(),
+            b.checkpoint().unwrap(),
+            "{p:?}: state after resume"
+        );
+    }
+}
+
+#[test]
+fn restore_refuses_another_storage_mode_and_convert_state_maps_to_pytorchs_names() {
+    let q8 = precision(ParamMode::Master, StateFormat::Blockwise8);
+    let (_, a) = run::<f32>(q8, 300, 3);
+    let ck = a.checkpoint().unwrap();
+    let w = vec![0.0f32; 300];
+    let mut plain = CpuAdamax::new(AdamaxConfig::default(), &[&w]).unwrap();
+    let before = plain.checkpoint().unwrap();
+    assert!(matches!(plain.restore(&ck), Err(Error::Checkpoint { .. })));
+    assert_eq!(
+        plain.checkpoint().unwrap(),
+        before,
+        "a refused restore changes nothing"
+    );
+
+    // 8-bit -> f32 decodes exactly: PyTorch's exp_avg/exp_inf.
+    let f = ck.convert_state(StateFormat::F32).unwrap();
+    let t = &ck.tensors[0];
+    assert_eq!(f.tensors[0].exp_avg, t.exp_avg_q8.to_f32(EXP_AVG_CODE));
+    assert_eq!(f.tensors[0].exp_inf, t.exp_inf_q8.to_f32(EXP_INF_CODE));
+    plain.restore(&f).unwrap();
+    let bytes = f.to_bytes().unwrap();
+    let names = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap()
+        .names()
+        .len();
+    assert_eq!(names, 3, "exp_avg, exp_inf and step, as PyTorch names them");
+    // ... and back: decoded values are codes times the same scales, so nearest
+    // rounding finds the same codes.
+    let back = f.convert_state(StateFormat::Blockwise8).unwrap();
+    assert_eq!(back.tensors[0].exp_avg_q8, t.exp_avg_q8);
+    assert_eq!(back.tensors[0].exp_inf_q8, t.exp_inf_q8);
+}
+
+#[test]
+fn invalid_8_bit_state_is_refused_on_save_and_load() {
+    let q8 = precision(ParamMode::Master, StateFormat::Blockwise8);
+    let (_, a) = run::<f32>(q8, 300, 2);
+    let good = a.checkpoint().unwrap();
+    let mut bad_code = good.clone();
+    bad_code.tensors[0].exp_inf_q8.codes[5] = 241;
+    let mut bad_scale = good.clone();
+    bad_scale.tensors[0].exp_inf_q8.scales[1] = f32::NAN;
+    let mut short = good.clone();
+    short.tensors[0].exp_avg_q8.scales.pop();
+    let mut mixed = good.clone();
+    mixed.tensors[0].exp_avg = vec![0.0; 300];
+    for (what, ck) in [
+        ("code", bad_code),
+        ("scale", bad_scale),
+        ("short", short),
+        ("mixed", mixed),
+    ] {
+        assert!(
+            matches!(ck.validate(), Err(Error::Checkpoint { .. })),
+            "{what}"
+        );
+        assert!(
+            matches!(ck.to_bytes(), Err(Error::Checkpoint { .. })),
+            "{what}"
+        );
+    }
+}
+
+#[test]
+fn a_state_made_for_another_mode_is_refused_by_the_spec() {
+    let w = vec![1.0f32; 10];
+    let mut p = w.clone();
+    let mut st = adamax_cuda::TensorState::new(&w);
+    let s = adamax_cuda::cpu::StepScalars::new(&AdamaxConfig::default(), 1);
+    let q8 = precision(ParamMode::Master, StateFormat::Blockwise8);
+    let err = adamax_cuda::cpu::step_tensor(&s, &q8, 0, &mut p, &[0.1; 10], &mut st);
+    assert!(matches!(err, Err(Error::LengthMismatch { .. })), "{err:?}");
+    assert_eq!(p, w, "nothing written");
+}
