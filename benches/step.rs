@@ -1,7 +1,8 @@
 //! Step throughput: f32, and f16/bf16 with f32 master weights, as one flat tensor and
 //! as GPT-2 small's 148 parameter tensors, beside a device-to-device copy of the same
-//! bytes (the ceiling of a memory-bound step), plus NVRTC compile and construction cost
-//! and the CPU reference.
+//! bytes (the ceiling of a memory-bound step); every storage mode (stochastic rounding,
+//! 8-bit state) beside a copy of the bytes it moves; plus NVRTC compile and
+//! construction cost and the CPU reference.
 //!
 //! Bytes moved per element, the figure behind every GB/s: f32 reads param, grad, m, u
 //! and writes param, m, u: 7 x 4 = 28 bytes. f16/bf16 with master weights read grad (2),
@@ -23,7 +24,9 @@ use adamax_cuda::{
     cuda::{self, cudarc::driver::CudaStream, CudaAdamax, GpuStorage},
     f16, AdamaxConfig, Optimizer,
 };
-use common::{copy_buffers, sets_needed, shapes, timed, values, Set, BYTES_PER_ELEMENT};
+use common::{
+    copy_buffers, copy_buffers_of, sets_needed, shapes, timed, values, Set, BYTES_PER_ELEMENT,
+};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 fn bench_storage<T: GpuStorage>(c: &mut Criterion, stream: &Arc<CudaStream>) {
@@ -119,6 +122,105 @@ fn bench_features(c: &mut Criterion, stream: &Arc<CudaStream>) {
         })
     });
     group.finish();
+}
+
+/// The storage modes at 2^26 elements (DRAM resident), each beside a device-to-device
+/// copy of the bytes it moves per element (the 8-bit modes also move two f32 scales,
+/// read and written, per 256 elements: 1/16 byte more), and the device memory each
+/// optimizer allocates, read from the driver before and after construction (printed
+/// as bytes of state per parameter).
+fn bench_modes(c: &mut Criterion, stream: &Arc<CudaStream>) {
+    use adamax_cuda::{ParamMode as P, StateFormat as S};
+    let mut group = c.benchmark_group("modes_2^26");
+    group.sample_size(20);
+    // Bytes moved per element, x 16.
+    bench_mode::<f32>(&mut group, stream, "f32", P::Master, S::F32, 28 * 16);
+    bench_mode::<f32>(
+        &mut group,
+        stream,
+        "f32_q8",
+        P::Master,
+        S::Blockwise8,
+        16 * 16 + 1,
+    );
+    bench_mode::<bf16>(
+        &mut group,
+        stream,
+        "bf16_master",
+        P::Master,
+        S::F32,
+        28 * 16,
+    );
+    bench_mode::<bf16>(
+        &mut group,
+        stream,
+        "bf16_sr",
+        P::Stochastic,
+        S::F32,
+        22 * 16,
+    );
+    bench_mode::<bf16>(
+        &mut group,
+        stream,
+        "bf16_master_q8",
+        P::Master,
+        S::Blockwise8,
+        16 * 16 + 1,
+    );
+    bench_mode::<bf16>(
+        &mut group,
+        stream,
+        "bf16_sr_q8",
+        P::Stochastic,
+        S::Blockwise8,
+        10 * 16 + 1,
+    );
+    group.finish();
+}
+
+/// One storage mode of [`bench_modes`]: two optimizers of 2^26 elements (rotated), the
+/// device memory they allocate, the step, and the copy of the same bytes.
+fn bench_mode<T: GpuStorage>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    stream: &Arc<CudaStream>,
+    name: &str,
+    params: adamax_cuda::ParamMode,
+    state: adamax_cuda::StateFormat,
+    bytes16: u64,
+) {
+    let n: u64 = 1 << 26;
+    let config = AdamaxConfig {
+        precision: adamax_cuda::Precision {
+            params,
+            state,
+            seed: 1,
+        },
+        ..AdamaxConfig::default()
+    };
+    let free = || stream.context().mem_get_info().map_or(0, |(f, _)| f as i64);
+    let before = free();
+    let mut sets: Vec<Set<T>> = (0..2)
+        .map(|i| Set::with_config(stream, &[n as usize], i, config))
+        .collect();
+    // Less the parameters and gradients the sets hold themselves.
+    let param_and_grad = 2.0 * std::mem::size_of::<T>() as f64;
+    let state_bytes = (before - free()) as f64 / 2.0 / n as f64 - param_and_grad;
+    eprintln!("modes_2^26/{name}: {state_bytes:.3} bytes of device state per parameter");
+    let bytes = n * bytes16 / 16;
+    group.throughput(Throughput::Bytes(bytes));
+    group.bench_function(BenchmarkId::new("adamax", name), |b| {
+        b.iter_custom(|iters| timed(stream, iters, |i| sets[i % 2].step()))
+    });
+    drop(sets);
+    let (src, mut dst) = copy_buffers_of(stream, n, bytes);
+    group.bench_function(BenchmarkId::new("d2d_copy_same_bytes", name), |b| {
+        b.iter_custom(|iters| {
+            timed(stream, iters, |i| {
+                let j = i % src.len();
+                stream.memcpy_dtod(&src[j], &mut dst[j]).expect("copy");
+            })
+        })
+    });
 }
 
 /// Latency of small steps, back to back (criterion's `iter_custom` with the stream
@@ -218,6 +320,7 @@ fn gpu(c: &mut Criterion) {
     bench_storage::<f16>(c, &stream);
     bench_storage::<bf16>(c, &stream);
     bench_features(c, &stream);
+    bench_modes(c, &stream);
     bench_latency(c, &stream);
     // Construction once the kernels are compiled and cached in the process.
     let p = stream

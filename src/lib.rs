@@ -23,6 +23,10 @@
 //!   work does not grow with their number.
 //! - [`cpu::CpuAdamax`]: the reference, usable as a CPU fallback.
 //! - [`AdamaxConfig`]: hyperparameters; [`Default`] is PyTorch's `torch.optim.Adamax`.
+//! - [`Precision`]: storage modes that move fewer bytes: bf16 parameters rounded
+//!   stochastically without a master ([`ParamMode::Stochastic`]) and 8-bit blockwise
+//!   moments ([`StateFormat::Blockwise8`]), specified in [`cpu::lowbit`]. These kernels
+//!   compile for every supported architecture but **have not run on a GPU yet**.
 //! - [`Checkpoint`]: the whole state as a checksummed safetensors file with PyTorch's
 //!   names.
 //!

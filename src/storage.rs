@@ -1,5 +1,7 @@
 //! Parameter storage types. The arithmetic is always f32; 16-bit parameters carry an
-//! f32 master copy that the optimizer steps, and the 16-bit copy is rewritten from it.
+//! f32 master copy that the optimizer steps, and the 16-bit copy is rewritten from it
+//! (unless bf16 parameters are rounded stochastically without one:
+//! [`ParamMode::Stochastic`](crate::ParamMode::Stochastic)).
 
 use half::{bf16, f16};
 
@@ -34,7 +36,8 @@ impl StorageType {
         }
     }
 
-    /// Whether parameters of this type carry f32 master weights.
+    /// Whether parameters of this type carry f32 master weights in the default
+    /// [`ParamMode::Master`](crate::ParamMode::Master).
     pub const fn has_master(self) -> bool {
         !matches!(self, StorageType::F32)
     }
@@ -67,7 +70,7 @@ pub trait Storage:
     const TYPE: StorageType;
     /// Suffix of the kernel entry points for this type (`adamax_step_f32`, ...).
     const NAME: &'static str = Self::TYPE.as_str();
-    /// Whether parameters of this type carry f32 master weights.
+    /// Whether parameters of this type carry f32 master weights (in the default mode).
     const HAS_MASTER: bool = Self::TYPE.has_master();
     /// Exact widening to f32.
     fn to_f32(self) -> f32;

@@ -76,6 +76,15 @@ pub struct Set<T: GpuStorage> {
 
 impl<T: GpuStorage> Set<T> {
     pub fn new(stream: &Arc<CudaStream>, lens: &[usize], seed: u32) -> Self {
+        Self::with_config(stream, lens, seed, AdamaxConfig::default())
+    }
+
+    pub fn with_config(
+        stream: &Arc<CudaStream>,
+        lens: &[usize],
+        seed: u32,
+        config: AdamaxConfig,
+    ) -> Self {
         let upload = |seed, scale| -> Vec<CudaSlice<T>> {
             lens.iter()
                 .map(|&n| {
@@ -86,7 +95,7 @@ impl<T: GpuStorage> Set<T> {
                 .collect()
         };
         let (params, grads) = (upload(seed, 1.0), upload(seed + 1, 0.01));
-        let opt = CudaAdamax::new(stream, AdamaxConfig::default(), &params).expect("optimizer");
+        let opt = CudaAdamax::new(stream, config, &params).expect("optimizer");
         Self { opt, params, grads }
     }
 
@@ -106,7 +115,17 @@ pub fn copy_buffers(
     stream: &Arc<CudaStream>,
     elements: u64,
 ) -> (Vec<CudaSlice<f32>>, Vec<CudaSlice<f32>>) {
-    let len = (elements * BYTES_PER_ELEMENT / 2 / 4) as usize;
+    copy_buffers_of(stream, elements, elements * BYTES_PER_ELEMENT)
+}
+
+/// Copy buffers that move `bytes` in all (half read, half written), rotated as a step
+/// over `elements` is.
+pub fn copy_buffers_of(
+    stream: &Arc<CudaStream>,
+    elements: u64,
+    bytes: u64,
+) -> (Vec<CudaSlice<f32>>, Vec<CudaSlice<f32>>) {
+    let len = (bytes / 2 / 4) as usize;
     let alloc = || -> Vec<CudaSlice<f32>> {
         (0..sets_needed(elements))
             .map(|_| stream.alloc_zeros::<f32>(len).expect("alloc"))

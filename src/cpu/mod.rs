@@ -277,22 +277,19 @@ pub(crate) fn step_tensor_with<T: Storage>(
     precision.check_storage(T::TYPE)?;
     let n = param.len();
     let q8 = precision.state == StateFormat::Blockwise8;
-    let blocks = if q8 { n.div_ceil(QBLOCK) } else { 0 };
-    let f32_state = if q8 { 0 } else { n };
+    // Each part's expected length: one value per element (or block) in the parts the
+    // modes use, none in the others.
+    let (f32_state, codes, blocks) = if q8 {
+        (0, n, n.div_ceil(QBLOCK))
+    } else {
+        (n, 0, 0)
+    };
     let checks = [
         ("grad", grad.len(), n),
         ("exp_avg", state.exp_avg.len(), f32_state),
         ("exp_inf", state.exp_inf.len(), f32_state),
-        (
-            "exp_avg codes",
-            state.exp_avg_q8.codes.len(),
-            blocks.min(1) * n,
-        ),
-        (
-            "exp_inf codes",
-            state.exp_inf_q8.codes.len(),
-            blocks.min(1) * n,
-        ),
+        ("exp_avg codes", state.exp_avg_q8.codes.len(), codes),
+        ("exp_inf codes", state.exp_inf_q8.codes.len(), codes),
         ("exp_avg scales", state.exp_avg_q8.scales.len(), blocks),
         ("exp_inf scales", state.exp_inf_q8.scales.len(), blocks),
         (

@@ -45,8 +45,10 @@ impl GpuStorage for half::bf16 {}
 /// is one kernel launch. The shared API is the [`Optimizer`] trait.
 ///
 /// Owns the device memory it allocates: `exp_avg` (m) and `exp_inf` (u) for every
-/// tensor, and for 16-bit `T` the f32 master weights, initialised from the parameters
-/// at construction. Parameters and gradients stay in the caller's buffers; a step checks
+/// tensor (or, with [`StateFormat::Blockwise8`](crate::StateFormat::Blockwise8), their
+/// 8-bit codes and block scales), and for 16-bit `T` kept with a master
+/// ([`ParamMode::Master`](crate::ParamMode::Master), the default) the f32 master
+/// weights, initialised from the parameters at construction. Parameters and gradients stay in the caller's buffers; a step checks
 /// their count, lengths and device, then enqueues its kernels on the optimizer's stream
 /// without synchronising the host: the update of every tensor in one launch, which also
 /// counts the step on the device (plus, with the overflow check or clipping of

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The training-quality table of the storage modes (BENCHMARKS.md): exports
+# scikit-learn's bundled digits, then trains with the CPU reference in every mode and
+# writes docs/quality/{quality.md,quality.json,quality.svg}. Needs Python 3 and cargo;
+# scikit-learn is installed into a virtual environment under ~/.cache. About 5 minutes
+# on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${HOME}/.cache/adamax-cuda-quality/venv"
+if [ ! -x "${venv}/bin/python" ]; then
+  python3 -m venv "${venv}"
+  "${venv}/bin/pip" install --quiet scikit-learn
+fi
+data="$(mktemp -d)/digits.csv"
+"${venv}/bin/python" scripts/export_digits.py "${data}"
+cargo run --release --example quality -- "${data}" docs/quality
