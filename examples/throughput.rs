@@ -1,7 +1,8 @@
 //! Step throughput as JSON lines, for scripts/torch_side_by_side.py to print beside
 //! PyTorch's optimizers: `cargo run --release --example throughput`.
 //!
-//! Same shapes, byte count (28 per element) and L2-defeating rotation as the criterion
+//! Same shapes, byte counts (28 per element in the default modes; 22, 16.06 and 10.06 in
+//! the storage modes that move fewer bytes) and L2-defeating rotation as the criterion
 //! bench (benches/step.rs); timed with CUDA events around 50 steps after 10 of warm-up,
 //! median of 5, beside a device-to-device copy of the same bytes in the same run.
 
@@ -17,9 +18,9 @@ use adamax_cuda::{
         cudarc::driver::{sys::CUevent_flags, CudaStream},
         GpuStorage,
     },
-    f16, Error,
+    f16, AdamaxConfig, Error, ParamMode, Precision, StateFormat,
 };
-use common::{copy_buffers, sets_needed, shapes, Set, BYTES_PER_ELEMENT};
+use common::{copy_buffers_of, sets_needed, shapes, Set};
 
 const WARMUP: usize = 10;
 const ITERS: usize = 50;
@@ -51,26 +52,43 @@ fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut(usize)) -> Result<f64, Er
     Ok(samples[REPEATS / 2])
 }
 
-fn run<T: GpuStorage>(stream: &Arc<CudaStream>) -> Result<(), Error> {
+/// Every shape in one storage mode, labelled `label`, moving `bytes16 / 16` bytes per
+/// element.
+fn run<T: GpuStorage>(
+    stream: &Arc<CudaStream>,
+    label: &str,
+    params: ParamMode,
+    state: StateFormat,
+    bytes16: u64,
+) -> Result<(), Error> {
+    let config = AdamaxConfig {
+        precision: Precision {
+            params,
+            state,
+            seed: 1,
+        },
+        ..AdamaxConfig::default()
+    };
     for (name, lens) in shapes() {
         let n: u64 = lens.iter().map(|&x| x as u64).sum();
         let mut sets: Vec<Set<T>> = (0..sets_needed(n))
-            .map(|i| Set::new(stream, &lens, i as u32))
+            .map(|i| Set::with_config(stream, &lens, i as u32, config))
             .collect();
         let k = sets.len();
         let step_ms = time_ms(stream, |i| sets[i % k].step())?;
         drop(sets);
-        let (src, mut dst) = copy_buffers(stream, n);
+        let bytes = n * bytes16 / 16;
+        let (src, mut dst) = copy_buffers_of(stream, n, bytes);
         let copy_ms = time_ms(stream, |i| {
             stream
                 .memcpy_dtod(&src[i % k], &mut dst[i % k])
                 .expect("copy");
         })?;
-        let bytes = (n * BYTES_PER_ELEMENT) as f64;
+        let bytes = bytes as f64;
         println!(
-            "{{\"impl\":\"adamax-cuda\",\"storage\":\"{}\",\"shape\":\"{name}\",\"tensors\":{},\"elements\":{n},\"ms\":{step_ms:.5},\"gbps\":{:.1},\"copy_ms\":{copy_ms:.5},\"copy_gbps\":{:.1},\"ratio_to_copy\":{:.3}}}",
-            T::NAME,
+            "{{\"impl\":\"adamax-cuda\",\"storage\":\"{label}\",\"shape\":\"{name}\",\"tensors\":{},\"elements\":{n},\"bytes_per_element\":{:.4},\"ms\":{step_ms:.5},\"gbps\":{:.1},\"copy_ms\":{copy_ms:.5},\"copy_gbps\":{:.1},\"ratio_to_copy\":{:.3}}}",
             lens.len(),
+            bytes16 as f64 / 16.0,
             bytes / step_ms / 1e6,
             bytes / copy_ms / 1e6,
             copy_ms / step_ms
@@ -88,7 +106,12 @@ fn main() -> Result<(), Error> {
         }
     };
     eprintln!("GPU: {}", stream.context().name().unwrap_or_default());
-    run::<f32>(&stream)?;
-    run::<f16>(&stream)?;
-    run::<bf16>(&stream)
+    use {ParamMode::*, StateFormat::*};
+    run::<f32>(&stream, "f32", Master, F32, 28 * 16)?;
+    run::<f16>(&stream, "f16", Master, F32, 28 * 16)?;
+    run::<bf16>(&stream, "bf16", Master, F32, 28 * 16)?;
+    run::<bf16>(&stream, "bf16_sr", Stochastic, F32, 22 * 16)?;
+    run::<f32>(&stream, "f32_q8", Master, Blockwise8, 16 * 16 + 1)?;
+    run::<bf16>(&stream, "bf16_q8", Master, Blockwise8, 16 * 16 + 1)?;
+    run::<bf16>(&stream, "bf16_sr_q8", Stochastic, Blockwise8, 10 * 16 + 1)
 }

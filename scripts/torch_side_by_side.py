@@ -13,7 +13,10 @@ shape; and a device-to-device copy of the same bytes. GB/s counts the bytes the 
 must move, 28 per element, for every implementation: AdaMax reads param, grad, m, u and
 writes param, m, u; Adam reads param, grad, exp_avg, exp_avg_sq and writes param,
 exp_avg, exp_avg_sq, also 7 x 4 bytes. The crate's rows come from --crate-bin, which
-prints JSON lines measured the same way (examples/throughput.rs).
+prints JSON lines measured the same way (examples/throughput.rs), including its storage
+modes that move fewer bytes (bf16_sr: 22, f32_q8 and bf16_q8: 16.06, bf16_sr_q8: 10.06
+per element; their ratio is to a copy of their own bytes, and the ms column compares
+them with PyTorch per parameter).
 
 The compiled step follows PyTorch's recipe (a function around opt.step() under
 torch.compile). Every rotated set is a different optimizer object, so Dynamo compiles
@@ -162,13 +165,14 @@ def main():
                              copy_ms=copy_ms[name], ratio_to_copy=copy_ms[name] / ms))
             del step
             torch.cuda.empty_cache()
-    print(f"| implementation | storage | shape | tensors | ms | GB/s | ratio to copy |")
-    print(f"| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| implementation | storage | shape | tensors | bytes/element | ms | GB/s | ratio to copy |")
+    print(f"| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(rows, key=lambda r: (r["shape"], r["storage"], r["ms"])):
-        print(f"| {r['impl']} | {r['storage']} | {r['shape']} | {r['tensors']} | {r['ms']:.4f} | "
+        print(f"| {r['impl']} | {r['storage']} | {r['shape']} | {r['tensors']} | "
+              f"{r.get('bytes_per_element', BYTES_PER_ELEMENT):g} | {r['ms']:.4f} | "
               f"{r['gbps']:.0f} | {r['ratio_to_copy']:.3f} |")
     for f in failed:
-        print(f"| {f.split()[0]} | f32 | {f.split()[1]} | | compile failed: not timed | | |")
+        print(f"| {f.split()[0]} | f32 | {f.split()[1]} | | | compile failed: not timed | | |")
     json.dump(rows, sys.stderr)
 
 
