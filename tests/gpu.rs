@@ -2,8 +2,8 @@
 //! visible GPU every test is reported as ignored (never as passed).
 //!
 //! Every run uses fresh random data (the seed is printed; set `ADAMAX_TEST_SEED` to
-//! replay one) and poisons the 16-bit parameter copies with NaN before each step, so a
-//! kernel that skips an element cannot pass.
+//! replay one) and poisons the 16-bit parameter copies with NaN before each step where
+//! a master makes them output only, so a kernel that skips an element cannot pass.
 
 mod common;
 
