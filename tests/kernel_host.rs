@@ -193,7 +193,7 @@ fn interesting(rng: &mut StdRng) -> Vec<f32> {
 }
 
 fn helpers_match_the_spec(cxx: &str) -> Result<(), Failed> {
-    let mut rng = StdRng::seed_from_u64(0x0C0D_E5);
+    let mut rng = StdRng::seed_from_u64(0xC0DE5);
     let mut commands = String::new();
     let mut expected: Vec<(String, u64)> = Vec::new();
     let mut add = |cmd: String, want: u64| {
