@@ -440,6 +440,8 @@ fn invalid_8_bit_state_is_refused_on_save_and_load() {
     bad_code.tensors[0].exp_inf_q8.codes[5] = 241;
     let mut bad_scale = good.clone();
     bad_scale.tensors[0].exp_inf_q8.scales[1] = f32::NAN;
+    let mut infinite_scale = good.clone();
+    infinite_scale.tensors[0].exp_avg_q8.scales[0] = f32::INFINITY;
     let mut short = good.clone();
     short.tensors[0].exp_avg_q8.scales.pop();
     let mut mixed = good.clone();
@@ -447,6 +449,7 @@ fn invalid_8_bit_state_is_refused_on_save_and_load() {
     for (what, ck) in [
         ("code", bad_code),
         ("scale", bad_scale),
+        ("infinite scale", infinite_scale),
         ("short", short),
         ("mixed", mixed),
     ] {

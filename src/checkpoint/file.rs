@@ -42,11 +42,7 @@ impl Data {
         }
     }
 
-    pub(super) fn view_dtype(&self) -> Dtype {
-        self.dtype()
-    }
-
-    fn dtype(&self) -> Dtype {
+    pub(super) fn dtype(&self) -> Dtype {
         match self {
             Data::F32(_) => Dtype::F32,
             Data::U8(_) => Dtype::U8,

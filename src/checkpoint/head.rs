@@ -232,7 +232,8 @@ impl Part {
     ];
 
     /// Refuses values of this part that no valid state holds: a negative or NaN
-    /// infinity norm (or its scale), a code the encoder cannot produce.
+    /// infinity norm, a negative or non-finite scale of it, a negative or infinite scale
+    /// of the first moment, a code the encoder cannot produce.
     pub(super) fn check(self, tensor: usize, data: View<'_>) -> Result<()> {
         let never = |what: &str, j: usize, v: String| {
             Err(refuse(format!(
@@ -240,19 +241,27 @@ impl Part {
             )))
         };
         match (self, data) {
-            (Part::ExpInf | Part::ExpInfScales, View::F32(v)) => {
-                match v.iter().position(|u| u.is_nan() || *u < 0.0) {
+            (Part::ExpInf, View::F32(v)) => match v.iter().position(|u| u.is_nan() || *u < 0.0) {
+                Some(j) => never(self.suffix(), j, v[j].to_string()),
+                None => Ok(()),
+            },
+            (Part::ExpInfScales, View::F32(v)) => {
+                match v.iter().position(|u| !u.is_finite() || *u < 0.0) {
                     Some(j) => never(self.suffix(), j, v[j].to_string()),
                     None => Ok(()),
                 }
             }
-            (Part::ExpAvgScales, View::F32(v)) => match v.iter().position(|s| *s < 0.0) {
-                Some(j) => Err(refuse(format!(
-                    "exp_avg_q8_scale[{j}] of tensor {tensor} is {}; a block's scale is its largest magnitude, never negative",
-                    v[j]
-                ))),
-                None => Ok(()),
-            },
+            // NaN marks a block poisoned by a non-finite value; an infinite scale is
+            // never written (encode_block marks those NaN).
+            (Part::ExpAvgScales, View::F32(v)) => {
+                match v.iter().position(|s| *s < 0.0 || s.is_infinite()) {
+                    Some(j) => Err(refuse(format!(
+                        "exp_avg_q8_scale[{j}] of tensor {tensor} is {}; a block's scale is its largest magnitude, finite and never negative",
+                        v[j]
+                    ))),
+                    None => Ok(()),
+                }
+            }
             (Part::ExpAvgCodes | Part::ExpInfCodes, View::U8(v)) => {
                 let code: Code = if self == Part::ExpAvgCodes {
                     EXP_AVG_CODE

@@ -122,10 +122,10 @@ impl Checkpoint {
                     shape.map_or("1-D".to_owned(), |s| format!("{s:?}"))
                 )));
             }
-            if t.data.view_dtype() != entry.dtype() {
+            if t.data.dtype() != entry.dtype() {
                 return Err(refuse(format!(
                     "`{name}` is {:?}, expected {:?}",
-                    t.data.view_dtype(),
+                    t.data.dtype(),
                     entry.dtype()
                 )));
             }
