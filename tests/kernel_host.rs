@@ -1,13 +1,21 @@
-//! The kernel's low-byte helpers (`kernels/adamax.cu`: the random stream, stochastic
-//! rounding to bf16, the 8-bit codes and block scales), compiled for the host with the
-//! system's C++ compiler, against their spec in `src/cpu/lowbit.rs`, on edge cases and
-//! random inputs. A check of the CUDA code that needs no GPU: the helpers are plain
-//! integer and IEEE f32 arithmetic, which x86-64 (SSE, no contraction) computes as the
-//! GPU does; the intrinsics get host definitions with the same rounding. What it cannot
-//! reach (the memory traversal, warp shuffles) the GPU tests check.
+//! The kernel's low-byte code compiled for the host with the system's C++ compiler,
+//! against its spec in `src/cpu/lowbit.rs` and `src/cpu/mod.rs`. A check of CUDA code
+//! that needs no GPU: the arithmetic is plain integer and IEEE f32/f64, which x86-64
+//! (SSE, no contraction) computes as the GPU does, and the intrinsics get host
+//! definitions with the same rounding.
 //!
-//! Without a C++ compiler the test is reported as ignored, unless `CI` is set: then it
-//! fails.
+//! - The helpers (the random stream, stochastic rounding to bf16, the 8-bit codes and
+//!   block scales) on edge cases and random inputs.
+//! - The element traversal of the low-byte update entry points: a whole 8-bit block
+//!   (`step_q8_block`) on a warp of 32 host threads whose shuffles meet at a barrier,
+//!   and the stochastic-rounding path with f32 moments (`step8_sr`, `step1_sr`), for f32,
+//!   f16 and bf16, whole and partial blocks, vector and element paths, three
+//!   configurations; parameters, masters, codes and scales compared bit for bit with
+//!   `cpu::step_tensor`.
+//!
+//! What it cannot reach (the grid's walk over work units and tensors, the step counters,
+//! real device memory) the GPU tests check. Without a C++ compiler the tests are
+//! reported as ignored, unless `CI` is set: then they fail.
 
 use std::process::{Command, Stdio};
 
@@ -39,7 +47,12 @@ static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline u32 __float2uint_rz(float f) { return (u32)f; }  // only for 0 <= f < 2^32
 static inline float __uint2float_rn(u32 u) { return (float)u; }
-static inline float __shfl_xor_sync(u32, float v, int) { return v; }  // unused here
+"#;
+
+/// The helpers' harness has no warp: `warp_absmax` compiles against a stub it never
+/// calls.
+const NO_WARP: &str = r#"
+static inline float __shfl_xor_sync(u32, float v, int) { return v; }
 "#;
 
 /// Reads commands from stdin, one per line, and prints one result per line.
@@ -82,6 +95,7 @@ fn section(start: &str, end: &str, inclusive: bool) -> Result<String, Failed> {
 fn source() -> Result<String, Failed> {
     Ok([
         SHIM.to_owned(),
+        NO_WARP.to_owned(),
         section(
             "__device__ __forceinline__ u16 narrow(float x, bf16) {",
             "\n}\n",
@@ -98,6 +112,175 @@ fn source() -> Result<String, Failed> {
     .concat())
 }
 
+/// Host definitions for the traversal: the vector types, the f64 intrinsics, f16
+/// conversions through `_Float16` (round to nearest even, as the PTX instructions), and
+/// a warp of 32 threads whose shuffles meet at a barrier.
+const WARP_SHIM: &str = r#"
+#include <barrier>
+#include <cstdint>
+#include <thread>
+#include <vector>
+#define ADAMAX_LAYOUT_CHECKS
+#define ADAMAX_ENTRY_POINTS
+#define ADAMAX_CHUNK 8192
+#define ADAMAX_BLOCK 256
+#define ADAMAX_QBLOCK 256
+#define ADAMAX_FLAG_UNSCALE 1
+#define ADAMAX_FLAG_CLIP 2
+#define ADAMAX_FLAG_CHECK 4
+#define ADAMAX_FLAG_SCALER 8
+#define ADAMAX_SKIP_NONFINITE 1
+#define ADAMAX_SKIP_COUNTER_FULL 2
+#define ADAMAX_EPS_INSIDE_MAX 0
+#define ADAMAX_EPS_DENOMINATOR 1
+#define ADAMAX_DECAY_COUPLED 1
+#define ADAMAX_DECAY_DECOUPLED 2
+#define ADAMAX_MODE_SR 1
+#define ADAMAX_MODE_Q8 2
+#define __INTADDR__(x) 0
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+static inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
+static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __ddiv_rn(double a, double b) { return a / b; }
+static inline double __dsub_rn(double a, double b) { return a - b; }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline float __double2float_rn(double d) { return (float)d; }
+template <typename A> static inline A min(A a, A b) { return a < b ? a : b; }
+static inline float host_f16_to_f32(u16 bits) { _Float16 h; std::memcpy(&h, &bits, 2); return (float)h; }
+static inline u16 host_f32_to_f16(float x) { _Float16 h = (_Float16)x; u16 b; std::memcpy(&b, &h, 2); return b; }
+// One emulated warp: lane ids per thread, shuffles through shared slots.
+static thread_local unsigned g_lane = 0;
+struct ThreadIdx { unsigned x; };
+#define threadIdx (ThreadIdx{g_lane})
+static float g_slots[32];
+static std::barrier<>* g_bar = nullptr;
+static inline float __shfl_xor_sync(unsigned, float v, int off) {
+    g_slots[g_lane] = v;
+    g_bar->arrive_and_wait();
+    const float r = g_slots[g_lane ^ (unsigned)off];
+    g_bar->arrive_and_wait();
+    return r;
+}
+template <typename F> static void warp(F f) {
+    std::barrier<> bar(32);
+    g_bar = &bar;
+    std::vector<std::thread> lanes;
+    for (unsigned l = 0; l < 32; ++l) lanes.emplace_back([=] { g_lane = l; f(); });
+    for (auto& t : lanes) t.join();
+}
+"#;
+
+/// Reads one case (see [`traversal_case`]), steps it with the kernel's code, prints the
+/// parameters, the master, and the moments (f32 bits, or codes and scale bits).
+const WARP_MAIN: &str = r#"
+static u64 next() { u64 v; std::cin >> v; return v; }
+template <typename T, int MODE>
+static void step(const Scalars& sc, TensorDesc t, u64 key, bool aligned) {
+    if constexpr ((MODE & MODE_Q8) != 0) {
+        for (u64 b = 0; b * ADAMAX_QBLOCK < t.len; ++b)
+            warp([&] { step_q8_block<T, MODE>(sc, t, b, key, aligned); });
+    } else {
+        u64 i = 0;
+        if (aligned)
+            for (; i + 8 <= t.len; i += 8) step8_sr<T, MODE>(sc, t, i, key);
+        for (; i < t.len; ++i) step1_sr<T, MODE>(sc, t, i, key);
+    }
+}
+int main() {
+    u64 cases = next();
+    for (u64 c = 0; c < cases; ++c) {
+        const u64 type = next(), mode = next(), n = next(), key = next(), aligned = next();
+        Scalars sc{};
+        sc.beta1 = __uint_as_float((u32)next());
+        sc.one_minus_beta1 = __uint_as_float((u32)next());
+        sc.beta2 = __uint_as_float((u32)next());
+        sc.eps = __uint_as_float((u32)next());
+        sc.step_size = __uint_as_float((u32)next());
+        sc.decay = __uint_as_float((u32)next());
+        sc.eps_mode = next() ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
+        const u64 decay = next();
+        sc.decay_mode = decay == 0 ? DECAY_NONE : decay == 1 ? DECAY_COUPLED : DECAY_DECOUPLED;
+        sc.maximize = (u32)next();
+        sc.flags = 0;
+        const u64 nb = (n + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
+        // 16-byte aligned storage; an unaligned case starts one element in.
+        const u64 off = aligned ? 0 : 1;
+        std::vector<u32> p32(n + 8), g32(n + 8), master(n + 8), m(n + 8), u(n + 8);
+        std::vector<u16> p16(n + 8), g16(n + 8);
+        std::vector<unsigned char> cm(n + 8), cu(n + 8);
+        std::vector<float> sm(nb + 1), su(nb + 1);
+        const bool q8 = (mode & 2) != 0, has_master = type != 0 && (mode & 1) == 0;
+        for (u64 i = 0; i < n; ++i) { if (type == 0) p32[off + i] = (u32)next(); else p16[off + i] = (u16)next(); }
+        for (u64 i = 0; i < n; ++i) { if (type == 0) g32[off + i] = (u32)next(); else g16[off + i] = (u16)next(); }
+        if (has_master) for (u64 i = 0; i < n; ++i) master[i] = (u32)next();
+        if (q8) {
+            for (u64 i = 0; i < n; ++i) cm[i] = (unsigned char)next();
+            for (u64 b = 0; b < nb; ++b) sm[b] = __uint_as_float((u32)next());
+            for (u64 i = 0; i < n; ++i) cu[i] = (unsigned char)next();
+            for (u64 b = 0; b < nb; ++b) su[b] = __uint_as_float((u32)next());
+        } else {
+            for (u64 i = 0; i < n; ++i) m[i] = (u32)next();
+            for (u64 i = 0; i < n; ++i) u[i] = (u32)next();
+        }
+        TensorDesc t{};
+        t.param = type == 0 ? (u64)(p32.data() + off) : (u64)(p16.data() + off);
+        t.grad = type == 0 ? (u64)(g32.data() + off) : (u64)(g16.data() + off);
+        t.master = has_master ? (u64)master.data() : 0;
+        t.exp_avg = q8 ? (u64)cm.data() : (u64)m.data();
+        t.exp_inf = q8 ? (u64)cu.data() : (u64)u.data();
+        t.exp_avg_scale = q8 ? (u64)sm.data() : 0;
+        t.exp_inf_scale = q8 ? (u64)su.data() : 0;
+        t.len = n;
+        t.has_grad = 1;
+        if (type == 0 && mode == 2) step<float, 2>(sc, t, key, aligned);
+        else if (type == 1 && mode == 2) step<bf16, 2>(sc, t, key, aligned);
+        else if (type == 1 && mode == 3) step<bf16, 3>(sc, t, key, aligned);
+        else if (type == 1 && mode == 1) step<bf16, 1>(sc, t, key, aligned);
+        else if (type == 2 && mode == 2) step<f16, 2>(sc, t, key, aligned);
+        else { std::printf("unsupported case\n"); return 1; }
+        for (u64 i = 0; i < n; ++i) std::printf("%u ", type == 0 ? p32[off + i] : (u32)p16[off + i]);
+        if (has_master) for (u64 i = 0; i < n; ++i) std::printf("%u ", master[i]);
+        if (q8) {
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)cm[i]);
+            for (u64 b = 0; b < nb; ++b) std::printf("%u ", __float_as_uint(sm[b]));
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)cu[i]);
+            for (u64 b = 0; b < nb; ++b) std::printf("%u ", __float_as_uint(su[b]));
+        } else {
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", m[i]);
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", u[i]);
+        }
+        std::printf("\n");
+    }
+    return 0;
+}
+"#;
+
+/// The kernel from its first type to the end of the element traversal (no kernels, no
+/// shared memory or atomics), with the f16 conversions' PTX replaced by host ones.
+fn traversal_source() -> Result<String, Failed> {
+    let body = section(
+        "typedef unsigned long long u64;",
+        "// Elements per vector call",
+        false,
+    )?;
+    let f16_in = r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));"#;
+    let f16_out = r#"asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));"#;
+    if !body.contains(f16_in) || !body.contains(f16_out) {
+        return Err("the kernel's f16 conversions changed: update tests/kernel_host.rs".into());
+    }
+    let body = body
+        .replace(f16_in, "f = host_f16_to_f32(bits);")
+        .replace(f16_out, "h = host_f32_to_f16(x);")
+        .replace("typedef unsigned long long u64;\ntypedef unsigned int u32;\ntypedef unsigned short u16;", "")
+        .replace("struct bf16 { u16 bits; };", "");
+    Ok([SHIM, WARP_SHIM, &body, WARP_MAIN].concat())
+}
+
 fn compiler() -> Option<String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
     Command::new(&cxx)
@@ -108,18 +291,21 @@ fn compiler() -> Option<String> {
         .map(|_| cxx)
 }
 
-/// Builds the harness, feeds it `commands`, returns its output lines.
-fn run(cxx: &str, commands: &str) -> Result<Vec<u64>, Failed> {
-    let dir = std::env::temp_dir().join(format!("adamax-kernel-host-{}", std::process::id()));
+/// Builds the harness from `source`, feeds it `commands`, returns its output numbers
+/// (whitespace-separated).
+fn run(cxx: &str, name: &str, source: &str, commands: &str) -> Result<Vec<u64>, Failed> {
+    let dir =
+        std::env::temp_dir().join(format!("adamax-kernel-host-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let (src, exe) = (dir.join("harness.cpp"), dir.join("harness"));
-    std::fs::write(&src, source()?)?;
+    std::fs::write(&src, source)?;
     let built = Command::new(cxx)
         .args([
-            "-std=c++17",
+            "-std=c++20",
             "-O2",
             "-ffp-contract=off",
             "-fno-fast-math",
+            "-pthread",
             "-o",
         ])
         .arg(&exe)
@@ -147,7 +333,7 @@ fn run(cxx: &str, commands: &str) -> Result<Vec<u64>, Failed> {
         .into());
     }
     String::from_utf8(out.stdout)?
-        .lines()
+        .split_whitespace()
         .map(|l| l.parse::<u64>().map_err(|e| format!("`{l}`: {e}").into()))
         .collect()
 }
@@ -272,7 +458,7 @@ fn helpers_match_the_spec(cxx: &str) -> Result<(), Failed> {
         };
         add(format!("scale {}", a.to_bits()), u64::from(want.to_bits()));
     }
-    let got = run(cxx, &commands)?;
+    let got = run(cxx, "helpers", &source()?, &commands)?;
     if got.len() != expected.len() {
         return Err(format!("{} results for {} commands", got.len(), expected.len()).into());
     }
@@ -300,6 +486,214 @@ fn helpers_match_the_spec(cxx: &str) -> Result<(), Failed> {
     Ok(())
 }
 
+/// One traversal case for the harness and the spec's result for it.
+struct Case {
+    input: Vec<u64>,
+    expected: Vec<u64>,
+    what: String,
+}
+
+/// A tensor of `n` elements of storage `T` in `precision`, with random parameters,
+/// gradients (some zero), master and moments (valid codes and scales), stepped once by
+/// the spec as tensor 3 at its step 5; the harness gets the same inputs.
+fn traversal_case<T: adamax_cuda::Storage>(
+    rng: &mut StdRng,
+    precision: adamax_cuda::Precision,
+    config: adamax_cuda::AdamaxConfig,
+    n: usize,
+    aligned: bool,
+) -> Case {
+    use adamax_cuda::{cpu::Decay, EpsilonMode, StateFormat, TensorState};
+    let config = adamax_cuda::AdamaxConfig {
+        precision,
+        ..config
+    };
+    let (tensor, t) = (3usize, 5u64);
+    let s = adamax_cuda::cpu::StepScalars::new(&config, t);
+    let key = lowbit::stream_key(precision.seed, t, tensor as u64);
+    let value = |rng: &mut StdRng, scale: f32| {
+        if rng.random::<f32>() < 0.05 {
+            0.0
+        } else {
+            rng.random_range(-1.0..1.0f32) * scale * 10f32.powf(rng.random_range(-3.0..0.0))
+        }
+    };
+    let mut param: Vec<T> = (0..n).map(|_| T::from_f32(value(rng, 1.0))).collect();
+    let grad: Vec<T> = (0..n).map(|_| T::from_f32(value(rng, 0.1))).collect();
+    let mut state = TensorState::with_precision(&param, &precision);
+    state.step = t - 1;
+    for x in state.master.iter_mut() {
+        *x += value(rng, 1e-3);
+    }
+    let q8 = precision.state == StateFormat::Blockwise8;
+    if q8 {
+        for c in state.exp_avg_q8.codes.iter_mut() {
+            *c = rng.random_range(0..=120u8) | if rng.random() { 0x80 } else { 0 };
+        }
+        for c in state.exp_inf_q8.codes.iter_mut() {
+            *c = rng.random_range(0..=240u8);
+        }
+        for sc in state
+            .exp_avg_q8
+            .scales
+            .iter_mut()
+            .chain(&mut state.exp_inf_q8.scales)
+        {
+            *sc = value(rng, 0.1).abs();
+        }
+    } else {
+        for (m, u) in state.exp_avg.iter_mut().zip(state.exp_inf.iter_mut()) {
+            (*m, *u) = (value(rng, 0.1), value(rng, 0.1).abs());
+        }
+    }
+    let bits = |x: &T| u64::from(x.to_f32().to_bits() >> if T::HAS_MASTER { 16 } else { 0 });
+    let f16_bits = |x: &T| u64::from(half::f16::from_f32(x.to_f32()).to_bits());
+    let storage_bits = |x: &T| match T::TYPE {
+        adamax_cuda::StorageType::F16 => f16_bits(x),
+        _ => bits(x),
+    };
+    let type_id = match T::TYPE {
+        adamax_cuda::StorageType::F32 => 0,
+        adamax_cuda::StorageType::Bf16 => 1,
+        adamax_cuda::StorageType::F16 => 2,
+    };
+    let mode =
+        u64::from(precision.params == adamax_cuda::ParamMode::Stochastic) | if q8 { 2 } else { 0 };
+    let (decay, decay_mode) = match s.decay {
+        Decay::None => (0.0, 0),
+        Decay::Coupled { weight_decay } => (weight_decay, 1),
+        Decay::Decoupled { lr_wd } => (lr_wd, 2),
+    };
+    let mut input = vec![type_id, mode, n as u64, key, u64::from(aligned)];
+    input.extend(
+        [
+            s.beta1,
+            s.one_minus_beta1,
+            s.beta2,
+            s.eps,
+            s.step_size,
+            decay,
+        ]
+        .map(|x| u64::from(x.to_bits())),
+    );
+    input.extend([
+        u64::from(s.eps_mode == EpsilonMode::Denominator),
+        decay_mode,
+        u64::from(s.maximize),
+    ]);
+    let dump =
+        |out: &mut Vec<u64>, param: &[T], state: &TensorState, with_param_input: Option<&[T]>| {
+            out.extend(param.iter().map(storage_bits));
+            if let Some(g) = with_param_input {
+                out.extend(g.iter().map(storage_bits));
+            }
+            out.extend(state.master.iter().map(|x| u64::from(x.to_bits())));
+            if q8 {
+                out.extend(state.exp_avg_q8.codes.iter().map(|&c| u64::from(c)));
+                out.extend(
+                    state
+                        .exp_avg_q8
+                        .scales
+                        .iter()
+                        .map(|x| u64::from(x.to_bits())),
+                );
+                out.extend(state.exp_inf_q8.codes.iter().map(|&c| u64::from(c)));
+                out.extend(
+                    state
+                        .exp_inf_q8
+                        .scales
+                        .iter()
+                        .map(|x| u64::from(x.to_bits())),
+                );
+            } else {
+                out.extend(state.exp_avg.iter().map(|x| u64::from(x.to_bits())));
+                out.extend(state.exp_inf.iter().map(|x| u64::from(x.to_bits())));
+            }
+        };
+    dump(&mut input, &param, &state, Some(&grad));
+    adamax_cuda::cpu::step_tensor(&s, &precision, tensor, &mut param, &grad, &mut state)
+        .unwrap_or_else(|e| panic!("the spec refused a case: {e}"));
+    let mut expected = Vec::new();
+    dump(&mut expected, &param, &state, None);
+    Case {
+        input,
+        expected,
+        what: format!(
+            "{} {precision:?} n {n} aligned {aligned} {config:?}",
+            T::NAME
+        ),
+    }
+}
+
+fn traversal_matches_the_spec(cxx: &str) -> Result<(), Failed> {
+    use adamax_cuda::{
+        bf16, f16, AdamaxConfig, EpsilonMode, ParamMode as P, Precision, StateFormat as S,
+        WeightDecayMode,
+    };
+    let mut rng = StdRng::seed_from_u64(0x7A5E);
+    let p = |params, state| Precision {
+        params,
+        state,
+        seed: 0x5EED,
+    };
+    let configs = [
+        AdamaxConfig::default(),
+        AdamaxConfig {
+            weight_decay: 0.1,
+            weight_decay_mode: WeightDecayMode::Decoupled,
+            eps_mode: EpsilonMode::Denominator,
+            lr: 1e-2,
+            ..AdamaxConfig::default()
+        },
+        AdamaxConfig {
+            weight_decay: 0.05,
+            maximize: true,
+            eps: 0.0,
+            ..AdamaxConfig::default()
+        },
+    ];
+    let mut cases = Vec::new();
+    for config in configs {
+        for n in [1usize, 7, 8, 256, 300, 1000] {
+            for aligned in [true, false] {
+                let q8 = p(P::Master, S::Blockwise8);
+                cases.push(traversal_case::<f32>(&mut rng, q8, config, n, aligned));
+                cases.push(traversal_case::<bf16>(&mut rng, q8, config, n, aligned));
+                cases.push(traversal_case::<f16>(&mut rng, q8, config, n, aligned));
+                let sr = p(P::Stochastic, S::F32);
+                cases.push(traversal_case::<bf16>(&mut rng, sr, config, n, aligned));
+                let lean = p(P::Stochastic, S::Blockwise8);
+                cases.push(traversal_case::<bf16>(&mut rng, lean, config, n, aligned));
+            }
+        }
+    }
+    let mut input = vec![cases.len() as u64];
+    for c in &cases {
+        input.extend(&c.input);
+    }
+    let text: Vec<String> = input.iter().map(u64::to_string).collect();
+    let got = run(cxx, "traversal", &traversal_source()?, &text.join(" "))?;
+    let mut at = 0;
+    for c in &cases {
+        let mine = got
+            .get(at..at + c.expected.len())
+            .ok_or_else(|| format!("{}: the harness printed too little", c.what))?;
+        if let Some(i) = mine.iter().zip(&c.expected).position(|(a, b)| a != b) {
+            return Err(format!(
+                "{}: output {i} is {} on the kernel, {} in the spec",
+                c.what, mine[i], c.expected[i]
+            )
+            .into());
+        }
+        at += c.expected.len();
+    }
+    eprintln!(
+        "{} traversal cases ({at} values) equal the spec",
+        cases.len()
+    );
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let cxx = compiler();
@@ -309,16 +703,24 @@ fn main() {
             "no C++ compiler (`c++` or $CXX): the host check of the kernel's helpers is ignored"
         );
     }
-    let trial = Trial::test(
-        "kernel_low_byte_helpers_compiled_for_the_host_match_the_spec",
-        {
-            let cxx = cxx.clone();
-            move || match cxx {
-                Some(c) => helpers_match_the_spec(&c),
-                None => Err("no C++ compiler".into()),
-            }
-        },
-    )
-    .with_ignored_flag(cxx.is_none() && !in_ci);
-    libtest_mimic::run(&args, vec![trial]).exit();
+    let ignored = cxx.is_none() && !in_ci;
+    let trial = |name: &str, f: fn(&str) -> Result<(), Failed>| {
+        let cxx = cxx.clone();
+        Trial::test(name, move || match cxx {
+            Some(c) => f(&c),
+            None => Err("no C++ compiler".into()),
+        })
+        .with_ignored_flag(ignored)
+    };
+    let trials = vec![
+        trial(
+            "kernel_low_byte_helpers_compiled_for_the_host_match_the_spec",
+            helpers_match_the_spec,
+        ),
+        trial(
+            "kernel_8_bit_blocks_and_stochastic_rounding_on_an_emulated_warp_match_the_spec",
+            traversal_matches_the_spec,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit();
 }
