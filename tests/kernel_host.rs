@@ -13,9 +13,17 @@
 //!   configurations; parameters, masters, codes and scales compared bit for bit with
 //!   `cpu::step_tensor`.
 //!
-//! What it cannot reach (the grid's walk over work units and tensors, the step counters,
-//! real device memory) the GPU tests check. Without a C++ compiler the tests are
-//! reported as ignored, unless `CI` is set: then they fail.
+//! - The whole update kernel (`adamax_step`) over a list of tensors, launched block by
+//!   block as blocks of 256 host threads (barriers for `__syncthreads`, warps for the
+//!   shuffles, `std::atomic_ref` for the atomics): several steps with a tensor missing
+//!   its gradient in some, a parameter group, one block walking 8,192-element units and
+//!   three walking 1,024-element ones, in every mode; parameters, state and every step
+//!   count compared bit for bit with `CpuAdamax::step_some`.
+//!
+//! What it cannot reach (real device memory and concurrency, the reduction and decision
+//! passes in the low-byte modes, the host side of `CudaAdamax`) the GPU tests check.
+//! Without a C++ compiler the tests are reported as ignored, unless `CI` is set: then
+//! they fail.
 
 use std::process::{Command, Stdio};
 
@@ -116,8 +124,10 @@ fn source() -> Result<String, Failed> {
 /// conversions through `_Float16` (round to nearest even, as the PTX instructions), and
 /// a warp of 32 threads whose shuffles meet at a barrier.
 const WARP_SHIM: &str = r#"
+#include <atomic>
 #include <barrier>
 #include <cstdint>
+#include <memory>
 #include <thread>
 #include <vector>
 #define ADAMAX_LAYOUT_CHECKS
@@ -153,26 +163,59 @@ static inline float __double2float_rn(double d) { return (float)d; }
 template <typename A> static inline A min(A a, A b) { return a < b ? a : b; }
 static inline float host_f16_to_f32(u16 bits) { _Float16 h; std::memcpy(&h, &bits, 2); return (float)h; }
 static inline u16 host_f32_to_f16(float x) { _Float16 h = (_Float16)x; u16 b; std::memcpy(&b, &h, 2); return b; }
-// One emulated warp: lane ids per thread, shuffles through shared slots.
-static thread_local unsigned g_lane = 0;
+static inline double __dsqrt_rn(double d) { return std::sqrt(d); }
+// A block of threads: ids per thread, a barrier per block and per warp, shuffles and
+// votes through shared slots, atomics through std::atomic_ref. Blocks run one at a
+// time, so `__shared__` variables can be statics.
+struct Dim { unsigned x; };
+static Dim blockIdx{0}, blockDim{32}, gridDim{1};
+static thread_local unsigned g_tid = 0;
 struct ThreadIdx { unsigned x; };
-#define threadIdx (ThreadIdx{g_lane})
-static float g_slots[32];
-static std::barrier<>* g_bar = nullptr;
+#define threadIdx (ThreadIdx{g_tid})
+#define __shared__ static
+static std::barrier<>* g_block = nullptr;
+static std::barrier<>* g_warps[8] = {};
+static float g_slots_f[256];
+static double g_slots_d[256];
+static int g_slots_i[256];
+static inline void warp_sync() { g_warps[g_tid / 32]->arrive_and_wait(); }
+static inline unsigned partner(int off) { return (g_tid & ~31u) | ((g_tid & 31u) ^ (unsigned)off); }
 static inline float __shfl_xor_sync(unsigned, float v, int off) {
-    g_slots[g_lane] = v;
-    g_bar->arrive_and_wait();
-    const float r = g_slots[g_lane ^ (unsigned)off];
-    g_bar->arrive_and_wait();
+    g_slots_f[g_tid] = v; warp_sync();
+    const float r = g_slots_f[partner(off)]; warp_sync();
     return r;
 }
-template <typename F> static void warp(F f) {
-    std::barrier<> bar(32);
-    g_bar = &bar;
-    std::vector<std::thread> lanes;
-    for (unsigned l = 0; l < 32; ++l) lanes.emplace_back([=] { g_lane = l; f(); });
-    for (auto& t : lanes) t.join();
+static inline double __shfl_xor_sync(unsigned, double v, int off) {
+    g_slots_d[g_tid] = v; warp_sync();
+    const double r = g_slots_d[partner(off)]; warp_sync();
+    return r;
 }
+static inline bool __any_sync(unsigned, bool p) {
+    g_slots_i[g_tid] = p; warp_sync();
+    bool any = false;
+    for (unsigned l = 0; l < 32; ++l) any |= g_slots_i[(g_tid & ~31u) | l] != 0;
+    warp_sync();
+    return any;
+}
+static inline void __syncthreads() { g_block->arrive_and_wait(); }
+static inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+static inline u32 atomicAdd(u32* p, u32 v) { return std::atomic_ref<u32>(*p).fetch_add(v); }
+static inline u32 atomicOr(u32* p, u32 v) { return std::atomic_ref<u32>(*p).fetch_or(v); }
+// Runs `f` as block `block` of `threads` threads (a multiple of 32) of a grid of `grid`.
+template <typename F> static void run_block(unsigned threads, unsigned block, unsigned grid, F f) {
+    std::barrier<> whole(threads);
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    for (unsigned w = 0; w < threads / 32; ++w) {
+        warps.push_back(std::make_unique<std::barrier<>>(32));
+        g_warps[w] = warps.back().get();
+    }
+    g_block = &whole;
+    blockIdx.x = block; blockDim.x = threads; gridDim.x = grid;
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < threads; ++t) ts.emplace_back([=] { g_tid = t; f(); });
+    for (auto& t : ts) t.join();
+}
+template <typename F> static void warp(F f) { run_block(32, 0, 1, f); }
 "#;
 
 /// Reads one case (see [`traversal_case`]), steps it with the kernel's code, prints the
@@ -260,6 +303,343 @@ int main() {
 }
 "#;
 
+/// The whole update kernel (`adamax_step`) over a list of tensors, launched block by
+/// block: reads one run (see [`whole_step_run`]), prints every tensor's parameters,
+/// master and moments, each tensor's step count and the optimizer's.
+const STEP_MAIN: &str = r#"
+static u64 next() { u64 v; std::cin >> v; return v; }
+static double next_f64() { u64 b = next(); double d; std::memcpy(&d, &b, 8); return d; }
+struct Tensor {
+    u64 len = 0;
+    std::vector<u32> p32, g32, master, m, u;
+    std::vector<u16> p16, g16;
+    std::vector<unsigned char> cm, cu;
+    std::vector<float> sm, su;
+};
+template <typename T, int MODE>
+static void launch_step(const AdamaxArgs& a, unsigned grid) {
+    for (unsigned b = 0; b < grid; ++b) run_block(ADAMAX_BLOCK, b, grid, [&] { adamax_step<T, MODE>(a); });
+}
+int main() {
+    const u64 type = next(), mode = next(), nt = next(), steps = next(), grid = next();
+    const u64 unit_len = next();
+    const bool q8 = (mode & 2) != 0, has_master = type != 0 && (mode & 1) == 0;
+    AdamaxArgs a{};
+    Control control{};
+    control.params.lr = next_f64();
+    control.params.beta1 = next_f64();
+    control.params.inv_scale = 1.0f;
+    control.state.step_inv_scale = 1.0f;
+    control.state.clip_coef = 1.0f;
+    a.seed = next();
+    a.beta1 = __uint_as_float((u32)next());
+    a.one_minus_beta1 = __uint_as_float((u32)next());
+    a.beta2 = __uint_as_float((u32)next());
+    a.eps = __uint_as_float((u32)next());
+    a.eps_mode = next() ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
+    a.decay_mode = next() ? DECAY_DECOUPLED : DECAY_COUPLED;
+    a.maximize = (u32)next();
+    std::vector<Tensor> ts(nt);
+    std::vector<TensorDesc> table(nt);
+    std::vector<u64> tensor_steps(nt, 0);
+    a.unit_len = unit_len;
+    u64 units = 0, chunks = 0;
+    for (u64 k = 0; k < nt; ++k) {
+        Tensor& t = ts[k];
+        t.len = next();
+        const u64 n = t.len, nb = (n + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
+        table[k].lr_scale = next_f64();
+        table[k].weight_decay = next_f64();
+        t.p32.resize(n + 8); t.g32.resize(n + 8); t.master.resize(n + 8); t.m.resize(n + 8); t.u.resize(n + 8);
+        t.p16.resize(n + 8); t.g16.resize(n + 8); t.cm.resize(n + 8); t.cu.resize(n + 8);
+        t.sm.resize(nb + 1); t.su.resize(nb + 1);
+        for (u64 i = 0; i < n; ++i) {
+            const u64 v = next();
+            if (type == 0) t.p32[i] = (u32)v; else t.p16[i] = (u16)v;
+        }
+        if (has_master)
+            for (u64 i = 0; i < n; ++i)
+                t.master[i] = __float_as_uint(type == 1 ? widen(t.p16[i], bf16()) : widen(t.p16[i], f16()));
+        TensorDesc& d = table[k];
+        d.param = type == 0 ? (u64)t.p32.data() : (u64)t.p16.data();
+        d.grad = type == 0 ? (u64)t.g32.data() : (u64)t.g16.data();
+        d.master = has_master ? (u64)t.master.data() : 0;
+        d.exp_avg = q8 ? (u64)t.cm.data() : (u64)t.m.data();
+        d.exp_inf = q8 ? (u64)t.cu.data() : (u64)t.u.data();
+        d.exp_avg_scale = q8 ? (u64)t.sm.data() : 0;
+        d.exp_inf_scale = q8 ? (u64)t.su.data() : 0;
+        d.len = n;
+        d.unit_begin = units;
+        d.chunk_begin = chunks;
+        units += (n + a.unit_len - 1) / a.unit_len;
+        chunks += (n + ADAMAX_CHUNK - 1) / ADAMAX_CHUNK;
+    }
+    std::vector<float> partials(chunks + 1);
+    a.tensors = table.data();
+    a.num_tensors = nt;
+    a.num_units = units;
+    a.num_chunks = chunks;
+    a.control = &control;
+    a.partials = partials.data();
+    a.tensor_steps = tensor_steps.data();
+    for (u64 s = 0; s < steps; ++s) {
+        for (u64 k = 0; k < nt; ++k) {
+            table[k].has_grad = next();
+            if (table[k].has_grad)
+                for (u64 i = 0; i < ts[k].len; ++i) {
+                    const u64 v = next();
+                    if (type == 0) ts[k].g32[i] = (u32)v; else ts[k].g16[i] = (u16)v;
+                }
+        }
+        if (type == 0 && mode == 0) launch_step<float, 0>(a, (unsigned)grid);
+        else if (type == 0 && mode == 2) launch_step<float, 2>(a, (unsigned)grid);
+        else if (type == 1 && mode == 0) launch_step<bf16, 0>(a, (unsigned)grid);
+        else if (type == 1 && mode == 1) launch_step<bf16, 1>(a, (unsigned)grid);
+        else if (type == 1 && mode == 2) launch_step<bf16, 2>(a, (unsigned)grid);
+        else if (type == 1 && mode == 3) launch_step<bf16, 3>(a, (unsigned)grid);
+        else if (type == 2 && mode == 2) launch_step<f16, 2>(a, (unsigned)grid);
+        else { std::printf("unsupported case\n"); return 1; }
+    }
+    for (u64 k = 0; k < nt; ++k) {
+        const Tensor& t = ts[k];
+        const u64 n = t.len, nb = (n + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
+        for (u64 i = 0; i < n; ++i) std::printf("%u ", type == 0 ? t.p32[i] : (u32)t.p16[i]);
+        if (has_master) for (u64 i = 0; i < n; ++i) std::printf("%u ", t.master[i]);
+        if (q8) {
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)t.cm[i]);
+            for (u64 b = 0; b < nb; ++b) std::printf("%u ", __float_as_uint(t.sm[b]));
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)t.cu[i]);
+            for (u64 b = 0; b < nb; ++b) std::printf("%u ", __float_as_uint(t.su[b]));
+        } else {
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", t.m[i]);
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", t.u[i]);
+        }
+        std::printf("%llu\n", tensor_steps[k]);
+    }
+    std::printf("%llu\n", control.state.step);
+    return 0;
+}
+"#;
+
+/// The kernel through the last device function (every kernel body, no entry points).
+fn whole_kernel_source() -> Result<String, Failed> {
+    let body = section(
+        "typedef unsigned long long u64;",
+        "// ---- Entry points ----",
+        false,
+    )?;
+    Ok([SHIM, WARP_SHIM, &host_body(body)?, STEP_MAIN].concat())
+}
+
+/// Several steps of a list of tensors (some without a gradient in some steps) in one
+/// storage type and mode, from fresh state, on the emulated kernel and with
+/// `CpuAdamax::step_some`: the input for the harness and the reference's output.
+fn whole_step_run<T: adamax_cuda::Storage>(
+    rng: &mut StdRng,
+    config: adamax_cuda::AdamaxConfig,
+    lens: &[usize],
+    steps: usize,
+    (grid, unit_len): (u32, u64),
+) -> Result<(Vec<u64>, Vec<u64>), Failed> {
+    use adamax_cuda::{cpu::CpuAdamax, EpsilonMode, Optimizer, StateFormat, WeightDecayMode};
+    let precision = config.precision;
+    let q8 = precision.state == StateFormat::Blockwise8;
+    let mode =
+        u64::from(precision.params == adamax_cuda::ParamMode::Stochastic) | if q8 { 2 } else { 0 };
+    let storage_bits = |x: &T| match T::TYPE {
+        adamax_cuda::StorageType::F16 => u64::from(half::f16::from_f32(x.to_f32()).to_bits()),
+        adamax_cuda::StorageType::Bf16 => u64::from(x.to_f32().to_bits() >> 16),
+        adamax_cuda::StorageType::F32 => u64::from(x.to_f32().to_bits()),
+    };
+    let type_id = match T::TYPE {
+        adamax_cuda::StorageType::F32 => 0u64,
+        adamax_cuda::StorageType::Bf16 => 1,
+        adamax_cuda::StorageType::F16 => 2,
+    };
+    let value = |rng: &mut StdRng, scale: f32| {
+        rng.random_range(-1.0..1.0f32) * scale * 10f32.powf(rng.random_range(-3.0..0.0))
+    };
+    let mut params: Vec<Vec<T>> = lens
+        .iter()
+        .map(|&n| (0..n).map(|_| T::from_f32(value(rng, 1.0))).collect())
+        .collect();
+    let refs: Vec<&[T]> = params.iter().map(|p| p.as_slice()).collect();
+    let mut cpu = CpuAdamax::new(config, &refs)?;
+    // A parameter group with its own learning rate and no decay.
+    let group = adamax_cuda::TensorHyper {
+        lr_scale: 0.5,
+        weight_decay: 0.0,
+    };
+    cpu.set_tensor_hyper(lens.len() - 1, group)?;
+    let s = adamax_cuda::cpu::StepScalars::new(&config, 1);
+    let mut input = vec![
+        type_id,
+        mode,
+        lens.len() as u64,
+        steps as u64,
+        u64::from(grid),
+        unit_len,
+    ];
+    input.extend([config.lr.to_bits(), config.beta1.to_bits(), precision.seed]);
+    input.extend([s.beta1, s.one_minus_beta1, s.beta2, s.eps].map(|x| u64::from(x.to_bits())));
+    input.extend([
+        u64::from(config.eps_mode == EpsilonMode::Denominator),
+        u64::from(config.weight_decay_mode == WeightDecayMode::Decoupled),
+        u64::from(config.maximize),
+    ]);
+    for (i, p) in params.iter().enumerate() {
+        let h = cpu.tensor_hypers()[i];
+        input.extend([
+            p.len() as u64,
+            h.lr_scale.to_bits(),
+            h.weight_decay.to_bits(),
+        ]);
+        input.extend(p.iter().map(storage_bits));
+    }
+    for step in 0..steps {
+        let grads: Vec<Option<Vec<T>>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                // Tensor 1 has no gradient in odd steps.
+                (i != 1 || step % 2 == 0)
+                    .then(|| (0..n).map(|_| T::from_f32(value(rng, 0.1))).collect())
+            })
+            .collect();
+        for g in &grads {
+            match g {
+                Some(g) => {
+                    input.push(1);
+                    input.extend(g.iter().map(storage_bits));
+                }
+                None => input.push(0),
+            }
+        }
+        let mut p: Vec<&mut [T]> = params.iter_mut().map(|x| x.as_mut_slice()).collect();
+        let g: Vec<Option<&[T]>> = grads.iter().map(|g| g.as_deref()).collect();
+        cpu.step_some(&mut p, &g)?;
+    }
+    let mut expected = Vec::new();
+    for (p, t) in params.iter().zip(cpu.tensor_states()) {
+        expected.extend(p.iter().map(storage_bits));
+        expected.extend(t.master.iter().map(|x| u64::from(x.to_bits())));
+        if q8 {
+            expected.extend(t.exp_avg_q8.codes.iter().map(|&c| u64::from(c)));
+            expected.extend(t.exp_avg_q8.scales.iter().map(|x| u64::from(x.to_bits())));
+            expected.extend(t.exp_inf_q8.codes.iter().map(|&c| u64::from(c)));
+            expected.extend(t.exp_inf_q8.scales.iter().map(|x| u64::from(x.to_bits())));
+        } else {
+            expected.extend(t.exp_avg.iter().map(|x| u64::from(x.to_bits())));
+            expected.extend(t.exp_inf.iter().map(|x| u64::from(x.to_bits())));
+        }
+        expected.push(t.step);
+    }
+    expected.push(cpu.step_count()?);
+    Ok((input, expected))
+}
+
+fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
+    use adamax_cuda::{
+        bf16, f16, AdamaxConfig, ParamMode as P, Precision, StateFormat as S, WeightDecayMode,
+    };
+    let mut rng = StdRng::seed_from_u64(0x57E9);
+    let harness = Harness::build(cxx, "whole", &whole_kernel_source()?)?;
+    let lens = [3000usize, 700, 0, 5, 1300];
+    let p = |params, state| Precision {
+        params,
+        state,
+        seed: 0xA11CE,
+    };
+    let config = |precision| AdamaxConfig {
+        weight_decay: 0.05,
+        weight_decay_mode: WeightDecayMode::Decoupled,
+        lr: 1e-2,
+        precision,
+        ..AdamaxConfig::default()
+    };
+    let mut runs = Vec::new();
+    // One block walking 8,192-element units (more 8-bit blocks than warps), and three
+    // blocks walking 1,024-element units (the grid stride).
+    for grid in [(1u32, 8192u64), (3, 1024)] {
+        runs.push((
+            "f32",
+            whole_step_run::<f32>(&mut rng, config(p(P::Master, S::F32)), &lens, 4, grid)?,
+        ));
+        runs.push((
+            "f32 q8",
+            whole_step_run::<f32>(
+                &mut rng,
+                config(p(P::Master, S::Blockwise8)),
+                &lens,
+                4,
+                grid,
+            )?,
+        ));
+        runs.push((
+            "bf16",
+            whole_step_run::<bf16>(&mut rng, config(p(P::Master, S::F32)), &lens, 4, grid)?,
+        ));
+        runs.push((
+            "bf16 sr",
+            whole_step_run::<bf16>(&mut rng, config(p(P::Stochastic, S::F32)), &lens, 4, grid)?,
+        ));
+        runs.push((
+            "bf16 q8",
+            whole_step_run::<bf16>(
+                &mut rng,
+                config(p(P::Master, S::Blockwise8)),
+                &lens,
+                4,
+                grid,
+            )?,
+        ));
+        runs.push((
+            "bf16 sr q8",
+            whole_step_run::<bf16>(
+                &mut rng,
+                config(p(P::Stochastic, S::Blockwise8)),
+                &lens,
+                4,
+                grid,
+            )?,
+        ));
+        runs.push((
+            "f16 q8",
+            whole_step_run::<f16>(
+                &mut rng,
+                config(p(P::Master, S::Blockwise8)),
+                &lens,
+                4,
+                grid,
+            )?,
+        ));
+    }
+    for (what, (input, expected)) in &runs {
+        let text: Vec<String> = input.iter().map(u64::to_string).collect();
+        let got = harness.run(&text.join(" "))?;
+        if got.len() != expected.len() {
+            return Err(format!(
+                "{what}: {} values from the kernel, {} expected",
+                got.len(),
+                expected.len()
+            )
+            .into());
+        }
+        if let Some(i) = got.iter().zip(expected).position(|(a, b)| a != b) {
+            return Err(format!(
+                "{what}: value {i} is {} on the kernel, {} on the CPU",
+                got[i], expected[i]
+            )
+            .into());
+        }
+    }
+    eprintln!(
+        "{} multi-step runs of the whole update kernel equal CpuAdamax",
+        runs.len()
+    );
+    Ok(())
+}
+
 /// The kernel from its first type to the end of the element traversal (no kernels, no
 /// shared memory or atomics), with the f16 conversions' PTX replaced by host ones.
 fn traversal_source() -> Result<String, Failed> {
@@ -268,6 +648,12 @@ fn traversal_source() -> Result<String, Failed> {
         "// Elements per vector call",
         false,
     )?;
+    Ok([SHIM, WARP_SHIM, &host_body(body)?, WARP_MAIN].concat())
+}
+
+/// Kernel text made host C++: the f16 conversions' PTX replaced by host ones, the types
+/// the shim already declares removed.
+fn host_body(body: String) -> Result<String, Failed> {
     let f16_in = r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));"#;
     let f16_out = r#"asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));"#;
     if !body.contains(f16_in) || !body.contains(f16_out) {
@@ -278,7 +664,7 @@ fn traversal_source() -> Result<String, Failed> {
         .replace(f16_out, "h = host_f32_to_f16(x);")
         .replace("typedef unsigned long long u64;\ntypedef unsigned int u32;\ntypedef unsigned short u16;", "")
         .replace("struct bf16 { u16 bits; };", "");
-    Ok([SHIM, WARP_SHIM, &body, WARP_MAIN].concat())
+    Ok(body)
 }
 
 fn compiler() -> Option<String> {
@@ -291,51 +677,74 @@ fn compiler() -> Option<String> {
         .map(|_| cxx)
 }
 
-/// Builds the harness from `source`, feeds it `commands`, returns its output numbers
-/// (whitespace-separated).
+/// A harness built from a source, in a directory removed when dropped.
+struct Harness {
+    dir: std::path::PathBuf,
+    exe: std::path::PathBuf,
+}
+
+impl Harness {
+    fn build(cxx: &str, name: &str, source: &str) -> Result<Self, Failed> {
+        let dir =
+            std::env::temp_dir().join(format!("adamax-kernel-host-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let (src, exe) = (dir.join("harness.cpp"), dir.join("harness"));
+        std::fs::write(&src, source)?;
+        let built = Command::new(cxx)
+            .args([
+                "-std=c++20",
+                "-O2",
+                "-ffp-contract=off",
+                "-fno-fast-math",
+                "-pthread",
+                "-o",
+            ])
+            .arg(&exe)
+            .arg(&src)
+            .output()?;
+        if !built.status.success() {
+            return Err(format!(
+                "the extracted kernel code does not compile for the host:\n{}",
+                String::from_utf8_lossy(&built.stderr)
+            )
+            .into());
+        }
+        Ok(Self { dir, exe })
+    }
+
+    /// Feeds `commands` to the harness; returns its output numbers (whitespace-separated).
+    fn run(&self, commands: &str) -> Result<Vec<u64>, Failed> {
+        // From a file: a pipe would fill both ways and deadlock.
+        let input = self.dir.join("commands.txt");
+        std::fs::write(&input, commands)?;
+        let out = Command::new(&self.exe)
+            .stdin(Stdio::from(std::fs::File::open(&input)?))
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "the harness failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        String::from_utf8(out.stdout)?
+            .split_whitespace()
+            .map(|l| l.parse::<u64>().map_err(|e| format!("`{l}`: {e}").into()))
+            .collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Builds a harness from `source`, feeds it `commands` once.
 fn run(cxx: &str, name: &str, source: &str, commands: &str) -> Result<Vec<u64>, Failed> {
-    let dir =
-        std::env::temp_dir().join(format!("adamax-kernel-host-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let (src, exe) = (dir.join("harness.cpp"), dir.join("harness"));
-    std::fs::write(&src, source)?;
-    let built = Command::new(cxx)
-        .args([
-            "-std=c++20",
-            "-O2",
-            "-ffp-contract=off",
-            "-fno-fast-math",
-            "-pthread",
-            "-o",
-        ])
-        .arg(&exe)
-        .arg(&src)
-        .output()?;
-    if !built.status.success() {
-        return Err(format!(
-            "the extracted kernel code does not compile for the host:\n{}",
-            String::from_utf8_lossy(&built.stderr)
-        )
-        .into());
-    }
-    // From a file: a pipe would fill both ways and deadlock.
-    let input = dir.join("commands.txt");
-    std::fs::write(&input, commands)?;
-    let out = Command::new(&exe)
-        .stdin(Stdio::from(std::fs::File::open(&input)?))
-        .output()?;
-    let _ = std::fs::remove_dir_all(&dir);
-    if !out.status.success() {
-        return Err(format!(
-            "the harness failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-        .into());
-    }
-    String::from_utf8(out.stdout)?
-        .split_whitespace()
-        .map(|l| l.parse::<u64>().map_err(|e| format!("`{l}`: {e}").into()))
-        .collect()
+    Harness::build(cxx, name, source)?.run(commands)
 }
 
 /// f32 values that exercise every path: zeros, subnormals, the codes' boundaries,
@@ -720,6 +1129,10 @@ fn main() {
         trial(
             "kernel_8_bit_blocks_and_stochastic_rounding_on_an_emulated_warp_match_the_spec",
             traversal_matches_the_spec,
+        ),
+        trial(
+            "kernel_update_over_tensor_lists_on_emulated_blocks_matches_cpuadamax",
+            whole_steps_match_the_cpu,
         ),
     ];
     libtest_mimic::run(&args, trials).exit();
