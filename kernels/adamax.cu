@@ -778,6 +778,11 @@ __device__ void adamax_finalize(const AdamaxArgs& a) {
     const ControlParams& p = c.params;
     StepState& st = c.state;
     const bool nonfinite = (p.flags & FLAG_CHECK) && st.found_inf;
+    // Every thread has read found_inf before thread 0 clears it below: without this a
+    // warp that reads late sees 0, takes the clipping branch alone and waits at its
+    // barrier for threads that never come (found by tests/kernel_host.rs, whose host
+    // threads interleave freely).
+    __syncthreads();
     if ((p.flags & FLAG_CLIP) && !nonfinite) {
         double acc = 0.0;
         for (u64 k = threadIdx.x; k < a.num_chunks; k += blockDim.x) acc = __dadd_rn(acc, (double)a.partials[k]);

@@ -17,11 +17,13 @@
 //!   block as blocks of 256 host threads (barriers for `__syncthreads`, warps for the
 //!   shuffles, `std::atomic_ref` for the atomics): several steps with a tensor missing
 //!   its gradient in some, a parameter group, one block walking 8,192-element units and
-//!   three walking 1,024-element ones, in every mode; parameters, state and every step
-//!   count compared bit for bit with `CpuAdamax::step_some`.
+//!   three walking 1,024-element ones, in every mode, and with clipping, a loss scaler
+//!   and an overflow (the reduction and the decision pass before the update);
+//!   parameters, state, every step count and the loss scale compared bit for bit with
+//!   `CpuAdamax::step_some`. A deadlock among the emulated threads fails the test.
 //!
-//! What it cannot reach (real device memory and concurrency, the reduction and decision
-//! passes in the low-byte modes, the host side of `CudaAdamax`) the GPU tests check.
+//! What it cannot reach (real device memory and the GPU's own scheduling, the host side
+//! of `CudaAdamax`) the GPU tests check.
 //! Without a C++ compiler the tests are reported as ignored, unless `CI` is set: then
 //! they fail.
 
@@ -318,6 +320,13 @@ struct Tensor {
 };
 template <typename T, int MODE>
 static void launch_step(const AdamaxArgs& a, unsigned grid) {
+    // With clipping or the overflow check, the reduction and the decision pass first
+    // (src/cuda/launch.rs's order).
+    if (a.control->params.flags & (FLAG_CHECK | FLAG_CLIP)) {
+        if (a.num_chunks > 0)
+            for (unsigned b = 0; b < grid; ++b) run_block(ADAMAX_BLOCK, b, grid, [&] { adamax_reduce<T>(a); });
+        run_block(ADAMAX_BLOCK, 0, 1, [&] { adamax_finalize(a); });
+    }
     for (unsigned b = 0; b < grid; ++b) run_block(ADAMAX_BLOCK, b, grid, [&] { adamax_step<T, MODE>(a); });
 }
 int main() {
@@ -339,6 +348,13 @@ int main() {
     a.eps_mode = next() ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
     a.decay_mode = next() ? DECAY_DECOUPLED : DECAY_COUPLED;
     a.maximize = (u32)next();
+    // The fused passes: flags, clipping threshold, loss scaler.
+    control.params.flags = (u32)next();
+    control.params.max_norm = __uint_as_float((u32)next());
+    control.params.growth_factor = next_f64();
+    control.params.backoff_factor = next_f64();
+    control.params.growth_interval = (u32)next();
+    control.scaler.scale = __uint_as_float((u32)next());
     std::vector<Tensor> ts(nt);
     std::vector<TensorDesc> table(nt);
     std::vector<u64> tensor_steps(nt, 0);
@@ -416,7 +432,8 @@ int main() {
         }
         std::printf("%llu\n", tensor_steps[k]);
     }
-    std::printf("%llu\n", control.state.step);
+    std::printf("%llu %u %u %u\n", control.state.step, __float_as_uint(control.scaler.scale),
+                control.scaler.growth_tracker, control.state.skipped != 0);
     return 0;
 }
 "#;
@@ -440,6 +457,7 @@ fn whole_step_run<T: adamax_cuda::Storage>(
     lens: &[usize],
     steps: usize,
     (grid, unit_len): (u32, u64),
+    fused: Option<(adamax_cuda::StepOptions, adamax_cuda::LossScaler)>,
 ) -> Result<(Vec<u64>, Vec<u64>), Failed> {
     use adamax_cuda::{cpu::CpuAdamax, EpsilonMode, Optimizer, StateFormat, WeightDecayMode};
     let precision = config.precision;
@@ -471,6 +489,17 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         weight_decay: 0.0,
     };
     cpu.set_tensor_hyper(lens.len() - 1, group)?;
+    // The fused passes as CudaAdamax sets them (src/cuda/optimizer.rs, params_with):
+    // unscale (1), clip (2), check (4), scaler (8).
+    let (flags, max_norm, scaler) = match fused {
+        Some((options, scaler)) => {
+            cpu.set_options(options)?;
+            cpu.set_loss_scaler(Some(scaler))?;
+            let clip = options.max_norm.map_or(0, |_| 2);
+            (1 | clip | 4 | 8, options.max_norm.unwrap_or(0.0), scaler)
+        }
+        None => (0, 0.0, adamax_cuda::LossScaler::default()),
+    };
     let s = adamax_cuda::cpu::StepScalars::new(&config, 1);
     let mut input = vec![
         type_id,
@@ -487,6 +516,14 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         u64::from(config.weight_decay_mode == WeightDecayMode::Decoupled),
         u64::from(config.maximize),
     ]);
+    input.extend([
+        flags,
+        u64::from(max_norm.to_bits()),
+        scaler.growth_factor.to_bits(),
+        scaler.backoff_factor.to_bits(),
+        u64::from(scaler.growth_interval),
+        u64::from(scaler.scale.to_bits()),
+    ]);
     for (i, p) in params.iter().enumerate() {
         let h = cpu.tensor_hypers()[i];
         input.extend([
@@ -502,8 +539,17 @@ fn whole_step_run<T: adamax_cuda::Storage>(
             .enumerate()
             .map(|(i, &n)| {
                 // Tensor 1 has no gradient in odd steps.
-                (i != 1 || step % 2 == 0)
-                    .then(|| (0..n).map(|_| T::from_f32(value(rng, 0.1))).collect())
+                (i != 1 || step % 2 == 0).then(|| {
+                    // Scaled by the loss scale of this step; an overflow in step 2.
+                    let scale = cpu.loss_scaler().ok().flatten().map_or(1.0, |s| s.scale);
+                    let mut g: Vec<T> = (0..n)
+                        .map(|_| T::from_f32(value(rng, 0.1) * scale))
+                        .collect();
+                    if fused.is_some() && step == 2 && i == 0 {
+                        g[7] = T::from_f32(f32::INFINITY);
+                    }
+                    g
+                })
             })
             .collect();
         for g in &grads {
@@ -535,100 +581,132 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         expected.push(t.step);
     }
     expected.push(cpu.step_count()?);
+    let s = cpu.loss_scaler()?.unwrap_or(scaler);
+    expected.extend([
+        u64::from(s.scale.to_bits()),
+        u64::from(s.growth_tracker),
+        u64::from(cpu.last_report()?.skipped),
+    ]);
     Ok((input, expected))
 }
 
 fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
     use adamax_cuda::{
-        bf16, f16, AdamaxConfig, ParamMode as P, Precision, StateFormat as S, WeightDecayMode,
+        bf16, f16, AdamaxConfig, LossScaler, ParamMode as P, Precision, StateFormat as S,
+        StepOptions, WeightDecayMode,
     };
     let mut rng = StdRng::seed_from_u64(0x57E9);
     let harness = Harness::build(cxx, "whole", &whole_kernel_source()?)?;
     let lens = [3000usize, 700, 0, 5, 1300];
-    let p = |params, state| Precision {
-        params,
-        state,
-        seed: 0xA11CE,
-    };
-    let config = |precision| AdamaxConfig {
+    let config = |params, state| AdamaxConfig {
         weight_decay: 0.05,
         weight_decay_mode: WeightDecayMode::Decoupled,
         lr: 1e-2,
-        precision,
+        precision: Precision {
+            params,
+            state,
+            seed: 0xA11CE,
+        },
         ..AdamaxConfig::default()
     };
-    let mut runs = Vec::new();
+    // Clipping, a loss scaler that grows and backs off, the overflow skip.
+    let fused = Some((
+        StepOptions {
+            max_norm: Some(0.5),
+            ..Default::default()
+        },
+        LossScaler {
+            scale: 1024.0,
+            growth_interval: 2,
+            ..Default::default()
+        },
+    ));
     // One block walking 8,192-element units (more 8-bit blocks than warps), and three
-    // blocks walking 1,024-element units (the grid stride).
-    for grid in [(1u32, 8192u64), (3, 1024)] {
-        runs.push((
+    // blocks walking 1,024-element units (the grid stride); then the fused passes.
+    let shapes = [
+        ((1u32, 8192u64), 4, None),
+        ((3, 1024), 4, None),
+        ((3, 1024), 6, fused),
+    ];
+    let mut runs = Vec::new();
+    for (grid, steps, fused) in shapes {
+        let mut add = |what: &str, run| -> Result<(), Failed> {
+            runs.push((format!("{what} {grid:?} fused {}", fused.is_some()), run?));
+            Ok(())
+        };
+        let r = &mut rng;
+        add(
             "f32",
-            whole_step_run::<f32>(&mut rng, config(p(P::Master, S::F32)), &lens, 4, grid)?,
-        ));
-        runs.push((
+            whole_step_run::<f32>(r, config(P::Master, S::F32), &lens, steps, grid, fused),
+        )?;
+        add(
             "f32 q8",
             whole_step_run::<f32>(
-                &mut rng,
-                config(p(P::Master, S::Blockwise8)),
+                r,
+                config(P::Master, S::Blockwise8),
                 &lens,
-                4,
+                steps,
                 grid,
-            )?,
-        ));
-        runs.push((
+                fused,
+            ),
+        )?;
+        add(
             "bf16",
-            whole_step_run::<bf16>(&mut rng, config(p(P::Master, S::F32)), &lens, 4, grid)?,
-        ));
-        runs.push((
+            whole_step_run::<bf16>(r, config(P::Master, S::F32), &lens, steps, grid, fused),
+        )?;
+        add(
             "bf16 sr",
-            whole_step_run::<bf16>(&mut rng, config(p(P::Stochastic, S::F32)), &lens, 4, grid)?,
-        ));
-        runs.push((
+            whole_step_run::<bf16>(r, config(P::Stochastic, S::F32), &lens, steps, grid, fused),
+        )?;
+        add(
             "bf16 q8",
             whole_step_run::<bf16>(
-                &mut rng,
-                config(p(P::Master, S::Blockwise8)),
+                r,
+                config(P::Master, S::Blockwise8),
                 &lens,
-                4,
+                steps,
                 grid,
-            )?,
-        ));
-        runs.push((
+                fused,
+            ),
+        )?;
+        add(
             "bf16 sr q8",
             whole_step_run::<bf16>(
-                &mut rng,
-                config(p(P::Stochastic, S::Blockwise8)),
+                r,
+                config(P::Stochastic, S::Blockwise8),
                 &lens,
-                4,
+                steps,
                 grid,
-            )?,
-        ));
-        runs.push((
+                fused,
+            ),
+        )?;
+        add(
             "f16 q8",
             whole_step_run::<f16>(
-                &mut rng,
-                config(p(P::Master, S::Blockwise8)),
+                r,
+                config(P::Master, S::Blockwise8),
                 &lens,
-                4,
+                steps,
                 grid,
-            )?,
-        ));
+                fused,
+            ),
+        )?;
     }
     for (what, (input, expected)) in &runs {
         let text: Vec<String> = input.iter().map(u64::to_string).collect();
         let got = harness.run(&text.join(" "))?;
+        if let Some(i) = got.iter().zip(expected).position(|(a, b)| a != b) {
+            return Err(format!(
+                "{what}: value {i} is {} on the kernel, {} on the CPU",
+                got[i], expected[i]
+            )
+            .into());
+        }
         if got.len() != expected.len() {
             return Err(format!(
                 "{what}: {} values from the kernel, {} expected",
                 got.len(),
                 expected.len()
-            )
-            .into());
-        }
-        if let Some(i) = got.iter().zip(expected).position(|(a, b)| a != b) {
-            return Err(format!(
-                "{what}: value {i} is {} on the kernel, {} on the CPU",
-                got[i], expected[i]
             )
             .into());
         }
@@ -677,6 +755,9 @@ fn compiler() -> Option<String> {
         .map(|_| cxx)
 }
 
+/// How long one harness run may take (the largest takes about a second).
+const HARNESS_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A harness built from a source, in a directory removed when dropped.
 struct Harness {
     dir: std::path::PathBuf,
@@ -717,9 +798,27 @@ impl Harness {
         // From a file: a pipe would fill both ways and deadlock.
         let input = self.dir.join("commands.txt");
         std::fs::write(&input, commands)?;
-        let out = Command::new(&self.exe)
+        let output = self.dir.join("output.txt");
+        let mut child = Command::new(&self.exe)
             .stdin(Stdio::from(std::fs::File::open(&input)?))
-            .output()?;
+            .stdout(Stdio::from(std::fs::File::create(&output)?))
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // A barrier that some emulated threads never reach hangs the harness: a
+        // deadlock in the kernel's synchronisation, reported as such.
+        let start = std::time::Instant::now();
+        while child.try_wait()?.is_none() {
+            if start.elapsed() > HARNESS_LIMIT {
+                let _ = child.kill();
+                return Err(format!(
+                    "the harness did not finish in {HARNESS_LIMIT:?}: its threads deadlocked (a barrier or shuffle that some threads of a block never reach)"
+                )
+                .into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let mut out = child.wait_with_output()?;
+        out.stdout = std::fs::read(&output)?;
         if !out.status.success() {
             return Err(format!(
                 "the harness failed ({}): {}{}",
