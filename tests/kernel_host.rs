@@ -630,67 +630,28 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
     ];
     let mut runs = Vec::new();
     for (grid, steps, fused) in shapes {
-        let mut add = |what: &str, run| -> Result<(), Failed> {
-            runs.push((format!("{what} {grid:?} fused {}", fused.is_some()), run?));
-            Ok(())
-        };
-        let r = &mut rng;
-        add(
-            "f32",
-            whole_step_run::<f32>(r, config(P::Master, S::F32), &lens, steps, grid, fused),
-        )?;
-        add(
-            "f32 q8",
-            whole_step_run::<f32>(
-                r,
-                config(P::Master, S::Blockwise8),
-                &lens,
-                steps,
-                grid,
-                fused,
-            ),
-        )?;
-        add(
-            "bf16",
-            whole_step_run::<bf16>(r, config(P::Master, S::F32), &lens, steps, grid, fused),
-        )?;
-        add(
-            "bf16 sr",
-            whole_step_run::<bf16>(r, config(P::Stochastic, S::F32), &lens, steps, grid, fused),
-        )?;
-        add(
-            "bf16 q8",
-            whole_step_run::<bf16>(
-                r,
-                config(P::Master, S::Blockwise8),
-                &lens,
-                steps,
-                grid,
-                fused,
-            ),
-        )?;
-        add(
-            "bf16 sr q8",
-            whole_step_run::<bf16>(
-                r,
-                config(P::Stochastic, S::Blockwise8),
-                &lens,
-                steps,
-                grid,
-                fused,
-            ),
-        )?;
-        add(
-            "f16 q8",
-            whole_step_run::<f16>(
-                r,
-                config(P::Master, S::Blockwise8),
-                &lens,
-                steps,
-                grid,
-                fused,
-            ),
-        )?;
+        macro_rules! add {
+            ($what:literal, $t:ty, $params:expr, $state:expr) => {
+                runs.push((
+                    format!("{} {grid:?} fused {}", $what, fused.is_some()),
+                    whole_step_run::<$t>(
+                        &mut rng,
+                        config($params, $state),
+                        &lens,
+                        steps,
+                        grid,
+                        fused,
+                    )?,
+                ))
+            };
+        }
+        add!("f32", f32, P::Master, S::F32);
+        add!("f32 q8", f32, P::Master, S::Blockwise8);
+        add!("bf16", bf16, P::Master, S::F32);
+        add!("bf16 sr", bf16, P::Stochastic, S::F32);
+        add!("bf16 q8", bf16, P::Master, S::Blockwise8);
+        add!("bf16 sr q8", bf16, P::Stochastic, S::Blockwise8);
+        add!("f16 q8", f16, P::Master, S::Blockwise8);
     }
     for (what, (input, expected)) in &runs {
         let text: Vec<String> = input.iter().map(u64::to_string).collect();

@@ -253,6 +253,11 @@ fn config() -> AdamaxConfig {
     }
 }
 
+/// Runs scenario `f` in the default storage modes.
+fn plain(f: fn() -> R) -> R {
+    f()
+}
+
 /// Runs scenario `f` in the modes that move the fewest bytes `T` has: stochastically
 /// rounded bf16 parameters with 8-bit moments, or f32 parameters with 8-bit moments.
 /// (Not every scenario applies: a negated gradient rounds differently from its
@@ -574,47 +579,29 @@ fn main() {
         eprintln!("no CUDA device visible: the GPU scenarios are ignored");
     }
     let mut trials = Vec::new();
+    // A scenario on the CPU, the GPU and the GPU's flat path, in the default modes or,
+    // with `lean`, in the modes that move the fewest bytes.
     macro_rules! scenario {
         ($f:ident, $t:ty) => {
-            trials.push(Trial::test(
-                format!("cpu_{}_{}", stringify!($t), stringify!($f)),
-                || $f::<$t, Cpu<$t>>(),
-            ));
+            scenario!($f, $t, "", plain)
+        };
+        ($f:ident, $t:ty, $prefix:literal, $modes:expr) => {
+            let name = |backend: &str| {
+                format!("{backend}_{}{}_{}", $prefix, stringify!($t), stringify!($f))
+            };
+            trials.push(Trial::test(name("cpu"), || ($modes)($f::<$t, Cpu<$t>>)));
             trials.push(
-                Trial::test(format!("gpu_{}_{}", stringify!($t), stringify!($f)), || {
-                    $f::<$t, Gpu<$t>>()
-                })
-                .with_ignored_flag(!gpu),
+                Trial::test(name("gpu"), || ($modes)($f::<$t, Gpu<$t>>)).with_ignored_flag(!gpu),
             );
             trials.push(
-                Trial::test(
-                    format!("gpu_flat_{}_{}", stringify!($t), stringify!($f)),
-                    || $f::<$t, GpuFlat<$t>>(),
-                )
-                .with_ignored_flag(!gpu),
+                Trial::test(name("gpu_flat"), || ($modes)($f::<$t, GpuFlat<$t>>))
+                    .with_ignored_flag(!gpu),
             );
         };
     }
     macro_rules! lean_scenario {
         ($f:ident, $t:ty) => {
-            trials.push(Trial::test(
-                format!("cpu_lean_{}_{}", stringify!($t), stringify!($f)),
-                || lean::<$t>($f::<$t, Cpu<$t>>),
-            ));
-            trials.push(
-                Trial::test(
-                    format!("gpu_lean_{}_{}", stringify!($t), stringify!($f)),
-                    || lean::<$t>($f::<$t, Gpu<$t>>),
-                )
-                .with_ignored_flag(!gpu),
-            );
-            trials.push(
-                Trial::test(
-                    format!("gpu_flat_lean_{}_{}", stringify!($t), stringify!($f)),
-                    || lean::<$t>($f::<$t, GpuFlat<$t>>),
-                )
-                .with_ignored_flag(!gpu),
-            );
+            scenario!($f, $t, "lean_", lean::<$t>)
         };
     }
     lean_scenario!(refused_calls_change_nothing, bf16);
