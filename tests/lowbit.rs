@@ -475,3 +475,39 @@ fn a_state_made_for_another_mode_is_refused_by_the_spec() {
     assert!(matches!(err, Err(Error::LengthMismatch { .. })), "{err:?}");
     assert_eq!(p, w, "nothing written");
 }
+
+#[test]
+fn the_codec_takes_any_input_without_panicking() {
+    for code in [EXP_AVG_CODE, EXP_INF_CODE] {
+        let max = code.max_magnitude_code();
+        // Out of contract: clamped to [0, 1], NaN to 0.
+        for (q, want) in [
+            (2.0f32, max),
+            (f32::INFINITY, max),
+            (f32::NAN, 0),
+            (-1.0, 0),
+            (-0.0, 0),
+        ] {
+            for r in [0, 0xFF_FFFF, u32::MAX] {
+                assert_eq!(code.encode_magnitude(q, r), want, "{code:?} {q}");
+            }
+        }
+        for c in 0..=255u8 {
+            let _ = code.decode(c, f32::MAX);
+            let _ = code.decode(c, f32::NAN);
+        }
+        assert_eq!(code.encode(1.0, 0.0, 0), code.max_magnitude_code() as u8);
+    }
+    // A hand-built moment with a missing scale decodes to NaN, one value per code.
+    let odd = Blockwise8 {
+        codes: vec![1; 300],
+        scales: vec![1.0],
+    };
+    let v = odd.to_f32(EXP_INF_CODE);
+    assert_eq!(v.len(), 300);
+    assert!(v[..256].iter().all(|x| x.is_finite()) && v[256..].iter().all(|x| x.is_nan()));
+    // Codes beyond the values are left alone.
+    let mut codes = [7u8; 4];
+    let scale = EXP_INF_CODE.encode_block(&[0.5, 1.0], &mut codes, |_| 0);
+    assert_eq!((scale, codes[2..].to_vec()), (1.0, vec![7, 7]));
+}

@@ -168,8 +168,12 @@ impl Code {
     }
 
     /// Stochastic rounding of a magnitude `q` in `[0, 1]` to a code, with 24 random
-    /// bits `r` (`0x80_0000` rounds to nearest, ties down).
+    /// bits `r` (`0x80_0000` rounds to nearest, ties down). A `q` outside `[0, 1]` (which
+    /// the encoder never passes: a block's values are divided by their largest
+    /// magnitude, and the kernel, which never sees one, does not clamp) is clamped to
+    /// it, NaN to 0.
     pub fn encode_magnitude(self, q: f32, r: u32) -> u32 {
+        let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
         let eq = ((q.to_bits() >> 23) & 0xFF) as i32 - 127;
         let ee = eq.max(self.emin());
         // Exact: a power-of-two scaling into [0, 2^(M+1)).
@@ -223,7 +227,9 @@ impl Code {
     }
 
     /// Encodes a block: returns its scale and writes one code per value, drawing the
-    /// rounding bits of value `j` from `bits(j)`.
+    /// rounding bits of value `j` from `bits(j)`. `codes` should be as long as `values`;
+    /// codes beyond the values are left as they are (zeroed when the block's largest
+    /// magnitude is 0 or not finite).
     pub fn encode_block(
         self,
         values: &[f32],
@@ -273,12 +279,17 @@ impl Blockwise8 {
         q
     }
 
-    /// The values the codes stand for (exact decoding, one rounding per element).
+    /// The values the codes stand for (exact decoding, one rounding per element), one
+    /// per code; a block without a scale (an inconsistent value built by hand) reads as
+    /// NaN.
     pub fn to_f32(&self, code: Code) -> Vec<f32> {
         self.codes
             .chunks(QBLOCK)
-            .zip(&self.scales)
-            .flat_map(|(block, &scale)| block.iter().map(move |&c| code.decode(c, scale)))
+            .enumerate()
+            .flat_map(|(b, block)| {
+                let scale = self.scales.get(b).copied().unwrap_or(f32::NAN);
+                block.iter().map(move |&c| code.decode(c, scale))
+            })
             .collect()
     }
 }
