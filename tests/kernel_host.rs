@@ -448,6 +448,44 @@ fn whole_kernel_source() -> Result<String, Failed> {
     Ok([SHIM, WARP_SHIM, &host_body(body)?, STEP_MAIN].concat())
 }
 
+/// A storage value as the harness reads and prints it: the f32 bits, or the 16 bits.
+fn storage_bits<T: adamax_cuda::Storage>(x: &T) -> u64 {
+    match T::TYPE {
+        adamax_cuda::StorageType::F16 => u64::from(half::f16::from_f32(x.to_f32()).to_bits()),
+        adamax_cuda::StorageType::Bf16 => u64::from(x.to_f32().to_bits() >> 16),
+        adamax_cuda::StorageType::F32 => u64::from(x.to_f32().to_bits()),
+    }
+}
+
+/// The harness's number for a storage type and its mode bits (1: stochastic rounding,
+/// 2: 8-bit state).
+fn case_kind<T: adamax_cuda::Storage>(precision: &adamax_cuda::Precision) -> (u64, u64) {
+    let type_id = match T::TYPE {
+        adamax_cuda::StorageType::F32 => 0,
+        adamax_cuda::StorageType::Bf16 => 1,
+        adamax_cuda::StorageType::F16 => 2,
+    };
+    let sr = u64::from(precision.params == adamax_cuda::ParamMode::Stochastic);
+    let q8 = u64::from(precision.state == adamax_cuda::StateFormat::Blockwise8);
+    (type_id, sr | q8 << 1)
+}
+
+/// One tensor's state in the harness's print order: master, then the moments (f32
+/// bits, or codes and scale bits).
+fn state_bits(out: &mut Vec<u64>, state: &adamax_cuda::TensorState, q8: bool) {
+    let f32_bits = |v: &[f32]| v.iter().map(|x| u64::from(x.to_bits())).collect::<Vec<_>>();
+    out.extend(f32_bits(&state.master));
+    if q8 {
+        for m in [&state.exp_avg_q8, &state.exp_inf_q8] {
+            out.extend(m.codes.iter().map(|&c| u64::from(c)));
+            out.extend(f32_bits(&m.scales));
+        }
+    } else {
+        out.extend(f32_bits(&state.exp_avg));
+        out.extend(f32_bits(&state.exp_inf));
+    }
+}
+
 /// Several steps of a list of tensors (some without a gradient in some steps) in one
 /// storage type and mode, from fresh state, on the emulated kernel and with
 /// `CpuAdamax::step_some`: the input for the harness and the reference's output.
@@ -462,18 +500,7 @@ fn whole_step_run<T: adamax_cuda::Storage>(
     use adamax_cuda::{cpu::CpuAdamax, EpsilonMode, Optimizer, StateFormat, WeightDecayMode};
     let precision = config.precision;
     let q8 = precision.state == StateFormat::Blockwise8;
-    let mode =
-        u64::from(precision.params == adamax_cuda::ParamMode::Stochastic) | if q8 { 2 } else { 0 };
-    let storage_bits = |x: &T| match T::TYPE {
-        adamax_cuda::StorageType::F16 => u64::from(half::f16::from_f32(x.to_f32()).to_bits()),
-        adamax_cuda::StorageType::Bf16 => u64::from(x.to_f32().to_bits() >> 16),
-        adamax_cuda::StorageType::F32 => u64::from(x.to_f32().to_bits()),
-    };
-    let type_id = match T::TYPE {
-        adamax_cuda::StorageType::F32 => 0u64,
-        adamax_cuda::StorageType::Bf16 => 1,
-        adamax_cuda::StorageType::F16 => 2,
-    };
+    let (type_id, mode) = case_kind::<T>(&precision);
     let value = |rng: &mut StdRng, scale: f32| {
         rng.random_range(-1.0..1.0f32) * scale * 10f32.powf(rng.random_range(-3.0..0.0))
     };
@@ -568,16 +595,7 @@ fn whole_step_run<T: adamax_cuda::Storage>(
     let mut expected = Vec::new();
     for (p, t) in params.iter().zip(cpu.tensor_states()) {
         expected.extend(p.iter().map(storage_bits));
-        expected.extend(t.master.iter().map(|x| u64::from(x.to_bits())));
-        if q8 {
-            expected.extend(t.exp_avg_q8.codes.iter().map(|&c| u64::from(c)));
-            expected.extend(t.exp_avg_q8.scales.iter().map(|x| u64::from(x.to_bits())));
-            expected.extend(t.exp_inf_q8.codes.iter().map(|&c| u64::from(c)));
-            expected.extend(t.exp_inf_q8.scales.iter().map(|x| u64::from(x.to_bits())));
-        } else {
-            expected.extend(t.exp_avg.iter().map(|x| u64::from(x.to_bits())));
-            expected.extend(t.exp_inf.iter().map(|x| u64::from(x.to_bits())));
-        }
+        state_bits(&mut expected, t, q8);
         expected.push(t.step);
     }
     expected.push(cpu.step_count()?);
@@ -1015,19 +1033,7 @@ fn traversal_case<T: adamax_cuda::Storage>(
             (*m, *u) = (value(rng, 0.1), value(rng, 0.1).abs());
         }
     }
-    let bits = |x: &T| u64::from(x.to_f32().to_bits() >> if T::HAS_MASTER { 16 } else { 0 });
-    let f16_bits = |x: &T| u64::from(half::f16::from_f32(x.to_f32()).to_bits());
-    let storage_bits = |x: &T| match T::TYPE {
-        adamax_cuda::StorageType::F16 => f16_bits(x),
-        _ => bits(x),
-    };
-    let type_id = match T::TYPE {
-        adamax_cuda::StorageType::F32 => 0,
-        adamax_cuda::StorageType::Bf16 => 1,
-        adamax_cuda::StorageType::F16 => 2,
-    };
-    let mode =
-        u64::from(precision.params == adamax_cuda::ParamMode::Stochastic) | if q8 { 2 } else { 0 };
+    let (type_id, mode) = case_kind::<T>(&precision);
     let (decay, decay_mode) = match s.decay {
         Decay::None => (0.0, 0),
         Decay::Coupled { weight_decay } => (weight_decay, 1),
@@ -1050,35 +1056,11 @@ fn traversal_case<T: adamax_cuda::Storage>(
         decay_mode,
         u64::from(s.maximize),
     ]);
-    let dump =
-        |out: &mut Vec<u64>, param: &[T], state: &TensorState, with_param_input: Option<&[T]>| {
-            out.extend(param.iter().map(storage_bits));
-            if let Some(g) = with_param_input {
-                out.extend(g.iter().map(storage_bits));
-            }
-            out.extend(state.master.iter().map(|x| u64::from(x.to_bits())));
-            if q8 {
-                out.extend(state.exp_avg_q8.codes.iter().map(|&c| u64::from(c)));
-                out.extend(
-                    state
-                        .exp_avg_q8
-                        .scales
-                        .iter()
-                        .map(|x| u64::from(x.to_bits())),
-                );
-                out.extend(state.exp_inf_q8.codes.iter().map(|&c| u64::from(c)));
-                out.extend(
-                    state
-                        .exp_inf_q8
-                        .scales
-                        .iter()
-                        .map(|x| u64::from(x.to_bits())),
-                );
-            } else {
-                out.extend(state.exp_avg.iter().map(|x| u64::from(x.to_bits())));
-                out.extend(state.exp_inf.iter().map(|x| u64::from(x.to_bits())));
-            }
-        };
+    let dump = |out: &mut Vec<u64>, param: &[T], state: &TensorState, grad: Option<&[T]>| {
+        out.extend(param.iter().map(storage_bits));
+        out.extend(grad.into_iter().flatten().map(storage_bits));
+        state_bits(out, state, q8);
+    };
     dump(&mut input, &param, &state, Some(&grad));
     adamax_cuda::cpu::step_tensor(&s, &precision, tensor, &mut param, &grad, &mut state)
         .unwrap_or_else(|e| panic!("the spec refused a case: {e}"));

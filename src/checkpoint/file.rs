@@ -107,7 +107,15 @@ pub(crate) enum View<'a> {
     U8(&'a [u8]),
 }
 
-impl View<'_> {
+impl<'a> View<'a> {
+    /// Values `at`.
+    pub(crate) fn slice(self, at: std::ops::Range<usize>) -> View<'a> {
+        match self {
+            View::F32(v) => View::F32(&v[at]),
+            View::U8(v) => View::U8(&v[at]),
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         match self {
             View::F32(v) => v.len(),

@@ -121,6 +121,15 @@ impl Buffer {
     }
 }
 
+/// Values in `part`'s buffer for every tensor of `layout`.
+fn buffer_len(layout: &StateLayout, part: Part) -> usize {
+    if part.per_block() {
+        layout.total_blocks
+    } else {
+        layout.total
+    }
+}
+
 /// The state buffers of one optimizer, on its stream.
 pub(crate) struct DeviceState {
     layout: StateLayout,
@@ -169,15 +178,10 @@ impl DeviceState {
 
     /// A zeroed buffer for `part` of every tensor.
     fn alloc(stream: &Arc<CudaStream>, layout: &StateLayout, part: Part) -> Result<Buffer> {
-        let len = if part.per_block() {
-            layout.total_blocks
-        } else {
-            layout.total
-        };
         Buffer::zeroed(
             stream,
             part.is_codes(),
-            len,
+            buffer_len(layout, part),
             "allocating the optimizer state",
         )
     }
@@ -287,20 +291,11 @@ impl DeviceState {
             .collect();
         for (part, buf) in &self.parts {
             let mut all = buf.empty_data();
-            let len = if part.per_block() {
-                self.layout.total_blocks
-            } else {
-                self.layout.total
-            };
-            buf.append_to(&self.stream, 0..len, &mut all)?;
+            buf.append_to(&self.stream, 0..buffer_len(&self.layout, *part), &mut all)?;
             for (i, state) in states.iter_mut().enumerate() {
                 let (o, n) = (self.offset(*part, i), part.len(self.layout.lens[i]));
                 let mut mine = buf.empty_data();
-                match (&all, &mut mine) {
-                    (Data::F32(a), Data::F32(m)) => m.extend_from_slice(&a[o..o + n]),
-                    (Data::U8(a), Data::U8(m)) => m.extend_from_slice(&a[o..o + n]),
-                    _ => {}
-                }
+                mine.extend(all.view().slice(o..o + n))?;
                 part.store(state, mine)?;
             }
         }
