@@ -52,6 +52,41 @@ fn the_cache_can_be_switched_off() {
     );
 }
 
+/// Values as a shell user writes them: padded, upper case, with a newline from a
+/// file; a blank directory is no directory (it used to create one named " " in the
+/// working directory); a relative XDG_CACHE_HOME is ignored (the XDG Base Directory
+/// specification: "If an implementation encounters a relative path in any of these
+/// variables it should consider the path invalid and ignore it").
+#[test]
+fn padded_blank_and_relative_values_are_read_as_meant() {
+    for off in [" off", "off ", "OFF\n", "\t0", " disabled "] {
+        assert_eq!(
+            dir(&[("ADAMAX_CUDA_CACHE", off), ("HOME", "/h")]),
+            None,
+            "{off:?}"
+        );
+    }
+    for blank in [" ", "\t", " \n "] {
+        assert_eq!(
+            dir(&[("ADAMAX_CUDA_CACHE_DIR", blank), ("HOME", "/h")]),
+            Some(PathBuf::from("/h/.cache/adamax-cuda")),
+            "{blank:?}"
+        );
+        assert_eq!(
+            dir(&[("ADAMAX_CUDA_CACHE", blank), ("HOME", "/h")]),
+            Some(PathBuf::from("/h/.cache/adamax-cuda")),
+            "a blank switch leaves the cache on: {blank:?}"
+        );
+    }
+    for relative in ["cache", "./x", "x/y"] {
+        assert_eq!(
+            dir(&[("XDG_CACHE_HOME", relative), ("HOME", "/h")]),
+            Some(PathBuf::from("/h/.cache/adamax-cuda")),
+            "{relative}"
+        );
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn a_non_utf8_directory_is_kept_as_the_os_gave_it() {

@@ -6,8 +6,11 @@
 //! else `$XDG_CACHE_HOME/adamax-cuda`, else `$HOME/.cache/adamax-cuda` (on Windows
 //! `%LOCALAPPDATA%\adamax-cuda`); paths are taken as the OS gives them (not
 //! necessarily UTF-8). `ADAMAX_CUDA_CACHE` set to `0`, `off`, `false`, `no` or
-//! `disabled` (any case) switches it off; any other value, or none, leaves it on. Writes are atomic (temporary file, then rename), and an entry that fails its
-//! checks (magic, lengths, content hash) is ignored and rebuilt. The cache is
+//! `disabled` (any case, surrounding whitespace ignored) switches it off; any other
+//! value, or none, leaves it on. A variable that is empty or only whitespace counts as
+//! unset, and a relative `XDG_CACHE_HOME` is ignored (the XDG specification says so).
+//! Writes are atomic (temporary file, then rename), and an entry that fails its checks
+//! (magic, lengths, content hash) is ignored and rebuilt. The cache is
 //! best-effort: a directory that cannot be written costs a compile, never an error.
 
 use std::{
@@ -44,10 +47,15 @@ pub fn cache_dir() -> Option<PathBuf> {
 }
 
 /// [`cache_dir`] with an explicit environment lookup.
+///
+/// Values are read as a shell user means them: `ADAMAX_CUDA_CACHE` ignores surrounding
+/// whitespace and case (`" off"`, `"OFF\n"`); a variable that is empty or only
+/// whitespace counts as unset; `XDG_CACHE_HOME` is ignored unless it is an absolute path,
+/// as the XDG Base Directory specification says.
 pub fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
-    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    let set = |k: &str| env(k).filter(|v| !v.to_string_lossy().trim().is_empty());
     if let Some(v) = set("ADAMAX_CUDA_CACHE") {
-        let v = v.to_string_lossy().to_ascii_lowercase();
+        let v = v.to_string_lossy().trim().to_ascii_lowercase();
         if OFF_VALUES.contains(&v.as_str()) {
             return None;
         }
@@ -57,6 +65,7 @@ pub fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf>
     }
     let base = set("XDG_CACHE_HOME")
         .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
         .or_else(|| set("HOME").map(|h| Path::new(&h).join(".cache")))
         .or_else(|| set("LOCALAPPDATA").map(PathBuf::from))?;
     Some(base.join("adamax-cuda"))
