@@ -109,6 +109,18 @@ fn stochastic_rounding_to_bf16_rounds_up_with_probability_equal_to_the_dropped_f
     assert!(nan.is_nan(), "NaN stays NaN (no carry into the sign)");
 }
 
+/// A number that is no code of the format (beyond its magnitude bits) decodes to NaN;
+/// it used to decode to a value far above 1 (1000 gave 1.3e33), against the docs.
+#[test]
+fn numbers_beyond_a_codes_bits_decode_to_nan() {
+    for (code, bits) in [(EXP_AVG_CODE, 7), (EXP_INF_CODE, 8)] {
+        assert!(!code.decode_magnitude((1 << bits) - 1).is_nan());
+        for c in [1u32 << bits, 1000, u32::MAX] {
+            assert!(code.decode_magnitude(c).is_nan(), "{code:?} {c}");
+        }
+    }
+}
+
 #[test]
 fn every_code_decodes_to_the_documented_value_and_encodes_back_to_itself() {
     for (code, smallest) in [

@@ -117,19 +117,27 @@ fn pow2(e: i32) -> f32 {
 
 /// An 8-bit code: a small float for `value / scale`, a number of magnitude at most 1.
 ///
-/// With `E = exp_bits` and `M = man_bits`, a magnitude's bits are an exponent field `e`
-/// and a fraction `f`; it is `f * 2^(emin - M)` when `e = 0` (subnormals) and
+/// With `E` exponent bits and `M` mantissa bits, a magnitude's bits are an exponent
+/// field `e` and a fraction `f`; it is `f * 2^(emin - M)` when `e = 0` (subnormals) and
 /// `(2^M + f) * 2^(e - 1 + emin - M)` otherwise, with `emin = 2 - 2^E`. The top field
 /// `e = 2^E - 1` is the binade of 1.0, of which only 1.0 itself is used. A signed code
 /// puts the sign in bit 7.
+///
+/// The two codes of the crate are [`EXP_AVG_CODE`] and [`EXP_INF_CODE`]; no other can
+/// be made, so every method is defined on every input:
+///
+/// ```compile_fail
+/// // The fields are private: a code with 32 exponent bits cannot exist.
+/// let c = adamax_cuda::cpu::lowbit::Code { signed: false, exp_bits: 32, man_bits: 0 };
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Code {
     /// Whether bit 7 is a sign.
-    pub signed: bool,
+    signed: bool,
     /// Exponent bits.
-    pub exp_bits: u32,
+    exp_bits: u32,
     /// Mantissa bits: `exp_bits + man_bits` is 7 for a signed code, 8 otherwise.
-    pub man_bits: u32,
+    man_bits: u32,
 }
 
 /// The code of the first moment `m`: sign, 4 exponent bits, 3 mantissa bits.
@@ -184,8 +192,14 @@ impl Code {
         (((ee - self.emin()) as u32) << self.man_bits) + k + up
     }
 
-    /// The magnitude of a code (exact).
+    /// The magnitude of a code (exact): `code` is the magnitude's bits, below 128 for a
+    /// signed code and 256 otherwise. A larger number is no code of this format and
+    /// gives NaN.
     pub fn decode_magnitude(self, code: u32) -> f32 {
+        let bits = self.exp_bits + self.man_bits;
+        if code >> bits != 0 {
+            return f32::NAN;
+        }
         let e = code >> self.man_bits;
         let f = code & ((1 << self.man_bits) - 1);
         let (mant, exp) = if e == 0 {
