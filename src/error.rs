@@ -159,6 +159,22 @@ pub enum Error {
         /// The device ordinal asked for.
         ordinal: usize,
     },
+    /// A `FlatLayout` that cannot describe tensors in one buffer.
+    #[error("AdaMax flat layout: {reason}")]
+    InvalidLayout {
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// A flat buffer shorter than its layout.
+    #[error("AdaMax GPU: {what} holds {found} elements but the flat layout needs {needed}; allocate at least FlatLayout::total() elements")]
+    BufferTooSmall {
+        /// Which buffer (`"flat params"`, `"flat grads"`).
+        what: &'static str,
+        /// Elements the layout needs.
+        needed: usize,
+        /// Elements the buffer holds.
+        found: usize,
+    },
     /// `step_flat` on an optimizer not built with `new_flat`.
     #[error("AdaMax GPU: step_flat needs an optimizer built with CudaAdamax::new_flat (it knows no flat layout); use step with one view per tensor, or build it with new_flat")]
     NotFlat,

@@ -288,7 +288,7 @@ fn refused_calls_change_nothing<T: GpuStorage, B: Backend<T>>() -> R {
         B::FLAT
             && matches!(
                 r,
-                Err(Error::LengthMismatch {
+                Err(Error::BufferTooSmall {
                     what: "flat grads",
                     ..
                 })

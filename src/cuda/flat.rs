@@ -58,43 +58,61 @@ impl FlatLayout {
         let mut offsets = Vec::with_capacity(lens.len());
         let mut at = 0usize;
         for &n in lens {
-            let start = at.checked_next_multiple_of(align).ok_or(too_large())?;
+            let start = at.checked_next_multiple_of(align).ok_or_else(too_large)?;
             offsets.push(start);
-            at = start.checked_add(n).ok_or(too_large())?;
+            at = start.checked_add(n).ok_or_else(too_large)?;
         }
         Self::new(offsets, lens.to_vec())
     }
 
     /// A layout of your own: `offsets[i]` is where tensor `i` of `lens[i]` elements
-    /// starts. Refused: lists of different lengths, an empty list, tensors out of order
-    /// or overlapping, sizes that overflow.
+    /// starts. Tensors may come in any order and with gaps between them, but no two
+    /// share an element; an empty tensor shares none, so it may sit anywhere in the
+    /// buffer (also where another tensor is). Refused, each with
+    /// [`Error::InvalidLayout`]: lists of different lengths, an empty list, overlapping
+    /// tensors, and a buffer too large to address (its end, in bytes of f32, beyond
+    /// `isize::MAX`).
     pub fn new(offsets: Vec<usize>, lens: Vec<usize>) -> Result<Self> {
         if offsets.len() != lens.len() {
-            return Err(Error::TensorCountMismatch {
-                what: "flat layout offsets",
-                expected: lens.len(),
-                found: offsets.len(),
-            });
+            return Err(invalid(format!(
+                "{} offsets for {} lengths; give one offset per tensor",
+                offsets.len(),
+                lens.len()
+            )));
         }
         if lens.is_empty() {
-            return Err(Error::EmptyParameterList);
+            return Err(invalid("it has no tensors; give at least one".into()));
         }
-        let mut end = 0usize;
-        for (tensor, (&o, &n)) in offsets.iter().zip(&lens).enumerate() {
-            if o < end {
-                return Err(Error::LengthMismatch {
-                    what: "flat layout offset (tensors overlap or are out of order)",
-                    tensor,
-                    expected: end,
-                    found: o,
-                });
+        let mut total = 0usize;
+        for (i, (&o, &n)) in offsets.iter().zip(&lens).enumerate() {
+            let end = o
+                .checked_add(n)
+                .filter(|e| e.checked_mul(4).is_some_and(|b| b <= isize::MAX as usize))
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "tensor {i} ({n} elements at offset {o}) ends beyond what a buffer can hold"
+                    ))
+                })?;
+            total = total.max(end);
+        }
+        // Non-empty tensors by offset: each must end before the next one starts.
+        let mut order: Vec<usize> = (0..lens.len()).filter(|&i| lens[i] > 0).collect();
+        order.sort_unstable_by_key(|&i| offsets[i]);
+        for w in order.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if offsets[a] + lens[a] > offsets[b] {
+                let range = |i: usize| format!("{}..{}", offsets[i], offsets[i] + lens[i]);
+                return Err(invalid(format!(
+                    "tensors {a} (elements {}) and {b} (elements {}) overlap; give every tensor its own elements",
+                    range(a),
+                    range(b)
+                )));
             }
-            end = o.checked_add(n).ok_or(too_large())?;
         }
         Ok(Self {
             offsets,
             lens,
-            total: end,
+            total,
         })
     }
 
@@ -108,25 +126,27 @@ impl FlatLayout {
         &self.lens
     }
 
-    /// Elements a buffer of this layout needs (the end of the last tensor).
+    /// Elements a buffer of this layout needs: the largest end of a tensor (an empty
+    /// tensor's end is its offset).
     pub fn total(&self) -> usize {
         self.total
     }
 }
 
 fn too_large() -> Error {
-    Error::TooLarge {
-        what: "the flat layout",
-    }
+    invalid("its tensors end beyond what a buffer can hold".into())
+}
+
+fn invalid(reason: String) -> Error {
+    Error::InvalidLayout { reason }
 }
 
 /// The buffer must hold the layout.
 fn check_len(what: &'static str, found: usize, total: usize) -> Result<()> {
     if found < total {
-        return Err(Error::LengthMismatch {
+        return Err(Error::BufferTooSmall {
             what,
-            tensor: 0,
-            expected: total,
+            needed: total,
             found,
         });
     }
@@ -189,32 +209,58 @@ mod tests {
         assert_eq!((p.offsets(), p.total()), (&[0, 3, 3][..], 8));
         let a = FlatLayout::aligned(&[3, 0, 5]).unwrap();
         assert_eq!((a.offsets(), a.total()), (&[0, 64, 64][..], 69));
-        assert!(matches!(
-            FlatLayout::new(vec![0, 2], vec![3, 1]),
-            Err(Error::LengthMismatch { tensor: 1, .. })
-        ));
-        assert!(matches!(
-            FlatLayout::new(vec![5, 0], vec![1, 1]),
-            Err(Error::LengthMismatch { tensor: 1, .. })
-        ));
-        assert!(matches!(
-            FlatLayout::new(vec![0], vec![1, 1]),
-            Err(Error::TensorCountMismatch { .. })
-        ));
-        assert!(matches!(
-            FlatLayout::new(vec![], vec![]),
-            Err(Error::EmptyParameterList)
-        ));
-        assert!(matches!(
-            FlatLayout::new(vec![usize::MAX], vec![2]),
-            Err(Error::TooLarge { .. })
-        ));
+        let refused = |offsets: Vec<usize>, lens: Vec<usize>, says: &str| match FlatLayout::new(
+            offsets.clone(),
+            lens.clone(),
+        ) {
+            Err(e @ Error::InvalidLayout { .. }) => {
+                assert!(e.to_string().contains(says), "{offsets:?} {lens:?}: {e}")
+            }
+            other => panic!("{offsets:?} {lens:?}: {other:?}"),
+        };
+        refused(
+            vec![0, 2],
+            vec![3, 1],
+            "tensors 0 (elements 0..3) and 1 (elements 2..3) overlap",
+        );
+        refused(
+            vec![5, 0],
+            vec![1, 6],
+            "tensors 1 (elements 0..6) and 0 (elements 5..6) overlap",
+        );
+        refused(vec![0], vec![1, 1], "1 offsets for 2 lengths");
+        refused(vec![], vec![], "no tensors");
+        refused(vec![usize::MAX], vec![2], "beyond what a buffer can hold");
+        // An empty tensor far out used to give total() == usize::MAX.
+        refused(vec![usize::MAX], vec![0], "beyond what a buffer can hold");
+        refused(vec![0, isize::MAX as usize / 4 + 1], vec![1, 0], "tensor 1");
         assert!(matches!(
             FlatLayout::aligned(&[usize::MAX - 3, 1]),
-            Err(Error::TooLarge { .. })
+            Err(Error::InvalidLayout { .. })
         ));
         // Gaps are fine (padding), and a tensor may start where the last ended.
         let own = FlatLayout::new(vec![10, 20, 25], vec![10, 5, 0]).unwrap();
         assert_eq!(own.total(), 25);
+        // Any order; an empty tensor may sit anywhere, even inside another (it used to be
+        // refused as "out of order" with the text of a buffer-length mismatch).
+        let any = FlatLayout::new(vec![10, 0, 3], vec![0, 5, 0]).unwrap();
+        assert_eq!(any.total(), 10);
+        let shuffled = FlatLayout::new(vec![8, 0, 4], vec![2, 4, 4]).unwrap();
+        assert_eq!(shuffled.total(), 10);
+    }
+
+    #[test]
+    fn a_short_buffer_says_how_many_elements_the_layout_needs() {
+        let e = check_len("flat grads", 9, 10).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::BufferTooSmall {
+                what: "flat grads",
+                needed: 10,
+                found: 9
+            }
+        ));
+        assert!(e.to_string().contains("needs 10"), "{e}");
+        assert!(check_len("flat grads", 11, 10).is_ok());
     }
 }
