@@ -221,11 +221,10 @@ struct Candidate {
 }
 
 const fn float(signed: bool, exp_bits: u32, man_bits: u32) -> Quant {
-    Quant::Float(Code {
-        signed,
-        exp_bits,
-        man_bits,
-    })
+    match Code::new(signed, exp_bits, man_bits) {
+        Some(code) => Quant::Float(code),
+        None => panic!("not an 8-bit code"),
+    }
 }
 
 /// One tensor's step with candidate `c`'s 8-bit state `st` ((codes, scales) of m and u).

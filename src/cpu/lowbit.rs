@@ -123,8 +123,9 @@ fn pow2(e: i32) -> f32 {
 /// `e = 2^E - 1` is the binade of 1.0, of which only 1.0 itself is used. A signed code
 /// puts the sign in bit 7.
 ///
-/// The two codes of the crate are [`EXP_AVG_CODE`] and [`EXP_INF_CODE`]; no other can
-/// be made, so every method is defined on every input:
+/// The crate's state uses [`EXP_AVG_CODE`] and [`EXP_INF_CODE`]; others (for studies of
+/// the format) come from [`Code::new`], which makes only codes whose every value is an
+/// f32, so every method is defined on every input:
 ///
 /// ```compile_fail
 /// // The fields are private: a code with 32 exponent bits cannot exist.
@@ -155,6 +156,32 @@ pub const EXP_INF_CODE: Code = Code {
 };
 
 impl Code {
+    /// An 8-bit code with `exp_bits` exponent and `man_bits` mantissa bits (7 bits in
+    /// all with a sign, 8 without); `None` unless `exp_bits >= 1` and its smallest
+    /// magnitude, `2^(2 - 2^exp_bits - man_bits)`, is an f32 normal (`2^exp_bits +
+    /// man_bits <= 128`).
+    ///
+    /// ```
+    /// use adamax_cuda::cpu::lowbit::{Code, EXP_AVG_CODE};
+    /// assert_eq!(Code::new(true, 4, 3), Some(EXP_AVG_CODE));
+    /// assert_eq!(Code::new(false, 4, 3), None); // 7 bits without a sign
+    /// assert_eq!(Code::new(false, 8, 0), None); // magnitudes below f32's normals
+    /// ```
+    pub const fn new(signed: bool, exp_bits: u32, man_bits: u32) -> Option<Self> {
+        let bits = if signed { 7 } else { 8 };
+        if exp_bits == 0 || exp_bits > 7 || exp_bits + man_bits != bits {
+            return None;
+        }
+        if (1 << exp_bits) + man_bits > 128 {
+            return None;
+        }
+        Some(Self {
+            signed,
+            exp_bits,
+            man_bits,
+        })
+    }
+
     /// The exponent of the smallest normal magnitude.
     const fn emin(self) -> i32 {
         2 - (1 << self.exp_bits)
