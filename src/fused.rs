@@ -93,6 +93,11 @@ fn positive(field: &'static str, value: f64, allowed: &'static str) -> Result<()
 }
 
 /// What the last step did.
+///
+/// With the `serde` feature a report serializes whatever values a run gave it: a norm
+/// or coefficient that is NaN or infinite (a non-finite gradient with clipping and no
+/// overflow check) is written as the string `"NaN"`, `"inf"` or `"-inf"` (JSON has no
+/// such numbers) and reads back as that value.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepReport {
@@ -101,11 +106,74 @@ pub struct StepReport {
     /// Whether the last step was skipped for a non-finite gradient.
     pub skipped: bool,
     /// Global L2 norm of the unscaled gradients, when it was computed (clipping on).
+    #[cfg_attr(feature = "serde", serde(with = "non_finite::option"))]
     pub total_norm: Option<f32>,
     /// The factor the gradients were multiplied by for clipping (1 without clipping).
+    #[cfg_attr(feature = "serde", serde(with = "non_finite"))]
     pub clip_coef: f32,
     /// The loss scale for the next step, when a [`LossScaler`] is enabled.
+    #[cfg_attr(feature = "serde", serde(with = "non_finite::option"))]
     pub loss_scale: Option<f32>,
+}
+
+/// serde for f32 values that may be NaN or infinite: finite values as numbers, the
+/// others as the strings `"NaN"`, `"inf"` and `"-inf"` (JSON has no number for them, and
+/// serde_json writes them as `null`, which reads back as nothing or fails).
+#[cfg(feature = "serde")]
+mod non_finite {
+    use serde::{de::Error as _, Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr<'a> {
+        Number(f32),
+        Text(&'a str),
+    }
+
+    pub(super) fn serialize<S: Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+        match *v {
+            v if v.is_finite() => Repr::Number(v),
+            v if v.is_nan() => Repr::Text("NaN"),
+            v if v > 0.0 => Repr::Text("inf"),
+            _ => Repr::Text("-inf"),
+        }
+        .serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Number(v) => Ok(v),
+            Repr::Text("NaN") => Ok(f32::NAN),
+            Repr::Text("inf") => Ok(f32::INFINITY),
+            Repr::Text("-inf") => Ok(f32::NEG_INFINITY),
+            Repr::Text(other) => Err(D::Error::custom(format!(
+                "`{other}` is not a number; expected a number, \"NaN\", \"inf\" or \"-inf\""
+            ))),
+        }
+    }
+
+    pub(super) mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        #[derive(Deserialize)]
+        struct Value(#[serde(deserialize_with = "super::deserialize")] f32);
+
+        pub(in crate::fused) fn serialize<S: Serializer>(
+            v: &Option<f32>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => super::serialize(v, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(in crate::fused) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<f32>, D::Error> {
+            Ok(Option::<Value>::deserialize(d)?.map(|v| v.0))
+        }
+    }
 }
 
 /// A dynamic loss scale with growth and backoff: `torch.amp.GradScaler`'s update rule.

@@ -2,7 +2,7 @@
 #![cfg(feature = "serde")]
 
 use adamax_cuda::{
-    AdamaxConfig, EpsilonMode, LossScaler, StepOptions, TensorHyper, WeightDecayMode,
+    AdamaxConfig, EpsilonMode, LossScaler, StepOptions, StepReport, TensorHyper, WeightDecayMode,
 };
 
 fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
@@ -54,4 +54,34 @@ fn a_deserialized_config_is_checked_when_used() {
     .unwrap();
     assert!(bad.validate().is_err());
     assert!(adamax_cuda::cpu::CpuAdamax::<f32>::new(bad, &[&[1.0]]).is_err());
+}
+
+/// Every value a run can give a report round-trips: a NaN or infinite norm (clipping
+/// without the overflow check, a non-finite gradient) and coefficient used to be written
+/// as `null`, read back as no norm or refused.
+#[test]
+fn reports_with_non_finite_values_round_trip() {
+    let report = |total_norm, clip_coef, loss_scale| StepReport {
+        step: 3,
+        skipped: false,
+        total_norm,
+        clip_coef,
+        loss_scale,
+    };
+    for v in [f32::INFINITY, f32::NEG_INFINITY, 0.25, 0.0, -0.0, f32::MAX] {
+        round_trip(report(Some(v), v, Some(65536.0)));
+    }
+    round_trip(report(None, 1.0, None));
+    // NaN is not equal to itself: compared by kind.
+    let text = serde_json::to_string(&report(Some(f32::NAN), f32::NAN, None)).unwrap();
+    let back: StepReport = serde_json::from_str(&text).unwrap();
+    assert!(back.total_norm.is_some_and(f32::is_nan), "{text}");
+    assert!(back.clip_coef.is_nan(), "{text}");
+    let bad: Result<StepReport, _> = serde_json::from_str(
+        r#"{"step":1,"skipped":false,"total_norm":"lots","clip_coef":1.0,"loss_scale":null}"#,
+    );
+    assert!(bad
+        .unwrap_err()
+        .to_string()
+        .contains("`lots` is not a number"));
 }
