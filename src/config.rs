@@ -203,6 +203,12 @@ impl AdamaxConfig {
     /// finite, zero or tiny gradient into an infinite scalar (`lr = 1e38` with a zero
     /// gradient would otherwise step by `inf * 0 = NaN`). The fields themselves must be
     /// valid (see [`AdamaxConfig::validate`]).
+    ///
+    /// With decoupled decay, each step also multiplies the weights by `1 - f32(lr *
+    /// lr_scale * weight_decay)`: a factor at or below 0 means nothing (at -1 and below
+    /// the weights grow without bound, to infinity and NaN on zero gradients), so that
+    /// product must be below 1 ([`ConfigError::DecayFactor`]). A schedule that raises `lr`
+    /// is checked against it too ([`Optimizer::set_lr`](crate::Optimizer::set_lr)).
     pub fn check_scalars(&self, hyper: &TensorHyper) -> Result<(), ConfigError> {
         let finite = |field: &'static str, value: f64, scalar: &'static str, x: f64| {
             if (x as f32).is_finite() {
@@ -241,6 +247,16 @@ impl AdamaxConfig {
                 "lr * lr_scale * weight_decay",
                 lr * hyper.weight_decay,
             )?;
+            // The f32 factor the step uses: each step takes lr_wd * theta off theta.
+            let lr_wd = (lr * hyper.weight_decay) as f32;
+            if lr_wd >= 1.0 {
+                return Err(ConfigError::DecayFactor {
+                    lr: self.lr,
+                    lr_scale: hyper.lr_scale,
+                    weight_decay: hyper.weight_decay,
+                    product: f64::from(lr_wd),
+                });
+            }
         }
         Ok(())
     }

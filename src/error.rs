@@ -41,6 +41,19 @@ pub enum ConfigError {
         /// The scalar that overflows.
         scalar: &'static str,
     },
+    /// Decoupled weight decay whose per-step factor `1 - lr * lr_scale * weight_decay`
+    /// is at or below 0: the weights would flip sign or grow each step.
+    #[error("AdaMax config: decoupled weight decay with lr {lr} x lr_scale {lr_scale} x weight_decay {weight_decay} = {product} would multiply the weights by 1 - {product} <= 0 every step; keep lr * lr_scale * weight_decay below 1 (lower the learning rate or the decay)")]
+    DecayFactor {
+        /// The learning rate.
+        lr: f64,
+        /// The tensor's learning-rate scale.
+        lr_scale: f64,
+        /// The tensor's weight decay.
+        weight_decay: f64,
+        /// `f32(lr * lr_scale * weight_decay)`, as the step uses it.
+        product: f64,
+    },
     /// A storage mode that the parameters' type does not have.
     #[error("AdaMax config: {what} is not available for {storage} parameters; it is for {allowed}: choose another mode or parameter type")]
     Unsupported {

@@ -48,9 +48,10 @@
 //! a [`LossScaler`]): the check runs over every tensor before anything is written.
 //!
 //! **Range.** Validation refuses configurations whose f32 scalars (the step size at
-//! step 1, `lr * wd`, `wd`, `eps`) would be infinite
-//! ([`AdamaxConfig::check_scalars`]); with those finite, a zero gradient never turns
-//! into NaN through an `inf * 0`. Beyond that the arithmetic is IEEE f32, as in the
+//! step 1, `lr * wd`, `wd`, `eps`) would be infinite, and decoupled decay with `lr_wd >=
+//! 1`, whose factor `1 - lr_wd` would flip or grow the weights
+//! ([`AdamaxConfig::check_scalars`]); with those, a zero gradient never turns into NaN
+//! through an `inf * 0`, and decoupled decay only shrinks the weights. Beyond that the arithmetic is IEEE f32, as in the
 //! peers: a value that leaves f32's range during a step (a weight decay times a
 //! parameter near `f32::MAX`) becomes infinite.
 //!
