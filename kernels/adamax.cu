@@ -56,7 +56,11 @@ enum {
     FLAG_CHECK = ADAMAX_FLAG_CHECK,      // skip the step on a non-finite gradient
     FLAG_SCALER = ADAMAX_FLAG_SCALER,    // dynamic loss scale (ScalerState)
 };
-enum { SKIP_NONFINITE = ADAMAX_SKIP_NONFINITE, SKIP_COUNTER_FULL = ADAMAX_SKIP_COUNTER_FULL };
+enum {
+    SKIP_NONFINITE = ADAMAX_SKIP_NONFINITE,        // a non-finite gradient (the overflow check)
+    SKIP_COUNTER_FULL = ADAMAX_SKIP_COUNTER_FULL,  // the step counter is at u64::MAX
+    SKIP_STALE_GRAPH = ADAMAX_SKIP_STALE_GRAPH,    // a launch whose by-value arguments are stale
+};
 // Storage modes of an update entry point (bits): parameters rounded stochastically
 // without a master (ParamMode::Stochastic), moments in 8 bits (StateFormat::Blockwise8).
 enum { MODE_SR = ADAMAX_MODE_SR, MODE_Q8 = ADAMAX_MODE_Q8 };
@@ -74,6 +78,8 @@ struct ControlParams {
     float max_norm;         // clipping threshold
     u32 growth_interval;    // loss scaler
     u32 flags;              // FLAG_*
+    float min_scale;        // loss scaler: the floor a backoff stops at
+    u32 generation;         // of the by-value AdamaxArgs; a launch with another is stale
 };
 struct ScalerState {
     float scale;            // the loss scale of the step in flight's gradients
@@ -87,6 +93,7 @@ struct StepState {
     u32 found_inf;          // reduce: set on a non-finite gradient; finalize clears it
     u32 skipped;            // SKIP_* when the step in flight changes nothing, else 0
     u32 blocks_done;        // update: blocks finished; the last one resets it to 0
+    u32 clipped;            // 1 when the last step computed total_norm and clip_coef
 };
 struct Control {
     ControlParams params;
@@ -111,7 +118,12 @@ struct AdamaxArgs {
     u32 eps_mode;
     u32 decay_mode;         // DECAY_COUPLED or DECAY_DECOUPLED (per tensor: none when 0)
     u32 maximize;
-    u32 reserved;           // keeps the struct a multiple of 8 bytes; always 0
+    // NOTE: [stale launches] A captured CUDA graph replays these arguments as they were
+    // at capture. Everything a setting changes is read from Control instead, except the
+    // configuration above, which only a restore changes: the host then counts a new
+    // generation in ControlParams, and a launch that carries an older one changes
+    // nothing and says so (SKIP_STALE_GRAPH).
+    u32 generation;
 };
 
 // Master-weight initialisation of one 16-bit tensor: master[i] = float(param[i]).
@@ -615,6 +627,12 @@ __device__ __forceinline__ u64 unit_begin(const TensorDesc& t) { return t.unit_b
 // this launch whether the step happens (StepState::skipped); without them, a counter
 // at u64::MAX is found here.
 //
+// NOTE: [captured steps] An eager step enqueues the reduction and finalize only when
+// the flags need them. A step captured in a CUDA graph always carries both, so that
+// clipping, the overflow check or a loss scaler turned on after capture work on
+// replay: the flags are read from Control when the kernels run, and without them the
+// two passes return at once and the update decides alone, as in an eager step.
+//
 // Blocks walk the work units of all tensors with a grid stride: a unit never spans two
 // tensors, units start at multiples of unit_len (a multiple of 8), and indices are
 // 64-bit. The grid is sized from this kernel's own occupancy.
@@ -622,6 +640,10 @@ template <typename T, int MODE>
 __device__ void adamax_step(const AdamaxArgs& a) {
     Control& c = *a.control;
     StepState& st = c.state;
+    if (a.generation != c.params.generation) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) st.skipped = SKIP_STALE_GRAPH;
+        return;  // see [stale launches]: nothing changes, and the step is not counted
+    }
     const bool decided = (c.params.flags & (FLAG_CHECK | FLAG_CLIP)) != 0;
     const u64 step = st.step;
     if (decided ? st.skipped != 0 : step == ~0ull) {
@@ -637,10 +659,11 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         const Scalars sc = tensor_scalars(a, t, tensor_step);
         const u64 begin = (unit - t.unit_begin) * a.unit_len;
         const u64 end = min(begin + a.unit_len, t.len);
+        // Units start at multiples of 8 elements, so 16-byte aligned base pointers make
+        // every vector access aligned (16 bytes of values, 8 of codes); a view at an odd
+        // offset takes the element path. Every buffer a vector path touches is checked.
+        const bool aligned = ((t.param | t.grad | t.exp_avg | t.exp_inf | t.master) & 15) == 0;
         if constexpr (MODE == 0) {
-            // Units start at multiples of 8 elements, so aligned base pointers make
-            // every vector access aligned; a view at an odd offset takes the scalar path.
-            const bool aligned = ((t.param | t.grad | t.exp_avg | t.exp_inf | t.master) & 15) == 0;
             u64 scalar_from = begin;
             if (aligned) {
                 const u64 vec_end = begin + (end - begin) / N * N;
@@ -652,7 +675,6 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         } else {
             // The random stream of this tensor in its step (lowbit::stream_key).
             const u64 key = stream_key(a.seed, tensor_step + 1, k);
-            const bool aligned = ((t.param | t.grad | t.master) & 15) == 0;
             if constexpr ((MODE & MODE_Q8) != 0) {
                 // Units are whole blocks (unit_len is a multiple of ADAMAX_QBLOCK).
                 const u64 warps = blockDim.x / 32;
@@ -685,6 +707,7 @@ __device__ void adamax_step(const AdamaxArgs& a) {
     if (threadIdx.x == 0) {
         st.blocks_done = 0;
         st.skipped = 0;
+        if (!decided) st.clipped = 0;  // else finalize has said
         st.step = step + 1;
     }
 }
@@ -727,6 +750,9 @@ __device__ void adamax_reduce(const AdamaxArgs& a) {
     constexpr u64 N = Lanes<T>::N;
     __shared__ float warp_sums[ADAMAX_BLOCK / 32];
     const u32 flags = a.control->params.flags;
+    // Enqueued in every captured step (see [captured steps]): without the flags that
+    // need it, or in a stale launch, it has nothing to do.
+    if (!(flags & (FLAG_CHECK | FLAG_CLIP)) || a.generation != a.control->params.generation) return;
     const float inv_scale = current_inv_scale(*a.control);
     for (u64 chunk = blockIdx.x; chunk < a.num_chunks; chunk += gridDim.x) {
         const TensorDesc t = a.tensors[find_tensor(a, chunk, chunk_begin)];
@@ -777,6 +803,16 @@ __device__ void adamax_finalize(const AdamaxArgs& a) {
     Control& c = *a.control;
     const ControlParams& p = c.params;
     StepState& st = c.state;
+    // Enqueued in every captured step (see [captured steps]): without clipping or the
+    // check the update decides alone; a stale launch changes nothing but says so.
+    if (!(p.flags & (FLAG_CHECK | FLAG_CLIP))) return;
+    if (a.generation != p.generation) {
+        if (threadIdx.x == 0) {
+            st.skipped = SKIP_STALE_GRAPH;
+            st.found_inf = 0;
+        }
+        return;
+    }
     const bool nonfinite = (p.flags & FLAG_CHECK) && st.found_inf;
     // Every thread has read found_inf before thread 0 clears it below: without this a
     // warp that reads late sees 0, takes the clipping branch alone and waits at its
@@ -804,6 +840,7 @@ __device__ void adamax_finalize(const AdamaxArgs& a) {
     // before the scaler below moves on to the next step's scale.
     st.step_inv_scale = current_inv_scale(c);
     st.found_inf = 0;
+    st.clipped = 0;
     if (nonfinite) {
         st.skipped = SKIP_NONFINITE;
     } else if (st.step == ~0ull) {
@@ -813,12 +850,15 @@ __device__ void adamax_finalize(const AdamaxArgs& a) {
         return;
     } else {
         st.skipped = 0;  // the update counts the step
+        st.clipped = (p.flags & FLAG_CLIP) ? 1u : 0u;
     }
     if (p.flags & FLAG_SCALER) {
         // torch.amp.GradScaler's update: products in f64, rounded to f32.
         ScalerState& sc = c.scaler;
         if (nonfinite) {
-            sc.scale = __double2float_rn(__dmul_rn((double)sc.scale, p.backoff_factor));
+            // Twin of LossScaler::update: never below the floor.
+            const float backed_off = __double2float_rn(__dmul_rn((double)sc.scale, p.backoff_factor));
+            sc.scale = backed_off < p.min_scale ? p.min_scale : backed_off;
             sc.growth_tracker = 0;
         } else if (sc.growth_tracker >= p.growth_interval - 1) {  // twin of LossScaler::update
             const float grown = __double2float_rn(__dmul_rn((double)sc.scale, p.growth_factor));
@@ -844,8 +884,24 @@ __device__ void init_master(const InitArgs& a) {
 // this file says what each kind does, Rust names them, and the loader looks up the
 // same names.
 
+// NOTE: [register budget] Each update is compiled for the blocks of 256 threads per
+// multiprocessor it should reach (65,536 registers / (256 x blocks), so 40 registers a
+// thread for 6, 48 for 5, 128 for 2): f32 6, the other f32-state modes 5 (the
+// bf16-with-master update took 50 registers, and so 4 blocks, without it), the 8-bit
+// ones 2. On sm_100 the 16-bit ones get 4: NVRTC 12.x and 13.0 spill the f16 update
+// there at 48 registers. Checked, with no spills, by tests/nvrtc_compile.rs. (sm_75
+// holds at most 4 blocks of 256 threads; the bound is moot there.)
+template <typename T, int MODE>
+__host__ __device__ constexpr int step_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+    constexpr int sixteen_bit = 4;
+#else
+    constexpr int sixteen_bit = 5;
+#endif
+    return (MODE & MODE_Q8) ? 2 : (sizeof(T) == 4 ? 6 : sixteen_bit);
+}
 #define ADAMAX_STEP(name, T, MODE) \
-    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_step<T, MODE>(args); }
+    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK, (step_blocks<T, MODE>())) name(const AdamaxArgs args) { adamax_step<T, MODE>(args); }
 #define ADAMAX_REDUCE(name, T) \
     extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_reduce<T>(args); }
 #define ADAMAX_FINALIZE(name) \

@@ -188,6 +188,20 @@ pub enum Error {
         /// Elements the buffer holds.
         found: usize,
     },
+    /// A CUDA graph captured before a `restore` that changed the configuration (betas,
+    /// eps, its conventions, `maximize` or the seed) was replayed: the replay changed
+    /// nothing.
+    #[error("AdaMax GPU: the last step was a CUDA graph captured before a restore changed the configuration (betas, eps, their conventions, maximize or the seed); it changed nothing. Capture the step again after the restore")]
+    StaleGraph,
+    /// A call that copies host memory to the device was made while the optimizer's
+    /// stream is capturing a CUDA graph.
+    #[error("AdaMax GPU: {what} while the optimizer's stream is capturing a CUDA graph; the copy would be captured and replay host memory that no longer holds it. {instead}")]
+    DuringCapture {
+        /// What was attempted.
+        what: &'static str,
+        /// What to do instead.
+        instead: &'static str,
+    },
     /// `step_flat` on an optimizer not built with `new_flat`.
     #[error("AdaMax GPU: step_flat needs an optimizer built with CudaAdamax::new_flat (it knows no flat layout); use step with one view per tensor, or build it with new_flat")]
     NotFlat,

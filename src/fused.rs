@@ -192,15 +192,27 @@ mod non_finite {
 /// # Ok::<(), adamax_cuda::Error>(())
 /// ```
 ///
-/// After a step with a non-finite gradient the scale is multiplied by `backoff_factor`;
-/// after `growth_interval` consecutive good steps, by `growth_factor` (if the result is
-/// finite). Products are taken in f64 and rounded to f32, and the inverse scale is
-/// `f32(1 / f64(scale))`, as PyTorch computes them.
+/// After a step with a non-finite gradient the scale is multiplied by `backoff_factor`,
+/// but never below `min_scale`; after `growth_interval` consecutive good steps, by
+/// `growth_factor` (if the result is finite). Products are taken in f64 and rounded to
+/// f32, and the inverse scale is `f32(1 / f64(scale))`, as PyTorch computes them.
+///
+/// The floor is what keeps every state a run reaches valid, so that it saves and
+/// resumes: without it a run whose gradients keep overflowing halves the scale towards
+/// 0 (PyTorch's `GradScaler` has no floor; 150 overflows from 65536 give 4.6e-41, whose
+/// inverse is infinite). The default floor, 1, is DeepSpeed's and Megatron-LM's
+/// (`min_loss_scale`); [`LossScaler::NO_FLOOR`] reproduces PyTorch down to f32's
+/// smallest normal number.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossScaler {
     /// The current scale: multiply the loss by it before the backward pass.
     pub scale: f32,
+    /// The smallest scale a backoff leaves (default 1). At least
+    /// [`LossScaler::NO_FLOOR`]. (Absent from a serialized scaler, it is `NO_FLOOR`, the
+    /// rule before the floor existed.)
+    #[cfg_attr(feature = "serde", serde(default = "no_floor"))]
+    pub min_scale: f32,
     /// Factor after `growth_interval` good steps (PyTorch: 2.0).
     pub growth_factor: f64,
     /// Factor after a step with a non-finite gradient (PyTorch: 0.5).
@@ -211,11 +223,18 @@ pub struct LossScaler {
     pub growth_tracker: u32,
 }
 
+#[cfg(feature = "serde")]
+fn no_floor() -> f32 {
+    LossScaler::NO_FLOOR
+}
+
 impl Default for LossScaler {
-    /// PyTorch's defaults: scale 65536, growth 2, backoff 0.5, interval 2000.
+    /// PyTorch's defaults (scale 65536, growth 2, backoff 0.5, interval 2000) with a
+    /// floor of 1.
     fn default() -> Self {
         Self {
             scale: 65536.0,
+            min_scale: 1.0,
             growth_factor: 2.0,
             backoff_factor: 0.5,
             growth_interval: 2000,
@@ -225,16 +244,35 @@ impl Default for LossScaler {
 }
 
 impl LossScaler {
-    /// Refuses a scale that is not finite and positive or whose inverse is not finite
-    /// in f32 (below about 2.9e-39), `growth_factor <= 1`, `backoff_factor` outside
-    /// (0, 1), a zero interval, and a tracker that has already reached the interval.
+    /// The lowest floor: f32's smallest normal number, 2^-126, whose inverse is finite.
+    /// With it the scaler follows PyTorch's rule, which has no floor, until the scale
+    /// would leave f32's normal range.
+    pub const NO_FLOOR: f32 = f32::MIN_POSITIVE;
+
+    /// Refuses a `min_scale` below [`LossScaler::NO_FLOOR`] or not finite, a scale below
+    /// `min_scale` or not finite, `growth_factor <= 1`, `backoff_factor` outside (0, 1),
+    /// a zero interval, and a tracker that has already reached the interval.
     pub fn validate(&self) -> Result<()> {
+        if !self.min_scale.is_finite() {
+            return Err(ConfigError::NotFinite {
+                field: "min_scale",
+                value: f64::from(self.min_scale),
+            }
+            .into());
+        }
+        if self.min_scale < Self::NO_FLOOR {
+            return Err(out_of_range(
+                "min_scale",
+                f64::from(self.min_scale),
+                "min_scale >= 2^-126 (LossScaler::NO_FLOOR)",
+            ));
+        }
         positive("scale", f64::from(self.scale), "> 0")?;
-        if !self.inv_scale().is_finite() {
+        if self.scale < self.min_scale {
             return Err(out_of_range(
                 "scale",
                 f64::from(self.scale),
-                "1 / scale finite in f32 (scale >= 2.9e-39)",
+                "scale >= min_scale",
             ));
         }
         if !self.growth_factor.is_finite() || self.growth_factor <= 1.0 {
@@ -273,7 +311,13 @@ impl LossScaler {
     /// non-finite gradient.
     pub fn update(&mut self, found_inf: bool) {
         if found_inf {
-            self.scale = (f64::from(self.scale) * self.backoff_factor) as f32;
+            let backed_off = (f64::from(self.scale) * self.backoff_factor) as f32;
+            // Not `f32::max`: the kernel's comparison, the same for every non-NaN value.
+            self.scale = if backed_off < self.min_scale {
+                self.min_scale
+            } else {
+                backed_off
+            };
             self.growth_tracker = 0;
         } else {
             // `>=` equals PyTorch's `==` for every valid scaler (tracker < interval) and

@@ -90,7 +90,10 @@ pub trait Optimizer {
     /// Enables (or, with `None`, disables) dynamic loss scaling.
     fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> Result<()>;
 
-    /// What the last step did: skipped or not, the norm and clip factor, the new scale.
+    /// What the last step since construction or the last [`Optimizer::restore`] did
+    /// (skipped or not, its norm and clip factor; before any step: not skipped, no
+    /// norm, factor 1), with the step count and the loss scale in force now (a scaler
+    /// set or removed since shows at once). Both optimizers answer alike.
     fn last_report(&self) -> Result<StepReport>;
     /// Steps taken so far (PyTorch's `state["step"]`; skipped steps are not counted).
     fn step_count(&self) -> Result<u64>;

@@ -271,6 +271,30 @@ fn loss_scalers_that_cannot_work_are_refused() {
             },
             "growth_tracker",
         ),
+        // Below the floor (1 by default).
+        (
+            LossScaler {
+                scale: 0.5,
+                ..LossScaler::default()
+            },
+            "scale",
+        ),
+        // Floors below f32's normal range, whose inverse would not be finite, or none.
+        (
+            LossScaler {
+                scale: 3e-39,
+                min_scale: 3e-39,
+                ..LossScaler::default()
+            },
+            "min_scale",
+        ),
+        (
+            LossScaler {
+                min_scale: 0.0,
+                ..LossScaler::default()
+            },
+            "min_scale",
+        ),
     ] {
         let err = opt.set_loss_scaler(Some(s)).unwrap_err();
         assert!(
@@ -285,7 +309,8 @@ fn loss_scalers_that_cannot_work_are_refused() {
             ..LossScaler::default()
         },
         LossScaler {
-            scale: 3e-39,
+            scale: f32::MIN_POSITIVE,
+            min_scale: LossScaler::NO_FLOOR,
             ..LossScaler::default()
         },
         LossScaler {
@@ -470,4 +495,59 @@ fn every_valid_configuration_keeps_a_zero_gradient_history_finite() {
     }
     println!("{valid} of {total} configurations valid, all finite");
     assert!(valid > 1000, "{valid}");
+}
+
+/// Every state a run reaches saves and resumes (issue #17, item 7): gradients that keep
+/// overflowing used to halve the scale to 4.6e-41 in 150 steps (its inverse infinite:
+/// every later step skipped, `save` refused), and `backoff_factor: 1e-300` set it to 0
+/// in one. The floor stops both; with `NO_FLOOR` the scale stops at f32's smallest
+/// normal number.
+#[test]
+fn a_scaler_that_keeps_backing_off_stops_at_its_floor_and_saves() {
+    use adamax_cuda::Checkpoint;
+    for (scaler, floor) in [
+        (LossScaler::default(), 1.0),
+        (
+            LossScaler {
+                min_scale: LossScaler::NO_FLOOR,
+                ..LossScaler::default()
+            },
+            f32::MIN_POSITIVE,
+        ),
+        (
+            LossScaler {
+                backoff_factor: 1e-300,
+                min_scale: 0.25,
+                ..LossScaler::default()
+            },
+            0.25,
+        ),
+    ] {
+        let mut w = vec![0.5f32; 3];
+        let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&w]).unwrap();
+        opt.set_loss_scaler(Some(scaler)).unwrap();
+        for _ in 0..150 {
+            opt.step(&mut [&mut w], &[&[1.0, f32::INFINITY, 0.0]])
+                .unwrap();
+            assert!(opt.last_report().unwrap().skipped);
+        }
+        let s = opt.loss_scaler().unwrap().unwrap();
+        assert_eq!(s.scale, floor, "{scaler:?}");
+        let ck = opt.checkpoint().unwrap();
+        let back = Checkpoint::from_bytes(&ck.to_bytes().unwrap()).unwrap();
+        assert_eq!(back, ck);
+        opt.restore(&back).unwrap();
+        // And the run goes on: a good step is taken at the floor's inverse scale.
+        opt.step(&mut [&mut w], &[&[1.0, 1.0, 0.0]]).unwrap();
+        assert!(!opt.last_report().unwrap().skipped);
+    }
+    // Without a floor the scale goes below 1, as PyTorch's does.
+    let mut raw = LossScaler {
+        scale: 2.0,
+        min_scale: LossScaler::NO_FLOOR,
+        ..LossScaler::default()
+    };
+    raw.update(true);
+    raw.update(true);
+    assert_eq!(raw.scale, 0.5, "below 1 without a floor, as PyTorch");
 }

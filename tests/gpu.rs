@@ -844,6 +844,250 @@ fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> TestResult {
     Ok(())
 }
 
+/// A capture of one step on its own stream, with cudarc's cross-stream events off (they
+/// must not reach into a capture; graphs cannot capture the legacy default stream).
+struct Captured {
+    s: Arc<CudaStream>,
+    ctx: Arc<adamax_cuda::cuda::cudarc::driver::CudaContext>,
+}
+
+impl Captured {
+    fn new(stream: &Arc<CudaStream>) -> Result<Self, Failed> {
+        let ctx = stream.context().clone();
+        let s = ctx.new_stream()?;
+        // SAFETY: every buffer of the test is used on `s` only; `Drop` turns tracking on.
+        unsafe { ctx.disable_event_tracking() };
+        Ok(Self { s, ctx })
+    }
+
+    /// `step` run while `s` captures, as a graph.
+    fn capture(
+        &self,
+        step: impl FnOnce() -> adamax_cuda::Result<()>,
+    ) -> Result<adamax_cuda::cuda::cudarc::driver::CudaGraph, Failed> {
+        use adamax_cuda::cuda::cudarc::driver::sys::{
+            CUgraphInstantiate_flags, CUstreamCaptureMode,
+        };
+        self.s
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let stepped = step();
+        let graph = self.s.end_capture(
+            CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+        )?;
+        stepped?;
+        Ok(graph.ok_or("empty graph")?)
+    }
+}
+
+impl Drop for Captured {
+    fn drop(&mut self) {
+        // SAFETY: restores cudarc's default for the rest of the process; the test's
+        // buffers were used on one stream only.
+        unsafe { self.ctx.enable_event_tracking() };
+    }
+}
+
+/// Issue #17, item 1: a step captured with no option set, replayed after clipping, the
+/// overflow check, a loss scaler, a parameter group and a new learning rate were turned
+/// on, equals eager steps with the same settings bit for bit (and skips the step whose
+/// gradient overflows). Before the fix the graph held the update alone, which read a
+/// stale clip coefficient and inverse scale.
+fn a_graph_captured_before_settings_honours_them_on_replay(stream: &Arc<CudaStream>) -> TestResult {
+    let cap = Captured::new(stream)?;
+    let s = &cap.s;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [4097usize, 100_003, 5];
+    let init: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+    let up = |v: &Vec<Vec<f32>>| {
+        v.iter()
+            .map(|x| s.clone_htod(x))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (mut pa, mut ga, mut pb, mut gb) = (up(&init)?, up(&grads)?, up(&init)?, up(&grads)?);
+    let mut eager = CudaAdamax::<f32>::new(s, AdamaxConfig::default(), &pa)?;
+    let mut graphed = CudaAdamax::<f32>::new(s, AdamaxConfig::default(), &pb)?;
+    // One eager step each uploads the tensor tables, then one step is captured plain.
+    eager.step(&mut pa, &ga)?;
+    graphed.step(&mut pb, &gb)?;
+    let graph = cap.capture(|| graphed.step(&mut pb, &gb))?;
+    let scaler = adamax_cuda::LossScaler {
+        scale: 8.0,
+        growth_interval: 2,
+        ..Default::default()
+    };
+    let group = adamax_cuda::TensorHyper {
+        lr_scale: 0.5,
+        weight_decay: 0.01,
+    };
+    for k in 0..9 {
+        for o in [&mut eager, &mut graphed] {
+            match k {
+                1 => o.set_options(adamax_cuda::StepOptions {
+                    max_norm: Some(0.05),
+                    skip_nonfinite: true,
+                    ..Default::default()
+                })?,
+                2 => o.set_loss_scaler(Some(scaler))?,
+                3 => o.set_tensor_hyper(0, group)?,
+                5 => o.set_lr(5e-4)?,
+                _ => {}
+            }
+        }
+        // An overflowing gradient in step 6 (the scaler backs off, nothing moves); the
+        // graph reads the gradient buffers it was captured with.
+        let g2 = if k == 6 { f32::INFINITY } else { grads[2][0] };
+        for g in [&mut ga[2], &mut gb[2]] {
+            s.memcpy_htod(&[g2], &mut g.slice_mut(0..1))?;
+        }
+        eager.step(&mut pa, &ga)?;
+        graph.launch()?;
+        s.synchronize()?;
+        let (re, rg) = (eager.last_report()?, graphed.last_report()?);
+        if re != rg {
+            return Err(format!("replay {k}: report {rg:?}, eager {re:?}").into());
+        }
+        if (k == 6) != re.skipped || (k >= 1 && k != 6 && re.total_norm.is_none()) {
+            return Err(format!("replay {k}: the settings did not act: {re:?}").into());
+        }
+        same_checkpoint(&graphed.checkpoint()?, &eager.checkpoint()?)
+            .map_err(|e| format!("replay {k}: {e}"))?;
+        for (a, b) in pa.iter().zip(&pb) {
+            if bits(&s.clone_dtoh(a)?) != bits(&s.clone_dtoh(b)?) {
+                return Err(format!("replay {k}: parameters differ from eager steps").into());
+            }
+        }
+    }
+    if graphed.loss_scaler()? != eager.loss_scaler()? {
+        return Err("the scaler differs".into());
+    }
+    Ok(())
+}
+
+/// Issue #17, item 2: a restore keeps every device address a captured graph holds
+/// (state, step counts, tensor table), so a replay after it steps the restored state
+/// (run under compute-sanitizer memcheck: before the fix it read freed buffers). A
+/// restore that changes the configuration the launch carries by value makes the graph
+/// stale: its replay changes nothing and reports `StaleGraph`; an eager step still works.
+fn a_graph_replayed_after_a_restore_steps_the_restored_state(
+    stream: &Arc<CudaStream>,
+) -> TestResult {
+    let cap = Captured::new(stream)?;
+    let s = &cap.s;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [4097usize, 3, 70_001];
+    let init: Vec<Vec<bf16>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
+    let grads: Vec<Vec<bf16>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
+    let up = |v: &Vec<Vec<bf16>>| {
+        v.iter()
+            .map(|x| s.clone_htod(x))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (mut pa, ga, mut pb, gb) = (up(&init)?, up(&grads)?, up(&init)?, up(&grads)?);
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        ..AdamaxConfig::default()
+    };
+    let mut eager = CudaAdamax::<bf16>::new(s, config, &pa)?;
+    let mut graphed = CudaAdamax::<bf16>::new(s, config, &pb)?;
+    eager.step(&mut pa, &ga)?;
+    graphed.step(&mut pb, &gb)?;
+    let at_one = eager.checkpoint()?;
+    let graph = cap.capture(|| graphed.step(&mut pb, &gb))?;
+    for _ in 0..3 {
+        eager.step(&mut pa, &ga)?;
+        graph.launch()?;
+    }
+    // Back to step 1 with other per-tensor settings: the replay uses the restored
+    // state, counts and groups.
+    let mut ck = at_one.clone();
+    ck.hypers[2] = adamax_cuda::TensorHyper {
+        lr_scale: 0.25,
+        weight_decay: 0.0,
+    };
+    eager.restore(&ck)?;
+    graphed.restore(&ck)?;
+    for k in 0..3 {
+        eager.step(&mut pa, &ga)?;
+        graph.launch()?;
+        s.synchronize()?;
+        same_checkpoint(&graphed.checkpoint()?, &eager.checkpoint()?)
+            .map_err(|e| format!("replay {k} after a restore: {e}"))?;
+    }
+    // Another beta2: the graph is stale.
+    let other = adamax_cuda::Checkpoint {
+        config: AdamaxConfig {
+            beta2: 0.99,
+            ..config
+        },
+        ..at_one
+    };
+    graphed.restore(&other)?;
+    let before = (graphed.checkpoint()?, bits(&s.clone_dtoh(&pb[0])?));
+    graph.launch()?;
+    s.synchronize()?;
+    match graphed.last_report() {
+        Err(Error::StaleGraph) => {}
+        other => return Err(format!("a stale replay reported {other:?}").into()),
+    }
+    same_checkpoint(&graphed.checkpoint()?, &before.0)
+        .map_err(|e| format!("a stale replay changed the state: {e}"))?;
+    if bits(&s.clone_dtoh(&pb[0])?) != before.1 {
+        return Err("a stale replay changed the parameters".into());
+    }
+    eager.restore(&other)?;
+    eager.step(&mut pa, &ga)?;
+    graphed.step(&mut pb, &gb)?;
+    same_checkpoint(&graphed.checkpoint()?, &eager.checkpoint()?)
+        .map_err(|e| format!("an eager step after a stale replay: {e}"))?;
+    if graphed.last_report()? != eager.last_report()? {
+        return Err("an eager step after a stale replay reports otherwise".into());
+    }
+    Ok(())
+}
+
+/// What cannot be captured is refused with `DuringCapture`, enqueuing nothing: a step
+/// whose tensor table is not on the device yet, and host writes (settings, restore).
+fn host_copies_during_a_capture_are_refused(stream: &Arc<CudaStream>) -> TestResult {
+    let cap = Captured::new(stream)?;
+    let s = &cap.s;
+    let mut p = s.clone_htod(&[1.0f32; 300])?;
+    let g = s.clone_htod(&[0.5f32; 300])?;
+    let mut opt = CudaAdamax::<f32>::new(s, AdamaxConfig::default(), &[p.as_view()])?;
+    let ck = opt.checkpoint()?;
+    let refused = |r: adamax_cuda::Result<()>, what: &str| match r {
+        Err(Error::DuringCapture { .. }) => Ok(()),
+        other => Err(format!("{what} during a capture: {other:?}")),
+    };
+    use adamax_cuda::cuda::cudarc::driver::sys::CUstreamCaptureMode;
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let results = [
+        refused(
+            opt.step(&mut [p.as_view_mut()], &[g.as_view()]),
+            "a first step",
+        ),
+        refused(opt.set_lr(1e-3), "set_lr"),
+        refused(opt.restore(&ck), "restore"),
+        refused(
+            opt.set_loss_scaler(Some(adamax_cuda::LossScaler::default())),
+            "set_loss_scaler",
+        ),
+    ];
+    let _ = s.end_capture(adamax_cuda::cuda::cudarc::driver::sys::CUgraphInstantiate_flags(0));
+    for r in results {
+        r?;
+    }
+    // Nothing was enqueued or changed: the first step runs eagerly now.
+    if opt.step_count()? != 0 || opt.config().lr != AdamaxConfig::default().lr {
+        return Err("a refused call changed the optimizer".into());
+    }
+    opt.step(&mut [p.as_view_mut()], &[g.as_view()])?;
+    if opt.step_count()? != 1 {
+        return Err("the step after the capture was not taken".into());
+    }
+    Ok(())
+}
+
 /// The loss-scaler regression of the first H100 run: on a growth step the update
 /// divided by the next step's scale. With power-of-two scales, unscaling is exact, so
 /// the GPU's scaled run must equal the CPU reference on the unscaled gradients with the
@@ -1331,6 +1575,18 @@ fn main() {
     add(
         "graph_replay_equals_eager_steps_and_follows_set_lr".into(),
         Box::new(graph_replay_equals_eager_steps),
+    );
+    add(
+        "a_graph_captured_before_settings_honours_them_on_replay".into(),
+        Box::new(a_graph_captured_before_settings_honours_them_on_replay),
+    );
+    add(
+        "a_graph_replayed_after_a_restore_steps_the_restored_state".into(),
+        Box::new(a_graph_replayed_after_a_restore_steps_the_restored_state),
+    );
+    add(
+        "host_copies_during_a_capture_are_refused".into(),
+        Box::new(host_copies_during_a_capture_are_refused),
     );
     {
         use adamax_cuda::{LossScaler, StepOptions};

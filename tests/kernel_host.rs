@@ -143,6 +143,7 @@ const WARP_SHIM: &str = r#"
 #define ADAMAX_FLAG_SCALER 8
 #define ADAMAX_SKIP_NONFINITE 1
 #define ADAMAX_SKIP_COUNTER_FULL 2
+#define ADAMAX_SKIP_STALE_GRAPH 3
 #define ADAMAX_EPS_INSIDE_MAX 0
 #define ADAMAX_EPS_DENOMINATOR 1
 #define ADAMAX_DECAY_COUPLED 1
@@ -150,9 +151,11 @@ const WARP_SHIM: &str = r#"
 #define ADAMAX_MODE_SR 1
 #define ADAMAX_MODE_Q8 2
 #define __INTADDR__(x) 0
-struct float4 { float x, y, z, w; };
-struct uint4 { unsigned x, y, z, w; };
-struct uint2 { unsigned x, y; };
+// CUDA's alignments, which the sanitizer the harness is built with checks on every
+// vector access (a misaligned one is an error on the GPU).
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
 static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 static inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
@@ -319,10 +322,10 @@ struct Tensor {
     std::vector<float> sm, su;
 };
 template <typename T, int MODE>
-static void launch_step(const AdamaxArgs& a, unsigned grid) {
-    // With clipping or the overflow check, the reduction and the decision pass first
-    // (src/cuda/launch.rs's order).
-    if (a.control->params.flags & (FLAG_CHECK | FLAG_CLIP)) {
+static void launch_step(const AdamaxArgs& a, unsigned grid, bool captured) {
+    // With clipping or the overflow check, or in a captured step, the reduction and the
+    // decision pass first (src/cuda/launch.rs's decision_passes).
+    if (captured || (a.control->params.flags & (FLAG_CHECK | FLAG_CLIP))) {
         if (a.num_chunks > 0)
             for (unsigned b = 0; b < grid; ++b) run_block(ADAMAX_BLOCK, b, grid, [&] { adamax_reduce<T>(a); });
         run_block(ADAMAX_BLOCK, 0, 1, [&] { adamax_finalize(a); });
@@ -355,6 +358,16 @@ int main() {
     control.params.backoff_factor = next_f64();
     control.params.growth_interval = (u32)next();
     control.scaler.scale = __uint_as_float((u32)next());
+    control.params.min_scale = __uint_as_float((u32)next());
+    // A captured step (the passes always enqueued); the step from which the flags are
+    // on (set after the capture); a launch whose by-value arguments are stale.
+    const bool captured = next() != 0;
+    const u64 fused_from = next();
+    a.generation = (u32)next();
+    // The moments one element (one code) off a 16-byte boundary: the update must check
+    // every buffer it reads with vector accesses, not only the parameters'.
+    const u64 mis = next();
+    const u32 fused_flags = control.params.flags;
     std::vector<Tensor> ts(nt);
     std::vector<TensorDesc> table(nt);
     std::vector<u64> tensor_steps(nt, 0);
@@ -380,8 +393,8 @@ int main() {
         d.param = type == 0 ? (u64)t.p32.data() : (u64)t.p16.data();
         d.grad = type == 0 ? (u64)t.g32.data() : (u64)t.g16.data();
         d.master = has_master ? (u64)t.master.data() : 0;
-        d.exp_avg = q8 ? (u64)t.cm.data() : (u64)t.m.data();
-        d.exp_inf = q8 ? (u64)t.cu.data() : (u64)t.u.data();
+        d.exp_avg = q8 ? (u64)(t.cm.data() + mis) : (u64)(t.m.data() + mis);
+        d.exp_inf = q8 ? (u64)(t.cu.data() + mis) : (u64)(t.u.data() + mis);
         d.exp_avg_scale = q8 ? (u64)t.sm.data() : 0;
         d.exp_inf_scale = q8 ? (u64)t.su.data() : 0;
         d.len = n;
@@ -399,6 +412,7 @@ int main() {
     a.partials = partials.data();
     a.tensor_steps = tensor_steps.data();
     for (u64 s = 0; s < steps; ++s) {
+        control.params.flags = s >= fused_from ? fused_flags : 0u;
         for (u64 k = 0; k < nt; ++k) {
             table[k].has_grad = next();
             if (table[k].has_grad)
@@ -407,13 +421,13 @@ int main() {
                     if (type == 0) ts[k].g32[i] = (u32)v; else ts[k].g16[i] = (u16)v;
                 }
         }
-        if (type == 0 && mode == 0) launch_step<float, 0>(a, (unsigned)grid);
-        else if (type == 0 && mode == 2) launch_step<float, 2>(a, (unsigned)grid);
-        else if (type == 1 && mode == 0) launch_step<bf16, 0>(a, (unsigned)grid);
-        else if (type == 1 && mode == 1) launch_step<bf16, 1>(a, (unsigned)grid);
-        else if (type == 1 && mode == 2) launch_step<bf16, 2>(a, (unsigned)grid);
-        else if (type == 1 && mode == 3) launch_step<bf16, 3>(a, (unsigned)grid);
-        else if (type == 2 && mode == 2) launch_step<f16, 2>(a, (unsigned)grid);
+        if (type == 0 && mode == 0) launch_step<float, 0>(a, (unsigned)grid, captured);
+        else if (type == 0 && mode == 2) launch_step<float, 2>(a, (unsigned)grid, captured);
+        else if (type == 1 && mode == 0) launch_step<bf16, 0>(a, (unsigned)grid, captured);
+        else if (type == 1 && mode == 1) launch_step<bf16, 1>(a, (unsigned)grid, captured);
+        else if (type == 1 && mode == 2) launch_step<bf16, 2>(a, (unsigned)grid, captured);
+        else if (type == 1 && mode == 3) launch_step<bf16, 3>(a, (unsigned)grid, captured);
+        else if (type == 2 && mode == 2) launch_step<f16, 2>(a, (unsigned)grid, captured);
         else { std::printf("unsupported case\n"); return 1; }
     }
     for (u64 k = 0; k < nt; ++k) {
@@ -422,18 +436,18 @@ int main() {
         for (u64 i = 0; i < n; ++i) std::printf("%u ", type == 0 ? t.p32[i] : (u32)t.p16[i]);
         if (has_master) for (u64 i = 0; i < n; ++i) std::printf("%u ", t.master[i]);
         if (q8) {
-            for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)t.cm[i]);
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)t.cm[mis + i]);
             for (u64 b = 0; b < nb; ++b) std::printf("%u ", __float_as_uint(t.sm[b]));
-            for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)t.cu[i]);
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)t.cu[mis + i]);
             for (u64 b = 0; b < nb; ++b) std::printf("%u ", __float_as_uint(t.su[b]));
         } else {
-            for (u64 i = 0; i < n; ++i) std::printf("%u ", t.m[i]);
-            for (u64 i = 0; i < n; ++i) std::printf("%u ", t.u[i]);
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", t.m[mis + i]);
+            for (u64 i = 0; i < n; ++i) std::printf("%u ", t.u[mis + i]);
         }
         std::printf("%llu\n", tensor_steps[k]);
     }
     std::printf("%llu %u %u %u\n", control.state.step, __float_as_uint(control.scaler.scale),
-                control.scaler.growth_tracker, control.state.skipped != 0);
+                control.scaler.growth_tracker, control.state.skipped);
     return 0;
 }
 "#;
@@ -486,6 +500,32 @@ fn state_bits(out: &mut Vec<u64>, state: &adamax_cuda::TensorState, q8: bool) {
     }
 }
 
+/// How the emulated steps are launched.
+#[derive(Clone, Copy, Debug)]
+struct Launch {
+    /// As a captured CUDA graph replays them: the reduction and the decision pass are
+    /// enqueued in every step, whatever the flags.
+    captured: bool,
+    /// The step from which the fused options and the loss scaler are on (set after a
+    /// capture, for a captured launch).
+    fused_from: usize,
+    /// The launch carries by-value arguments of an older generation (a graph captured
+    /// before a restore that changed them): nothing may change.
+    stale: bool,
+    /// The moments start one element (one code) off a 16-byte boundary.
+    misaligned_state: bool,
+}
+
+const EAGER: Launch = Launch {
+    captured: false,
+    fused_from: 0,
+    stale: false,
+    misaligned_state: false,
+};
+
+/// `StepState::skipped` of a stale launch (src/cuda/args.rs).
+const SKIP_STALE_GRAPH: u64 = 3;
+
 /// Several steps of a list of tensors (some without a gradient in some steps) in one
 /// storage type and mode, from fresh state, on the emulated kernel and with
 /// `CpuAdamax::step_some`: the input for the harness and the reference's output.
@@ -496,6 +536,7 @@ fn whole_step_run<T: adamax_cuda::Storage>(
     steps: usize,
     (grid, unit_len): (u32, u64),
     fused: Option<(adamax_cuda::StepOptions, adamax_cuda::LossScaler)>,
+    launch: Launch,
 ) -> Result<(Vec<u64>, Vec<u64>), Failed> {
     use adamax_cuda::{cpu::CpuAdamax, EpsilonMode, Optimizer, StateFormat, WeightDecayMode};
     let precision = config.precision;
@@ -520,8 +561,6 @@ fn whole_step_run<T: adamax_cuda::Storage>(
     // unscale (1), clip (2), check (4), scaler (8).
     let (flags, max_norm, scaler) = match fused {
         Some((options, scaler)) => {
-            cpu.set_options(options)?;
-            cpu.set_loss_scaler(Some(scaler))?;
             let clip = options.max_norm.map_or(0, |_| 2);
             (1 | clip | 4 | 8, options.max_norm.unwrap_or(0.0), scaler)
         }
@@ -550,6 +589,11 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         scaler.backoff_factor.to_bits(),
         u64::from(scaler.growth_interval),
         u64::from(scaler.scale.to_bits()),
+        u64::from(scaler.min_scale.to_bits()),
+        u64::from(launch.captured),
+        launch.fused_from as u64,
+        u64::from(launch.stale),
+        u64::from(launch.misaligned_state),
     ]);
     for (i, p) in params.iter().enumerate() {
         let h = cpu.tensor_hypers()[i];
@@ -561,18 +605,23 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         input.extend(p.iter().map(storage_bits));
     }
     for step in 0..steps {
+        if let (Some((options, scaler)), true) = (fused, step == launch.fused_from) {
+            cpu.set_options(options)?;
+            cpu.set_loss_scaler(Some(scaler))?;
+        }
         let grads: Vec<Option<Vec<T>>> = lens
             .iter()
             .enumerate()
             .map(|(i, &n)| {
                 // Tensor 1 has no gradient in odd steps.
                 (i != 1 || step % 2 == 0).then(|| {
-                    // Scaled by the loss scale of this step; an overflow in step 2.
+                    // Scaled by the loss scale of this step; an overflow two steps
+                    // after the fused passes are on.
                     let scale = cpu.loss_scaler().ok().flatten().map_or(1.0, |s| s.scale);
                     let mut g: Vec<T> = (0..n)
                         .map(|_| T::from_f32(value(rng, 0.1) * scale))
                         .collect();
-                    if fused.is_some() && step == 2 && i == 0 {
+                    if fused.is_some() && step == launch.fused_from + 2 && i == 0 {
                         g[7] = T::from_f32(f32::INFINITY);
                     }
                     g
@@ -588,9 +637,11 @@ fn whole_step_run<T: adamax_cuda::Storage>(
                 None => input.push(0),
             }
         }
-        let mut p: Vec<&mut [T]> = params.iter_mut().map(|x| x.as_mut_slice()).collect();
-        let g: Vec<Option<&[T]>> = grads.iter().map(|g| g.as_deref()).collect();
-        cpu.step_some(&mut p, &g)?;
+        if !launch.stale {
+            let mut p: Vec<&mut [T]> = params.iter_mut().map(|x| x.as_mut_slice()).collect();
+            let g: Vec<Option<&[T]>> = grads.iter().map(|g| g.as_deref()).collect();
+            cpu.step_some(&mut p, &g)?;
+        }
     }
     let mut expected = Vec::new();
     for (p, t) in params.iter().zip(cpu.tensor_states()) {
@@ -600,10 +651,15 @@ fn whole_step_run<T: adamax_cuda::Storage>(
     }
     expected.push(cpu.step_count()?);
     let s = cpu.loss_scaler()?.unwrap_or(scaler);
+    let skipped = if launch.stale {
+        SKIP_STALE_GRAPH
+    } else {
+        u64::from(cpu.last_report()?.skipped)
+    };
     expected.extend([
         u64::from(s.scale.to_bits()),
         u64::from(s.growth_tracker),
-        u64::from(cpu.last_report()?.skipped),
+        skipped,
     ]);
     Ok((input, expected))
 }
@@ -641,17 +697,48 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
     ));
     // One block walking 8,192-element units (more 8-bit blocks than warps), and three
     // blocks walking 1,024-element units (the grid stride); then the fused passes.
+    // Then as a captured graph replays (issue #17, items 1 and 2): the passes in every
+    // step, with no flags, with the flags turned on after two steps, and a stale launch.
+    let captured = |fused_from, stale| Launch {
+        captured: true,
+        fused_from,
+        stale,
+        ..EAGER
+    };
     let shapes = [
-        ((1u32, 8192u64), 4, None),
-        ((3, 1024), 4, None),
-        ((3, 1024), 6, fused),
+        ((1u32, 8192u64), 4, None, EAGER),
+        ((3, 1024), 4, None, EAGER),
+        ((3, 1024), 6, fused, EAGER),
+        ((3, 1024), 3, None, captured(0, false)),
+        ((3, 1024), 7, fused, captured(2, false)),
+        ((3, 1024), 3, fused, captured(0, true)),
+        (
+            (1, 8192),
+            2,
+            None,
+            Launch {
+                stale: true,
+                ..EAGER
+            },
+        ),
+        // Issue #17, item 3: the low-byte paths checked the alignment of the parameters
+        // only, then read misaligned moments with vector accesses.
+        (
+            (3, 1024),
+            2,
+            None,
+            Launch {
+                misaligned_state: true,
+                ..EAGER
+            },
+        ),
     ];
     let mut runs = Vec::new();
-    for (grid, steps, fused) in shapes {
+    for (grid, steps, fused, launch) in shapes {
         macro_rules! add {
             ($what:literal, $t:ty, $params:expr, $state:expr) => {
                 runs.push((
-                    format!("{} {grid:?} fused {}", $what, fused.is_some()),
+                    format!("{} {grid:?} fused {} {launch:?}", $what, fused.is_some()),
                     whole_step_run::<$t>(
                         &mut rng,
                         config($params, $state),
@@ -659,6 +746,7 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
                         steps,
                         grid,
                         fused,
+                        launch,
                     )?,
                 ))
             };
@@ -757,6 +845,10 @@ impl Harness {
                 "-ffp-contract=off",
                 "-fno-fast-math",
                 "-pthread",
+                // Every vector access must be aligned as on the GPU (a misaligned one
+                // aborts the harness).
+                "-fsanitize=alignment",
+                "-fno-sanitize-recover=alignment",
                 "-o",
             ])
             .arg(&exe)

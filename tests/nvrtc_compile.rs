@@ -103,6 +103,7 @@ fn compiles_every_entry_point(arch: Arch) -> Result<(), Failed> {
     for note in audit(&c, &names)? {
         eprintln!("{note}");
     }
+    check_register_budget(&c)?;
     // The CUBIN's kernels are exactly the table's: nothing missing, nothing extra (the
     // names come from src/cuda/entry.rs; `$`-prefixed symbols are the compiler's own).
     let mut kernels: Vec<String> = kernel_resources(&c.image)
@@ -118,6 +119,51 @@ fn compiles_every_entry_point(arch: Arch) -> Result<(), Failed> {
         return Err(
             format!("{arch}: the CUBIN exports {kernels:?}, the table lists {want:?}").into(),
         );
+    }
+    Ok(())
+}
+
+/// Registers a thread of each update may use for the blocks of 256 threads per
+/// multiprocessor it is budgeted for (the kernel's NOTE: [register budget]): 65,536
+/// registers / (256 x blocks), allocated in steps of 8. sm_75 runs at most 4 such blocks;
+/// on sm_100 the 16-bit updates are budgeted for 4.
+fn register_budget(arch: Arch, name: &str) -> Option<u32> {
+    let blocks = if name.contains("_q8") {
+        2
+    } else if name == "adamax_step_f32" {
+        6
+    } else if name.starts_with("adamax_step_") {
+        if arch.major >= 10 {
+            4
+        } else {
+            5
+        }
+    } else {
+        return None;
+    };
+    let blocks = if arch.major < 8 {
+        blocks.min(4)
+    } else {
+        blocks
+    };
+    Some(65_536 / (256 * blocks) / 8 * 8)
+}
+
+/// Every update fits its register budget, so it reaches the occupancy the grid is
+/// sized for (issue #17, item 4: the bf16-with-master update took 50 registers on
+/// sm_90, so 4 blocks where BENCHMARKS.md said 5).
+fn check_register_budget(c: &Compiled) -> Result<(), Failed> {
+    for r in kernel_resources(&c.image).map_err(|e| e.to_string())? {
+        let (Some(budget), Some(used)) = (register_budget(c.arch, &r.name), r.registers) else {
+            continue;
+        };
+        if used > budget {
+            return Err(format!(
+                "{}: {} uses {used} registers, over its budget of {budget}",
+                c.arch, r.name
+            )
+            .into());
+        }
     }
     Ok(())
 }

@@ -432,6 +432,93 @@ fn resuming_from_a_checkpoint_equals_an_unbroken_run<T: GpuStorage, B: Backend<T
     Ok(())
 }
 
+/// The report describes the last step since construction or restore (skipped, its norm
+/// and clip coefficient) with the step count and loss scale in force now, alike on
+/// every backend (issue #17, item 8: the CPU kept a restored-away step's count and a
+/// removed scaler's scale; the GPU derived "clipped" from today's options).
+fn the_report_describes_the_last_step_and_the_settings_in_force<T: GpuStorage, B: Backend<T>>() -> R
+{
+    use adamax_cuda::StepReport;
+    let mut b = B::new(config(), &values::<T>(0, 1.0))?;
+    let fresh = StepReport {
+        step: 0,
+        skipped: false,
+        total_norm: None,
+        clip_coef: 1.0,
+        loss_scale: None,
+    };
+    if b.opt().last_report()? != fresh {
+        return Err(format!("before any step: {:?}", b.opt().last_report()?).into());
+    }
+    let at_zero = b.opt().checkpoint()?;
+    b.opt().set_options(StepOptions {
+        max_norm: Some(1e-3),
+        skip_nonfinite: true,
+        ..Default::default()
+    })?;
+    let scaler = LossScaler {
+        scale: 2.0,
+        growth_interval: 100,
+        ..Default::default()
+    };
+    b.opt().set_loss_scaler(Some(scaler))?;
+    b.step(&values(1, 0.1))?;
+    let clipped = b.opt().last_report()?;
+    if clipped.step != 1 || clipped.total_norm.is_none() || clipped.clip_coef >= 1.0 {
+        return Err(format!("a clipped step: {clipped:?}").into());
+    }
+    let at_one = b.opt().checkpoint()?;
+    // Turning clipping off describes the next step, not the last one.
+    b.opt().set_options(StepOptions::default())?;
+    if b.opt().last_report()? != clipped {
+        return Err(format!(
+            "options changed the last report: {:?}",
+            b.opt().last_report()?
+        )
+        .into());
+    }
+    // The scale shown is the one in force.
+    b.opt().set_loss_scaler(None)?;
+    let expected = StepReport {
+        loss_scale: None,
+        ..clipped
+    };
+    if b.opt().last_report()? != expected {
+        return Err(format!("after removing the scaler: {:?}", b.opt().last_report()?).into());
+    }
+    b.opt().set_loss_scaler(Some(LossScaler {
+        scale: 8.0,
+        ..scaler
+    }))?;
+    if b.opt().last_report()?.loss_scale != Some(8.0) {
+        return Err(format!("after a new scaler: {:?}", b.opt().last_report()?).into());
+    }
+    // A skipped step: no norm.
+    let mut bad = values::<T>(2, 0.1);
+    bad[0][0] = T::from_f32(f32::NAN);
+    b.step(&bad)?;
+    let r = b.opt().last_report()?;
+    if !r.skipped || r.total_norm.is_some() || r.clip_coef != 1.0 || r.step != 1 {
+        return Err(format!("a skipped step: {r:?}").into());
+    }
+    // After a restore there is no last step: the checkpoint's count and scaler.
+    for ck in [&at_zero, &at_one] {
+        b.opt().restore(ck)?;
+        let r = b.opt().last_report()?;
+        let want = StepReport {
+            step: ck.step,
+            loss_scale: ck.scaler.map(|s| s.scale),
+            ..fresh
+        };
+        if r != want || b.opt().step_count()? != ck.step {
+            return Err(
+                format!("after restoring step {}: {r:?}, expected {want:?}", ck.step).into(),
+            );
+        }
+    }
+    Ok(())
+}
+
 fn maximize_equals_descending_the_negated_gradient<T: GpuStorage, B: Backend<T>>() -> R {
     let up = AdamaxConfig {
         maximize: true,
@@ -611,6 +698,18 @@ fn main() {
     lean_scenario!(learning_rate_zero_and_frozen_groups_leave_parameters, bf16);
     lean_scenario!(the_loss_scale_follows_grad_scalers_rule, f32);
     lean_scenario!(a_full_step_counter_refuses_the_step, bf16);
+    scenario!(
+        the_report_describes_the_last_step_and_the_settings_in_force,
+        f32
+    );
+    scenario!(
+        the_report_describes_the_last_step_and_the_settings_in_force,
+        bf16
+    );
+    lean_scenario!(
+        the_report_describes_the_last_step_and_the_settings_in_force,
+        bf16
+    );
     scenario!(refused_calls_change_nothing, f32);
     scenario!(refused_calls_change_nothing, bf16);
     scenario!(a_non_finite_gradient_skips_the_whole_step, f32);

@@ -85,3 +85,15 @@ fn reports_with_non_finite_values_round_trip() {
         .to_string()
         .contains("`lots` is not a number"));
 }
+
+/// A scaler serialized before the floor existed reads with no floor (`NO_FLOOR`), the
+/// rule it was written under.
+#[test]
+fn a_scaler_without_a_floor_reads_as_no_floor() {
+    let s: LossScaler = serde_json::from_str(
+        r#"{"scale":0.5,"growth_factor":2.0,"backoff_factor":0.5,"growth_interval":2000,"growth_tracker":0}"#,
+    )
+    .unwrap();
+    assert_eq!(s.min_scale, LossScaler::NO_FLOOR);
+    s.validate().unwrap();
+}

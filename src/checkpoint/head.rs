@@ -84,6 +84,7 @@ impl Head<'_> {
         if let Some(s) = self.scaler {
             for (k, v) in [
                 ("scale", s.scale.to_string()),
+                ("min_scale", s.min_scale.to_string()),
                 ("growth_factor", s.growth_factor.to_string()),
                 ("backoff_factor", s.backoff_factor.to_string()),
                 ("growth_interval", s.growth_interval.to_string()),

@@ -29,7 +29,7 @@
 //! | `tensor.{i}.step` | tensor `i`'s own step count, when it differs from `step` (the tensor was skipped in some steps for lack of a gradient); in PyTorch's files, a `state.{i}.step` that differs from `step` is that count |
 //! | `options.inv_scale`, `options.max_norm` | the [`StepOptions`] in force, when set |
 //! | `options.skip_nonfinite` | `true` or `false` |
-//! | `scaler.scale`, `scaler.growth_factor`, `scaler.backoff_factor`, `scaler.growth_interval`, `scaler.growth_tracker` | the [`LossScaler`]'s state, when one is enabled |
+//! | `scaler.scale`, `scaler.min_scale`, `scaler.growth_factor`, `scaler.backoff_factor`, `scaler.growth_interval`, `scaler.growth_tracker` | the [`LossScaler`]'s state, when one is enabled (a file without `scaler.min_scale`, from before the floor, reads as [`LossScaler::NO_FLOOR`]) |
 //! | `checksum` | `xxh3-64:` and 16 hex digits: the integrity check below |
 //!
 //! # Integrity

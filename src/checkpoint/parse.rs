@@ -213,6 +213,8 @@ impl Checkpoint {
                 };
                 Some(LossScaler {
                     scale,
+                    // Written since the floor exists; files from before it had none.
+                    min_scale: number("scaler.min_scale")?.unwrap_or(LossScaler::NO_FLOOR),
                     growth_factor: num("scaler.growth_factor")?,
                     backoff_factor: num("scaler.backoff_factor")?,
                     growth_interval: whole("scaler.growth_interval")?,

@@ -35,8 +35,27 @@ pub struct CpuAdamax<T: Storage> {
     step: u64,
     options: StepOptions,
     scaler: Option<LossScaler>,
-    report: StepReport,
+    /// What the last step since construction or restore did (the report's other
+    /// fields are read live: the step count and the scaler in force).
+    last: LastStep,
     _storage: std::marker::PhantomData<T>,
+}
+
+/// The parts of a [`StepReport`] that describe the last step itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct LastStep {
+    skipped: bool,
+    total_norm: Option<f32>,
+    clip_coef: f32,
+}
+
+impl LastStep {
+    /// Before any step (after construction or a restore).
+    const NONE: LastStep = LastStep {
+        skipped: false,
+        total_norm: None,
+        clip_coef: 1.0,
+    };
 }
 
 /// What the overflow check and clipping decide before a step writes anything.
@@ -65,13 +84,7 @@ impl<T: Storage> CpuAdamax<T> {
             step: 0,
             options: StepOptions::default(),
             scaler: None,
-            report: StepReport {
-                step: 0,
-                skipped: false,
-                total_norm: None,
-                clip_coef: 1.0,
-                loss_scale: None,
-            },
+            last: LastStep::NONE,
             _storage: std::marker::PhantomData,
         })
     }
@@ -169,12 +182,10 @@ impl<T: Storage> CpuAdamax<T> {
         if let Some(scaler) = self.scaler.as_mut() {
             scaler.update(d.skip);
         }
-        self.report = StepReport {
-            step: self.step,
+        self.last = LastStep {
             skipped: d.skip,
             total_norm: d.total_norm,
             clip_coef: d.clip.unwrap_or(1.0),
-            loss_scale: self.scaler.map(|s| s.scale),
         };
         Ok(())
     }
@@ -255,8 +266,18 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         Ok(())
     }
 
+    /// What the last step since construction or the last restore did (skipped, its
+    /// norm and clip coefficient), with the step count and the loss scale as they are
+    /// now, as the GPU optimizer reads them from its device: after a restore there is
+    /// no last step yet, and a scaler set or removed since shows at once.
     fn last_report(&self) -> Result<StepReport> {
-        Ok(self.report)
+        Ok(StepReport {
+            step: self.step,
+            skipped: self.last.skipped,
+            total_norm: self.last.total_norm,
+            clip_coef: self.last.clip_coef,
+            loss_scale: self.scaler.map(|s| s.scale),
+        })
     }
 
     fn step_count(&self) -> Result<u64> {
@@ -276,6 +297,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         self.step = ck.step;
         self.options = ck.options;
         self.scaler = ck.scaler;
+        self.last = LastStep::NONE;
         Ok(())
     }
 }

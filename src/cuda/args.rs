@@ -13,7 +13,7 @@
 use cudarc::driver::DeviceRepr;
 
 use crate::{
-    config::{EpsilonMode, WeightDecayMode},
+    config::{AdamaxConfig, EpsilonMode, WeightDecayMode},
     cpu::StepScalars,
 };
 
@@ -90,7 +90,10 @@ mirrored! {
         eps_mode: u32,
         decay_mode: u32,
         maximize: u32,
-        reserved: u32,
+        /// `ControlParams::generation` when these values were current: a captured launch
+        /// replayed after a restore changed them is stale (see the kernel's NOTE:
+        /// [stale launches]).
+        generation: u32,
     }
 }
 
@@ -118,6 +121,10 @@ mirrored! {
         max_norm: f32,
         growth_interval: u32,
         flags: u32,
+        /// The loss scaler's floor (`LossScaler::min_scale`).
+        min_scale: f32,
+        /// Counts the changes of the by-value arguments (`AdamaxArgs::generation`).
+        generation: u32,
     }
 }
 
@@ -147,6 +154,9 @@ mirrored! {
         skipped: u32,
         /// Blocks of the update that have finished (the last one resets it).
         blocks_done: u32,
+        /// 1 when the last step computed `total_norm` and `clip_coef` (clipping on, the
+        /// step taken), else 0: what the report shows.
+        clipped: u32,
     }
 }
 
@@ -177,6 +187,9 @@ pub(crate) const SKIP_NONFINITE: u32 = 1;
 /// `StepState::skipped`: the step counter is at `u64::MAX` (a replayed graph; an eager
 /// step is refused on the host first).
 pub(crate) const SKIP_COUNTER_FULL: u32 = 2;
+/// `StepState::skipped`: a launch whose by-value arguments predate a restore that
+/// changed them (a replayed graph; an eager step always carries the current ones).
+pub(crate) const SKIP_STALE_GRAPH: u32 = 3;
 
 /// `AdamaxArgs::eps_mode` of an [`EpsilonMode`].
 pub(crate) const fn eps_mode_value(mode: EpsilonMode) -> u32 {
@@ -209,6 +222,21 @@ unsafe impl DeviceRepr for ControlParams {}
 unsafe impl cudarc::driver::ValidAsZeroBits for TensorDesc {}
 
 impl AdamaxArgs {
+    /// The arguments of a step of `config` with the control block at `control` in
+    /// `generation` (see [`AdamaxArgs::generation`]): everything the launch carries by
+    /// value, and no tensor table yet.
+    pub(crate) fn for_config(config: &AdamaxConfig, control: u64, generation: u32) -> Self {
+        Self {
+            seed: config.precision.seed,
+            generation,
+            ..Self::new(
+                &StepScalars::new(config, 1),
+                config.weight_decay_mode,
+                control,
+            )
+        }
+    }
+
     /// The kernel arguments with the device [`Control`] block at `control`, the
     /// tensor-independent scalars from `s` (any tensor's [`StepScalars`]: the kernel
     /// derives each tensor's step size and decay from the control block as
@@ -232,7 +260,7 @@ impl AdamaxArgs {
             eps_mode: eps_mode_value(s.eps_mode),
             decay_mode: decay_mode_value(decay_mode),
             maximize: u32::from(s.maximize),
-            reserved: 0,
+            generation: 0,
         }
     }
 }
@@ -276,6 +304,7 @@ pub(crate) fn layout_defines() -> Vec<String> {
         ("ADAMAX_FLAG_SCALER", u64::from(FLAG_SCALER)),
         ("ADAMAX_SKIP_NONFINITE", u64::from(SKIP_NONFINITE)),
         ("ADAMAX_SKIP_COUNTER_FULL", u64::from(SKIP_COUNTER_FULL)),
+        ("ADAMAX_SKIP_STALE_GRAPH", u64::from(SKIP_STALE_GRAPH)),
         (
             "ADAMAX_EPS_INSIDE_MAX",
             u64::from(eps_mode_value(EpsilonMode::InsideMax)),
@@ -305,9 +334,9 @@ mod tests {
     #[test]
     fn the_layout_checks_name_every_field_with_its_offset() {
         let c = checks_of::<Control>();
-        assert!(c.contains("sizeof(Control) == 88"), "{c}");
-        assert!(c.contains("ADAMAX_OFFSETOF(Control, scaler) == 48"), "{c}");
-        assert!(c.contains("ADAMAX_OFFSETOF(Control, state) == 56"), "{c}");
+        assert!(c.contains("sizeof(Control) == 104"), "{c}");
+        assert!(c.contains("ADAMAX_OFFSETOF(Control, scaler) == 56"), "{c}");
+        assert!(c.contains("ADAMAX_OFFSETOF(Control, state) == 64"), "{c}");
         let s = checks_of::<StepState>();
         assert!(
             s.contains("ADAMAX_OFFSETOF(StepState, skipped) == 24"),

@@ -15,7 +15,13 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::error::{Error, Result};
 
-use super::args::{Control, ControlParams};
+use super::{
+    args::{Control, ControlParams},
+    launch::refuse_during_capture,
+};
+
+/// What to do instead of changing settings during a capture.
+const OUTSIDE_CAPTURE: &str = "Do it before begin_capture or after end_capture: a captured step reads the settings from the device when it replays";
 
 /// The control block on the device and the host's copy of its settings.
 pub(crate) struct ControlBlock {
@@ -55,6 +61,11 @@ impl ControlBlock {
     /// Uploads `params` (one copy of the settings part) and then keeps it as the host
     /// copy; on a driver error neither side changes.
     pub(crate) fn set_params(&mut self, params: ControlParams) -> Result<()> {
+        refuse_during_capture(
+            &self.stream,
+            "changing the optimizer's settings",
+            OUTSIDE_CAPTURE,
+        )?;
         // SAFETY: `params` is the first field of the repr(C) `Control` (offset 0,
         // checked with the kernel), and ControlParams is plain old data.
         let mut view =
@@ -72,6 +83,11 @@ impl ControlBlock {
 
     /// The whole block, copied to the host (synchronises the stream).
     pub(crate) fn read(&self) -> Result<Control> {
+        refuse_during_capture(
+            &self.stream,
+            "reading the optimizer's step state (step_count, last_report, loss_scaler, checkpoints)",
+            "Read it after end_capture",
+        )?;
         let mut out = [Control::default()];
         self.stream
             .memcpy_dtoh(&self.buf, &mut out[..])
@@ -83,6 +99,11 @@ impl ControlBlock {
     /// Reads the block (synchronises), applies `change`, and writes it back whole in
     /// one copy; the host copy of the settings follows only once the copy is enqueued.
     pub(crate) fn update(&mut self, change: impl FnOnce(&mut Control)) -> Result<()> {
+        refuse_during_capture(
+            &self.stream,
+            "setting a loss scaler or restoring a checkpoint",
+            OUTSIDE_CAPTURE,
+        )?;
         let mut c = self.read()?;
         c.params = self.params;
         change(&mut c);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::{result, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use crate::{
+    config::TensorHyper,
     error::{Error, Result},
     storage::StorageType,
 };
@@ -87,19 +88,46 @@ impl LaunchPlan {
         &mut self.next
     }
 
-    /// Forgets the uploaded table (the state moved): the next step uploads its own.
-    pub(crate) fn invalidate(&mut self) {
-        self.uploaded.clear();
+    /// Writes every tensor's settings into the table on the device (one copy, when
+    /// one changed), so that a captured step replays with them: the table is where
+    /// the kernel reads them. Nothing to do before the first table is uploaded (that
+    /// step builds it with these settings).
+    pub(crate) fn set_hypers(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        hypers: &[TensorHyper],
+    ) -> Result<()> {
+        let mut patched = self.uploaded.clone();
+        for (d, h) in patched.iter_mut().zip(hypers) {
+            d.lr_scale = h.lr_scale;
+            d.weight_decay = h.weight_decay;
+        }
+        if patched == self.uploaded {
+            return Ok(());
+        }
+        refuse_during_capture(
+            stream,
+            "changing a tensor's settings",
+            "Change it before begin_capture or after end_capture: a captured step reads the settings from the device when it replays",
+        )?;
+        stream
+            .memcpy_htod(&patched, &mut self.table)
+            .map_err(Error::driver("writing tensor settings to the device"))?;
+        self.uploaded = patched;
+        Ok(())
     }
 
-    /// Uploads the prepared table if it changed, then enqueues the step: with the
-    /// overflow check or clipping (`flags`), the reduction and the one-block finalize
-    /// that decides the step; then the update, which counts the step itself (so the
-    /// common step is one launch). Nothing here reads a host value that changes per
-    /// step, so the same calls can be captured in a CUDA graph and replayed.
+    /// Uploads the prepared table if it changed, then enqueues the step: the reduction
+    /// and the one-block finalize that decides the step when the flags need them (the
+    /// overflow check or clipping) or when the stream is capturing a CUDA graph (see
+    /// [`decision_passes`]); then the update, which counts the step itself (so the
+    /// common eager step is one launch). Nothing here reads a host value that changes
+    /// per step, so the same calls can be captured in a CUDA graph and replayed.
     ///
     /// `prepared` says whether [`LaunchPlan::next_table`] was filled for this step;
-    /// without it the table already on the device is used as it is.
+    /// without it the table already on the device is used as it is. A table that must
+    /// be uploaded while the stream captures is refused: the copy would be captured and
+    /// replay host memory that has moved on.
     pub(crate) fn enqueue(
         &mut self,
         stream: &Arc<CudaStream>,
@@ -108,7 +136,14 @@ impl LaunchPlan {
         flags: u32,
         prepared: bool,
     ) -> Result<()> {
+        let capturing = is_capturing(stream)?;
         if prepared && self.next != self.uploaded {
+            if capturing {
+                return Err(Error::DuringCapture {
+                    what: "a step whose tensor table is not on the device yet (the first step, or buffers at other addresses)",
+                    instead: "Take one eager step with the same buffers before begin_capture, then capture",
+                });
+            }
             stream
                 .memcpy_htod(&self.next, &mut self.table)
                 .map_err(Error::driver("uploading the tensor table"))?;
@@ -124,7 +159,7 @@ impl LaunchPlan {
             partials: self.partials_ptr,
             ..args
         };
-        if flags & (FLAG_CHECK | FLAG_CLIP) != 0 {
+        if decision_passes(flags, capturing) {
             if self.num_chunks > 0 {
                 let f = kernels.function(self.reduce);
                 launch(stream, f, self.reduce_grid, &args)?;
@@ -135,6 +170,37 @@ impl LaunchPlan {
         let f = kernels.function(self.step);
         launch(stream, f, self.step_grid, &args)
     }
+}
+
+/// Whether a step enqueues the reduction and the decision pass before the update: when
+/// its flags need them (the overflow check or clipping), and always in a step captured
+/// in a CUDA graph, whose replays must honour flags set after the capture (the kernels
+/// read the flags when they run and return at once without them; see the kernel's
+/// NOTE: [captured steps]).
+pub(crate) fn decision_passes(flags: u32, capturing: bool) -> bool {
+    capturing || flags & (FLAG_CHECK | FLAG_CLIP) != 0
+}
+
+/// Whether `stream` is capturing a CUDA graph (an invalidated capture counts: work
+/// enqueued now would belong to it).
+pub(crate) fn is_capturing(stream: &CudaStream) -> Result<bool> {
+    use cudarc::driver::sys::CUstreamCaptureStatus as Status;
+    let status = stream
+        .capture_status()
+        .map_err(Error::driver("asking whether the stream is capturing"))?;
+    Ok(status != Status::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// [`Error::DuringCapture`] when `stream` is capturing a CUDA graph.
+pub(crate) fn refuse_during_capture(
+    stream: &CudaStream,
+    what: &'static str,
+    instead: &'static str,
+) -> Result<()> {
+    if is_capturing(stream)? {
+        return Err(Error::DuringCapture { what, instead });
+    }
+    Ok(())
 }
 
 /// Blocks for `work` grid-stride items: at most one wave, at least one block.
@@ -175,4 +241,35 @@ pub(crate) fn launch<A: DeviceRepr>(
         )
     }
     .map_err(Error::driver("launching an AdaMax kernel"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::args::{FLAG_SCALER, FLAG_UNSCALE};
+
+    /// Issue #17, item 1: a graph captured without the passes replayed only the update,
+    /// which then read a stale clip coefficient and inverse scale when clipping or a
+    /// scaler was turned on after the capture.
+    #[test]
+    fn a_captured_step_always_carries_the_decision_passes_an_eager_one_when_needed() {
+        for flags in 0..16 {
+            assert!(decision_passes(flags, true), "captured, flags {flags}");
+            let needed = flags & (FLAG_CHECK | FLAG_CLIP) != 0;
+            assert_eq!(
+                decision_passes(flags, false),
+                needed,
+                "eager, flags {flags}"
+            );
+        }
+        // Unscaling and the scaler always come with the check (StepOptions::checks).
+        assert!(decision_passes(
+            FLAG_UNSCALE | FLAG_SCALER | FLAG_CHECK,
+            false
+        ));
+        assert!(
+            !decision_passes(0, false),
+            "the common eager step is one launch"
+        );
+    }
 }

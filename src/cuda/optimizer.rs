@@ -10,7 +10,6 @@ use cudarc::driver::{
 
 use crate::{
     config::AdamaxConfig,
-    cpu::StepScalars,
     error::{Error, Result},
     fused::StepOptions,
     state::{check_lists, Schedule, TensorState},
@@ -251,14 +250,12 @@ impl<T: GpuStorage> CudaAdamax<T> {
             }
             self.step_bound = step;
         }
-        let config = self.schedule.config();
         let args = AdamaxArgs {
             tensor_steps: self.state.steps_ptr(),
-            seed: config.precision.seed,
-            ..AdamaxArgs::new(
-                &StepScalars::new(config, 1),
-                config.weight_decay_mode,
+            ..AdamaxArgs::for_config(
+                self.schedule.config(),
                 self.control.device_ptr(),
+                self.control.params().generation,
             )
         };
         let flags = self.control.params().flags;

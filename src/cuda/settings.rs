@@ -14,7 +14,9 @@ use crate::{
 };
 
 use super::{
-    args::{ControlParams, ScalerState, SKIP_COUNTER_FULL, SKIP_NONFINITE},
+    args::{
+        AdamaxArgs, ControlParams, ScalerState, SKIP_COUNTER_FULL, SKIP_NONFINITE, SKIP_STALE_GRAPH,
+    },
     optimizer::{CudaAdamax, GpuStorage},
 };
 
@@ -64,10 +66,13 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         self.schedule.hypers()
     }
 
+    /// Written into the tensor table on the device (one copy), so a captured step
+    /// picks it up without recapture.
     fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()> {
-        self.schedule.set_hyper(tensor, hyper)?;
-        // The table carries the settings: the next flat step rebuilds it.
-        self.forget_flat_table();
+        let mut schedule = self.schedule.clone();
+        schedule.set_hyper(tensor, hyper)?;
+        self.plan.set_hypers(&self.stream, schedule.hypers())?;
+        self.schedule = schedule;
         Ok(())
     }
 
@@ -92,6 +97,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         let c = self.control.read()?;
         Ok(Some(LossScaler {
             scale: c.scaler.scale,
+            min_scale: c.params.min_scale,
             growth_factor: c.params.growth_factor,
             backoff_factor: c.params.backoff_factor,
             growth_interval: c.params.growth_interval,
@@ -124,14 +130,18 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
     /// Read from the device (synchronises). A step replayed from a CUDA graph while the
     /// step counter was at `u64::MAX` changed nothing and is reported as
     /// [`Error::StepOverflow`] (an eager step is refused with that error before it is
-    /// enqueued).
+    /// enqueued); one replayed from a graph captured before a restore that changed the
+    /// configuration changed nothing either, and is reported as [`Error::StaleGraph`].
     fn last_report(&self) -> Result<StepReport> {
         let c = self.control.read()?;
-        if c.state.skipped == SKIP_COUNTER_FULL {
-            return Err(Error::StepOverflow(c.state.step));
+        match c.state.skipped {
+            SKIP_COUNTER_FULL => return Err(Error::StepOverflow(c.state.step)),
+            SKIP_STALE_GRAPH => return Err(Error::StaleGraph),
+            _ => {}
         }
         let skipped = c.state.skipped == SKIP_NONFINITE;
-        let clipped = self.options.max_norm.is_some() && !skipped && c.state.step > 0;
+        // What the last step did, as the device recorded it: not today's options.
+        let clipped = c.state.clipped != 0;
         Ok(StepReport {
             step: c.state.step,
             skipped,
@@ -170,8 +180,16 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
     }
 
     /// The state is uploaded into new device buffers (so the optimizer's memory doubles
-    /// while it runs), and only once every copy has been enqueued are they swapped in
-    /// and the control block rewritten (one copy). Synchronises the stream.
+    /// while it runs), and only once every upload has been enqueued is it copied into
+    /// the buffers in use (on the device), the control block rewritten (one copy) and
+    /// the tensor settings written into the table. Synchronises the stream.
+    ///
+    /// Every device address stays where it was, so a step captured in a CUDA graph
+    /// before the restore replays on the restored state and settings. A restore that
+    /// changes the configuration the launch carries by value (betas, eps, their
+    /// conventions, `maximize`, the seed) makes such a graph stale instead: its replays
+    /// change nothing and [`Optimizer::last_report`] says [`Error::StaleGraph`];
+    /// capture again.
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
         ck.check_fits(
             T::TYPE,
@@ -180,11 +198,21 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         )?;
         let mut schedule = self.schedule.clone();
         schedule.replace(ck.config, &ck.hypers)?;
+        super::launch::refuse_during_capture(
+            &self.stream,
+            "restoring a checkpoint",
+            "Restore before begin_capture or after end_capture",
+        )?;
         let staged = self.state.stage(&ck.tensors)?;
         let mut params = self.params_with(&ck.options, ck.scaler.is_some());
         params.lr = ck.config.lr;
         params.beta1 = ck.config.beta1;
+        let by_value = |c| AdamaxArgs::for_config(c, 0, 0);
+        if by_value(self.schedule.config()) != by_value(&ck.config) {
+            params.generation = params.generation.wrapping_add(1);
+        }
         let scaler_state = set_scaler(&mut params, ck.scaler.as_ref());
+        self.state.commit(staged)?;
         self.control.update(|c| {
             c.params = params;
             if let Some(s) = scaler_state {
@@ -192,10 +220,9 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             }
             c.state.step = ck.step;
             c.state.skipped = 0;
+            c.state.clipped = 0;
         })?;
-        self.state.commit(staged);
-        self.plan.invalidate();
-        self.forget_flat_table();
+        self.plan.set_hypers(&self.stream, schedule.hypers())?;
         self.schedule = schedule;
         self.step_bound = ck.step;
         self.options = ck.options;
@@ -208,6 +235,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
 /// (`params`), and its scale and tracker are returned for the scaler part.
 fn set_scaler(params: &mut ControlParams, scaler: Option<&LossScaler>) -> Option<ScalerState> {
     let s = scaler?;
+    params.min_scale = s.min_scale;
     params.growth_factor = s.growth_factor;
     params.backoff_factor = s.backoff_factor;
     params.growth_interval = s.growth_interval;

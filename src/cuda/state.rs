@@ -103,6 +103,19 @@ impl Buffer {
         }
     }
 
+    /// Copies `src`, a buffer of the same type and length, into this one (device to
+    /// device, in stream order).
+    fn copy_from(&mut self, stream: &Arc<CudaStream>, src: &Buffer) -> Result<()> {
+        let restoring = Error::driver("restoring a checkpoint");
+        match (self, src) {
+            (Buffer::F32(dst), Buffer::F32(src)) => stream.memcpy_dtod(src, dst).map_err(restoring),
+            (Buffer::U8(dst), Buffer::U8(src)) => stream.memcpy_dtod(src, dst).map_err(restoring),
+            _ => Err(Error::Internal {
+                what: "state copied from a buffer of another type",
+            }),
+        }
+    }
+
     /// Uploads `values` (of this buffer's type) at `at`.
     fn upload(&mut self, stream: &Arc<CudaStream>, at: usize, values: View<'_>) -> Result<()> {
         let restoring = Error::driver("restoring a checkpoint");
@@ -130,7 +143,8 @@ fn buffer_len(layout: &StateLayout, part: Part) -> usize {
     }
 }
 
-/// The state buffers of one optimizer, on its stream.
+/// The state buffers of one optimizer, on its stream. Their addresses never change
+/// (restores copy into them), so a captured CUDA graph that holds them stays valid.
 pub(crate) struct DeviceState {
     layout: StateLayout,
     stream: Arc<CudaStream>,
@@ -395,15 +409,21 @@ impl DeviceState {
         })
     }
 
-    /// Puts staged buffers in use (the old ones are freed in stream order).
-    pub(crate) fn commit(&mut self, staged: Staged) {
-        self.bases = staged
-            .parts
-            .iter()
-            .map(|(_, b)| b.address(&self.stream))
-            .collect();
-        self.steps_ptr = staged.steps.device_ptr(&self.stream).0;
-        self.parts = staged.parts;
-        self.steps = staged.steps;
+    /// Copies staged buffers into the ones in use, on the device, in stream order (the
+    /// staged ones are then freed in stream order). The buffers in use keep their
+    /// addresses for the optimizer's life: a captured CUDA graph holds them (through
+    /// the tensor table and `tensor_steps`), so a restore must not move them.
+    pub(crate) fn commit(&mut self, staged: Staged) -> Result<()> {
+        for ((part, live), (staged_part, src)) in self.parts.iter_mut().zip(&staged.parts) {
+            if part != staged_part {
+                return Err(Error::Internal {
+                    what: "a restore staged the parts of the state in another order",
+                });
+            }
+            live.copy_from(&self.stream, src)?;
+        }
+        self.stream
+            .memcpy_dtod(&staged.steps, &mut self.steps)
+            .map_err(Error::driver("restoring the step counts"))
     }
 }

@@ -92,8 +92,10 @@ impl PeerConfig {
             max_norm: self.max_norm,
             ..Default::default()
         };
+        // PyTorch's GradScaler has no floor.
         let scaler = self.scaler.as_ref().map(|s| adamax_cuda::LossScaler {
             scale: s.init_scale,
+            min_scale: adamax_cuda::LossScaler::NO_FLOOR,
             growth_factor: s.growth_factor,
             backoff_factor: s.backoff_factor,
             growth_interval: s.growth_interval,
