@@ -83,8 +83,12 @@ pub enum StateFormat {
 /// lean.validate()?;
 /// # Ok::<(), adamax_cuda::ConfigError>(())
 /// ```
+///
+/// Two precisions are equal when they store alike: the seed counts only for a mode that
+/// draws from it ([`Precision::is_random`]), so a checkpoint of a deterministic mode
+/// reads back equal whatever seed its configuration held.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Precision {
     /// How 16-bit parameters are kept. Default [`ParamMode::Master`].
     pub params: ParamMode,
@@ -94,6 +98,24 @@ pub struct Precision {
     /// same seed, data and settings gives the same bits on the CPU and the GPU.
     /// Unused (and any value is fine) when nothing is rounded stochastically.
     pub seed: u64,
+}
+
+impl PartialEq for Precision {
+    fn eq(&self, other: &Self) -> bool {
+        (self.params, self.state) == (other.params, other.state)
+            && (!self.is_random() || self.seed == other.seed)
+    }
+}
+
+impl Eq for Precision {}
+
+impl std::hash::Hash for Precision {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (self.params, self.state).hash(h);
+        if self.is_random() {
+            self.seed.hash(h);
+        }
+    }
 }
 
 impl Precision {

@@ -73,6 +73,62 @@ impl TensorState {
     }
 }
 
+/// The bound AdaMax keeps between its moments: `|m| <= c * u`, so that no step moves a
+/// weight by more than about `c * lr / (1 - beta1^t)` (plus its decay).
+///
+/// # Derivation
+///
+/// With `u_t = max(beta2 * u_{t-1}, |g_t| + eps) >= |g_t|` (or `max(beta2 * u_{t-1},
+/// |g_t|)` with eps in the denominator) and `m_t = beta1 * m_{t-1} + (1 - beta1) * g_t`,
+/// suppose `|m_{t-1}| <= c * u_{t-1}`. Since `u_{t-1} <= u_t / beta2`,
+///
+/// ```text
+/// |m_t| <= beta1 * c * u_{t-1} + (1 - beta1) * |g_t| <= (beta1 * c / beta2 + 1 - beta1) * u_t
+/// ```
+///
+/// which is `c * u_t` for `c = (1 - beta1) / (1 - beta1 / beta2)`; with `m_0 = u_0 = 0`
+/// the bound holds at every step (about 1.009 for PyTorch's defaults; 1 for `beta1 =
+/// 0`). Weight decay, unscaling and clipping only change the gradient both moments see.
+/// When `beta1 >= beta2` no such `c` exists (`u` may decay faster than `m`), and
+/// nothing is checked.
+///
+/// In f32 every operation rounds: the ratio is taken with f32's betas and a slack of
+/// 2^-20 per operation (PyTorch's `lerp` rounds differently from the crate's fused
+/// multiply-add), and below f32's normal range, where rounding is absolute, a few units
+/// of 2^-149 per step, summed over the steps the bound contracts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct MomentBound {
+    /// `c`, with the relative slack.
+    pub ratio: f64,
+    /// The absolute slack.
+    absolute: f64,
+}
+
+impl MomentBound {
+    /// The bound of `config`'s betas; `None` when `beta1 >= beta2` (in f32, with slack).
+    pub(crate) fn of(config: &AdamaxConfig) -> Option<Self> {
+        let slack = 2f64.powi(-20);
+        let beta1 = f64::from(config.beta1 as f32);
+        let beta2 = f64::from(config.beta2 as f32);
+        let one_minus_beta1 = f64::from((1.0 - config.beta1) as f32);
+        // How much of the last bound survives a step: beta1 / beta2, rounded up.
+        let kept = beta1 * (1.0 + slack) / (beta2 * (1.0 - slack));
+        if !(kept < 1.0) {
+            return None;
+        }
+        let ratio = one_minus_beta1 * (1.0 + slack).powi(2) / (1.0 - kept);
+        Some(Self {
+            ratio,
+            absolute: (2.0 + ratio) * 2f64.powi(-147) / (1.0 - kept),
+        })
+    }
+
+    /// Whether `m` and `u` (finite, `u >= 0`) are within the bound.
+    pub(crate) fn holds(&self, m: f32, u: f32) -> bool {
+        f64::from(m).abs() <= self.ratio * f64::from(u) + self.absolute
+    }
+}
+
 /// Whether parameters of `storage` kept in `precision` carry an f32 master copy.
 pub(crate) fn has_master(storage: crate::storage::StorageType, precision: &Precision) -> bool {
     storage.has_master() && precision.params == ParamMode::Master

@@ -236,6 +236,8 @@ fn mismatched_checkpoints_are_refused_and_leave_the_state_untouched() {
     let mut other_step = good.clone();
     other_step.step = 999;
     other_step.tensors[0].exp_avg[0] = 123.0;
+    // Within AdaMax's bound |exp_avg| <= c * exp_inf, as a run's state is.
+    other_step.tensors[0].exp_inf[0] = 200.0;
 
     for (what, ck) in [
         ("storage", &wrong_storage),
@@ -279,14 +281,15 @@ fn step_counts_that_cannot_be_are_refused() {
             .contains("took 7 steps but the optimizer only 6"),
         "{err}"
     );
-    // An exact per-tensor count that its f32 scalar contradicts.
-    let edited = with_header(TORCH_FILE, |h| {
-        h.replace("\"step\":\"7\"", "\"step\":\"7\",\"tensor.0.step\":\"5\"")
+    // An exact per-tensor count that its f32 scalar contradicts (in a file of ours with
+    // its checksum recomputed: PyTorch's files carry no such key).
+    let (_, ours) = trained();
+    let edited = edited_header(&ours, |h| {
+        h.replace("\"step\":\"1\"", "\"step\":\"1\",\"tensor.0.step\":\"0\"")
     });
     let err = Checkpoint::from_bytes(&edited).unwrap_err();
     assert!(err.to_string().contains("state.0.step"), "{err}");
-    // The same kind of edit in one of this crate's files is caught by its checksum.
-    let (_, ours) = trained();
+    // The same kind of edit without a recomputed checksum is caught by the checksum.
     let edited = with_header(&ours, |h| h.replace("\"step\":\"1\"", "\"step\":\"2\""));
     assert!(edited != ours, "metadata step found");
     let err = Checkpoint::from_bytes(&edited).unwrap_err();
@@ -450,9 +453,11 @@ fn config_errors_from_a_file_are_typed() {
 /// Thousands of random truncations, byte flips, bit flips and header-digit edits:
 /// each is refused with a typed error or (when the edit left the content as it was,
 /// e.g. one space of header padding for another) loads the same state. No panics,
-/// no silently different state.
+/// no silently different state. Half the edits are then resealed (the checksum
+/// recomputed, so the file is self-consistent): those may load as other state only if
+/// a run could reach it ([`reachable`]); 0 impossible states are accepted.
 #[test]
-fn fuzzed_checkpoints_are_refused_or_identical_never_different() {
+fn fuzzed_checkpoints_are_refused_identical_or_reachable() {
     fuzz(adamax_cuda::Precision::default());
     // 8-bit codes (U8 entries), their scales and no master.
     fuzz(adamax_cuda::Precision {
@@ -508,8 +513,8 @@ fn fuzz(precision: adamax_cuda::Precision) {
     let digits: Vec<usize> = (8..8 + header_len)
         .filter(|&i| bytes[i].is_ascii_digit())
         .collect();
-    let (mut refused, mut identical) = (0, 0);
-    for round in 0..6000 {
+    let (mut refused, mut identical, mut other) = (0, 0, 0);
+    for round in 0..8000 {
         let mut b = bytes.clone();
         match round % 4 {
             0 => b.truncate(rng.random_range(0..bytes.len())),
@@ -527,21 +532,460 @@ fn fuzz(precision: adamax_cuda::Precision) {
                 b[i] = d;
             }
         }
+        // Half the rounds are self-consistent edits: the checksum recomputed, as a
+        // hostile writer would. Those may load as other state, if a run could reach it.
+        let resealed = round % 8 >= 4;
+        if resealed {
+            b = reseal(&b);
+        }
         if b == bytes {
             continue;
         }
         match Checkpoint::from_bytes(&b) {
             Err(Error::Checkpoint { .. }) | Err(Error::Config(_)) => refused += 1,
             Err(other) => panic!("round {round}: untyped refusal {other:?}"),
+            Ok(ck) if ck == original => identical += 1,
             Ok(ck) => {
-                assert_eq!(
-                    ck, original,
+                assert!(
+                    resealed,
                     "round {round}: a corrupt file loaded as different state"
                 );
-                identical += 1;
+                if let Err(why) = reachable(&ck) {
+                    panic!("round {round}: a state no run reaches was accepted: {why}");
+                }
+                other += 1;
             }
         }
     }
-    println!("fuzzed checkpoints ({precision:?}): {refused} refused, {identical} identical");
-    assert!(refused > 5000, "{refused}");
+    println!(
+        "fuzzed checkpoints ({precision:?}): {refused} refused, {identical} identical, {other} other reachable states"
+    );
+    assert!(refused > 6000, "{refused}");
+}
+
+/// Whether a checkpoint that loaded holds state a run can reach, judged here apart from
+/// the crate's validation: it saves, and loads and saves again as the same bytes; its
+/// moments are finite, `u >= 0`,
+/// zero before a tensor's first step; 8-bit blocks hold their largest magnitude as code
+/// 1.0 (zeros only at scale 0); and with f32 moments, one step of zero gradients moves
+/// no master weight further than the paper's bound, `c * lr / (1 - beta1^t)` with `c =
+/// (1 - beta1) / (1 - beta1 / beta2)` (Kingma & Ba 2015, sec. 7.1; coupled decay only
+/// adds to the gradient both moments see).
+fn reachable(ck: &Checkpoint) -> Result<(), String> {
+    use adamax_cuda::{cpu::lowbit, StateFormat};
+    // Bytes, not `==`: a master weight may be NaN (a user's weights may be).
+    let bytes = ck.to_bytes().map_err(|e| e.to_string())?;
+    let again = Checkpoint::from_bytes(&bytes).and_then(|back| back.to_bytes());
+    if again.map_err(|e| e.to_string())? != bytes {
+        return Err("it does not save as itself".into());
+    }
+    for (i, t) in ck.tensors.iter().enumerate() {
+        let scales = [&t.exp_avg_q8.scales, &t.exp_inf_q8.scales];
+        for v in [&t.exp_avg, &t.exp_inf, scales[0], scales[1]] {
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(format!("tensor {i}: a non-finite moment"));
+            }
+        }
+        if t.exp_inf.iter().chain(scales[1]).any(|u| *u < 0.0) {
+            return Err(format!("tensor {i}: a negative infinity norm"));
+        }
+        let zero = t.exp_avg.iter().chain(&t.exp_inf).all(|x| *x == 0.0)
+            && t.exp_avg_q8
+                .codes
+                .iter()
+                .chain(&t.exp_inf_q8.codes)
+                .all(|c| *c == 0);
+        if t.step == 0 && !zero {
+            return Err(format!("tensor {i}: moments before its first step"));
+        }
+        for (q, signed) in [(&t.exp_avg_q8, true), (&t.exp_inf_q8, false)] {
+            let top = if signed {
+                lowbit::EXP_AVG_CODE.max_magnitude_code()
+            } else {
+                lowbit::EXP_INF_CODE.max_magnitude_code()
+            };
+            for (block, &scale) in q.codes.chunks(lowbit::QBLOCK).zip(&q.scales) {
+                let magnitude = |c: u8| u32::from(if signed { c & 0x7F } else { c });
+                let has_top = block.iter().any(|&c| magnitude(c) == top);
+                if (scale == 0.0 && block.iter().any(|&c| c != 0)) || (scale > 0.0 && !has_top) {
+                    return Err(format!(
+                        "tensor {i}: an 8-bit block the encoder never writes"
+                    ));
+                }
+            }
+        }
+    }
+    let c = &ck.config;
+    if c.precision.state != StateFormat::F32
+        || c.beta1 >= c.beta2
+        || ck.storage != StorageType::Bf16
+    {
+        return Ok(());
+    }
+    let bound = (1.0 - c.beta1) / (1.0 - c.beta1 / c.beta2);
+    let mut params: Vec<Vec<bf16>> = ck
+        .tensors
+        .iter()
+        .map(|t| t.master.iter().map(|&x| bf16::from_f32(x)).collect())
+        .collect();
+    let refs: Vec<&[bf16]> = params.iter().map(|p| p.as_slice()).collect();
+    let mut opt = CpuAdamax::new(*c, &refs).map_err(|e| e.to_string())?;
+    opt.restore(ck).map_err(|e| e.to_string())?;
+    let zeros: Vec<Vec<bf16>> = params.iter().map(|p| vec![bf16::ZERO; p.len()]).collect();
+    step_all(&mut opt, &mut params, &zeros);
+    for (i, (before, after)) in ck.tensors.iter().zip(opt.tensor_states()).enumerate() {
+        let lr = c.lr * ck.hypers[i].lr_scale;
+        let most = bound * lr / (1.0 - c.beta1.powi(before.step as i32 + 1));
+        for (j, (a, b)) in before.master.iter().zip(&after.master).enumerate() {
+            let moved = f64::from(b - a).abs();
+            if moved > most * 1.001 + 1e-30 {
+                return Err(format!(
+                    "tensor {i} weight {j} moved {moved:e} on a zero gradient, beyond the bound {most:e}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `bytes` with its checksum recomputed as the format documents it (src/checkpoint:
+/// XXH3-64 over `adamax-cuda checkpoint checksum 1\0`, every metadata key but the
+/// checksum in key order as key, NUL, value, NUL, then every tensor in name order as
+/// name, NUL, dtype, NUL, and rank, dimensions and byte length as little-endian u64,
+/// then its bytes): an edited file that is self-consistent, as a hostile writer would
+/// make it. Written here from the documentation, not with the crate's code. Bytes that
+/// do not parse are returned as they are.
+fn reseal(bytes: &[u8]) -> Vec<u8> {
+    use xxhash_rust::xxh3::Xxh3;
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+    else {
+        return bytes.to_vec();
+    };
+    let Some(text) = bytes
+        .get(8..8usize.saturating_add(n))
+        .and_then(|h| std::str::from_utf8(h).ok())
+    else {
+        return bytes.to_vec();
+    };
+    let Ok(serde_json::Value::Object(header)) = serde_json::from_str::<serde_json::Value>(text)
+    else {
+        return bytes.to_vec();
+    };
+    let Some(serde_json::Value::Object(meta)) = header.get("__metadata__") else {
+        return bytes.to_vec();
+    };
+    let Some(old) = meta.get("checksum").and_then(|v| v.as_str()) else {
+        return bytes.to_vec();
+    };
+    let data = &bytes[8 + n..];
+    let mut h = Xxh3::new();
+    h.update(b"adamax-cuda checkpoint checksum 1\0");
+    let mut keys: Vec<&String> = meta.keys().filter(|k| *k != "checksum").collect();
+    keys.sort();
+    for k in keys {
+        let Some(v) = meta[k].as_str() else {
+            return bytes.to_vec();
+        };
+        for part in [k.as_bytes(), b"\0", v.as_bytes(), b"\0"] {
+            h.update(part);
+        }
+    }
+    let mut names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+    names.sort();
+    for name in names {
+        let t = &header[name];
+        let (Some(dtype), Some(shape), Some(offsets)) = (
+            t["dtype"].as_str(),
+            t["shape"].as_array(),
+            t["data_offsets"].as_array(),
+        ) else {
+            return bytes.to_vec();
+        };
+        let (Some(a), Some(b)) = (
+            offsets.first().and_then(|v| v.as_u64()),
+            offsets.get(1).and_then(|v| v.as_u64()),
+        ) else {
+            return bytes.to_vec();
+        };
+        let Some(values) = data.get(a as usize..b as usize) else {
+            return bytes.to_vec();
+        };
+        h.update(name.as_bytes());
+        h.update(format!("\0{dtype}\0").as_bytes());
+        h.update(&(shape.len() as u64).to_le_bytes());
+        for d in shape {
+            h.update(&d.as_u64().unwrap_or(u64::MAX).to_le_bytes());
+        }
+        h.update(&(values.len() as u64).to_le_bytes());
+        h.update(values);
+    }
+    let new = format!("xxh3-64:{:016x}", h.digest());
+    let mut out = bytes[..8].to_vec();
+    out.extend_from_slice(text.replacen(old, &new, 1).as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// `bytes` made a file of no tensors (tensor count 0, no entries, no data), resealed.
+fn without_tensors(bytes: &[u8]) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut meta = header["__metadata__"].as_object().unwrap().clone();
+    meta.retain(|k, _| !k.starts_with("tensor."));
+    meta.insert("tensors".into(), "0".into());
+    let mut text = serde_json::to_vec(&serde_json::json!({ "__metadata__": meta })).unwrap();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    reseal(&out)
+}
+
+/// A resealed copy of `bytes` with its header edited by `edit`.
+fn edited_header(bytes: &[u8], edit: impl Fn(&str) -> String) -> Vec<u8> {
+    reseal(&with_header(bytes, edit))
+}
+
+/// A resealed copy of `bytes` with `value` written over the f32 at element `at` of
+/// entry `name`.
+fn edited_f32(bytes: &[u8], name: &str, at: usize, value: f32) -> Vec<u8> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let view = st.tensor(name).unwrap();
+    let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize + 4 * at;
+    let mut out = bytes.to_vec();
+    out[start..start + 4].copy_from_slice(&value.to_le_bytes());
+    reseal(&out)
+}
+
+/// The reseal helper itself: an unedited file comes back byte for byte, and an edit
+/// that it reseals passes the integrity check (so the refusals below are the
+/// validation's, not the checksum's).
+#[test]
+fn resealing_reproduces_the_documented_checksum() {
+    let (_, bytes) = trained();
+    assert_eq!(reseal(&bytes), bytes);
+    let edited = edited_header(&bytes, |h| {
+        h.replace("\"lr\":\"0.002\"", "\"lr\":\"0.003\"")
+    });
+    assert_ne!(edited, bytes);
+    assert_eq!(Checkpoint::from_bytes(&edited).unwrap().config.lr, 0.003);
+}
+
+fn refused_load(bytes: &[u8], says: &str) {
+    match Checkpoint::from_bytes(bytes) {
+        Err(Error::Checkpoint { reason }) => assert!(reason.contains(says), "{reason}"),
+        other => panic!("expected a refusal saying `{says}`, got {other:?}"),
+    }
+}
+
+/// Issue #17, item 9: self-consistent files (checksum recomputed) and checkpoints built
+/// through the public fields that no run can produce are refused by load, save and
+/// restore alike, each saying what is wrong.
+#[test]
+fn states_no_run_can_reach_are_refused_by_load_save_and_restore() {
+    let (opt, bytes) = trained();
+    let good = opt.checkpoint().unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "adamax-ck-impossible-{}.safetensors",
+        std::process::id()
+    ));
+    let refused_everywhere = |ck: &Checkpoint, says: &str| {
+        for r in [ck.validate(), ck.to_bytes().map(|_| ()), ck.save(&path)] {
+            match r {
+                Err(Error::Checkpoint { reason }) => assert!(reason.contains(says), "{reason}"),
+                other => panic!("expected a refusal saying `{says}`, got {other:?}"),
+            }
+        }
+        assert!(!path.exists(), "{says}: a refused save wrote a file");
+        let mut o = opt.clone();
+        assert!(o.restore(ck).is_err(), "{says}: restore");
+        assert_eq!(
+            o.checkpoint().unwrap(),
+            good,
+            "{says}: restore changed state"
+        );
+    };
+    // m = 1, u = 0: the next zero-gradient step would move the weight by -5.2e5.
+    let mut m_without_u = good.clone();
+    m_without_u.tensors[0].exp_avg[3] = 1.0;
+    m_without_u.tensors[0].exp_inf[3] = 0.0;
+    refused_everywhere(&m_without_u, "beyond");
+    refused_load(&edited_f32(&bytes, "state.0.exp_inf", 3, 0.0), "beyond");
+    // exp_avg and exp_inf swapped (m = 0.1 * g after one step, u = |g| + eps).
+    let mut swapped = good.clone();
+    let t = &mut swapped.tensors[1];
+    std::mem::swap(&mut t.exp_avg, &mut t.exp_inf);
+    t.exp_inf.iter_mut().for_each(|u| *u = u.abs());
+    refused_everywhere(&swapped, "beyond");
+    // Nonzero moments in a tensor that took no step.
+    let mut fresh = CpuAdamax::<f32>::new(AdamaxConfig::default(), &[&[0.5; 9], &[1.0; 4]])
+        .unwrap()
+        .checkpoint()
+        .unwrap();
+    fresh.tensors[1].exp_inf[0] = 1.0;
+    refused_everywhere(&fresh, "took no step");
+    // Non-finite moments (item 11): refused with what happened and what to do.
+    for (i, v) in [(0usize, f32::INFINITY), (1, f32::NAN)] {
+        let mut ck = good.clone();
+        ck.tensors[i].exp_inf[0] = v;
+        refused_everywhere(&ck, "skip_nonfinite");
+        let mut ck = good.clone();
+        ck.tensors[i].exp_avg[0] = v;
+        refused_everywhere(&ck, "NaN or infinite gradient");
+    }
+    refused_load(
+        &edited_f32(&bytes, "state.1.exp_avg", 0, f32::NEG_INFINITY),
+        "skip_nonfinite",
+    );
+    // No tensors at all.
+    let mut empty = good.clone();
+    empty.tensors.clear();
+    empty.hypers.clear();
+    refused_everywhere(&empty, "no tensors");
+    refused_load(&without_tensors(&bytes), "no tensors");
+    std::fs::remove_file(&path).ok();
+}
+
+/// Issue #17, items 9 and 10: metadata keys the file's writer never writes are refused
+/// (an edit, or another program's), also in a file that says it is PyTorch's, which
+/// carries no checksum: deleting two keys must not turn integrity off.
+#[test]
+fn keys_the_writer_never_writes_are_refused() {
+    let (_, bytes) = trained();
+    for (edit, says) in [
+        ("\"maximize\":\"false\",\"foo\":\"1\"", "`foo`"),
+        (
+            "\"maximize\":\"false\",\"tensor.9.lr_scale\":\"1\"",
+            "`tensor.9.lr_scale`",
+        ),
+        (
+            "\"maximize\":\"false\",\"state_block\":\"256\"",
+            "`state_block`",
+        ),
+        ("\"maximize\":\"false\",\"seed\":\"99\"", "`seed`"),
+    ] {
+        let b = edited_header(&bytes, |h| h.replace("\"maximize\":\"false\"", edit));
+        refused_load(&b, says);
+    }
+    // PyTorch's file with any key of this crate's.
+    for extra in [
+        "\"options.max_norm\":\"1\"",
+        "\"scaler.scale\":\"2\",\"scaler.growth_factor\":\"2\",\"scaler.backoff_factor\":\"0.5\",\"scaler.growth_interval\":\"9\",\"scaler.growth_tracker\":\"0\"",
+        "\"tensor.0.lr_scale\":\"0.5\",\"tensor.0.weight_decay\":\"0\"",
+        "\"state_format\":\"blockwise8\"",
+        "\"checksum\":\"xxh3-64:0000000000000000\"",
+    ] {
+        let b = with_header(TORCH_FILE, |h| {
+            h.replace("\"maximize\":\"false\"", &format!("\"maximize\":\"false\",{extra}"))
+        });
+        assert_ne!(b, TORCH_FILE, "{extra}: the anchor was found");
+        match Checkpoint::from_bytes(&b) {
+            Err(Error::Checkpoint { reason }) => assert!(
+                reason.contains("not one PyTorch writes") || reason.contains("integrity"),
+                "{extra}: {reason}"
+            ),
+            other => panic!("{extra}: {other:?}"),
+        }
+    }
+    Checkpoint::from_bytes(TORCH_FILE).unwrap();
+}
+
+/// Issue #17, item 15: a deterministic mode's seed means nothing, so it is not part of
+/// equality, and a checkpoint round-trips equal whatever seed its config held.
+#[test]
+fn a_deterministic_modes_seed_is_not_part_of_the_state() {
+    let (opt, _) = trained();
+    let mut ck = opt.checkpoint().unwrap();
+    ck.config.precision.seed = 99;
+    let back = Checkpoint::from_bytes(&ck.to_bytes().unwrap()).unwrap();
+    assert_eq!(back, ck);
+    assert_eq!(back.config.precision.seed, 0, "the file holds no seed");
+    // A random mode's seed is state.
+    use adamax_cuda::{ParamMode, Precision, StateFormat};
+    let sr = |seed| Precision {
+        params: ParamMode::Stochastic,
+        state: StateFormat::F32,
+        seed,
+    };
+    assert_ne!(sr(1), sr(2));
+    assert_eq!(
+        Precision {
+            seed: 1,
+            ..Precision::default()
+        },
+        Precision::default()
+    );
+}
+
+/// Issue #17, item 6: a header larger than `load` reads (100 MB, about 330,000 tensors)
+/// is refused by `save` before any file is made, naming the limit (the unit tests of
+/// src/checkpoint/file.rs check that writer and reader share it).
+#[test]
+fn headers_larger_than_load_reads_are_refused_before_writing() {
+    let n = 400_000;
+    let ck = Checkpoint {
+        config: AdamaxConfig::default(),
+        step: 0,
+        storage: StorageType::F32,
+        tensors: vec![adamax_cuda::TensorState::default(); n],
+        hypers: vec![TensorHyper::from_config(&AdamaxConfig::default()); n],
+        options: Default::default(),
+        scaler: None,
+    };
+    let path =
+        std::env::temp_dir().join(format!("adamax-ck-huge-{}.safetensors", std::process::id()));
+    // (`to_bytes` plans the file with the same code; one call keeps the test short.)
+    match ck.save(&path) {
+        Err(Error::Checkpoint { reason }) => assert!(reason.contains("100000000"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!path.exists());
+}
+
+/// Issue #17, item 11: after an infinite gradient without the overflow check, f32 state
+/// holds `exp_inf = inf` and 8-bit state a NaN block scale; both formats refuse to save
+/// or convert it alike, saying what happened and what to do (f32 state used to save,
+/// and converting it said only "exp_inf_q8_scale[0] is NaN").
+#[test]
+fn state_reached_by_a_non_finite_gradient_is_refused_alike_in_both_formats() {
+    use adamax_cuda::{ParamMode, Precision, StateFormat};
+    for state in [StateFormat::F32, StateFormat::Blockwise8] {
+        let config = AdamaxConfig {
+            precision: Precision {
+                params: ParamMode::Master,
+                state,
+                seed: 3,
+            },
+            ..AdamaxConfig::default()
+        };
+        let mut w = vec![0.5f32; 5];
+        let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
+        opt.step(&mut [&mut w], &[&[0.1, f32::INFINITY, 0.0, -0.2, 1.0]])
+            .unwrap();
+        let ck = opt.checkpoint().unwrap();
+        let other = match state {
+            StateFormat::F32 => StateFormat::Blockwise8,
+            StateFormat::Blockwise8 => StateFormat::F32,
+        };
+        let path = std::env::temp_dir().join(format!(
+            "adamax-ck-nonfinite-{}.safetensors",
+            std::process::id()
+        ));
+        for r in [
+            ck.save(&path),
+            opt.save_checkpoint(&path),
+            ck.convert_state(other).map(|_| ()),
+        ] {
+            match r {
+                Err(Error::Checkpoint { reason }) => assert!(
+                    reason.contains("NaN or infinite gradient")
+                        && reason.contains("skip_nonfinite"),
+                    "{state:?}: {reason}"
+                ),
+                other => panic!("{state:?}: {other:?}"),
+            }
+        }
+        assert!(!path.exists());
+    }
 }

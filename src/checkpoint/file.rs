@@ -248,64 +248,115 @@ pub(super) struct EntrySpec {
 /// The checksum's place in the header until the data has been hashed.
 const PLACEHOLDER: &str = "xxh3-64:0000000000000000";
 
-/// Writes a safetensors file of `entries` (in name order; `fill(k, buf)` puts entry
-/// `k`'s values in `buf` when its turn comes) with `meta` and its checksum. The header
-/// is written first with a placeholder checksum, the tensors are hashed as they are
-/// written, and the checksum is then written over the placeholder: one tensor in
-/// memory at a time.
-pub(super) fn write_streaming<W: Write + Seek>(
-    mut meta: BTreeMap<String, String>,
-    entries: &[EntrySpec],
-    mut fill: impl FnMut(usize, &mut Data) -> Result<(), Error>,
-    w: &mut W,
-) -> Result<(), WriteError> {
-    let mut sum = Checksum::new(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    meta.insert(CHECKSUM_KEY.to_owned(), PLACEHOLDER.to_owned());
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".to_owned(), serde_json::json!(meta));
-    let mut offset = 0usize;
-    for e in entries {
-        let end = offset + e.dtype.bitsize() / 8 * e.len;
-        header.insert(
-            e.name.clone(),
-            serde_json::json!({ "dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end] }),
-        );
-        offset = end;
-    }
-    // serde_json's map keeps keys sorted (or, with `preserve_order` enabled elsewhere,
-    // in the sorted order they were inserted in): the header is deterministic.
-    let mut text = serde_json::to_vec(&header).map_err(|e| WriteError::Io(e.into()))?;
-    text.resize(text.len().next_multiple_of(8), b' ');
-    let at = text
-        .windows(PLACEHOLDER.len())
-        .position(|w| w == PLACEHOLDER.as_bytes())
-        .ok_or_else(|| WriteError::Io(std::io::Error::other("checksum placeholder lost")))?;
-    let io = WriteError::Io;
-    let start = w.stream_position().map_err(io)?;
-    w.write_all(&(text.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(&text).map_err(io)?;
-    for (k, e) in entries.iter().enumerate() {
-        let mut buf = Data::empty(e.dtype);
-        fill(k, &mut buf).map_err(WriteError::Invalid)?;
-        if buf.len() != e.len {
-            return Err(WriteError::Invalid(Error::Internal {
-                what: "a checkpoint entry changed length while being written",
-            }));
+/// A file ready to be written: its entries (in name order) with which tensor and part
+/// each one is, and its header, built (and its size checked) before any byte is
+/// written or any file created.
+pub(super) struct Plan {
+    specs: Vec<EntrySpec>,
+    which: Vec<(usize, Entry)>,
+    /// The JSON header, padded, with the checksum placeholder at `at`.
+    text: Vec<u8>,
+    at: usize,
+    sum: Checksum,
+}
+
+impl Plan {
+    /// The file of tensors of `lens` with `storage` kept in `precision`, and `meta`
+    /// (without the checksum). Refuses a header larger than `load` reads.
+    pub(super) fn new(
+        mut meta: BTreeMap<String, String>,
+        storage: StorageType,
+        precision: &Precision,
+        lens: impl Iterator<Item = usize>,
+    ) -> Result<Self, Error> {
+        let (specs, which) = entries(storage, precision, lens);
+        let sum = Checksum::new(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        meta.insert(CHECKSUM_KEY.to_owned(), PLACEHOLDER.to_owned());
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".to_owned(), serde_json::json!(meta));
+        let mut offset = 0usize;
+        for e in &specs {
+            let end = offset + e.dtype.bitsize() / 8 * e.len;
+            header.insert(
+                e.name.clone(),
+                serde_json::json!({ "dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end] }),
+            );
+            offset = end;
         }
-        sum.entry(&e.name, &e.shape, &buf);
-        buf.for_each_le_block(|b| w.write_all(b)).map_err(io)?;
+        // serde_json's map keeps keys sorted (or, with `preserve_order` enabled
+        // elsewhere, in the sorted order they were inserted in): the header is
+        // deterministic.
+        let mut text = serde_json::to_vec(&header)
+            .map_err(|e| refuse(format!("cannot serialise the header: {e}")))?;
+        text.resize(text.len().next_multiple_of(8), b' ');
+        check_header_len(text.len() as u64).map_err(|limit| {
+            refuse(format!(
+                "its header would take {} bytes ({} tensors), beyond the {limit} that load reads; save the state of fewer tensors per file (an optimizer per part of the model)",
+                text.len(),
+                which.last().map_or(0, |(i, _)| i + 1)
+            ))
+        })?;
+        let at = text
+            .windows(PLACEHOLDER.len())
+            .position(|w| w == PLACEHOLDER.as_bytes())
+            .ok_or(Error::Internal {
+                what: "the checksum placeholder is missing from a checkpoint header",
+            })?;
+        Ok(Self {
+            specs,
+            which,
+            text,
+            at,
+            sum,
+        })
     }
-    let end = w.stream_position().map_err(io)?;
-    w.seek(SeekFrom::Start(start + 8 + at as u64)).map_err(io)?;
-    w.write_all(sum.finish().as_bytes()).map_err(io)?;
-    w.seek(SeekFrom::Start(end)).map_err(io)?;
-    w.flush().map_err(io)
+
+    /// Writes the file: the header with a placeholder checksum, then each entry as
+    /// `fill(i, entry, buf)` gives its values for tensor `i` (hashed as they are
+    /// written: one entry in memory at a time), then the checksum over the placeholder.
+    pub(super) fn write<W: Write + Seek>(
+        mut self,
+        mut fill: impl FnMut(usize, Entry, &mut Data) -> Result<(), Error>,
+        w: &mut W,
+    ) -> Result<(), WriteError> {
+        let io = WriteError::Io;
+        let start = w.stream_position().map_err(io)?;
+        w.write_all(&(self.text.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&self.text).map_err(io)?;
+        for (e, &(i, entry)) in self.specs.iter().zip(&self.which) {
+            let mut buf = Data::empty(e.dtype);
+            fill(i, entry, &mut buf).map_err(WriteError::Invalid)?;
+            if buf.len() != e.len {
+                return Err(WriteError::Invalid(Error::Internal {
+                    what: "a checkpoint entry changed length while being written",
+                }));
+            }
+            self.sum.entry(&e.name, &e.shape, &buf);
+            buf.for_each_le_block(|b| w.write_all(b)).map_err(io)?;
+        }
+        let end = w.stream_position().map_err(io)?;
+        w.seek(SeekFrom::Start(start + 8 + self.at as u64))
+            .map_err(io)?;
+        w.write_all(self.sum.finish().as_bytes()).map_err(io)?;
+        w.seek(SeekFrom::Start(end)).map_err(io)?;
+        w.flush().map_err(io)
+    }
+}
+
+/// The one limit on a header's length, for writing and reading alike (the
+/// `safetensors` crate's own): `Err(limit)` beyond it.
+fn check_header_len(n: u64) -> Result<(), u64> {
+    if n > MAX_HEADER {
+        Err(MAX_HEADER)
+    } else {
+        Ok(())
+    }
 }
 
 /// The entries of a file of tensors of `lens` with `storage`, in name order (the file's
 /// and the checksum's order), and which tensor and part each one is.
-pub(super) fn entries(
+fn entries(
     storage: StorageType,
     precision: &Precision,
     lens: impl Iterator<Item = usize>,
@@ -332,20 +383,26 @@ pub(super) fn entries(
     all.into_iter().unzip()
 }
 
-/// Writes `ck` (validated first) as a safetensors file: entries in name order, header
-/// keys sorted, the checksum in the metadata.
-pub(super) fn write<W: Write + Seek>(ck: &Checkpoint, w: &mut W) -> Result<(), WriteError> {
-    ck.validate().map_err(WriteError::Invalid)?;
-    let (specs, which) = entries(
+/// The file of `ck` (validated first).
+pub(super) fn plan(ck: &Checkpoint) -> Result<Plan, Error> {
+    ck.validate()?;
+    Plan::new(
+        ck.metadata(),
         ck.storage,
         &ck.config.precision,
         ck.tensors.iter().map(TensorState::len),
-    );
-    write_streaming(
-        ck.metadata(),
-        &specs,
-        |k, buf| {
-            let (i, e) = which[k];
+    )
+}
+
+/// Writes `ck`'s file, planned by [`plan`]: entries in name order, header keys sorted,
+/// the checksum in the metadata.
+pub(super) fn write<W: Write + Seek>(
+    ck: &Checkpoint,
+    plan: Plan,
+    w: &mut W,
+) -> Result<(), WriteError> {
+    plan.write(
+        |i, e, buf| {
             let t = &ck.tensors[i];
             match e.part() {
                 Some(part) => buf.extend(part.view(t)),
@@ -369,7 +426,7 @@ pub(super) fn read(r: &mut impl Read, total_len: u64) -> Result<RawFile, ReadErr
     let mut len = [0u8; 8];
     r.read_exact(&mut len).map_err(ReadError::Io)?;
     let n = u64::from_le_bytes(len);
-    if n > MAX_HEADER || n > total_len - 8 {
+    if check_header_len(n).is_err() || n > total_len - 8 {
         return Err(bad(format!(
             "its header claims {n} bytes; the file has {total_len} and headers are at most {MAX_HEADER}"
         )));
@@ -422,4 +479,39 @@ pub(super) fn read(r: &mut impl Read, total_len: u64) -> Result<RawFile, ReadErr
         );
     }
     Ok(RawFile { meta, tensors })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue #17, item 6: the writer refuses, before writing anything, a header the
+    /// reader would refuse: one limit for both.
+    #[test]
+    fn writer_and_reader_share_the_header_limit() {
+        let meta = |len: usize| BTreeMap::from([("big".to_owned(), "x".repeat(len))]);
+        let plan = |len| {
+            Plan::new(
+                meta(len),
+                StorageType::F32,
+                &Precision::default(),
+                std::iter::empty(),
+            )
+        };
+        assert!(plan(0).is_ok());
+        match plan(MAX_HEADER as usize) {
+            Err(Error::Checkpoint { reason }) => {
+                assert!(reason.contains(&MAX_HEADER.to_string()), "{reason}")
+            }
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a header beyond the limit was planned"),
+        }
+        // The reader refuses a header length beyond the same limit, before reading it.
+        let mut file = (MAX_HEADER + 1).to_le_bytes().to_vec();
+        file.resize(64, b' ');
+        let err = read(&mut &file[..], MAX_HEADER + 100).err();
+        assert!(matches!(err, Some(ReadError::Refused(_))));
+        assert_eq!(check_header_len(MAX_HEADER), Ok(()));
+        assert_eq!(check_header_len(MAX_HEADER + 1), Err(MAX_HEADER));
+    }
 }

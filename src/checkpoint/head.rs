@@ -6,14 +6,16 @@ use std::{collections::BTreeMap, path::Path};
 
 use super::{
     file::{self, View},
-    refuse, Data, MetaName, FORMAT,
+    refuse,
+    valid::{check_part, Pairs},
+    Data, MetaName, FORMAT,
 };
 use crate::{
     config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper},
-    cpu::lowbit::{Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
+    cpu::lowbit::QBLOCK,
     error::{Error, Result},
     fused::{LossScaler, StepOptions},
-    state::{check_pairs, has_master, TensorState},
+    state::{check_pairs, has_master, MomentBound, TensorState},
     storage::StorageType,
 };
 
@@ -110,6 +112,11 @@ impl Head<'_> {
         self.options.validate()?;
         if let Some(s) = self.scaler {
             s.validate()?;
+        }
+        if self.tensor_steps.is_empty() {
+            return Err(refuse(
+                "it holds no tensors; an optimizer steps at least one".to_owned(),
+            ));
         }
         if self.hypers.len() != self.tensor_steps.len() {
             return Err(refuse(format!(
@@ -232,54 +239,12 @@ impl Part {
         Part::ExpInfScales,
     ];
 
-    /// Refuses values of this part that no valid state holds: a negative or NaN
-    /// infinity norm, a negative or non-finite scale of it, a negative or infinite scale
-    /// of the first moment, a code the encoder cannot produce.
-    pub(super) fn check(self, tensor: usize, data: View<'_>) -> Result<()> {
-        let never = |what: &str, j: usize, v: String| {
-            Err(refuse(format!(
-                "{what}[{j}] of tensor {tensor} is {v}; the infinity norm is never negative or NaN"
-            )))
-        };
-        match (self, data) {
-            (Part::ExpInf, View::F32(v)) => match v.iter().position(|u| u.is_nan() || *u < 0.0) {
-                Some(j) => never(self.suffix(), j, v[j].to_string()),
-                None => Ok(()),
-            },
-            (Part::ExpInfScales, View::F32(v)) => {
-                match v.iter().position(|u| !u.is_finite() || *u < 0.0) {
-                    Some(j) => never(self.suffix(), j, v[j].to_string()),
-                    None => Ok(()),
-                }
-            }
-            // NaN marks a block poisoned by a non-finite value; an infinite scale is
-            // never written (encode_block marks those NaN).
-            (Part::ExpAvgScales, View::F32(v)) => {
-                match v.iter().position(|s| *s < 0.0 || s.is_infinite()) {
-                    Some(j) => Err(refuse(format!(
-                        "exp_avg_q8_scale[{j}] of tensor {tensor} is {}; a block's scale is its largest magnitude, finite and never negative",
-                        v[j]
-                    ))),
-                    None => Ok(()),
-                }
-            }
-            (Part::ExpAvgCodes | Part::ExpInfCodes, View::U8(v)) => {
-                let code: Code = if self == Part::ExpAvgCodes {
-                    EXP_AVG_CODE
-                } else {
-                    EXP_INF_CODE
-                };
-                match v.iter().position(|&c| !code.is_valid(c)) {
-                    Some(j) => Err(refuse(format!(
-                        "{}[{j}] of tensor {tensor} is code {}, above the magnitude 1.0 (code {}) that the encoder never exceeds",
-                        self.suffix(),
-                        v[j],
-                        code.max_magnitude_code()
-                    ))),
-                    None => Ok(()),
-                }
-            }
-            _ => Ok(()),
+    /// The scales of a moment's codes.
+    pub(super) fn scales(self) -> Option<Part> {
+        match self {
+            Part::ExpAvgCodes => Some(Part::ExpAvgScales),
+            Part::ExpInfCodes => Some(Part::ExpInfScales),
+            _ => None,
         }
     }
 }
@@ -287,7 +252,8 @@ impl Part {
 /// Writes a checkpoint file of `head` and tensors of `lens` to `path` atomically, one
 /// tensor at a time: `fetch(i, part, buf)` fills `buf` with that part of tensor `i`'s
 /// state when its turn comes. Validated as [`Checkpoint::save`] validates (the data as
-/// it comes: `exp_inf >= 0`); on a refusal nothing is left at `path`.
+/// it comes, a part with the one it pairs with: see `valid`); on a refusal nothing is
+/// left at `path`.
 pub(crate) fn save_streamed(
     path: &Path,
     head: &Head<'_>,
@@ -300,20 +266,24 @@ pub(crate) fn save_streamed(
             what: "a streamed checkpoint with one length per tensor expected",
         });
     }
-    let (specs, which) = file::entries(head.storage, &head.config.precision, lens.iter().copied());
+    let plan = file::Plan::new(
+        head.metadata(),
+        head.storage,
+        &head.config.precision,
+        lens.iter().copied(),
+    )?;
+    let mut pairs = Pairs::new(MomentBound::of(head.config));
     let mut refusal = None;
     let written = crate::fsutil::write_atomically_with(path, |w| {
-        file::write_streaming(
-            head.metadata(),
-            &specs,
-            |k, buf| {
-                let (i, e) = which[k];
+        plan.write(
+            |i, e, buf| {
                 let Some(part) = e.part() else {
                     buf.f32_mut()?.push(head.tensor_steps[i] as f32);
                     return Ok(());
                 };
                 fetch(i, part, buf)?;
-                part.check(i, buf.view())
+                check_part(i, head.tensor_steps[i], part, buf.view())?;
+                pairs.next(i, part, buf.view())
             },
             w,
         )

@@ -66,6 +66,7 @@
 mod file;
 mod head;
 mod parse;
+mod valid;
 
 pub(crate) use file::{Data, View};
 pub(crate) use head::{save_streamed, Head, Part};
@@ -79,7 +80,7 @@ use crate::{
     cpu::lowbit::{Blockwise8, EXP_AVG_CODE, EXP_INF_CODE},
     error::{Error, Result},
     fused::{LossScaler, StepOptions},
-    state::TensorState,
+    state::{MomentBound, TensorState},
     storage::StorageType,
 };
 
@@ -225,6 +226,7 @@ impl Checkpoint {
         self.head(&steps).validate()?;
         let precision = &self.config.precision;
         let entries = Entry::of(self.storage, precision);
+        let bound = MomentBound::of(&self.config);
         for (i, t) in self.tensors.iter().enumerate() {
             let n = t.len();
             for part in Part::ALL {
@@ -244,7 +246,14 @@ impl Checkpoint {
                         precision.params.meta_name(),
                     )));
                 }
-                part.check(i, values)?;
+                valid::check_part(i, t.step, part, values)?;
+            }
+            valid::check_moments(i, bound, &t.exp_avg, &t.exp_inf)?;
+            for (codes_part, m) in [
+                (Part::ExpAvgCodes, &t.exp_avg_q8),
+                (Part::ExpInfCodes, &t.exp_inf_q8),
+            ] {
+                valid::check_blocks(i, codes_part, &m.codes, &m.scales)?;
             }
         }
         Ok(())
@@ -348,10 +357,13 @@ impl Checkpoint {
         }
     }
 
-    /// Serialises to safetensors bytes (after [`Checkpoint::validate`]).
+    /// Serialises to safetensors bytes (after [`Checkpoint::validate`]). A header
+    /// larger than [`Checkpoint::load`] reads (100 MB, about 300,000 tensors) is
+    /// refused.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let plan = file::plan(self)?;
         let mut out = std::io::Cursor::new(Vec::new());
-        file::write(self, &mut out).map_err(|e| match e {
+        file::write(self, plan, &mut out).map_err(|e| match e {
             file::WriteError::Invalid(e) => e,
             file::WriteError::Io(e) => refuse(format!("cannot serialise: {e}")),
         })?;
@@ -371,11 +383,13 @@ impl Checkpoint {
     /// Writes the checkpoint to `path` atomically (after [`Checkpoint::validate`]): to
     /// a temporary file beside it, then renamed over it, so a crash leaves either the
     /// old file or the new one. Tensors are written as they are encoded, without a
-    /// copy of the whole file in memory.
+    /// copy of the whole file in memory. What [`Checkpoint::load`] would refuse (an
+    /// invalid state, a header larger than it reads) is refused before any file is
+    /// created.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.validate()?;
+        let plan = file::plan(self)?;
         crate::fsutil::write_atomically_with(path.as_ref(), |w| {
-            file::write(self, w).map_err(|e| match e {
+            file::write(self, plan, w).map_err(|e| match e {
                 file::WriteError::Invalid(_) => std::io::Error::other(e.to_string()),
                 file::WriteError::Io(e) => e,
             })

@@ -1,6 +1,8 @@
 //! Validating what `file::read` found: the checkpoint built from a file's metadata and
 //! tensors, every field checked, before any optimizer sees it.
 
+use std::collections::HashMap;
+
 use super::{file, refuse, Checkpoint, Data, Entry, MetaName, FORMAT, TORCH_FORMAT};
 use crate::{
     config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper},
@@ -31,6 +33,9 @@ impl Checkpoint {
             return Err(refuse(format!(
                 "format `{format}`; expected `{FORMAT}` or `{TORCH_FORMAT}`"
             )));
+        }
+        if format == TORCH_FORMAT {
+            check_torch_keys(&meta)?;
         }
         if format == FORMAT && !meta.contains_key(file::CHECKSUM_KEY) {
             return Err(refuse(format!(
@@ -232,6 +237,76 @@ impl Checkpoint {
             scaler,
         };
         ck.validate()?;
+        if format == FORMAT {
+            check_keys(&meta, &ck)?;
+        }
         Ok(ck)
+    }
+}
+
+/// The metadata keys of PyTorch's files (scripts/torch_checkpoint.py writes them).
+const TORCH_KEYS: [&str; 13] = [
+    "format",
+    "storage",
+    "step",
+    "tensors",
+    "lr",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "eps_mode",
+    "weight_decay_mode",
+    "maximize",
+    "made_by",
+];
+
+/// Refuses, before anything else is read, a key that PyTorch does not write in a file
+/// that says it is PyTorch's: such a file carries no checksum, and deleting one must
+/// not let this crate's keys in unchecked.
+fn check_torch_keys(meta: &HashMap<String, String>) -> Result<()> {
+    let mut keys: Vec<&String> = meta.keys().collect();
+    keys.sort();
+    match keys.iter().find(|k| !TORCH_KEYS.contains(&k.as_str())) {
+        Some(k) => Err(refuse(format!(
+            "metadata key `{k}` is not one PyTorch writes; a file in format {TORCH_FORMAT} (no checksum) carries only {}",
+            TORCH_KEYS.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses metadata keys this crate's writer does not write for `ck` (besides the
+/// checksum; a key written since, like `scaler.min_scale`, may be absent): an unknown
+/// key is an edited file or another program's, not state to guess at.
+fn check_keys(meta: &HashMap<String, String>, ck: &Checkpoint) -> Result<()> {
+    let mut keys: Vec<&String> = meta.keys().collect();
+    keys.sort();
+    let written = ck.metadata();
+    match keys
+        .iter()
+        .find(|k| k.as_str() != file::CHECKSUM_KEY && !written.contains_key(k.as_str()))
+    {
+        Some(k) => Err(refuse(format!(
+            "metadata key `{k}` is not one this checkpoint's writer writes ({}); the file was edited or made by another program",
+            unknown_key_hint(k)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Why a key of this crate's vocabulary can still be out of place.
+fn unknown_key_hint(k: &str) -> &'static str {
+    match k {
+        "seed" => "a seed is written only for a mode that rounds stochastically",
+        "state_block" => "`state_block` comes only with `state_format: blockwise8`",
+        "param_mode" | "state_format" => "the default modes are written by leaving the key out",
+        k if k.starts_with("tensor.") => {
+            "per-tensor keys name tensors the file holds, and `tensor.{i}.step` only a count that differs from `step`"
+        }
+        k if k.starts_with("options.") || k.starts_with("scaler.") => {
+            "an option is written only when set, scaler keys only with a scaler"
+        }
+        _ => "no such key",
     }
 }

@@ -1,0 +1,195 @@
+//! What a checkpoint's state must satisfy to be one a run can reach, checked by `load`,
+//! `save`, the streamed save and `restore` alike (through `Checkpoint::validate` or
+//! [`Pairs`]):
+//!
+//! - every moment and scale is finite (a NaN or infinite gradient that reached the state
+//!   made the parameters NaN too, and no run resumes from it), and `u` and the scales
+//!   are never negative;
+//! - a tensor that took no step has zero moments;
+//! - f32 moments keep AdaMax's bound `|m| <= c * u` ([`MomentBound`]: swapped or edited
+//!   moments would move a weight far more than `lr` in the next step);
+//! - 8-bit blocks are as the encoder writes them: codes no larger than 1.0, a block of
+//!   scale 0 holds only zero codes, and any other holds its largest magnitude, 1.0,
+//!   exactly.
+//!
+//! 8-bit moments are not held to the bound: their `m` and `u` are rounded apart, each
+//! against its own block (issue #19 is making that mode keep it).
+
+use super::{file::View, refuse, Data, Part};
+use crate::{
+    cpu::lowbit::{Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
+    error::{Error, Result},
+    state::MomentBound,
+};
+
+/// Refuses values of one part of tensor `tensor` (which took `step` steps) that no run
+/// produces alone: non-finite moments or scales, a negative `u` or scale, a code above
+/// 1.0, anything but zero before the tensor's first step. Masters may hold any value.
+pub(super) fn check_part(tensor: usize, step: u64, part: Part, values: View<'_>) -> Result<()> {
+    let name = part.suffix();
+    match values {
+        View::F32(v) if part != Part::Master => {
+            if let Some(j) = v.iter().position(|x| !x.is_finite()) {
+                return Err(refuse(format!(
+                    "tensor {tensor}: {name}[{j}] is {}: a NaN or infinite gradient reached the state (its parameters are NaN too), and no run resumes from it; turn on StepOptions::skip_nonfinite or a LossScaler to skip such steps, and resume from an earlier checkpoint",
+                    v[j]
+                )));
+            }
+            if part != Part::ExpAvg {
+                if let Some(j) = v.iter().position(|x| *x < 0.0) {
+                    let what = if part == Part::ExpInf {
+                        "the infinity norm is never negative"
+                    } else {
+                        "a block's scale is its largest magnitude, never negative"
+                    };
+                    return Err(refuse(format!(
+                        "tensor {tensor}: {name}[{j}] is {}; {what}",
+                        v[j]
+                    )));
+                }
+            }
+            if step == 0 {
+                if let Some(j) = v.iter().position(|x| *x != 0.0) {
+                    return Err(before_first_step(tensor, name, j, v[j]));
+                }
+            }
+        }
+        View::U8(v) => {
+            let code = code_of(part)?;
+            if let Some(j) = v.iter().position(|&c| !code.is_valid(c)) {
+                return Err(refuse(format!(
+                    "tensor {tensor}: {name}[{j}] is code {}, above the magnitude 1.0 (code {}) that the encoder never exceeds",
+                    v[j],
+                    code.max_magnitude_code()
+                )));
+            }
+            if step == 0 {
+                if let Some(j) = v.iter().position(|&c| c != 0) {
+                    return Err(before_first_step(tensor, name, j, v[j]));
+                }
+            }
+        }
+        View::F32(_) => {}
+    }
+    Ok(())
+}
+
+fn before_first_step(tensor: usize, name: &str, j: usize, v: impl std::fmt::Display) -> Error {
+    refuse(format!(
+        "tensor {tensor} took no step but its {name}[{j}] is {v}; a tensor's state is zero until its first step"
+    ))
+}
+
+fn code_of(part: Part) -> Result<Code> {
+    match part {
+        Part::ExpAvgCodes => Ok(EXP_AVG_CODE),
+        Part::ExpInfCodes => Ok(EXP_INF_CODE),
+        _ => Err(Error::Internal {
+            what: "8-bit codes checked as a part that holds none",
+        }),
+    }
+}
+
+/// Refuses f32 moments outside AdaMax's bound (each part already checked alone).
+pub(super) fn check_moments(
+    tensor: usize,
+    bound: Option<MomentBound>,
+    m: &[f32],
+    u: &[f32],
+) -> Result<()> {
+    let Some(bound) = bound else { return Ok(()) };
+    match m.iter().zip(u).position(|(&m, &u)| !bound.holds(m, u)) {
+        Some(j) => Err(refuse(format!(
+            "tensor {tensor}: exp_avg[{j}] = {} is beyond {:.6} x exp_inf[{j}] = {}; AdaMax keeps |exp_avg| <= (1 - beta1) / (1 - beta1 / beta2) x exp_inf, so that no step moves a weight by more than about lr / (1 - beta1^t), and no run reaches this state (moments swapped or edited?)",
+            m[j], bound.ratio, u[j]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Refuses 8-bit blocks the encoder never writes: nonzero codes in a block of scale 0,
+/// and a block of another scale without a code at magnitude 1.0 (the encoder stores
+/// each block's largest magnitude exactly).
+pub(super) fn check_blocks(
+    tensor: usize,
+    codes_part: Part,
+    codes: &[u8],
+    scales: &[f32],
+) -> Result<()> {
+    let code = code_of(codes_part)?;
+    let magnitude = |c: u8| {
+        if code == EXP_AVG_CODE {
+            u32::from(c & 0x7F)
+        } else {
+            u32::from(c)
+        }
+    };
+    for (b, (block, &scale)) in codes.chunks(QBLOCK).zip(scales).enumerate() {
+        let name = codes_part.suffix();
+        if scale == 0.0 {
+            if let Some(j) = block.iter().position(|&c| c != 0) {
+                return Err(refuse(format!(
+                    "tensor {tensor}: block {b} of {name} has scale 0 but code {} at element {}; a block of scale 0 holds zeros only",
+                    block[j],
+                    b * QBLOCK + j
+                )));
+            }
+        } else if !block
+            .iter()
+            .any(|&c| magnitude(c) == code.max_magnitude_code())
+        {
+            return Err(refuse(format!(
+                "tensor {tensor}: block {b} of {name} has scale {scale} but no code at magnitude 1.0; the encoder stores each block's largest magnitude exactly"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The checks of parts that hold together, for parts that come one at a time (the
+/// streamed save, in file order: `exp_avg` before `exp_inf`, a moment's codes before
+/// its scales): the first of a pair is held, as a copy, until its partner comes.
+pub(super) struct Pairs {
+    bound: Option<MomentBound>,
+    held: Option<(usize, Part, Data)>,
+}
+
+impl Pairs {
+    pub(super) fn new(bound: Option<MomentBound>) -> Self {
+        Self { bound, held: None }
+    }
+
+    /// Checks `values`, part `part` of tensor `tensor`, with the part it pairs with.
+    pub(super) fn next(&mut self, tensor: usize, part: Part, values: View<'_>) -> Result<()> {
+        let first = matches!(part, Part::ExpAvg | Part::ExpAvgCodes | Part::ExpInfCodes);
+        if first {
+            let mut copy = match values {
+                View::F32(_) => Data::F32(Vec::new()),
+                View::U8(_) => Data::U8(Vec::new()),
+            };
+            copy.extend(values)?;
+            self.held = Some((tensor, part, copy));
+            return Ok(());
+        }
+        let held = self.held.take();
+        match (part, held, values) {
+            (Part::ExpInf, Some((t, Part::ExpAvg, Data::F32(m))), View::F32(u)) if t == tensor => {
+                check_moments(tensor, self.bound, &m, u)
+            }
+            (
+                Part::ExpAvgScales | Part::ExpInfScales,
+                Some((t, codes_part, Data::U8(codes))),
+                View::F32(scales),
+            ) if t == tensor && codes_part.scales() == Some(part) => {
+                check_blocks(tensor, codes_part, &codes, scales)
+            }
+            (Part::Master, held, _) => {
+                self.held = held;
+                Ok(())
+            }
+            _ => Err(Error::Internal {
+                what: "a checkpoint's parts came in another order than the file's",
+            }),
+        }
+    }
+}
