@@ -18,7 +18,9 @@
 //! - [`Optimizer`]: the trait both optimizers implement with the same signatures.
 //! - [`cuda::CudaAdamax`]: the GPU optimizer. A step of a whole list of tensors is one
 //!   kernel launch, which also counts the step on the device; with clipping or the
-//!   overflow check, a reduction and a one-block decision pass run before it. Tensors
+//!   overflow check (and always in a step captured in a CUDA graph, so that settings
+//!   changed after the capture act on replay), a reduction and a one-block decision pass
+//!   run before it. Tensors
 //!   may also live in one flat buffer ([`cuda::FlatLayout`]), so that a step's host
 //!   work does not grow with their number.
 //! - [`cpu::CpuAdamax`]: the reference, usable as a CPU fallback.

@@ -39,18 +39,25 @@
 //! little-endian bytes, in name order). A file whose checksum does not match is
 //! refused, so a flipped bit in a tensor or an edited digit in the header is an error
 //! rather than different state. Files written by PyTorch (format `torch.optim.Adamax`)
-//! carry none and are accepted unchecked: only their structure and values are
-//! validated. The same state always gives the same bytes.
+//! carry none: their structure and values are validated, and they may hold only the
+//! keys PyTorch's writer gives them. The same state always gives the same bytes.
 //!
 //! # What is refused
 //!
 //! Loading checks everything before an optimizer's state is touched: the checksum, the
-//! format, every tensor's presence, type and shape, counts against what the file holds
-//! (before anything is sized from them), the configuration and per-tensor settings, and
-//! the invariant `exp_inf >= 0` (so NaN too). A file that fails is an
-//! [`Error::Checkpoint`] and the live state stays as it was. Saving runs the same
-//! validation first, so `save` never writes a file that `load` refuses. `load` reads
-//! regular files only (not a FIFO or `/dev/zero`), and no more than the header declares.
+//! format, the metadata keys (only those its writer writes: a file in PyTorch's format,
+//! which carries no checksum, may hold only PyTorch's), every tensor's presence, type
+//! and shape, counts against what the file holds (before anything is sized from them),
+//! the configuration and per-tensor settings, and the state itself, which must be one a
+//! run can reach (`src/checkpoint/valid.rs`): finite moments and scales, `exp_inf >= 0`, zero
+//! moments before a tensor's first step, `|exp_avg| <= (1 - beta1) / (1 - beta1 / beta2)
+//! * exp_inf` for f32 moments (AdaMax's bound, derived with its rounding slack in
+//! `src/state.rs`), 8-bit blocks as the encoder writes them, at least one tensor. A file
+//! that fails is an [`Error::Checkpoint`] and the live state stays as it was. Saving
+//! runs the same validation first, and plans the header (at most 100 MB, what `load`
+//! reads) before it creates a file, so `save` never writes a file that `load` refuses.
+//! `load` reads regular files only (not a FIFO or `/dev/zero`), and no more than the
+//! header declares.
 //!
 //! ```no_run
 //! use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Checkpoint, Optimizer};
@@ -216,11 +223,11 @@ impl MetaName for StateFormat {
 }
 
 impl Checkpoint {
-    /// Checks that the checkpoint is whole and consistent: a valid configuration and
-    /// per-tensor settings, one setting and one state per tensor, `exp_avg`, `exp_inf`
-    /// and (for 16-bit storage only) `master` of equal lengths, `exp_inf >= 0`
-    /// everywhere (NaN is refused), and no tensor with more steps than the optimizer.
-    /// `save` and `load` both run it.
+    /// Checks that the checkpoint is whole, consistent and reachable by a run: a valid
+    /// configuration and per-tensor settings, at least one tensor, one setting and one
+    /// state per tensor, every part of the state of the length its modes need, no
+    /// tensor with more steps than the optimizer, and state that a run can reach (the
+    /// module's "What is refused"). `save`, `load` and `restore` all run it.
     pub fn validate(&self) -> Result<()> {
         let steps: Vec<u64> = self.tensors.iter().map(|t| t.step).collect();
         self.head(&steps).validate()?;

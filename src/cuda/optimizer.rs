@@ -54,9 +54,15 @@ impl GpuStorage for half::bf16 {}
 /// [`StepOptions`], a reduction and a one-block decision pass before it). For many
 /// tensors in one flat buffer, see [`CudaAdamax::new_flat`].
 ///
-/// The learning rate, the step count, the clip and loss-scale state live on the device,
-/// so a step captured in a CUDA graph replays exactly like eager steps, and
-/// [`Optimizer::set_lr`] between replays takes effect without recapture.
+/// The learning rate, the step count, the options, the loss scaler and the per-tensor
+/// settings live on the device, and a step captured in a CUDA graph always carries the
+/// decision passes (they do nothing unless a setting asks for them), so it replays
+/// exactly like eager steps and every setting changed between replays takes effect
+/// without recapture. Take one eager step with the same buffers before capturing (the
+/// tensor table must be on the device); calls that copy from the host while the stream
+/// captures are refused ([`Error::DuringCapture`]). [`Optimizer::restore`] keeps every
+/// device address, so a graph replays on the restored state (see it for the one
+/// restore that makes a graph stale).
 ///
 /// ```no_run
 /// use adamax_cuda::{cuda::{self, CudaAdamax}, AdamaxConfig, Optimizer};
