@@ -111,9 +111,14 @@ impl MomentBound {
         let beta1 = f64::from(config.beta1 as f32);
         let beta2 = f64::from(config.beta2 as f32);
         let one_minus_beta1 = f64::from((1.0 - config.beta1) as f32);
-        // How much of the last bound survives a step: beta1 / beta2, rounded up.
-        let kept = beta1 * (1.0 + slack) / (beta2 * (1.0 - slack));
-        if !(kept < 1.0) {
+        // How much of the last bound survives a step: beta1 / beta2, rounded up (none
+        // with beta1 = 0, whatever beta2: then m is the gradient itself).
+        let kept = if beta1 == 0.0 {
+            0.0
+        } else {
+            beta1 * (1.0 + slack) / (beta2 * (1.0 - slack))
+        };
+        if !kept.is_finite() || kept >= 1.0 {
             return None;
         }
         let ratio = one_minus_beta1 * (1.0 + slack).powi(2) / (1.0 - kept);
@@ -247,4 +252,33 @@ fn check_list(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_moment_bound_is_the_papers_ratio_with_rounding_slack() {
+        let c = |beta1, beta2| {
+            MomentBound::of(&AdamaxConfig {
+                beta1,
+                beta2,
+                ..AdamaxConfig::default()
+            })
+            .map(|b| b.ratio)
+        };
+        // (1 - 0.9) / (1 - 0.9 / 0.999) = 1.00908...
+        let defaults = c(0.9, 0.999).unwrap();
+        assert!((defaults - 1.009_09).abs() < 1e-4, "{defaults}");
+        // beta1 = 0: m is the gradient, and u >= |g|, whatever beta2.
+        for beta2 in [0.0, 0.5, 0.999] {
+            let r = c(0.0, beta2).unwrap();
+            assert!((1.0..1.0 + 1e-5).contains(&r), "{beta2}: {r}");
+        }
+        // No bound where u may decay faster than m.
+        assert_eq!(c(0.9, 0.9), None);
+        assert_eq!(c(0.999, 0.5), None);
+        assert_eq!(c(0.5, 0.0), None);
+    }
 }

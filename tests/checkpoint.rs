@@ -989,3 +989,105 @@ fn state_reached_by_a_non_finite_gradient_is_refused_alike_in_both_formats() {
         assert!(!path.exists());
     }
 }
+
+/// The other side of the invariants: every state a run reaches validates, so `save`
+/// never refuses a real run. Runs of every storage mode under configurations at the
+/// edges (beta1 = 0, beta1 just below beta2, eps 0 in either convention, both decays,
+/// maximize, clipping and a loss scaler) with adversarial gradients: magnitudes from
+/// 1e-30 to 1e30, long zero runs, rare spikes, sign flips; the checkpoint after every
+/// step must validate and round-trip.
+#[test]
+fn every_state_a_run_reaches_validates() {
+    use adamax_cuda::{
+        EpsilonMode, LossScaler, ParamMode, Precision, StateFormat, StepOptions, WeightDecayMode,
+    };
+    let mut rng = StdRng::seed_from_u64(0xB0_0D);
+    let modes = [
+        (ParamMode::Master, StateFormat::F32),
+        (ParamMode::Stochastic, StateFormat::F32),
+        (ParamMode::Master, StateFormat::Blockwise8),
+        (ParamMode::Stochastic, StateFormat::Blockwise8),
+    ];
+    let mut checked = 0;
+    for (beta1, beta2) in [(0.9, 0.999), (0.0, 0.5), (0.998, 0.999), (0.5, 0.6)] {
+        for (eps, eps_mode) in [
+            (0.0, EpsilonMode::InsideMax),
+            (0.0, EpsilonMode::Denominator),
+            (1e-8, EpsilonMode::InsideMax),
+        ] {
+            for (weight_decay_mode, maximize) in [
+                (WeightDecayMode::Coupled, false),
+                (WeightDecayMode::Decoupled, true),
+            ] {
+                for (params, state) in modes {
+                    let config = AdamaxConfig {
+                        lr: 1e-2,
+                        beta1,
+                        beta2,
+                        eps,
+                        eps_mode,
+                        weight_decay: 0.01,
+                        weight_decay_mode,
+                        maximize,
+                        precision: Precision {
+                            params,
+                            state,
+                            seed: 5,
+                        },
+                    };
+                    let lens = [300usize, 7];
+                    let mut p: Vec<Vec<bf16>> = lens
+                        .iter()
+                        .map(|&n| (0..n).map(|i| bf16::from_f32((i as f32).sin())).collect())
+                        .collect();
+                    let refs: Vec<&[bf16]> = p.iter().map(|x| x.as_slice()).collect();
+                    let mut opt = CpuAdamax::new(config, &refs).unwrap();
+                    if beta1 == 0.9 {
+                        opt.set_options(StepOptions {
+                            max_norm: Some(1.0),
+                            skip_nonfinite: true,
+                            ..Default::default()
+                        })
+                        .unwrap();
+                        opt.set_loss_scaler(Some(LossScaler {
+                            scale: 4.0,
+                            growth_interval: 3,
+                            ..Default::default()
+                        }))
+                        .unwrap();
+                    }
+                    for step in 0..60 {
+                        let grads: Vec<Vec<bf16>> = lens
+                            .iter()
+                            .map(|&n| {
+                                (0..n)
+                                    .map(|i| {
+                                        let g = if (10..30).contains(&step) && i % 3 != 0 {
+                                            0.0 // a long zero run for most elements
+                                        } else if rng.random::<f32>() < 0.01 {
+                                            1e30 // a rare spike
+                                        } else {
+                                            let e = rng.random_range(-30.0..10.0f32);
+                                            rng.random_range(-1.0..1.0f32) * 10f32.powf(e)
+                                        };
+                                        bf16::from_f32(g)
+                                    })
+                                    .collect()
+                            })
+                            .collect();
+                        step_all(&mut opt, &mut p, &grads);
+                        let ck = opt.checkpoint().unwrap();
+                        if let Err(e) = ck.validate() {
+                            panic!("{config:?} step {step}: a reached state refused: {e}");
+                        }
+                        checked += 1;
+                    }
+                    let ck = opt.checkpoint().unwrap();
+                    let back = Checkpoint::from_bytes(&ck.to_bytes().unwrap()).unwrap();
+                    assert_eq!(back.to_bytes().unwrap(), ck.to_bytes().unwrap());
+                }
+            }
+        }
+    }
+    println!("{checked} reached states validated");
+}

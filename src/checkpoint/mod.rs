@@ -49,11 +49,11 @@
 //! which carries no checksum, may hold only PyTorch's), every tensor's presence, type
 //! and shape, counts against what the file holds (before anything is sized from them),
 //! the configuration and per-tensor settings, and the state itself, which must be one a
-//! run can reach (`src/checkpoint/valid.rs`): finite moments and scales, `exp_inf >= 0`, zero
-//! moments before a tensor's first step, `|exp_avg| <= (1 - beta1) / (1 - beta1 / beta2)
-//! * exp_inf` for f32 moments (AdaMax's bound, derived with its rounding slack in
-//! `src/state.rs`), 8-bit blocks as the encoder writes them, at least one tensor. A file
-//! that fails is an [`Error::Checkpoint`] and the live state stays as it was. Saving
+//! run can reach (`src/checkpoint/valid.rs`): finite moments and scales, `exp_inf >=
+//! 0`, zero moments before a tensor's first step, AdaMax's bound `|exp_avg| <= c *
+//! exp_inf` with `c = (1 - beta1) / (1 - beta1 / beta2)` for f32 moments (derived, with
+//! its rounding slack, in `src/state.rs`), 8-bit blocks as the encoder writes them, at
+//! least one tensor. A file that fails is an [`Error::Checkpoint`] and the live state stays as it was. Saving
 //! runs the same validation first, and plans the header (at most 100 MB, what `load`
 //! reads) before it creates a file, so `save` never writes a file that `load` refuses.
 //! `load` reads regular files only (not a FIFO or `/dev/zero`), and no more than the
