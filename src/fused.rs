@@ -106,13 +106,13 @@ pub struct StepReport {
     /// Whether the last step was skipped for a non-finite gradient.
     pub skipped: bool,
     /// Global L2 norm of the unscaled gradients, when it was computed (clipping on).
-    #[cfg_attr(feature = "serde", serde(with = "non_finite::option"))]
+    #[cfg_attr(feature = "serde", serde(default, with = "non_finite::option"))]
     pub total_norm: Option<f32>,
     /// The factor the gradients were multiplied by for clipping (1 without clipping).
     #[cfg_attr(feature = "serde", serde(with = "non_finite"))]
     pub clip_coef: f32,
     /// The loss scale for the next step, when a [`LossScaler`] is enabled.
-    #[cfg_attr(feature = "serde", serde(with = "non_finite::option"))]
+    #[cfg_attr(feature = "serde", serde(default, with = "non_finite::option"))]
     pub loss_scale: Option<f32>,
 }
 
@@ -250,8 +250,11 @@ impl LossScaler {
     pub const NO_FLOOR: f32 = f32::MIN_POSITIVE;
 
     /// Refuses a `min_scale` below [`LossScaler::NO_FLOOR`] or not finite, a scale below
-    /// `min_scale` or not finite, `growth_factor <= 1`, `backoff_factor` outside (0, 1),
-    /// a zero interval, and a tracker that has already reached the interval.
+    /// `min_scale` or not finite, factors that do not move an f32 scale
+    /// (`growth_factor` below `1 + 2^-23`, `backoff_factor` outside `(0, 1 - 2^-23]`: a
+    /// backoff of 0.99999999 rounds back to the same scale, so every step would be
+    /// skipped forever), a zero interval, and a tracker that has already reached the
+    /// interval.
     pub fn validate(&self) -> Result<()> {
         if !self.min_scale.is_finite() {
             return Err(ConfigError::NotFinite {
@@ -275,18 +278,20 @@ impl LossScaler {
                 "scale >= min_scale",
             ));
         }
-        if !self.growth_factor.is_finite() || self.growth_factor <= 1.0 {
+        // The smallest change of a factor that moves every normal f32 scale.
+        let step = 2f64.powi(-23);
+        if !self.growth_factor.is_finite() || self.growth_factor < 1.0 + step {
             return Err(out_of_range(
                 "growth_factor",
                 self.growth_factor,
-                "growth_factor > 1",
+                "growth_factor >= 1 + 2^-23, so that growing changes an f32 scale",
             ));
         }
-        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+        if !(self.backoff_factor > 0.0 && self.backoff_factor <= 1.0 - step) {
             return Err(out_of_range(
                 "backoff_factor",
                 self.backoff_factor,
-                "0 < backoff_factor < 1",
+                "0 < backoff_factor <= 1 - 2^-23, so that backing off changes an f32 scale",
             ));
         }
         if self.growth_interval == 0 {

@@ -85,6 +85,12 @@ fn padded_blank_and_relative_values_are_read_as_meant() {
             "{relative}"
         );
     }
+    assert_eq!(dir(&[("HOME", "rel")]), None, "a relative HOME is no home");
+    assert_eq!(
+        dir(&[("ADAMAX_CUDA_CACHE_DIR", "rel")]),
+        Some(PathBuf::from("rel")),
+        "the user's own directory is taken as given"
+    );
 }
 
 #[cfg(unix)]

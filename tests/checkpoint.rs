@@ -1091,3 +1091,90 @@ fn every_state_a_run_reaches_validates() {
     }
     println!("{checked} reached states validated");
 }
+
+/// 8-bit state keeps the bound at the level of its blocks (a block's largest |m| within
+/// c times its largest u, which decodes exactly): an edit of the scales that no run
+/// makes (found by a hostile probe: it sent the weights to infinity on a zero
+/// gradient) is refused everywhere. Its decoding to f32 is refused where 8-bit
+/// rounding left an element beyond the bound (issue #19), saying so.
+#[test]
+fn eight_bit_scales_beyond_the_bound_are_refused() {
+    use adamax_cuda::{ParamMode, Precision, StateFormat};
+    let config = AdamaxConfig {
+        precision: Precision {
+            params: ParamMode::Master,
+            state: StateFormat::Blockwise8,
+            seed: 3,
+        },
+        ..AdamaxConfig::default()
+    };
+    let mut w = vec![0.5f32; 4];
+    let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
+    opt.step(&mut [&mut w], &[&[0.1, -0.2, 0.3, 0.4]]).unwrap();
+    let good = opt.checkpoint().unwrap();
+    good.validate().unwrap();
+    let mut bad = good.clone();
+    bad.tensors[0].exp_avg_q8.scales[0] = f32::MAX;
+    bad.tensors[0].exp_inf_q8.scales[0] = 1e-38;
+    for r in [bad.validate(), bad.to_bytes().map(|_| ())] {
+        match r {
+            Err(Error::Checkpoint { reason }) => assert!(reason.contains("block 0"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut o = opt.clone();
+    assert!(o.restore(&bad).is_err());
+    let edited = edited_f32(
+        &good.to_bytes().unwrap(),
+        "state.0.exp_avg_q8_scale",
+        0,
+        1e30,
+    );
+    refused_load(&edited, "block 0");
+    // A run whose 8-bit rounding leaves an element beyond the bound: one element far
+    // smaller than the rest, so its u rounds below the block's smallest code while m
+    // keeps a code (issue #19's reproduction).
+    let mut w = vec![0f32; 256];
+    let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
+    let mut g = vec![1e-6f32; 256];
+    g[0] = 1.0;
+    opt.step(&mut [&mut w], &[&g]).unwrap();
+    let mut g2 = vec![0f32; 256];
+    g2[0] = 1.0;
+    opt.step(&mut [&mut w], &[&g2]).unwrap();
+    let ck = opt.checkpoint().unwrap();
+    ck.validate().unwrap();
+    match ck.convert_state(StateFormat::F32) {
+        Err(Error::Checkpoint { reason }) => assert!(reason.contains("beyond"), "{reason}"),
+        other => panic!("expected the decoded state refused: {other:?}"),
+    }
+}
+
+/// Metadata values as this crate writes them and no other way (a hostile probe found
+/// `+5` and `0005` for 5 accepted), and f32 settings beyond f32's range refused with the
+/// file's own text (`1e-50` used to be reported as 0).
+#[test]
+fn metadata_values_are_read_only_as_written() {
+    let (_, bytes) = trained();
+    for (from, to) in [
+        ("\"step\":\"1\"", "\"step\":\"+1\""),
+        ("\"step\":\"1\"", "\"step\":\"0001\""),
+        ("\"lr\":\"0.002\"", "\"lr\":\"2e-3\""),
+    ] {
+        let b = edited_header(&bytes, |h| h.replace(from, to));
+        assert_ne!(b, bytes, "{from}");
+        refused_load(&b, "not as this crate writes that value");
+    }
+    for (key, value) in [("options.max_norm", "1e-50"), ("options.inv_scale", "1e39")] {
+        let b = edited_header(&bytes, |h| {
+            h.replace(
+                "\"options.skip_nonfinite\"",
+                &format!("\"{key}\":\"{value}\",\"options.skip_nonfinite\""),
+            )
+        });
+        refused_load(
+            &b,
+            &format!("`{key}` is {value}, beyond what an f32 setting holds"),
+        );
+    }
+}

@@ -271,6 +271,22 @@ fn loss_scalers_that_cannot_work_are_refused() {
             },
             "growth_tracker",
         ),
+        // Factors that round back to the same f32 scale: a backoff of 0.99999999 left
+        // the scale at 65536 through 400 overflowing steps, each skipped.
+        (
+            LossScaler {
+                backoff_factor: 0.999_999_99,
+                ..LossScaler::default()
+            },
+            "backoff_factor",
+        ),
+        (
+            LossScaler {
+                growth_factor: 1.000_000_01,
+                ..LossScaler::default()
+            },
+            "growth_factor",
+        ),
         // Below the floor (1 by default).
         (
             LossScaler {
@@ -322,6 +338,25 @@ fn loss_scalers_that_cannot_work_are_refused() {
     ] {
         opt.set_loss_scaler(Some(s)).unwrap();
         opt.step(&mut [&mut [1.0f32][..]], &[&[0.5][..]]).unwrap();
+    }
+    // At the edges of the factors' range every normal f32 scale moves, up and down
+    // (the bottom and the top of a binade are the hardest).
+    let edge = LossScaler {
+        growth_factor: 1.0 + 2f64.powi(-23),
+        backoff_factor: 1.0 - 2f64.powi(-23),
+        growth_interval: 1,
+        min_scale: LossScaler::NO_FLOOR,
+        ..LossScaler::default()
+    };
+    edge.validate().unwrap();
+    for scale in [1.0f32, 1.999_999_9, 65536.0, f32::MIN_POSITIVE * 2.0, 1e38] {
+        let (mut up, mut down) = (LossScaler { scale, ..edge }, LossScaler { scale, ..edge });
+        up.update(false);
+        down.update(true);
+        assert!(
+            up.scale > scale && down.scale < scale,
+            "{scale}: {up:?} {down:?}"
+        );
     }
     // An invalid scaler used directly still never overflows.
     let mut raw = LossScaler {

@@ -550,4 +550,15 @@ fn every_code_new_accepts_decodes_and_encodes_without_panicking() {
         made, 13,
         "signed E1..E6 and unsigned E1..E6, and signed E7M0"
     );
+    // Sums that would overflow are no codes either (they used to panic in debug).
+    for (e, m) in [
+        (1, u32::MAX),
+        (7, u32::MAX - 6),
+        (u32::MAX, 1),
+        (u32::MAX, u32::MAX),
+    ] {
+        for signed in [false, true] {
+            assert_eq!(lowbit::Code::new(signed, e, m), None, "{e} {m}");
+        }
+    }
 }

@@ -84,6 +84,10 @@ fn reports_with_non_finite_values_round_trip() {
         .unwrap_err()
         .to_string()
         .contains("`lots` is not a number"));
+    // The optional fields may be left out, as for any Option.
+    let short: StepReport =
+        serde_json::from_str(r#"{"step":1,"skipped":false,"clip_coef":1.0}"#).unwrap();
+    assert_eq!((short.total_norm, short.loss_scale), (None, None));
 }
 
 /// A scaler serialized before the floor existed reads with no floor (`NO_FLOOR`), the

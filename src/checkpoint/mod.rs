@@ -53,9 +53,11 @@
 //! 0`, zero moments before a tensor's first step, AdaMax's bound `|exp_avg| <= c *
 //! exp_inf` with `c = (1 - beta1) / (1 - beta1 / beta2)` for f32 moments (derived, with
 //! its rounding slack, in `src/state.rs`), 8-bit blocks as the encoder writes them, at
-//! least one tensor. A file that fails is an [`Error::Checkpoint`] and the live state stays as it was. Saving
-//! runs the same validation first, and plans the header (at most 100 MB, what `load`
-//! reads) before it creates a file, so `save` never writes a file that `load` refuses.
+//! least one tensor. A file that fails is an [`Error::Checkpoint`] (an
+//! [`Error::Config`] for a configuration out of range, naming its field) and the live
+//! state stays as it was. Saving runs the same validation first, and plans the header
+//! (at most 100 MB, what `load` reads) before it creates a file, so `save` never writes
+//! a file that `load` refuses.
 //! `load` reads regular files only (not a FIFO or `/dev/zero`), and no more than the
 //! header declares.
 //!
@@ -262,6 +264,7 @@ impl Checkpoint {
             ] {
                 valid::check_blocks(i, codes_part, &m.codes, &m.scales)?;
             }
+            valid::check_block_scales(i, bound, &t.exp_avg_q8.scales, &t.exp_inf_q8.scales)?;
         }
         Ok(())
     }
@@ -321,6 +324,11 @@ impl Checkpoint {
     /// f32-state run), and f32 state is encoded to 8 bits with round-to-nearest
     /// ([`Blockwise8::from_f32`]), deterministic. The parameter mode and the rest stay
     /// as they are; the result is validated.
+    ///
+    /// Decoded 8-bit state is refused where an element's `exp_avg` is beyond AdaMax's
+    /// bound of its `exp_inf`: 8-bit rounding puts it there in real runs today (their
+    /// `m` and `u` are rounded apart), and an f32 run resumed from it would step further
+    /// than the bound allows. Issue #19 makes the 8-bit mode keep the bound.
     pub fn convert_state(&self, format: StateFormat) -> Result<Checkpoint> {
         self.validate()?;
         let mut ck = self.clone();

@@ -192,11 +192,21 @@ impl Checkpoint {
                 };
             }
         }
+        // An f32 setting, refused as the file writes it when f32 cannot hold it (1e-50
+        // would read as 0, 1e39 as infinity, and be reported so).
         let number = |k: &str| -> Result<Option<f32>> {
             optional(k)
                 .map(|v| {
-                    v.parse::<f32>()
-                        .map_err(|_| refuse(format!("metadata `{k}` is not a number")))
+                    let x = v
+                        .parse::<f64>()
+                        .map_err(|_| refuse(format!("metadata `{k}` is not a number")))?;
+                    let f = x as f32;
+                    if x.is_finite() && (f.is_infinite() || (f == 0.0 && x != 0.0)) {
+                        return Err(refuse(format!(
+                            "metadata `{k}` is {v}, beyond what an f32 setting holds"
+                        )));
+                    }
+                    Ok(f)
                 })
                 .transpose()
         };
@@ -277,22 +287,34 @@ fn check_torch_keys(meta: &HashMap<String, String>) -> Result<()> {
 }
 
 /// Refuses metadata keys this crate's writer does not write for `ck` (besides the
-/// checksum; a key written since, like `scaler.min_scale`, may be absent): an unknown
-/// key is an edited file or another program's, not state to guess at.
+/// checksum; a key written since, like `scaler.min_scale`, may be absent), and values
+/// not as it writes them (`+5` for `5`): an unknown key or a rewritten value is an edited
+/// file or another program's, not state to guess at.
 fn check_keys(meta: &HashMap<String, String>, ck: &Checkpoint) -> Result<()> {
     let mut keys: Vec<&String> = meta.keys().collect();
     keys.sort();
     let written = ck.metadata();
-    match keys
-        .iter()
-        .find(|k| k.as_str() != file::CHECKSUM_KEY && !written.contains_key(k.as_str()))
+    for k in keys
+        .into_iter()
+        .filter(|k| k.as_str() != file::CHECKSUM_KEY)
     {
-        Some(k) => Err(refuse(format!(
-            "metadata key `{k}` is not one this checkpoint's writer writes ({}); the file was edited or made by another program",
-            unknown_key_hint(k)
-        ))),
-        None => Ok(()),
+        match written.get(k.as_str()) {
+            None => {
+                return Err(refuse(format!(
+                    "metadata key `{k}` is not one this checkpoint's writer writes ({}); the file was edited or made by another program",
+                    unknown_key_hint(k)
+                )))
+            }
+            Some(w) if *w != meta[k] => {
+                return Err(refuse(format!(
+                    "metadata `{k}` is `{}`, not as this crate writes that value (`{w}`); the file was edited or made by another program",
+                    meta[k]
+                )))
+            }
+            Some(_) => {}
+        }
     }
+    Ok(())
 }
 
 /// Why a key of this crate's vocabulary can still be out of place.

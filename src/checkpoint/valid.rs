@@ -10,10 +10,15 @@
 //!   moments would move a weight far more than `lr` in the next step);
 //! - 8-bit blocks are as the encoder writes them: codes no larger than 1.0, a block of
 //!   scale 0 holds only zero codes, and any other holds its largest magnitude, 1.0,
-//!   exactly.
+//!   exactly; and each block's scales keep the bound, `scale(m) <= c * scale(u)`.
 //!
-//! 8-bit moments are not held to the bound: their `m` and `u` are rounded apart, each
-//! against its own block (issue #19 is making that mode keep it).
+//! Why the scales keep it: a block's largest decoded `|m|` is at most its scale, and its
+//! largest `u` decodes to its scale exactly (the code 1.0), so the recursion of the
+//! derivation holds for the scales as for the elements. The elements of 8-bit moments
+//! are not held to the bound: `m` and `u` are rounded apart, each against its own
+//! block, and runs of that mode do break it (issue #19 is making it keep the bound).
+//! Their decoding to f32 ([`super::Checkpoint::convert_state`]) is therefore refused
+//! where an element is beyond it: no f32 run reaches that state.
 
 use super::{file::View, refuse, Data, Part};
 use crate::{
@@ -146,17 +151,45 @@ pub(super) fn check_blocks(
     Ok(())
 }
 
+/// Refuses 8-bit blocks whose scales are beyond AdaMax's bound (see the module docs).
+pub(super) fn check_block_scales(
+    tensor: usize,
+    bound: Option<MomentBound>,
+    m_scales: &[f32],
+    u_scales: &[f32],
+) -> Result<()> {
+    let Some(bound) = bound else { return Ok(()) };
+    match m_scales
+        .iter()
+        .zip(u_scales)
+        .position(|(&m, &u)| !bound.holds(m, u))
+    {
+        Some(b) => Err(refuse(format!(
+            "tensor {tensor}: block {b} has exp_avg_q8_scale {} beyond {:.6} x exp_inf_q8_scale {}; a block's largest |exp_avg| stays within AdaMax's bound of its largest exp_inf, and no run reaches this state",
+            m_scales[b], bound.ratio, u_scales[b]
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The checks of parts that hold together, for parts that come one at a time (the
 /// streamed save, in file order: `exp_avg` before `exp_inf`, a moment's codes before
-/// its scales): the first of a pair is held, as a copy, until its partner comes.
+/// its scales, `m`'s scales before `u`'s): the first of a pair is held, as a copy,
+/// until its partner comes.
 pub(super) struct Pairs {
     bound: Option<MomentBound>,
     held: Option<(usize, Part, Data)>,
+    /// `m`'s block scales, until `u`'s come.
+    m_scales: Option<(usize, Vec<f32>)>,
 }
 
 impl Pairs {
     pub(super) fn new(bound: Option<MomentBound>) -> Self {
-        Self { bound, held: None }
+        Self {
+            bound,
+            held: None,
+            m_scales: None,
+        }
     }
 
     /// Checks `values`, part `part` of tensor `tensor`, with the part it pairs with.
@@ -181,7 +214,19 @@ impl Pairs {
                 Some((t, codes_part, Data::U8(codes))),
                 View::F32(scales),
             ) if t == tensor && codes_part.scales() == Some(part) => {
-                check_blocks(tensor, codes_part, &codes, scales)
+                check_blocks(tensor, codes_part, &codes, scales)?;
+                if part == Part::ExpAvgScales {
+                    self.m_scales = Some((tensor, scales.to_vec()));
+                    return Ok(());
+                }
+                match self.m_scales.take() {
+                    Some((t, m)) if t == tensor => {
+                        check_block_scales(tensor, self.bound, &m, scales)
+                    }
+                    _ => Err(Error::Internal {
+                        what: "a checkpoint's exp_inf scales came before its exp_avg scales",
+                    }),
+                }
             }
             (Part::Master, held, _) => {
                 self.held = held;

@@ -169,7 +169,7 @@ impl Code {
     /// ```
     pub const fn new(signed: bool, exp_bits: u32, man_bits: u32) -> Option<Self> {
         let bits = if signed { 7 } else { 8 };
-        if exp_bits == 0 || exp_bits > 7 || exp_bits + man_bits != bits {
+        if exp_bits == 0 || exp_bits > 7 || man_bits > 8 || exp_bits + man_bits != bits {
             return None;
         }
         if (1 << exp_bits) + man_bits > 128 {

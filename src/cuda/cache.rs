@@ -8,7 +8,8 @@
 //! necessarily UTF-8). `ADAMAX_CUDA_CACHE` set to `0`, `off`, `false`, `no` or
 //! `disabled` (any case, surrounding whitespace ignored) switches it off; any other
 //! value, or none, leaves it on. A variable that is empty or only whitespace counts as
-//! unset, and a relative `XDG_CACHE_HOME` is ignored (the XDG specification says so).
+//! unset, and a relative `XDG_CACHE_HOME` or `HOME` is ignored (the XDG specification
+//! says so of the first).
 //! Writes are atomic (temporary file, then rename), and an entry that fails its checks
 //! (magic, lengths, content hash) is ignored and rebuilt. The cache is
 //! best-effort: a directory that cannot be written costs a compile, never an error.
@@ -51,7 +52,9 @@ pub fn cache_dir() -> Option<PathBuf> {
 /// Values are read as a shell user means them: `ADAMAX_CUDA_CACHE` ignores surrounding
 /// whitespace and case (`" off"`, `"OFF\n"`); a variable that is empty or only
 /// whitespace counts as unset; `XDG_CACHE_HOME` is ignored unless it is an absolute path,
-/// as the XDG Base Directory specification says.
+/// as the XDG Base Directory specification says, and so is `HOME`.
+/// `ADAMAX_CUDA_CACHE_DIR` is the user's own choice and is taken as given (relative to
+/// the working directory when relative).
 pub fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
     let set = |k: &str| env(k).filter(|v| !v.to_string_lossy().trim().is_empty());
     if let Some(v) = set("ADAMAX_CUDA_CACHE") {
@@ -66,7 +69,12 @@ pub fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf>
     let base = set("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
-        .or_else(|| set("HOME").map(|h| Path::new(&h).join(".cache")))
+        .or_else(|| {
+            set("HOME")
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|h| h.join(".cache"))
+        })
         .or_else(|| set("LOCALAPPDATA").map(PathBuf::from))?;
     Some(base.join("adamax-cuda"))
 }
