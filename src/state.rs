@@ -132,6 +132,11 @@ impl MomentBound {
     pub(crate) fn holds(&self, m: f32, u: f32) -> bool {
         f64::from(m).abs() <= self.ratio * f64::from(u) + self.absolute
     }
+
+    /// The first index where `m[j]` is beyond the bound of `u[j]`.
+    pub(crate) fn first_beyond(&self, m: &[f32], u: &[f32]) -> Option<usize> {
+        m.iter().zip(u).position(|(&m, &u)| !self.holds(m, u))
+    }
 }
 
 /// Whether parameters of `storage` kept in `precision` carry an f32 master copy.

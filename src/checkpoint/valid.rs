@@ -103,7 +103,7 @@ pub(super) fn check_moments(
     u: &[f32],
 ) -> Result<()> {
     let Some(bound) = bound else { return Ok(()) };
-    match m.iter().zip(u).position(|(&m, &u)| !bound.holds(m, u)) {
+    match bound.first_beyond(m, u) {
         Some(j) => Err(refuse(format!(
             "tensor {tensor}: exp_avg[{j}] = {} is beyond {:.6} x exp_inf[{j}] = {}; AdaMax keeps |exp_avg| <= (1 - beta1) / (1 - beta1 / beta2) x exp_inf, so that no step moves a weight by more than about lr / (1 - beta1^t), and no run reaches this state (moments swapped or edited?)",
             m[j], bound.ratio, u[j]
@@ -159,11 +159,7 @@ pub(super) fn check_block_scales(
     u_scales: &[f32],
 ) -> Result<()> {
     let Some(bound) = bound else { return Ok(()) };
-    match m_scales
-        .iter()
-        .zip(u_scales)
-        .position(|(&m, &u)| !bound.holds(m, u))
-    {
+    match bound.first_beyond(m_scales, u_scales) {
         Some(b) => Err(refuse(format!(
             "tensor {tensor}: block {b} has exp_avg_q8_scale {} beyond {:.6} x exp_inf_q8_scale {}; a block's largest |exp_avg| stays within AdaMax's bound of its largest exp_inf, and no run reaches this state",
             m_scales[b], bound.ratio, u_scales[b]
