@@ -301,3 +301,76 @@ pub(crate) fn save_streamed(
         (r, None) => r,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{ParamMode, Precision, StateFormat},
+        cpu::CpuAdamax,
+        optimizer::Optimizer,
+        Checkpoint,
+    };
+
+    /// The GPU's streamed save, fed from a checkpoint in memory: the bytes of
+    /// `Checkpoint::to_bytes`, or the same refusal as `Checkpoint::validate`.
+    fn streamed(ck: &Checkpoint, path: &Path) -> Result<Vec<u8>> {
+        let steps: Vec<u64> = ck.tensors.iter().map(|t| t.step).collect();
+        let lens: Vec<usize> = ck.tensors.iter().map(TensorState::len).collect();
+        save_streamed(path, &ck.head(&steps), &lens, |i, part, buf| {
+            buf.extend(part.view(&ck.tensors[i]))
+        })?;
+        std::fs::read(path).map_err(|e| refuse(e.to_string()))
+    }
+
+    #[test]
+    fn the_streamed_save_writes_and_refuses_what_the_checkpoint_does() {
+        let path = std::env::temp_dir().join(format!(
+            "adamax-streamed-{}.safetensors",
+            std::process::id()
+        ));
+        for state in [StateFormat::F32, StateFormat::Blockwise8] {
+            let config = AdamaxConfig {
+                precision: Precision {
+                    params: ParamMode::Master,
+                    state,
+                    seed: 1,
+                },
+                ..AdamaxConfig::default()
+            };
+            let mut p = [
+                vec![half::bf16::from_f32(0.5); 300],
+                vec![],
+                vec![half::bf16::ONE; 3],
+            ];
+            let refs: Vec<&[half::bf16]> = p.iter().map(|x| x.as_slice()).collect();
+            let mut opt = CpuAdamax::new(config, &refs).unwrap();
+            let g: Vec<Vec<half::bf16>> = p
+                .iter()
+                .map(|x| {
+                    (0..x.len())
+                        .map(|i| half::bf16::from_f32((i as f32).sin()))
+                        .collect()
+                })
+                .collect();
+            let mut pm: Vec<&mut [half::bf16]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
+            let gr: Vec<&[half::bf16]> = g.iter().map(|x| x.as_slice()).collect();
+            opt.step(&mut pm, &gr).unwrap();
+            let good = opt.checkpoint().unwrap();
+            assert_eq!(streamed(&good, &path).unwrap(), good.to_bytes().unwrap());
+            let mut bad = good.clone();
+            let t = &mut bad.tensors[0];
+            match state {
+                // A moment beyond the bound: checked across two parts.
+                StateFormat::F32 => t.exp_avg[5] = 3.0 * t.exp_inf[5],
+                // Scales beyond the bound: checked across the two moments' scales.
+                StateFormat::Blockwise8 => t.exp_avg_q8.scales[1] = 1e30,
+            }
+            let expected = bad.validate().unwrap_err().to_string();
+            std::fs::remove_file(&path).unwrap();
+            let err = streamed(&bad, &path).unwrap_err().to_string();
+            assert_eq!(err, expected);
+            assert!(!path.exists(), "a refused streamed save left a file");
+        }
+    }
+}
