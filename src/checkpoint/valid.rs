@@ -122,13 +122,6 @@ pub(super) fn check_blocks(
     scales: &[f32],
 ) -> Result<()> {
     let code = code_of(codes_part)?;
-    let magnitude = |c: u8| {
-        if code == EXP_AVG_CODE {
-            u32::from(c & 0x7F)
-        } else {
-            u32::from(c)
-        }
-    };
     for (b, (block, &scale)) in codes.chunks(QBLOCK).zip(scales).enumerate() {
         let name = codes_part.suffix();
         if scale == 0.0 {
@@ -141,7 +134,7 @@ pub(super) fn check_blocks(
             }
         } else if !block
             .iter()
-            .any(|&c| magnitude(c) == code.max_magnitude_code())
+            .any(|&c| code.magnitude(c) == code.max_magnitude_code())
         {
             return Err(refuse(format!(
                 "tensor {tensor}: block {b} of {name} has scale {scale} but no code at magnitude 1.0; the encoder stores each block's largest magnitude exactly"

@@ -194,12 +194,16 @@ impl Code {
 
     /// Whether `code` is one the encoder can produce (no magnitude above 1).
     pub const fn is_valid(self, code: u8) -> bool {
-        let magnitude = if self.signed {
+        self.magnitude(code) <= self.max_magnitude_code()
+    }
+
+    /// The magnitude bits of `code` (without the sign bit of a signed code).
+    pub(crate) const fn magnitude(self, code: u8) -> u32 {
+        if self.signed {
             code as u32 & 0x7F
         } else {
             code as u32
-        };
-        magnitude <= self.max_magnitude_code()
+        }
     }
 
     /// Stochastic rounding of a magnitude `q` in `[0, 1]` to a code, with 24 random
@@ -254,12 +258,8 @@ impl Code {
     /// The value a code stands for in a block of scale `scale`: one rounding, of the
     /// product.
     pub fn decode(self, code: u8, scale: f32) -> f32 {
-        let (magnitude, negative) = if self.signed {
-            (code as u32 & 0x7F, code & 0x80 != 0)
-        } else {
-            (code as u32, false)
-        };
-        let v = self.decode_magnitude(magnitude) * scale;
+        let negative = self.signed && code & 0x80 != 0;
+        let v = self.decode_magnitude(self.magnitude(code)) * scale;
         if negative {
             -v
         } else {

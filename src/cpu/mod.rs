@@ -51,9 +51,9 @@
 //! step 1, `lr * wd`, `wd`, `eps`) would be infinite, and decoupled decay with `lr_wd >=
 //! 1`, whose factor `1 - lr_wd` would flip or grow the weights
 //! ([`AdamaxConfig::check_scalars`]); with those, a zero gradient never turns into NaN
-//! through an `inf * 0`, and decoupled decay only shrinks the weights. Beyond that the arithmetic is IEEE f32, as in the
-//! peers: a value that leaves f32's range during a step (a weight decay times a
-//! parameter near `f32::MAX`) becomes infinite.
+//! through an `inf * 0`, and decoupled decay only shrinks the weights. Beyond that the
+//! arithmetic is IEEE f32, as in the peers: a value that leaves f32's range during a
+//! step (a weight decay times a parameter near `f32::MAX`) becomes infinite.
 //!
 //! **16-bit parameters.** With [`ParamMode::Master`] the f32 master weight is stepped;
 //! the 16-bit parameter is then overwritten with its round-to-nearest-even. The 16-bit

@@ -88,33 +88,40 @@ impl LaunchPlan {
         &mut self.next
     }
 
-    /// Writes every tensor's settings into the table on the device (one copy, when
-    /// one changed), so that a captured step replays with them: the table is where
-    /// the kernel reads them. Nothing to do before the first table is uploaded (that
-    /// step builds it with these settings).
+    /// Writes every tensor's settings into the table on the device (one copy of the
+    /// rows from the first to the last that changed), so that a captured step replays
+    /// with them: the table is where the kernel reads them. Nothing to do before the
+    /// first table is uploaded (that step builds it with these settings).
     pub(crate) fn set_hypers(
         &mut self,
         stream: &Arc<CudaStream>,
         hypers: &[TensorHyper],
     ) -> Result<()> {
-        let mut patched = self.uploaded.clone();
-        for (d, h) in patched.iter_mut().zip(hypers) {
-            d.lr_scale = h.lr_scale;
-            d.weight_decay = h.weight_decay;
-        }
-        if patched == self.uploaded {
+        let Some(rows) = changed_rows(&self.uploaded, hypers) else {
             return Ok(());
-        }
+        };
+        let (first, last) = rows.into_inner();
         refuse_during_capture(
             stream,
             "changing a tensor's settings",
             "Change it before begin_capture or after end_capture: a captured step reads the settings from the device when it replays",
         )?;
-        stream
-            .memcpy_htod(&patched, &mut self.table)
-            .map_err(Error::driver("writing tensor settings to the device"))?;
-        self.uploaded = patched;
-        Ok(())
+        for (d, h) in self.uploaded[first..=last].iter_mut().zip(&hypers[first..]) {
+            d.lr_scale = h.lr_scale;
+            d.weight_decay = h.weight_decay;
+        }
+        let copied = stream
+            .memcpy_htod(
+                &self.uploaded[first..=last],
+                &mut self.table.slice_mut(first..=last),
+            )
+            .map_err(Error::driver("writing tensor settings to the device"));
+        if copied.is_err() {
+            // The host copy no longer says what the device holds: the next step
+            // uploads the whole table.
+            self.uploaded.clear();
+        }
+        copied
     }
 
     /// Uploads the prepared table if it changed, then enqueues the step: the reduction
@@ -170,6 +177,20 @@ impl LaunchPlan {
         let f = kernels.function(self.step);
         launch(stream, f, self.step_grid, &args)
     }
+}
+
+/// The rows of `table` from the first to the last whose settings differ from `hypers`.
+fn changed_rows(
+    table: &[TensorDesc],
+    hypers: &[TensorHyper],
+) -> Option<std::ops::RangeInclusive<usize>> {
+    let differs = |(d, h): (&TensorDesc, &TensorHyper)| {
+        (d.lr_scale, d.weight_decay) != (h.lr_scale, h.weight_decay)
+    };
+    let mut rows = table.iter().zip(hypers);
+    let first = rows.clone().position(differs)?;
+    let last = rows.rposition(differs).unwrap_or(first);
+    Some(first..=last)
 }
 
 /// Whether a step enqueues the reduction and the decision pass before the update: when
@@ -247,6 +268,29 @@ pub(crate) fn launch<A: DeviceRepr>(
 mod tests {
     use super::*;
     use crate::cuda::args::{FLAG_SCALER, FLAG_UNSCALE};
+
+    #[test]
+    fn only_the_rows_whose_settings_changed_are_written() {
+        let h = |lr_scale, weight_decay| TensorHyper {
+            lr_scale,
+            weight_decay,
+        };
+        let row = |t: TensorHyper| TensorDesc {
+            lr_scale: t.lr_scale,
+            weight_decay: t.weight_decay,
+            ..TensorDesc::default()
+        };
+        let hypers = [h(1.0, 0.0), h(1.0, 0.1), h(0.5, 0.0), h(1.0, 0.0)];
+        let table: Vec<TensorDesc> = hypers.iter().map(|&t| row(t)).collect();
+        assert_eq!(changed_rows(&table, &hypers), None);
+        assert_eq!(changed_rows(&[], &hypers), None, "no table uploaded yet");
+        let mut one = hypers;
+        one[2] = h(0.25, 0.0);
+        assert_eq!(changed_rows(&table, &one), Some(2..=2));
+        let mut two = one;
+        two[0] = h(1.0, 0.5);
+        assert_eq!(changed_rows(&table, &two), Some(0..=2));
+    }
 
     /// Issue #17, item 1: a graph captured without the passes replayed only the update,
     /// which then read a stale clip coefficient and inverse scale when clipping or a
