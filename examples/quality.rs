@@ -24,9 +24,10 @@ use std::{fmt::Write as _, path::PathBuf};
 
 use adamax_cuda::{
     bf16,
-    cpu::{
+    cpu::CpuAdamax,
+    spec::{
         lowbit::{self, Code, EXP_AVG_CODE, EXP_INF_CODE},
-        update, CpuAdamax, StepScalars,
+        update, StepScalars,
     },
     AdamaxConfig, Optimizer, ParamMode, Precision, StateFormat,
 };

@@ -44,7 +44,7 @@ pub enum ParamMode {
     /// No master copy: the 16-bit parameter is widened, stepped in f32, and rounded
     /// back **stochastically**, up or down with probabilities that make the rounding
     /// unbiased, from a counter-based random stream keyed by
-    /// ([`Precision::seed`], step, tensor, element) (see [`crate::cpu::lowbit`]). An
+    /// ([`Precision::seed`], step, tensor, element) (see [`crate::spec::lowbit`]). An
     /// update below half a unit in the last place still moves the parameter on average,
     /// where round-to-nearest would lose it. bf16 parameters only.
     Stochastic,
@@ -58,9 +58,9 @@ pub enum StateFormat {
     #[default]
     F32,
     /// 8 bits per moment and element, with an f32 scale per block of
-    /// [`crate::cpu::lowbit::QBLOCK`] elements (about 2.03 bytes per parameter): the
+    /// [`crate::spec::lowbit::QBLOCK`] elements (about 2.03 bytes per parameter): the
     /// codes are small floats relative to the block's largest magnitude, rounded
-    /// stochastically (see [`crate::cpu::lowbit`]). Each step decodes, updates in f32,
+    /// stochastically (see [`crate::spec::lowbit`]). Each step decodes, updates in f32,
     /// and encodes again; the update of the step itself uses the f32 values.
     Blockwise8,
 }
@@ -124,20 +124,8 @@ impl Precision {
         matches!(self.params, ParamMode::Stochastic)
             || matches!(self.state, StateFormat::Blockwise8)
     }
-
-    /// Checks the modes against the parameters' storage type: stochastic rounding is
-    /// for bf16 parameters only (f32 parameters have no narrower copy to round to; f16
-    /// keeps a master, see the crate's README for why).
-    pub fn check_storage(&self, storage: crate::storage::StorageType) -> Result<(), ConfigError> {
-        if self.params == ParamMode::Stochastic && storage != crate::storage::StorageType::Bf16 {
-            return Err(ConfigError::Unsupported {
-                what: "ParamMode::Stochastic",
-                storage: storage.as_str(),
-                allowed: "bf16 parameters",
-            });
-        }
-        Ok(())
-    }
+    // `check_storage`, `state_bytes` and `bytes_moved` read the modes table:
+    // src/state/modes.rs.
 }
 
 /// AdaMax hyperparameters (Kingma & Ba 2015, sec. 7.1) and conventions.
@@ -145,7 +133,7 @@ impl Precision {
 /// [`Default`] gives PyTorch's `torch.optim.Adamax` defaults: `lr = 2e-3`,
 /// `beta1 = 0.9`, `beta2 = 0.999`, `eps = 1e-8`, no weight decay, epsilon inside the max,
 /// minimising. Values are `f64`, like Python floats in the peers; the step derives the
-/// `f32` scalars the arithmetic uses (see [`crate::cpu::StepScalars`]).
+/// `f32` scalars the arithmetic uses (see [`crate::spec::StepScalars`]).
 ///
 /// ```
 /// use adamax_cuda::{AdamaxConfig, EpsilonMode, WeightDecayMode};

@@ -55,14 +55,14 @@ pub enum ConfigError {
         product: f64,
     },
     /// A storage mode that the parameters' type does not have.
-    #[error("AdaMax config: {what} is not available for {storage} parameters; it is for {allowed}: choose another mode or parameter type")]
+    #[error("AdaMax config: {what} is not available for {storage} parameters; it is for {allowed} parameters: choose another mode or parameter type")]
     Unsupported {
         /// The mode, as spelled in the API.
         what: &'static str,
         /// The parameters' storage type.
         storage: &'static str,
-        /// What the mode supports.
-        allowed: &'static str,
+        /// The parameter types that have the mode.
+        allowed: String,
     },
 }
 

@@ -27,7 +27,7 @@
 //! - [`AdamaxConfig`]: hyperparameters; [`Default`] is PyTorch's `torch.optim.Adamax`.
 //! - [`Precision`]: storage modes that move fewer bytes: bf16 parameters rounded
 //!   stochastically without a master ([`ParamMode::Stochastic`]) and 8-bit blockwise
-//!   moments ([`StateFormat::Blockwise8`]), specified in [`cpu::lowbit`]. These kernels
+//!   moments ([`StateFormat::Blockwise8`]), specified in [`spec::lowbit`]. These kernels
 //!   compile for every supported architecture but **have not run on a GPU yet**.
 //! - [`Checkpoint`]: the whole state as a checksummed safetensors file with PyTorch's
 //!   names.
@@ -60,6 +60,7 @@ mod fnv;
 mod fsutil;
 pub mod fused;
 mod optimizer;
+pub mod spec;
 mod state;
 mod storage;
 

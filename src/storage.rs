@@ -41,6 +41,14 @@ impl StorageType {
     pub const fn has_master(self) -> bool {
         !matches!(self, StorageType::F32)
     }
+
+    /// Bytes per value.
+    pub const fn size(self) -> usize {
+        match self {
+            StorageType::F32 => 4,
+            StorageType::F16 | StorageType::Bf16 => 2,
+        }
+    }
 }
 
 impl std::fmt::Display for StorageType {

@@ -572,7 +572,7 @@ fn fuzz(precision: adamax_cuda::Precision) {
 /// (1 - beta1) / (1 - beta1 / beta2)` (Kingma & Ba 2015, sec. 7.1; coupled decay only
 /// adds to the gradient both moments see).
 fn reachable(ck: &Checkpoint) -> Result<(), String> {
-    use adamax_cuda::{cpu::lowbit, StateFormat};
+    use adamax_cuda::{spec::lowbit, StateFormat};
     // Bytes, not `==`: a master weight may be NaN (a user's weights may be).
     let bytes = ck.to_bytes().map_err(|e| e.to_string())?;
     let again = Checkpoint::from_bytes(&bytes).and_then(|back| back.to_bytes());

@@ -3,9 +3,8 @@
 //! that leave every buffer untouched.
 
 use adamax_cuda::{
-    bf16,
-    cpu::{powi_exact, CpuAdamax},
-    f16, AdamaxConfig, EpsilonMode, Error, Optimizer, Storage, WeightDecayMode,
+    bf16, cpu::CpuAdamax, f16, spec::powi_exact, AdamaxConfig, EpsilonMode, Error, Optimizer,
+    Storage, WeightDecayMode,
 };
 
 fn config(eps: f64, eps_mode: EpsilonMode) -> AdamaxConfig {

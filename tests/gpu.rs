@@ -495,7 +495,7 @@ fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult
         let host_grads = grads_for(step as u32);
         let grads = vec![stream.clone_htod(&host_grads)?];
         gpu.step(&mut params, &grads)?;
-        let s = adamax_cuda::cpu::StepScalars::new(&config, step);
+        let s = adamax_cuda::spec::StepScalars::new(&config, step);
         for (w, (p, st)) in windows.iter().zip(cpu.iter_mut()) {
             adamax_cuda::cpu::step_tensor(&s, &config.precision, 0, p, &host_grads[w.clone()], st)?;
         }

@@ -29,7 +29,7 @@
 
 use std::process::{Command, Stdio};
 
-use adamax_cuda::cpu::lowbit::{self, EXP_AVG_CODE, EXP_INF_CODE};
+use adamax_cuda::spec::lowbit::{self, EXP_AVG_CODE, EXP_INF_CODE};
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -566,7 +566,7 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         }
         None => (0, 0.0, adamax_cuda::LossScaler::default()),
     };
-    let s = adamax_cuda::cpu::StepScalars::new(&config, 1);
+    let s = adamax_cuda::spec::StepScalars::new(&config, 1);
     let mut input = vec![
         type_id,
         mode,
@@ -1082,13 +1082,13 @@ fn traversal_case<T: adamax_cuda::Storage>(
     n: usize,
     aligned: bool,
 ) -> Case {
-    use adamax_cuda::{cpu::Decay, EpsilonMode, StateFormat, TensorState};
+    use adamax_cuda::{spec::Decay, EpsilonMode, StateFormat, TensorState};
     let config = adamax_cuda::AdamaxConfig {
         precision,
         ..config
     };
     let (tensor, t) = (3usize, 5u64);
-    let s = adamax_cuda::cpu::StepScalars::new(&config, t);
+    let s = adamax_cuda::spec::StepScalars::new(&config, t);
     let key = lowbit::stream_key(precision.seed, t, tensor as u64);
     let value = |rng: &mut StdRng, scale: f32| {
         if rng.random::<f32>() < 0.05 {

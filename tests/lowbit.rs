@@ -5,12 +5,11 @@
 
 use adamax_cuda::{
     bf16,
-    cpu::{
-        lowbit::{self, Blockwise8, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
-        CpuAdamax,
-    },
-    f16, AdamaxConfig, Checkpoint, ConfigError, Error, Optimizer, ParamMode, Precision,
-    StateFormat, Storage,
+    cpu::CpuAdamax,
+    f16,
+    spec::lowbit::{self, Blockwise8, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
+    AdamaxConfig, Checkpoint, ConfigError, Error, Optimizer, ParamMode, Precision, StateFormat,
+    Storage,
 };
 
 fn precision(params: ParamMode, state: StateFormat) -> Precision {
@@ -481,7 +480,7 @@ fn a_state_made_for_another_mode_is_refused_by_the_spec() {
     let w = vec![1.0f32; 10];
     let mut p = w.clone();
     let mut st = adamax_cuda::TensorState::new(&w);
-    let s = adamax_cuda::cpu::StepScalars::new(&AdamaxConfig::default(), 1);
+    let s = adamax_cuda::spec::StepScalars::new(&AdamaxConfig::default(), 1);
     let q8 = precision(ParamMode::Master, StateFormat::Blockwise8);
     let err = adamax_cuda::cpu::step_tensor(&s, &q8, 0, &mut p, &[0.1; 10], &mut st);
     assert!(matches!(err, Err(Error::LengthMismatch { .. })), "{err:?}");

@@ -17,7 +17,14 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::{refuse, Checkpoint, Entry};
 use crate::error::Error;
-use crate::{config::Precision, state::TensorState, storage::StorageType};
+use crate::{
+    config::Precision,
+    state::{
+        parts::{Data, Elem},
+        TensorState,
+    },
+    storage::StorageType,
+};
 
 /// The metadata key of the integrity checksum.
 pub(super) const CHECKSUM_KEY: &str = "checksum";
@@ -26,101 +33,31 @@ const MAX_HEADER: u64 = 100_000_000;
 /// Bytes converted at a time between f32 values and file bytes.
 const BLOCK_BYTES: usize = 1 << 16;
 
-/// The values of one tensor of a file: f32 (moments, masters, steps, scales) or u8
-/// (8-bit codes).
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) enum Data {
-    F32(Vec<f32>),
-    U8(Vec<u8>),
+/// The safetensors type of values.
+pub(super) fn dtype(elem: Elem) -> Dtype {
+    match elem {
+        Elem::F32 => Dtype::F32,
+        Elem::U8 => Dtype::U8,
+    }
 }
 
-impl Data {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Data::F32(v) => v.len(),
-            Data::U8(v) => v.len(),
-        }
-    }
-
-    pub(super) fn dtype(&self) -> Dtype {
-        match self {
-            Data::F32(_) => Dtype::F32,
-            Data::U8(_) => Dtype::U8,
-        }
-    }
-
-    /// An empty buffer of `dtype`'s kind.
-    fn empty(dtype: Dtype) -> Self {
-        match dtype {
-            Dtype::U8 => Data::U8(Vec::new()),
-            _ => Data::F32(Vec::new()),
-        }
-    }
-
-    /// The f32 buffer to fill; an internal error if this entry holds codes.
-    pub(crate) fn f32_mut(&mut self) -> Result<&mut Vec<f32>, Error> {
-        match self {
-            Data::F32(v) => Ok(v),
-            Data::U8(_) => Err(Error::Internal {
-                what: "an f32 checkpoint entry was filled with codes",
-            }),
-        }
-    }
-
-    /// Appends `values`, which must be of this buffer's type.
-    pub(crate) fn extend(&mut self, values: View<'_>) -> Result<(), Error> {
-        match (self, values) {
-            (Data::F32(b), View::F32(v)) => b.extend_from_slice(v),
-            (Data::U8(b), View::U8(v)) => b.extend_from_slice(v),
-            _ => {
-                return Err(Error::Internal {
-                    what: "a checkpoint entry was filled with values of another type",
-                })
+/// The little-endian bytes of `data`, a block at a time, to `sink`.
+fn for_each_le_block(
+    data: &Data,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    match data {
+        Data::F32(v) => {
+            let mut buf = [0u8; BLOCK_BYTES];
+            for chunk in v.chunks(BLOCK_BYTES / 4) {
+                for (b, x) in buf.chunks_exact_mut(4).zip(chunk) {
+                    b.copy_from_slice(&x.to_le_bytes());
+                }
+                sink(&buf[..4 * chunk.len()])?;
             }
+            Ok(())
         }
-        Ok(())
-    }
-
-    pub(crate) fn view(&self) -> View<'_> {
-        match self {
-            Data::F32(v) => View::F32(v),
-            Data::U8(v) => View::U8(v),
-        }
-    }
-
-    /// The little-endian bytes, a block at a time, to `sink`.
-    fn for_each_le_block(
-        &self,
-        sink: impl FnMut(&[u8]) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        match self {
-            Data::F32(v) => for_each_le_block(v, sink),
-            Data::U8(v) => v.chunks(BLOCK_BYTES).try_for_each(sink),
-        }
-    }
-}
-
-/// Borrowed values of one entry.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum View<'a> {
-    F32(&'a [f32]),
-    U8(&'a [u8]),
-}
-
-impl<'a> View<'a> {
-    /// Values `at`.
-    pub(crate) fn slice(self, at: std::ops::Range<usize>) -> View<'a> {
-        match self {
-            View::F32(v) => View::F32(&v[at]),
-            View::U8(v) => View::U8(&v[at]),
-        }
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            View::F32(v) => v.len(),
-            View::U8(v) => v.len(),
-        }
+        Data::U8(v) => v.chunks(BLOCK_BYTES).try_for_each(sink),
     }
 }
 
@@ -156,21 +93,6 @@ pub(super) enum ReadError {
     Io(std::io::Error),
 }
 
-/// `f32`s as little-endian bytes, a block at a time, to `sink`.
-fn for_each_le_block(
-    data: &[f32],
-    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let mut buf = [0u8; BLOCK_BYTES];
-    for chunk in data.chunks(BLOCK_BYTES / 4) {
-        for (b, x) in buf.chunks_exact_mut(4).zip(chunk) {
-            b.copy_from_slice(&x.to_le_bytes());
-        }
-        sink(&buf[..4 * chunk.len()])?;
-    }
-    Ok(())
-}
-
 /// The integrity checksum, computed incrementally: XXH3-64 over the metadata (every key
 /// but the checksum, in key order: key, NUL, value, NUL) and then every tensor in name
 /// order (name, NUL, `F32`, NUL, rank, dimensions and byte length as u64
@@ -200,10 +122,10 @@ impl Checksum {
         for &d in shape {
             h.update(&(d as u64).to_le_bytes());
         }
-        let bytes = data.len() * data.dtype().bitsize() / 8;
+        let bytes = data.len() * data.elem().size();
         h.update(&(bytes as u64).to_le_bytes());
         // Writing to a hasher cannot fail.
-        let _ = data.for_each_le_block(|b| {
+        let _ = for_each_le_block(data, |b| {
             h.update(b);
             Ok(())
         });
@@ -240,7 +162,7 @@ pub(super) fn verify_checksum(raw: &RawFile, stored: &str) -> Result<(), Error> 
 /// comes, so a file is written one tensor at a time.
 pub(super) struct EntrySpec {
     pub name: String,
-    pub dtype: Dtype,
+    pub elem: Elem,
     pub shape: Vec<usize>,
     pub len: usize,
 }
@@ -276,10 +198,10 @@ impl Plan {
         header.insert("__metadata__".to_owned(), serde_json::json!(meta));
         let mut offset = 0usize;
         for e in &specs {
-            let end = offset + e.dtype.bitsize() / 8 * e.len;
+            let end = offset + e.elem.size() * e.len;
             header.insert(
                 e.name.clone(),
-                serde_json::json!({ "dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end] }),
+                serde_json::json!({ "dtype": dtype(e.elem), "shape": e.shape, "data_offsets": [offset, end] }),
             );
             offset = end;
         }
@@ -325,7 +247,7 @@ impl Plan {
             .map_err(io)?;
         w.write_all(&self.text).map_err(io)?;
         for (e, &(i, entry)) in self.specs.iter().zip(&self.which) {
-            let mut buf = Data::empty(e.dtype);
+            let mut buf = Data::empty(e.elem);
             fill(i, entry, &mut buf).map_err(WriteError::Invalid)?;
             if buf.len() != e.len {
                 return Err(WriteError::Invalid(Error::Internal {
@@ -333,7 +255,7 @@ impl Plan {
                 }));
             }
             self.sum.entry(&e.name, &e.shape, &buf);
-            buf.for_each_le_block(|b| w.write_all(b)).map_err(io)?;
+            for_each_le_block(&buf, |b| w.write_all(b)).map_err(io)?;
         }
         let end = w.stream_position().map_err(io)?;
         w.seek(SeekFrom::Start(start + 8 + self.at as u64))
@@ -367,11 +289,11 @@ fn entries(
             let len = e.len(n);
             let shape = if e == Entry::Step { vec![] } else { vec![len] };
             let name = e.name(i);
-            let dtype = e.dtype();
+            let elem = e.elem();
             all.push((
                 EntrySpec {
                     name,
-                    dtype,
+                    elem,
                     shape,
                     len,
                 },

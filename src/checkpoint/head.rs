@@ -5,17 +5,20 @@
 use std::{collections::BTreeMap, path::Path};
 
 use super::{
-    file::{self, View},
-    refuse,
+    file, refuse,
     valid::{check_part, Pairs},
-    Data, MetaName, FORMAT,
+    MetaName, FORMAT,
 };
 use crate::{
-    config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper},
-    cpu::lowbit::QBLOCK,
+    config::{AdamaxConfig, ParamMode, StateFormat, TensorHyper},
     error::{Error, Result},
     fused::{LossScaler, StepOptions},
-    state::{check_pairs, has_master, MomentBound, TensorState},
+    spec::lowbit::QBLOCK,
+    state::{
+        check_pairs,
+        parts::{Data, Part},
+        MomentBound,
+    },
     storage::StorageType,
 };
 
@@ -135,120 +138,6 @@ impl Head<'_> {
     }
 }
 
-/// A part of one tensor's state: an entry of the file, fetched by [`save_streamed`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Part {
-    ExpAvg,
-    ExpInf,
-    Master,
-    ExpAvgCodes,
-    ExpAvgScales,
-    ExpInfCodes,
-    ExpInfScales,
-}
-
-impl Part {
-    /// The name after `state.{i}.` (the master's entry is named apart).
-    pub(super) fn suffix(self) -> &'static str {
-        match self {
-            Part::ExpAvg => "exp_avg",
-            Part::ExpInf => "exp_inf",
-            Part::Master => "master",
-            Part::ExpAvgCodes => "exp_avg_q8",
-            Part::ExpAvgScales => "exp_avg_q8_scale",
-            Part::ExpInfCodes => "exp_inf_q8",
-            Part::ExpInfScales => "exp_inf_q8_scale",
-        }
-    }
-
-    /// The parts of the state of a tensor of `storage` kept in `precision`, in the
-    /// order a file lists them.
-    pub(crate) fn of(storage: StorageType, precision: &Precision) -> Vec<Part> {
-        let mut parts = match precision.state {
-            StateFormat::F32 => vec![Part::ExpAvg, Part::ExpInf],
-            StateFormat::Blockwise8 => vec![
-                Part::ExpAvgCodes,
-                Part::ExpAvgScales,
-                Part::ExpInfCodes,
-                Part::ExpInfScales,
-            ],
-        };
-        if has_master(storage, precision) {
-            parts.push(Part::Master);
-        }
-        parts
-    }
-
-    /// Whether the values are one per block of 8-bit state rather than one per element.
-    pub(crate) fn per_block(self) -> bool {
-        matches!(self, Part::ExpAvgScales | Part::ExpInfScales)
-    }
-
-    /// Whether the values are 8-bit codes (else f32).
-    pub(crate) fn is_codes(self) -> bool {
-        matches!(self, Part::ExpAvgCodes | Part::ExpInfCodes)
-    }
-
-    /// Values held for a tensor of `n` elements.
-    pub(crate) fn len(self, n: usize) -> usize {
-        if self.per_block() {
-            n.div_ceil(QBLOCK)
-        } else {
-            n
-        }
-    }
-
-    /// This part of `t`.
-    pub(crate) fn view(self, t: &TensorState) -> View<'_> {
-        match self {
-            Part::ExpAvg => View::F32(&t.exp_avg),
-            Part::ExpInf => View::F32(&t.exp_inf),
-            Part::Master => View::F32(&t.master),
-            Part::ExpAvgCodes => View::U8(&t.exp_avg_q8.codes),
-            Part::ExpAvgScales => View::F32(&t.exp_avg_q8.scales),
-            Part::ExpInfCodes => View::U8(&t.exp_inf_q8.codes),
-            Part::ExpInfScales => View::F32(&t.exp_inf_q8.scales),
-        }
-    }
-
-    /// Stores values read from a file as this part of `t` (types checked by the
-    /// reader).
-    pub(crate) fn store(self, t: &mut TensorState, data: Data) -> Result<()> {
-        let wrong = || refuse(format!("`{}` has values of the wrong type", self.suffix()));
-        match (self, data) {
-            (Part::ExpAvg, Data::F32(v)) => t.exp_avg = v,
-            (Part::ExpInf, Data::F32(v)) => t.exp_inf = v,
-            (Part::Master, Data::F32(v)) => t.master = v,
-            (Part::ExpAvgScales, Data::F32(v)) => t.exp_avg_q8.scales = v,
-            (Part::ExpInfScales, Data::F32(v)) => t.exp_inf_q8.scales = v,
-            (Part::ExpAvgCodes, Data::U8(v)) => t.exp_avg_q8.codes = v,
-            (Part::ExpInfCodes, Data::U8(v)) => t.exp_inf_q8.codes = v,
-            _ => return Err(wrong()),
-        }
-        Ok(())
-    }
-
-    /// Every part.
-    pub(super) const ALL: [Part; 7] = [
-        Part::ExpAvg,
-        Part::ExpInf,
-        Part::Master,
-        Part::ExpAvgCodes,
-        Part::ExpAvgScales,
-        Part::ExpInfCodes,
-        Part::ExpInfScales,
-    ];
-
-    /// The scales of a moment's codes.
-    pub(super) fn scales(self) -> Option<Part> {
-        match self {
-            Part::ExpAvgCodes => Some(Part::ExpAvgScales),
-            Part::ExpInfCodes => Some(Part::ExpInfScales),
-            _ => None,
-        }
-    }
-}
-
 /// Writes a checkpoint file of `head` and tensors of `lens` to `path` atomically, one
 /// tensor at a time: `fetch(i, part, buf)` fills `buf` with that part of tensor `i`'s
 /// state when its turn comes. Validated as [`Checkpoint::save`] validates (the data as
@@ -305,6 +194,7 @@ pub(crate) fn save_streamed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::TensorState;
     use crate::{
         config::{ParamMode, Precision, StateFormat},
         cpu::CpuAdamax,

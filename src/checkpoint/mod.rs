@@ -7,7 +7,7 @@
 //! `master.{i}`. With [`StateFormat::Blockwise8`] the moments are saved as stored:
 //! `state.{i}.exp_avg_q8` and `state.{i}.exp_inf_q8` (U8 codes, shape `[n]`) and
 //! `state.{i}.exp_avg_q8_scale` and `state.{i}.exp_inf_q8_scale` (f32, one per block of
-//! [`QBLOCK`](crate::cpu::lowbit::QBLOCK), shape `[ceil(n / QBLOCK)]`), in place of
+//! [`QBLOCK`](crate::spec::lowbit::QBLOCK), shape `[ceil(n / QBLOCK)]`), in place of
 //! `exp_avg` and `exp_inf`; [`ParamMode::Stochastic`] has no `master.{i}`.
 //! [`Checkpoint::convert_state`] maps 8-bit state to PyTorch's f32 names (exact
 //! decoding) and back. The metadata holds the configuration and the exact step count
@@ -77,8 +77,7 @@ mod head;
 mod parse;
 mod valid;
 
-pub(crate) use file::{Data, View};
-pub(crate) use head::{save_streamed, Head, Part};
+pub(crate) use head::{save_streamed, Head};
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -86,10 +85,13 @@ use crate::{
     config::{
         AdamaxConfig, EpsilonMode, ParamMode, Precision, StateFormat, TensorHyper, WeightDecayMode,
     },
-    cpu::lowbit::{Blockwise8, EXP_AVG_CODE, EXP_INF_CODE},
     error::{Error, Result},
     fused::{LossScaler, StepOptions},
-    state::{MomentBound, TensorState},
+    spec::lowbit::{Blockwise8, EXP_AVG_CODE, EXP_INF_CODE},
+    state::{
+        parts::{Data, Elem, Part},
+        Mode, MomentBound, TensorState,
+    },
     storage::StorageType,
 };
 
@@ -138,14 +140,16 @@ impl Entry {
         match self {
             Entry::Step => format!("state.{i}.step"),
             Entry::Part(Part::Master) => format!("master.{i}"),
-            Entry::Part(p) => format!("state.{i}.{}", p.suffix()),
+            Entry::Part(p) => format!("state.{i}.{}", p.name()),
         }
     }
 
     /// The entries of one tensor of `storage` in `precision`.
     fn of(storage: StorageType, precision: &Precision) -> Vec<Entry> {
-        let mut all: Vec<Entry> = Part::of(storage, precision)
-            .into_iter()
+        let mut all: Vec<Entry> = Mode::or_master(storage, precision)
+            .parts
+            .iter()
+            .copied()
             .map(Entry::Part)
             .collect();
         all.push(Entry::Step);
@@ -160,10 +164,10 @@ impl Entry {
         }
     }
 
-    fn dtype(self) -> safetensors::Dtype {
+    fn elem(self) -> Elem {
         match self {
-            Entry::Part(p) if p.is_codes() => safetensors::Dtype::U8,
-            _ => safetensors::Dtype::F32,
+            Entry::Step => Elem::F32,
+            Entry::Part(p) => p.elem(),
         }
     }
 
@@ -249,7 +253,7 @@ impl Checkpoint {
                     return Err(refuse(format!(
                         "tensor {i} of {n} elements has {} values of `{}`; {} parameters with {} state and {} need {expected}",
                         values.len(),
-                        part.suffix(),
+                        part.name(),
                         self.storage,
                         precision.state.meta_name(),
                         precision.params.meta_name(),

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use super::{file, refuse, Checkpoint, Data, Entry, MetaName, FORMAT, TORCH_FORMAT};
 use crate::{
     config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper},
-    cpu::lowbit::QBLOCK,
     error::Result,
     fused::{LossScaler, StepOptions},
+    spec::lowbit::QBLOCK,
     state::TensorState,
     storage::StorageType,
 };
@@ -127,11 +127,11 @@ impl Checkpoint {
                     shape.map_or("1-D".to_owned(), |s| format!("{s:?}"))
                 )));
             }
-            if t.data.dtype() != entry.dtype() {
+            if t.data.elem() != entry.elem() {
                 return Err(refuse(format!(
                     "`{name}` is {:?}, expected {:?}",
-                    t.data.dtype(),
-                    entry.dtype()
+                    file::dtype(t.data.elem()),
+                    file::dtype(entry.elem())
                 )));
             }
             Ok(t.data)

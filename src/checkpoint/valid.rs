@@ -20,10 +20,11 @@
 //! Their decoding to f32 ([`super::Checkpoint::convert_state`]) is therefore refused
 //! where an element is beyond it: no f32 run reaches that state.
 
-use super::{file::View, refuse, Data, Part};
+use super::refuse;
+use crate::state::parts::{Data, Part, View};
 use crate::{
-    cpu::lowbit::{Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
     error::{Error, Result},
+    spec::lowbit::{Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
     state::MomentBound,
 };
 
@@ -31,7 +32,7 @@ use crate::{
 /// produces alone: non-finite moments or scales, a negative `u` or scale, a code above
 /// 1.0, anything but zero before the tensor's first step. Masters may hold any value.
 pub(super) fn check_part(tensor: usize, step: u64, part: Part, values: View<'_>) -> Result<()> {
-    let name = part.suffix();
+    let name = part.name();
     match values {
         View::F32(v) if part != Part::Master => {
             if let Some(j) = v.iter().position(|x| !x.is_finite()) {
@@ -123,7 +124,7 @@ pub(super) fn check_blocks(
 ) -> Result<()> {
     let code = code_of(codes_part)?;
     for (b, (block, &scale)) in codes.chunks(QBLOCK).zip(scales).enumerate() {
-        let name = codes_part.suffix();
+        let name = codes_part.name();
         if scale == 0.0 {
             if let Some(j) = block.iter().position(|&c| c != 0) {
                 return Err(refuse(format!(

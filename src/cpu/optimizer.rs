@@ -12,7 +12,8 @@ use crate::{
     storage::Storage,
 };
 
-use super::{bias_correction, step_tensor_with, StepScalars};
+use super::step_tensor_with;
+use crate::spec::{bias_correction, StepScalars};
 
 /// AdaMax on the CPU over a list of tensors of any lengths, owning their state. The
 /// shared API is the [`Optimizer`] trait.

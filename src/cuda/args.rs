@@ -14,7 +14,7 @@ use cudarc::driver::DeviceRepr;
 
 use crate::{
     config::{AdamaxConfig, EpsilonMode, WeightDecayMode},
-    cpu::StepScalars,
+    spec::StepScalars,
 };
 
 /// Elements per chunk: the unit of work a block takes from the tensor list, and the
@@ -295,7 +295,7 @@ pub(crate) fn layout_defines() -> Vec<String> {
     let values = [
         ("ADAMAX_CHUNK", CHUNK),
         ("ADAMAX_BLOCK", u64::from(BLOCK)),
-        ("ADAMAX_QBLOCK", crate::cpu::lowbit::QBLOCK as u64),
+        ("ADAMAX_QBLOCK", crate::spec::lowbit::QBLOCK as u64),
         ("ADAMAX_MODE_SR", u64::from(MODE_SR)),
         ("ADAMAX_MODE_Q8", u64::from(MODE_Q8)),
         ("ADAMAX_FLAG_UNSCALE", u64::from(FLAG_UNSCALE)),

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 
-use crate::cpu::lowbit::QBLOCK;
+use crate::spec::lowbit::QBLOCK;
 
 use super::args::CHUNK;
 

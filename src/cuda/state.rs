@@ -9,11 +9,13 @@ use std::{ops::Range, sync::Arc};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::{
-    checkpoint::{Data, Part, View},
     config::{Precision, TensorHyper},
-    cpu::lowbit::QBLOCK,
     error::{Error, Result},
-    state::TensorState,
+    spec::lowbit::QBLOCK,
+    state::{
+        parts::{Data, Part, View},
+        Mode, TensorState,
+    },
     storage::StorageType,
 };
 
@@ -172,8 +174,10 @@ impl DeviceState {
         storage: StorageType,
         precision: &Precision,
     ) -> Result<Self> {
-        let parts = Part::of(storage, precision)
-            .into_iter()
+        let parts = Mode::or_master(storage, precision)
+            .parts
+            .iter()
+            .copied()
             .map(|p| Ok((p, Self::alloc(stream, &layout, p)?)))
             .collect::<Result<Vec<_>>>()?;
         let steps = stream
@@ -272,24 +276,33 @@ impl DeviceState {
         grad: Option<u64>,
         h: &TensorHyper,
     ) -> TensorDesc {
-        let at = |f32_part: Part, code_part: Part| {
-            self.address(f32_part, i) | self.address(code_part, i)
-        };
-        TensorDesc {
+        let mut d = TensorDesc {
             param,
             grad: grad.unwrap_or(0),
             has_grad: u64::from(grad.is_some()),
-            exp_avg: at(Part::ExpAvg, Part::ExpAvgCodes),
-            exp_inf: at(Part::ExpInf, Part::ExpInfCodes),
-            master: self.address(Part::Master, i),
-            exp_avg_scale: self.address(Part::ExpAvgScales, i),
-            exp_inf_scale: self.address(Part::ExpInfScales, i),
+            exp_avg: 0,
+            exp_inf: 0,
+            master: 0,
+            exp_avg_scale: 0,
+            exp_inf_scale: 0,
             len: self.layout.lens[i] as u64,
             chunk_begin: self.layout.chunk_begin[i],
             unit_begin: self.layout.unit_begin[i],
             lr_scale: h.lr_scale,
             weight_decay: h.weight_decay,
+        };
+        // Each part the mode has, in its field: a moment's f32 values or its codes.
+        for &(part, _) in &self.parts {
+            let field = match part {
+                Part::ExpAvg | Part::ExpAvgCodes => &mut d.exp_avg,
+                Part::ExpInf | Part::ExpInfCodes => &mut d.exp_inf,
+                Part::Master => &mut d.master,
+                Part::ExpAvgScales => &mut d.exp_avg_scale,
+                Part::ExpInfScales => &mut d.exp_inf_scale,
+            };
+            *field = self.address(part, i);
         }
+        d
     }
 
     /// Every tensor's state on the host, in the CPU reference's layout (synchronises):

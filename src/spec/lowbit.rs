@@ -129,7 +129,7 @@ fn pow2(e: i32) -> f32 {
 ///
 /// ```compile_fail
 /// // The fields are private: a code with 32 exponent bits cannot exist.
-/// let c = adamax_cuda::cpu::lowbit::Code { signed: false, exp_bits: 32, man_bits: 0 };
+/// let c = adamax_cuda::spec::lowbit::Code { signed: false, exp_bits: 32, man_bits: 0 };
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Code {
@@ -162,7 +162,7 @@ impl Code {
     /// man_bits <= 128`).
     ///
     /// ```
-    /// use adamax_cuda::cpu::lowbit::{Code, EXP_AVG_CODE};
+    /// use adamax_cuda::spec::lowbit::{Code, EXP_AVG_CODE};
     /// assert_eq!(Code::new(true, 4, 3), Some(EXP_AVG_CODE));
     /// assert_eq!(Code::new(false, 4, 3), None); // 7 bits without a sign
     /// assert_eq!(Code::new(false, 8, 0), None); // magnitudes below f32's normals
