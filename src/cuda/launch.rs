@@ -1,34 +1,29 @@
-//! Launching: the plan of one step (its tensor table on the device, the partial sums
-//! of the reduction, the grid, the order of the kernels) and the crate's one `unsafe`
-//! launch site.
+//! Launching: the plan of one step (its tensor table, the partial sums of the
+//! reduction, the grid, the order of the kernels) and the crate's one `unsafe` launch
+//! site.
 
 use std::sync::Arc;
 
 use cudarc::driver::{result, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use crate::{
-    config::TensorHyper,
     error::{Error, Result},
     storage::StorageType,
 };
 
 use super::{
-    args::{AdamaxArgs, TensorDesc, BLOCK, FLAG_CHECK, FLAG_CLIP},
+    args::{AdamaxArgs, BLOCK, FLAG_CHECK, FLAG_CLIP},
     entry::EntryPoint,
     layout::StateLayout,
     module::Kernels,
+    table::TensorTable,
 };
 
-/// What every step launch needs besides the kernels: the tensor table on the device,
-/// the reduction's partial sums, and the grid.
+/// What every step launch needs besides the kernels: the tensor table, the
+/// reduction's partial sums, and the grid.
 pub(crate) struct LaunchPlan {
-    /// The table on the device and the copy last uploaded: re-uploaded only when a
-    /// caller's buffer moved (or the state did).
-    table: CudaSlice<TensorDesc>,
-    uploaded: Vec<TensorDesc>,
-    /// The table of the step being prepared (reused: no allocation per step once the
-    /// capacity is there).
-    next: Vec<TensorDesc>,
+    /// The table the kernels read, and its one cache.
+    pub(crate) table: TensorTable,
     /// One f32 sum of squares per chunk, written by the reduction for the finalize pass.
     _partials: CudaSlice<f32>,
     partials_ptr: u64,
@@ -54,10 +49,6 @@ impl LaunchPlan {
         storage: StorageType,
     ) -> Result<Self> {
         let reduce = EntryPoint::reduce(storage);
-        let n = layout.lens().len();
-        let table = stream
-            .alloc_zeros::<TensorDesc>(n.max(1))
-            .map_err(Error::driver("allocating the tensor table"))?;
         let chunks = usize::try_from(layout.num_chunks()).map_err(|_| Error::TooLarge {
             what: "the chunk count of the parameter list",
         })?;
@@ -66,12 +57,10 @@ impl LaunchPlan {
             .map_err(Error::driver("allocating the partial sums"))?;
         let partials_ptr = partials.device_ptr(stream).0;
         Ok(Self {
-            table,
-            uploaded: Vec::with_capacity(n),
-            next: Vec::with_capacity(n),
+            table: TensorTable::new(stream, layout.lens().len())?,
             _partials: partials,
             partials_ptr,
-            num_tensors: n as u64,
+            num_tensors: layout.lens().len() as u64,
             num_chunks: layout.num_chunks(),
             num_units: layout.num_units(),
             unit_len: layout.unit_len(),
@@ -82,83 +71,24 @@ impl LaunchPlan {
         })
     }
 
-    /// The table of the next step, empty, for the caller to fill in tensor order.
-    pub(crate) fn next_table(&mut self) -> &mut Vec<TensorDesc> {
-        self.next.clear();
-        &mut self.next
-    }
-
-    /// Writes every tensor's settings into the table on the device (one copy of the
-    /// rows from the first to the last that changed), so that a captured step replays
-    /// with them: the table is where the kernel reads them. Nothing to do before the
-    /// first table is uploaded (that step builds it with these settings).
-    pub(crate) fn set_hypers(
-        &mut self,
-        stream: &Arc<CudaStream>,
-        hypers: &[TensorHyper],
-    ) -> Result<()> {
-        let Some(rows) = changed_rows(&self.uploaded, hypers) else {
-            return Ok(());
-        };
-        let (first, last) = rows.into_inner();
-        refuse_during_capture(
-            stream,
-            "changing a tensor's settings",
-            "Change it before begin_capture or after end_capture: a captured step reads the settings from the device when it replays",
-        )?;
-        for (d, h) in self.uploaded[first..=last].iter_mut().zip(&hypers[first..]) {
-            d.lr_scale = h.lr_scale;
-            d.weight_decay = h.weight_decay;
-        }
-        let copied = stream
-            .memcpy_htod(
-                &self.uploaded[first..=last],
-                &mut self.table.slice_mut(first..=last),
-            )
-            .map_err(Error::driver("writing tensor settings to the device"));
-        if copied.is_err() {
-            // The host copy no longer says what the device holds: the next step
-            // uploads the whole table.
-            self.uploaded.clear();
-        }
-        copied
-    }
-
-    /// Uploads the prepared table if it changed, then enqueues the step: the reduction
-    /// and the one-block finalize that decides the step when the flags need them (the
-    /// overflow check or clipping) or when the stream is capturing a CUDA graph (see
-    /// [`decision_passes`]); then the update, which counts the step itself (so the
-    /// common eager step is one launch). Nothing here reads a host value that changes
-    /// per step, so the same calls can be captured in a CUDA graph and replayed.
-    ///
-    /// `prepared` says whether [`LaunchPlan::next_table`] was filled for this step;
-    /// without it the table already on the device is used as it is. A table that must
-    /// be uploaded while the stream captures is refused: the copy would be captured and
-    /// replay host memory that has moved on.
+    /// Uploads a table prepared for this step if the device does not hold it, then
+    /// enqueues the step: the reduction and the one-block finalize that decides the step
+    /// when the flags need them (the overflow check or clipping) or when the stream is
+    /// capturing a CUDA graph (see [`decision_passes`]); then the update, which counts
+    /// the step itself (so the common eager step is one launch). Nothing here reads a
+    /// host value that changes per step, so the same calls can be captured in a CUDA
+    /// graph and replayed.
     pub(crate) fn enqueue(
         &mut self,
         stream: &Arc<CudaStream>,
         kernels: &Kernels,
         args: AdamaxArgs,
         flags: u32,
-        prepared: bool,
     ) -> Result<()> {
         let capturing = is_capturing(stream)?;
-        if prepared && self.next != self.uploaded {
-            if capturing {
-                return Err(Error::DuringCapture {
-                    what: "a step whose tensor table is not on the device yet (the first step, or buffers at other addresses)",
-                    instead: "Take one eager step with the same buffers before begin_capture, then capture",
-                });
-            }
-            stream
-                .memcpy_htod(&self.next, &mut self.table)
-                .map_err(Error::driver("uploading the tensor table"))?;
-            std::mem::swap(&mut self.next, &mut self.uploaded);
-        }
-        let (table, _table_guard) = self.table.device_ptr(stream);
+        self.table.upload(stream, capturing)?;
         let args = AdamaxArgs {
-            tensors: table,
+            tensors: self.table.device_ptr(stream),
             num_tensors: self.num_tensors,
             num_chunks: self.num_chunks,
             num_units: self.num_units,
@@ -177,20 +107,6 @@ impl LaunchPlan {
         let f = kernels.function(self.step);
         launch(stream, f, self.step_grid, &args)
     }
-}
-
-/// The rows of `table` from the first to the last whose settings differ from `hypers`.
-fn changed_rows(
-    table: &[TensorDesc],
-    hypers: &[TensorHyper],
-) -> Option<std::ops::RangeInclusive<usize>> {
-    let differs = |(d, h): (&TensorDesc, &TensorHyper)| {
-        (d.lr_scale, d.weight_decay) != (h.lr_scale, h.weight_decay)
-    };
-    let mut rows = table.iter().zip(hypers);
-    let first = rows.clone().position(differs)?;
-    let last = rows.rposition(differs).unwrap_or(first);
-    Some(first..=last)
 }
 
 /// Whether a step enqueues the reduction and the decision pass before the update: when
@@ -268,29 +184,6 @@ pub(crate) fn launch<A: DeviceRepr>(
 mod tests {
     use super::*;
     use crate::cuda::args::{FLAG_SCALER, FLAG_UNSCALE};
-
-    #[test]
-    fn only_the_rows_whose_settings_changed_are_written() {
-        let h = |lr_scale, weight_decay| TensorHyper {
-            lr_scale,
-            weight_decay,
-        };
-        let row = |t: TensorHyper| TensorDesc {
-            lr_scale: t.lr_scale,
-            weight_decay: t.weight_decay,
-            ..TensorDesc::default()
-        };
-        let hypers = [h(1.0, 0.0), h(1.0, 0.1), h(0.5, 0.0), h(1.0, 0.0)];
-        let table: Vec<TensorDesc> = hypers.iter().map(|&t| row(t)).collect();
-        assert_eq!(changed_rows(&table, &hypers), None);
-        assert_eq!(changed_rows(&[], &hypers), None, "no table uploaded yet");
-        let mut one = hypers;
-        one[2] = h(0.25, 0.0);
-        assert_eq!(changed_rows(&table, &one), Some(2..=2));
-        let mut two = one;
-        two[0] = h(1.0, 0.5);
-        assert_eq!(changed_rows(&table, &two), Some(0..=2));
-    }
 
     /// Issue #17, item 1: a graph captured without the passes replayed only the update,
     /// which then read a stale clip coefficient and inverse scale when clipping or a

@@ -9,7 +9,7 @@ use std::{ops::Range, sync::Arc};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::{
-    config::{Precision, TensorHyper},
+    config::Precision,
     error::{Error, Result},
     spec::lowbit::QBLOCK,
     state::{
@@ -20,7 +20,7 @@ use crate::{
 };
 
 use super::{
-    args::{InitArgs, TensorDesc, BLOCK},
+    args::{InitArgs, BLOCK},
     entry::EntryPoint,
     launch::launch,
     layout::StateLayout,
@@ -217,9 +217,14 @@ impl DeviceState {
         }
     }
 
+    /// The parts this state holds.
+    pub(crate) fn parts(&self) -> impl Iterator<Item = Part> + '_ {
+        self.parts.iter().map(|(p, _)| *p)
+    }
+
     /// The device address of tensor `tensor`'s values of `part`; 0 when the state has
     /// no such part.
-    fn address(&self, part: Part, tensor: usize) -> u64 {
+    pub(crate) fn address(&self, part: Part, tensor: usize) -> u64 {
         self.parts
             .iter()
             .zip(&self.bases)
@@ -264,45 +269,6 @@ impl DeviceState {
     /// Device address of the per-tensor step counts (the kernel's `tensor_steps`).
     pub(crate) fn steps_ptr(&self) -> u64 {
         self.steps_ptr
-    }
-
-    /// The launch descriptor of tensor `i` with its parameter address and its gradient's
-    /// (`None`: no gradient this step, the tensor is skipped). With 8-bit state the
-    /// moment addresses are those of the codes.
-    pub(crate) fn descriptor(
-        &self,
-        i: usize,
-        param: u64,
-        grad: Option<u64>,
-        h: &TensorHyper,
-    ) -> TensorDesc {
-        let mut d = TensorDesc {
-            param,
-            grad: grad.unwrap_or(0),
-            has_grad: u64::from(grad.is_some()),
-            exp_avg: 0,
-            exp_inf: 0,
-            master: 0,
-            exp_avg_scale: 0,
-            exp_inf_scale: 0,
-            len: self.layout.lens[i] as u64,
-            chunk_begin: self.layout.chunk_begin[i],
-            unit_begin: self.layout.unit_begin[i],
-            lr_scale: h.lr_scale,
-            weight_decay: h.weight_decay,
-        };
-        // Each part the mode has, in its field: a moment's f32 values or its codes.
-        for &(part, _) in &self.parts {
-            let field = match part {
-                Part::ExpAvg | Part::ExpAvgCodes => &mut d.exp_avg,
-                Part::ExpInf | Part::ExpInfCodes => &mut d.exp_inf,
-                Part::Master => &mut d.master,
-                Part::ExpAvgScales => &mut d.exp_avg_scale,
-                Part::ExpInfScales => &mut d.exp_inf_scale,
-            };
-            *field = self.address(part, i);
-        }
-        d
     }
 
     /// Every tensor's state on the host, in the CPU reference's layout (synchronises):

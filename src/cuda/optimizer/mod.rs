@@ -1,6 +1,14 @@
 //! [`CudaAdamax`]: the GPU optimizer, a thin layer over its device state
 //! ([`super::state`]), control block ([`super::control`]) and launch plan
-//! ([`super::launch`]).
+//! ([`super::launch`], which owns the tensor table). Construction and the per-tensor
+//! step are here; the [`Optimizer`] interface, the flat-buffer path and the raw-pointer
+//! entry points are its submodules.
+
+mod flat;
+mod raw;
+mod trait_impl;
+
+pub use raw::{RawParam, RawTensor};
 
 use std::{mem::offset_of, sync::Arc};
 
@@ -27,9 +35,8 @@ use super::{
     control::ControlBlock,
     device::check_devices,
     entry::EntryPoint,
-    flat::FlatLayout,
     launch::LaunchPlan,
-    layout::StateLayout,
+    layout::{FlatLayout, StateLayout},
     module::{kernels_for, Kernels},
     state::DeviceState,
 };
@@ -75,23 +82,22 @@ impl GpuStorage for half::bf16 {}
 /// # Ok::<(), adamax_cuda::Error>(())
 /// ```
 pub struct CudaAdamax<T: GpuStorage> {
-    pub(super) schedule: Schedule,
-    pub(super) stream: Arc<CudaStream>,
-    pub(super) kernels: Arc<Kernels>,
-    pub(super) state: DeviceState,
-    pub(super) plan: LaunchPlan,
+    schedule: Schedule,
+    stream: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+    state: DeviceState,
+    plan: LaunchPlan,
     /// The device-side state of the step (lr, step count, clip and scaler state).
-    pub(super) control: ControlBlock,
+    control: ControlBlock,
     /// An upper bound of the device's step count (skips only lower the true count): the
     /// host reads the device count only when this bound reaches `u64::MAX`, to refuse a
     /// step as the CPU reference does instead of letting the counter wrap.
-    pub(super) step_bound: u64,
-    pub(super) options: StepOptions,
-    pub(super) scaler: bool,
-    /// The layout of an optimizer built with `new_flat`, and the flat buffers
-    /// (parameter, gradient addresses) the table on the device was built for.
-    pub(super) flat: Option<(FlatLayout, Option<(u64, u64)>)>,
-    pub(super) _storage: std::marker::PhantomData<T>,
+    step_bound: u64,
+    options: StepOptions,
+    scaler: bool,
+    /// The layout of an optimizer built with `new_flat`.
+    flat: Option<FlatLayout>,
+    _storage: std::marker::PhantomData<T>,
 }
 
 impl<T: GpuStorage> CudaAdamax<T> {
@@ -116,16 +122,12 @@ impl<T: GpuStorage> CudaAdamax<T> {
 
     /// master = f32(param) for every tensor of a 16-bit optimizer, from the parameters'
     /// device addresses in order.
-    pub(super) fn init_master(&self, params: impl Iterator<Item = u64>) -> Result<()> {
+    fn init_master(&self, params: impl Iterator<Item = u64>) -> Result<()> {
         self.state.init_master(&self.kernels, T::TYPE, params)
     }
 
     /// Validates, lays out, compiles or fetches the kernels, and allocates zeroed state.
-    pub(super) fn allocate(
-        stream: &Arc<CudaStream>,
-        config: AdamaxConfig,
-        lens: Vec<usize>,
-    ) -> Result<Self> {
+    fn allocate(stream: &Arc<CudaStream>, config: AdamaxConfig, lens: Vec<usize>) -> Result<Self> {
         let schedule = Schedule::new(config, lens.len())?;
         config.precision.check_storage(T::TYPE)?;
         if lens.is_empty() {
@@ -236,19 +238,18 @@ impl<T: GpuStorage> CudaAdamax<T> {
             }
             (param, grad)
         });
-        fill_table(&mut self.plan, &self.state, &self.schedule, addresses);
-        self.enqueue(true)?;
+        let hypers = self.schedule.hypers();
+        self.plan
+            .table
+            .prepare(&self.state, hypers, None, addresses);
+        self.enqueue()?;
         drop(guards);
         Ok(())
     }
 
-    /// Enqueues a step, after the counter check: with the table just prepared in the
-    /// plan (`prepared`), or with the one on the device.
-    pub(super) fn enqueue(&mut self, prepared: bool) -> Result<()> {
-        if prepared {
-            // The table on the device no longer matches any flat buffers.
-            self.forget_flat_table();
-        }
+    /// Enqueues a step, after the counter check, with the table prepared for it (or,
+    /// when none was, the one on the device).
+    fn enqueue(&mut self) -> Result<()> {
         if self.step_bound == u64::MAX {
             let step = self.control.read()?.state.step;
             if step == u64::MAX {
@@ -266,56 +267,14 @@ impl<T: GpuStorage> CudaAdamax<T> {
         };
         let flags = self.control.params().flags;
         self.plan
-            .enqueue(&self.stream, &self.kernels, args, flags, prepared)?;
+            .enqueue(&self.stream, &self.kernels, args, flags)?;
         self.step_bound += 1;
         Ok(())
     }
 
-    pub(super) fn set_flat(&mut self, layout: FlatLayout) {
-        self.flat = Some((layout, None));
-    }
-
-    pub(super) fn flat_total(&self) -> Option<usize> {
-        self.flat.as_ref().map(|(l, _)| l.total())
-    }
-
-    pub(super) fn forget_flat_table(&mut self) {
-        if let Some((_, built_for)) = &mut self.flat {
-            *built_for = None;
-        }
-    }
-
-    /// A step over flat buffers at these device addresses: the table is rebuilt only
-    /// when they differ from the ones it was built for.
-    pub(super) fn enqueue_flat(&mut self, params: u64, grads: u64) -> Result<()> {
-        let Some((layout, built_for)) = &self.flat else {
-            return Err(Error::NotFlat);
-        };
-        let fresh = *built_for != Some((params, grads));
-        if fresh {
-            let size = std::mem::size_of::<T>() as u64;
-            let addresses = layout.offsets().iter().map(|&o| {
-                let at = o as u64 * size;
-                (params + at, Some(grads + at))
-            });
-            fill_table(&mut self.plan, &self.state, &self.schedule, addresses);
-        }
-        self.enqueue(fresh)?;
-        if let Some((_, built_for)) = &mut self.flat {
-            *built_for = Some((params, grads));
-        }
-        Ok(())
-    }
-
-    /// Fills the prepared table from raw addresses (the raw entry point).
-    pub(super) fn prepare_raw(&mut self, tensors: impl Iterator<Item = (u64, u64)>) {
-        let addresses = tensors.map(|(param, grad)| (param, Some(grad)));
-        fill_table(&mut self.plan, &self.state, &self.schedule, addresses);
-    }
-
     /// The settings part of the control block for `options`, with or without a loss
     /// scaler (whose factors stay as last set).
-    pub(super) fn params_with(&self, options: &StepOptions, scaler: bool) -> ControlParams {
+    fn params_with(&self, options: &StepOptions, scaler: bool) -> ControlParams {
         let mut flags = 0;
         if scaler || options.inv_scale.is_some() {
             flags |= FLAG_UNSCALE;
@@ -366,21 +325,5 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// The stream the optimizer enqueues its work on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-}
-
-/// The table of the next step, from each tensor's parameter address and its gradient's
-/// (`None`: no gradient this step), in tensor order. The one place a table is built:
-/// per-tensor, flat and raw steps all come through here. Takes the fields it needs, not
-/// the optimizer, so that the addresses may borrow the optimizer's other fields.
-fn fill_table(
-    plan: &mut LaunchPlan,
-    state: &DeviceState,
-    schedule: &Schedule,
-    addresses: impl Iterator<Item = (u64, Option<u64>)>,
-) {
-    let table = plan.next_table();
-    for (i, (param, grad)) in addresses.enumerate() {
-        table.push(state.descriptor(i, param, grad, &schedule.hypers()[i]));
     }
 }

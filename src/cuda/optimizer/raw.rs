@@ -12,7 +12,7 @@ use crate::{
     optimizer::Optimizer,
 };
 
-use super::optimizer::{CudaAdamax, GpuStorage};
+use super::{CudaAdamax, GpuStorage};
 
 /// A parameter tensor owned by another CUDA stack: device address and element count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +40,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// # Safety
     ///
     /// - `stream` belongs to the CUDA context the parameters were allocated in (for a
-    ///   stream owned by another stack, get it from [`borrow_stream`](super::borrow_stream)).
+    ///   stream owned by another stack, get it from [`borrow_stream`](crate::cuda::borrow_stream)).
     /// - Each `params[i].ptr` is the address of `params[i].len` initialised elements of
     ///   `T` that stay allocated while the work enqueued here runs; work that writes them
     ///   on other streams is ordered before this call by the caller.
@@ -70,7 +70,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
     ///   tensor's parameter or by a gradient.
     /// - Work that writes them on streams other than the optimizer's is ordered before
     ///   this call by the caller (the step runs on the optimizer's stream: build the
-    ///   optimizer on the other stack's stream with [`borrow_stream`](super::borrow_stream)
+    ///   optimizer on the other stack's stream with [`borrow_stream`](crate::cuda::borrow_stream)
     ///   to share its ordering).
     ///
     /// Checked here, as errors: the tensor count, null and misaligned addresses.
@@ -87,8 +87,12 @@ impl<T: GpuStorage> CudaAdamax<T> {
             check_raw::<T>("param", i, t.param, n)?;
             check_raw::<T>("grad", i, t.grad, n)?;
         }
-        self.prepare_raw(tensors.iter().map(|t| (t.param, t.grad)));
-        self.enqueue(true)
+        let addresses = tensors.iter().map(|t| (t.param, Some(t.grad)));
+        let hypers = self.schedule.hypers();
+        self.plan
+            .table
+            .prepare(&self.state, hypers, None, addresses);
+        self.enqueue()
     }
 }
 

@@ -13,11 +13,12 @@ use crate::{
     state::TensorState,
 };
 
-use super::{
+use super::{CudaAdamax, GpuStorage};
+use crate::cuda::{
     args::{
         AdamaxArgs, ControlParams, ScalerState, SKIP_COUNTER_FULL, SKIP_NONFINITE, SKIP_STALE_GRAPH,
     },
-    optimizer::{CudaAdamax, GpuStorage},
+    launch::refuse_during_capture,
 };
 
 impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
@@ -71,7 +72,9 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
     fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()> {
         let mut schedule = self.schedule.clone();
         schedule.set_hyper(tensor, hyper)?;
-        self.plan.set_hypers(&self.stream, schedule.hypers())?;
+        self.plan
+            .table
+            .set_hypers(&self.stream, schedule.hypers())?;
         self.schedule = schedule;
         Ok(())
     }
@@ -198,7 +201,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         )?;
         let mut schedule = self.schedule.clone();
         schedule.replace(ck.config, &ck.hypers)?;
-        super::launch::refuse_during_capture(
+        refuse_during_capture(
             &self.stream,
             "restoring a checkpoint",
             "Restore before begin_capture or after end_capture",
@@ -222,7 +225,9 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             c.state.skipped = 0;
             c.state.clipped = 0;
         })?;
-        self.plan.set_hypers(&self.stream, schedule.hypers())?;
+        self.plan
+            .table
+            .set_hypers(&self.stream, schedule.hypers())?;
         self.schedule = schedule;
         self.step_bound = ck.step;
         self.options = ck.options;
