@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 
 use super::{
     args::{Control, ControlParams},
-    launch::refuse_during_capture,
+    device::refuse_during_capture,
 };
 
 /// What to do instead of changing settings during a capture.

@@ -1,6 +1,6 @@
 //! The driver, devices and streams: loading the driver library, primary contexts,
-//! streams (our own or another stack's), and the check that a buffer lives in the
-//! optimizer's context.
+//! streams (our own or another stack's), whether a stream is capturing a CUDA graph,
+//! and the check that a buffer lives in the optimizer's context.
 
 use std::sync::{Arc, OnceLock};
 
@@ -99,6 +99,28 @@ pub(crate) fn check_devices<'b, T: 'b, B: DeviceSlice<T> + 'b>(
                 found: theirs.ordinal(),
             });
         }
+    }
+    Ok(())
+}
+
+/// Whether `stream` is capturing a CUDA graph (an invalidated capture counts: work
+/// enqueued now would belong to it).
+pub(crate) fn is_capturing(stream: &CudaStream) -> Result<bool> {
+    use cudarc::driver::sys::CUstreamCaptureStatus as Status;
+    let status = stream
+        .capture_status()
+        .map_err(Error::driver("asking whether the stream is capturing"))?;
+    Ok(status != Status::CU_STREAM_CAPTURE_STATUS_NONE)
+}
+
+/// [`Error::DuringCapture`] when `stream` is capturing a CUDA graph.
+pub(crate) fn refuse_during_capture(
+    stream: &CudaStream,
+    what: &'static str,
+    instead: &'static str,
+) -> Result<()> {
+    if is_capturing(stream)? {
+        return Err(Error::DuringCapture { what, instead });
     }
     Ok(())
 }

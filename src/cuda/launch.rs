@@ -1,10 +1,9 @@
-//! Launching: the plan of one step (its tensor table, the partial sums of the
-//! reduction, the grid, the order of the kernels) and the crate's one `unsafe` launch
-//! site.
+//! The plan of one step: its tensor table, the partial sums of the reduction, the
+//! grid, and the order of the kernels.
 
 use std::sync::Arc;
 
-use cudarc::driver::{result, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::{
     error::{Error, Result},
@@ -12,10 +11,11 @@ use crate::{
 };
 
 use super::{
-    args::{AdamaxArgs, BLOCK, FLAG_CHECK, FLAG_CLIP},
+    args::{AdamaxArgs, FLAG_CHECK, FLAG_CLIP},
+    device::is_capturing,
     entry::EntryPoint,
     layout::StateLayout,
-    module::Kernels,
+    module::{launch, Kernels},
     table::TensorTable,
 };
 
@@ -118,66 +118,9 @@ pub(crate) fn decision_passes(flags: u32, capturing: bool) -> bool {
     capturing || flags & (FLAG_CHECK | FLAG_CLIP) != 0
 }
 
-/// Whether `stream` is capturing a CUDA graph (an invalidated capture counts: work
-/// enqueued now would belong to it).
-pub(crate) fn is_capturing(stream: &CudaStream) -> Result<bool> {
-    use cudarc::driver::sys::CUstreamCaptureStatus as Status;
-    let status = stream
-        .capture_status()
-        .map_err(Error::driver("asking whether the stream is capturing"))?;
-    Ok(status != Status::CU_STREAM_CAPTURE_STATUS_NONE)
-}
-
-/// [`Error::DuringCapture`] when `stream` is capturing a CUDA graph.
-pub(crate) fn refuse_during_capture(
-    stream: &CudaStream,
-    what: &'static str,
-    instead: &'static str,
-) -> Result<()> {
-    if is_capturing(stream)? {
-        return Err(Error::DuringCapture { what, instead });
-    }
-    Ok(())
-}
-
 /// Blocks for `work` grid-stride items: at most one wave, at least one block.
 fn grid(work: u64, wave: u32) -> u32 {
     u32::try_from(work.min(u64::from(wave)).max(1)).unwrap_or(1)
-}
-
-/// Enqueues `func` on `stream` with `blocks` blocks of [`BLOCK`] threads and one
-/// by-value argument struct: the crate's only launch site. Calls the driver directly
-/// (cudarc's launch builder allocates its argument list on every launch).
-pub(crate) fn launch<A: DeviceRepr>(
-    stream: &CudaStream,
-    func: &CudaFunction,
-    blocks: u32,
-    args: &A,
-) -> Result<()> {
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(Error::driver("binding the CUDA context"))?;
-    let mut params = [(args as *const A).cast_mut().cast::<std::ffi::c_void>()];
-    // SAFETY: `func` comes from kernels/adamax.cu, loaded in the stream's context (the
-    // optimizer holds the module), and each of its entry points takes exactly one
-    // by-value struct, whose `repr(C)` mirror `A` is (layout checked field by field at
-    // compile time); `params` points at `args`, alive for the call, which is all the
-    // driver reads (it copies the value when the launch is enqueued). Callers build the
-    // struct from device addresses they have checked: buffers in this stream's context,
-    // lengths that match the element counts written in the struct, and state buffers
-    // this crate allocated for those lengths; the kernel touches no element beyond them.
-    unsafe {
-        result::launch_kernel(
-            func.cu_function(),
-            (blocks.max(1), 1, 1),
-            (BLOCK, 1, 1),
-            0,
-            stream.cu_stream(),
-            &mut params,
-        )
-    }
-    .map_err(Error::driver("launching an AdaMax kernel"))
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
 //! The compiled kernels of a CUDA context: NVRTC (or the on-disk cache) once per
-//! context and process, the module loaded, every entry point looked up.
+//! context and process, the module loaded, every entry point looked up; and the
+//! crate's one `unsafe` launch site.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{
+    result, sys::CUdevice_attribute, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr,
+};
 use cudarc::nvrtc::Ptx;
 
 use crate::{
@@ -118,4 +121,39 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
         functions,
         waves,
     })
+}
+
+/// Enqueues `func` on `stream` with `blocks` blocks of [`BLOCK`] threads and one
+/// by-value argument struct: the crate's only launch site. Calls the driver directly
+/// (cudarc's launch builder allocates its argument list on every launch).
+pub(crate) fn launch<A: DeviceRepr>(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    blocks: u32,
+    args: &A,
+) -> Result<()> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(Error::driver("binding the CUDA context"))?;
+    let mut params = [(args as *const A).cast_mut().cast::<std::ffi::c_void>()];
+    // SAFETY: `func` comes from kernels/adamax.cu, loaded in the stream's context (the
+    // optimizer holds the module), and each of its entry points takes exactly one
+    // by-value struct, whose `repr(C)` mirror `A` is (layout checked field by field at
+    // compile time); `params` points at `args`, alive for the call, which is all the
+    // driver reads (it copies the value when the launch is enqueued). Callers build the
+    // struct from device addresses they have checked: buffers in this stream's context,
+    // lengths that match the element counts written in the struct, and state buffers
+    // this crate allocated for those lengths; the kernel touches no element beyond them.
+    unsafe {
+        result::launch_kernel(
+            func.cu_function(),
+            (blocks.max(1), 1, 1),
+            (BLOCK, 1, 1),
+            0,
+            stream.cu_stream(),
+            &mut params,
+        )
+    }
+    .map_err(Error::driver("launching an AdaMax kernel"))
 }

@@ -22,9 +22,8 @@ use crate::{
 use super::{
     args::{InitArgs, BLOCK},
     entry::EntryPoint,
-    launch::launch,
     layout::StateLayout,
-    module::Kernels,
+    module::{launch, Kernels},
 };
 
 /// One device buffer of state: f32 values or 8-bit codes.

@@ -13,7 +13,7 @@ use crate::{
     state::parts::Part,
 };
 
-use super::{args::TensorDesc, launch::refuse_during_capture, state::DeviceState};
+use super::{args::TensorDesc, device::refuse_during_capture, state::DeviceState};
 
 /// Flat parameter and gradient buffers, by device address: a table built for them
 /// stays valid while neither moves.

@@ -18,7 +18,7 @@ use crate::cuda::{
     args::{
         AdamaxArgs, ControlParams, ScalerState, SKIP_COUNTER_FULL, SKIP_NONFINITE, SKIP_STALE_GRAPH,
     },
-    launch::refuse_during_capture,
+    device::refuse_during_capture,
 };
 
 impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
