@@ -16,7 +16,7 @@
 //! comparisons that are not modes: bf16 parameters stepped with round-to-nearest and no
 //! master (the reason stochastic rounding exists: updates below half a bf16 unit in the
 //! last place are lost), and the candidates for the 8-bit codes, block size and rounding
-//! that `src/cpu/lowbit.rs` chose between, emulated here with the spec's public
+//! that `src/spec/lowbit.rs` chose between, emulated here with the spec's public
 //! functions. The emulation of the chosen candidate is checked against the crate's
 //! 8-bit mode, bit for bit.
 

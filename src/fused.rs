@@ -24,8 +24,10 @@
 use crate::error::{ConfigError, Error, Result};
 
 /// Elements per chunk: the unit of work of one block, in both the step and the reduction.
+#[doc(hidden)]
 pub const CHUNK: usize = 8192;
 /// Threads per block.
+#[doc(hidden)]
 pub const THREADS: usize = 256;
 
 /// Options of every step until changed (`set_options`): persistent rather than per call,

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! with coupled (L2) or decoupled weight decay and `maximize`; see [`AdamaxConfig`] for
-//! the conventions and [`cpu`] for the exact arithmetic, which is the crate's spec.
+//! the conventions and [`spec`] for the exact arithmetic, which is the crate's spec.
 //!
 //! - [`Optimizer`]: the trait both optimizers implement with the same signatures.
 //! - [`cuda::CudaAdamax`]: the GPU optimizer. A step of a whole list of tensors is one
@@ -23,7 +23,8 @@
 //!   run before it. Tensors
 //!   may also live in one flat buffer ([`cuda::FlatLayout`]), so that a step's host
 //!   work does not grow with their number.
-//! - [`cpu::CpuAdamax`]: the reference, usable as a CPU fallback.
+//! - [`cpu::CpuAdamax`]: the spec applied on the host: the reference the GPU is compared
+//!   with, usable as a CPU fallback.
 //! - [`AdamaxConfig`]: hyperparameters; [`Default`] is PyTorch's `torch.optim.Adamax`.
 //! - [`Precision`]: storage modes that move fewer bytes: bf16 parameters rounded
 //!   stochastically without a master ([`ParamMode::Stochastic`]) and 8-bit blockwise
@@ -33,7 +34,7 @@
 //!   names.
 //!
 //! **Exactness.** The kernel is written to give the CPU reference's f32 results bit for
-//! bit (same operations, same order, no contraction; see [`cpu`]). Where that was
+//! bit (same operations, same order, no contraction; see [`spec`]). Where that was
 //! verified: on an NVIDIA H100 (2026-11-24, commit 6b9d566) for f32 parameters and for
 //! the f16/bf16 master weights and their rounded copies, across every configuration in
 //! `tests/gpu.rs`; the fused loss-scaler path failed there on growth steps and is fixed
@@ -43,11 +44,14 @@
 //! Nothing CUDA is needed to build: the driver and NVRTC are loaded at run time, and
 //! their absence is an [`Error`], not a panic.
 //!
-//! **Layout.** [`cpu`] is the spec and the CPU optimizer; [`fused`] the training-loop
-//! features and their reduction order; [`checkpoint`] the file format; [`cuda`] the GPU
-//! path, one job per module (NVRTC, cache, driver, device memory, control block,
-//! launches, raw pointers, the optimizer). `kernels/adamax.cu` is CUDA only; its struct
-//! layouts and entry-point names come from `src/cuda/args.rs` and `src/cuda/entry.rs`.
+//! **Layout**, lowest floor first (`tests/layers.rs` checks that no module imports one
+//! above it): the configuration and storage types; [`spec`], the rule and the low-bit
+//! codec; the state of a tensor, its parts and the table of storage modes
+//! (`src/state`); [`fused`], the training-loop features and their reduction order;
+//! [`checkpoint`], the file format; the [`Optimizer`] trait; [`cpu`]; and [`cuda`], the
+//! GPU path, one job per module (NVRTC, cache, driver, device memory, control block,
+//! tensor table, launches, the optimizer). `kernels/adamax.cu` is CUDA only; its struct
+//! layouts and entry-point names come from `src/cuda/args.rs` and the modes table.
 
 #![deny(missing_docs)]
 

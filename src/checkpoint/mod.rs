@@ -52,7 +52,7 @@
 //! run can reach (`src/checkpoint/valid.rs`): finite moments and scales, `exp_inf >=
 //! 0`, zero moments before a tensor's first step, AdaMax's bound `|exp_avg| <= c *
 //! exp_inf` with `c = (1 - beta1) / (1 - beta1 / beta2)` for f32 moments (derived, with
-//! its rounding slack, in `src/state.rs`), 8-bit blocks as the encoder writes them, at
+//! its rounding slack, in `src/state/bound.rs`), 8-bit blocks as the encoder writes them, at
 //! least one tensor. A file that fails is an [`Error::Checkpoint`] (an
 //! [`Error::Config`] for a configuration out of range, naming its field) and the live
 //! state stays as it was. Saving runs the same validation first, and plans the header
@@ -96,8 +96,10 @@ use crate::{
 };
 
 /// The format this crate writes.
+#[doc(hidden)]
 pub const FORMAT: &str = "adamax-cuda/2";
 /// The format of files made by PyTorch through scripts/torch_checkpoint.py.
+#[doc(hidden)]
 pub const TORCH_FORMAT: &str = "torch.optim.Adamax";
 
 /// An optimizer's whole state on the host: what a checkpoint file holds.

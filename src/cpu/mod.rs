@@ -21,6 +21,7 @@ use crate::{
 /// modes (the state must have been made for it, see [`TensorState::with_precision`]).
 /// Lengths are checked first; nothing is written when they disagree. The step taken is
 /// the tensor's `state.step + 1` (the caller counts it).
+#[doc(hidden)]
 pub fn step_tensor<T: Storage>(
     s: &StepScalars,
     precision: &Precision,

@@ -39,6 +39,7 @@ pub enum CacheOutcome {
 }
 
 /// Values of `ADAMAX_CUDA_CACHE` that switch the cache off (compared ignoring case).
+#[doc(hidden)]
 pub const OFF_VALUES: [&str; 5] = ["0", "off", "false", "no", "disabled"];
 
 /// The cache directory from environment variables, as documented in this module;
@@ -55,6 +56,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 /// as the XDG Base Directory specification says, and so is `HOME`.
 /// `ADAMAX_CUDA_CACHE_DIR` is the user's own choice and is taken as given (relative to
 /// the working directory when relative).
+#[doc(hidden)]
 pub fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf> {
     let set = |k: &str| env(k).filter(|v| !v.to_string_lossy().trim().is_empty());
     if let Some(v) = set("ADAMAX_CUDA_CACHE") {
@@ -80,6 +82,7 @@ pub fn cache_dir_from(env: impl Fn(&str) -> Option<OsString>) -> Option<PathBuf>
 }
 
 /// The entry file for `arch` with the loaded NVRTC, in `dir`.
+#[doc(hidden)]
 pub fn entry_path(dir: &Path, arch: Arch) -> Result<PathBuf> {
     let (major, minor) = nvrtc_version()?;
     let mut key = format!(
@@ -104,6 +107,7 @@ pub fn compile_cached(arch: Arch) -> Result<(Compiled, CacheOutcome)> {
 /// [`compile`] through the cache in `dir` (`None`: no cache).
 /// With the `tracing` feature, every outcome is an event: a hit (debug), a miss and
 /// the compile that follows (info, with its duration), a failed write (warn).
+#[doc(hidden)]
 pub fn compile_cached_in(dir: Option<&Path>, arch: Arch) -> Result<(Compiled, CacheOutcome)> {
     let Some(dir) = dir else {
         trace!(debug, %arch, "kernel cache off: compiling with NVRTC");

@@ -12,11 +12,14 @@ use crate::error::{Error, Result};
 use super::{args::layout_defines, entry::entry_points_define};
 
 /// The CUDA source, embedded by build.rs.
+#[doc(hidden)]
 pub const SOURCE: &str = crate::kernels::ADAMAX_CU;
 /// FNV-1a hash of [`SOURCE`] (a cache key).
+#[doc(hidden)]
 pub const SOURCE_HASH: u64 = crate::kernels::ADAMAX_CU_HASH;
 
 /// Oldest architecture the kernels support (Turing, sm_75): the oldest NVRTC 13 targets.
+#[doc(hidden)]
 pub const MIN_ARCH: Arch = Arch { major: 7, minor: 5 };
 
 /// A GPU architecture, as its compute capability.
@@ -59,6 +62,7 @@ pub struct Compiled {
 }
 
 /// Loads NVRTC if present; `Err(NvrtcNotFound)` instead of cudarc's panic otherwise.
+#[doc(hidden)]
 pub fn ensure_nvrtc() -> Result<()> {
     static PRESENT: OnceLock<bool> = OnceLock::new();
     if *PRESENT.get_or_init(super::libs::nvrtc_present) {
@@ -112,6 +116,7 @@ fn nvrtc_error(what: &str, e: result::NvrtcError) -> Error {
 }
 
 /// The NVRTC options for `target` (`sm_XX` or `compute_XX`).
+#[doc(hidden)]
 pub fn options(target: &str) -> Vec<String> {
     let mut o = vec![
         format!("--gpu-architecture={target}"),
@@ -129,12 +134,14 @@ pub fn options(target: &str) -> Vec<String> {
 
 /// Compiles the kernels for `arch`: a CUBIN when this NVRTC knows `arch`, else PTX for
 /// the newest architecture it knows (the driver JIT-compiles it for the device).
+#[doc(hidden)]
 pub fn compile(arch: Arch) -> Result<Compiled> {
     compile_source(SOURCE, arch)
 }
 
 /// [`compile`] for another source, with the same options: for tests and tools that
 /// check how failures are reported.
+#[doc(hidden)]
 pub fn compile_source(source: &str, arch: Arch) -> Result<Compiled> {
     ensure_nvrtc()?;
     let supported = supported_archs()?;

@@ -13,6 +13,7 @@ mod args;
 pub mod cache;
 pub mod compile;
 mod control;
+#[doc(hidden)]
 pub mod cubin;
 mod device;
 mod entry;
@@ -25,9 +26,12 @@ mod state;
 mod table;
 
 pub use cache::{compile_cached, CacheOutcome};
-pub use compile::{compile, compile_source, nvrtc_version, supported_archs, Arch, Compiled};
+#[doc(hidden)]
+pub use compile::{compile, compile_source};
+pub use compile::{nvrtc_version, supported_archs, Arch, Compiled};
 pub use cudarc;
 pub use device::{borrow_stream, default_stream, device_count, ensure_driver};
+#[doc(hidden)]
 pub use entry::EntryPoint;
 pub use layout::{FlatLayout, FLAT_ALIGN};
 pub use optimizer::{CudaAdamax, GpuStorage, RawParam, RawTensor};

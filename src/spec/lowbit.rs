@@ -69,6 +69,7 @@ const K_TENSOR: u64 = 0xAEF1_7502_108E_F2D9;
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// splitmix64's output function: a bijective 64-bit mix.
+#[doc(hidden)]
 pub const fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -76,31 +77,37 @@ pub const fn mix64(mut z: u64) -> u64 {
 }
 
 /// The key of tensor `tensor`'s stream in its step `t` (from 1).
+#[doc(hidden)]
 pub const fn stream_key(seed: u64, t: u64, tensor: u64) -> u64 {
     mix64(mix64(seed ^ t.wrapping_mul(K_STEP)) ^ tensor.wrapping_mul(K_TENSOR))
 }
 
 /// The 64 random bits of element `i` of a stream.
+#[doc(hidden)]
 pub const fn element_bits(key: u64, i: u64) -> u64 {
     mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)))
 }
 
 /// The 16 bits that round the parameter.
+#[doc(hidden)]
 pub const fn param_bits(bits: u64) -> u32 {
     (bits & 0xFFFF) as u32
 }
 
 /// The 24 bits that round the first moment.
+#[doc(hidden)]
 pub const fn exp_avg_bits(bits: u64) -> u32 {
     ((bits >> 16) & 0xFF_FFFF) as u32
 }
 
 /// The 24 bits that round the infinity norm.
+#[doc(hidden)]
 pub const fn exp_inf_bits(bits: u64) -> u32 {
     (bits >> 40) as u32
 }
 
 /// `x` rounded to bf16 stochastically with the 16 random bits `r` (see the module docs).
+#[doc(hidden)]
 pub fn round_bf16_stochastic(x: f32, r: u32) -> bf16 {
     let b = x.to_bits();
     if (b & 0x7FFF_FFFF) > 0x7F80_0000 {

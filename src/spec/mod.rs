@@ -84,6 +84,7 @@ use crate::{
 
 /// Weight decay as the element update applies it; `None` when the factor is 0.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[doc(hidden)]
 pub enum Decay {
     /// No weight decay.
     None,
@@ -103,6 +104,7 @@ pub enum Decay {
 ///
 /// Both the CPU reference and the GPU kernel use exactly these values.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[doc(hidden)]
 pub struct StepScalars {
     /// `f32(beta1)`.
     pub beta1: f32,
@@ -125,6 +127,7 @@ pub struct StepScalars {
 /// `base^exp` by repeated squaring: only IEEE multiplications, so a device that
 /// computes it the same way gets the same bits (unlike `powf`, whose last bit differs
 /// between math libraries).
+#[doc(hidden)]
 pub fn powi_exact(base: f64, mut exp: u64) -> f64 {
     let (mut acc, mut b) = (1.0f64, base);
     while exp > 0 {
@@ -139,6 +142,7 @@ pub fn powi_exact(base: f64, mut exp: u64) -> f64 {
 
 /// `1 - beta1^t`, the bias correction of step `t`, in f64 (the kernel computes it the
 /// same way when the step count lives on the device).
+#[doc(hidden)]
 pub fn bias_correction(beta1: f64, t: u64) -> f64 {
     1.0 - powi_exact(beta1, t)
 }
@@ -192,6 +196,7 @@ impl StepScalars {
 
 /// One element's state after a step.
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[doc(hidden)]
 pub struct Element {
     /// Parameter (or master weight).
     pub param: f32,
@@ -216,6 +221,7 @@ pub(crate) fn max_propagating_nan(a: f32, b: f32) -> f32 {
 /// The AdaMax update of one element: the rule of this crate, in one place.
 /// `kernels/adamax.cu`'s `adamax_update` is its line-by-line twin.
 #[inline(always)]
+#[doc(hidden)]
 pub fn update(s: &StepScalars, param: f32, grad: f32, exp_avg: f32, exp_inf: f32) -> Element {
     let mut g = if s.maximize { -grad } else { grad };
     let p = param;

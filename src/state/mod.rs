@@ -11,6 +11,8 @@ pub(crate) mod parts;
 pub(crate) use bound::MomentBound;
 pub(crate) use modes::Mode;
 
+#[cfg(doc)]
+use crate::config::{ParamMode, StateFormat};
 use crate::{
     config::{AdamaxConfig, Precision, TensorHyper},
     error::{Error, Result},
