@@ -99,7 +99,7 @@ fn compiles_every_entry_point(arch: Arch) -> Result<(), Failed> {
     if c.is_ptx {
         return Err(format!("NVRTC fell back to PTX for {arch}: it should support it").into());
     }
-    let names = EntryPoint::ALL.map(EntryPoint::name);
+    let names: Vec<&str> = EntryPoint::all().map(EntryPoint::name).collect();
     for note in audit(&c, &names)? {
         eprintln!("{note}");
     }

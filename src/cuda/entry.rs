@@ -1,15 +1,19 @@
-//! The kernel's entry points, in one table.
+//! The kernel's entry points: one update per row of the modes table
+//! (`crate::state::modes::MODES`), and per storage type a reduction and a master-weight
+//! initialisation, plus the decision pass.
 //!
 //! # NOTE: the names come from here
 //!
 //! `kernels/adamax.cu` writes what each kind of entry point does once, as a macro over
-//! a name and a storage type (`ADAMAX_STEP(name, T)`, ...), and defines no entry point
-//! itself: NVRTC gets the list `-DADAMAX_ENTRY_POINTS=ADAMAX_STEP(adamax_step_f32, float)
-//! ...` built from [`EntryPoint::ALL`] below. So the names the CUBIN exports and the
-//! names the loader looks up are the same strings, from this table.
+//! a name and a storage type (`ADAMAX_STEP(name, T, ...)`, ...), and defines no entry
+//! point itself: NVRTC gets the list `-DADAMAX_ENTRY_POINTS=ADAMAX_STEP(adamax_step_f32,
+//! float, ...) ...` built from [`EntryPoint::all`] below. So the names the CUBIN exports
+//! and the names the loader looks up are the same strings, from the modes table and this
+//! module.
 
 use crate::{
     config::{ParamMode, Precision, StateFormat},
+    state::{modes::MODES, Mode},
     storage::StorageType,
 };
 
@@ -18,148 +22,115 @@ use super::args::{MODE_Q8, MODE_SR};
 /// One `extern "C"` entry point of the kernel source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EntryPoint {
-    /// The update of f32 parameters.
-    StepF32,
-    /// The update of f16 parameters with f32 masters.
-    StepF16,
-    /// The update of bf16 parameters with f32 masters.
-    StepBf16,
-    /// bf16 parameters rounded stochastically, no master ([`ParamMode::Stochastic`]).
-    StepBf16Sr,
-    /// f32 parameters, 8-bit moments ([`StateFormat::Blockwise8`]).
-    StepF32Q8,
-    /// f16 parameters with f32 masters, 8-bit moments.
-    StepF16Q8,
-    /// bf16 parameters with f32 masters, 8-bit moments.
-    StepBf16Q8,
-    /// bf16 parameters rounded stochastically, 8-bit moments: the 10-byte step.
-    StepBf16SrQ8,
-    /// The overflow check and per-chunk sums of squares of f32 gradients.
-    ReduceF32,
-    /// The same for f16 gradients.
-    ReduceF16,
-    /// The same for bf16 gradients.
-    ReduceBf16,
+    /// The update of one storage mode: its row in the crate's modes table.
+    Step(usize),
+    /// The overflow check and per-chunk sums of squares of gradients of a type.
+    Reduce(StorageType),
     /// The one-block decision pass: skip, clip coefficient, step count, loss scale.
     Finalize,
-    /// Master weights from f16 parameters.
-    InitMasterF16,
-    /// Master weights from bf16 parameters.
-    InitMasterBf16,
+    /// Master weights from 16-bit parameters of a type.
+    InitMaster(StorageType),
 }
 
+/// Storage types with master weights, in [`StorageType::ALL`]'s order.
+const MASTERED: [StorageType; 2] = [StorageType::F16, StorageType::Bf16];
+
 impl EntryPoint {
-    /// Every entry point, in the order the loader keeps them.
-    pub const ALL: [EntryPoint; 14] = [
-        EntryPoint::StepF32,
-        EntryPoint::StepF16,
-        EntryPoint::StepBf16,
-        EntryPoint::StepBf16Sr,
-        EntryPoint::StepF32Q8,
-        EntryPoint::StepF16Q8,
-        EntryPoint::StepBf16Q8,
-        EntryPoint::StepBf16SrQ8,
-        EntryPoint::ReduceF32,
-        EntryPoint::ReduceF16,
-        EntryPoint::ReduceBf16,
-        EntryPoint::Finalize,
-        EntryPoint::InitMasterF16,
-        EntryPoint::InitMasterBf16,
-    ];
+    /// Every entry point, in the order the loader keeps them ([`EntryPoint::index`]).
+    pub fn all() -> impl Iterator<Item = EntryPoint> {
+        (0..MODES.len())
+            .map(EntryPoint::Step)
+            .chain(StorageType::ALL.map(EntryPoint::Reduce))
+            .chain([EntryPoint::Finalize])
+            .chain(MASTERED.map(EntryPoint::InitMaster))
+    }
+
+    /// How many there are.
+    pub const COUNT: usize = MODES.len() + StorageType::ALL.len() + 1 + MASTERED.len();
 
     /// The update of parameters of `storage` kept in `precision`; `None` for a mode
     /// the type does not have (stochastic rounding of f32 or f16).
-    pub const fn step(storage: StorageType, precision: &Precision) -> Option<Self> {
-        use {EntryPoint as E, StorageType as S};
-        Some(match (storage, precision.params, precision.state) {
-            (S::F32, ParamMode::Master, StateFormat::F32) => E::StepF32,
-            (S::F16, ParamMode::Master, StateFormat::F32) => E::StepF16,
-            (S::Bf16, ParamMode::Master, StateFormat::F32) => E::StepBf16,
-            (S::Bf16, ParamMode::Stochastic, StateFormat::F32) => E::StepBf16Sr,
-            (S::F32, ParamMode::Master, StateFormat::Blockwise8) => E::StepF32Q8,
-            (S::F16, ParamMode::Master, StateFormat::Blockwise8) => E::StepF16Q8,
-            (S::Bf16, ParamMode::Master, StateFormat::Blockwise8) => E::StepBf16Q8,
-            (S::Bf16, ParamMode::Stochastic, StateFormat::Blockwise8) => E::StepBf16SrQ8,
-            (S::F32 | S::F16, ParamMode::Stochastic, _) => return None,
-        })
+    pub fn step(storage: StorageType, precision: &Precision) -> Option<Self> {
+        Mode::of(storage, precision).map(|m| EntryPoint::Step(m.index()))
     }
 
     /// The reduction over gradients of `storage`.
     pub const fn reduce(storage: StorageType) -> Self {
-        match storage {
-            StorageType::F32 => EntryPoint::ReduceF32,
-            StorageType::F16 => EntryPoint::ReduceF16,
-            StorageType::Bf16 => EntryPoint::ReduceBf16,
-        }
+        EntryPoint::Reduce(storage)
     }
 
     /// The master-weight initialisation of `storage`; `None` for f32, which has none.
     pub const fn init_master(storage: StorageType) -> Option<Self> {
-        match storage {
-            StorageType::F32 => None,
-            StorageType::F16 => Some(EntryPoint::InitMasterF16),
-            StorageType::Bf16 => Some(EntryPoint::InitMasterBf16),
+        if storage.has_master() {
+            Some(EntryPoint::InitMaster(storage))
+        } else {
+            None
         }
     }
 
     /// The symbol the kernel exports.
-    pub const fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
+        use StorageType as S;
         match self {
-            EntryPoint::StepF32 => "adamax_step_f32",
-            EntryPoint::StepF16 => "adamax_step_f16",
-            EntryPoint::StepBf16 => "adamax_step_bf16",
-            EntryPoint::StepBf16Sr => "adamax_step_bf16_sr",
-            EntryPoint::StepF32Q8 => "adamax_step_f32_q8",
-            EntryPoint::StepF16Q8 => "adamax_step_f16_q8",
-            EntryPoint::StepBf16Q8 => "adamax_step_bf16_q8",
-            EntryPoint::StepBf16SrQ8 => "adamax_step_bf16_sr_q8",
-            EntryPoint::ReduceF32 => "adamax_reduce_f32",
-            EntryPoint::ReduceF16 => "adamax_reduce_f16",
-            EntryPoint::ReduceBf16 => "adamax_reduce_bf16",
+            EntryPoint::Step(i) => MODES.get(i).map_or("adamax_step_unknown", |m| m.entry),
+            EntryPoint::Reduce(S::F32) => "adamax_reduce_f32",
+            EntryPoint::Reduce(S::F16) => "adamax_reduce_f16",
+            EntryPoint::Reduce(S::Bf16) => "adamax_reduce_bf16",
             EntryPoint::Finalize => "adamax_finalize_step",
-            EntryPoint::InitMasterF16 => "adamax_init_master_f16",
-            EntryPoint::InitMasterBf16 => "adamax_init_master_bf16",
+            EntryPoint::InitMaster(S::F16) => "adamax_init_master_f16",
+            EntryPoint::InitMaster(S::Bf16) => "adamax_init_master_bf16",
+            // No such kernel: f32 parameters are their own master.
+            EntryPoint::InitMaster(S::F32) => "adamax_init_master_f32",
         }
     }
 
-    /// Position in [`EntryPoint::ALL`].
-    pub(crate) const fn index(self) -> usize {
-        self as usize
+    /// Position in [`EntryPoint::all`].
+    pub(crate) fn index(self) -> usize {
+        let position =
+            |t: StorageType, list: &[StorageType]| list.iter().position(|&x| x == t).unwrap_or(0);
+        let modes = MODES.len();
+        let types = StorageType::ALL.len();
+        match self {
+            EntryPoint::Step(i) => i,
+            EntryPoint::Reduce(t) => modes + position(t, &StorageType::ALL),
+            EntryPoint::Finalize => modes + types,
+            EntryPoint::InitMaster(t) => modes + types + 1 + position(t, &MASTERED),
+        }
     }
 
-    /// The kernel macro that defines it, its storage type in CUDA (if any), and (for
-    /// an update) its mode bits.
-    const fn definition(self) -> (&'static str, Option<&'static str>, Option<u32>) {
-        use EntryPoint as E;
+    /// Its definition in the kernel's list: the macro, the storage type in CUDA, and
+    /// (for an update) the mode bits.
+    fn definition(self) -> String {
+        let cuda = |t: StorageType| match t {
+            StorageType::F32 => "float",
+            StorageType::F16 => "f16",
+            StorageType::Bf16 => "bf16",
+        };
+        let name = self.name();
         match self {
-            E::StepF32 => ("ADAMAX_STEP", Some("float"), Some(0)),
-            E::StepF16 => ("ADAMAX_STEP", Some("f16"), Some(0)),
-            E::StepBf16 => ("ADAMAX_STEP", Some("bf16"), Some(0)),
-            E::StepBf16Sr => ("ADAMAX_STEP", Some("bf16"), Some(MODE_SR)),
-            E::StepF32Q8 => ("ADAMAX_STEP", Some("float"), Some(MODE_Q8)),
-            E::StepF16Q8 => ("ADAMAX_STEP", Some("f16"), Some(MODE_Q8)),
-            E::StepBf16Q8 => ("ADAMAX_STEP", Some("bf16"), Some(MODE_Q8)),
-            E::StepBf16SrQ8 => ("ADAMAX_STEP", Some("bf16"), Some(MODE_SR | MODE_Q8)),
-            E::ReduceF32 => ("ADAMAX_REDUCE", Some("float"), None),
-            E::ReduceF16 => ("ADAMAX_REDUCE", Some("f16"), None),
-            E::ReduceBf16 => ("ADAMAX_REDUCE", Some("bf16"), None),
-            E::Finalize => ("ADAMAX_FINALIZE", None, None),
-            E::InitMasterF16 => ("ADAMAX_INIT_MASTER", Some("f16"), None),
-            E::InitMasterBf16 => ("ADAMAX_INIT_MASTER", Some("bf16"), None),
+            EntryPoint::Step(i) => {
+                let Some(m) = MODES.get(i) else {
+                    return String::new();
+                };
+                let mut bits = 0;
+                if m.params == ParamMode::Stochastic {
+                    bits |= MODE_SR;
+                }
+                if m.state == StateFormat::Blockwise8 {
+                    bits |= MODE_Q8;
+                }
+                format!("ADAMAX_STEP({name}, {}, {bits})", cuda(m.storage))
+            }
+            EntryPoint::Reduce(t) => format!("ADAMAX_REDUCE({name}, {})", cuda(t)),
+            EntryPoint::Finalize => format!("ADAMAX_FINALIZE({name})"),
+            EntryPoint::InitMaster(t) => format!("ADAMAX_INIT_MASTER({name}, {})", cuda(t)),
         }
     }
 }
 
 /// The `-D` define that makes the kernel source export every entry point.
 pub(crate) fn entry_points_define() -> String {
-    let list: Vec<String> = EntryPoint::ALL
-        .iter()
-        .map(|e| match e.definition() {
-            (m, Some(t), Some(mode)) => format!("{m}({}, {t}, {mode})", e.name()),
-            (m, Some(t), None) => format!("{m}({}, {t})", e.name()),
-            (m, None, _) => format!("{m}({})", e.name()),
-        })
-        .collect();
+    let list: Vec<String> = EntryPoint::all().map(EntryPoint::definition).collect();
     format!("-DADAMAX_ENTRY_POINTS={}", list.join(" "))
 }
 
@@ -191,14 +162,23 @@ mod tests {
 
     #[test]
     fn the_table_is_in_index_order_and_every_storage_type_has_its_entry_points() {
-        for (i, e) in EntryPoint::ALL.iter().enumerate() {
+        let all: Vec<EntryPoint> = EntryPoint::all().collect();
+        assert_eq!(all.len(), EntryPoint::COUNT);
+        for (i, e) in all.iter().enumerate() {
             assert_eq!(e.index(), i, "{e:?}");
         }
+        let mut names: Vec<&str> = all.iter().map(|e| e.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), EntryPoint::COUNT, "every name is its own");
         for t in StorageType::ALL {
             let step = EntryPoint::step(t, &Precision::default());
             assert!(step.is_some_and(|e| e.name().ends_with(t.as_str())));
             assert!(EntryPoint::reduce(t).name().ends_with(t.as_str()));
             assert_eq!(EntryPoint::init_master(t).is_some(), t.has_master());
+            if let Some(e) = EntryPoint::init_master(t) {
+                assert!(e.name().ends_with(t.as_str()));
+            }
         }
         let d = entry_points_define();
         assert!(d.contains("ADAMAX_STEP(adamax_step_bf16, bf16, 0)"), "{d}");

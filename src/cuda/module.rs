@@ -93,8 +93,7 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     let module = ctx
         .load_module(image)
         .map_err(Error::driver("loading the compiled kernels"))?;
-    let functions = EntryPoint::ALL
-        .iter()
+    let functions = EntryPoint::all()
         .map(|e| {
             module
                 .load_function(e.name())
