@@ -133,39 +133,16 @@ fn bench_modes(c: &mut Criterion, stream: &Arc<CudaStream>) {
     use adamax_cuda::{ParamMode as P, StateFormat as S};
     let mut group = c.benchmark_group("modes_2^26");
     group.sample_size(20);
-    // Bytes moved per element, x 16.
-    bench_mode::<f32>(&mut group, stream, "f32", P::Master, S::F32, 28 * 16);
-    bench_mode::<f32>(
-        &mut group,
-        stream,
-        "f32_q8",
-        P::Master,
-        S::Blockwise8,
-        16 * 16 + 1,
-    );
-    bench_mode::<bf16>(
-        &mut group,
-        stream,
-        "bf16_master",
-        P::Master,
-        S::F32,
-        28 * 16,
-    );
-    bench_mode::<bf16>(
-        &mut group,
-        stream,
-        "bf16_sr",
-        P::Stochastic,
-        S::F32,
-        22 * 16,
-    );
+    bench_mode::<f32>(&mut group, stream, "f32", P::Master, S::F32);
+    bench_mode::<f32>(&mut group, stream, "f32_q8", P::Master, S::Blockwise8);
+    bench_mode::<bf16>(&mut group, stream, "bf16_master", P::Master, S::F32);
+    bench_mode::<bf16>(&mut group, stream, "bf16_sr", P::Stochastic, S::F32);
     bench_mode::<bf16>(
         &mut group,
         stream,
         "bf16_master_q8",
         P::Master,
         S::Blockwise8,
-        16 * 16 + 1,
     );
     bench_mode::<bf16>(
         &mut group,
@@ -173,7 +150,6 @@ fn bench_modes(c: &mut Criterion, stream: &Arc<CudaStream>) {
         "bf16_sr_q8",
         P::Stochastic,
         S::Blockwise8,
-        10 * 16 + 1,
     );
     group.finish();
 }
@@ -186,7 +162,6 @@ fn bench_mode<T: GpuStorage>(
     name: &str,
     params: adamax_cuda::ParamMode,
     state: adamax_cuda::StateFormat,
-    bytes16: u64,
 ) {
     let n: u64 = 1 << 26;
     let config = AdamaxConfig {
@@ -206,7 +181,11 @@ fn bench_mode<T: GpuStorage>(
     let param_and_grad = 2.0 * std::mem::size_of::<T>() as f64;
     let state_bytes = (before - free()) as f64 / 2.0 / n as f64 - param_and_grad;
     eprintln!("modes_2^26/{name}: {state_bytes:.3} bytes of device state per parameter");
-    let bytes = n * bytes16 / 16;
+    // The bytes the step moves, from the crate's modes table.
+    let bytes = config
+        .precision
+        .bytes_moved(T::TYPE, n as usize)
+        .expect("a mode the storage type has");
     group.throughput(Throughput::Bytes(bytes));
     group.bench_function(BenchmarkId::new("adamax", name), |b| {
         b.iter_custom(|iters| timed(stream, iters, |i| sets[i % 2].step()))
