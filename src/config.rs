@@ -297,6 +297,23 @@ fn check(
 /// Per-tensor hyperparameters, PyTorch's parameter groups: the tensor's learning rate is
 /// `lr_scale * config.lr` (so a schedule that changes `lr` moves every group alike), and
 /// its weight decay replaces `config.weight_decay` (0 for biases and norms, typically).
+///
+/// Tensors are named by their index in the list the optimizer was built with; a group
+/// is the indices you give the same settings, for instance every bias and norm gain:
+///
+/// ```
+/// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Optimizer, TensorHyper};
+/// let (w, b) = (vec![0.5f32; 6], vec![0.0f32; 3]);
+/// let config = AdamaxConfig { weight_decay: 0.01, ..AdamaxConfig::default() };
+/// let mut opt = CpuAdamax::new(config, &[&w, &b])?;
+/// let no_decay = [1]; // the bias
+/// for i in no_decay {
+///     opt.set_tensor_hyper(i, TensorHyper::no_decay())?;
+/// }
+/// # Ok::<(), adamax_cuda::Error>(())
+/// ```
+///
+/// [`Default`] is the global learning rate and no weight decay, [`TensorHyper::no_decay`].
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TensorHyper {
@@ -306,7 +323,21 @@ pub struct TensorHyper {
     pub weight_decay: f64,
 }
 
+impl Default for TensorHyper {
+    fn default() -> Self {
+        Self::no_decay()
+    }
+}
+
 impl TensorHyper {
+    /// The global learning rate and no weight decay: for biases and norm gains.
+    pub const fn no_decay() -> Self {
+        Self {
+            lr_scale: 1.0,
+            weight_decay: 0.0,
+        }
+    }
+
     /// What a tensor gets when nothing is set: the global learning rate and decay.
     pub fn from_config(config: &AdamaxConfig) -> Self {
         Self {

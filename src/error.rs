@@ -9,7 +9,7 @@
 /// assert!(matches!(err, ConfigError::OutOfRange { field: "beta1", .. }));
 /// println!("{err}"); // AdaMax config: `beta1` is 1, outside the allowed range (0 <= beta1 < 1)
 /// ```
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[derive(Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// NaN or infinite hyperparameter.
@@ -21,7 +21,7 @@ pub enum ConfigError {
         value: f64,
     },
     /// Finite, but outside the range the rule is defined on.
-    #[error("AdaMax config: `{field}` is {value}, outside the allowed range ({allowed})")]
+    #[error("AdaMax config: `{field}` is {}, outside the allowed range ({allowed})", Num(*.value))]
     OutOfRange {
         /// Name of the field, as spelled in `AdamaxConfig`.
         field: &'static str,
@@ -32,7 +32,7 @@ pub enum ConfigError {
     },
     /// Finite and in range, but an f32 scalar the step derives from it would be
     /// infinite (f32's largest value is about 3.4e38).
-    #[error("AdaMax config: `{field}` is {value}, which makes the step's f32 scalar `{scalar}` infinite; use a value small enough for f32")]
+    #[error("AdaMax config: `{field}` is {}, which makes the step's f32 scalar `{scalar}` infinite; use a value small enough for f32", Num(*.value))]
     NotRepresentable {
         /// The field to change.
         field: &'static str,
@@ -43,7 +43,7 @@ pub enum ConfigError {
     },
     /// Decoupled weight decay whose per-step factor `1 - lr * lr_scale * weight_decay`
     /// is at or below 0: the weights would flip sign or grow each step.
-    #[error("AdaMax config: decoupled weight decay with lr {lr} x lr_scale {lr_scale} x weight_decay {weight_decay} = {product} would multiply the weights by 1 - {product} <= 0 every step; keep lr * lr_scale * weight_decay below 1 (lower the learning rate or the decay)")]
+    #[error("AdaMax config: decoupled weight decay with lr {} x lr_scale {} x weight_decay {} = {} would multiply the weights by 1 - {} <= 0 every step; keep lr * lr_scale * weight_decay below 1 (lower the learning rate or the decay)", Num(*.lr), Num(*.lr_scale), Num(*.weight_decay), Num(*.product), Num(*.product))]
     DecayFactor {
         /// The learning rate.
         lr: f64,
@@ -83,7 +83,7 @@ pub enum ConfigError {
 /// }
 /// # Ok::<(), adamax_cuda::Error>(())
 /// ```
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// Invalid hyperparameters.
@@ -236,8 +236,10 @@ pub enum Error {
         reason: String,
     },
     /// Reading or writing a file failed.
-    #[error("AdaMax: I/O on {}: {source}", path.display())]
+    #[error("AdaMax: {action} {}: {source}", path.display())]
     Io {
+        /// What was being done: `"reading"`, `"writing"`.
+        action: &'static str,
         /// The file.
         path: std::path::PathBuf,
         /// The OS error.
@@ -259,6 +261,34 @@ pub enum Error {
         /// Compute capability, minor.
         minor: i32,
     },
+}
+
+/// `Debug` is the message (as `anyhow` prints it), so that `fn main() -> Result<()>`
+/// and `unwrap` show what to do, not just a variant's name.
+macro_rules! debug_is_display {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::Display::fmt(self, f)
+            }
+        }
+    )*};
+}
+debug_is_display!(Error, ConfigError);
+
+/// A number as a message shows it: plainly in everyday ranges, in scientific notation
+/// beyond them (`1e40`, not forty-one digits).
+struct Num(f64);
+
+impl std::fmt::Display for Num {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let a = self.0.abs();
+        if a == 0.0 || !a.is_finite() || (1e-4..1e15).contains(&a) {
+            write!(f, "{}", self.0)
+        } else {
+            write!(f, "{:e}", self.0)
+        }
+    }
 }
 
 /// Shorthand for results of this crate.

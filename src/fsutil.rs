@@ -22,6 +22,7 @@ pub(crate) fn write_atomically_with(
     write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
 ) -> Result<()> {
     let io_err = |source| Error::Io {
+        action: "writing",
         path: path.to_owned(),
         source,
     };

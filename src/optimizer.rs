@@ -19,6 +19,13 @@ use crate::{
 /// `loss_scaler`, `state`, `checkpoint`) synchronise its stream and return a
 /// `Result` on both, so that the same code serves either.
 ///
+/// For PyTorch users: there is no `zero_grad` (the optimizer never owns or accumulates
+/// gradients; a step reads the buffers you pass it), and clipping, the overflow check,
+/// unscaling and the loss scaler are settings kept between steps
+/// ([`Optimizer::set_options`], [`Optimizer::set_loss_scaler`]) that every step then
+/// applies inside the same launch, not calls made before each step. A parameter group
+/// is a set of tensor indices given the same [`TensorHyper`].
+///
 /// ```
 /// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Optimizer};
 ///
@@ -113,17 +120,21 @@ pub trait Optimizer {
         })
     }
 
-    /// Writes the whole state to a checkpoint file at `path`, atomically, as
+    /// Writes the optimizer's state to a checkpoint file at `path`, atomically, as
     /// [`Checkpoint::save`] does (and refusing what it refuses). The GPU optimizer
     /// streams it from the device one tensor at a time, so the host holds one tensor's
-    /// state, not the model's.
-    fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+    /// state, not the model's. The parameters are not in it: save them with your model
+    /// (for 16-bit parameters kept with a master, the master weights in the file are
+    /// the truth).
+    fn save_checkpoint(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         self.checkpoint()?.save(path)
     }
 
     /// Replaces configuration, per-tensor settings, step options, loss scaler, step
-    /// count and state with `ck`'s, after checking that it fits (storage type, tensor count and lengths). All or
-    /// nothing: a refused checkpoint changes nothing. The parameters are the caller's
-    /// to restore (for 16-bit storage, the master weights in `ck` are the truth).
+    /// count and state with `ck`'s, after checking that it fits (storage type, tensor
+    /// count and lengths). All or nothing: a refused checkpoint changes nothing. The
+    /// parameters are the caller's to restore; for 16-bit storage kept with a master,
+    /// the master weights in `ck` are the truth and [`Checkpoint::params`] gives the
+    /// 16-bit parameters rounded from them.
     fn restore(&mut self, ck: &Checkpoint) -> Result<()>;
 }

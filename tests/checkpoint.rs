@@ -1178,3 +1178,70 @@ fn metadata_values_are_read_only_as_written() {
         );
     }
 }
+
+/// Issue #23: the 16-bit parameters a checkpoint's masters stand for are the ones the
+/// run wrote (the CPU reference rounds each step's master the same way); modes and types
+/// without masters are refused with what to do.
+#[test]
+fn params_from_masters_are_the_parameters_the_run_wrote() {
+    use adamax_cuda::{bf16, f16, ParamMode, Precision, Storage};
+    fn run<T: Storage>(precision: Precision) -> (Vec<Vec<T>>, Checkpoint) {
+        let mut p = vec![
+            (0..300)
+                .map(|i| T::from_f32((i as f32).cos()))
+                .collect::<Vec<T>>(),
+            vec![T::from_f32(1.5); 5],
+        ];
+        let refs: Vec<&[T]> = p.iter().map(|x| x.as_slice()).collect();
+        let config = AdamaxConfig {
+            lr: 1e-2,
+            precision,
+            ..AdamaxConfig::default()
+        };
+        let mut opt = CpuAdamax::new(config, &refs).unwrap();
+        for s in 0..4 {
+            let g: Vec<Vec<T>> = p
+                .iter()
+                .map(|x| {
+                    (0..x.len())
+                        .map(|i| T::from_f32(((i + s) as f32).sin()))
+                        .collect()
+                })
+                .collect();
+            let mut pm: Vec<&mut [T]> = p.iter_mut().map(|x| x.as_mut_slice()).collect();
+            let gr: Vec<&[T]> = g.iter().map(|x| x.as_slice()).collect();
+            opt.step(&mut pm, &gr).unwrap();
+        }
+        (p, opt.checkpoint().unwrap())
+    }
+    let bits =
+        |v: &Vec<Vec<f32>>| -> Vec<u32> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+    let (p, ck) = run::<bf16>(Precision::default());
+    let widen = |v: &Vec<Vec<bf16>>| {
+        v.iter()
+            .map(|t| t.iter().map(|x| x.to_f32()).collect())
+            .collect()
+    };
+    assert_eq!(
+        bits(&widen(&ck.params::<bf16>().unwrap())),
+        bits(&widen(&p))
+    );
+    let (p16, ck16) = run::<f16>(Precision::default());
+    assert_eq!(ck16.params::<f16>().unwrap(), p16);
+    let refused = |r: adamax_cuda::Result<()>, says: &str| match r {
+        Err(Error::Checkpoint { reason }) => assert!(reason.contains(says), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    refused(
+        ck.params::<f16>().map(|_| ()),
+        "it holds bf16 parameters, not f16",
+    );
+    let (_, ck32) = run::<f32>(Precision::default());
+    refused(ck32.params::<f32>().map(|_| ()), "save them with the model");
+    let sr = Precision {
+        params: ParamMode::Stochastic,
+        ..Precision::default()
+    };
+    let (_, cksr) = run::<bf16>(sr);
+    refused(cksr.params::<bf16>().map(|_| ()), "rounded stochastically");
+}

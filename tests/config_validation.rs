@@ -586,3 +586,33 @@ fn a_scaler_that_keeps_backing_off_stops_at_its_floor_and_saves() {
     raw.update(true);
     assert_eq!(raw.scale, 0.5, "below 1 without a floor, as PyTorch");
 }
+
+/// Issue #23: a value far out of range is shown in scientific notation, and `Debug`
+/// (what `fn main() -> Result<()>` and `unwrap` print) is the message with its hint.
+#[test]
+fn messages_show_numbers_readably_and_debug_keeps_the_hint() {
+    let e = AdamaxConfig {
+        lr: 1e40,
+        ..AdamaxConfig::default()
+    }
+    .validate()
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("is 1e40,"), "{msg}");
+    assert_eq!(format!("{e:?}"), msg);
+    let e = AdamaxConfig {
+        beta1: 1.0,
+        ..AdamaxConfig::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(e.to_string().contains("`beta1` is 1,"), "{e}");
+    let e = adamax_cuda::Error::DriverNotFound;
+    assert!(
+        format!("{e:?}").contains("install the NVIDIA driver"),
+        "{e:?}"
+    );
+    let missing = std::env::temp_dir().join("adamax-no-such-checkpoint.safetensors");
+    let e = adamax_cuda::Checkpoint::load(&missing).unwrap_err();
+    assert!(e.to_string().contains("reading"), "{e}");
+}

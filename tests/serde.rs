@@ -1,5 +1,5 @@
-//! The settings types round-trip through serde (with `--features serde`; CI runs it).
-#![cfg(feature = "serde")]
+//! The settings types round-trip through serde. Built only with `--features serde`
+//! (`required-features` in Cargo.toml; CI runs it).
 
 use adamax_cuda::{
     AdamaxConfig, EpsilonMode, LossScaler, StepOptions, StepReport, TensorHyper, WeightDecayMode,

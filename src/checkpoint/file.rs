@@ -350,7 +350,7 @@ pub(super) fn read(r: &mut impl Read, total_len: u64) -> Result<RawFile, ReadErr
     let n = u64::from_le_bytes(len);
     if check_header_len(n).is_err() || n > total_len - 8 {
         return Err(bad(format!(
-            "its header claims {n} bytes; the file has {total_len} and headers are at most {MAX_HEADER}"
+            "it is not an adamax-cuda or safetensors file (its header claims {n} bytes; the file has {total_len} and headers are at most {MAX_HEADER}); pass a file written by Checkpoint::save or scripts/torch_checkpoint.py"
         )));
     }
     let mut header = vec![0u8; n as usize];

@@ -72,6 +72,7 @@
 //! # Ok::<(), adamax_cuda::Error>(())
 //! ```
 
+mod convert;
 mod file;
 mod head;
 mod parse;
@@ -87,7 +88,6 @@ use crate::{
     },
     error::{Error, Result},
     fused::{LossScaler, StepOptions},
-    spec::lowbit::{Blockwise8, EXP_AVG_CODE, EXP_INF_CODE},
     state::{
         parts::{Data, Elem, Part},
         Mode, MomentBound, TensorState,
@@ -287,8 +287,8 @@ impl Checkpoint {
         self.check_precision(precision)?;
         if self.storage != storage {
             return Err(refuse(format!(
-                "it holds {} parameters; this optimizer steps {storage}",
-                self.storage
+                "it holds the state of {} parameters; this optimizer steps {storage}; restore it into a CudaAdamax or CpuAdamax of {} (the state of a master-weight run does not depend on the 16-bit type: load, set `storage`, and restore)",
+                self.storage, self.storage
             )));
         }
         if self.tensors.len() != lens.len() {
@@ -323,41 +323,6 @@ impl Checkpoint {
             )));
         }
         Ok(())
-    }
-
-    /// The same checkpoint with its moments in `format`: 8-bit state is decoded
-    /// exactly to f32 (PyTorch's `exp_avg` and `exp_inf`, for a PyTorch optimizer or an
-    /// f32-state run), and f32 state is encoded to 8 bits with round-to-nearest
-    /// ([`Blockwise8::from_f32`]), deterministic. The parameter mode and the rest stay
-    /// as they are; the result is validated.
-    ///
-    /// Decoded 8-bit state is refused where an element's `exp_avg` is beyond AdaMax's
-    /// bound of its `exp_inf`: 8-bit rounding puts it there in real runs today (their
-    /// `m` and `u` are rounded apart), and an f32 run resumed from it would step further
-    /// than the bound allows. Issue #19 makes the 8-bit mode keep the bound.
-    pub fn convert_state(&self, format: StateFormat) -> Result<Checkpoint> {
-        self.validate()?;
-        let mut ck = self.clone();
-        ck.config.precision.state = format;
-        for t in &mut ck.tensors {
-            match (self.config.precision.state, format) {
-                (StateFormat::Blockwise8, StateFormat::F32) => {
-                    t.exp_avg = t.exp_avg_q8.to_f32(EXP_AVG_CODE);
-                    t.exp_inf = t.exp_inf_q8.to_f32(EXP_INF_CODE);
-                    t.exp_avg_q8 = Blockwise8::default();
-                    t.exp_inf_q8 = Blockwise8::default();
-                }
-                (StateFormat::F32, StateFormat::Blockwise8) => {
-                    t.exp_avg_q8 = Blockwise8::from_f32(EXP_AVG_CODE, &t.exp_avg);
-                    t.exp_inf_q8 = Blockwise8::from_f32(EXP_INF_CODE, &t.exp_inf);
-                    t.exp_avg = Vec::new();
-                    t.exp_inf = Vec::new();
-                }
-                _ => {}
-            }
-        }
-        ck.validate()?;
-        Ok(ck)
     }
 
     /// The metadata of the file, without the checksum.
@@ -422,6 +387,7 @@ impl Checkpoint {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let io = |source| Error::Io {
+            action: "reading",
             path: path.to_owned(),
             source,
         };

@@ -165,7 +165,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
     }
 
     /// Streamed from the device one tensor at a time (synchronises).
-    fn save_checkpoint(&self, path: &std::path::Path) -> Result<()> {
+    fn save_checkpoint(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
         let steps = self.state.steps_to_host()?;
         let (options, scaler) = (self.options(), self.loss_scaler()?);
         let head = Head {
@@ -177,9 +177,12 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             options: &options,
             scaler: scaler.as_ref(),
         };
-        save_streamed(path, &head, self.state.layout().lens(), |i, part, buf| {
-            self.state.part_to_host(i, part, buf)
-        })
+        save_streamed(
+            path.as_ref(),
+            &head,
+            self.state.layout().lens(),
+            |i, part, buf| self.state.part_to_host(i, part, buf),
+        )
     }
 
     /// The state is uploaded into new device buffers (so the optimizer's memory doubles
