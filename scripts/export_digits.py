@@ -1,5 +1,5 @@
 """Writes scikit-learn's bundled handwritten digits (1,797 8x8 images, pixels 0..16)
-as `label,pixel0,...,pixel63` lines, for examples/quality.rs."""
+as `label,pixel0,...,pixel63` lines, for tools/quality."""
 
 import sys
 

@@ -13,4 +13,5 @@ if [ ! -x "${venv}/bin/python" ]; then
 fi
 data="$(mktemp -d)/digits.csv"
 "${venv}/bin/python" scripts/export_digits.py "${data}"
-cargo run --release --example quality -- "${data}" docs/quality
+# tools/quality is a crate of its own (not an example of the published package).
+cargo run --release --locked --manifest-path tools/quality/Cargo.toml -- "${data}" docs/quality

@@ -1,9 +1,17 @@
-//! GPU against the CPU reference, bit for bit. Needs an NVIDIA GPU and NVRTC: without a
-//! visible GPU every test is reported as ignored (never as passed).
+//! The GPU against the CPU reference, bit for bit. Needs an NVIDIA GPU and NVRTC: without
+//! a visible GPU every test is reported as ignored (never as passed).
 //!
-//! Every run uses fresh random data (the seed is printed; set `ADAMAX_TEST_SEED` to
-//! replay one) and poisons the 16-bit parameter copies with NaN before each step where
-//! a master makes them output only, so a kernel that skips an element cannot pass.
+//! Most tests are one [`Twin`] (a GPU optimizer and the CPU reference built over the
+//! same parameters and driven with the same inputs) run over a matrix: storage type x
+//! storage mode x case, registered in `main` from the table in [`matrix`] and named
+//! `{mode}_{type}_{case}`. The rest exercise what only the GPU has (CUDA graphs, raw
+//! pointers, 64-bit indexing). What every optimizer must do whatever its device
+//! (refusals, resume, reports) is in tests/scenarios.rs, on both.
+//!
+//! Every run uses fresh random data (a twin's failure message names its seed; set
+//! `ADAMAX_TEST_SEED` to replay one) and poisons the 16-bit parameter copies with NaN
+//! before each step where a master makes them output only, so a kernel that skips an
+//! element cannot pass.
 
 mod common;
 
@@ -11,17 +19,18 @@ use std::sync::Arc;
 
 use adamax_cuda::{
     bf16,
-    cpu::CpuAdamax,
     cuda::{self, cudarc::driver::CudaStream, CudaAdamax, GpuStorage},
-    f16, AdamaxConfig, EpsilonMode, Error, Optimizer, ParamMode, Precision, StateFormat, Storage,
-    TensorState, WeightDecayMode,
+    f16, AdamaxConfig, EpsilonMode, Error, LossScaler, Optimizer, ParamMode, Precision,
+    StateFormat, StepOptions, StepReport, Storage, StorageType, TensorHyper, TensorState,
+    WeightDecayMode,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
+use common::backends::{self, gpu_stream, Backend, Cpu, Gpu, Offsets, ODD, PLAIN, R};
+use libtest_mimic::{Arguments, Trial};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-type TestResult = Result<(), Failed>;
-type GpuTest = Box<dyn FnOnce(&Arc<CudaStream>) -> TestResult + Send>;
+/// A test of what only the GPU has, given device 0's stream.
+type GpuOnly = fn(&Arc<CudaStream>) -> R;
 
 fn seed() -> u64 {
     std::env::var("ADAMAX_TEST_SEED")
@@ -80,7 +89,7 @@ fn same(what: &str, tensor: usize, gpu: &[f32], cpu: &[f32]) -> Result<(), Strin
 fn upload<T: GpuStorage>(
     stream: &Arc<CudaStream>,
     tensors: &[Vec<T>],
-) -> Result<Vec<cuda::cudarc::driver::CudaSlice<T>>, Failed> {
+) -> R<Vec<cuda::cudarc::driver::CudaSlice<T>>> {
     Ok(tensors
         .iter()
         .map(|t| stream.clone_htod(t))
@@ -150,219 +159,713 @@ fn same_checkpoint(a: &adamax_cuda::Checkpoint, b: &adamax_cuda::Checkpoint) -> 
     same_state(&a.tensors, &b.tensors)
 }
 
-/// Where each tensor's parameter and gradient sit inside larger buffers: a non-zero
-/// offset makes them views at odd element offsets, which must take the scalar path.
-#[derive(Clone, Copy)]
-struct Layout {
-    param_offset: usize,
-    grad_offset: usize,
+/// A seeded generator, and its seed (fresh, or `ADAMAX_TEST_SEED`).
+fn rng() -> (u64, StdRng) {
+    let seed = seed();
+    (seed, StdRng::seed_from_u64(seed))
 }
 
-const PLAIN: Layout = Layout {
-    param_offset: 0,
-    grad_offset: 0,
-};
+/// Random tensors of these lengths (see [`random`]).
+fn tensors<T: Storage>(rng: &mut StdRng, lens: &[usize], scale: f32) -> Vec<Vec<T>> {
+    lens.iter().map(|&n| random(rng, n, scale)).collect()
+}
 
-/// Steps `lens` tensors `steps` times on the GPU and with the CPU reference, from the
-/// same random data, and checks the parameters and the whole state bit for bit.
-fn gpu_matches_cpu<T: GpuStorage>(
-    stream: &Arc<CudaStream>,
+/// Every element times `scale` (a loss scale), rounded to `T`.
+fn times<T: Storage>(tensors: Vec<Vec<T>>, scale: f32) -> Vec<Vec<T>> {
+    tensors
+        .into_iter()
+        .map(|t| t.iter().map(|x| T::from_f32(x.to_f32() * scale)).collect())
+        .collect()
+}
+
+fn floats<T: Storage>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Every tensor's parameters bit for bit (NaN equal to NaN).
+fn same_params<T: Storage>(gpu: &[Vec<T>], cpu: &[Vec<T>]) -> Result<(), String> {
+    if gpu.len() != cpu.len() {
+        return Err(format!("{} vs {} parameter tensors", gpu.len(), cpu.len()));
+    }
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        same("param", i, &floats(g), &floats(c))?;
+    }
+    Ok(())
+}
+
+/// A GPU optimizer and the CPU reference, built over the same parameters and driven with
+/// the same inputs, compared bit for bit: the parameters and every part of the state
+/// ([`Twin::check`]), the step report ([`Twin::same_report`]).
+struct Twin<T: GpuStorage> {
+    gpu: Gpu<T>,
+    cpu: Cpu<T>,
+    /// The storage type, the settings and the seed, for failure messages.
+    ctx: String,
+}
+
+impl<T: GpuStorage> Twin<T> {
+    fn new(config: AdamaxConfig, init: &[Vec<T>], offsets: Offsets, seed: u64) -> R<Self> {
+        let ctx = format!("{} {config:?} seed {seed}", T::NAME);
+        let gpu = Gpu::with_offsets(config, init, offsets)
+            .map_err(|e| format!("{ctx}: {}", e.message().unwrap_or_default()))?;
+        let cpu = Cpu::new(config, init)?;
+        Ok(Self { gpu, cpu, ctx })
+    }
+
+    /// The same setting on both (options, a loss scaler, a parameter group, a restore).
+    fn set(&mut self, f: impl Fn(&mut dyn backends::Settings) -> adamax_cuda::Result<()>) -> R {
+        f(&mut self.gpu.opt).map_err(|e| format!("{} (GPU): {e}", self.ctx))?;
+        f(&mut self.cpu.opt).map_err(|e| format!("{} (CPU): {e}", self.ctx))?;
+        Ok(())
+    }
+
+    fn step(&mut self, grads: &[Vec<T>]) -> R {
+        self.gpu
+            .step(grads)
+            .map_err(|e| format!("{} (GPU): {e}", self.ctx))?;
+        self.cpu.step(grads)?;
+        Ok(())
+    }
+
+    fn step_some(&mut self, grads: &[Option<Vec<T>>]) -> R {
+        self.gpu
+            .step_some(grads)
+            .map_err(|e| format!("{} (GPU): {e}", self.ctx))?;
+        self.cpu.step_some(grads)?;
+        Ok(())
+    }
+
+    /// The parameters and the whole state (moments, masters, 8-bit codes and scales,
+    /// per-tensor step counts), bit for bit, NaN equal to NaN.
+    fn check(&self, step: usize) -> R {
+        let at = |e: String| format!("{} step {step}: {e}", self.ctx);
+        same_params(&self.gpu.params()?, &self.cpu.params).map_err(at)?;
+        same_state(&self.gpu.opt.state()?, self.cpu.opt.tensor_states()).map_err(at)?;
+        Ok(())
+    }
+
+    /// The step reports, every field bit for bit.
+    fn same_report(&self, step: usize) -> R {
+        let (g, c) = (self.gpu.opt.last_report()?, self.cpu.opt.last_report()?);
+        let fields = |r: &StepReport| {
+            (
+                r.step,
+                r.skipped,
+                r.loss_scale.map(f32::to_bits),
+                r.total_norm.map(f32::to_bits),
+                r.clip_coef.to_bits(),
+            )
+        };
+        if fields(&g) != fields(&c) {
+            return Err(format!("{} step {step}: report gpu {g:?} cpu {c:?}", self.ctx).into());
+        }
+        Ok(())
+    }
+
+    /// The GPU's 16-bit copy is exactly the round to nearest even of its master.
+    fn copy_is_rne_of_master(&self, step: usize) -> R {
+        for (i, (p, s)) in self
+            .gpu
+            .params()?
+            .iter()
+            .zip(self.gpu.opt.state()?)
+            .enumerate()
+        {
+            let rounded: Vec<f32> = s.master.iter().map(|&m| T::from_f32(m).to_f32()).collect();
+            if first_difference(&rounded, &floats(p)).is_some() {
+                return Err(format!(
+                    "{} step {step}: 16-bit copy of tensor {i} is not RNE(master)",
+                    self.ctx
+                )
+                .into());
+            }
+        }
+        Ok(())
+    }
+}
+
+const SIZES: [usize; 6] = [0, 1, 3, 4, 4097, (1 << 20) + 3];
+
+/// The storage modes (parameters x moments), named as in the test names.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// f32 parameters, or 16-bit ones with f32 masters; f32 moments.
+    Default,
+    /// bf16 parameters rounded stochastically, f32 moments.
+    Sr,
+    /// f32 masters (or f32 parameters), 8-bit moments.
+    Q8,
+    /// bf16 parameters rounded stochastically, 8-bit moments.
+    SrQ8,
+}
+
+impl Mode {
+    const ALL: [Mode; 4] = [Mode::Default, Mode::Sr, Mode::Q8, Mode::SrQ8];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Default => "default",
+            Mode::Sr => "sr",
+            Mode::Q8 => "q8",
+            Mode::SrQ8 => "sr_q8",
+        }
+    }
+
+    fn precision(self) -> Precision {
+        let (params, state) = match self {
+            Mode::Default => return Precision::default(),
+            Mode::Sr => (ParamMode::Stochastic, StateFormat::F32),
+            Mode::Q8 => (ParamMode::Master, StateFormat::Blockwise8),
+            Mode::SrQ8 => (ParamMode::Stochastic, StateFormat::Blockwise8),
+        };
+        Precision {
+            params,
+            state,
+            seed: 0x5EED,
+        }
+    }
+
+    /// Stochastic rounding is bf16's alone.
+    fn applies_to(self, ty: StorageType) -> bool {
+        self.precision().params == ParamMode::Master || ty == StorageType::Bf16
+    }
+}
+
+/// Which storage types in which modes a case runs in.
+#[derive(Clone, Copy)]
+enum Cells {
+    /// Every storage type in every mode it has.
+    Full,
+    /// Every storage type in the default mode, and bf16 (which has every mode) in each.
+    Cross,
+    /// Every storage type in the default mode.
+    Types,
+}
+
+impl Cells {
+    fn iter(self) -> impl Iterator<Item = (StorageType, Mode)> {
+        StorageType::ALL
+            .into_iter()
+            .flat_map(|ty| Mode::ALL.map(|mode| (ty, mode)))
+            .filter(move |&(ty, mode)| {
+                mode.applies_to(ty)
+                    && match self {
+                        Cells::Full => true,
+                        Cells::Cross => mode == Mode::Default || ty == StorageType::Bf16,
+                        Cells::Types => mode == Mode::Default,
+                    }
+            })
+    }
+}
+
+/// What a twin test does: the case axis of the matrix.
+#[derive(Clone, Copy)]
+enum Case {
+    /// Tensors of every size in [`SIZES`] stepped with this configuration.
+    BitIdentical(AdamaxConfig),
+    /// [`SIZES`] as views at odd element offsets (the kernel's scalar path).
+    OddViews,
+    /// 150 tensors of mixed sizes in one launch.
+    MixedList,
+    /// NaN, +inf and -inf in every gradient (a NaN poisons its 8-bit block on both sides).
+    NanAndInf,
+    /// Unscaling, overflow skips, clipping and the loss scaler.
+    Fused {
+        options: StepOptions,
+        scaler: Option<LossScaler>,
+        offsets: Offsets,
+    },
+    /// A loss-scaled run on the GPU against an unscaled one on the CPU.
+    ScaledGradients,
+    /// Some tensors without a gradient in some steps, with clipping and a loss scaler.
+    MissingGradients,
+    /// One flat parameter buffer, packed or aligned.
+    Flat { aligned: bool },
+    /// Parameter groups: other learning rates and weight decays per tensor.
+    Groups(WeightDecayMode),
+    /// The step that fills the step counter, and the refused one after it.
+    FullCounter,
+}
+
+impl Case {
+    fn run<T: GpuStorage>(self, mode: Mode) -> R {
+        let precision = mode.precision();
+        let default = AdamaxConfig {
+            precision,
+            ..AdamaxConfig::default()
+        };
+        let f32_default = mode == Mode::Default && T::TYPE == StorageType::F32;
+        match self {
+            Case::BitIdentical(config) => {
+                // The most steps where the GPU time is shortest.
+                let steps = match (mode, T::TYPE) {
+                    (Mode::Default, StorageType::F32) => 100,
+                    (Mode::Default, _) => 20,
+                    (_, StorageType::F16) => 10,
+                    _ => 30,
+                };
+                let config = AdamaxConfig {
+                    precision,
+                    ..config
+                };
+                bit_identical::<T>(config, &SIZES, steps, PLAIN, false)
+            }
+            Case::OddViews => bit_identical::<T>(default, &SIZES, 10, ODD, false),
+            Case::MixedList => {
+                let (sizes_seed, steps) = match (f32_default, mode) {
+                    (true, _) => (1, 30),
+                    (false, Mode::Default) => (2, 10),
+                    _ => (3, 10),
+                };
+                bit_identical::<T>(default, &mixed_sizes(150, sizes_seed), steps, PLAIN, false)
+            }
+            Case::NanAndInf => bit_identical::<T>(default, &SIZES[..5], 5, PLAIN, true),
+            Case::Fused {
+                options,
+                scaler,
+                offsets,
+            } => fused::<T>(options, scaler, offsets, precision),
+            Case::ScaledGradients => scaled_gradients::<T>(precision),
+            Case::MissingGradients => missing_gradients::<T>(precision),
+            Case::Flat { aligned } => flat_buffers::<T>(aligned, precision),
+            Case::Groups(decay) => groups::<T>(decay, precision),
+            Case::FullCounter => the_step_that_fills_the_counter::<T>(precision),
+        }
+    }
+}
+
+/// The twin tests: (case name, where it runs, what it does).
+fn matrix() -> Vec<(String, Cells, Case)> {
+    use Cells::{Cross, Full, Types};
+    let clip = StepOptions {
+        max_norm: Some(0.5),
+        ..Default::default()
+    };
+    let scaler = Some(LossScaler {
+        scale: 1024.0,
+        growth_interval: 3,
+        ..LossScaler::default()
+    });
+    let unscale = StepOptions {
+        inv_scale: Some(0.25),
+        ..Default::default()
+    };
+    let fused = |options, scaler, offsets| Case::Fused {
+        options,
+        scaler,
+        offsets,
+    };
+    let rows = [
+        (
+            "views_at_odd_offsets_take_the_scalar_path",
+            Cross,
+            Case::OddViews,
+        ),
+        (
+            "a_list_of_150_mixed_tensors_in_one_launch",
+            Cross,
+            Case::MixedList,
+        ),
+        (
+            "nan_and_inf_gradients_match_the_cpu",
+            Cross,
+            Case::NanAndInf,
+        ),
+        (
+            "fused_scaler_and_clipping_match_the_cpu",
+            Types,
+            fused(clip, scaler, PLAIN),
+        ),
+        (
+            "fused_scaler_and_clipping_match_the_cpu_at_odd_offsets",
+            Cross,
+            fused(clip, scaler, ODD),
+        ),
+        (
+            "fused_clipping_alone_matches_the_cpu_at_odd_offsets",
+            Types,
+            fused(clip, None, ODD),
+        ),
+        (
+            "fused_fixed_unscale_with_check_matches_the_cpu",
+            Types,
+            fused(unscale, None, PLAIN),
+        ),
+        (
+            "loss_scaler_unscales_by_the_scale_the_gradients_carry",
+            Types,
+            Case::ScaledGradients,
+        ),
+        (
+            "missing_gradients_match_the_cpu_with_clipping_and_scaler",
+            Cross,
+            Case::MissingGradients,
+        ),
+        (
+            "flat_buffers_match_the_cpu_packed",
+            Cross,
+            Case::Flat { aligned: false },
+        ),
+        (
+            "flat_buffers_match_the_cpu_aligned",
+            Full,
+            Case::Flat { aligned: true },
+        ),
+        (
+            "per_tensor_hyperparameters_match_the_cpu_coupled",
+            Types,
+            Case::Groups(WeightDecayMode::Coupled),
+        ),
+        (
+            "per_tensor_hyperparameters_match_the_cpu_decoupled",
+            Types,
+            Case::Groups(WeightDecayMode::Decoupled),
+        ),
+        (
+            "the_step_that_fills_the_step_counter_matches_the_cpu",
+            Types,
+            Case::FullCounter,
+        ),
+    ];
+    configs()
+        .into_iter()
+        .map(|(name, config)| {
+            let name = format!("is_bit_identical_to_cpu_{name}");
+            (name, Full, Case::BitIdentical(config))
+        })
+        .chain(rows.map(|(name, cells, case)| (name.to_string(), cells, case)))
+        .collect()
+}
+
+/// Steps random tensors of `lens` on the twin `steps` times and compares them after the
+/// first and the last step. Where a master makes the 16-bit copy output only, the GPU's
+/// copy is poisoned with NaN before each step and must come out as the round to nearest
+/// even of the master. `special`: NaN, +inf and -inf at the start of every gradient of
+/// 4 elements or more.
+fn bit_identical<T: GpuStorage>(
     config: AdamaxConfig,
     lens: &[usize],
     steps: usize,
-    layout: Layout,
-    special_grads: bool,
-) -> TestResult {
-    let seed = seed();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let ctx = format!("{} {config:?} seed {seed}", T::NAME);
-    let has_master = T::HAS_MASTER && config.precision.params == ParamMode::Master;
-    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut dev_params = Vec::new();
-    for p in &host {
-        let mut padded = vec![T::from_f32(7.0); layout.param_offset];
-        padded.extend_from_slice(p);
-        dev_params.push(stream.clone_htod(&padded)?);
-    }
-    let init_views: Vec<_> = dev_params
-        .iter()
-        .map(|b| b.slice(layout.param_offset..))
-        .collect();
-    let mut gpu =
-        CudaAdamax::<T>::new(stream, config, &init_views).map_err(|e| format!("{ctx}: {e}"))?;
-    drop(init_views);
-    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
-    let mut cpu = CpuAdamax::<T>::new(config, &refs)?;
-
-    for step in 0..steps {
-        let mut grads: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-        if special_grads {
+    offsets: Offsets,
+    special: bool,
+) -> R {
+    let (seed, mut rng) = rng();
+    let mut twin = Twin::new(config, &tensors::<T>(&mut rng, lens, 1.0), offsets, seed)?;
+    let output_only = T::HAS_MASTER && config.precision.params == ParamMode::Master;
+    twin.gpu.poison = output_only;
+    for step in 1..=steps {
+        let mut grads = tensors::<T>(&mut rng, lens, 0.1);
+        if special {
             for g in grads.iter_mut().filter(|g| g.len() >= 4) {
                 g[0] = T::from_f32(f32::NAN);
                 g[1] = T::from_f32(f32::INFINITY);
                 g[2] = T::from_f32(f32::NEG_INFINITY);
             }
         }
-        let mut dev_grads = Vec::new();
-        for g in &grads {
-            let mut padded = vec![T::from_f32(-3.0); layout.grad_offset];
-            padded.extend_from_slice(g);
-            dev_grads.push(stream.clone_htod(&padded)?);
-        }
-        if has_master {
-            // Poison: the 16-bit copy is output only, and every element must be written.
-            for p in dev_params.iter_mut() {
-                let nan = vec![T::from_f32(f32::NAN); p.len()];
-                stream.memcpy_htod(&nan, p)?;
-            }
-        }
-        let grad_views: Vec<_> = dev_grads
-            .iter()
-            .map(|g| g.slice(layout.grad_offset..))
-            .collect();
-        let mut param_views: Vec<_> = dev_params
-            .iter_mut()
-            .map(|b| b.slice_mut(layout.param_offset..))
-            .collect();
-        gpu.step(&mut param_views, &grad_views)
-            .map_err(|e| format!("{ctx}: {e}"))?;
-        drop(param_views);
-        let grad_refs: Vec<&[T]> = grads.iter().map(|g| g.as_slice()).collect();
-        let mut param_refs: Vec<&mut [T]> = host.iter_mut().map(|p| p.as_mut_slice()).collect();
-        cpu.step(&mut param_refs, &grad_refs)?;
-
-        if step == 0 || step + 1 == steps {
-            let gpu_state = gpu.state()?;
-            for (i, (dev, want)) in dev_params.iter().zip(&host).enumerate() {
-                let got: Vec<T> = stream.clone_dtoh(dev)?[layout.param_offset..].to_vec();
-                let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-                same("param", i, &f(&got), &f(want))
-                    .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
-                let cs = &cpu.tensor_states()[i];
-                let gs = &gpu_state[i];
-                same_tensor(i, gs, cs).map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
-                if has_master {
-                    // The 16-bit copy is exactly the round-to-nearest-even of the master.
-                    let rounded: Vec<T> = gs.master.iter().map(|&m| T::from_f32(m)).collect();
-                    if bits(&rounded) != bits(&got)
-                        && first_difference(&f(&rounded), &f(&got)).is_some()
-                    {
-                        return Err(
-                            format!("{ctx}: 16-bit copy of tensor {i} is not RNE(master)").into(),
-                        );
-                    }
-                }
+        twin.step(&grads)?;
+        if step == 1 || step == steps {
+            twin.check(step)?;
+            if output_only {
+                twin.copy_is_rne_of_master(step)?;
             }
         }
     }
-    if gpu.step_count()? != steps as u64 {
-        return Err(format!("{ctx}: step count {}", gpu.step_count()?).into());
+    let count = twin.gpu.opt.step_count()?;
+    if count != steps as u64 {
+        return Err(format!("{}: step count {count}", twin.ctx).into());
     }
     Ok(())
 }
 
-const SIZES: [usize; 6] = [0, 1, 3, 4, 4097, (1 << 20) + 3];
-
-/// The default storage modes.
-const F32: Precision = Precision {
-    params: ParamMode::Master,
-    state: StateFormat::F32,
-    seed: 0,
-};
-/// bf16 parameters rounded stochastically, f32 moments.
-const SR: Precision = Precision {
-    params: ParamMode::Stochastic,
-    state: StateFormat::F32,
-    seed: 0x5EED,
-};
-/// f32 masters (or f32 parameters), 8-bit moments.
-const Q8: Precision = Precision {
-    params: ParamMode::Master,
-    state: StateFormat::Blockwise8,
-    seed: 0x5EED,
-};
-/// bf16 parameters rounded stochastically, 8-bit moments.
-const SR_Q8: Precision = Precision {
-    params: ParamMode::Stochastic,
-    state: StateFormat::Blockwise8,
-    seed: 0x5EED,
-};
-
-/// The low-byte modes against the CPU reference, bit for bit: every mode each storage
-/// type has, over sizes with partial 8-bit blocks, odd views, 150 mixed tensors in one
-/// launch, NaN and infinite gradients (a NaN poisons its 8-bit block on both sides),
-/// fused clipping with a loss scaler, flat buffers, missing gradients and resume.
-fn add_low_byte_tests(add: &mut dyn FnMut(String, GpuTest)) {
-    let odd = Layout {
-        param_offset: 1,
-        grad_offset: 3,
+/// Unscaling, overflow skips, clipping and the loss scaler, step by step: parameters,
+/// state and report (skip, scale, norm, clip factor). Steps 4, 5 and 10 get a +inf
+/// gradient in the last tensor (scaled runs skip them).
+fn fused<T: GpuStorage>(
+    options: StepOptions,
+    scaler: Option<LossScaler>,
+    offsets: Offsets,
+    precision: Precision,
+) -> R {
+    let (seed, mut rng) = rng();
+    let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700];
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        precision,
+        ..AdamaxConfig::default()
     };
-    let with = |p: Precision, c: AdamaxConfig| AdamaxConfig { precision: p, ..c };
-    for (mode, p) in [("sr", SR), ("q8", Q8), ("sr_q8", SR_Q8)] {
-        for (name, config) in configs() {
-            let c = with(p, config);
-            if p.params == ParamMode::Master {
-                add(
-                    format!("{mode}_f32_is_bit_identical_to_cpu_{name}"),
-                    Box::new(move |s| gpu_matches_cpu::<f32>(s, c, &SIZES, 30, PLAIN, false)),
-                );
-                add(
-                    format!("{mode}_f16_is_bit_identical_to_cpu_{name}"),
-                    Box::new(move |s| gpu_matches_cpu::<f16>(s, c, &SIZES, 10, PLAIN, false)),
-                );
-            }
-            add(
-                format!("{mode}_bf16_is_bit_identical_to_cpu_{name}"),
-                Box::new(move |s| gpu_matches_cpu::<bf16>(s, c, &SIZES, 30, PLAIN, false)),
-            );
+    let mut twin = Twin::new(config, &tensors::<T>(&mut rng, &lens, 1.0), offsets, seed)?;
+    twin.ctx += &format!(" {options:?} {scaler:?}");
+    twin.set(|o| {
+        o.set_options(options)?;
+        o.set_loss_scaler(scaler)
+    })?;
+    for step in 1..=12 {
+        let scale = twin.cpu.opt.loss_scaler()?.map_or(1.0, |s| s.scale);
+        let mut grads = times(tensors::<T>(&mut rng, &lens, 0.1), scale);
+        if [4, 5, 10].contains(&step) {
+            grads[4][0] = T::from_f32(f32::INFINITY);
         }
-        let c = with(p, AdamaxConfig::default());
-        add(
-            format!("{mode}_views_at_odd_offsets_bf16"),
-            Box::new(move |s| gpu_matches_cpu::<bf16>(s, c, &SIZES, 10, odd, false)),
-        );
-        add(
-            format!("{mode}_a_list_of_150_mixed_tensors_bf16"),
-            Box::new(move |s| {
-                gpu_matches_cpu::<bf16>(s, c, &mixed_sizes(150, 3), 10, PLAIN, false)
-            }),
-        );
-        add(
-            format!("{mode}_nan_and_inf_gradients_bf16"),
-            Box::new(move |s| gpu_matches_cpu::<bf16>(s, c, &SIZES[..5], 5, PLAIN, true)),
-        );
-        let scaler = Some(adamax_cuda::LossScaler {
-            scale: 1024.0,
-            growth_interval: 3,
-            ..adamax_cuda::LossScaler::default()
-        });
-        let clip = adamax_cuda::StepOptions {
-            max_norm: Some(0.5),
-            ..Default::default()
-        };
-        add(
-            format!("{mode}_fused_scaler_and_clipping_bf16_odd_views"),
-            Box::new(move |s| fused_matches_the_cpu::<bf16>(s, clip, scaler, odd, p)),
-        );
-        add(
-            format!("{mode}_flat_buffers_packed_bf16"),
-            Box::new(move |s| flat_buffers_match_the_cpu::<bf16>(s, false, p)),
-        );
-        add(
-            format!("{mode}_missing_gradients_bf16"),
-            Box::new(move |s| missing_gradients_match_the_cpu::<bf16>(s, p)),
-        );
-        add(
-            format!("{mode}_checkpoint_resume_is_bit_exact_bf16"),
-            Box::new(move |s| gpu_resume_is_bit_exact::<bf16>(s, p)),
-        );
+        twin.step(&grads)?;
+        twin.same_report(step)?;
+        twin.check(step)?;
     }
-    add(
-        "q8_flat_buffers_aligned_f32".into(),
-        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, true, Q8)),
-    );
+    Ok(())
 }
 
+/// The loss-scaler regression of the first H100 run: on a growth step the update
+/// divided by the next step's scale. With power-of-two scales, unscaling is exact, so
+/// the GPU's scaled run must equal the CPU reference on the unscaled gradients with the
+/// skipped steps left out, bit for bit, through a growth step followed by a skip and
+/// two backoffs in a row (tests/common's schedule; the CPU twin is in fused_cpu.rs).
+fn scaled_gradients<T: GpuStorage>(precision: Precision) -> R {
+    use common::{SCALER_INF_STEPS, SCALER_SCALES};
+    let (seed, mut rng) = rng();
+    let lens = [(1usize << 16) + 5, 3, 8193];
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        precision,
+        ..AdamaxConfig::default()
+    };
+    let mut twin = Twin::new(config, &tensors::<T>(&mut rng, &lens, 1.0), PLAIN, seed)?;
+    twin.gpu.opt.set_loss_scaler(Some(LossScaler {
+        scale: 1024.0,
+        growth_interval: 2,
+        ..Default::default()
+    }))?;
+    for (t, &scale) in SCALER_SCALES.iter().enumerate() {
+        let got_scale = twin.gpu.opt.loss_scaler()?.map(|s| s.scale);
+        if got_scale != Some(scale) {
+            let ctx = &twin.ctx;
+            return Err(format!("{ctx} step {t}: scale {got_scale:?}, expected {scale}").into());
+        }
+        let grads = tensors::<T>(&mut rng, &lens, 0.1);
+        let mut scaled = times(grads.clone(), scale);
+        let inf = SCALER_INF_STEPS.contains(&t);
+        if inf {
+            scaled[2][100] = T::from_f32(f32::INFINITY);
+        }
+        twin.gpu.step(&scaled)?;
+        if twin.gpu.opt.last_report()?.skipped != inf {
+            return Err(format!("{} step {t}: skip decision differs", twin.ctx).into());
+        }
+        if !inf {
+            twin.cpu.step(&grads)?;
+        }
+        twin.check(t)?;
+    }
+    Ok(())
+}
+
+/// Missing gradients with clipping, a loss scaler and overflow skips: absent tensors
+/// add zero partial sums (their chunks keep their numbers in the reduction order), take
+/// no update and keep their own step counts.
+fn missing_gradients<T: GpuStorage>(precision: Precision) -> R {
+    let (seed, mut rng) = rng();
+    let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700, 9000];
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        precision,
+        ..AdamaxConfig::default()
+    };
+    let mut twin = Twin::new(config, &tensors::<T>(&mut rng, &lens, 1.0), PLAIN, seed)?;
+    twin.set(|o| {
+        o.set_options(StepOptions {
+            max_norm: Some(0.5),
+            ..Default::default()
+        })?;
+        o.set_loss_scaler(Some(LossScaler {
+            scale: 256.0,
+            growth_interval: 2,
+            ..Default::default()
+        }))
+    })?;
+    for step in 0..10usize {
+        let scale = twin.cpu.opt.loss_scaler()?.map_or(1.0, |s| s.scale);
+        let mut grads: Vec<Option<Vec<T>>> = times(tensors::<T>(&mut rng, &lens, 0.1), scale)
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| ((i + step) % 3 != 0).then_some(g))
+            .collect();
+        if step == 4 {
+            if let Some(g) = grads[5].as_mut() {
+                g[10] = T::from_f32(f32::INFINITY);
+            }
+        }
+        twin.step_some(&grads)?;
+        twin.same_report(step)?;
+        twin.check(step)?;
+    }
+    Ok(())
+}
+
+/// Parameter groups: every third tensor without decay, others at a quarter or three
+/// times the learning rate, set alike on both.
+fn groups<T: GpuStorage>(decay: WeightDecayMode, precision: Precision) -> R {
+    let (seed, mut rng) = rng();
+    let lens = mixed_sizes(40, 3);
+    let config = AdamaxConfig {
+        weight_decay: 0.05,
+        weight_decay_mode: decay,
+        lr: 3e-3,
+        precision,
+        ..AdamaxConfig::default()
+    };
+    let hyper = |i: usize| match i % 3 {
+        0 => TensorHyper {
+            lr_scale: 1.0,
+            weight_decay: 0.0,
+        },
+        1 => TensorHyper {
+            lr_scale: 0.25,
+            weight_decay: 0.05,
+        },
+        _ => TensorHyper {
+            lr_scale: 3.0,
+            weight_decay: 0.2,
+        },
+    };
+    let mut twin = Twin::new(config, &tensors::<T>(&mut rng, &lens, 1.0), PLAIN, seed)?;
+    for i in 0..lens.len() {
+        twin.set(|o| o.set_tensor_hyper(i, hyper(i)))?;
+    }
+    for _ in 0..20 {
+        twin.step(&tensors(&mut rng, &lens, 0.1))?;
+    }
+    twin.check(20)
+}
+
+/// From a step counter at `u64::MAX - 1`, one step reaches the limit as on the CPU; the
+/// next is refused with `StepOverflow` on both and changes nothing. (The refusal after a
+/// restore to the limit is a scenario; the replayed graph at the limit is
+/// [`a_full_step_counter_in_a_replayed_graph_changes_nothing`].)
+fn the_step_that_fills_the_counter<T: GpuStorage>(precision: Precision) -> R {
+    let (seed, mut rng) = rng();
+    let lens = [4097usize, 3];
+    let config = AdamaxConfig {
+        precision,
+        ..AdamaxConfig::default()
+    };
+    let mut twin = Twin::new(config, &tensors::<T>(&mut rng, &lens, 1.0), PLAIN, seed)?;
+    let grads = tensors::<T>(&mut rng, &lens, 0.1);
+    let mut ck = twin.cpu.opt.checkpoint()?;
+    ck.step = u64::MAX - 1;
+    twin.set(|o| o.restore(&ck))?;
+    twin.step(&grads)?;
+    let before = (twin.gpu.opt.checkpoint()?, twin.gpu.params()?);
+    let cpu_err = twin.cpu.step(&grads);
+    let gpu_err = twin.gpu.step(&grads);
+    match (&cpu_err, &gpu_err) {
+        (Err(Error::StepOverflow(a)), Err(Error::StepOverflow(b)))
+            if *a == u64::MAX && *b == u64::MAX => {}
+        _ => {
+            return Err(
+                format!("expected StepOverflow on both: cpu {cpu_err:?}, gpu {gpu_err:?}").into(),
+            )
+        }
+    }
+    same_checkpoint(&twin.gpu.opt.checkpoint()?, &before.0)?;
+    if twin.gpu.params()? != before.1 {
+        return Err("a refused step changed the parameters".into());
+    }
+    same_checkpoint(&twin.gpu.opt.checkpoint()?, &twin.cpu.opt.checkpoint()?)?;
+    twin.check(2)
+}
+
+/// The flat-buffer path against the CPU reference, bit for bit: 100 mixed tensors in
+/// one parameter buffer (packed or aligned layout), stepped with gradients written into
+/// the same flat buffer (the tensor table on the device is reused), then from a new
+/// gradient buffer, after a per-tensor setting changed, and after a per-tensor step
+/// (each rebuilds it). Refusals: a short buffer, and step_flat on a per-tensor optimizer.
+fn flat_buffers<T: GpuStorage>(aligned: bool, precision: Precision) -> R {
+    use adamax_cuda::cuda::FlatLayout;
+    let stream = &backends::stream()?;
+    let (seed, mut rng) = rng();
+    let lens = mixed_sizes(100, 7);
+    let layout = if aligned {
+        FlatLayout::aligned(&lens)?
+    } else {
+        FlatLayout::packed(&lens)?
+    };
+    let flatten = |tensors: &[Vec<T>]| {
+        let mut flat = vec![T::from_f32(-9.0); layout.total()];
+        for (t, &o) in tensors.iter().zip(layout.offsets()) {
+            flat[o..o + t.len()].copy_from_slice(t);
+        }
+        flat
+    };
+    let init = tensors::<T>(&mut rng, &lens, 1.0);
+    let mut params = stream.clone_htod(&flatten(&init))?;
+    let config = AdamaxConfig {
+        weight_decay: 0.01,
+        precision,
+        ..AdamaxConfig::default()
+    };
+    let ctx = format!("{} {config:?} seed {seed}", T::NAME);
+    let mut gpu = CudaAdamax::<T>::new_flat(stream, config, &params, layout.clone())?;
+    let mut cpu = Cpu::new(config, &init)?;
+    let mut grads = stream.alloc_zeros::<T>(layout.total())?;
+    for step in 0..8 {
+        let g = tensors::<T>(&mut rng, &lens, 0.1);
+        match step {
+            3 => grads = stream.alloc_zeros::<T>(layout.total() + 5)?,
+            4 => {
+                let h = TensorHyper {
+                    lr_scale: 0.5,
+                    weight_decay: 0.0,
+                };
+                gpu.set_tensor_hyper(5, h)?;
+                cpu.opt.set_tensor_hyper(5, h)?;
+            }
+            _ => {}
+        }
+        stream.memcpy_htod(&flatten(&g), &mut grads)?;
+        if step == 5 {
+            // A per-tensor step (raw addresses into the same buffers): it replaces the
+            // table on the device, so the next flat step must rebuild it.
+            use adamax_cuda::cuda::{
+                cudarc::driver::{DevicePtr, DevicePtrMut},
+                RawTensor,
+            };
+            let size = std::mem::size_of::<T>() as u64;
+            let pbase = params.device_ptr_mut(stream).0;
+            let gbase = grads.device_ptr(stream).0;
+            let tensors: Vec<RawTensor> = layout
+                .offsets()
+                .iter()
+                .map(|&o| RawTensor {
+                    param: pbase + o as u64 * size,
+                    grad: gbase + o as u64 * size,
+                })
+                .collect();
+            // SAFETY: the addresses lie in live buffers of this stream's context, each
+            // tensor within the layout these buffers were made for; one stream only.
+            unsafe { gpu.step_raw(&tensors)? };
+        } else {
+            gpu.step_flat(&mut params, &grads)?;
+        }
+        cpu.step(&g)?;
+        let flat = stream.clone_dtoh(&params)?;
+        let got: Vec<Vec<T>> = layout
+            .offsets()
+            .iter()
+            .zip(layout.lens())
+            .map(|(&o, &n)| flat[o..o + n].to_vec())
+            .collect();
+        same_params(&got, &cpu.params).map_err(|e| format!("{ctx} step {step}: {e}"))?;
+        same_state(&gpu.state()?, cpu.opt.tensor_states())
+            .map_err(|e| format!("{ctx} step {step}: {e}"))?;
+    }
+    let short = stream.alloc_zeros::<T>(layout.total() - 1)?;
+    match gpu.step_flat(&mut params, &short) {
+        Err(Error::BufferTooSmall { .. }) => {}
+        other => return Err(format!("a short gradient buffer: {other:?}").into()),
+    }
+    let mut per_tensor = CudaAdamax::<T>::new(stream, config, &[params.slice(0..3)])?;
+    match per_tensor.step_flat(&mut params, &grads) {
+        Err(Error::NotFlat) => Ok(()),
+        other => Err(format!("step_flat on a per-tensor optimizer: {other:?}").into()),
+    }
+}
 fn configs() -> Vec<(&'static str, AdamaxConfig)> {
     let d = AdamaxConfig::default();
     vec![
@@ -426,49 +929,11 @@ fn mixed_sizes(count: usize, seed: u64) -> Vec<usize> {
         .collect()
 }
 
-fn refused_steps_change_nothing(stream: &Arc<CudaStream>) -> TestResult {
-    let p = stream.clone_htod(&[1.0f32, 2.0, 3.0])?;
-    let g = stream.clone_htod(&[0.5f32, 0.5, 0.5])?;
-    let short = stream.clone_htod(&[0.5f32, 0.5])?;
-    let mut params = vec![p];
-    let mut opt = CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &params)?;
-    opt.step(&mut params, std::slice::from_ref(&g))?;
-    let before = (stream.clone_dtoh(&params[0])?, opt.state()?);
-    match opt.step(&mut params, &[short]) {
-        Err(Error::LengthMismatch {
-            what: "grad",
-            tensor: 0,
-            expected: 3,
-            found: 2,
-        }) => {}
-        other => return Err(format!("expected LengthMismatch, got {other:?}").into()),
-    }
-    match opt.step(&mut params, &[g.clone(), g.clone()]) {
-        Err(Error::TensorCountMismatch {
-            what: "grads",
-            expected: 1,
-            found: 2,
-        }) => {}
-        other => return Err(format!("expected TensorCountMismatch, got {other:?}").into()),
-    }
-    let after = (stream.clone_dtoh(&params[0])?, opt.state()?);
-    if before.0 != after.0 || opt.step_count()? != 1 {
-        return Err("a refused step changed the parameters or the step count".into());
-    }
-    same_state(&after.1, &before.1)
-        .map_err(|e| format!("a refused step changed the state: {e}"))?;
-    let none: [cuda::cudarc::driver::CudaSlice<f32>; 0] = [];
-    match CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &none) {
-        Err(Error::EmptyParameterList) => Ok(()),
-        other => Err(format!("expected EmptyParameterList, got {:?}", other.err()).into()),
-    }
-}
-
 /// 64-bit indexing: one 16-bit tensor of 2^31 + 4099 elements (34 GB of device memory
 /// with its state), checked against the CPU reference on windows at the start, across
 /// element 2^31, and at the end. The CPU reference is elementwise, so stepping a window
 /// on its own is exact.
-fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult {
+fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> R {
     let n = (1usize << 31) + 4099;
     let value = |i: usize, seed: u32, scale: f32| {
         let h = (i as u32).wrapping_mul(2_654_435_761)
@@ -516,59 +981,9 @@ fn over_2_pow_31_elements<T: GpuStorage>(stream: &Arc<CudaStream>) -> TestResult
     Ok(())
 }
 
-/// Checkpoint on the GPU, keep stepping; restore into a fresh optimizer and step the
-/// same gradients: parameters and state must be identical.
-fn gpu_resume_is_bit_exact<T: GpuStorage>(
-    stream: &Arc<CudaStream>,
-    precision: Precision,
-) -> TestResult {
-    let mut rng = StdRng::seed_from_u64(seed());
-    let lens = [4097usize, 3, 0, 70_001];
-    let init: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let grads: Vec<Vec<Vec<T>>> = (0..10)
-        .map(|_| lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect())
-        .collect();
-    let config = AdamaxConfig {
-        weight_decay: 0.01,
-        precision,
-        ..AdamaxConfig::default()
-    };
-    let mut params = upload(stream, &init)?;
-    let mut a = CudaAdamax::<T>::new(stream, config, &params)?;
-    for g in &grads[..5] {
-        a.step(&mut params, &upload(stream, g)?)?;
-    }
-    let ck = adamax_cuda::Checkpoint::from_bytes(&a.checkpoint()?.to_bytes()?)?;
-    let host_at_5: Vec<Vec<T>> = params
-        .iter()
-        .map(|p| stream.clone_dtoh(p))
-        .collect::<Result<_, _>>()?;
-    for g in &grads[5..] {
-        a.step(&mut params, &upload(stream, g)?)?;
-    }
-    let mut resumed = upload(stream, &host_at_5)?;
-    let fresh = AdamaxConfig {
-        precision,
-        ..AdamaxConfig::default()
-    };
-    let mut b = CudaAdamax::<T>::new(stream, fresh, &upload(stream, &init)?)?;
-    b.restore(&ck)?;
-    for g in &grads[5..] {
-        b.step(&mut resumed, &upload(stream, g)?)?;
-    }
-    same_checkpoint(&a.checkpoint()?, &b.checkpoint()?)
-        .map_err(|e| format!("{}: after resume: {e}", T::NAME))?;
-    for (x, y) in params.iter().zip(&resumed) {
-        if bits(&stream.clone_dtoh(x)?) != bits(&stream.clone_dtoh(y)?) {
-            return Err(format!("{}: parameters differ after resume", T::NAME).into());
-        }
-    }
-    Ok(())
-}
-
 /// The raw-pointer entry points give the same bits as the typed ones, and refuse null
 /// and misaligned addresses and a wrong tensor count without counting a step.
-fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> TestResult {
+fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> R {
     use adamax_cuda::cuda::{
         cudarc::driver::{DevicePtr, DevicePtrMut},
         RawParam, RawTensor,
@@ -630,164 +1045,11 @@ fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> 
     Ok(())
 }
 
-/// Parameter groups on the GPU: every third tensor without decay, others at a quarter
-/// or three times the learning rate; the CPU reference with the same groups is the
-/// expected value, bit for bit.
-fn per_tensor_hyperparameters_match_the_cpu(
-    stream: &Arc<CudaStream>,
-    mode: WeightDecayMode,
-) -> TestResult {
-    use adamax_cuda::TensorHyper;
-    let mut rng = StdRng::seed_from_u64(seed());
-    let lens = mixed_sizes(40, 3);
-    let config = AdamaxConfig {
-        weight_decay: 0.05,
-        weight_decay_mode: mode,
-        lr: 3e-3,
-        ..AdamaxConfig::default()
-    };
-    let hyper = |i: usize| match i % 3 {
-        0 => TensorHyper {
-            lr_scale: 1.0,
-            weight_decay: 0.0,
-        },
-        1 => TensorHyper {
-            lr_scale: 0.25,
-            weight_decay: 0.05,
-        },
-        _ => TensorHyper {
-            lr_scale: 3.0,
-            weight_decay: 0.2,
-        },
-    };
-    let mut host: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut dev = upload(stream, &host)?;
-    let mut gpu = CudaAdamax::<f32>::new(stream, config, &dev)?;
-    let refs: Vec<&[f32]> = host.iter().map(|p| p.as_slice()).collect();
-    let mut cpu = CpuAdamax::new(config, &refs)?;
-    for i in 0..lens.len() {
-        gpu.set_tensor_hyper(i, hyper(i))?;
-        cpu.set_tensor_hyper(i, hyper(i))?;
-    }
-    for _ in 0..20 {
-        let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-        let dg = upload(stream, &grads)?;
-        gpu.step(&mut dev, &dg)?;
-        let g: Vec<&[f32]> = grads.iter().map(|x| x.as_slice()).collect();
-        let mut p: Vec<&mut [f32]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
-        cpu.step(&mut p, &g)?;
-    }
-    for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
-        same("param", i, &stream.clone_dtoh(d)?, h)?;
-    }
-    same_state(&gpu.state()?, cpu.tensor_states()).map_err(|e| format!("{mode:?}: {e}"))?;
-    Ok(())
-}
-
-/// Unscaling, overflow skips, clipping and the loss scaler on the GPU against the CPU
-/// reference, bit for bit, step by step: parameters, state, skips, scale, norm, clip
-/// factor. `inf_steps` get a +inf gradient in the last tensor (scaled runs skip them).
-fn fused_matches_the_cpu<T: GpuStorage>(
-    stream: &Arc<CudaStream>,
-    options: adamax_cuda::StepOptions,
-    scaler: Option<adamax_cuda::LossScaler>,
-    layout: Layout,
-    precision: Precision,
-) -> TestResult {
-    let seed = seed();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let ctx = format!(
-        "{} {options:?} {scaler:?} {precision:?} seed {seed}",
-        T::NAME
-    );
-    let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700];
-    let inf_steps = [3usize, 4, 9];
-    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut dev = Vec::new();
-    for p in &host {
-        let mut padded = vec![T::from_f32(7.0); layout.param_offset];
-        padded.extend_from_slice(p);
-        dev.push(stream.clone_htod(&padded)?);
-    }
-    let views: Vec<_> = dev.iter().map(|b| b.slice(layout.param_offset..)).collect();
-    let config = AdamaxConfig {
-        weight_decay: 0.01,
-        precision,
-        ..AdamaxConfig::default()
-    };
-    let mut gpu = CudaAdamax::<T>::new(stream, config, &views)?;
-    drop(views);
-    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
-    let mut cpu = CpuAdamax::<T>::new(config, &refs)?;
-    gpu.set_options(options)?;
-    gpu.set_loss_scaler(scaler)?;
-    cpu.set_options(options)?;
-    cpu.set_loss_scaler(scaler)?;
-    for step in 0..12 {
-        let scale = cpu.loss_scaler()?.map_or(1.0, |s| s.scale);
-        let mut grads: Vec<Vec<T>> = lens
-            .iter()
-            .map(|&n| random::<T>(&mut rng, n, 0.1))
-            .collect();
-        for g in grads.iter_mut() {
-            for x in g.iter_mut() {
-                *x = T::from_f32(x.to_f32() * scale);
-            }
-        }
-        if inf_steps.contains(&step) {
-            grads[4][0] = T::from_f32(f32::INFINITY);
-        }
-        let mut dev_grads = Vec::new();
-        for g in &grads {
-            let mut padded = vec![T::from_f32(-3.0); layout.grad_offset];
-            padded.extend_from_slice(g);
-            dev_grads.push(stream.clone_htod(&padded)?);
-        }
-        let gv: Vec<_> = dev_grads
-            .iter()
-            .map(|g| g.slice(layout.grad_offset..))
-            .collect();
-        let mut pv: Vec<_> = dev
-            .iter_mut()
-            .map(|b| b.slice_mut(layout.param_offset..))
-            .collect();
-        gpu.step(&mut pv, &gv)?;
-        drop(pv);
-        let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
-        let mut p: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
-        cpu.step(&mut p, &g)?;
-        let (gr, cr) = (gpu.last_report()?, cpu.last_report()?);
-        let same_norm = gr.total_norm.map(f32::to_bits) == cr.total_norm.map(f32::to_bits);
-        if gr.step != cr.step
-            || gr.skipped != cr.skipped
-            || gr.loss_scale != cr.loss_scale
-            || !same_norm
-            || gr.clip_coef.to_bits() != cr.clip_coef.to_bits()
-        {
-            return Err(format!("{ctx} step {}: report gpu {gr:?} cpu {cr:?}", step + 1).into());
-        }
-        for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
-            let got: Vec<T> = stream.clone_dtoh(d)?[layout.param_offset..].to_vec();
-            let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-            same("param", i, &f(&got), &f(h))
-                .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
-        }
-        same_state(&gpu.state()?, cpu.tensor_states())
-            .map_err(|e| format!("{ctx} step {}: {e}", step + 1))?;
-    }
-    Ok(())
-}
-
 /// A step captured in a CUDA graph and replayed N times gives the same bits as N eager
 /// steps, and a learning rate changed between replays takes effect without recapture.
-fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> TestResult {
-    use adamax_cuda::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    let ctx = stream.context().clone();
-    // Graphs cannot capture the legacy default stream; and cudarc's cross-stream events
-    // must not reach into the capture.
-    let s = ctx.new_stream()?;
-    // SAFETY: every buffer below is used on `s` only.
-    unsafe { ctx.disable_event_tracking() };
+fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> R {
+    let cap = Captured::new(stream)?;
+    let s = &cap.s;
     let mut rng = StdRng::seed_from_u64(seed());
     let lens = [4097usize, 100_003, 5];
     let init: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
@@ -802,8 +1064,8 @@ fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> TestResult {
         max_norm: Some(0.5),
         ..Default::default()
     };
-    let mut eager = CudaAdamax::<f32>::new(&s, AdamaxConfig::default(), &pa)?;
-    let mut graphed = CudaAdamax::<f32>::new(&s, AdamaxConfig::default(), &pb)?;
+    let mut eager = CudaAdamax::<f32>::new(s, AdamaxConfig::default(), &pa)?;
+    let mut graphed = CudaAdamax::<f32>::new(s, AdamaxConfig::default(), &pb)?;
     for o in [&mut eager, &mut graphed] {
         o.set_options(options)?;
         o.set_loss_scaler(Some(adamax_cuda::LossScaler {
@@ -815,11 +1077,7 @@ fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> TestResult {
     // One eager step each uploads the tensor tables, then capture one step.
     eager.step(&mut pa, &ga)?;
     graphed.step(&mut pb, &gb)?;
-    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-    graphed.step(&mut pb, &gb)?;
-    let graph = s
-        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)?
-        .ok_or("empty graph")?;
+    let graph = cap.capture(|| graphed.step(&mut pb, &gb))?;
     for k in 0..7 {
         if k == 4 {
             eager.set_lr(5e-4)?;
@@ -829,8 +1087,6 @@ fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> TestResult {
         graph.launch()?;
     }
     s.synchronize()?;
-    // SAFETY: restores cudarc's default for the rest of the process.
-    unsafe { ctx.enable_event_tracking() };
     same_checkpoint(&graphed.checkpoint()?, &eager.checkpoint()?)
         .map_err(|e| format!("graph replay differs from eager steps: {e}"))?;
     for (a, b) in pa.iter().zip(&pb) {
@@ -852,7 +1108,7 @@ struct Captured {
 }
 
 impl Captured {
-    fn new(stream: &Arc<CudaStream>) -> Result<Self, Failed> {
+    fn new(stream: &Arc<CudaStream>) -> R<Self> {
         let ctx = stream.context().clone();
         let s = ctx.new_stream()?;
         // SAFETY: every buffer of the test is used on `s` only; `Drop` turns tracking on.
@@ -864,7 +1120,7 @@ impl Captured {
     fn capture(
         &self,
         step: impl FnOnce() -> adamax_cuda::Result<()>,
-    ) -> Result<adamax_cuda::cuda::cudarc::driver::CudaGraph, Failed> {
+    ) -> R<adamax_cuda::cuda::cudarc::driver::CudaGraph> {
         use adamax_cuda::cuda::cudarc::driver::sys::{
             CUgraphInstantiate_flags, CUstreamCaptureMode,
         };
@@ -892,7 +1148,7 @@ impl Drop for Captured {
 /// on, equals eager steps with the same settings bit for bit (and skips the step whose
 /// gradient overflows). Before the fix the graph held the update alone, which read a
 /// stale clip coefficient and inverse scale.
-fn a_graph_captured_before_settings_honours_them_on_replay(stream: &Arc<CudaStream>) -> TestResult {
+fn a_graph_captured_before_settings_honours_them_on_replay(stream: &Arc<CudaStream>) -> R {
     let cap = Captured::new(stream)?;
     let s = &cap.s;
     let mut rng = StdRng::seed_from_u64(seed());
@@ -969,9 +1225,7 @@ fn a_graph_captured_before_settings_honours_them_on_replay(stream: &Arc<CudaStre
 /// (run under compute-sanitizer memcheck: before the fix it read freed buffers). A
 /// restore that changes the configuration the launch carries by value makes the graph
 /// stale: its replay changes nothing and reports `StaleGraph`; an eager step still works.
-fn a_graph_replayed_after_a_restore_steps_the_restored_state(
-    stream: &Arc<CudaStream>,
-) -> TestResult {
+fn a_graph_replayed_after_a_restore_steps_the_restored_state(stream: &Arc<CudaStream>) -> R {
     let cap = Captured::new(stream)?;
     let s = &cap.s;
     let mut rng = StdRng::seed_from_u64(seed());
@@ -1048,7 +1302,7 @@ fn a_graph_replayed_after_a_restore_steps_the_restored_state(
 
 /// What cannot be captured is refused with `DuringCapture`, enqueuing nothing: a step
 /// whose tensor table is not on the device yet, and host writes (settings, restore).
-fn host_copies_during_a_capture_are_refused(stream: &Arc<CudaStream>) -> TestResult {
+fn host_copies_during_a_capture_are_refused(stream: &Arc<CudaStream>) -> R {
     let cap = Captured::new(stream)?;
     let s = &cap.s;
     let mut p = s.clone_htod(&[1.0f32; 300])?;
@@ -1088,159 +1342,23 @@ fn host_copies_during_a_capture_are_refused(stream: &Arc<CudaStream>) -> TestRes
     Ok(())
 }
 
-/// The loss-scaler regression of the first H100 run: on a growth step the update
-/// divided by the next step's scale. With power-of-two scales, unscaling is exact, so
-/// the GPU's scaled run must equal the CPU reference on the unscaled gradients with the
-/// skipped steps left out, bit for bit, through a growth step followed by a skip and
-/// two backoffs in a row (tests/common's schedule; the CPU twin is in fused_cpu.rs).
-fn loss_scaler_unscales_by_the_scale_the_gradients_carry<T: GpuStorage>(
-    stream: &Arc<CudaStream>,
-) -> TestResult {
-    use common::{SCALER_INF_STEPS, SCALER_SCALES};
-    let mut rng = StdRng::seed_from_u64(seed());
-    let lens = [(1usize << 16) + 5, 3, 8193];
-    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut dev = upload(stream, &host)?;
-    let config = AdamaxConfig {
-        weight_decay: 0.01,
-        ..AdamaxConfig::default()
-    };
-    let mut gpu = CudaAdamax::<T>::new(stream, config, &dev)?;
-    gpu.set_loss_scaler(Some(adamax_cuda::LossScaler {
-        scale: 1024.0,
-        growth_interval: 2,
-        ..Default::default()
-    }))?;
-    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
-    let mut plain = CpuAdamax::<T>::new(config, &refs)?;
-    for (t, &scale) in SCALER_SCALES.iter().enumerate() {
-        let got_scale = gpu.loss_scaler()?.map(|s| s.scale);
-        if got_scale != Some(scale) {
-            return Err(format!(
-                "{} step {t}: scale {got_scale:?}, expected {scale}",
-                T::NAME
-            )
-            .into());
-        }
-        let grads: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-        let mut scaled: Vec<Vec<T>> = grads
-            .iter()
-            .map(|g| g.iter().map(|x| T::from_f32(x.to_f32() * scale)).collect())
-            .collect();
-        let inf = SCALER_INF_STEPS.contains(&t);
-        if inf {
-            scaled[2][100] = T::from_f32(f32::INFINITY);
-        }
-        let dg = upload(stream, &scaled)?;
-        gpu.step(&mut dev, &dg)?;
-        if gpu.last_report()?.skipped != inf {
-            return Err(format!("{} step {t}: skip decision differs", T::NAME).into());
-        }
-        if !inf {
-            let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
-            let mut p: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
-            plain.step(&mut p, &g)?;
-        }
-        for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
-            let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-            same("param", i, &f(&stream.clone_dtoh(d)?), &f(h))
-                .map_err(|e| format!("{} step {t}: {e}", T::NAME))?;
-        }
-        same_state(&gpu.state()?, plain.tensor_states())
-            .map_err(|e| format!("{} step {t}: {e}", T::NAME))?;
-    }
-    Ok(())
-}
-
-/// A step counter at `u64::MAX` refuses the next step with `StepOverflow`, as the CPU
-/// reference does, and nothing changes; a replayed graph at the limit changes nothing
-/// either and reports the same error.
-fn a_full_step_counter_refuses_the_step_like_the_cpu(stream: &Arc<CudaStream>) -> TestResult {
-    let mut rng = StdRng::seed_from_u64(seed());
-    let lens = [4097usize, 3];
-    let init: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-    let mut params = upload(stream, &init)?;
-    let dg = upload(stream, &grads)?;
-    let mut gpu = CudaAdamax::<f32>::new(stream, AdamaxConfig::default(), &params)?;
-    let refs: Vec<&[f32]> = init.iter().map(|p| p.as_slice()).collect();
-    let mut cpu = CpuAdamax::<f32>::new(AdamaxConfig::default(), &refs)?;
-    let mut ck = cpu.checkpoint()?;
-    ck.step = u64::MAX - 1;
-    gpu.restore(&ck)?;
-    cpu.restore(&ck)?;
-    let mut host = init.clone();
-    gpu.step(&mut params, &dg)?;
-    {
-        let g: Vec<&[f32]> = grads.iter().map(|x| x.as_slice()).collect();
-        let mut p: Vec<&mut [f32]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
-        cpu.step(&mut p, &g)?;
-    }
-    let before = (
-        gpu.checkpoint()?,
-        params
-            .iter()
-            .map(|p| stream.clone_dtoh(p))
-            .collect::<Result<Vec<_>, _>>()?,
-    );
-    let g: Vec<&[f32]> = grads.iter().map(|x| x.as_slice()).collect();
-    let mut p: Vec<&mut [f32]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
-    let cpu_err = cpu.step(&mut p, &g);
-    let gpu_err = gpu.step(&mut params, &dg);
-    match (&cpu_err, &gpu_err) {
-        (Err(Error::StepOverflow(a)), Err(Error::StepOverflow(b)))
-            if *a == u64::MAX && *b == u64::MAX => {}
-        _ => {
-            return Err(
-                format!("expected StepOverflow on both: cpu {cpu_err:?}, gpu {gpu_err:?}").into(),
-            )
-        }
-    }
-    let after = (
-        gpu.checkpoint()?,
-        params
-            .iter()
-            .map(|p| stream.clone_dtoh(p))
-            .collect::<Result<Vec<_>, _>>()?,
-    );
-    same_checkpoint(&after.0, &before.0)?;
-    if after.1 != before.1 {
-        return Err("a refused step changed the parameters".into());
-    }
-    same_checkpoint(&after.0, &cpu.checkpoint()?)?;
-    counter_full_in_a_replayed_graph_changes_nothing(stream, &init, &grads)
-}
-
 /// The device's own guard: a graph captured at step u64::MAX - 1 replays once (step
 /// u64::MAX), then changes nothing and reports StepOverflow; an eager step after it is
 /// refused on the host.
-fn counter_full_in_a_replayed_graph_changes_nothing(
-    stream: &Arc<CudaStream>,
-    init: &[Vec<f32>],
-    grads: &[Vec<f32>],
-) -> TestResult {
-    use adamax_cuda::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    let ctx = stream.context().clone();
-    let s = ctx.new_stream()?;
-    // SAFETY: every buffer below is used on `s` only.
-    unsafe { ctx.disable_event_tracking() };
-    let up = |v: &[Vec<f32>]| {
-        v.iter()
-            .map(|x| s.clone_htod(x))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let (mut params, dg) = (up(init)?, up(grads)?);
-    let mut opt = CudaAdamax::<f32>::new(&s, AdamaxConfig::default(), &params)?;
-    let refs: Vec<&[f32]> = init.iter().map(|p| p.as_slice()).collect();
-    let mut ck = CpuAdamax::<f32>::new(AdamaxConfig::default(), &refs)?.checkpoint()?;
+fn a_full_step_counter_in_a_replayed_graph_changes_nothing(stream: &Arc<CudaStream>) -> R {
+    let cap = Captured::new(stream)?;
+    let s = &cap.s;
+    let mut rng = StdRng::seed_from_u64(seed());
+    let lens = [4097usize, 3];
+    let init: Vec<Vec<f32>> = tensors(&mut rng, &lens, 1.0);
+    let grads: Vec<Vec<f32>> = tensors(&mut rng, &lens, 0.1);
+    let (mut params, dg) = (upload(s, &init)?, upload(s, &grads)?);
+    let mut opt = CudaAdamax::<f32>::new(s, AdamaxConfig::default(), &params)?;
+    let mut ck = opt.checkpoint()?;
     ck.step = u64::MAX - 2;
     opt.restore(&ck)?;
     opt.step(&mut params, &dg)?; // step u64::MAX - 1; uploads the tensor table
-    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-    opt.step(&mut params, &dg)?;
-    let graph = s
-        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)?
-        .ok_or("empty graph")?;
+    let graph = cap.capture(|| opt.step(&mut params, &dg))?;
     graph.launch()?; // step u64::MAX
     s.synchronize()?;
     let at_max = (
@@ -1261,8 +1379,6 @@ fn counter_full_in_a_replayed_graph_changes_nothing(
             .map(|p| s.clone_dtoh(p))
             .collect::<Result<Vec<_>, _>>()?,
     );
-    // SAFETY: restores cudarc's default for the rest of the process.
-    unsafe { ctx.enable_event_tracking() };
     replayed?;
     if at_max.0.step != u64::MAX {
         return Err(format!(
@@ -1284,223 +1400,9 @@ fn counter_full_in_a_replayed_graph_changes_nothing(
     Ok(())
 }
 
-/// The flat-buffer path against the CPU reference, bit for bit: 100 mixed tensors in
-/// one parameter buffer (packed or aligned layout), stepped with gradients written into
-/// the same flat buffer (the tensor table on the device is reused), then from a new
-/// gradient buffer, after a per-tensor setting changed, and after a per-tensor step
-/// (each rebuilds it). Refusals: a short buffer, and step_flat on a per-tensor optimizer.
-fn flat_buffers_match_the_cpu<T: GpuStorage>(
-    stream: &Arc<CudaStream>,
-    aligned: bool,
-    precision: Precision,
-) -> TestResult {
-    use adamax_cuda::{cuda::FlatLayout, TensorHyper};
-    let mut rng = StdRng::seed_from_u64(seed());
-    let lens = mixed_sizes(100, 7);
-    let layout = if aligned {
-        FlatLayout::aligned(&lens)?
-    } else {
-        FlatLayout::packed(&lens)?
-    };
-    let flatten = |tensors: &[Vec<T>]| {
-        let mut flat = vec![T::from_f32(-9.0); layout.total()];
-        for (t, &o) in tensors.iter().zip(layout.offsets()) {
-            flat[o..o + t.len()].copy_from_slice(t);
-        }
-        flat
-    };
-    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut params = stream.clone_htod(&flatten(&host))?;
-    let config = AdamaxConfig {
-        weight_decay: 0.01,
-        precision,
-        ..AdamaxConfig::default()
-    };
-    let mut gpu = CudaAdamax::<T>::new_flat(stream, config, &params, layout.clone())?;
-    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
-    let mut cpu = CpuAdamax::<T>::new(config, &refs)?;
-    let mut grads = stream.alloc_zeros::<T>(layout.total())?;
-    for step in 0..8 {
-        let g: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-        match step {
-            3 => grads = stream.alloc_zeros::<T>(layout.total() + 5)?,
-            4 => {
-                let h = TensorHyper {
-                    lr_scale: 0.5,
-                    weight_decay: 0.0,
-                };
-                gpu.set_tensor_hyper(5, h)?;
-                cpu.set_tensor_hyper(5, h)?;
-            }
-            _ => {}
-        }
-        stream.memcpy_htod(&flatten(&g), &mut grads)?;
-        if step == 5 {
-            // A per-tensor step (raw addresses into the same buffers): it replaces the
-            // table on the device, so the next flat step must rebuild it.
-            use adamax_cuda::cuda::{
-                cudarc::driver::{DevicePtr, DevicePtrMut},
-                RawTensor,
-            };
-            let size = std::mem::size_of::<T>() as u64;
-            let pbase = params.device_ptr_mut(stream).0;
-            let gbase = grads.device_ptr(stream).0;
-            let tensors: Vec<RawTensor> = layout
-                .offsets()
-                .iter()
-                .map(|&o| RawTensor {
-                    param: pbase + o as u64 * size,
-                    grad: gbase + o as u64 * size,
-                })
-                .collect();
-            // SAFETY: the addresses lie in live buffers of this stream's context, each
-            // tensor within the layout these buffers were made for; one stream only.
-            unsafe { gpu.step_raw(&tensors)? };
-        } else {
-            gpu.step_flat(&mut params, &grads)?;
-        }
-        let gr: Vec<&[T]> = g.iter().map(|x| x.as_slice()).collect();
-        let mut pr: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
-        cpu.step(&mut pr, &gr)?;
-        let flat = stream.clone_dtoh(&params)?;
-        for (i, (&o, h)) in layout.offsets().iter().zip(&host).enumerate() {
-            let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-            same("param", i, &f(&flat[o..o + h.len()]), &f(h))
-                .map_err(|e| format!("{} step {step}: {e}", T::NAME))?;
-        }
-        same_state(&gpu.state()?, cpu.tensor_states())
-            .map_err(|e| format!("{} step {step}: {e}", T::NAME))?;
-    }
-    let short = stream.alloc_zeros::<T>(layout.total() - 1)?;
-    match gpu.step_flat(&mut params, &short) {
-        Err(Error::BufferTooSmall { .. }) => {}
-        other => return Err(format!("a short gradient buffer: {other:?}").into()),
-    }
-    let mut per_tensor = CudaAdamax::<T>::new(stream, config, &[params.slice(0..3)])?;
-    match per_tensor.step_flat(&mut params, &grads) {
-        Err(Error::NotFlat) => Ok(()),
-        other => Err(format!("step_flat on a per-tensor optimizer: {other:?}").into()),
-    }
-}
-
-/// Missing gradients with clipping, a loss scaler and overflow skips, against the CPU
-/// reference bit for bit: absent tensors add zero partial sums (their chunks keep their
-/// numbers in the reduction order), take no update and keep their own step counts.
-fn missing_gradients_match_the_cpu<T: GpuStorage>(
-    stream: &Arc<CudaStream>,
-    precision: Precision,
-) -> TestResult {
-    let mut rng = StdRng::seed_from_u64(seed());
-    let lens = [(1usize << 16) + 5, 3, 0, 8192 * 3 + 1, 700, 9000];
-    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let mut dev = upload(stream, &host)?;
-    let config = AdamaxConfig {
-        weight_decay: 0.01,
-        precision,
-        ..AdamaxConfig::default()
-    };
-    let mut gpu = CudaAdamax::<T>::new(stream, config, &dev)?;
-    let refs: Vec<&[T]> = host.iter().map(|p| p.as_slice()).collect();
-    let mut cpu = CpuAdamax::<T>::new(config, &refs)?;
-    let options = adamax_cuda::StepOptions {
-        max_norm: Some(0.5),
-        ..Default::default()
-    };
-    let scaler = Some(adamax_cuda::LossScaler {
-        scale: 256.0,
-        growth_interval: 2,
-        ..Default::default()
-    });
-    for o in [&mut gpu as &mut dyn FnMutOpt, &mut cpu] {
-        o.setup(options, scaler)?;
-    }
-    for step in 0..10usize {
-        let scale = cpu.loss_scaler()?.map_or(1.0, |s| s.scale);
-        let grads: Vec<Option<Vec<T>>> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| {
-                let g: Vec<T> = random::<T>(&mut rng, n, 0.1)
-                    .iter()
-                    .map(|x| T::from_f32(x.to_f32() * scale))
-                    .collect();
-                ((i + step) % 3 != 0).then_some(g)
-            })
-            .collect();
-        let mut grads = grads;
-        if step == 4 {
-            if let Some(g) = grads[5].as_mut() {
-                g[10] = T::from_f32(f32::INFINITY);
-            }
-        }
-        let dg = grads
-            .iter()
-            .map(|g| g.as_ref().map(|g| stream.clone_htod(g)).transpose())
-            .collect::<Result<Vec<_>, _>>()?;
-        gpu.step_some(&mut dev, &dg)?;
-        let g: Vec<Option<&[T]>> = grads.iter().map(|x| x.as_deref()).collect();
-        let mut p: Vec<&mut [T]> = host.iter_mut().map(|x| x.as_mut_slice()).collect();
-        cpu.step_some(&mut p, &g)?;
-        let (gr, cr) = (gpu.last_report()?, cpu.last_report()?);
-        if (
-            gr.skipped,
-            gr.loss_scale,
-            gr.total_norm.map(f32::to_bits),
-            gr.clip_coef.to_bits(),
-        ) != (
-            cr.skipped,
-            cr.loss_scale,
-            cr.total_norm.map(f32::to_bits),
-            cr.clip_coef.to_bits(),
-        ) {
-            return Err(format!("{} step {step}: gpu {gr:?} cpu {cr:?}", T::NAME).into());
-        }
-        for (i, (d, h)) in dev.iter().zip(&host).enumerate() {
-            let f = |v: &[T]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
-            same("param", i, &f(&stream.clone_dtoh(d)?), &f(h))
-                .map_err(|e| format!("{} step {step}: {e}", T::NAME))?;
-        }
-        let (gs, cs) = (gpu.state()?, cpu.tensor_states().to_vec());
-        same_state(&gs, &cs).map_err(|e| format!("{} step {step}: {e}", T::NAME))?;
-        let counts = |v: &[TensorState]| v.iter().map(|t| t.step).collect::<Vec<_>>();
-        if counts(&gs) != counts(&cs) {
-            return Err(format!(
-                "{} step {step}: step counts {:?} vs {:?}",
-                T::NAME,
-                counts(&gs),
-                counts(&cs)
-            )
-            .into());
-        }
-    }
-    Ok(())
-}
-
-/// Options and scaler set alike on either optimizer (through the trait).
-trait FnMutOpt {
-    fn setup(
-        &mut self,
-        o: adamax_cuda::StepOptions,
-        s: Option<adamax_cuda::LossScaler>,
-    ) -> adamax_cuda::Result<()>;
-}
-impl<O: Optimizer> FnMutOpt for O {
-    fn setup(
-        &mut self,
-        o: adamax_cuda::StepOptions,
-        s: Option<adamax_cuda::LossScaler>,
-    ) -> adamax_cuda::Result<()> {
-        self.set_options(o)?;
-        self.set_loss_scaler(s)
-    }
-}
-
 fn main() {
     let args = Arguments::from_args();
-    let device = cuda::device_count()
-        .ok()
-        .filter(|&n| n > 0)
-        .and_then(|_| cuda::default_stream(0).ok());
+    let device = gpu_stream();
     match &device {
         Some(s) => eprintln!(
             "GPU: {} (compute capability {:?})",
@@ -1509,178 +1411,51 @@ fn main() {
         ),
         None => eprintln!("no CUDA device visible: GPU tests are ignored"),
     }
-    let stream = device.clone();
+    let ignored = device.is_none();
     let mut trials = Vec::new();
-    let mut add = |name: String, f: GpuTest| {
-        let stream = stream.clone();
-        trials.push(
-            Trial::test(name, move || match stream {
-                Some(s) => f(&s),
-                None => Err("no CUDA device".into()),
-            })
-            .with_ignored_flag(device.is_none()),
-        );
-    };
-    for (name, config) in configs() {
-        add(
-            format!("f32_is_bit_identical_to_cpu_after_100_steps_{name}"),
-            Box::new(move |s| gpu_matches_cpu::<f32>(s, config, &SIZES, 100, PLAIN, false)),
-        );
-        add(
-            format!("f16_master_is_bit_identical_and_copy_is_rne_{name}"),
-            Box::new(move |s| gpu_matches_cpu::<f16>(s, config, &SIZES, 20, PLAIN, false)),
-        );
-        add(
-            format!("bf16_master_is_bit_identical_and_copy_is_rne_{name}"),
-            Box::new(move |s| gpu_matches_cpu::<bf16>(s, config, &SIZES, 20, PLAIN, false)),
-        );
+    for (case, cells, what) in matrix() {
+        for (ty, mode) in cells.iter() {
+            let name = format!("{}_{}_{case}", mode.name(), ty.as_str());
+            let run = move || {
+                backends::stream()?;
+                match ty {
+                    StorageType::F32 => what.run::<f32>(mode),
+                    StorageType::F16 => what.run::<f16>(mode),
+                    StorageType::Bf16 => what.run::<bf16>(mode),
+                }
+            };
+            trials.push(Trial::test(name, run).with_ignored_flag(ignored));
+        }
     }
-    let odd = Layout {
-        param_offset: 1,
-        grad_offset: 3,
-    };
-    let d = AdamaxConfig::default();
-    add(
-        "views_at_odd_offsets_take_the_scalar_path_f32".into(),
-        Box::new(move |s| gpu_matches_cpu::<f32>(s, d, &SIZES, 10, odd, false)),
-    );
-    add(
-        "views_at_odd_offsets_take_the_scalar_path_f16".into(),
-        Box::new(move |s| gpu_matches_cpu::<f16>(s, d, &SIZES, 10, odd, false)),
-    );
-    add(
-        "views_at_odd_offsets_take_the_scalar_path_bf16".into(),
-        Box::new(move |s| gpu_matches_cpu::<bf16>(s, d, &SIZES, 10, odd, false)),
-    );
-    add(
-        "a_list_of_150_mixed_tensors_in_one_launch_f32".into(),
-        Box::new(move |s| gpu_matches_cpu::<f32>(s, d, &mixed_sizes(150, 1), 30, PLAIN, false)),
-    );
-    add(
-        "a_list_of_150_mixed_tensors_in_one_launch_bf16".into(),
-        Box::new(move |s| gpu_matches_cpu::<bf16>(s, d, &mixed_sizes(150, 2), 10, PLAIN, false)),
-    );
-    add(
-        "nan_and_inf_gradients_match_the_cpu_f32".into(),
-        Box::new(move |s| gpu_matches_cpu::<f32>(s, d, &SIZES[..5], 5, PLAIN, true)),
-    );
-    add(
-        "nan_and_inf_gradients_match_the_cpu_f16".into(),
-        Box::new(move |s| gpu_matches_cpu::<f16>(s, d, &SIZES[..5], 5, PLAIN, true)),
-    );
-    add(
-        "refused_steps_change_nothing".into(),
-        Box::new(refused_steps_change_nothing),
-    );
-    add(
-        "graph_replay_equals_eager_steps_and_follows_set_lr".into(),
-        Box::new(graph_replay_equals_eager_steps),
-    );
-    add(
-        "a_graph_captured_before_settings_honours_them_on_replay".into(),
-        Box::new(a_graph_captured_before_settings_honours_them_on_replay),
-    );
-    add(
-        "a_graph_replayed_after_a_restore_steps_the_restored_state".into(),
-        Box::new(a_graph_replayed_after_a_restore_steps_the_restored_state),
-    );
-    add(
-        "host_copies_during_a_capture_are_refused".into(),
-        Box::new(host_copies_during_a_capture_are_refused),
-    );
-    {
-        use adamax_cuda::{LossScaler, StepOptions};
-        let scaler = Some(LossScaler {
-            scale: 1024.0,
-            growth_interval: 3,
-            ..LossScaler::default()
-        });
-        let clip = StepOptions {
-            max_norm: Some(0.5),
-            ..Default::default()
-        };
-        let unscale = StepOptions {
-            inv_scale: Some(0.25),
-            ..Default::default()
-        };
-        let odd = Layout {
-            param_offset: 1,
-            grad_offset: 3,
-        };
-        add(
-            "fused_scaler_and_clipping_match_the_cpu_f32".into(),
-            Box::new(move |s| fused_matches_the_cpu::<f32>(s, clip, scaler, PLAIN, F32)),
-        );
-        add(
-            "fused_scaler_and_clipping_match_the_cpu_f16".into(),
-            Box::new(move |s| fused_matches_the_cpu::<f16>(s, clip, scaler, PLAIN, F32)),
-        );
-        add(
-            "fused_scaler_and_clipping_match_the_cpu_bf16_odd_views".into(),
-            Box::new(move |s| fused_matches_the_cpu::<bf16>(s, clip, scaler, odd, F32)),
-        );
-        add(
-            "fused_clipping_alone_matches_the_cpu_f32_odd_views".into(),
-            Box::new(move |s| fused_matches_the_cpu::<f32>(s, clip, None, odd, F32)),
-        );
-        add(
-            "fused_fixed_unscale_with_check_matches_the_cpu_f16".into(),
-            Box::new(move |s| fused_matches_the_cpu::<f16>(s, unscale, None, PLAIN, F32)),
-        );
+    let gpu_only: [(&str, GpuOnly); 6] = [
+        (
+            "graph_replay_equals_eager_steps_and_follows_set_lr",
+            graph_replay_equals_eager_steps,
+        ),
+        (
+            "a_graph_captured_before_settings_honours_them_on_replay",
+            a_graph_captured_before_settings_honours_them_on_replay,
+        ),
+        (
+            "a_graph_replayed_after_a_restore_steps_the_restored_state",
+            a_graph_replayed_after_a_restore_steps_the_restored_state,
+        ),
+        (
+            "a_full_step_counter_in_a_replayed_graph_changes_nothing",
+            a_full_step_counter_in_a_replayed_graph_changes_nothing,
+        ),
+        (
+            "host_copies_during_a_capture_are_refused",
+            host_copies_during_a_capture_are_refused,
+        ),
+        (
+            "raw_entry_points_match_the_typed_ones_and_refuse_bad_addresses",
+            raw_entry_points_match_and_refuse_bad_addresses,
+        ),
+    ];
+    for (name, f) in gpu_only {
+        trials.push(Trial::test(name, move || f(&backends::stream()?)).with_ignored_flag(ignored));
     }
-    add(
-        "loss_scaler_unscales_by_the_scale_the_gradients_carry_f32".into(),
-        Box::new(loss_scaler_unscales_by_the_scale_the_gradients_carry::<f32>),
-    );
-    add(
-        "loss_scaler_unscales_by_the_scale_the_gradients_carry_bf16".into(),
-        Box::new(loss_scaler_unscales_by_the_scale_the_gradients_carry::<bf16>),
-    );
-    add(
-        "a_full_step_counter_refuses_the_step_like_the_cpu".into(),
-        Box::new(a_full_step_counter_refuses_the_step_like_the_cpu),
-    );
-    add(
-        "flat_buffers_match_the_cpu_packed_f32".into(),
-        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, false, F32)),
-    );
-    add(
-        "flat_buffers_match_the_cpu_aligned_f32".into(),
-        Box::new(|s| flat_buffers_match_the_cpu::<f32>(s, true, F32)),
-    );
-    add(
-        "flat_buffers_match_the_cpu_aligned_bf16".into(),
-        Box::new(|s| flat_buffers_match_the_cpu::<bf16>(s, true, F32)),
-    );
-    add(
-        "missing_gradients_match_the_cpu_with_clipping_and_scaler_f32".into(),
-        Box::new(|s| missing_gradients_match_the_cpu::<f32>(s, F32)),
-    );
-    add(
-        "missing_gradients_match_the_cpu_with_clipping_and_scaler_bf16".into(),
-        Box::new(|s| missing_gradients_match_the_cpu::<bf16>(s, F32)),
-    );
-    add(
-        "per_tensor_hyperparameters_match_the_cpu_coupled".into(),
-        Box::new(|s| per_tensor_hyperparameters_match_the_cpu(s, WeightDecayMode::Coupled)),
-    );
-    add(
-        "per_tensor_hyperparameters_match_the_cpu_decoupled".into(),
-        Box::new(|s| per_tensor_hyperparameters_match_the_cpu(s, WeightDecayMode::Decoupled)),
-    );
-    add(
-        "raw_entry_points_match_the_typed_ones_and_refuse_bad_addresses".into(),
-        Box::new(raw_entry_points_match_and_refuse_bad_addresses),
-    );
-    add(
-        "checkpoint_resume_is_bit_exact_f32".into(),
-        Box::new(|s| gpu_resume_is_bit_exact::<f32>(s, F32)),
-    );
-    add(
-        "checkpoint_resume_is_bit_exact_bf16".into(),
-        Box::new(|s| gpu_resume_is_bit_exact::<bf16>(s, F32)),
-    );
-    add_low_byte_tests(&mut add);
     // Needs about 35 GB free: ignored on smaller GPUs rather than failing.
     let big_enough = device
         .as_ref()
@@ -1689,14 +1464,10 @@ fn main() {
     if !big_enough {
         eprintln!("tensor_over_2_pow_31_elements: needs > 40 GiB free device memory, ignored");
     }
-    let s = device.clone();
     trials.push(
         Trial::test(
             "tensor_over_2_pow_31_elements_uses_64_bit_indices_f16",
-            move || match s {
-                Some(s) => over_2_pow_31_elements::<f16>(&s),
-                None => Err("no CUDA device".into()),
-            },
+            move || over_2_pow_31_elements::<f16>(&backends::stream()?),
         )
         .with_ignored_flag(!big_enough),
     );

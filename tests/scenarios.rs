@@ -7,214 +7,12 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use adamax_cuda::{
-    bf16,
-    cpu::CpuAdamax,
-    cuda::{
-        self,
-        cudarc::driver::{CudaSlice, CudaStream},
-        CudaAdamax, FlatLayout, GpuStorage,
-    },
-    AdamaxConfig, Checkpoint, Error, LossScaler, Optimizer, ParamMode, Precision, StateFormat,
-    StepOptions, Storage, StorageType, TensorHyper,
+    bf16, cuda::GpuStorage, AdamaxConfig, Checkpoint, Error, LossScaler, Optimizer, ParamMode,
+    Precision, StateFormat, StepOptions, Storage, StorageType, TensorHyper,
 };
-use libtest_mimic::{Arguments, Failed, Trial};
-
-type R<T = ()> = Result<T, Failed>;
-
-/// An optimizer with its parameters, on some device, driven through the trait.
-trait Backend<T: GpuStorage>: Sized {
-    type Opt: Optimizer<Storage = T>;
-    /// Whether gradients go in as one flat buffer (no per-tensor list to mismatch).
-    const FLAT: bool = false;
-    fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self>;
-    fn opt(&mut self) -> &mut Self::Opt;
-    /// One step with these host gradients (uploaded first on the GPU).
-    fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()>;
-    /// One step where some tensors have no gradient.
-    fn step_some(&mut self, grads: &[Option<Vec<T>>]) -> adamax_cuda::Result<()>;
-    /// The parameters, copied to the host.
-    fn params(&self) -> R<Vec<Vec<T>>>;
-}
-
-struct Cpu<T: Storage> {
-    opt: CpuAdamax<T>,
-    params: Vec<Vec<T>>,
-}
-
-impl<T: GpuStorage> Backend<T> for Cpu<T> {
-    type Opt = CpuAdamax<T>;
-    fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self> {
-        let refs: Vec<&[T]> = init.iter().map(|p| p.as_slice()).collect();
-        Ok(Self {
-            opt: CpuAdamax::new(config, &refs)?,
-            params: init.to_vec(),
-        })
-    }
-    fn opt(&mut self) -> &mut CpuAdamax<T> {
-        &mut self.opt
-    }
-    fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()> {
-        let mut p: Vec<&mut [T]> = self.params.iter_mut().map(|x| x.as_mut_slice()).collect();
-        let g: Vec<&[T]> = grads.iter().map(|x| x.as_slice()).collect();
-        self.opt.step(&mut p, &g)
-    }
-    fn step_some(&mut self, grads: &[Option<Vec<T>>]) -> adamax_cuda::Result<()> {
-        let mut p: Vec<&mut [T]> = self.params.iter_mut().map(|x| x.as_mut_slice()).collect();
-        let g: Vec<Option<&[T]>> = grads.iter().map(|x| x.as_deref()).collect();
-        self.opt.step_some(&mut p, &g)
-    }
-    fn params(&self) -> R<Vec<Vec<T>>> {
-        Ok(self.params.clone())
-    }
-}
-
-struct Gpu<T: GpuStorage> {
-    stream: Arc<CudaStream>,
-    opt: CudaAdamax<T>,
-    params: Vec<CudaSlice<T>>,
-}
-
-fn gpu_stream() -> Option<Arc<CudaStream>> {
-    static STREAM: std::sync::OnceLock<Option<Arc<CudaStream>>> = std::sync::OnceLock::new();
-    STREAM
-        .get_or_init(|| {
-            cuda::device_count()
-                .ok()
-                .filter(|&n| n > 0)
-                .and_then(|_| cuda::default_stream(0).ok())
-        })
-        .clone()
-}
-
-impl<T: GpuStorage> Backend<T> for Gpu<T> {
-    type Opt = CudaAdamax<T>;
-    fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self> {
-        let stream = gpu_stream().ok_or("no CUDA device")?;
-        let params = init
-            .iter()
-            .map(|p| stream.clone_htod(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let opt = CudaAdamax::new(&stream, config, &params)?;
-        Ok(Self {
-            stream,
-            opt,
-            params,
-        })
-    }
-    fn opt(&mut self) -> &mut CudaAdamax<T> {
-        &mut self.opt
-    }
-    fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()> {
-        let dg = grads
-            .iter()
-            .map(|g| self.stream.clone_htod(g))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Driver {
-                context: "uploading test gradients",
-                source,
-            })?;
-        let mut pv: Vec<_> = self.params.iter_mut().map(|p| p.as_view_mut()).collect();
-        let gv: Vec<_> = dg.iter().map(|g| g.as_view()).collect();
-        Optimizer::step(&mut self.opt, &mut pv, &gv)
-    }
-    fn step_some(&mut self, grads: &[Option<Vec<T>>]) -> adamax_cuda::Result<()> {
-        let dg = grads
-            .iter()
-            .map(|g| g.as_ref().map(|g| self.stream.clone_htod(g)).transpose())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| Error::Driver {
-                context: "uploading test gradients",
-                source,
-            })?;
-        let mut pv: Vec<_> = self.params.iter_mut().map(|p| p.as_view_mut()).collect();
-        let gv: Vec<_> = dg.iter().map(|g| g.as_ref().map(|g| g.as_view())).collect();
-        Optimizer::step_some(&mut self.opt, &mut pv, &gv)
-    }
-    fn params(&self) -> R<Vec<Vec<T>>> {
-        Ok(self
-            .params
-            .iter()
-            .map(|p| self.stream.clone_dtoh(p))
-            .collect::<Result<Vec<_>, _>>()?)
-    }
-}
-
-/// The GPU optimizer over one flat parameter buffer (aligned layout), stepped with
-/// `step_flat` from one flat gradient buffer: every scenario runs on the flat path too.
-struct GpuFlat<T: GpuStorage> {
-    stream: Arc<CudaStream>,
-    opt: CudaAdamax<T>,
-    layout: FlatLayout,
-    params: CudaSlice<T>,
-}
-
-impl<T: GpuStorage> GpuFlat<T> {
-    fn flatten(layout: &FlatLayout, tensors: &[Vec<T>]) -> Vec<T> {
-        let mut flat = vec![T::from_f32(0.0); layout.total()];
-        for (t, &o) in tensors.iter().zip(layout.offsets()) {
-            flat[o..o + t.len()].copy_from_slice(t);
-        }
-        flat
-    }
-}
-
-impl<T: GpuStorage> Backend<T> for GpuFlat<T> {
-    type Opt = CudaAdamax<T>;
-    const FLAT: bool = true;
-    fn new(config: AdamaxConfig, init: &[Vec<T>]) -> R<Self> {
-        let stream = gpu_stream().ok_or("no CUDA device")?;
-        let lens: Vec<usize> = init.iter().map(Vec::len).collect();
-        let layout = FlatLayout::aligned(&lens)?;
-        let params = stream.clone_htod(&Self::flatten(&layout, init))?;
-        let opt = CudaAdamax::new_flat(&stream, config, &params, layout.clone())?;
-        Ok(Self {
-            stream,
-            opt,
-            layout,
-            params,
-        })
-    }
-    fn opt(&mut self) -> &mut CudaAdamax<T> {
-        &mut self.opt
-    }
-    fn step(&mut self, grads: &[Vec<T>]) -> adamax_cuda::Result<()> {
-        let lens: Vec<usize> = grads.iter().map(Vec::len).collect();
-        let mut host = if lens == self.layout.lens() {
-            Self::flatten(&self.layout, grads)
-        } else {
-            // Gradients that do not fit the layout: on the flat path that is a gradient
-            // buffer shorter than the layout, which step_flat must refuse.
-            vec![T::from_f32(0.0); self.layout.total()]
-        };
-        if lens != self.layout.lens() {
-            host.pop();
-        }
-        let flat = self
-            .stream
-            .clone_htod(&host)
-            .map_err(|source| Error::Driver {
-                context: "uploading test gradients",
-                source,
-            })?;
-        self.opt.step_flat(&mut self.params, &flat)
-    }
-    fn step_some(&mut self, _: &[Option<Vec<T>>]) -> adamax_cuda::Result<()> {
-        unreachable!("the flat path has no per-tensor gradients to leave out")
-    }
-    fn params(&self) -> R<Vec<Vec<T>>> {
-        let flat = self.stream.clone_dtoh(&self.params)?;
-        Ok(self
-            .layout
-            .offsets()
-            .iter()
-            .zip(self.layout.lens())
-            .map(|(&o, &n)| flat[o..o + n].to_vec())
-            .collect())
-    }
-}
+use common::backends::{gpu_stream, Backend, Cpu, Gpu, GpuFlat, R};
+use libtest_mimic::{Arguments, Trial};
 
 const LENS: [usize; 4] = [4097, 3, 0, 70_001];
 
@@ -268,9 +66,23 @@ fn lean<T: GpuStorage>(f: fn() -> R) -> R {
     } else {
         ParamMode::Master
     };
+    in_modes(params, StateFormat::Blockwise8, f)
+}
+
+/// Runs scenario `f` with bf16 parameters rounded stochastically and f32 moments.
+fn sr(f: fn() -> R) -> R {
+    in_modes(ParamMode::Stochastic, StateFormat::F32, f)
+}
+
+/// Runs scenario `f` with f32 masters (or f32 parameters) and 8-bit moments.
+fn q8(f: fn() -> R) -> R {
+    in_modes(ParamMode::Master, StateFormat::Blockwise8, f)
+}
+
+fn in_modes(params: ParamMode, state: StateFormat, f: fn() -> R) -> R {
     PRECISION.set(Precision {
         params,
-        state: StateFormat::Blockwise8,
+        state,
         seed: 11,
     });
     let r = f();
@@ -295,12 +107,21 @@ fn refused_calls_change_nothing<T: GpuStorage, B: Backend<T>>() -> R {
             )
     };
     match b.step(&short) {
-        Err(Error::LengthMismatch { tensor: 3, .. }) if !B::FLAT => {}
+        Err(Error::LengthMismatch {
+            what: "grad",
+            tensor: 3,
+            expected: 70_001,
+            found: 70_000,
+        }) if !B::FLAT => {}
         r if flat_refusal(&r) => {}
         other => return Err(format!("short gradient: {other:?}").into()),
     }
     match b.step(&values(2, 0.1)[..3]) {
-        Err(Error::TensorCountMismatch { .. }) if !B::FLAT => {}
+        Err(Error::TensorCountMismatch {
+            what: "grads",
+            expected: 4,
+            found: 3,
+        }) if !B::FLAT => {}
         r if flat_refusal(&r) => {}
         other => return Err(format!("three gradients: {other:?}").into()),
     }
@@ -330,6 +151,12 @@ fn refused_calls_change_nothing<T: GpuStorage, B: Backend<T>>() -> R {
     assert_refused(opt.restore(&other), "mismatched checkpoint")?;
     if snapshot(&mut b)? != before || b.opt().options() != StepOptions::default() {
         return Err("a refused call changed the optimizer".into());
+    }
+    if !B::FLAT {
+        match B::over_no_tensors(config())? {
+            Err(Error::EmptyParameterList) => {}
+            other => return Err(format!("no tensors: {:?}", other.err()).into()),
+        }
     }
     Ok(())
 }
@@ -695,6 +522,19 @@ fn main() {
     lean_scenario!(a_non_finite_gradient_skips_the_whole_step, bf16);
     lean_scenario!(resuming_from_a_checkpoint_equals_an_unbroken_run, bf16);
     lean_scenario!(resuming_from_a_checkpoint_equals_an_unbroken_run, f32);
+    // bf16 resumes in each of its storage modes (with the default and lean ones).
+    scenario!(
+        resuming_from_a_checkpoint_equals_an_unbroken_run,
+        bf16,
+        "sr_",
+        sr
+    );
+    scenario!(
+        resuming_from_a_checkpoint_equals_an_unbroken_run,
+        bf16,
+        "q8_",
+        q8
+    );
     lean_scenario!(learning_rate_zero_and_frozen_groups_leave_parameters, bf16);
     lean_scenario!(the_loss_scale_follows_grad_scalers_rule, f32);
     lean_scenario!(a_full_step_counter_refuses_the_step, bf16);

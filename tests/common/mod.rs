@@ -1,6 +1,9 @@
 //! Shared by the integration tests: the committed peer trajectories (tests/data/, made
-//! by scripts/peer_trajectories.sh) and helpers to step them.
+//! by scripts/peer_trajectories.sh) and helpers to step them, and (in `backends`) the
+//! CPU and GPU optimizers that tests/scenarios.rs and tests/gpu.rs drive alike.
 #![allow(dead_code)]
+
+pub mod backends;
 
 use adamax_cuda::{AdamaxConfig, EpsilonMode, WeightDecayMode};
 use serde::Deserialize;

@@ -5,11 +5,10 @@
 //!
 //! ```text
 //! bash scripts/quality.sh            # exports the digits, runs this, writes docs/quality/
-//! cargo run --release --example quality -- digits.csv docs/quality
+//! cargo run --release --manifest-path tools/quality/Cargo.toml -- digits.csv docs/quality
 //! ```
 //!
-//! Without arguments it prints its usage and exits successfully (a runner that starts
-//! every example skips it).
+//! Without arguments it prints its usage and exits successfully.
 //!
 //! The CPU reference runs exactly the arithmetic of the GPU kernels (bit for bit), so
 //! these are the curves the GPU gives too. Besides the crate's modes it runs two
