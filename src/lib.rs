@@ -30,8 +30,8 @@
 //!   stochastically without a master ([`ParamMode::Stochastic`]) and 8-bit blockwise
 //!   moments ([`StateFormat::Blockwise8`]), specified in [`spec::lowbit`]. These kernels
 //!   compile for every supported architecture but **have not run on a GPU yet**.
-//! - [`Checkpoint`]: the whole state as a checksummed safetensors file with PyTorch's
-//!   names.
+//! - [`Checkpoint`]: the optimizer's state (not the parameters) as a checksummed
+//!   safetensors file with PyTorch's names.
 //!
 //! **Exactness.** The kernel is written to give the CPU reference's f32 results bit for
 //! bit (same operations, same order, no contraction; see [`spec`]). Where that was
@@ -54,6 +54,13 @@
 //! layouts and entry-point names come from `src/cuda/args.rs` and the modes table.
 
 #![deny(missing_docs)]
+// Examples that warn (an unused import, say) fail `cargo test --doc`, the README's too.
+#![doc(test(attr(deny(warnings))))]
+
+/// The README's Rust blocks, compiled (and the CPU ones run) by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub mod checkpoint;
 mod config;

@@ -107,7 +107,8 @@ pub trait Optimizer {
     /// A host copy of every tensor's state, in parameter order.
     fn state(&self) -> Result<Vec<TensorState>>;
 
-    /// The whole state on the host, for [`Checkpoint::save`].
+    /// The optimizer's whole state on the host (not the parameters), for
+    /// [`Checkpoint::save`].
     fn checkpoint(&self) -> Result<Checkpoint> {
         Ok(Checkpoint {
             config: *self.config(),

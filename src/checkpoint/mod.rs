@@ -1,4 +1,7 @@
-//! Checkpoints: the whole optimizer state as a safetensors file.
+//! Checkpoints: the optimizer's whole state as a safetensors file. The parameters are
+//! not in it: save them with the model. For 16-bit parameters kept with a master, the
+//! master weights are in it, and [`Checkpoint::params`] rounds them to the parameters a
+//! resumed run continues from bit for bit.
 //!
 //! Tensor names follow PyTorch's `torch.optim.Adamax` `state_dict()["state"]`, so state
 //! moves between the two: `state.{i}.exp_avg` and `state.{i}.exp_inf` (f32, shape
@@ -66,7 +69,7 @@
 //! let mut weights = vec![0.5f32; 1000];
 //! let mut opt = CpuAdamax::<f32>::new(AdamaxConfig::default(), &[&weights])?;
 //! opt.step(&mut [&mut weights], &[&vec![0.01; 1000]])?;
-//! opt.checkpoint()?.save("adamax.safetensors")?;
+//! opt.checkpoint()?.save("adamax.safetensors")?; // `weights` is not in it: save them too
 //! // Later, or in another process: a corrupt or mismatched file is refused here.
 //! opt.restore(&Checkpoint::load("adamax.safetensors")?)?;
 //! # Ok::<(), adamax_cuda::Error>(())
@@ -102,7 +105,8 @@ pub const FORMAT: &str = "adamax-cuda/2";
 #[doc(hidden)]
 pub const TORCH_FORMAT: &str = "torch.optim.Adamax";
 
-/// An optimizer's whole state on the host: what a checkpoint file holds.
+/// An optimizer's whole state on the host, without the parameters: what a checkpoint
+/// file holds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checkpoint {
     /// The configuration in force.
