@@ -4,6 +4,49 @@
 //! run time by NVRTC, for f32 parameters and for f16/bf16 parameters with f32 master
 //! weights, plus a CPU reference that is the crate's specification.
 //!
+//! ```
+//! use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Optimizer};
+//!
+//! let (mut w, mut b) = (vec![0.5f32; 6], vec![0.0f32; 3]);
+//! let (gw, gb) = (vec![0.1f32; 6], vec![-0.2f32; 3]); // from your backward pass
+//! // PyTorch's torch.optim.Adamax defaults; the same calls work on cuda::CudaAdamax.
+//! let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&w, &b])?;
+//! opt.step(&mut [&mut w, &mut b], &[&gw, &gb])?;
+//! assert!(w[0] < 0.5 && b[0] > 0.0);
+//! # Ok::<(), adamax_cuda::Error>(())
+//! ```
+//!
+//! ## How do I
+//!
+//! - **step on the GPU**: [`cuda::CudaAdamax::new`] with cudarc buffers and a stream from
+//!   [`cuda::default_stream`] (example on [`cuda::CudaAdamax`]); it needs an NVIDIA
+//!   driver and NVRTC at run time, not at build time.
+//! - **train bf16 (or f16) parameters with f32 master weights**: `CudaAdamax::<bf16>`
+//!   (or `CpuAdamax::<bf16>`) with the default [`Precision`] ([`ParamMode::Master`]); the
+//!   optimizer keeps the masters and writes their rounding to your parameters.
+//! - **clip gradients, skip overflowing steps, scale the loss**: settings kept between
+//!   steps, [`Optimizer::set_options`] with [`StepOptions`] and
+//!   [`Optimizer::set_loss_scaler`] with a [`LossScaler`]; [`Optimizer::last_report`]
+//!   says what a step did. There is no `zero_grad`: a step only reads your gradients.
+//! - **give biases no weight decay** (parameter groups): [`Optimizer::set_tensor_hyper`]
+//!   with [`TensorHyper::no_decay`], by tensor index.
+//! - **follow a learning-rate schedule**: [`Optimizer::set_lr`] between steps.
+//! - **checkpoint and resume**: [`Optimizer::save_checkpoint`], then [`Checkpoint::load`]
+//!   and [`Optimizer::restore`]. The parameters are not in a checkpoint: save them with
+//!   your model, or, for 16-bit parameters with masters, rebuild them with
+//!   [`Checkpoint::params`].
+//! - **step many tensors in one flat buffer**: [`cuda::FlatLayout`] and
+//!   [`cuda::CudaAdamax::new_flat`].
+//! - **use it with candle**: pass candle's cudarc buffers and stream, or their raw
+//!   addresses to [`cuda::CudaAdamax::step_raw`]; `integrations/candle-spiral` in the
+//!   repository trains a candle model that way. A `candle_nn::Optimizer` adapter is
+//!   planned (issue #21), not written yet.
+//! - **see a whole training program**: `examples/newcomer.rs` (CPU: an MLP with parameter
+//!   groups, clipping, a schedule and a checkpoint resumed bit for bit); the README
+//!   covers installation and the CUDA version features.
+//!
+//! ## The rule
+//!
 //! Step `t = 1, 2, ...` of each element:
 //!
 //! ```text
@@ -14,6 +57,8 @@
 //!
 //! with coupled (L2) or decoupled weight decay and `maximize`; see [`AdamaxConfig`] for
 //! the conventions and [`spec`] for the exact arithmetic, which is the crate's spec.
+//!
+//! ## What is in it
 //!
 //! - [`Optimizer`]: the trait both optimizers implement with the same signatures.
 //! - [`cuda::CudaAdamax`]: the GPU optimizer. A step of a whole list of tensors is one
