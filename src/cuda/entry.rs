@@ -3,17 +3,16 @@
 //! # NOTE: the names come from here
 //!
 //! `kernels/adamax.cu` writes what each kind of entry point does once, as a macro over
-//! a name and a storage type (`ADAMAX_STEP(name, T)`, ...), and defines no entry point
-//! itself: NVRTC gets the list `-DADAMAX_ENTRY_POINTS=ADAMAX_STEP(adamax_step_f32, float)
-//! ...` built from [`EntryPoint::ALL`] below. So the names the CUBIN exports and the
+//! a name, a storage type and, for an update, its [`ParamMode`] and [`StateFormat`]
+//! (`ADAMAX_STEP(name, T, P, S)`, ...), and defines no entry point itself: NVRTC gets the
+//! list `-DADAMAX_ENTRY_POINTS=ADAMAX_STEP(adamax_step_f32, float, ParamMode::Master,
+//! StateFormat::F32) ...` built from [`EntryPoint::ALL`] below. So the names the CUBIN exports and the
 //! names the loader looks up are the same strings, from this table.
 
 use crate::{
     config::{ParamMode, Precision, StateFormat},
     storage::StorageType,
 };
-
-use super::args::{MODE_Q8, MODE_SR};
 
 /// One `extern "C"` entry point of the kernel source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -128,18 +127,28 @@ impl EntryPoint {
     }
 
     /// The kernel macro that defines it, its storage type in CUDA (if any), and (for
-    /// an update) its mode bits.
-    const fn definition(self) -> (&'static str, Option<&'static str>, Option<u32>) {
+    /// an update) its parameter mode and state format, as the kernel's enums name them.
+    const fn definition(
+        self,
+    ) -> (
+        &'static str,
+        Option<&'static str>,
+        Option<(&'static str, &'static str)>,
+    ) {
         use EntryPoint as E;
+        const MASTER: &str = "ParamMode::Master";
+        const SR: &str = "ParamMode::Stochastic";
+        const F32: &str = "StateFormat::F32";
+        const Q8: &str = "StateFormat::Blockwise8";
         match self {
-            E::StepF32 => ("ADAMAX_STEP", Some("float"), Some(0)),
-            E::StepF16 => ("ADAMAX_STEP", Some("f16"), Some(0)),
-            E::StepBf16 => ("ADAMAX_STEP", Some("bf16"), Some(0)),
-            E::StepBf16Sr => ("ADAMAX_STEP", Some("bf16"), Some(MODE_SR)),
-            E::StepF32Q8 => ("ADAMAX_STEP", Some("float"), Some(MODE_Q8)),
-            E::StepF16Q8 => ("ADAMAX_STEP", Some("f16"), Some(MODE_Q8)),
-            E::StepBf16Q8 => ("ADAMAX_STEP", Some("bf16"), Some(MODE_Q8)),
-            E::StepBf16SrQ8 => ("ADAMAX_STEP", Some("bf16"), Some(MODE_SR | MODE_Q8)),
+            E::StepF32 => ("ADAMAX_STEP", Some("float"), Some((MASTER, F32))),
+            E::StepF16 => ("ADAMAX_STEP", Some("f16"), Some((MASTER, F32))),
+            E::StepBf16 => ("ADAMAX_STEP", Some("bf16"), Some((MASTER, F32))),
+            E::StepBf16Sr => ("ADAMAX_STEP", Some("bf16"), Some((SR, F32))),
+            E::StepF32Q8 => ("ADAMAX_STEP", Some("float"), Some((MASTER, Q8))),
+            E::StepF16Q8 => ("ADAMAX_STEP", Some("f16"), Some((MASTER, Q8))),
+            E::StepBf16Q8 => ("ADAMAX_STEP", Some("bf16"), Some((MASTER, Q8))),
+            E::StepBf16SrQ8 => ("ADAMAX_STEP", Some("bf16"), Some((SR, Q8))),
             E::ReduceF32 => ("ADAMAX_REDUCE", Some("float"), None),
             E::ReduceF16 => ("ADAMAX_REDUCE", Some("f16"), None),
             E::ReduceBf16 => ("ADAMAX_REDUCE", Some("bf16"), None),
@@ -155,7 +164,7 @@ pub(crate) fn entry_points_define() -> String {
     let list: Vec<String> = EntryPoint::ALL
         .iter()
         .map(|e| match e.definition() {
-            (m, Some(t), Some(mode)) => format!("{m}({}, {t}, {mode})", e.name()),
+            (m, Some(t), Some((p, s))) => format!("{m}({}, {t}, {p}, {s})", e.name()),
             (m, Some(t), None) => format!("{m}({}, {t})", e.name()),
             (m, None, _) => format!("{m}({})", e.name()),
         })
@@ -201,9 +210,12 @@ mod tests {
             assert_eq!(EntryPoint::init_master(t).is_some(), t.has_master());
         }
         let d = entry_points_define();
-        assert!(d.contains("ADAMAX_STEP(adamax_step_bf16, bf16, 0)"), "{d}");
         assert!(
-            d.contains("ADAMAX_STEP(adamax_step_bf16_sr_q8, bf16, 3)"),
+            d.contains("ADAMAX_STEP(adamax_step_bf16, bf16, ParamMode::Master, StateFormat::F32)"),
+            "{d}"
+        );
+        assert!(
+            d.contains("ADAMAX_STEP(adamax_step_bf16_sr_q8, bf16, ParamMode::Stochastic, StateFormat::Blockwise8)"),
             "{d}"
         );
         assert!(d.contains("ADAMAX_FINALIZE(adamax_finalize_step)"), "{d}");
