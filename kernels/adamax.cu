@@ -356,7 +356,7 @@ __device__ __forceinline__ float warp_absmax(float v) {
 
 // 16 bytes of storage T (16 / sizeof(T) values), and its lane k widened.
 template <typename T>
-__device__ __forceinline__ uint4 load16(u64 base, u64 i) { return *(const uint4*)(base + i * sizeof(T)); }
+__device__ __forceinline__ uint4 load16(u64 base, u64 i) { return *(const uint4*)((const T*)base + i); }
 template <typename T>
 __device__ __forceinline__ float lane(uint4 v, int k) {
     const int j = k * (int)sizeof(T) / 4;
@@ -366,12 +366,16 @@ __device__ __forceinline__ float lane(uint4 v, int k) {
 }
 template <typename T, int N>
 __device__ __forceinline__ void load_vector(u64 base, u64 i, float* x) {
-    constexpr int L = 16 / sizeof(T);
 #pragma unroll
-    for (int v = 0; v < N; v += L) {
-        const uint4 r = load16<T>(base, i + v);
+    for (int k = 0; k < N; k += 16 / (int)sizeof(T)) {
+        if constexpr (sizeof(T) == 4) {  // as float4: through lane() the reductions took more registers
+            const float4 v = *(const float4*)((const float*)base + i + k);
+            x[k] = v.x, x[k + 1] = v.y, x[k + 2] = v.z, x[k + 3] = v.w;
+        } else {
+            const uint4 v = load16<T>(base, i + k);
 #pragma unroll
-        for (int k = 0; k < L; ++k) x[v + k] = lane<T>(r, k);
+            for (int j = 0; j < 8; ++j) x[k + j] = lane<T>(v, j);
+        }
     }
 }
 template <typename T>
