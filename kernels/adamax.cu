@@ -3,9 +3,12 @@
 // Compiled at run time by NVRTC through adamax-cuda (src/cuda/compile.rs), which passes
 // the layout constants below with -D. Self-contained on purpose: no #include, so NVRTC
 // needs no CUDA headers on the user's machine; the 16-bit conversions are written here.
+// tests/kernel_host/ compiles this same file for the host (ADAMAX_HOST_EMULATION, the
+// only hooks: the two f16 conversions and offsetof) and compares it with the spec.
 //
 // The element update `adamax_update` is the line-by-line twin of `update` in
-// src/cpu.rs, the crate's spec. Every f32 operation is pinned with an IEEE intrinsic
+// src/spec/mod.rs, the crate's spec, after two lines that unscale and clip the gradient
+// in crate::fused's order. Every f32 operation is pinned with an IEEE intrinsic
 // (__fmaf_rn, __fmul_rn, __fadd_rn, __fsub_rn, __fdiv_rn) and the module is compiled
 // with --fmad=false, so the compiler contracts nothing and f32 results equal the CPU
 // reference bit for bit.
@@ -35,10 +38,10 @@ struct bf16 { u16 bits; };
 struct TensorDesc {
     u64 param;        // T*: the parameter (the 16-bit copy when master != 0)
     u64 grad;         // const T*
-    u64 exp_avg;      // float*: m; with 8-bit state (MODE_Q8), unsigned char*: m's codes
+    u64 exp_avg;      // float*: m; with 8-bit state (StateFormat::Blockwise8), unsigned char*: m's codes
     u64 exp_inf;      // float*: u; with 8-bit state, unsigned char*: u's codes
     u64 master;       // float*: f32 master weights of a 16-bit parameter, else 0
-    u64 exp_avg_scale;  // float*: one scale of m per ADAMAX_QBLOCK elements (MODE_Q8), else 0
+    u64 exp_avg_scale;  // float*: one scale of m per ADAMAX_QBLOCK elements (Blockwise8), else 0
     u64 exp_inf_scale;  // float*: the same for u
     u64 len;          // elements
     u64 chunk_begin;  // index of this tensor's first reduction chunk (ADAMAX_CHUNK elements)
@@ -61,9 +64,11 @@ enum {
     SKIP_COUNTER_FULL = ADAMAX_SKIP_COUNTER_FULL,  // the step counter is at u64::MAX
     SKIP_STALE_GRAPH = ADAMAX_SKIP_STALE_GRAPH,    // a launch whose by-value arguments are stale
 };
-// Storage modes of an update entry point (bits): parameters rounded stochastically
-// without a master (ParamMode::Stochastic), moments in 8 bits (StateFormat::Blockwise8).
-enum { MODE_SR = ADAMAX_MODE_SR, MODE_Q8 = ADAMAX_MODE_Q8 };
+// The axes of an update entry point, named as the Rust enums adamax_cuda::ParamMode and
+// StateFormat: a 16-bit parameter with an f32 master, or rounded stochastically without
+// one (bf16 only; the host refuses the others); moments in f32, or in 8-bit blocks.
+enum class ParamMode { Master, Stochastic };
+enum class StateFormat { F32, Blockwise8 };
 
 // The optimizer's state that lives on the device, so that a step needs no host value
 // and can be captured in a CUDA graph. The host writes ControlParams whole whenever a
@@ -110,7 +115,7 @@ struct AdamaxArgs {
     Control* control;
     float* partials;        // one f32 sum of squares per chunk (reduce -> finalize)
     u64* tensor_steps;      // each tensor's own step count (PyTorch's per-parameter step)
-    u64 seed;               // the random stream's seed (MODE_SR, MODE_Q8)
+    u64 seed;               // the random stream's seed (ParamMode::Stochastic, Blockwise8)
     float beta1;
     float one_minus_beta1;  // f32(1 - beta1), from f64
     float beta2;
@@ -135,7 +140,9 @@ struct InitArgs {
 
 // EDG's offsetof primitive: NVRTC has no <cstddef>, and __builtin_offsetof is not
 // available there, but __INTADDR__ gives a constant expression.
+#ifndef ADAMAX_HOST_EMULATION
 #define ADAMAX_OFFSETOF(T, field) __INTADDR__(&((T*)0)->field)
+#endif
 ADAMAX_LAYOUT_CHECKS
 static_assert(ADAMAX_BLOCK == 256, "the reduction order is specified for 256 threads");
 static_assert(ADAMAX_CHUNK % 8 == 0, "chunks must start on a 16-byte boundary for every type");
@@ -149,7 +156,7 @@ __device__ __forceinline__ float current_inv_scale(const Control& c) {
     return c.params.inv_scale;
 }
 
-// beta^t by repeated squaring: the twin of cpu::powi_exact.
+// beta^t by repeated squaring: the twin of spec::powi_exact (src/spec/mod.rs).
 __device__ double powi_exact(double base, u64 exp) {
     double acc = 1.0, b = base;
     while (exp > 0) {
@@ -161,7 +168,7 @@ __device__ double powi_exact(double base, u64 exp) {
 }
 
 // The f32 scalars of one tensor for one step: the twin of StepScalars::for_tensor in
-// src/cpu.rs, with the same f64 operations and the same rounding to f32.
+// src/spec/mod.rs, with the same f64 operations and the same rounding to f32.
 struct Scalars {
     float beta1, one_minus_beta1, beta2, eps, step_size, decay;
     u32 eps_mode, decay_mode, maximize;
@@ -171,7 +178,7 @@ struct Scalars {
 
 __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const TensorDesc& t,
                                                   u64 tensor_step) {
-    // 1 - beta1^t of this tensor's step t (the twin of cpu::bias_correction).
+    // 1 - beta1^t of this tensor's step t (the twin of spec::bias_correction).
     const double bias_correction = __dsub_rn(1.0, powi_exact(a.control->params.beta1, tensor_step + 1));
     Scalars s;
     s.beta1 = a.beta1;
@@ -204,16 +211,24 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
 // 16-bit fields (which made ptxas put them in local memory on sm_90).
 
 __device__ __forceinline__ float widen(u16 bits, f16) {
+#ifdef ADAMAX_HOST_EMULATION
+    return host_f16_to_f32(bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
     return f;
+#endif
 }
 __device__ __forceinline__ float widen(u16 bits, bf16) { return __uint_as_float((u32)bits << 16); }
 
 __device__ __forceinline__ u16 narrow(float x, f16) {
+#ifdef ADAMAX_HOST_EMULATION
+    return host_f32_to_f16(x);
+#else
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     return h;
+#endif
 }
 // Integer rounding instead of cvt.rn.bf16.f32, which needs sm_80: correct on sm_75 too,
 // and identical to the `half` crate's bf16::from_f32 (NaN kept quiet, RNE otherwise).
@@ -223,7 +238,7 @@ __device__ __forceinline__ u16 narrow(float x, bf16) {
     return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
-// ---- The rule (twin of `update` in src/cpu.rs) ----
+// ---- The rule (twin of `update` in src/spec/mod.rs) ----
 
 // max that returns NaN when either side is NaN, like torch.maximum.
 __device__ __forceinline__ float max_propagating_nan(float a, float b) {
@@ -255,8 +270,7 @@ __device__ __forceinline__ void adamax_update(const Scalars& a, float& p, float 
         p = __fmaf_rn(-a.step_size, step, p);
 }
 
-
-// ---- Low-byte modes (twin of src/cpu/lowbit.rs) ----
+// ---- Low-byte modes (twins in src/spec/lowbit.rs) ----
 
 // splitmix64's output function, and the counter-based stream of (seed, step, tensor,
 // element): twins of lowbit::mix64, stream_key and element_bits.
@@ -272,8 +286,8 @@ __device__ __forceinline__ u64 element_bits(u64 key, u64 i) {
     return mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull);
 }
 
-// Stochastic rounding to bf16: 16 random bits added below the kept half.
-__device__ __forceinline__ u16 round_bf16_stochastic(float x, u64 bits) {
+// Stochastic rounding, for bf16 only: 16 random bits added below the kept half.
+__device__ __forceinline__ u16 round_stochastic(float x, u64 bits, bf16) {
     const u32 b = __float_as_uint(x);
     if ((b & 0x7fffffffu) > 0x7f800000u) return narrow(x, bf16());
     return (u16)((b + (u32)(bits & 0xffffu)) >> 16);
@@ -336,190 +350,153 @@ __device__ __forceinline__ float warp_absmax(float v) {
 }
 
 // ---- Memory traversal ----
+// Loads of N values of storage T at element i, widened to f32, and f32 stores; the
+// vector forms move 16 bytes at a time (see [alignment]). Gradients are read only
+// through these, by the update and the reduction alike.
 
-__device__ __forceinline__ float* f32_ptr(u64 addr, u64 i) { return (float*)addr + i; }
-
-// One element. f32 parameters are their own master.
-__device__ __forceinline__ void step_scalar(const Scalars& a, const TensorDesc& t, u64 i, float) {
-    float p = *f32_ptr(t.param, i), m = *f32_ptr(t.exp_avg, i), u = *f32_ptr(t.exp_inf, i);
-    adamax_update(a, p, *f32_ptr(t.grad, i), m, u);
-    *f32_ptr(t.param, i) = p;
-    *f32_ptr(t.exp_avg, i) = m;
-    *f32_ptr(t.exp_inf, i) = u;
-}
-
-// One element of a 16-bit parameter: the master is stepped, the 16-bit copy rewritten.
+// 16 bytes of storage T (16 / sizeof(T) values), and its lane k widened.
 template <typename T>
-__device__ __forceinline__ void step_scalar(const Scalars& a, const TensorDesc& t, u64 i, T tag) {
-    float p = *f32_ptr(t.master, i), m = *f32_ptr(t.exp_avg, i), u = *f32_ptr(t.exp_inf, i);
-    adamax_update(a, p, widen(((const u16*)t.grad)[i], tag), m, u);
-    ((u16*)t.param)[i] = narrow(p, tag);
-    *f32_ptr(t.master, i) = p;
-    *f32_ptr(t.exp_avg, i) = m;
-    *f32_ptr(t.exp_inf, i) = u;
-}
-
-__device__ __forceinline__ void update4(const Scalars& a, float4& p, float4 g, float4& m, float4& u) {
-    adamax_update(a, p.x, g.x, m.x, u.x);
-    adamax_update(a, p.y, g.y, m.y, u.y);
-    adamax_update(a, p.z, g.z, m.z, u.z);
-    adamax_update(a, p.w, g.w, m.w, u.w);
-}
-
-// Vector path: 16-byte accesses only. f32: 4 elements per call.
-__device__ __forceinline__ void step_vector(const Scalars& a, const TensorDesc& t, u64 i, float) {
-    float4 p = *(const float4*)f32_ptr(t.param, i);
-    float4 m = *(const float4*)f32_ptr(t.exp_avg, i);
-    float4 u = *(const float4*)f32_ptr(t.exp_inf, i);
-    update4(a, p, *(const float4*)f32_ptr(t.grad, i), m, u);
-    *(float4*)f32_ptr(t.param, i) = p;
-    *(float4*)f32_ptr(t.exp_avg, i) = m;
-    *(float4*)f32_ptr(t.exp_inf, i) = u;
-}
-
+__device__ __forceinline__ uint4 load16(u64 base, u64 i) { return *(const uint4*)((const T*)base + i); }
 template <typename T>
-__device__ __forceinline__ float4 widen4(u32 lo, u32 hi, T tag) {
-    return make_float4(widen((u16)lo, tag), widen((u16)(lo >> 16), tag), widen((u16)hi, tag),
-                       widen((u16)(hi >> 16), tag));
+__device__ __forceinline__ float lane(uint4 v, int k) {
+    const int j = k * (int)sizeof(T) / 4;
+    const u32 w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+    if constexpr (sizeof(T) == 4) return __uint_as_float(w);
+    else return widen((u16)(w >> (16 * (k & 1))), T());
 }
-template <typename T>
-__device__ __forceinline__ u32 narrow2(float lo, float hi, T tag) {
-    return (u32)narrow(lo, tag) | ((u32)narrow(hi, tag) << 16);
-}
-
-// 16-bit parameters: 8 elements per call, so the 16-bit buffers move 16 bytes and the
-// f32 state two 16-byte accesses each.
-template <typename T>
-__device__ __forceinline__ void step_vector(const Scalars& a, const TensorDesc& t, u64 i, T tag) {
-    const uint4 g = *(const uint4*)((const u16*)t.grad + i);
-    float4 p0 = *(const float4*)f32_ptr(t.master, i), p1 = *(const float4*)f32_ptr(t.master, i + 4);
-    float4 m0 = *(const float4*)f32_ptr(t.exp_avg, i), m1 = *(const float4*)f32_ptr(t.exp_avg, i + 4);
-    float4 u0 = *(const float4*)f32_ptr(t.exp_inf, i), u1 = *(const float4*)f32_ptr(t.exp_inf, i + 4);
-    update4(a, p0, widen4(g.x, g.y, tag), m0, u0);
-    update4(a, p1, widen4(g.z, g.w, tag), m1, u1);
-    *(uint4*)((u16*)t.param + i) = make_uint4(narrow2(p0.x, p0.y, tag), narrow2(p0.z, p0.w, tag),
-                                              narrow2(p1.x, p1.y, tag), narrow2(p1.z, p1.w, tag));
-    *(float4*)f32_ptr(t.master, i) = p0;
-    *(float4*)f32_ptr(t.master, i + 4) = p1;
-    *(float4*)f32_ptr(t.exp_avg, i) = m0;
-    *(float4*)f32_ptr(t.exp_avg, i + 4) = m1;
-    *(float4*)f32_ptr(t.exp_inf, i) = u0;
-    *(float4*)f32_ptr(t.exp_inf, i + 4) = u1;
-}
-
-// ---- The low-byte modes' traversal: 8 elements per thread ----
-// Parameters as the rule reads them (the master when there is one) and gradients,
-// widened, for a storage type and mode; then the stores. f32 parameters are their own
-// master; MODE_SR is for bf16 only (the host refuses it otherwise).
-
-__device__ __forceinline__ void unpack8(uint4 v, float* x, bf16 tag) {
-    const float4 lo = widen4(v.x, v.y, tag), hi = widen4(v.z, v.w, tag);
-    x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w, x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
-}
-__device__ __forceinline__ void unpack8(uint4 v, float* x, f16 tag) {
-    const float4 lo = widen4(v.x, v.y, tag), hi = widen4(v.z, v.w, tag);
-    x[0] = lo.x, x[1] = lo.y, x[2] = lo.z, x[3] = lo.w, x[4] = hi.x, x[5] = hi.y, x[6] = hi.z, x[7] = hi.w;
-}
-__device__ __forceinline__ void load_f32x8(u64 base, u64 i, float* x) {
-    const float4 a = *(const float4*)f32_ptr(base, i), b = *(const float4*)f32_ptr(base, i + 4);
-    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
-}
-__device__ __forceinline__ void store_f32x8(u64 base, u64 i, const float* x) {
-    *(float4*)f32_ptr(base, i) = make_float4(x[0], x[1], x[2], x[3]);
-    *(float4*)f32_ptr(base, i + 4) = make_float4(x[4], x[5], x[6], x[7]);
-}
-
-template <typename T, int MODE>
-__device__ __forceinline__ void load8(const TensorDesc& t, u64 i, float* p, float* g) {
-    if constexpr (sizeof(T) == 4) {
-        load_f32x8(t.param, i, p);
-        load_f32x8(t.grad, i, g);
-    } else {
-        unpack8(*(const uint4*)((const u16*)t.grad + i), g, T());
-        if constexpr ((MODE & MODE_SR) != 0) unpack8(*(const uint4*)((const u16*)t.param + i), p, T());
-        else load_f32x8(t.master, i, p);
+template <typename T, int N>
+__device__ __forceinline__ void load_vector(u64 base, u64 i, float* x) {
+#pragma unroll
+    for (int k = 0; k < N; k += 16 / (int)sizeof(T)) {
+        if constexpr (sizeof(T) == 4) {  // as float4: through lane() the reductions took more registers
+            const float4 v = *(const float4*)((const float*)base + i + k);
+            x[k] = v.x, x[k + 1] = v.y, x[k + 2] = v.z, x[k + 3] = v.w;
+        } else {
+            const uint4 v = load16<T>(base, i + k);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) x[k + j] = lane<T>(v, j);
+        }
     }
 }
-template <typename T, int MODE>
-__device__ __forceinline__ void load1(const TensorDesc& t, u64 i, float& p, float& g) {
-    if constexpr (sizeof(T) == 4) {
-        p = *f32_ptr(t.param, i);
-        g = *f32_ptr(t.grad, i);
-    } else {
-        g = widen(((const u16*)t.grad)[i], T());
-        p = (MODE & MODE_SR) ? widen(((const u16*)t.param)[i], T()) : *f32_ptr(t.master, i);
-    }
+template <typename T>
+__device__ __forceinline__ float load_element(u64 base, u64 i) {
+    if constexpr (sizeof(T) == 4) return ((const float*)base)[i];
+    else return widen(((const u16*)base)[i], T());
 }
-template <typename T, int MODE>
-__device__ __forceinline__ u16 narrow_param(float p, u64 bits) {
-    if constexpr ((MODE & MODE_SR) != 0) return round_bf16_stochastic(p, bits);
+template <int N>
+__device__ __forceinline__ void store_vector(u64 base, u64 i, const float* x) {
+#pragma unroll
+    for (int k = 0; k < N; k += 4) *(float4*)((float*)base + i + k) = make_float4(x[k], x[k + 1], x[k + 2], x[k + 3]);
+}
+__device__ __forceinline__ void store_element(u64 base, u64 i, float x) { ((float*)base)[i] = x; }
+
+// Parameters as the rule reads and writes them: f32 ones are their own master; a 16-bit
+// one is read from its master (ParamMode::Master) or widened from its storage
+// (ParamMode::Stochastic), and written back rounded to nearest beside its master, or
+// rounded stochastically with its element's random bits h (lowbit::param_bits).
+template <ParamMode P>
+__device__ __forceinline__ u64 param_bits(u64 key, u64 i) {
+    return P == ParamMode::Stochastic ? element_bits(key, i) : 0;
+}
+template <typename T, ParamMode P>
+__device__ __forceinline__ u16 narrow_param(float p, u64 h) {
+    if constexpr (P == ParamMode::Stochastic) return round_stochastic(p, h, T());
     else return narrow(p, T());
 }
-template <typename T, int MODE>
-__device__ __forceinline__ void store8(const TensorDesc& t, u64 i, const float* p, const u64* h) {
+template <typename T, ParamMode P, int N>
+__device__ __forceinline__ void load_params(const TensorDesc& t, u64 i, float* p) {
+    if constexpr (sizeof(T) == 2 && P == ParamMode::Master) load_vector<float, N>(t.master, i, p);
+    else load_vector<T, N>(t.param, i, p);
+}
+template <typename T, ParamMode P>
+__device__ __forceinline__ float load_param(const TensorDesc& t, u64 i) {
+    if constexpr (sizeof(T) == 2 && P == ParamMode::Master) return load_element<float>(t.master, i);
+    else return load_element<T>(t.param, i);
+}
+template <typename T, ParamMode P>
+__device__ __forceinline__ u32 narrow2(const float* p, const u64* h) {
+    return (u32)narrow_param<T, P>(p[0], h[0]) | ((u32)narrow_param<T, P>(p[1], h[1]) << 16);
+}
+template <typename T, ParamMode P, int N>
+__device__ __forceinline__ void store_params(const TensorDesc& t, u64 i, const float* p, const u64* h) {
     if constexpr (sizeof(T) == 4) {
-        store_f32x8(t.param, i, p);
+        store_vector<N>(t.param, i, p);
     } else {
-        u32 w[4];
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            w[k] = (u32)narrow_param<T, MODE>(p[2 * k], h[2 * k]) |
-                   ((u32)narrow_param<T, MODE>(p[2 * k + 1], h[2 * k + 1]) << 16);
-        *(uint4*)((u16*)t.param + i) = make_uint4(w[0], w[1], w[2], w[3]);
-        if constexpr ((MODE & MODE_SR) == 0) store_f32x8(t.master, i, p);
+        for (int k = 0; k < N; k += 8)
+            *(uint4*)((u16*)t.param + i + k) =
+                make_uint4(narrow2<T, P>(p + k, h + k), narrow2<T, P>(p + k + 2, h + k + 2),
+                           narrow2<T, P>(p + k + 4, h + k + 4), narrow2<T, P>(p + k + 6, h + k + 6));
+        if constexpr (P == ParamMode::Master) store_vector<N>(t.master, i, p);
     }
 }
-template <typename T, int MODE>
-__device__ __forceinline__ void store1(const TensorDesc& t, u64 i, float p, u64 h) {
+template <typename T, ParamMode P>
+__device__ __forceinline__ void store_param(const TensorDesc& t, u64 i, float p, u64 h) {
     if constexpr (sizeof(T) == 4) {
-        *f32_ptr(t.param, i) = p;
+        store_element(t.param, i, p);
     } else {
-        ((u16*)t.param)[i] = narrow_param<T, MODE>(p, h);
-        if constexpr ((MODE & MODE_SR) == 0) *f32_ptr(t.master, i) = p;
+        ((u16*)t.param)[i] = narrow_param<T, P>(p, h);
+        if constexpr (P == ParamMode::Master) store_element(t.master, i, p);
     }
 }
 
-// f32 moments, stochastically rounded bf16 parameters: 8 elements from i (aligned), or
-// one element.
-template <typename T, int MODE>
-__device__ __forceinline__ void step8_sr(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
-    float p[8], g[8], m[8], u[8];
-    u64 h[8];
-    load8<T, MODE>(t, i, p, g);
-    load_f32x8(t.exp_avg, i, m);
-    load_f32x8(t.exp_inf, i, u);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        h[k] = element_bits(key, i + k);
-        adamax_update(sc, p[k], g[k], m[k], u[k]);
-    }
-    store8<T, MODE>(t, i, p, h);
-    store_f32x8(t.exp_avg, i, m);
-    store_f32x8(t.exp_inf, i, u);
-}
-template <typename T, int MODE>
-__device__ __forceinline__ void step1_sr(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
-    float p, g, m = *f32_ptr(t.exp_avg, i), u = *f32_ptr(t.exp_inf, i);
-    load1<T, MODE>(t, i, p, g);
-    adamax_update(sc, p, g, m, u);
-    store1<T, MODE>(t, i, p, element_bits(key, i));
-    *f32_ptr(t.exp_avg, i) = m;
-    *f32_ptr(t.exp_inf, i) = u;
+// Elements per vector step of the f32-state traversal: 16 bytes of the storage type
+// (4 f32, 8 16-bit), so that each buffer moves in 16-byte accesses and f32 stays within
+// its register budget (see [register budget]).
+template <typename T>
+struct Lanes { static constexpr int N = 16 / sizeof(T); };
+
+// The rule on lanes k.. of a vector step, written out four at a time, each gradient
+// widened where it is used: a loop here let NVVM unswitch the traversal's loop on the
+// rule's modes, and widening them all first made ptxas spill 16-bit updates on NVRTC
+// 12.x and 13.0.
+template <typename T, int N, int k = 0>
+__device__ __forceinline__ void update_lanes(const Scalars& sc, float* p, uint4 g, float* m, float* u) {
+    adamax_update(sc, p[k], lane<T>(g, k), m[k], u[k]);
+    adamax_update(sc, p[k + 1], lane<T>(g, k + 1), m[k + 1], u[k + 1]);
+    adamax_update(sc, p[k + 2], lane<T>(g, k + 2), m[k + 2], u[k + 2]);
+    adamax_update(sc, p[k + 3], lane<T>(g, k + 3), m[k + 3], u[k + 3]);
+    if constexpr (k + 4 < N) update_lanes<T, N, k + 4>(sc, p, g, m, u);
 }
 
-// NOTE: [8-bit blocks] One warp steps one block of ADAMAX_QBLOCK elements, 8 per lane:
-// decode, update in f32 (the parameter moves by the f32 values), a warp-wide largest
-// magnitude of the new m and u (the block's new scales), then encode. Every lane of
-// the warp takes part in the shuffles, also those past the tensor's end. Twin of the
-// block loop of cpu::step_tensor_with.
-template <typename T, int MODE>
+// StateFormat::F32: Lanes<T>::N elements from i (vector path), or one element.
+template <typename T, ParamMode P>
+__device__ __forceinline__ void step_f32_vector(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
+    constexpr int N = Lanes<T>::N;
+    float p[N], m[N], u[N];
+    u64 h[N];
+    load_params<T, P, N>(t, i, p);
+    load_vector<float, N>(t.exp_avg, i, m);
+    load_vector<float, N>(t.exp_inf, i, u);
+    update_lanes<T, N>(sc, p, load16<T>(t.grad, i), m, u);
+#pragma unroll
+    for (int k = 0; k < N; ++k) h[k] = param_bits<P>(key, i + k);
+    store_params<T, P, N>(t, i, p, h);
+    store_vector<N>(t.exp_avg, i, m);
+    store_vector<N>(t.exp_inf, i, u);
+}
+template <typename T, ParamMode P>
+__device__ __forceinline__ void step_f32_element(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
+    float p = load_param<T, P>(t, i), m = load_element<float>(t.exp_avg, i), u = load_element<float>(t.exp_inf, i);
+    adamax_update(sc, p, load_element<T>(t.grad, i), m, u);
+    store_param<T, P>(t, i, p, param_bits<P>(key, i));
+    store_element(t.exp_avg, i, m);
+    store_element(t.exp_inf, i, u);
+}
+
+// StateFormat::Blockwise8. NOTE: [8-bit blocks] One warp steps one block of
+// ADAMAX_QBLOCK elements, 8 per lane: decode, update in f32 (the parameter moves by the
+// f32 values), a warp-wide largest magnitude of the new m and u (the block's new
+// scales), then encode. Every lane of the warp takes part in the shuffles, also those
+// past the tensor's end. Twin of the block loop of cpu::step_tensor_with.
+template <typename T, ParamMode P>
 __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block, u64 key, bool aligned) {
     const u64 begin = block * (u64)ADAMAX_QBLOCK;
     const u64 i0 = begin + (u64)(threadIdx.x & 31) * 8;
     const u64 end = min(begin + (u64)ADAMAX_QBLOCK, t.len);
     const bool whole = aligned && i0 + 8 <= end;
-    const unsigned char* cm_in = (const unsigned char*)t.exp_avg;
-    const unsigned char* cu_in = (const unsigned char*)t.exp_inf;
+    unsigned char* codes_m = (unsigned char*)t.exp_avg;
+    unsigned char* codes_u = (unsigned char*)t.exp_inf;
     float* scale_m = (float*)t.exp_avg_scale;
     float* scale_u = (float*)t.exp_inf_scale;
     const float sm = scale_m[block], su = scale_u[block];
@@ -527,8 +504,9 @@ __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block,
     u64 h[8];
     u32 cm[8], cu[8];
     if (whole) {
-        load8<T, MODE>(t, i0, p, g);
-        const uint2 a = *(const uint2*)(cm_in + i0), b = *(const uint2*)(cu_in + i0);
+        load_vector<T, 8>(t.grad, i0, g);
+        load_params<T, P, 8>(t, i0, p);
+        const uint2 a = *(const uint2*)(codes_m + i0), b = *(const uint2*)(codes_u + i0);
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             cm[k] = ((k < 4 ? a.x : a.y) >> (8 * (k & 3))) & 0xffu;
@@ -540,9 +518,10 @@ __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block,
             p[k] = g[k] = 0.0f;
             cm[k] = cu[k] = 0;
             if (i0 + k < end) {
-                load1<T, MODE>(t, i0 + k, p[k], g[k]);
-                cm[k] = cm_in[i0 + k];
-                cu[k] = cu_in[i0 + k];
+                g[k] = load_element<T>(t.grad, i0 + k);
+                p[k] = load_param<T, P>(t, i0 + k);
+                cm[k] = codes_m[i0 + k];
+                cu[k] = codes_u[i0 + k];
             }
         }
     }
@@ -561,11 +540,11 @@ __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block,
         }
     }
     if (whole) {
-        store8<T, MODE>(t, i0, p, h);
+        store_params<T, P, 8>(t, i0, p, h);
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k)
-            if (i0 + k < end) store1<T, MODE>(t, i0 + k, p[k], h[k]);
+            if (i0 + k < end) store_param<T, P>(t, i0 + k, p[k], h[k]);
     }
     const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
     const bool code_m = nsm == nsm && nsm != 0.0f, code_u = nsu == nsu && nsu != 0.0f;
@@ -574,19 +553,17 @@ __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block,
         cm[k] = code_m ? encode_exp_avg(m[k], nsm, (u32)(h[k] >> 16) & 0xffffffu) : 0u;
         cu[k] = code_u ? encode_exp_inf(u[k], nsu, (u32)(h[k] >> 40)) : 0u;
     }
-    unsigned char* cm_out = (unsigned char*)t.exp_avg;
-    unsigned char* cu_out = (unsigned char*)t.exp_inf;
     if (whole) {
-        *(uint2*)(cm_out + i0) = make_uint2(cm[0] | cm[1] << 8 | cm[2] << 16 | cm[3] << 24,
-                                            cm[4] | cm[5] << 8 | cm[6] << 16 | cm[7] << 24);
-        *(uint2*)(cu_out + i0) = make_uint2(cu[0] | cu[1] << 8 | cu[2] << 16 | cu[3] << 24,
-                                            cu[4] | cu[5] << 8 | cu[6] << 16 | cu[7] << 24);
+        *(uint2*)(codes_m + i0) = make_uint2(cm[0] | cm[1] << 8 | cm[2] << 16 | cm[3] << 24,
+                                             cm[4] | cm[5] << 8 | cm[6] << 16 | cm[7] << 24);
+        *(uint2*)(codes_u + i0) = make_uint2(cu[0] | cu[1] << 8 | cu[2] << 16 | cu[3] << 24,
+                                             cu[4] | cu[5] << 8 | cu[6] << 16 | cu[7] << 24);
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             if (i0 + k < end) {
-                cm_out[i0 + k] = (unsigned char)cm[k];
-                cu_out[i0 + k] = (unsigned char)cu[k];
+                codes_m[i0 + k] = (unsigned char)cm[k];
+                codes_u[i0 + k] = (unsigned char)cu[k];
             }
         }
     }
@@ -596,9 +573,12 @@ __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block,
     }
 }
 
-// Elements per vector call: 16 bytes of the storage type.
-template <typename T>
-struct Lanes { static constexpr u64 N = 16 / sizeof(T); };
+// NOTE: [alignment] A vector path runs only where every buffer it reads or writes starts
+// 16 bytes aligned. Vector accesses then stay aligned: units and reduction chunks start
+// at multiples of 8 elements (16 bytes of 16-bit values, 32 of f32), and 8-bit blocks'
+// code accesses are 8 bytes at multiples of 8. Anything else (a caller's view at an odd
+// element offset) takes the element path.
+__device__ __forceinline__ bool aligned16(u64 addresses) { return (addresses & 15) == 0; }
 
 // Index of the tensor that owns global chunk (or unit) `index`: the last one whose first
 // chunk (unit), given by `begin`, is <= index (empty tensors share their successor's
@@ -615,7 +595,6 @@ __device__ __forceinline__ u64 find_tensor(const AdamaxArgs& a, u64 index, Begin
 }
 __device__ __forceinline__ u64 chunk_begin(const TensorDesc& t) { return t.chunk_begin; }
 __device__ __forceinline__ u64 unit_begin(const TensorDesc& t) { return t.unit_begin; }
-
 
 // NOTE: [one launch per common step] The update counts the step itself, so a step
 // without clipping or the overflow check is this one launch. Every block reads the
@@ -636,8 +615,9 @@ __device__ __forceinline__ u64 unit_begin(const TensorDesc& t) { return t.unit_b
 // Blocks walk the work units of all tensors with a grid stride: a unit never spans two
 // tensors, units start at multiples of unit_len (a multiple of 8), and indices are
 // 64-bit. The grid is sized from this kernel's own occupancy.
-template <typename T, int MODE>
+template <typename T, ParamMode P, StateFormat S>
 __device__ void adamax_step(const AdamaxArgs& a) {
+    static_assert(P == ParamMode::Master || sizeof(T) == 2, "stochastic rounding is for 16-bit parameters");
     Control& c = *a.control;
     StepState& st = c.state;
     if (a.generation != c.params.generation) {
@@ -650,7 +630,6 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         if (!decided && blockIdx.x == 0 && threadIdx.x == 0) st.skipped = SKIP_COUNTER_FULL;
         return;  // nothing changes, and the step is not counted
     }
-    constexpr u64 N = Lanes<T>::N;
     for (u64 unit = blockIdx.x; unit < a.num_units; unit += gridDim.x) {
         const u64 k = find_tensor(a, unit, unit_begin);
         const TensorDesc t = a.tensors[k];
@@ -659,39 +638,26 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         const Scalars sc = tensor_scalars(a, t, tensor_step);
         const u64 begin = (unit - t.unit_begin) * a.unit_len;
         const u64 end = min(begin + a.unit_len, t.len);
-        // Units start at multiples of 8 elements, so 16-byte aligned base pointers make
-        // every vector access aligned (16 bytes of values, 8 of codes); a view at an odd
-        // offset takes the element path. Every buffer a vector path touches is checked.
-        const bool aligned = ((t.param | t.grad | t.exp_avg | t.exp_inf | t.master) & 15) == 0;
-        if constexpr (MODE == 0) {
-            u64 scalar_from = begin;
+        const bool aligned = aligned16(t.param | t.grad | t.exp_avg | t.exp_inf | t.master);
+        // The random stream of this tensor in its step (lowbit::stream_key); unused (and
+        // compiled away) with a master and f32 moments.
+        const u64 key = stream_key(a.seed, tensor_step + 1, k);
+        if constexpr (S == StateFormat::Blockwise8) {
+            // Units are whole blocks (unit_len is a multiple of ADAMAX_QBLOCK).
+            const u64 warps = blockDim.x / 32;
+            const u64 first = begin / (u64)ADAMAX_QBLOCK;
+            const u64 blocks = (end - begin + ADAMAX_QBLOCK - 1) / (u64)ADAMAX_QBLOCK;
+            for (u64 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(sc, t, first + b, key, aligned);
+        } else {
+            constexpr u64 N = Lanes<T>::N;
+            u64 element_from = begin;
             if (aligned) {
                 const u64 vec_end = begin + (end - begin) / N * N;
                 for (u64 i = begin + threadIdx.x * N; i < vec_end; i += (u64)blockDim.x * N)
-                    step_vector(sc, t, i, T());
-                scalar_from = vec_end;
+                    step_f32_vector<T, P>(sc, t, i, key);
+                element_from = vec_end;
             }
-            for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step_scalar(sc, t, i, T());
-        } else {
-            // The random stream of this tensor in its step (lowbit::stream_key).
-            const u64 key = stream_key(a.seed, tensor_step + 1, k);
-            if constexpr ((MODE & MODE_Q8) != 0) {
-                // Units are whole blocks (unit_len is a multiple of ADAMAX_QBLOCK).
-                const u64 warps = blockDim.x / 32;
-                const u64 first = begin / (u64)ADAMAX_QBLOCK;
-                const u64 blocks = (end - begin + ADAMAX_QBLOCK - 1) / (u64)ADAMAX_QBLOCK;
-                for (u64 b = threadIdx.x / 32; b < blocks; b += warps)
-                    step_q8_block<T, MODE>(sc, t, first + b, key, aligned);
-            } else {
-                u64 scalar_from = begin;
-                if (aligned) {
-                    const u64 vec_end = begin + (end - begin) / 8 * 8;
-                    for (u64 i = begin + threadIdx.x * 8; i < vec_end; i += (u64)blockDim.x * 8)
-                        step8_sr<T, MODE>(sc, t, i, key);
-                    scalar_from = vec_end;
-                }
-                for (u64 i = scalar_from + threadIdx.x; i < end; i += blockDim.x) step1_sr<T, MODE>(sc, t, i, key);
-            }
+            for (u64 i = element_from + threadIdx.x; i < end; i += blockDim.x) step_f32_element<T, P>(sc, t, i, key);
         }
     }
     __shared__ bool last;
@@ -717,24 +683,6 @@ __device__ void adamax_step(const AdamaxArgs& a) {
 __device__ __forceinline__ float unscaled(float g, u32 flags, float inv_scale) {
     return (flags & FLAG_UNSCALE) ? __fmul_rn(g, inv_scale) : g;
 }
-__device__ __forceinline__ float grad_f32(const TensorDesc& t, u64 i, float) { return ((const float*)t.grad)[i]; }
-template <typename T>
-__device__ __forceinline__ float grad_f32(const TensorDesc& t, u64 i, T tag) {
-    return widen(((const u16*)t.grad)[i], tag);
-}
-// One 16-byte load of gradients, widened: 4 f32 or 8 16-bit values.
-__device__ __forceinline__ void load_vector(const TensorDesc& t, u64 i, float* g, float) {
-    const float4 v = *(const float4*)f32_ptr(t.grad, i);
-    g[0] = v.x, g[1] = v.y, g[2] = v.z, g[3] = v.w;
-}
-template <typename T>
-__device__ __forceinline__ void load_vector(const TensorDesc& t, u64 i, float* g, T tag) {
-    const uint4 v = *(const uint4*)((const u16*)t.grad + i);
-    const float4 lo = widen4(v.x, v.y, tag), hi = widen4(v.z, v.w, tag);
-    g[0] = lo.x, g[1] = lo.y, g[2] = lo.z, g[3] = lo.w;
-    g[4] = hi.x, g[5] = hi.y, g[6] = hi.z, g[7] = hi.w;
-}
-
 // The xor butterfly of a warp: every lane ends with the same sum; lane 0's is used.
 template <typename F>
 __device__ __forceinline__ F warp_sum(F v) {
@@ -759,19 +707,20 @@ __device__ void adamax_reduce(const AdamaxArgs& a) {
         const u64 begin = (chunk - t.chunk_begin) * (u64)ADAMAX_CHUNK;
         // A tensor without a gradient adds a zero partial (its chunks keep their numbers).
         const u64 end = t.has_grad ? min(begin + (u64)ADAMAX_CHUNK, t.len) : begin;
-        const bool aligned = (t.grad & 15) == 0;
+        const bool aligned = aligned16(t.grad);
         float acc = 0.0f;
         bool bad = false;
-        // One 16-byte load per thread and round where the gradient is aligned and the
-        // round is whole; element by element otherwise. Either way the values enter the
-        // sum in the order crate::fused specifies (k = 0..N within a thread's group).
+        // One 16-byte load per thread and round where the gradient is aligned (see
+        // [alignment]) and the round is whole; element by element otherwise. Either way
+        // the values enter the sum in the order crate::fused specifies (k = 0..N within a
+        // thread's group).
         for (u64 base = begin + threadIdx.x * N; base < end; base += (u64)blockDim.x * N) {
             float g[N];
             if (aligned && base + N <= end) {
-                load_vector(t, base, g, T());
+                load_vector<T, N>(t.grad, base, g);
             } else {
 #pragma unroll
-                for (u64 k = 0; k < N; ++k) g[k] = base + k < end ? grad_f32(t, base + k, T()) : 0.0f;
+                for (u64 k = 0; k < N; ++k) g[k] = base + k < end ? load_element<T>(t.grad, base + k) : 0.0f;
             }
 #pragma unroll
             for (u64 k = 0; k < N; ++k) {
@@ -875,14 +824,14 @@ __device__ void init_master(const InitArgs& a) {
     const T* param = (const T*)a.param;
     float* master = (float*)a.master;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < a.len; i += (u64)gridDim.x * blockDim.x)
-        master[i] = widen(((const u16*)param)[i], T());
+        master[i] = load_element<T>((u64)param, i);
 }
 
 // ---- Entry points ----
 // NOTE: the list of entry points (their names and storage types) comes from
-// src/cuda/entry.rs as ADAMAX_ENTRY_POINTS, e.g. ADAMAX_STEP(adamax_step_f32, float, 0):
-// this file says what each kind does, Rust names them, and the loader looks up the
-// same names.
+// src/cuda/entry.rs as ADAMAX_ENTRY_POINTS, e.g. ADAMAX_STEP(adamax_step_bf16_sr_q8,
+// bf16, ParamMode::Stochastic, StateFormat::Blockwise8): this file says what each kind
+// does, Rust names them, and the loader looks up the same names.
 
 // NOTE: [register budget] Each update is compiled for the blocks of 256 threads per
 // multiprocessor it should reach (65,536 registers / (256 x blocks), so 40 registers a
@@ -891,17 +840,17 @@ __device__ void init_master(const InitArgs& a) {
 // ones 2. On sm_100 the 16-bit ones get 4: NVRTC 12.x and 13.0 spill the f16 update
 // there at 48 registers. Checked, with no spills, by tests/nvrtc_compile.rs. (sm_75
 // holds at most 4 blocks of 256 threads; the bound is moot there.)
-template <typename T, int MODE>
+template <typename T, StateFormat S>
 __host__ __device__ constexpr int step_blocks() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
     constexpr int sixteen_bit = 4;
 #else
     constexpr int sixteen_bit = 5;
 #endif
-    return (MODE & MODE_Q8) ? 2 : (sizeof(T) == 4 ? 6 : sixteen_bit);
+    return S == StateFormat::Blockwise8 ? 2 : (sizeof(T) == 4 ? 6 : sixteen_bit);
 }
-#define ADAMAX_STEP(name, T, MODE) \
-    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK, (step_blocks<T, MODE>())) name(const AdamaxArgs args) { adamax_step<T, MODE>(args); }
+#define ADAMAX_STEP(name, T, P, S) \
+    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK, (step_blocks<T, S>())) name(const AdamaxArgs args) { adamax_step<T, P, S>(args); }
 #define ADAMAX_REDUCE(name, T) \
     extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_reduce<T>(args); }
 #define ADAMAX_FINALIZE(name) \

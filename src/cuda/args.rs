@@ -178,10 +178,6 @@ pub(crate) const FLAG_UNSCALE: u32 = 1;
 pub(crate) const FLAG_CLIP: u32 = 2;
 pub(crate) const FLAG_CHECK: u32 = 4;
 pub(crate) const FLAG_SCALER: u32 = 8;
-/// Mode bits of an update entry point: parameters rounded stochastically, no master.
-pub(crate) const MODE_SR: u32 = 1;
-/// Mode bits of an update entry point: 8-bit blockwise moments.
-pub(crate) const MODE_Q8: u32 = 2;
 /// `StepState::skipped`: a non-finite gradient (the overflow check).
 pub(crate) const SKIP_NONFINITE: u32 = 1;
 /// `StepState::skipped`: the step counter is at `u64::MAX` (a replayed graph; an eager
@@ -296,8 +292,6 @@ pub(crate) fn layout_defines() -> Vec<String> {
         ("ADAMAX_CHUNK", CHUNK),
         ("ADAMAX_BLOCK", u64::from(BLOCK)),
         ("ADAMAX_QBLOCK", crate::spec::lowbit::QBLOCK as u64),
-        ("ADAMAX_MODE_SR", u64::from(MODE_SR)),
-        ("ADAMAX_MODE_Q8", u64::from(MODE_Q8)),
         ("ADAMAX_FLAG_UNSCALE", u64::from(FLAG_UNSCALE)),
         ("ADAMAX_FLAG_CLIP", u64::from(FLAG_CLIP)),
         ("ADAMAX_FLAG_CHECK", u64::from(FLAG_CHECK)),

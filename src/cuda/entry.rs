@@ -5,19 +5,19 @@
 //! # NOTE: the names come from here
 //!
 //! `kernels/adamax.cu` writes what each kind of entry point does once, as a macro over
-//! a name and a storage type (`ADAMAX_STEP(name, T, ...)`, ...), and defines no entry
+//! a name and a storage type (`ADAMAX_STEP(name, T, P, S)`, ...), and defines no entry
 //! point itself: NVRTC gets the list `-DADAMAX_ENTRY_POINTS=ADAMAX_STEP(adamax_step_f32,
-//! float, ...) ...` built from [`EntryPoint::all`] below. So the names the CUBIN exports
+//! float, ParamMode::Master, StateFormat::F32) ...` built from [`EntryPoint::all`] below. So the names the CUBIN exports
 //! and the names the loader looks up are the same strings, from the modes table and this
 //! module.
 
+#[cfg(test)]
+use crate::config::{ParamMode, StateFormat};
 use crate::{
-    config::{ParamMode, Precision, StateFormat},
+    config::Precision,
     state::{modes::MODES, Mode},
     storage::StorageType,
 };
-
-use super::args::{MODE_Q8, MODE_SR};
 
 /// One `extern "C"` entry point of the kernel source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -99,7 +99,8 @@ impl EntryPoint {
     }
 
     /// Its definition in the kernel's list: the macro, the storage type in CUDA, and
-    /// (for an update) the mode bits.
+    /// (for an update) the parameter mode and state format as the kernel's template
+    /// arguments, spelled as the Rust enums are.
     fn definition(self) -> String {
         let cuda = |t: StorageType| match t {
             StorageType::F32 => "float",
@@ -112,14 +113,12 @@ impl EntryPoint {
                 let Some(m) = MODES.get(i) else {
                     return String::new();
                 };
-                let mut bits = 0;
-                if m.params == ParamMode::Stochastic {
-                    bits |= MODE_SR;
-                }
-                if m.state == StateFormat::Blockwise8 {
-                    bits |= MODE_Q8;
-                }
-                format!("ADAMAX_STEP({name}, {}, {bits})", cuda(m.storage))
+                format!(
+                    "ADAMAX_STEP({name}, {}, ParamMode::{:?}, StateFormat::{:?})",
+                    cuda(m.storage),
+                    m.params,
+                    m.state
+                )
             }
             EntryPoint::Reduce(t) => format!("ADAMAX_REDUCE({name}, {})", cuda(t)),
             EntryPoint::Finalize => format!("ADAMAX_FINALIZE({name})"),
@@ -181,9 +180,14 @@ mod tests {
             }
         }
         let d = entry_points_define();
-        assert!(d.contains("ADAMAX_STEP(adamax_step_bf16, bf16, 0)"), "{d}");
         assert!(
-            d.contains("ADAMAX_STEP(adamax_step_bf16_sr_q8, bf16, 3)"),
+            d.contains("ADAMAX_STEP(adamax_step_bf16, bf16, ParamMode::Master, StateFormat::F32)"),
+            "{d}"
+        );
+        assert!(
+            d.contains(
+                "ADAMAX_STEP(adamax_step_bf16_sr_q8, bf16, ParamMode::Stochastic, StateFormat::Blockwise8)"
+            ),
             "{d}"
         );
         assert!(d.contains("ADAMAX_FINALIZE(adamax_finalize_step)"), "{d}");
