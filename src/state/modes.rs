@@ -107,23 +107,30 @@ impl Mode {
         self.parts.contains(&Part::Master)
     }
 
-    /// Bytes of state kept for a tensor of `n` elements.
+    /// Bytes of state kept for a tensor of `n` elements (saturating at `u64::MAX`).
     pub(crate) fn state_bytes(&self, n: usize) -> u64 {
-        self.parts
-            .iter()
-            .map(|p| (p.len(n) * p.elem().size()) as u64)
-            .sum()
+        saturate(self.state_bytes_exact(n))
     }
 
     /// Bytes a step of a tensor of `n` elements moves: the gradient read; the
     /// parameter read and written (only written when a master is the source of truth);
-    /// the state read and written.
+    /// the state read and written (saturating at `u64::MAX`).
     pub(crate) fn bytes_moved(&self, n: usize) -> u64 {
-        let size = self.storage.size() as u64;
-        let n64 = n as u64;
+        let size = self.storage.size() as u128;
         let param = if self.has_master() { size } else { 2 * size };
-        (param + size) * n64 + 2 * self.state_bytes(n)
+        saturate((param + size) * n as u128 + 2 * self.state_bytes_exact(n))
     }
+
+    fn state_bytes_exact(&self, n: usize) -> u128 {
+        self.parts
+            .iter()
+            .map(|p| p.len(n) as u128 * p.elem().size() as u128)
+            .sum()
+    }
+}
+
+fn saturate(bytes: u128) -> u64 {
+    u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 
 impl Precision {
@@ -135,7 +142,8 @@ impl Precision {
     }
 
     /// Bytes of optimizer state kept for a tensor of `len` parameters of `storage`: the
-    /// moments (or their codes and block scales) and the master weights, if any.
+    /// moments (or their codes and block scales) and the master weights, if any
+    /// (saturating at `u64::MAX`, more than any device holds).
     ///
     /// ```
     /// use adamax_cuda::{Precision, StorageType};
@@ -148,7 +156,7 @@ impl Precision {
 
     /// Bytes of device memory one step of a tensor of `len` parameters of `storage`
     /// reads and writes: the step is memory-bound, so this over a copy's bandwidth is
-    /// the fastest it can be.
+    /// the fastest it can be (saturating at `u64::MAX`).
     pub fn bytes_moved(&self, storage: StorageType, len: usize) -> Result<u64, ConfigError> {
         Ok(self.mode(storage)?.bytes_moved(len))
     }
@@ -202,6 +210,15 @@ mod tests {
                 if codes { "_q8" } else { "" }
             );
             assert_eq!(m.entry, name);
+        }
+    }
+
+    #[test]
+    fn byte_counts_of_any_length_saturate_instead_of_overflowing() {
+        for m in &MODES {
+            assert_eq!(m.bytes_moved(usize::MAX), u64::MAX, "{m:?}");
+            assert!(m.state_bytes(usize::MAX) >= usize::MAX as u64 / 4, "{m:?}");
+            assert_eq!((m.bytes_moved(0), m.state_bytes(0)), (0, 0));
         }
     }
 
