@@ -313,7 +313,9 @@ fn check(
 /// # Ok::<(), adamax_cuda::Error>(())
 /// ```
 ///
-/// [`Default`] is the global learning rate and no weight decay, [`TensorHyper::no_decay`].
+/// There is no `Default`: `TensorHyper { lr_scale: 0.1, ..Default::default() }` would
+/// drop the config's weight decay unseen; start from [`TensorHyper::from_config`] or
+/// [`TensorHyper::no_decay`].
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TensorHyper {
@@ -321,12 +323,6 @@ pub struct TensorHyper {
     pub lr_scale: f64,
     /// Weight decay of this tensor, `>= 0`, applied in the config's mode.
     pub weight_decay: f64,
-}
-
-impl Default for TensorHyper {
-    fn default() -> Self {
-        Self::no_decay()
-    }
 }
 
 impl TensorHyper {

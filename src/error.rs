@@ -236,10 +236,13 @@ pub enum Error {
         reason: String,
     },
     /// Reading or writing a file failed.
-    #[error("AdaMax: {action} {}: {source}", path.display())]
+    #[error("AdaMax: {action} {}: {source}{hint}", path.display())]
     Io {
         /// What was being done: `"reading"`, `"writing"`.
         action: &'static str,
+        /// What to do, when the error says it (`"; create its directory first"`), else
+        /// empty.
+        hint: &'static str,
         /// The file.
         path: std::path::PathBuf,
         /// The OS error.
@@ -282,11 +285,19 @@ struct Num(f64);
 
 impl std::fmt::Display for Num {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A value that came from an f32 (a loss scale, an f32 scalar of the step) is
+        // shown as that f32, not with the digits its widening to f64 shows.
+        let narrow = self.0 as f32;
+        let exact_f32 = f64::from(narrow) == self.0;
         let a = self.0.abs();
-        if a == 0.0 || !a.is_finite() || (1e-4..1e15).contains(&a) {
-            write!(f, "{}", self.0)
-        } else {
-            write!(f, "{:e}", self.0)
+        match (
+            exact_f32,
+            a == 0.0 || !a.is_finite() || (1e-4..1e15).contains(&a),
+        ) {
+            (true, true) => write!(f, "{narrow}"),
+            (true, false) => write!(f, "{narrow:e}"),
+            (false, true) => write!(f, "{}", self.0),
+            (false, false) => write!(f, "{:e}", self.0),
         }
     }
 }
@@ -294,6 +305,37 @@ impl std::fmt::Display for Num {
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
+    /// An I/O error while `action` (`"reading"`, `"writing"`) `path`, with a hint
+    /// from its kind.
+    pub(crate) fn io(action: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        let writing = action == "writing";
+        let hint = match source.kind() {
+            K::NotFound if path.as_os_str().is_empty() => "; pass a file path",
+            K::NotFound if writing => "; its directory does not exist: create it first",
+            K::NotFound => "; check the path",
+            K::AlreadyExists => {
+                "; pass the path of a regular file, or of one that does not exist yet"
+            }
+            K::IsADirectory => "; pass the path of a file, not of a directory",
+            K::NotADirectory => {
+                "; a part of the path is not a directory (or the path ends in `/`): check the path"
+            }
+            K::PermissionDenied | K::ReadOnlyFilesystem if writing => {
+                "; choose a location this process may write"
+            }
+            K::PermissionDenied => "; check the file's permissions",
+            K::StorageFull | K::QuotaExceeded => "; free some space or choose another disk",
+            _ => "",
+        };
+        Self::Io {
+            action,
+            hint,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
     pub(crate) fn driver(
         context: &'static str,
     ) -> impl FnOnce(cudarc::driver::DriverError) -> Self {

@@ -21,11 +21,20 @@ pub(crate) fn write_atomically_with(
     path: &Path,
     write: impl FnOnce(&mut io::BufWriter<fs::File>) -> io::Result<()>,
 ) -> Result<()> {
-    let io_err = |source| Error::Io {
-        action: "writing",
-        path: path.to_owned(),
-        source,
-    };
+    let io_err = |source| Error::io("writing", path, source);
+    // Only a regular file is replaced: renaming over a device, a FIFO, a directory or a
+    // symbolic link would put a file in its place (`/dev/null` included, as root).
+    if path.as_os_str().is_empty() {
+        return Err(io_err(io::ErrorKind::NotFound.into()));
+    }
+    if let Ok(m) = fs::symlink_metadata(path) {
+        if !m.file_type().is_file() {
+            return Err(io_err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "it exists and is not a regular file (a directory, device, FIFO or symbolic link), which saving would replace",
+            )));
+        }
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -1245,3 +1245,93 @@ fn params_from_masters_are_the_parameters_the_run_wrote() {
     let (_, cksr) = run::<bf16>(sr);
     refused(cksr.params::<bf16>().map(|_| ()), "rounded stochastically");
 }
+
+/// Found by a hostile probe: saving renamed over whatever was at the path, a device
+/// node included (`/dev/null`, as root). Only a regular file is replaced now; anything
+/// else is refused, left as it was, with what to do.
+#[test]
+fn saving_replaces_only_a_regular_file() {
+    let (opt, _) = trained();
+    let dir = std::env::temp_dir().join(format!("adamax-save-target-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("a_directory")).unwrap();
+    let refused = |path: &std::path::Path, says: &str| match opt.save_checkpoint(path) {
+        Err(e @ Error::Io { .. }) => assert!(e.to_string().contains(says), "{e}"),
+        other => panic!("{}: expected Error::Io, got {other:?}", path.display()),
+    };
+    refused(&dir.join("a_directory"), "not a regular file");
+    assert!(dir.join("a_directory").is_dir());
+    #[cfg(unix)]
+    {
+        let target = dir.join("target.txt");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.join("link.safetensors");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        refused(&link, "not a regular file");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
+    refused(
+        &dir.join("missing").join("ck.safetensors"),
+        "create it first",
+    );
+    refused(std::path::Path::new(""), "pass a file path");
+    // A regular file is replaced, and a new one written.
+    let file = dir.join("ck.safetensors");
+    std::fs::write(&file, b"old").unwrap();
+    opt.save_checkpoint(&file).unwrap();
+    assert_eq!(Checkpoint::load(&file).unwrap(), opt.checkpoint().unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Found by a hostile probe: `params` read masters without validating, so a checkpoint
+/// edited by hand gave parameters (or a wrong reason).
+#[test]
+fn params_validate_the_checkpoint_first() {
+    let (_, bytes) = trained();
+    let mut f32_with_masters = Checkpoint::from_bytes(&bytes).unwrap();
+    f32_with_masters.tensors[0].master = vec![1.0; 9];
+    assert!(f32_with_masters.params::<f32>().is_err());
+    let mut w = vec![adamax_cuda::bf16::from_f32(0.5); 4];
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&w]).unwrap();
+    let g = vec![adamax_cuda::bf16::from_f32(0.1); 4];
+    opt.step(&mut [&mut w], &[&g]).unwrap();
+    let mut short = opt.checkpoint().unwrap();
+    short.tensors[0].master.pop();
+    let expected = short.validate().unwrap_err().to_string();
+    let found = short.params::<adamax_cuda::bf16>().unwrap_err().to_string();
+    assert_eq!(found, expected);
+}
+
+/// Found by a hostile probe: a file without `tensor.{i}.step` where that tensor's count
+/// differs from the optimizer's (which the writer always records) loaded as another
+/// state than its bytes say.
+#[test]
+fn a_missing_tensor_step_key_is_refused() {
+    let mut p = vec![vec![0.5f32; 9], vec![1.0f32; 4]];
+    let refs: Vec<&[f32]> = p.iter().map(|x| x.as_slice()).collect();
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
+    step_all(&mut opt, &mut p, &[vec![0.1; 9], vec![-0.2; 4]]);
+    {
+        let (a, b) = p.split_at_mut(1);
+        let g = [0.1f32; 9];
+        opt.step_some(&mut [&mut a[0], &mut b[0]], &[Some(&g[..]), None])
+            .unwrap();
+    }
+    let bytes = opt.checkpoint().unwrap().to_bytes().unwrap();
+    assert_eq!(
+        Checkpoint::from_bytes(&bytes).unwrap(),
+        opt.checkpoint().unwrap()
+    );
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("\"tensor.1.step\":\"1\""),
+        "the writer records the count"
+    );
+    let edited = edited_header(&bytes, |h| h.replace("\"tensor.1.step\":\"1\",", ""));
+    assert_ne!(edited, bytes);
+    refused_load(&edited, "`tensor.1.step` is missing");
+}

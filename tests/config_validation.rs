@@ -607,6 +607,14 @@ fn messages_show_numbers_readably_and_debug_keeps_the_hint() {
     .validate()
     .unwrap_err();
     assert!(e.to_string().contains("`beta1` is 1,"), "{e}");
+    // An f32 setting is shown as that f32, not with its widening's digits.
+    let e = adamax_cuda::LossScaler {
+        min_scale: 1e-40,
+        ..adamax_cuda::LossScaler::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(e.to_string().contains("is 1e-40,"), "{e}");
     let e = adamax_cuda::Error::DriverNotFound;
     assert!(
         format!("{e:?}").contains("install the NVIDIA driver"),

@@ -6,6 +6,7 @@ use crate::{
     config::StateFormat,
     error::Result,
     spec::lowbit::{Blockwise8, EXP_AVG_CODE, EXP_INF_CODE},
+    state::Mode,
     storage::Storage,
 };
 
@@ -48,7 +49,7 @@ impl Checkpoint {
     /// The parameters the master weights stand for, rounded to `T` (round to nearest
     /// even, as every step writes them): after a restore of a 16-bit run, copy these
     /// into the model's parameters to resume bit for bit without having saved them.
-    /// Refused for a checkpoint without masters (f32 parameters are their own master,
+    /// Validated first ([`Checkpoint::validate`]). Refused for a checkpoint without masters (f32 parameters are their own master,
     /// and [`ParamMode::Stochastic`](crate::ParamMode::Stochastic) keeps none: save
     /// the parameters with the model) and for a `T` other than the file's storage.
     ///
@@ -70,11 +71,15 @@ impl Checkpoint {
                 self.storage
             )));
         }
-        if let Some(i) = self.tensors.iter().position(|t| t.master.len() != t.len()) {
+        self.validate()?;
+        if !Mode::or_master(self.storage, &self.config.precision).has_master() {
             return Err(refuse(format!(
-                "tensor {i} has no master weights ({} parameters{} keep none); the parameters are not in a checkpoint: save them with the model",
-                self.storage,
-                if self.storage.has_master() { " rounded stochastically" } else { "" }
+                "it has no master weights ({}); the parameters are not in a checkpoint: save them with the model",
+                if self.storage.has_master() {
+                    "bf16 parameters rounded stochastically keep none"
+                } else {
+                    "f32 parameters are their own master"
+                }
             )));
         }
         Ok(self

@@ -291,8 +291,13 @@ impl Checkpoint {
         self.check_precision(precision)?;
         if self.storage != storage {
             return Err(refuse(format!(
-                "it holds the state of {} parameters; this optimizer steps {storage}; restore it into a CudaAdamax or CpuAdamax of {} (the state of a master-weight run does not depend on the 16-bit type: load, set `storage`, and restore)",
-                self.storage, self.storage
+                "it holds the state of {} parameters; this optimizer steps {storage}; {}",
+                self.storage,
+                if self.storage.has_master() && storage.has_master() {
+                    "a master-weight run's state does not depend on the 16-bit type: set the checkpoint's `storage` to the optimizer's and restore"
+                } else {
+                    "restore it into an optimizer of the checkpoint's storage type"
+                }
             )));
         }
         if self.tensors.len() != lens.len() {
@@ -390,11 +395,7 @@ impl Checkpoint {
     /// header declares.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io = |source| Error::Io {
-            action: "reading",
-            path: path.to_owned(),
-            source,
-        };
+        let io = |source| Error::io("reading", path, source);
         let not_regular = || {
             refuse(format!(
                 "{} is not a regular file; pass the path of a checkpoint file",

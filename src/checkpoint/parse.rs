@@ -314,6 +314,16 @@ fn check_keys(meta: &HashMap<String, String>, ck: &Checkpoint) -> Result<()> {
             Some(_) => {}
         }
     }
+    // The one key whose absence has a meaning of its own (the tensor took the
+    // optimizer's step count): the writer writes it whenever the counts differ.
+    if let Some(k) = written
+        .keys()
+        .find(|k| k.starts_with("tensor.") && k.ends_with(".step") && !meta.contains_key(*k))
+    {
+        return Err(refuse(format!(
+            "metadata key `{k}` is missing although that tensor's step count differs from the optimizer's, which this crate's writer always records; the file was edited or made by another program"
+        )));
+    }
     Ok(())
 }
 
