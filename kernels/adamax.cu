@@ -120,6 +120,7 @@ struct AdamaxArgs {
     float one_minus_beta1;  // f32(1 - beta1), from f64
     float beta2;
     float eps;
+    float moment_ratio;     // |m| <= moment_ratio * u (spec::moment_ratio); inf: no bound
     u32 eps_mode;
     u32 decay_mode;         // DECAY_COUPLED or DECAY_DECOUPLED (per tensor: none when 0)
     u32 maximize;
@@ -170,7 +171,7 @@ __device__ double powi_exact(double base, u64 exp) {
 // The f32 scalars of one tensor for one step: the twin of StepScalars::for_tensor in
 // src/spec/mod.rs, with the same f64 operations and the same rounding to f32.
 struct Scalars {
-    float beta1, one_minus_beta1, beta2, eps, step_size, decay;
+    float beta1, one_minus_beta1, beta2, eps, step_size, decay, moment_ratio;
     u32 eps_mode, decay_mode, maximize;
     float inv_scale, clip_coef;  // gradient multipliers, applied when the flag is set
     u32 flags;
@@ -187,6 +188,7 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     s.eps = a.eps;
     s.eps_mode = a.eps_mode;
     s.maximize = a.maximize;
+    s.moment_ratio = a.moment_ratio;
     const Control& c = *a.control;
     s.flags = c.params.flags;
     s.inv_scale = c.state.step_inv_scale;
@@ -337,6 +339,16 @@ __device__ __forceinline__ u32 encode_exp_avg(float x, float scale, u32 r) {
 }
 __device__ __forceinline__ u32 encode_exp_inf(float x, float scale, u32 r) {
     return encode_magnitude<ExpInfCode, 4>(__fdiv_rn(fabsf(x), scale), r);
+}
+// m's code capped so that the values stored keep |m| <= ratio * u: the largest
+// magnitude at most f32(f32(ratio * u') / scale_m), rounded down (twin of the cap in
+// lowbit::encode_moments, with Code::encode_magnitude's clamp of q to [0, 1], NaN to 0).
+__device__ __forceinline__ u32 cap_exp_avg(u32 code, float ratio, u32 u_code, float scale_u, float scale_m) {
+    float q = __fdiv_rn(__fmul_rn(ratio, decode_exp_inf(u_code, scale_u)), scale_m);
+    q = q == q ? fminf(q, 1.0f) : 0.0f;
+    const u32 cap = encode_magnitude<ExpAvgCode, 3>(q, 0xffffffu);
+    if ((code & 0x7fu) <= cap) return code;
+    return cap | ((code & 0x80u) && cap != 0 ? 0x80u : 0u);
 }
 // A block's scale from its largest magnitude: 0 stays 0 (codes 0), a non-finite one
 // marks the block NaN (twin of Code::encode_block).
@@ -552,6 +564,12 @@ __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block,
     for (int k = 0; k < 8; ++k) {
         cm[k] = code_m ? encode_exp_avg(m[k], nsm, (u32)(h[k] >> 16) & 0xffffffu) : 0u;
         cu[k] = code_u ? encode_exp_inf(u[k], nsu, (u32)(h[k] >> 40)) : 0u;
+    }
+    // The moment bound, kept in the stored values (lowbit.rs: "The moment bound, kept in
+    // 8 bits"); no cap where no bound exists.
+    if (code_m && sc.moment_ratio <= 3.402823466e38f) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) cm[k] = cap_exp_avg(cm[k], sc.moment_ratio, cu[k], nsu, nsm);
     }
     if (whole) {
         *(uint2*)(codes_m + i0) = make_uint2(cm[0] | cm[1] << 8 | cm[2] << 16 | cm[3] << 24,

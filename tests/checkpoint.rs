@@ -1095,8 +1095,8 @@ fn every_state_a_run_reaches_validates() {
 /// 8-bit state keeps the bound at the level of its blocks (a block's largest |m| within
 /// c times its largest u, which decodes exactly): an edit of the scales that no run
 /// makes (found by a hostile probe: it sent the weights to infinity on a zero
-/// gradient) is refused everywhere. Its decoding to f32 is refused where 8-bit
-/// rounding left an element beyond the bound (issue #19), saying so.
+/// gradient) is refused everywhere. Issue #19's reproduction, whose 8-bit rounding left
+/// elements beyond the bound before the encoder kept it, now decodes within it.
 #[test]
 fn eight_bit_scales_beyond_the_bound_are_refused() {
     use adamax_cuda::{ParamMode, Precision, StateFormat};
@@ -1144,9 +1144,20 @@ fn eight_bit_scales_beyond_the_bound_are_refused() {
     opt.step(&mut [&mut w], &[&g2]).unwrap();
     let ck = opt.checkpoint().unwrap();
     ck.validate().unwrap();
-    match ck.convert_state(StateFormat::F32) {
-        Err(Error::Checkpoint { reason }) => assert!(reason.contains("beyond"), "{reason}"),
-        other => panic!("expected the decoded state refused: {other:?}"),
+    ck.convert_state(StateFormat::F32)
+        .unwrap()
+        .validate()
+        .unwrap();
+    // An element edited beyond the bound (resealed) is refused, saying where.
+    let mut beyond = ck.clone();
+    let t = &mut beyond.tensors[0];
+    let j = (1..256).find(|&j| t.exp_inf_q8.codes[j] == 0).unwrap();
+    t.exp_avg_q8.codes[j] = 1;
+    match beyond.validate() {
+        Err(Error::Checkpoint { reason }) => {
+            assert!(reason.contains(&format!("exp_avg_q8[{j}]")), "{reason}")
+        }
+        other => panic!("expected the edit refused: {other:?}"),
     }
 }
 

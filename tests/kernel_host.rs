@@ -154,7 +154,10 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         unit_len,
     ];
     input.extend([config.lr.to_bits(), config.beta1.to_bits(), precision.seed]);
-    input.extend([s.beta1, s.one_minus_beta1, s.beta2, s.eps].map(|x| u64::from(x.to_bits())));
+    input.extend(
+        [s.beta1, s.one_minus_beta1, s.beta2, s.eps, s.moment_ratio]
+            .map(|x| u64::from(x.to_bits())),
+    );
     input.extend([
         u64::from(config.eps_mode == EpsilonMode::Denominator),
         u64::from(config.weight_decay_mode == WeightDecayMode::Decoupled),
@@ -652,11 +655,14 @@ fn traversal_case<T: adamax_cuda::Storage>(
     let (tensor, t) = (3usize, 5u64);
     let s = adamax_cuda::spec::StepScalars::new(&config, t);
     let key = lowbit::stream_key(precision.seed, t, tensor as u64);
+    // Values spanning 12 orders of magnitude within a block, and zeros (issue #19's
+    // adversarial blocks; the codes below are drawn apart, so m and u start anywhere,
+    // the bound too, and the encoder's cap is exercised).
     let value = |rng: &mut StdRng, scale: f32| {
         if rng.random::<f32>() < 0.05 {
             0.0
         } else {
-            rng.random_range(-1.0..1.0f32) * scale * 10f32.powf(rng.random_range(-3.0..0.0))
+            rng.random_range(-1.0..1.0f32) * scale * 10f32.powf(rng.random_range(-12.0..0.0))
         }
     };
     let mut param: Vec<T> = (0..n).map(|_| T::from_f32(value(rng, 1.0))).collect();
@@ -700,6 +706,7 @@ fn traversal_case<T: adamax_cuda::Storage>(
             s.one_minus_beta1,
             s.beta2,
             s.eps,
+            s.moment_ratio,
             s.step_size,
             decay,
         ]

@@ -561,3 +561,216 @@ fn every_code_new_accepts_decodes_and_encodes_without_panicking() {
         }
     }
 }
+
+/// A deterministic stream for the adversarial gradients (splitmix64).
+struct Draw(u64);
+
+impl Draw {
+    fn next(&mut self) -> u64 {
+        self.0 = lowbit::mix64(self.0.wrapping_add(0x9E37_79B9_7F4A_7C15));
+        self.0
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Adversarial gradient sequences for the step-bound property: each returns the
+/// gradient of element `i` at step `t`.
+/// The gradient of element `i` at step `t`, drawing from a stream.
+type Gradient = Box<dyn Fn(&mut Draw, usize, usize) -> f32>;
+
+fn adversaries() -> Vec<(&'static str, Gradient)> {
+    vec![
+        // Magnitudes spanning 12 orders within every block, signs random.
+        (
+            "twelve_orders",
+            Box::new(|d: &mut Draw, _i: usize, _t: usize| {
+                let magnitude = 10f64.powf(-12.0 * d.unit());
+                (if d.next() & 1 == 0 {
+                    magnitude
+                } else {
+                    -magnitude
+                }) as f32
+            }),
+        ),
+        // Long runs of zeros with rare spikes, and one large element per block.
+        (
+            "spikes_after_zeros",
+            Box::new(|d: &mut Draw, i: usize, _t: usize| {
+                if i.is_multiple_of(256) {
+                    1.0
+                } else if d.next().is_multiple_of(97) {
+                    1e3
+                } else {
+                    0.0
+                }
+            }),
+        ),
+        // Issue #19's reproduction: one large element, the rest tiny, then zero.
+        (
+            "one_large_rest_tiny_then_zero",
+            Box::new(|_d: &mut Draw, i: usize, t: usize| match (i % 256, t) {
+                (0, _) => 1.0,
+                (_, 0) => 1e-6,
+                _ => 0.0,
+            }),
+        ),
+        // Unnormalised features: each element's scale fixed, spanning 8 orders.
+        (
+            "fixed_scales",
+            Box::new(|d: &mut Draw, i: usize, _t: usize| {
+                let scale = 10f64.powi(-(((i * 7919) % 9) as i32));
+                (scale * (2.0 * d.unit() - 1.0)) as f32
+            }),
+        ),
+    ]
+}
+
+/// The largest move of element `i` a step may make: the step size times AdaMax's moment
+/// ratio (the bound of `|m / u|`), plus the decoupled decay of the weight, with slack
+/// for f32 rounding; plus one unit in the last place of a bf16 rounded stochastically.
+fn allowed_move(config: &AdamaxConfig, t: u64, before: f32, stochastic: bool) -> f64 {
+    let c = (1.0 - config.beta1) / (1.0 - config.beta1 / config.beta2);
+    let step_size = config.lr / (1.0 - config.beta1.powi(t as i32));
+    let decay = match config.weight_decay_mode {
+        adamax_cuda::WeightDecayMode::Decoupled => config.lr * config.weight_decay,
+        adamax_cuda::WeightDecayMode::Coupled => 0.0,
+    };
+    let mut allowed = (step_size * c + decay * f64::from(before.abs())) * (1.0 + 1e-5) + 1e-30;
+    if stochastic {
+        // One bf16 unit in the last place, at the larger of the two values.
+        let top = f64::from(before.abs()) + allowed;
+        allowed += top * 2f64.powi(-7);
+    }
+    allowed
+}
+
+/// Issue #19: no element of any mode moves by more than AdaMax's bound in any step,
+/// over adversarial gradients (12 orders of magnitude within a block, rare spikes after
+/// long zero runs, one large element among tiny ones, fixed per-element scales), eps 0
+/// and PyTorch's, both eps conventions, coupled and decoupled decay. Before the 8-bit
+/// encoder kept the bound, 8-bit state moved elements by up to thousands of times it.
+/// The state every step leaves also validates (its decoded moments keep the bound).
+#[test]
+fn no_step_of_any_mode_moves_an_element_beyond_adamaxs_bound() {
+    use adamax_cuda::{EpsilonMode, WeightDecayMode};
+    let configs = [
+        AdamaxConfig {
+            lr: 1e-2,
+            ..AdamaxConfig::default()
+        },
+        AdamaxConfig {
+            lr: 1e-2,
+            eps: 0.0,
+            ..AdamaxConfig::default()
+        },
+        AdamaxConfig {
+            lr: 1e-3,
+            eps: 0.0,
+            eps_mode: EpsilonMode::Denominator,
+            weight_decay: 0.1,
+            weight_decay_mode: WeightDecayMode::Decoupled,
+            ..AdamaxConfig::default()
+        },
+        AdamaxConfig {
+            lr: 1e-2,
+            eps: 1e-7,
+            eps_mode: EpsilonMode::Denominator,
+            beta1: 0.5,
+            beta2: 0.9,
+            ..AdamaxConfig::default()
+        },
+    ];
+    let n = 2 * QBLOCK + 300;
+    let mut worst: f64 = 0.0;
+    for (name, gradient) in adversaries() {
+        for (ci, base) in configs.iter().enumerate() {
+            for (params, state) in [
+                (ParamMode::Master, StateFormat::Blockwise8),
+                (ParamMode::Stochastic, StateFormat::Blockwise8),
+                (ParamMode::Master, StateFormat::F32),
+                (ParamMode::Stochastic, StateFormat::F32),
+            ] {
+                let stochastic = params == ParamMode::Stochastic;
+                let config = AdamaxConfig {
+                    precision: precision(params, state),
+                    ..*base
+                };
+                let mut w: Vec<bf16> = (0..n)
+                    .map(|i| bf16::from_f32(0.25 + (i % 3) as f32))
+                    .collect();
+                let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
+                let mut draw = Draw(ci as u64 * 1000 + 7);
+                for t in 0..40usize {
+                    let g: Vec<bf16> = (0..n)
+                        .map(|i| bf16::from_f32(gradient(&mut draw, i, t)))
+                        .collect();
+                    // The value the rule steps: the master, or the bf16 parameter.
+                    let before: Vec<f32> = if stochastic {
+                        w.iter().map(|x| x.to_f32()).collect()
+                    } else {
+                        opt.tensor_states()[0].master.clone()
+                    };
+                    opt.step(&mut [&mut w], &[&g]).unwrap();
+                    let after: Vec<f32> = if stochastic {
+                        w.iter().map(|x| x.to_f32()).collect()
+                    } else {
+                        opt.tensor_states()[0].master.clone()
+                    };
+                    for (i, (&b, &a)) in before.iter().zip(&after).enumerate() {
+                        let moved = f64::from(a) - f64::from(b);
+                        let allowed = allowed_move(&config, t as u64 + 1, b, stochastic);
+                        worst = worst.max(moved.abs() / allowed);
+                        assert!(
+                            moved.abs() <= allowed,
+                            "{name}, config {ci}, {params:?} {state:?}: step {} moved element {i} by {moved:e}, beyond the bound {allowed:e}",
+                            t + 1
+                        );
+                    }
+                    opt.checkpoint().unwrap().validate().unwrap_or_else(|e| {
+                        panic!(
+                            "{name}, config {ci}, {params:?} {state:?}, step {}: {e}",
+                            t + 1
+                        )
+                    });
+                }
+            }
+        }
+    }
+    println!("largest move as a fraction of the bound: {worst:.4}");
+}
+
+/// Issue #19: with gradients held at [1, then 1e-6 for 255 elements], the 8-bit `u` of
+/// the small elements must not drift below its f32 value (that would make their steps
+/// larger). It drifts up (the max of a noisy u and |g| + eps sits above the true one):
+/// the ratio is printed (BENCHMARKS.md records it) and held within a bound.
+#[test]
+fn the_8_bit_infinity_norm_does_not_drift_down() {
+    let run = |state| {
+        let config = AdamaxConfig {
+            lr: 1e-3,
+            precision: precision(ParamMode::Master, state),
+            ..AdamaxConfig::default()
+        };
+        let mut w = vec![0f32; QBLOCK];
+        let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
+        let mut g = vec![1e-6f32; QBLOCK];
+        g[0] = 1.0;
+        for _ in 0..200 {
+            opt.step(&mut [&mut w], &[&g]).unwrap();
+        }
+        let s = &opt.tensor_states()[0];
+        let u = if state == StateFormat::F32 {
+            s.exp_inf.clone()
+        } else {
+            s.exp_inf_q8.to_f32(EXP_INF_CODE)
+        };
+        u[1..].iter().map(|&x| f64::from(x)).sum::<f64>() / (QBLOCK - 1) as f64
+    };
+    let (q8, f32_state) = (run(StateFormat::Blockwise8), run(StateFormat::F32));
+    let ratio = q8 / f32_state;
+    println!("8-bit u of the small elements / f32 u: {ratio:.3}");
+    assert!(ratio >= 0.99, "u drifted down: {ratio}");
+    assert!(ratio <= 8.0, "u drifted up by {ratio}x");
+}

@@ -17,10 +17,8 @@ impl Checkpoint {
     /// ([`Blockwise8::from_f32`]), deterministic. The parameter mode and the rest stay
     /// as they are; the result is validated.
     ///
-    /// Decoded 8-bit state is refused where an element's `exp_avg` is beyond AdaMax's
-    /// bound of its `exp_inf`: 8-bit rounding puts it there in real runs today (their
-    /// `m` and `u` are rounded apart), and an f32 run resumed from it would step further
-    /// than the bound allows. Issue #19 makes the 8-bit mode keep the bound.
+    /// The 8-bit encoder keeps AdaMax's bound in the values it stores, so decoded state is
+    /// state an f32 run can resume from.
     pub fn convert_state(&self, format: StateFormat) -> Result<Checkpoint> {
         self.validate()?;
         let mut ck = self.clone();

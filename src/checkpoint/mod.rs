@@ -275,6 +275,7 @@ impl Checkpoint {
                 valid::check_blocks(i, codes_part, &m.codes, &m.scales)?;
             }
             valid::check_block_scales(i, bound, &t.exp_avg_q8.scales, &t.exp_inf_q8.scales)?;
+            valid::check_q8_moments(i, bound, &t.exp_avg_q8, &t.exp_inf_q8)?;
         }
         Ok(())
     }

@@ -10,21 +10,21 @@
 //!   moments would move a weight far more than `lr` in the next step);
 //! - 8-bit blocks are as the encoder writes them: codes no larger than 1.0, a block of
 //!   scale 0 holds only zero codes, and any other holds its largest magnitude, 1.0,
-//!   exactly; and each block's scales keep the bound, `scale(m) <= c * scale(u)`.
+//!   exactly (for `u`; an `m` block's largest code may have been capped); each block's
+//!   scales keep the bound, `scale(m) <= c * scale(u)`, and each element's decoded
+//!   moments keep it too.
 //!
 //! Why the scales keep it: a block's largest decoded `|m|` is at most its scale, and its
 //! largest `u` decodes to its scale exactly (the code 1.0), so the recursion of the
 //! derivation holds for the scales as for the elements. The elements of 8-bit moments
-//! are not held to the bound: `m` and `u` are rounded apart, each against its own
-//! block, and runs of that mode do break it (issue #19 is making it keep the bound).
-//! Their decoding to f32 ([`super::Checkpoint::convert_state`]) is therefore refused
-//! where an element is beyond it: no f32 run reaches that state.
+//! are held to it as well: the encoder caps each `m` code so that its decoded value is
+//! within the bound of its element's decoded `u` (`lowbit::encode_moments`).
 
 use super::refuse;
 use crate::state::parts::{Data, Part, View};
 use crate::{
     error::{Error, Result},
-    spec::lowbit::{Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
+    spec::lowbit::{Blockwise8, Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
     state::MomentBound,
 };
 
@@ -114,8 +114,9 @@ pub(super) fn check_moments(
 }
 
 /// Refuses 8-bit blocks the encoder never writes: nonzero codes in a block of scale 0,
-/// and a block of another scale without a code at magnitude 1.0 (the encoder stores
-/// each block's largest magnitude exactly).
+/// and a `u` block of another scale without a code at magnitude 1.0 (the encoder stores
+/// each `u` block's largest magnitude exactly; an `m` block's largest may have been
+/// capped by the moment bound, `lowbit::encode_moments`).
 pub(super) fn check_blocks(
     tensor: usize,
     codes_part: Part,
@@ -133,9 +134,10 @@ pub(super) fn check_blocks(
                     b * QBLOCK + j
                 )));
             }
-        } else if !block
-            .iter()
-            .any(|&c| code.magnitude(c) == code.max_magnitude_code())
+        } else if codes_part == Part::ExpInfCodes
+            && !block
+                .iter()
+                .any(|&c| code.magnitude(c) == code.max_magnitude_code())
         {
             return Err(refuse(format!(
                 "tensor {tensor}: block {b} of {name} has scale {scale} but no code at magnitude 1.0; the encoder stores each block's largest magnitude exactly"
@@ -162,6 +164,27 @@ pub(super) fn check_block_scales(
     }
 }
 
+/// Refuses 8-bit moments whose decoded values are beyond AdaMax's bound: the encoder
+/// keeps `|m| <= c * u` in the values it stores (`lowbit::encode_moments`), so no run
+/// reaches such a state, and a step from it could move a weight further than the bound
+/// allows. (8-bit files written before the encoder kept the bound may hold such states.)
+pub(super) fn check_q8_moments(
+    tensor: usize,
+    bound: Option<MomentBound>,
+    m: &Blockwise8,
+    u: &Blockwise8,
+) -> Result<()> {
+    let Some(bound) = bound else { return Ok(()) };
+    let (m, u) = (m.to_f32(EXP_AVG_CODE), u.to_f32(EXP_INF_CODE));
+    match bound.first_beyond(&m, &u) {
+        Some(j) => Err(refuse(format!(
+            "tensor {tensor}: exp_avg_q8[{j}] decodes to {} beyond {:.6} x exp_inf_q8[{j}] = {}; the 8-bit encoder keeps |exp_avg| <= (1 - beta1) / (1 - beta1 / beta2) x exp_inf in the values it stores, and no run reaches this state (a file of an older encoder, or edited?)",
+            m[j], bound.ratio, u[j]
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The checks of parts that hold together, for parts that come one at a time (the
 /// streamed save, in file order: `exp_avg` before `exp_inf`, a moment's codes before
 /// its scales, `m`'s scales before `u`'s): the first of a pair is held, as a copy,
@@ -169,8 +192,8 @@ pub(super) fn check_block_scales(
 pub(super) struct Pairs {
     bound: Option<MomentBound>,
     held: Option<(usize, Part, Data)>,
-    /// `m`'s block scales, until `u`'s come.
-    m_scales: Option<(usize, Vec<f32>)>,
+    /// `m`'s codes and block scales, until `u`'s come.
+    m_blocks: Option<(usize, Blockwise8)>,
 }
 
 impl Pairs {
@@ -178,7 +201,7 @@ impl Pairs {
         Self {
             bound,
             held: None,
-            m_scales: None,
+            m_blocks: None,
         }
     }
 
@@ -205,13 +228,18 @@ impl Pairs {
                 View::F32(scales),
             ) if t == tensor && codes_part.scales() == Some(part) => {
                 check_blocks(tensor, codes_part, &codes, scales)?;
+                let blocks = Blockwise8 {
+                    codes,
+                    scales: scales.to_vec(),
+                };
                 if part == Part::ExpAvgScales {
-                    self.m_scales = Some((tensor, scales.to_vec()));
+                    self.m_blocks = Some((tensor, blocks));
                     return Ok(());
                 }
-                match self.m_scales.take() {
+                match self.m_blocks.take() {
                     Some((t, m)) if t == tensor => {
-                        check_block_scales(tensor, self.bound, &m, scales)
+                        check_block_scales(tensor, self.bound, &m.scales, scales)?;
+                        check_q8_moments(tensor, self.bound, &m, &blocks)
                     }
                     _ => Err(Error::Internal {
                         what: "a checkpoint's exp_inf scales came before its exp_avg scales",

@@ -125,14 +125,14 @@ pub(crate) fn step_tensor_with<T: Storage>(
             let u0 = EXP_INF_CODE.decode(exp_inf_q8.codes[i], exp_inf_q8.scales[b]);
             (m[j], u[j], bits[j]) = element(i, master, m0, u0);
         }
-        exp_avg_q8.scales[b] =
-            EXP_AVG_CODE.encode_block(&m[..len], &mut exp_avg_q8.codes[range.clone()], |j| {
-                lowbit::exp_avg_bits(bits[j])
-            });
-        exp_inf_q8.scales[b] =
-            EXP_INF_CODE.encode_block(&u[..len], &mut exp_inf_q8.codes[range], |j| {
-                lowbit::exp_inf_bits(bits[j])
-            });
+        (exp_avg_q8.scales[b], exp_inf_q8.scales[b]) = lowbit::encode_moments(
+            &m[..len],
+            &u[..len],
+            &mut exp_avg_q8.codes[range.clone()],
+            &mut exp_inf_q8.codes[range],
+            s.moment_ratio,
+            |j| bits[j],
+        );
     }
     Ok(())
 }

@@ -50,6 +50,25 @@
 //! `u` (0.999 against a relative step of 1/16), so `u` would never decay; unbiased
 //! rounding lets it decay at the right rate on average.
 //!
+//! # The moment bound, kept in 8 bits
+//!
+//! AdaMax's moments keep `|m| <= c * u` with `c = (1 - beta1) / (1 - beta1 / beta2)`
+//! (about 1.009 with PyTorch's defaults; [`crate::spec::moment_ratio`]), and so no step
+//! moves a weight by more than about `c * lr / (1 - beta1^t)`. Rounding `m` and `u` apart,
+//! each against its own block's scale, breaks that: `u` can come back as 0 while `m`
+//! keeps its smallest code, and the next step divides by `eps`. So a block's moments are
+//! encoded together ([`encode_moments`]): `u` first, then each `m` code, whose magnitude
+//! is capped at the largest whose value is at most `c` times its element's decoded `u`
+//! (`q = f32(f32(c * u') / scale_m)` rounded down, with the bits `ROUND_DOWN`). The stored state
+//! then keeps the bound itself, `u' = 0` implies `m' = 0`, and the step that reads it
+//! moves no further than the bound allows. The cap only ever lowers `|m|` (by at most
+//! its rounding), towards the safe side. Where no bound exists (`beta1 >= beta2`) nothing
+//! is capped.
+//!
+//! Rounding `u` is unbiased, but the next step's `max(beta2 * u', |g| + eps)` is not: the
+//! max of a noisy value sits above the max of the true one, so `u` drifts up (steps get
+//! smaller, the safe direction). tests/lowbit.rs measures that drift.
+//!
 //! A block whose largest magnitude is 0 stores scale 0 and codes 0. A block with a
 //! non-finite value stores a NaN scale: every element of the block reads back as NaN
 //! (one NaN poisons its block, where f32 state poisons its element; with
@@ -104,6 +123,38 @@ pub const fn exp_avg_bits(bits: u64) -> u32 {
 #[doc(hidden)]
 pub const fn exp_inf_bits(bits: u64) -> u32 {
     (bits >> 40) as u32
+}
+
+/// The random bits that make [`Code::encode_magnitude`] round down (truncate): it rounds
+/// up when `frac * 2^24 > r`, never for `r = 2^24 - 1`.
+#[doc(hidden)]
+pub const ROUND_DOWN: u32 = 0xFF_FFFF;
+
+/// Encodes one block of both moments, `m` and `u` (as long as each other and as their
+/// codes), drawing element `j`'s rounding bits from `bits(j)` ([`exp_avg_bits`] and
+/// [`exp_inf_bits`] of its draw), and returns the block's scales `(m, u)`: `u` as
+/// [`Code::encode_block`] encodes it, then `m` the same way with each code's magnitude
+/// capped so that the values stored keep `|m| <= ratio * u` (see the module docs; no cap
+/// for an infinite `ratio`).
+pub fn encode_moments(
+    m: &[f32],
+    u: &[f32],
+    m_codes: &mut [u8],
+    u_codes: &mut [u8],
+    ratio: f32,
+    bits: impl Fn(usize) -> u64,
+) -> (f32, f32) {
+    let scale_u = EXP_INF_CODE.encode_block(u, u_codes, |j| exp_inf_bits(bits(j)));
+    let scale_m = EXP_AVG_CODE.encode_block(m, m_codes, |j| exp_avg_bits(bits(j)));
+    let coded = scale_m.is_finite() && scale_m != 0.0;
+    if coded && ratio < f32::INFINITY {
+        for (c, &uc) in m_codes.iter_mut().zip(u_codes.iter()).take(m.len()) {
+            let limit = ratio * EXP_INF_CODE.decode(uc, scale_u);
+            let cap = EXP_AVG_CODE.encode_magnitude(limit / scale_m, ROUND_DOWN);
+            *c = EXP_AVG_CODE.cap(*c, cap);
+        }
+    }
+    (scale_m, scale_u)
 }
 
 /// `x` rounded to bf16 stochastically with the 16 random bits `r` (see the module docs).
@@ -211,6 +262,21 @@ impl Code {
         } else {
             code as u32
         }
+    }
+
+    /// `code` with its magnitude lowered to `max_magnitude` where it is above (the sign
+    /// kept, unless the magnitude becomes 0).
+    pub fn cap(self, code: u8, max_magnitude: u32) -> u8 {
+        let magnitude = self.magnitude(code);
+        if magnitude <= max_magnitude {
+            return code;
+        }
+        let sign = if self.signed && code & 0x80 != 0 && max_magnitude != 0 {
+            0x80
+        } else {
+            0
+        };
+        (max_magnitude | sign) as u8
     }
 
     /// Stochastic rounding of a magnitude `q` in `[0, 1]` to a code, with 24 random

@@ -122,6 +122,27 @@ pub struct StepScalars {
     pub decay: Decay,
     /// Negate the gradient.
     pub maximize: bool,
+    /// The bound AdaMax keeps between its moments, `|m| <= moment_ratio * u`
+    /// ([`moment_ratio`]): 8-bit state is encoded so that it holds for the values
+    /// stored, as it does for the values computed.
+    pub moment_ratio: f32,
+}
+
+/// `c = (1 - beta1) / (1 - beta1 / beta2)`, the ratio AdaMax keeps between its moments
+/// (`|m_t| <= c * u_t` at every step: `u_t >= |g_t|` and `u_{t-1} <= u_t / beta2`), from
+/// the f32 betas, in f64, rounded to f32; 1 when `beta1 = 0` (`m` is the gradient);
+/// infinite when `beta1 >= beta2`, where no such bound exists.
+#[doc(hidden)]
+pub fn moment_ratio(beta1: f32, one_minus_beta1: f32, beta2: f32) -> f32 {
+    if beta1 == 0.0 {
+        return 1.0;
+    }
+    let kept = f64::from(beta1) / f64::from(beta2);
+    // Also NaN (beta2 = 0 with beta1 = 0 returned above) counts as no bound.
+    if kept.is_nan() || kept >= 1.0 {
+        return f32::INFINITY;
+    }
+    (f64::from(one_minus_beta1) / (1.0 - kept)) as f32
 }
 
 /// `base^exp` by repeated squaring: only IEEE multiplications, so a device that
@@ -181,15 +202,21 @@ impl StepScalars {
                 },
             }
         };
+        let (beta1, one_minus_beta1, beta2) = (
+            config.beta1 as f32,
+            (1.0 - config.beta1) as f32,
+            config.beta2 as f32,
+        );
         Self {
-            beta1: config.beta1 as f32,
-            one_minus_beta1: (1.0 - config.beta1) as f32,
-            beta2: config.beta2 as f32,
+            beta1,
+            one_minus_beta1,
+            beta2,
             eps: config.eps as f32,
             eps_mode: config.eps_mode,
             step_size: (lr / bias_correction) as f32,
             decay,
             maximize: config.maximize,
+            moment_ratio: moment_ratio(beta1, one_minus_beta1, beta2),
         }
     }
 }

@@ -90,6 +90,31 @@ mod tests {
             let r = c(0.0, beta2).unwrap();
             assert!((1.0..1.0 + 1e-5).contains(&r), "{beta2}: {r}");
         }
+        // The spec's ratio, which the 8-bit encoder caps m with, is within the checker's
+        // (so the states it stores validate), and no looser than rounding needs.
+        for (beta1, beta2) in [(0.9, 0.999), (0.5, 0.9), (0.0, 0.5), (0.99, 0.995)] {
+            let config = AdamaxConfig {
+                beta1,
+                beta2,
+                ..AdamaxConfig::default()
+            };
+            let s = crate::spec::StepScalars::new(&config, 1);
+            let spec = f64::from(s.moment_ratio);
+            let checked = c(beta1, beta2).unwrap();
+            assert!(
+                spec <= checked && spec >= checked * (1.0 - 1e-3),
+                "{beta1} {beta2}: {spec} {checked}"
+            );
+        }
+        let s = crate::spec::StepScalars::new(
+            &AdamaxConfig {
+                beta1: 0.9,
+                beta2: 0.9,
+                ..AdamaxConfig::default()
+            },
+            1,
+        );
+        assert_eq!(s.moment_ratio, f32::INFINITY, "no bound, no cap");
         // No bound where u may decay faster than m.
         assert_eq!(c(0.9, 0.9), None);
         assert_eq!(c(0.999, 0.5), None);

@@ -81,6 +81,7 @@ static int traversal() {
         sc.one_minus_beta1 = __uint_as_float((u32)next());
         sc.beta2 = __uint_as_float((u32)next());
         sc.eps = __uint_as_float((u32)next());
+        sc.moment_ratio = __uint_as_float((u32)next());
         sc.step_size = __uint_as_float((u32)next());
         sc.decay = __uint_as_float((u32)next());
         sc.eps_mode = next() ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
@@ -198,6 +199,7 @@ static int whole() {
     a.one_minus_beta1 = __uint_as_float((u32)next());
     a.beta2 = __uint_as_float((u32)next());
     a.eps = __uint_as_float((u32)next());
+    a.moment_ratio = __uint_as_float((u32)next());
     a.eps_mode = next() ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
     a.decay_mode = next() ? DECAY_DECOUPLED : DECAY_COUPLED;
     a.maximize = (u32)next();
