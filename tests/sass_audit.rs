@@ -186,8 +186,9 @@ fn is_wide_global_access(instruction: &str, bytes: u32) -> bool {
     parts.any(|p| p.parse::<u32>().is_ok_and(|bits| bits >= 8 * bytes))
 }
 
-/// Splits `nvdisasm -c` output into its functions: `.text.NAME:` starts one.
-fn parse_functions(sass: &str) -> Result<Vec<Function>, String> {
+/// The functions of `nvdisasm -c` output whose names `keep` accepts (`.text.NAME:`
+/// starts one), as basic blocks.
+fn parse_functions(sass: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<Function>, String> {
     let mut raw: Vec<(String, Vec<Line>)> = Vec::new();
     for line in sass.lines() {
         let t = line.trim();
@@ -227,6 +228,7 @@ fn parse_functions(sass: &str) -> Result<Vec<Function>, String> {
         }
     }
     raw.into_iter()
+        .filter(|(name, _)| keep(name))
         .map(|(name, lines)| {
             let blocks = basic_blocks(&lines).map_err(|e| format!("{name}: {e}"))?;
             Ok(Function { name, blocks })
@@ -752,7 +754,8 @@ impl Figure {
 fn measure(nvdisasm: &Path, c: &Compiled, tag: &str) -> Result<Vec<Figure>, String> {
     let arch = c.arch;
     let sass = disassemble(nvdisasm, c, tag)?;
-    let functions = parse_functions(&sass).map_err(|e| format!("{arch}: {e}"))?;
+    let functions = parse_functions(&sass, |name| name.starts_with("adamax_step_"))
+        .map_err(|e| format!("{arch}: {e}"))?;
     let resources = kernel_resources(&c.image).map_err(|e| format!("{arch}: {e}"))?;
     let mut figures = Vec::new();
     for u in updates() {
@@ -1067,7 +1070,7 @@ k:
         /*01d0*/                   BRA `(.L_x_10);
 \t.section\t.nv.info.k,\"\",@\"SHT_CUDA_INFO\"
 ";
-    let functions = parse_functions(sass)?;
+    let functions = parse_functions(sass, |_| true)?;
     let [f] = functions.as_slice() else {
         return Err(format!("expected one function, got {}", functions.len()).into());
     };
@@ -1089,7 +1092,7 @@ k:
         "$__internal_0_$__cuda_sm3x_div_rn_noftz_f32_slowpath",
         "$step_q8_block",
     );
-    match parse_functions(&called) {
+    match parse_functions(&called, |_| true) {
         Err(e) if e.contains("inlined code only") => Ok(()),
         other => {
             Err(format!("a call to a function of the kernel was not refused: {other:?}").into())
