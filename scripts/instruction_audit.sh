@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The static instruction audit's budgets (tests/sass_audit.rs, issue #19): compiles every
+# update with CI's NVRTC (the newest 13.x), reads the instructions per parameter of each
+# hot loop from nvdisasm's SASS, prints the tables for BENCHMARKS.md and rewrites
+# tests/data/instruction_budgets.json (today's figures + 0.5 per parameter). Run it after
+# a kernel change that moves the figures, and commit the file with the change. Installs
+# NVRTC and nvdisasm from PyPI into ~/.cache/adamax-cuda-ci/ as .ci/run does, when
+# missing. No GPU; about 10 seconds once built.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=${ADAMAX_NVRTC_ROOT:-$HOME/.cache/adamax-cuda-ci/nvrtc}
+tools=${ADAMAX_NVDISASM_ROOT:-$HOME/.cache/adamax-cuda-ci/nvdisasm}
+pip_install() {  # target dir, pip requirement
+  [ -x "$root/venv/bin/pip" ] || python3 -m venv "$root/venv"
+  "$root/venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --target "$1" "$2"
+}
+nvrtc=$(find "$root/13" -name libnvrtc.so.13 2>/dev/null | head -n 1)
+if [ -z "$nvrtc" ]; then
+  pip_install "$root/13" 'nvidia-cuda-nvrtc>=13,<14'
+  nvrtc=$(find "$root/13" -name libnvrtc.so.13 | head -n 1)
+fi
+nvdisasm=$(find "$tools/13" -path '*/bin/nvdisasm' -type f 2>/dev/null | head -n 1)
+if [ -z "$nvdisasm" ]; then
+  pip_install "$tools/13" 'nvidia-cuda-nvdisasm>=13,<14'
+  nvdisasm=$(find "$tools/13" -path '*/bin/nvdisasm' -type f | head -n 1)
+fi
+export LD_LIBRARY_PATH="$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export ADAMAX_NVDISASM="$nvdisasm"
+ADAMAX_AUDIT_WRITE=1 cargo test --test sass_audit
+git diff --stat -- tests/data/instruction_budgets.json
