@@ -333,18 +333,29 @@ __device__ __forceinline__ float decode_exp_avg(u32 code, float scale) {
 __device__ __forceinline__ float decode_exp_inf(u32 code, float scale) {
     return __fmul_rn(decode_magnitude<ExpInfCode, 4>(code), scale);
 }
-__device__ __forceinline__ u32 encode_exp_avg(float x, float scale, u32 r) {
-    const u32 magnitude = encode_magnitude<ExpAvgCode, 3>(__fdiv_rn(fabsf(x), scale), r);
+// A block's scale and its reciprocal, taken once per block (twin of lowbit::BlockScale);
+// a scale below f32's normal range is first multiplied by 2^64 (exactly).
+struct BlockScale { float scale, factor, inv; };
+__device__ __forceinline__ BlockScale block_scale_of(float scale) {
+    const float factor = scale < 1.175494351e-38f ? 18446744073709551616.0f : 1.0f;
+    return BlockScale{scale, factor, __frcp_rn(__fmul_rn(scale, factor))};
+}
+__device__ __forceinline__ float scaled(float a, const BlockScale& s) { return __fmul_rn(__fmul_rn(a, s.factor), s.inv); }
+// |x| as a fraction of the scale: the block's largest (|x| >= scale) is 1 exactly.
+__device__ __forceinline__ float fraction(float x, const BlockScale& s) { return fabsf(x) >= s.scale ? 1.0f : scaled(fabsf(x), s); }
+__device__ __forceinline__ u32 encode_exp_avg(float x, const BlockScale& s, u32 r) {
+    const u32 magnitude = encode_magnitude<ExpAvgCode, 3>(fraction(x, s), r);
     return magnitude | ((x < 0.0f && magnitude != 0) ? 0x80u : 0u);
 }
-__device__ __forceinline__ u32 encode_exp_inf(float x, float scale, u32 r) {
-    return encode_magnitude<ExpInfCode, 4>(__fdiv_rn(fabsf(x), scale), r);
+__device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) {
+    return encode_magnitude<ExpInfCode, 4>(fraction(x, s), r);
 }
 // m's code capped so that the values stored keep |m| <= ratio * u: the largest
-// magnitude at most f32(f32(ratio * u') / scale_m), rounded down (twin of the cap in
-// lowbit::encode_moments, with Code::encode_magnitude's clamp of q to [0, 1], NaN to 0).
-__device__ __forceinline__ u32 cap_exp_avg(u32 code, float ratio, u32 u_code, float scale_u, float scale_m) {
-    float q = __fdiv_rn(__fmul_rn(ratio, decode_exp_inf(u_code, scale_u)), scale_m);
+// magnitude at most f32(ratio * u') as a fraction of m's scale, rounded down (twin of the
+// cap in lowbit::encode_moments, with Code::encode_magnitude's clamp of q to [0, 1], NaN
+// to 0).
+__device__ __forceinline__ u32 cap_exp_avg(u32 code, float ratio, u32 u_code, float scale_u, const BlockScale& m) {
+    float q = scaled(__fmul_rn(ratio, decode_exp_inf(u_code, scale_u)), m);
     q = q == q ? fminf(q, 1.0f) : 0.0f;
     const u32 cap = encode_magnitude<ExpAvgCode, 3>(q, 0xffffffu);
     if ((code & 0x7fu) <= cap) return code;
@@ -496,24 +507,16 @@ __device__ __forceinline__ void step_f32_element(const Scalars& sc, const Tensor
     store_element(t.exp_inf, i, u);
 }
 
-// StateFormat::Blockwise8. NOTE: [8-bit blocks] One warp steps one block of
-// ADAMAX_QBLOCK elements, 8 per lane: decode, update in f32 (the parameter moves by the
-// f32 values), a warp-wide largest magnitude of the new m and u (the block's new
-// scales), then encode. Every lane of the warp takes part in the shuffles, also those
-// past the tensor's end. Twin of the block loop of cpu::step_tensor_with.
+// One lane's 8 elements of a block, before the block's new scales are known: load,
+// decode, update, store the parameters, and the lane's largest |m| and u. A lane at the
+// tensor's end or an odd offset loads element by element (zero past the end, which
+// stays out of the largest |m| and u and is stored nowhere).
 template <typename T, ParamMode P>
-__device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block, u64 key, bool aligned) {
-    const u64 begin = block * (u64)ADAMAX_QBLOCK;
-    const u64 i0 = begin + (u64)(threadIdx.x & 31) * 8;
-    const u64 end = min(begin + (u64)ADAMAX_QBLOCK, t.len);
-    const bool whole = aligned && i0 + 8 <= end;
-    unsigned char* codes_m = (unsigned char*)t.exp_avg;
-    unsigned char* codes_u = (unsigned char*)t.exp_inf;
-    float* scale_m = (float*)t.exp_avg_scale;
-    float* scale_u = (float*)t.exp_inf_scale;
-    const float sm = scale_m[block], su = scale_u[block];
-    float p[8], g[8], m[8], u[8];
-    u64 h[8];
+__device__ __forceinline__ void q8_update(bool whole, const Scalars& sc, const TensorDesc& t, u64 i0, u64 end,
+                                          u64 key, float sm, float su, float* m, float* u, u32* hi,
+                                          float& amax_m, float& amax_u) {
+    const unsigned char *codes_m = (const unsigned char*)t.exp_avg, *codes_u = (const unsigned char*)t.exp_inf;
+    float p[8], g[8];
     u32 cm[8], cu[8];
     if (whole) {
         load_vector<T, 8>(t.grad, i0, g);
@@ -537,19 +540,19 @@ __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block,
             }
         }
     }
-    float amax_m = 0.0f, amax_u = 0.0f;
+    // element_bits(key, i0 + k) with the product (i + 1) * golden taken once per lane.
+    const u64 base = key + (i0 + 1) * 0x9E3779B97F4A7C15ull;
+    const u64 valid = whole ? 8 : (end > i0 ? end - i0 : 0);
+    u64 h[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-        m[k] = u[k] = 0.0f;
-        h[k] = 0;
-        if (i0 + k < end) {
-            m[k] = decode_exp_avg(cm[k], sm);
-            u[k] = decode_exp_inf(cu[k], su);
-            h[k] = element_bits(key, i0 + k);
-            adamax_update(sc, p[k], g[k], m[k], u[k]);
-            amax_m = max_propagating_nan(amax_m, fabsf(m[k]));
-            amax_u = max_propagating_nan(amax_u, fabsf(u[k]));
-        }
+        m[k] = decode_exp_avg(cm[k], sm);
+        u[k] = decode_exp_inf(cu[k], su);
+        h[k] = mix64(base + (u64)k * 0x9E3779B97F4A7C15ull);
+        adamax_update(sc, p[k], g[k], m[k], u[k]);
+        if ((u64)k >= valid) m[k] = u[k] = 0.0f;
+        amax_m = max_propagating_nan(amax_m, fabsf(m[k]));
+        amax_u = max_propagating_nan(amax_u, fabsf(u[k]));
     }
     if (whole) {
         store_params<T, P, 8>(t, i0, p, h);
@@ -558,33 +561,59 @@ __device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block,
         for (int k = 0; k < 8; ++k)
             if (i0 + k < end) store_param<T, P>(t, i0 + k, p[k], h[k]);
     }
-    const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
+#pragma unroll
+    for (int k = 0; k < 8; ++k) hi[k] = (u32)(h[k] >> 32);
+}
+
+// The lane's codes once the block's new scales nsm, nsu are known: encoded against their
+// reciprocals, m capped to the moment bound (lowbit.rs: "The moment bound, kept in 8
+// bits"; none where no bound exists), and stored, packed as they are made.
+template <bool WHOLE>
+__device__ __forceinline__ void q8_store(const Scalars& sc, const TensorDesc& t, u64 i0, u64 end, float nsm,
+                                         float nsu, const float* m, const float* u, const u32* hi) {
+    unsigned char *codes_m = (unsigned char*)t.exp_avg, *codes_u = (unsigned char*)t.exp_inf;
     const bool code_m = nsm == nsm && nsm != 0.0f, code_u = nsu == nsu && nsu != 0.0f;
+    const BlockScale bm = block_scale_of(code_m ? nsm : 1.0f), bu = block_scale_of(code_u ? nsu : 1.0f);
+    const bool capped = code_m && sc.moment_ratio <= 3.402823466e38f;
+    u32 wm[2] = {0u, 0u}, wu[2] = {0u, 0u};
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-        cm[k] = code_m ? encode_exp_avg(m[k], nsm, (u32)(h[k] >> 16) & 0xffffffu) : 0u;
-        cu[k] = code_u ? encode_exp_inf(u[k], nsu, (u32)(h[k] >> 40)) : 0u;
-    }
-    // The moment bound, kept in the stored values (lowbit.rs: "The moment bound, kept in
-    // 8 bits"); no cap where no bound exists.
-    if (code_m && sc.moment_ratio <= 3.402823466e38f) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) cm[k] = cap_exp_avg(cm[k], sc.moment_ratio, cu[k], nsu, nsm);
-    }
-    if (whole) {
-        *(uint2*)(codes_m + i0) = make_uint2(cm[0] | cm[1] << 8 | cm[2] << 16 | cm[3] << 24,
-                                             cm[4] | cm[5] << 8 | cm[6] << 16 | cm[7] << 24);
-        *(uint2*)(codes_u + i0) = make_uint2(cu[0] | cu[1] << 8 | cu[2] << 16 | cu[3] << 24,
-                                             cu[4] | cu[5] << 8 | cu[6] << 16 | cu[7] << 24);
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            if (i0 + k < end) {
-                codes_m[i0 + k] = (unsigned char)cm[k];
-                codes_u[i0 + k] = (unsigned char)cu[k];
-            }
+        const u32 cu = code_u ? encode_exp_inf(u[k], bu, ((hi[k] >> 16) << 8) | 0x80u) : 0u;
+        u32 cm = code_m ? encode_exp_avg(m[k], bm, ((hi[k] & 0xffffu) << 8) | 0x80u) : 0u;
+        if (capped) cm = cap_exp_avg(cm, sc.moment_ratio, cu, nsu, bm);
+        if constexpr (WHOLE) {
+            wm[k / 4] |= cm << (8 * (k & 3));
+            wu[k / 4] |= cu << (8 * (k & 3));
+        } else if (i0 + k < end) {
+            codes_m[i0 + k] = (unsigned char)cm;
+            codes_u[i0 + k] = (unsigned char)cu;
         }
     }
+    if constexpr (WHOLE) {
+        *(uint2*)(codes_m + i0) = make_uint2(wm[0], wm[1]);
+        *(uint2*)(codes_u + i0) = make_uint2(wu[0], wu[1]);
+    }
+}
+
+// StateFormat::Blockwise8. NOTE: [8-bit blocks] One warp steps one block of
+// ADAMAX_QBLOCK elements, 8 per lane: decode, update in f32 (the parameter moves by the
+// f32 values), a warp-wide largest magnitude of the new m and u (the block's new
+// scales), then encode. Every lane of the warp takes part in the shuffles, also those
+// past the tensor's end: they sit outside the lanes' two paths. Twin of the block loop
+// of cpu::step_tensor_with.
+template <typename T, ParamMode P>
+__device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block, u64 key, bool aligned) {
+    const u64 begin = block * (u64)ADAMAX_QBLOCK, i0 = begin + (u64)(threadIdx.x & 31) * 8;
+    const u64 end = min(begin + (u64)ADAMAX_QBLOCK, t.len);
+    const bool whole = aligned && i0 + 8 <= end;
+    float *scale_m = (float*)t.exp_avg_scale, *scale_u = (float*)t.exp_inf_scale;
+    const float sm = scale_m[block], su = scale_u[block];
+    float m[8], u[8], amax_m = 0.0f, amax_u = 0.0f;
+    u32 hi[8];  // the upper half of each element's draw: its moments' rounding bits
+    q8_update<T, P>(whole, sc, t, i0, end, key, sm, su, m, u, hi, amax_m, amax_u);
+    const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
+    if (whole) q8_store<true>(sc, t, i0, end, nsm, nsu, m, u, hi);
+    else q8_store<false>(sc, t, i0, end, nsm, nsu, m, u, hi);
     if ((threadIdx.x & 31) == 0) {
         scale_m[block] = nsm;
         scale_u[block] = nsu;
@@ -643,8 +672,7 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         return;  // see [stale launches]: nothing changes, and the step is not counted
     }
     const bool decided = (c.params.flags & (FLAG_CHECK | FLAG_CLIP)) != 0;
-    const u64 step = st.step;
-    if (decided ? st.skipped != 0 : step == ~0ull) {
+    if (decided ? st.skipped != 0 : st.step == ~0ull) {
         if (!decided && blockIdx.x == 0 && threadIdx.x == 0) st.skipped = SKIP_COUNTER_FULL;
         return;  // nothing changes, and the step is not counted
     }
@@ -691,8 +719,9 @@ __device__ void adamax_step(const AdamaxArgs& a) {
     if (threadIdx.x == 0) {
         st.blocks_done = 0;
         st.skipped = 0;
-        if (!decided) st.clipped = 0;  // else finalize has said
-        st.step = step + 1;
+        // Else finalize has said; the flags (fixed during a launch) re-read, not held.
+        if (!(*(volatile u32*)&c.params.flags & (FLAG_CHECK | FLAG_CLIP))) st.clipped = 0;
+        st.step = *(volatile u64*)&st.step + 1;  // re-read, not held: registers (sm_100)
     }
 }
 

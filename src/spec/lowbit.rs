@@ -18,8 +18,11 @@
 //! Stafford's "variant 13"), so `bits(key, 0), bits(key, 1), ...` is the splitmix64
 //! sequence seeded with `key`. `t` is the tensor's own step (the step being taken,
 //! counted from one) and `i` the element's index in its tensor. One draw serves the
-//! element: bits 0 to 15 round the parameter, bits 16 to 39 the first moment, bits 40
-//! to 63 the infinity norm.
+//! element: bits 0 to 15 round the parameter, bits 32 to 47 the first moment, bits 48
+//! to 63 the infinity norm (16 random bits each, placed as the 24-bit `r` of
+//! [`Code::encode_magnitude`] with a half unit below them: `r = bits << 8 | 0x80`, so a
+//! code rounds up with probability `frac` to within 2^-17; the 8-bit kernels then carry
+//! one 32-bit word per element from the update to the encoder).
 //!
 //! # Stochastic rounding to bf16
 //!
@@ -43,6 +46,10 @@
 //! The choice of codes, block and rounding was made from the measurements in
 //! BENCHMARKS.md ("8-bit state: choosing the codes").
 //!
+//! A block divides once: its values are scaled by the reciprocal of its scale, one
+//! multiply each (its largest, `|x| >= scale`, is 1 exactly; a scale below f32's normal
+//! range is first multiplied by 2^64, exactly, so that its reciprocal is finite).
+//!
 //! Encoding rounds stochastically with 24 random bits: with `y` the magnitude in units
 //! of the code's spacing at that magnitude, `k = trunc(y)`, the code for `k + 1` is
 //! taken when `frac(y) * 2^24 > r`, so up with probability `frac(y)` to within 2^-24.
@@ -59,7 +66,8 @@
 //! keeps its smallest code, and the next step divides by `eps`. So a block's moments are
 //! encoded together ([`encode_moments`]): `u` first, then each `m` code, whose magnitude
 //! is capped at the largest whose value is at most `c` times its element's decoded `u`
-//! (`q = f32(f32(c * u') / scale_m)` rounded down, with the bits `ROUND_DOWN`). The stored state
+//! (`q = f32(c * u')` as a fraction of `m`'s scale, rounded down with the bits
+//! `ROUND_DOWN`). The stored state
 //! then keeps the bound itself, `u' = 0` implies `m' = 0`, and the step that reads it
 //! moves no further than the bound allows. The cap only ever lowers `|m|` (by at most
 //! its rounding), towards the safe side. Where no bound exists (`beta1 >= beta2`) nothing
@@ -113,16 +121,16 @@ pub const fn param_bits(bits: u64) -> u32 {
     (bits & 0xFFFF) as u32
 }
 
-/// The 24 bits that round the first moment.
+/// The 24-bit `r` that rounds the first moment: bits 32 to 47, and a half unit.
 #[doc(hidden)]
 pub const fn exp_avg_bits(bits: u64) -> u32 {
-    ((bits >> 16) & 0xFF_FFFF) as u32
+    ((((bits >> 32) & 0xFFFF) as u32) << 8) | 0x80
 }
 
-/// The 24 bits that round the infinity norm.
+/// The 24-bit `r` that rounds the infinity norm: bits 48 to 63, and a half unit.
 #[doc(hidden)]
 pub const fn exp_inf_bits(bits: u64) -> u32 {
-    (bits >> 40) as u32
+    (((bits >> 48) as u32) << 8) | 0x80
 }
 
 /// The random bits that make [`Code::encode_magnitude`] round down (truncate): it rounds
@@ -148,9 +156,10 @@ pub fn encode_moments(
     let scale_m = EXP_AVG_CODE.encode_block(m, m_codes, |j| exp_avg_bits(bits(j)));
     let coded = scale_m.is_finite() && scale_m != 0.0;
     if coded && ratio < f32::INFINITY {
+        let s = BlockScale::of(scale_m);
         for (c, &uc) in m_codes.iter_mut().zip(u_codes.iter()).take(m.len()) {
             let limit = ratio * EXP_INF_CODE.decode(uc, scale_u);
-            let cap = EXP_AVG_CODE.encode_magnitude(limit / scale_m, ROUND_DOWN);
+            let cap = EXP_AVG_CODE.encode_magnitude(s.scaled(limit), ROUND_DOWN);
             *c = EXP_AVG_CODE.cap(*c, cap);
         }
     }
@@ -317,9 +326,16 @@ impl Code {
         mant as f32 * pow2(exp)
     }
 
-    /// `x` (of magnitude at most `scale`, which is finite and positive) as a code.
+    /// `x` (of magnitude at most `scale`, which is finite and positive) as a code, as a
+    /// block of that scale encodes it ([`BlockScale::of`]).
     pub fn encode(self, x: f32, scale: f32, r: u32) -> u8 {
-        let magnitude = self.encode_magnitude(x.abs() / scale, r);
+        self.encode_scaled(x, &BlockScale::of(scale), r)
+    }
+
+    /// `x` as a code in a block of scale `s`: the magnitude `q = s.fraction(|x|)`.
+    #[doc(hidden)]
+    pub fn encode_scaled(self, x: f32, s: &BlockScale, r: u32) -> u8 {
+        let magnitude = self.encode_magnitude(s.fraction(x.abs()), r);
         let sign = if self.signed && x < 0.0 && magnitude != 0 {
             0x80
         } else {
@@ -357,10 +373,57 @@ impl Code {
             codes.fill(0);
             return if absmax == 0.0 { 0.0 } else { f32::NAN };
         }
+        let s = BlockScale::of(absmax);
         for (j, (c, &v)) in codes.iter_mut().zip(values).enumerate() {
-            *c = self.encode(v, absmax, bits(j));
+            *c = self.encode_scaled(v, &s, bits(j));
         }
         absmax
+    }
+}
+
+/// A block's scale and its reciprocal, taken once per block, so that a value's fraction
+/// of the scale is a multiply, not a division: `fraction(a) = f32(f32(a * factor) *
+/// inv)` with `inv = f32(1 / f32(scale * factor))`, where `factor` is 2^64 for a scale
+/// below f32's normal range (whose reciprocal would overflow) and 1 otherwise (both
+/// products by `factor` are exact); a value at or above the scale (the block's largest)
+/// is 1 exactly, so a block's largest magnitude is stored without error whatever the
+/// rounding of the reciprocal.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockScale {
+    scale: f32,
+    factor: f32,
+    inv: f32,
+}
+
+impl BlockScale {
+    /// The reciprocal of a finite, positive `scale`.
+    pub fn of(scale: f32) -> Self {
+        let factor = if scale < f32::MIN_POSITIVE {
+            18_446_744_073_709_551_616.0 // 2^64
+        } else {
+            1.0
+        };
+        Self {
+            scale,
+            factor,
+            inv: 1.0 / (scale * factor),
+        }
+    }
+
+    /// `a`'s fraction of the scale (`a >= 0`; 1 at or above it).
+    pub fn fraction(&self, a: f32) -> f32 {
+        if a >= self.scale {
+            1.0
+        } else {
+            self.scaled(a)
+        }
+    }
+
+    /// `f32(f32(a * factor) * inv)`, without the cap at 1 (for the moment bound's limit,
+    /// which [`Code::encode_magnitude`] clamps).
+    pub fn scaled(&self, a: f32) -> f32 {
+        (a * self.factor) * self.inv
     }
 }
 

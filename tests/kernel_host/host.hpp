@@ -46,6 +46,7 @@ static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __frcp_rn(float a) { return 1.0f / a; }
 static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
 static inline unsigned __float2uint_rz(float f) { return (unsigned)f; }  // only for 0 <= f < 2^32
 static inline float __uint2float_rn(unsigned u) { return (float)u; }
