@@ -2,7 +2,7 @@
 # The static instruction audit's budgets (tests/sass_audit.rs, issue #19): compiles every
 # update with CI's NVRTC (the newest 13.x), reads the instructions per parameter of each
 # hot loop from nvdisasm's SASS, prints the tables for BENCHMARKS.md and rewrites
-# tests/data/instruction_budgets.json (today's figures + 0.5 per parameter). Run it after
+# tests/audit/instruction_budgets.json (today's figures + 0.5 per parameter). Run it after
 # a kernel change that moves the figures, and commit the file with the change. Installs
 # NVRTC and nvdisasm from PyPI into ~/.cache/adamax-cuda-ci/ as .ci/run does, when
 # missing. No GPU; about 10 seconds once built.
@@ -27,4 +27,4 @@ fi
 export LD_LIBRARY_PATH="$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export ADAMAX_NVDISASM="$nvdisasm"
 ADAMAX_AUDIT_WRITE=1 cargo test --test sass_audit
-git diff --stat -- tests/data/instruction_budgets.json
+git diff --stat -- tests/audit/instruction_budgets.json

@@ -1,7 +1,7 @@
 //! The static instruction audit (issue #19, part 3): how many instructions the hot loop
 //! of every update entry point (`adamax_step_*`) issues per parameter, read from the
 //! SASS that NVRTC's CUBIN holds, against committed budgets
-//! (`tests/data/instruction_budgets.json`). A change that makes an update slower fails
+//! (`tests/audit/instruction_budgets.json`). A change that makes an update slower fails
 //! here, without a GPU. Needs the NVRTC library and `nvdisasm` (on PyPI as
 //! `nvidia-cuda-nvdisasm`; CI installs it): without them the audit is reported as
 //! ignored, unless `CI` is set: then it fails.
@@ -58,7 +58,7 @@
 //!
 //! # Budgets
 //!
-//! `tests/data/instruction_budgets.json` holds, per architecture and entry point, the
+//! `tests/audit/instruction_budgets.json` holds, per architecture and entry point, the
 //! figure measured when it was written and the budget: that figure plus
 //! `MARGIN_PER_PARAMETER`, a ratchet that stops a regression and that issue #19 part 2
 //! lowers toward the memory-bound targets. Regenerate it after a kernel change with
@@ -87,7 +87,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::{json, Value};
 
 /// The committed budgets, relative to the crate root.
-const BUDGETS_FILE: &str = "tests/data/instruction_budgets.json";
+const BUDGETS_FILE: &str = "tests/audit/instruction_budgets.json";
 
 /// What a budget allows over the figure measured when it was written, in instructions
 /// per parameter (the budget is then rounded up to a tenth): one more instruction per
