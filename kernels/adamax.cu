@@ -100,11 +100,7 @@ struct StepState {
     u32 blocks_done;        // update: blocks finished; the last one resets it to 0
     u32 clipped;            // 1 when the last step computed total_norm and clip_coef
 };
-struct Control {
-    ControlParams params;
-    ScalerState scaler;
-    StepState state;
-};
+struct Control { ControlParams params; ScalerState scaler; StepState state; };
 
 struct AdamaxArgs {
     const TensorDesc* tensors;
@@ -326,13 +322,18 @@ __device__ __forceinline__ u32 encode_magnitude(float q, u32 r) {
     return ((u32)(ee - C::EMIN) << M) + k + up;
 }
 
-__device__ __forceinline__ float decode_exp_avg(u32 code, float scale) {
-    const float v = __fmul_rn(decode_magnitude<ExpAvgCode, 3>(code & 0x7fu), scale);
+// Decoding goes through tables of every code's magnitude, which an 8-bit update fills
+// once per block in shared memory: a load instead of building the float.
+struct CodeTables { float m[128], u[256]; };
+__device__ __forceinline__ void fill_code_tables(CodeTables& t, u32 first, u32 stride) {
+    for (u32 c = first; c < 128; c += stride) t.m[c] = decode_magnitude<ExpAvgCode, 3>(c);
+    for (u32 c = first; c < 256; c += stride) t.u[c] = decode_magnitude<ExpInfCode, 4>(c);
+}
+__device__ __forceinline__ float decode_exp_avg(const CodeTables& t, u32 code, float scale) {
+    const float v = __fmul_rn(t.m[code & 0x7fu], scale);
     return (code & 0x80u) ? -v : v;
 }
-__device__ __forceinline__ float decode_exp_inf(u32 code, float scale) {
-    return __fmul_rn(decode_magnitude<ExpInfCode, 4>(code), scale);
-}
+__device__ __forceinline__ float decode_exp_inf(const CodeTables& t, u32 code, float scale) { return __fmul_rn(t.u[code & 0xffu], scale); }
 // A block's scale and its reciprocal, taken once per block (twin of lowbit::BlockScale);
 // a scale below f32's normal range is first multiplied by 2^64 (exactly).
 struct BlockScale { float scale, factor, inv; };
@@ -347,15 +348,13 @@ __device__ __forceinline__ u32 encode_exp_avg(float x, const BlockScale& s, u32 
     const u32 magnitude = encode_magnitude<ExpAvgCode, 3>(fraction(x, s), r);
     return magnitude | ((x < 0.0f && magnitude != 0) ? 0x80u : 0u);
 }
-__device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) {
-    return encode_magnitude<ExpInfCode, 4>(fraction(x, s), r);
-}
-// m's code capped so that the values stored keep |m| <= ratio * u: the largest
-// magnitude at most f32(ratio * u') as a fraction of m's scale, rounded down (twin of the
-// cap in lowbit::encode_moments, with Code::encode_magnitude's clamp of q to [0, 1], NaN
-// to 0).
-__device__ __forceinline__ u32 cap_exp_avg(u32 code, float ratio, u32 u_code, float scale_u, const BlockScale& m) {
-    float q = scaled(__fmul_rn(ratio, decode_exp_inf(u_code, scale_u)), m);
+__device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) { return encode_magnitude<ExpInfCode, 4>(fraction(x, s), r); }
+// m's code capped so that the values stored keep |m| <= ratio * u: the largest magnitude
+// at most f32(ratio * u') as a fraction of m's scale, rounded down (twin of the cap in
+// lowbit::encode_moments; q clamped to [0, 1], NaN to 0, as Code::encode_magnitude does).
+__device__ __forceinline__ u32 cap_exp_avg(const CodeTables& tables, u32 code, float ratio, u32 u_code,
+                                           float scale_u, const BlockScale& m) {
+    float q = scaled(__fmul_rn(ratio, decode_exp_inf(tables, u_code, scale_u)), m);
     q = q == q ? fminf(q, 1.0f) : 0.0f;
     const u32 cap = encode_magnitude<ExpAvgCode, 3>(q, 0xffffffu);
     if ((code & 0x7fu) <= cap) return code;
@@ -508,13 +507,12 @@ __device__ __forceinline__ void step_f32_element(const Scalars& sc, const Tensor
 }
 
 // One lane's 8 elements of a block, before the block's new scales are known: load,
-// decode, update, store the parameters, and the lane's largest |m| and u. A lane at the
-// tensor's end or an odd offset loads element by element (zero past the end, which
-// stays out of the largest |m| and u and is stored nowhere).
+// decode, update, store the parameters; the lane's largest |m| and u. A lane at the end
+// or an odd offset loads element by element, zeros past the end (kept out of the max).
 template <typename T, ParamMode P>
-__device__ __forceinline__ void q8_update(bool whole, const Scalars& sc, const TensorDesc& t, u64 i0, u64 end,
-                                          u64 key, float sm, float su, float* m, float* u, u32* hi,
-                                          float& amax_m, float& amax_u) {
+__device__ __forceinline__ void q8_update(const CodeTables& tables, bool whole, const Scalars& sc,
+                                          const TensorDesc& t, u64 i0, u64 end, u64 key, float sm, float su,
+                                          float* m, float* u, u32* hi, float& amax_m, float& amax_u) {
     const unsigned char *codes_m = (const unsigned char*)t.exp_avg, *codes_u = (const unsigned char*)t.exp_inf;
     float p[8], g[8];
     u32 cm[8], cu[8];
@@ -530,30 +528,33 @@ __device__ __forceinline__ void q8_update(bool whole, const Scalars& sc, const T
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-            p[k] = g[k] = 0.0f;
-            cm[k] = cu[k] = 0;
-            if (i0 + k < end) {
-                g[k] = load_element<T>(t.grad, i0 + k);
-                p[k] = load_param<T, P>(t, i0 + k);
-                cm[k] = codes_m[i0 + k];
-                cu[k] = codes_u[i0 + k];
-            }
+            const bool in = i0 + k < end;
+            g[k] = in ? load_element<T>(t.grad, i0 + k) : 0.0f;
+            p[k] = in ? load_param<T, P>(t, i0 + k) : 0.0f;
+            cm[k] = in ? codes_m[i0 + k] : 0u;
+            cu[k] = in ? codes_u[i0 + k] : 0u;
         }
     }
-    // element_bits(key, i0 + k) with the product (i + 1) * golden taken once per lane.
-    const u64 base = key + (i0 + 1) * 0x9E3779B97F4A7C15ull;
-    const u64 valid = whole ? 8 : (end > i0 ? end - i0 : 0);
+    // element_bits(key, i0 + k) with the product (i + 1) * golden taken once per lane;
+    // max_propagating_nan over the lane as a plain max and a NaN flag (the same result).
+    const u64 base = key + (i0 + 1) * 0x9E3779B97F4A7C15ull, valid = whole ? 8 : (end > i0 ? end - i0 : 0);
     u64 h[8];
+    bool nan_m = false, nan_u = false;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-        m[k] = decode_exp_avg(cm[k], sm);
-        u[k] = decode_exp_inf(cu[k], su);
+        m[k] = decode_exp_avg(tables, cm[k], sm);
+        u[k] = decode_exp_inf(tables, cu[k], su);
         h[k] = mix64(base + (u64)k * 0x9E3779B97F4A7C15ull);
         adamax_update(sc, p[k], g[k], m[k], u[k]);
         if ((u64)k >= valid) m[k] = u[k] = 0.0f;
-        amax_m = max_propagating_nan(amax_m, fabsf(m[k]));
-        amax_u = max_propagating_nan(amax_u, fabsf(u[k]));
+        amax_m = fmaxf(amax_m, fabsf(m[k]));
+        amax_u = fmaxf(amax_u, fabsf(u[k]));
+        nan_m |= m[k] != m[k];
+        nan_u |= u[k] != u[k];
+        hi[k] = (u32)(h[k] >> 32);
     }
+    if (nan_m) amax_m = __uint_as_float(0x7fc00000u);
+    if (nan_u) amax_u = __uint_as_float(0x7fc00000u);
     if (whole) {
         store_params<T, P, 8>(t, i0, p, h);
     } else {
@@ -561,16 +562,15 @@ __device__ __forceinline__ void q8_update(bool whole, const Scalars& sc, const T
         for (int k = 0; k < 8; ++k)
             if (i0 + k < end) store_param<T, P>(t, i0 + k, p[k], h[k]);
     }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) hi[k] = (u32)(h[k] >> 32);
 }
 
 // The lane's codes once the block's new scales nsm, nsu are known: encoded against their
 // reciprocals, m capped to the moment bound (lowbit.rs: "The moment bound, kept in 8
 // bits"; none where no bound exists), and stored, packed as they are made.
 template <bool WHOLE>
-__device__ __forceinline__ void q8_store(const Scalars& sc, const TensorDesc& t, u64 i0, u64 end, float nsm,
-                                         float nsu, const float* m, const float* u, const u32* hi) {
+__device__ __forceinline__ void q8_store(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u64 i0,
+                                         u64 end, float nsm, float nsu, const float* m, const float* u,
+                                         const u32* hi) {
     unsigned char *codes_m = (unsigned char*)t.exp_avg, *codes_u = (unsigned char*)t.exp_inf;
     const bool code_m = nsm == nsm && nsm != 0.0f, code_u = nsu == nsu && nsu != 0.0f;
     const BlockScale bm = block_scale_of(code_m ? nsm : 1.0f), bu = block_scale_of(code_u ? nsu : 1.0f);
@@ -580,7 +580,7 @@ __device__ __forceinline__ void q8_store(const Scalars& sc, const TensorDesc& t,
     for (int k = 0; k < 8; ++k) {
         const u32 cu = code_u ? encode_exp_inf(u[k], bu, ((hi[k] >> 16) << 8) | 0x80u) : 0u;
         u32 cm = code_m ? encode_exp_avg(m[k], bm, ((hi[k] & 0xffffu) << 8) | 0x80u) : 0u;
-        if (capped) cm = cap_exp_avg(cm, sc.moment_ratio, cu, nsu, bm);
+        if (capped) cm = cap_exp_avg(tables, cm, sc.moment_ratio, cu, nsu, bm);
         if constexpr (WHOLE) {
             wm[k / 4] |= cm << (8 * (k & 3));
             wu[k / 4] |= cu << (8 * (k & 3));
@@ -598,26 +598,22 @@ __device__ __forceinline__ void q8_store(const Scalars& sc, const TensorDesc& t,
 // StateFormat::Blockwise8. NOTE: [8-bit blocks] One warp steps one block of
 // ADAMAX_QBLOCK elements, 8 per lane: decode, update in f32 (the parameter moves by the
 // f32 values), a warp-wide largest magnitude of the new m and u (the block's new
-// scales), then encode. Every lane of the warp takes part in the shuffles, also those
-// past the tensor's end: they sit outside the lanes' two paths. Twin of the block loop
-// of cpu::step_tensor_with.
+// scales), then encode. Every lane of the warp takes part in the shuffles (outside the
+// lanes' paths), also those past the tensor's end. Twin of cpu::step_tensor_with's blocks.
 template <typename T, ParamMode P>
-__device__ void step_q8_block(const Scalars& sc, const TensorDesc& t, u64 block, u64 key, bool aligned) {
+__device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u64 block, u64 key,
+                              bool aligned) {
     const u64 begin = block * (u64)ADAMAX_QBLOCK, i0 = begin + (u64)(threadIdx.x & 31) * 8;
     const u64 end = min(begin + (u64)ADAMAX_QBLOCK, t.len);
     const bool whole = aligned && i0 + 8 <= end;
     float *scale_m = (float*)t.exp_avg_scale, *scale_u = (float*)t.exp_inf_scale;
-    const float sm = scale_m[block], su = scale_u[block];
     float m[8], u[8], amax_m = 0.0f, amax_u = 0.0f;
     u32 hi[8];  // the upper half of each element's draw: its moments' rounding bits
-    q8_update<T, P>(whole, sc, t, i0, end, key, sm, su, m, u, hi, amax_m, amax_u);
+    q8_update<T, P>(tables, whole, sc, t, i0, end, key, scale_m[block], scale_u[block], m, u, hi, amax_m, amax_u);
     const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
-    if (whole) q8_store<true>(sc, t, i0, end, nsm, nsu, m, u, hi);
-    else q8_store<false>(sc, t, i0, end, nsm, nsu, m, u, hi);
-    if ((threadIdx.x & 31) == 0) {
-        scale_m[block] = nsm;
-        scale_u[block] = nsu;
-    }
+    if (whole) q8_store<true>(tables, sc, t, i0, end, nsm, nsu, m, u, hi);
+    else q8_store<false>(tables, sc, t, i0, end, nsm, nsu, m, u, hi);
+    if ((threadIdx.x & 31) == 0) scale_m[block] = nsm, scale_u[block] = nsu;
 }
 
 // NOTE: [alignment] A vector path runs only where every buffer it reads or writes starts
@@ -676,6 +672,11 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         if (!decided && blockIdx.x == 0 && threadIdx.x == 0) st.skipped = SKIP_COUNTER_FULL;
         return;  // nothing changes, and the step is not counted
     }
+    __shared__ CodeTables tables;  // 8-bit state only (compiled away otherwise)
+    if constexpr (S == StateFormat::Blockwise8) {
+        fill_code_tables(tables, threadIdx.x, blockDim.x);
+        __syncthreads();
+    }
     for (u64 unit = blockIdx.x; unit < a.num_units; unit += gridDim.x) {
         const u64 k = find_tensor(a, unit, unit_begin);
         const TensorDesc t = a.tensors[k];
@@ -693,7 +694,7 @@ __device__ void adamax_step(const AdamaxArgs& a) {
             const u64 warps = blockDim.x / 32;
             const u64 first = begin / (u64)ADAMAX_QBLOCK;
             const u64 blocks = (end - begin + ADAMAX_QBLOCK - 1) / (u64)ADAMAX_QBLOCK;
-            for (u64 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(sc, t, first + b, key, aligned);
+            for (u64 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(tables, sc, t, first + b, key, aligned);
         } else {
             constexpr u64 N = Lanes<T>::N;
             u64 element_from = begin;
