@@ -268,7 +268,7 @@ __device__ __forceinline__ void adamax_update(const Scalars& a, float& p, float 
         p = __fmaf_rn(-a.step_size, step, p);
 }
 
-// ---- Low-byte modes (twins in src/spec/lowbit.rs) ----
+// ---- Low-byte modes (twins in src/spec/lowbit/) ----
 
 // splitmix64's output function, and the counter-based stream of (seed, step, tensor,
 // element): twins of lowbit::mix64, stream_key and element_bits.
@@ -565,7 +565,7 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, bool whole, 
 }
 
 // The lane's codes once the block's new scales nsm, nsu are known: encoded against their
-// reciprocals, m capped to the moment bound (lowbit.rs: "The moment bound, kept in 8
+// reciprocals, m capped to the moment bound (spec::lowbit: "The moment bound, kept in 8
 // bits"; none where no bound exists), and stored, packed as they are made.
 template <bool WHOLE>
 __device__ __forceinline__ void q8_store(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u64 i0,

@@ -1,5 +1,5 @@
 //! `kernels/adamax.cu` compiled for the host with the system's C++ compiler, against
-//! its spec in `src/spec/lowbit.rs` and `src/spec/mod.rs`. A check of CUDA code that
+//! its spec in `src/spec/lowbit/` and `src/spec/mod.rs`. A check of CUDA code that
 //! needs no GPU: the arithmetic is plain integer and IEEE f32/f64, which x86-64 (SSE, no
 //! contraction) computes as the GPU does, and the intrinsics get host definitions with
 //! the same rounding.
