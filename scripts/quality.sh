@@ -5,7 +5,7 @@
 # with the CPU reference in every mode, counts the element-steps over AdaMax's step
 # bound, and writes docs/quality/{quality.md,quality.json,quality.svg}. Needs Python 3
 # and cargo; scikit-learn is installed into a virtual environment under ~/.cache. About
-# 6 minutes on 2 busy cores, after the build.
+# 7 to 9 minutes on 2 busy cores, after the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${HOME}/.cache/adamax-cuda-quality/venv"
