@@ -391,6 +391,15 @@ impl Harness {
     fn build(cxx: &str) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("adamax-kernel-host-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        // The harness and the kernel the crate embeds (what NVRTC compiles), written out
+        // so that the test binary needs no source tree (a GPU machine runs binaries).
+        for (name, text) in [
+            ("host.hpp", include_str!("kernel_host/host.hpp")),
+            ("main.cpp", include_str!("kernel_host/main.cpp")),
+            ("adamax.cu", adamax_cuda::cuda::compile::SOURCE),
+        ] {
+            std::fs::write(dir.join(name), text).map_err(|e| e.to_string())?;
+        }
         let exe = dir.join("harness");
         let defines = adamax_cuda::cuda::compile::options("sm_75")
             .into_iter()
@@ -410,10 +419,7 @@ impl Harness {
             .args(defines)
             .arg("-o")
             .arg(&exe)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/kernel_host/main.cpp"
-            ))
+            .arg(dir.join("main.cpp"))
             .output()
             .map_err(|e| e.to_string())?;
         if !built.status.success() {

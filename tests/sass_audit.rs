@@ -795,10 +795,11 @@ impl Budgets {
     }
 
     fn load() -> Result<Self, String> {
-        let text = std::fs::read_to_string(Self::path())
-            .map_err(|e| format!("reading {BUDGETS_FILE}: {e}"))?;
+        // Embedded, so that the test binary runs anywhere (a GPU machine gets binaries,
+        // not this source tree); written back through `path` in write mode only.
+        let text = include_str!("audit/instruction_budgets.json");
         let value: Value =
-            serde_json::from_str(&text).map_err(|e| format!("{BUDGETS_FILE}: {e}"))?;
+            serde_json::from_str(text).map_err(|e| format!("{BUDGETS_FILE}: {e}"))?;
         Ok(Budgets { value })
     }
 

@@ -10,7 +10,7 @@
 // Storage types are numbered 0 f32, 1 bf16, 2 f16; modes are bits: 1 ParamMode::Stochastic,
 // 2 StateFormat::Blockwise8.
 #include "host.hpp"
-#include "../../kernels/adamax.cu"
+#include "adamax.cu"  // the kernel itself, written beside this file by tests/kernel_host.rs
 
 static u64 next() {
     u64 v;
