@@ -86,9 +86,12 @@ impl TensorTable {
                     instead: "Take one eager step with the same buffers before begin_capture, then capture",
                 });
             }
-            stream
-                .memcpy_htod(&self.next, &mut self.device)
-                .map_err(Error::driver("uploading the tensor table"))?;
+            if let Err(e) = stream.memcpy_htod(&self.next, &mut self.device) {
+                // What the device holds is no longer known.
+                self.uploaded.clear();
+                self.flat = None;
+                return Err(Error::driver("uploading the tensor table")(e));
+            }
             std::mem::swap(&mut self.next, &mut self.uploaded);
         }
         self.flat = self.next_flat;

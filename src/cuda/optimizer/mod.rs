@@ -67,9 +67,12 @@ impl GpuStorage for half::bf16 {}
 /// exactly like eager steps and every setting changed between replays takes effect
 /// without recapture. Take one eager step with the same buffers before capturing (the
 /// tensor table must be on the device); calls that copy from the host while the stream
-/// captures are refused ([`Error::DuringCapture`]). [`Optimizer::restore`] keeps every
-/// device address, so a graph replays on the restored state (see it for the one
-/// restore that makes a graph stale).
+/// captures are refused ([`Error::DuringCapture`]). A graph replays the tensor table on
+/// the device, which the last eager step wrote: an eager step between replays with
+/// other buffers, or with another set of tensors without a gradient, makes the replays
+/// step those (take it with the captured buffers, or capture again).
+/// [`Optimizer::restore`] keeps every device address, so a graph replays on the restored
+/// state (see it for the one restore that makes a graph stale).
 ///
 /// ```no_run
 /// use adamax_cuda::{cuda::{self, CudaAdamax}, AdamaxConfig, Optimizer};

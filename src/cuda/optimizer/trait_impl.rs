@@ -228,14 +228,15 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             c.state.skipped = 0;
             c.state.clipped = 0;
         })?;
-        self.plan
-            .table
-            .set_hypers(&self.stream, schedule.hypers())?;
+        // The device holds the checkpoint's state and settings from here: the host follows
+        // even if writing the settings into the table fails (it then forgets the table,
+        // and the next step uploads one built from these settings).
+        let hypers_written = self.plan.table.set_hypers(&self.stream, schedule.hypers());
         self.schedule = schedule;
         self.step_bound = ck.step;
         self.options = ck.options;
         self.scaler = ck.scaler.is_some();
-        Ok(())
+        hypers_written
     }
 }
 
