@@ -260,10 +260,12 @@ impl Code {
     }
 
     /// Stochastic rounding of a magnitude `q` in `[0, 1]` to a code, with 24 random
-    /// bits `r` (`0x80_0000` rounds to nearest, ties down). A `q` outside `[0, 1]` (which
-    /// the encoder never passes: a block's values are divided by their largest
-    /// magnitude, and the kernel, which never sees one, does not clamp) is clamped to
-    /// it, NaN to 0.
+    /// bits `r` (`0x80_0000` rounds to nearest, ties down). A `q` outside `[0, 1]` is
+    /// clamped to it, NaN to 0. A block's values reach here as fractions of its largest
+    /// magnitude, at most 1 (or above it by a relative 2^-22 when the reciprocal of a
+    /// scale near f32's largest is subnormal, too little to change a code, so the kernel
+    /// does not clamp there); the moment cap's limit can exceed 1, and the kernel clamps
+    /// it as this does.
     pub fn encode_magnitude(self, q: f32, r: u32) -> u32 {
         let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
         let eq = ((q.to_bits() >> 23) & 0xFF) as i32 - 127;
