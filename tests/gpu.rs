@@ -1052,13 +1052,9 @@ fn graph_replay_equals_eager_steps(stream: &Arc<CudaStream>) -> R {
     let s = &cap.s;
     let mut rng = StdRng::seed_from_u64(seed());
     let lens = [4097usize, 100_003, 5];
-    let init: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-    let up = |v: &Vec<Vec<f32>>| {
-        v.iter()
-            .map(|x| s.clone_htod(x))
-            .collect::<Result<Vec<_>, _>>()
-    };
+    let init: Vec<Vec<f32>> = tensors(&mut rng, &lens, 1.0);
+    let grads: Vec<Vec<f32>> = tensors(&mut rng, &lens, 0.1);
+    let up = |v: &[Vec<f32>]| upload(s, v);
     let (mut pa, ga, mut pb, gb) = (up(&init)?, up(&grads)?, up(&init)?, up(&grads)?);
     let options = adamax_cuda::StepOptions {
         max_norm: Some(0.5),
@@ -1153,13 +1149,9 @@ fn a_graph_captured_before_settings_honours_them_on_replay(stream: &Arc<CudaStre
     let s = &cap.s;
     let mut rng = StdRng::seed_from_u64(seed());
     let lens = [4097usize, 100_003, 5];
-    let init: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let grads: Vec<Vec<f32>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-    let up = |v: &Vec<Vec<f32>>| {
-        v.iter()
-            .map(|x| s.clone_htod(x))
-            .collect::<Result<Vec<_>, _>>()
-    };
+    let init: Vec<Vec<f32>> = tensors(&mut rng, &lens, 1.0);
+    let grads: Vec<Vec<f32>> = tensors(&mut rng, &lens, 0.1);
+    let up = |v: &[Vec<f32>]| upload(s, v);
     let (mut pa, mut ga, mut pb, mut gb) = (up(&init)?, up(&grads)?, up(&init)?, up(&grads)?);
     let mut eager = CudaAdamax::<f32>::new(s, AdamaxConfig::default(), &pa)?;
     let mut graphed = CudaAdamax::<f32>::new(s, AdamaxConfig::default(), &pb)?;
@@ -1230,13 +1222,9 @@ fn a_graph_replayed_after_a_restore_steps_the_restored_state(stream: &Arc<CudaSt
     let s = &cap.s;
     let mut rng = StdRng::seed_from_u64(seed());
     let lens = [4097usize, 3, 70_001];
-    let init: Vec<Vec<bf16>> = lens.iter().map(|&n| random(&mut rng, n, 1.0)).collect();
-    let grads: Vec<Vec<bf16>> = lens.iter().map(|&n| random(&mut rng, n, 0.1)).collect();
-    let up = |v: &Vec<Vec<bf16>>| {
-        v.iter()
-            .map(|x| s.clone_htod(x))
-            .collect::<Result<Vec<_>, _>>()
-    };
+    let init: Vec<Vec<bf16>> = tensors(&mut rng, &lens, 1.0);
+    let grads: Vec<Vec<bf16>> = tensors(&mut rng, &lens, 0.1);
+    let up = |v: &[Vec<bf16>]| upload(s, v);
     let (mut pa, ga, mut pb, gb) = (up(&init)?, up(&grads)?, up(&init)?, up(&grads)?);
     let config = AdamaxConfig {
         weight_decay: 0.01,

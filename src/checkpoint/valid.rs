@@ -175,25 +175,15 @@ pub(super) fn check_q8_moments(
     u: &Blockwise8,
 ) -> Result<()> {
     let Some(bound) = bound else { return Ok(()) };
-    // Block by block, so that checking a tensor allocates nothing.
-    let blocks = m.codes.chunks(QBLOCK).zip(u.codes.chunks(QBLOCK));
-    for (b, (mc, uc)) in blocks.enumerate() {
-        let (ms, us) = (
-            m.scales.get(b).copied().unwrap_or(f32::NAN),
-            u.scales.get(b).copied().unwrap_or(f32::NAN),
-        );
-        for (j, (&cm, &cu)) in mc.iter().zip(uc).enumerate() {
-            let (mv, uv) = (EXP_AVG_CODE.decode(cm, ms), EXP_INF_CODE.decode(cu, us));
-            if mv.is_finite() && uv.is_finite() && !bound.holds(mv, uv) {
-                let j = b * QBLOCK + j;
-                return Err(refuse(format!(
-                    "tensor {tensor}: exp_avg_q8[{j}] decodes to {mv} beyond {:.6} x exp_inf_q8[{j}] = {uv}; the 8-bit encoder keeps |exp_avg| <= (1 - beta1) / (1 - beta1 / beta2) x exp_inf in the values it stores, and no run reaches this state (a file of an older encoder, or edited?)",
-                    bound.ratio
-                )));
-            }
-        }
+    // Decoded one element at a time, so that checking a tensor allocates nothing.
+    let pairs = m.values(EXP_AVG_CODE).zip(u.values(EXP_INF_CODE));
+    match pairs.enumerate().find(|&(_, (mv, uv))| !bound.holds(mv, uv)) {
+        Some((j, (mv, uv))) => Err(refuse(format!(
+            "tensor {tensor}: exp_avg_q8[{j}] decodes to {mv} beyond {:.6} x exp_inf_q8[{j}] = {uv}; the 8-bit encoder keeps |exp_avg| <= (1 - beta1) / (1 - beta1 / beta2) x exp_inf in the values it stores, and no run reaches this state (a file of an older encoder, or edited?)",
+            bound.ratio
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The checks of parts that hold together, for parts that come one at a time (the

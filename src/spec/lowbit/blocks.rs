@@ -116,13 +116,17 @@ impl Blockwise8 {
     /// per code; a block without a scale (an inconsistent value built by hand) reads as
     /// NaN.
     pub fn to_f32(&self, code: Code) -> Vec<f32> {
+        self.values(code).collect()
+    }
+
+    /// [`Blockwise8::to_f32`]'s values one at a time, without allocating.
+    pub fn values(&self, code: Code) -> impl Iterator<Item = f32> + '_ {
         self.codes
             .chunks(QBLOCK)
             .enumerate()
-            .flat_map(|(b, block)| {
+            .flat_map(move |(b, block)| {
                 let scale = self.scales.get(b).copied().unwrap_or(f32::NAN);
                 block.iter().map(move |&c| code.decode(c, scale))
             })
-            .collect()
     }
 }
