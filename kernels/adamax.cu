@@ -310,16 +310,16 @@ __device__ __forceinline__ float decode_magnitude(u32 code) {
     return __fmul_rn(__uint2float_rn(mant), pow2(exp));
 }
 
-// Twin of Code::encode_magnitude: q in [0, 1], 24 random bits r.
+// Twin of Code::encode_magnitude: q in [0, 1], 24 random bits r. Integer rounding on
+// the f32's bits, as for bf16: the code is the top bits of q's pattern (an exponent
+// field offset by the bias, M mantissa bits); below 2^EMIN, q + 2^EMIN rounded toward
+// zero puts the subnormal codes' spacing on the same bits.
 template <typename C, int M>
 __device__ __forceinline__ u32 encode_magnitude(float q, u32 r) {
-    const int eq = (int)((__float_as_uint(q) >> 23) & 0xffu) - 127;
-    const int ee = eq > C::EMIN ? eq : C::EMIN;
-    const float y = __fmul_rn(q, pow2(M - ee));
-    const u32 k = __float2uint_rz(y);
-    const float frac = __fsub_rn(y, __uint2float_rn(k));
-    const u32 up = __fmul_rn(frac, 16777216.0f) > __uint2float_rn(r & 0xffffffu) ? 1u : 0u;
-    return ((u32)(ee - C::EMIN) << M) + k + up;
+    const bool sub = q < pow2(C::EMIN);
+    const float t = sub ? __fadd_rz(q, pow2(C::EMIN)) : q;
+    const u32 bias = ((u32)(126 + C::EMIN) << M) + (sub ? (1u << M) : 0u);
+    return ((__float_as_uint(t) + ((~r & 0xffffffu) >> (M + 1))) >> (23 - M)) - bias;
 }
 
 // Decoding goes through tables of every code's magnitude, which an 8-bit update fills
@@ -344,21 +344,17 @@ __device__ __forceinline__ BlockScale block_scale_of(float scale) {
 __device__ __forceinline__ float scaled(float a, const BlockScale& s) { return __fmul_rn(__fmul_rn(a, s.factor), s.inv); }
 // |x| as a fraction of the scale: the block's largest (|x| >= scale) is 1 exactly.
 __device__ __forceinline__ float fraction(float x, const BlockScale& s) { return fabsf(x) >= s.scale ? 1.0f : scaled(fabsf(x), s); }
-__device__ __forceinline__ u32 encode_exp_avg(float x, const BlockScale& s, u32 r) {
-    const u32 magnitude = encode_magnitude<ExpAvgCode, 3>(fraction(x, s), r);
-    return magnitude | ((x < 0.0f && magnitude != 0) ? 0x80u : 0u);
-}
+__device__ __forceinline__ u32 exp_avg_magnitude(float x, const BlockScale& s, u32 r) { return encode_magnitude<ExpAvgCode, 3>(fraction(x, s), r); }
+__device__ __forceinline__ u32 with_sign(u32 magnitude, float x) { return magnitude | ((x < 0.0f && magnitude != 0) ? 0x80u : 0u); }
+__device__ __forceinline__ u32 encode_exp_avg(float x, const BlockScale& s, u32 r) { return with_sign(exp_avg_magnitude(x, s, r), x); }
 __device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) { return encode_magnitude<ExpInfCode, 4>(fraction(x, s), r); }
-// m's code capped so that the values stored keep |m| <= ratio * u: the largest magnitude
-// at most f32(ratio * u') as a fraction of m's scale, rounded down (twin of the cap in
-// lowbit::encode_moments; q clamped to [0, 1], NaN to 0, as Code::encode_magnitude does).
-__device__ __forceinline__ u32 cap_exp_avg(const CodeTables& tables, u32 code, float ratio, u32 u_code,
-                                           float scale_u, const BlockScale& m) {
-    float q = scaled(__fmul_rn(ratio, decode_exp_inf(tables, u_code, scale_u)), m);
-    q = q == q ? fminf(q, 1.0f) : 0.0f;
-    const u32 cap = encode_magnitude<ExpAvgCode, 3>(q, 0xffffffu);
-    if ((code & 0x7fu) <= cap) return code;
-    return cap | ((code & 0x80u) && cap != 0 ? 0x80u : 0u);
+// The largest magnitude of m's code that keeps |m| <= ratio * u: f32(ratio * u') as a
+// fraction of m's scale, rounded down (twin of the cap in lowbit::encode_moments; the
+// fraction saturated to [0, 1], NaN to 0, as Code::encode_magnitude clamps it).
+__device__ __forceinline__ u32 exp_avg_cap(const CodeTables& tables, float ratio, u32 u_code, float scale_u,
+                                           const BlockScale& m) {
+    const float q = __saturatef(scaled(__fmul_rn(ratio, decode_exp_inf(tables, u_code, scale_u)), m));
+    return encode_magnitude<ExpAvgCode, 3>(q, 0xffffffu);
 }
 // A block's scale from its largest magnitude: 0 stays 0 (codes 0), a non-finite one
 // marks the block NaN (twin of Code::encode_block).
@@ -509,14 +505,14 @@ __device__ __forceinline__ void step_f32_element(const Scalars& sc, const Tensor
 // One lane's 8 elements of a block, before the block's new scales are known: load,
 // decode, update, store the parameters; the lane's largest |m| and u. A lane at the end
 // or an odd offset loads element by element, zeros past the end (kept out of the max).
-template <typename T, ParamMode P>
-__device__ __forceinline__ void q8_update(const CodeTables& tables, bool whole, const Scalars& sc,
+template <typename T, ParamMode P, bool WHOLE>
+__device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalars& sc,
                                           const TensorDesc& t, u64 i0, u64 end, u64 key, float sm, float su,
                                           float* m, float* u, u32* hi, float& amax_m, float& amax_u) {
     const unsigned char *codes_m = (const unsigned char*)t.exp_avg, *codes_u = (const unsigned char*)t.exp_inf;
     float p[8], g[8];
     u32 cm[8], cu[8];
-    if (whole) {
+    if constexpr (WHOLE) {
         load_vector<T, 8>(t.grad, i0, g);
         load_params<T, P, 8>(t, i0, p);
         const uint2 a = *(const uint2*)(codes_m + i0), b = *(const uint2*)(codes_u + i0);
@@ -537,7 +533,7 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, bool whole, 
     }
     // element_bits(key, i0 + k) with the product (i + 1) * golden taken once per lane;
     // max_propagating_nan over the lane as a plain max and a NaN flag (the same result).
-    const u64 base = key + (i0 + 1) * 0x9E3779B97F4A7C15ull, valid = whole ? 8 : (end > i0 ? end - i0 : 0);
+    const u64 base = key + (i0 + 1) * 0x9E3779B97F4A7C15ull, valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
     u64 h[8];
     bool nan_m = false, nan_u = false;
 #pragma unroll
@@ -546,7 +542,7 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, bool whole, 
         u[k] = decode_exp_inf(tables, cu[k], su);
         h[k] = mix64(base + (u64)k * 0x9E3779B97F4A7C15ull);
         adamax_update(sc, p[k], g[k], m[k], u[k]);
-        if ((u64)k >= valid) m[k] = u[k] = 0.0f;
+        if (!WHOLE && (u64)k >= valid) m[k] = u[k] = 0.0f;
         amax_m = fmaxf(amax_m, fabsf(m[k]));
         amax_u = fmaxf(amax_u, fabsf(u[k]));
         nan_m |= m[k] != m[k];
@@ -555,7 +551,7 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, bool whole, 
     }
     if (nan_m) amax_m = __uint_as_float(0x7fc00000u);
     if (nan_u) amax_u = __uint_as_float(0x7fc00000u);
-    if (whole) {
+    if constexpr (WHOLE) {
         store_params<T, P, 8>(t, i0, p, h);
     } else {
 #pragma unroll
@@ -574,19 +570,31 @@ __device__ __forceinline__ void q8_store(const CodeTables& tables, const Scalars
     unsigned char *codes_m = (unsigned char*)t.exp_avg, *codes_u = (unsigned char*)t.exp_inf;
     const bool code_m = nsm == nsm && nsm != 0.0f, code_u = nsu == nsu && nsu != 0.0f;
     const BlockScale bm = block_scale_of(code_m ? nsm : 1.0f), bu = block_scale_of(code_u ? nsu : 1.0f);
-    const bool capped = code_m && sc.moment_ratio <= 3.402823466e38f;
+    const bool capped = sc.moment_ratio <= 3.402823466e38f;
+    u32 cm[8], cu[8];
+    // A block of scale 0 (all zero) or NaN stores codes 0; the branches are the warp's.
+#pragma unroll
+    for (int k = 0; k < 8; ++k) cu[k] = code_u ? encode_exp_inf(u[k], bu, ((hi[k] >> 16) << 8) | 0x80u) : 0u;
+    if (code_m) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            u32 magnitude = exp_avg_magnitude(m[k], bm, ((hi[k] & 0xffffu) << 8) | 0x80u);
+            if (capped) magnitude = min(magnitude, exp_avg_cap(tables, sc.moment_ratio, cu[k], nsu, bm));
+            cm[k] = with_sign(magnitude, m[k]);
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) cm[k] = 0u;
+    }
     u32 wm[2] = {0u, 0u}, wu[2] = {0u, 0u};
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-        const u32 cu = code_u ? encode_exp_inf(u[k], bu, ((hi[k] >> 16) << 8) | 0x80u) : 0u;
-        u32 cm = code_m ? encode_exp_avg(m[k], bm, ((hi[k] & 0xffffu) << 8) | 0x80u) : 0u;
-        if (capped) cm = cap_exp_avg(tables, cm, sc.moment_ratio, cu, nsu, bm);
         if constexpr (WHOLE) {
-            wm[k / 4] |= cm << (8 * (k & 3));
-            wu[k / 4] |= cu << (8 * (k & 3));
+            wm[k / 4] |= cm[k] << (8 * (k & 3));
+            wu[k / 4] |= cu[k] << (8 * (k & 3));
         } else if (i0 + k < end) {
-            codes_m[i0 + k] = (unsigned char)cm;
-            codes_u[i0 + k] = (unsigned char)cu;
+            codes_m[i0 + k] = (unsigned char)cm[k];
+            codes_u[i0 + k] = (unsigned char)cu[k];
         }
     }
     if constexpr (WHOLE) {
@@ -609,7 +617,9 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
     float *scale_m = (float*)t.exp_avg_scale, *scale_u = (float*)t.exp_inf_scale;
     float m[8], u[8], amax_m = 0.0f, amax_u = 0.0f;
     u32 hi[8];  // the upper half of each element's draw: its moments' rounding bits
-    q8_update<T, P>(tables, whole, sc, t, i0, end, key, scale_m[block], scale_u[block], m, u, hi, amax_m, amax_u);
+    const float sm = scale_m[block], su = scale_u[block];
+    if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, key, sm, su, m, u, hi, amax_m, amax_u);
+    else q8_update<T, P, false>(tables, sc, t, i0, end, key, sm, su, m, u, hi, amax_m, amax_u);
     const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
     if (whole) q8_store<true>(tables, sc, t, i0, end, nsm, nsu, m, u, hi);
     else q8_store<false>(tables, sc, t, i0, end, nsm, nsu, m, u, hi);

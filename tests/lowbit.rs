@@ -160,9 +160,12 @@ fn encoding_rounds_up_with_probability_equal_to_the_fraction() {
             for frac in [0.25f32, 0.5, 0.75, 0.001] {
                 let q = lo + (hi - lo) * frac;
                 // frac(y) = (q - lo) / (hi - lo) is exact (the spacing is a power of
-                // two); the code rounds up for r < frac * 2^24: ceil of it values.
-                let f = f64::from((q - lo) / (hi - lo)) * 16_777_216.0;
-                let ups = f.ceil() as u32;
+                // two), and taken to 23 - M bits (M = 3 for m's code, 4 for u's: the
+                // subnormal codes truncate it); the code rounds up for r < frac * 2^24.
+                let man = if code == EXP_AVG_CODE { 3 } else { 4 };
+                let f = (f64::from((q - lo) / (hi - lo)) * f64::from(1u32 << (23 - man))).floor()
+                    * f64::from(1u32 << (man + 1));
+                let ups = f as u32;
                 assert_eq!(
                     code.encode_magnitude(q, ups - 1),
                     c + 1,

@@ -47,7 +47,15 @@ static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __frcp_rn(float a) { return 1.0f / a; }
+// Rounded toward zero: the sum to nearest, stepped back towards zero where that rounding
+// went away from it (the exact error of the sum by TwoSum, Knuth).
+static inline float __fadd_rz(float a, float b) {
+    const float s = a + b, bb = s - a, err = (a - (s - bb)) + (b - bb);
+    return (s > 0.0f && err < 0.0f) || (s < 0.0f && err > 0.0f) ? std::nextafterf(s, 0.0f) : s;
+}
 static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
+// Clamped to [0, 1], NaN to 0, as PTX's .sat.
+static inline float __saturatef(float x) { return x != x || x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x; }
 static inline unsigned __float2uint_rz(float f) { return (unsigned)f; }  // only for 0 <= f < 2^32
 static inline float __uint2float_rn(unsigned u) { return (float)u; }
 static inline double __dmul_rn(double a, double b) { return a * b; }

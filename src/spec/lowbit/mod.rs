@@ -52,7 +52,9 @@
 //!
 //! Encoding rounds stochastically with 24 random bits: with `y` the magnitude in units
 //! of the code's spacing at that magnitude, `k = trunc(y)`, the code for `k + 1` is
-//! taken when `frac(y) * 2^24 > r`, so up with probability `frac(y)` to within 2^-24.
+//! taken when `frac(y) * 2^24 > r`, `frac(y)` taken to `23 - M` bits (exact at and above
+//! `2^emin`, truncated below it), so up with probability `frac(y)` to within 2^-20; it
+//! is done on the f32's bits ([`Code::encode_magnitude`]).
 //! Rounding to nearest would freeze `u`: `beta2 * u` is within half a code step of
 //! `u` (0.999 against a relative step of 1/16), so `u` would never decay; unbiased
 //! rounding lets it decay at the right rate on average.
@@ -260,22 +262,35 @@ impl Code {
     }
 
     /// Stochastic rounding of a magnitude `q` in `[0, 1]` to a code, with 24 random
-    /// bits `r` (`0x80_0000` rounds to nearest, ties down). A `q` outside `[0, 1]` is
-    /// clamped to it, NaN to 0. A block's values reach here as fractions of its largest
-    /// magnitude, at most 1 (or above it by a relative 2^-22 when the reciprocal of a
-    /// scale near f32's largest is subnormal, too little to change a code, so the kernel
-    /// does not clamp there); the moment cap's limit can exceed 1, and the kernel clamps
-    /// it as this does.
+    /// bits `r` (`0x80_0000` rounds to nearest, ties down; [`ROUND_DOWN`] truncates). A
+    /// `q` outside `[0, 1]` is clamped to it, NaN to 0. A block's values reach here as
+    /// fractions of its largest magnitude, at most 1 (or above it by a relative 2^-22
+    /// when the reciprocal of a scale near f32's largest is subnormal, too little to
+    /// change a code, so the kernel does not clamp there); the moment cap's limit can
+    /// exceed 1, and the kernel clamps it as this does.
+    ///
+    /// Integer rounding on the f32's bits, as bf16's: for `q >= 2^emin` the code is the
+    /// top bits of `q`'s pattern less the exponent's offset, and `(r ^ 0xFFFFFF) >> (M +
+    /// 1)` added below them rounds up exactly when `frac * 2^24 > r`, `frac` being the
+    /// dropped `23 - M` bits as a fraction of the code's spacing. Below `2^emin` (the
+    /// subnormal codes, spaced evenly) the same is done on `q + 2^emin` rounded toward
+    /// zero (one `FADD.RZ` on the GPU), whose last `23 - M` bits are then `frac`
+    /// truncated to that many bits: a code rounds up with probability `frac` to within
+    /// 2^-(23 - M) everywhere.
     pub fn encode_magnitude(self, q: f32, r: u32) -> u32 {
         let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
-        let eq = ((q.to_bits() >> 23) & 0xFF) as i32 - 127;
-        let ee = eq.max(self.emin());
-        // Exact: a power-of-two scaling into [0, 2^(M+1)).
-        let y = q * pow2(self.man_bits as i32 - ee);
-        let k = y as u32;
-        let frac = y - k as f32;
-        let up = u32::from(frac * 16_777_216.0 > (r & 0xFF_FFFF) as f32);
-        (((ee - self.emin()) as u32) << self.man_bits) + k + up
+        let (emin, man) = (self.emin(), self.man_bits);
+        let round = ((r ^ 0xFF_FFFF) & 0xFF_FFFF) >> (man + 1);
+        let offset = ((126 + emin) as u32) << man;
+        let (bits, offset) = if q < pow2(emin) {
+            // q + 2^emin toward zero: 2^emin's pattern plus q in units of 2^(emin - 23),
+            // truncated (the scaling is exact, and below 2^23).
+            let below = (q * pow2(23 - emin)) as u32;
+            ((((127 + emin) as u32) << 23) | below, offset + (1 << man))
+        } else {
+            (q.to_bits(), offset)
+        };
+        ((bits + round) >> (23 - man)) - offset
     }
 
     /// The magnitude of a code (exact): `code` is the magnitude's bits, below 128 for a
