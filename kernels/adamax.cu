@@ -270,18 +270,33 @@ __device__ __forceinline__ void adamax_update(const Scalars& a, float& p, float 
 
 // ---- Low-byte modes (twins in src/spec/lowbit/) ----
 
-// splitmix64's output function, and the counter-based stream of (seed, step, tensor,
-// element): twins of lowbit::mix64, stream_key and element_bits.
+// splitmix64's and lowbias32's output functions, and the counter-based stream of (seed,
+// step, tensor, element): twins of lowbit::mix64, mix32, stream_key and element_bits.
 __device__ __forceinline__ u64 mix64(u64 z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
 }
+__device__ __forceinline__ u32 mix32(u32 x) {
+    x = (x ^ (x >> 16)) * 0x21F0AAADu;
+    x = (x ^ (x >> 15)) * 0x735A2D97u;
+    return x ^ (x >> 15);
+}
 __device__ __forceinline__ u64 stream_key(u64 seed, u64 t, u64 tensor) {
     return mix64(mix64(seed ^ (t * 0xD1B54A32D192ED03ull)) ^ (tensor * 0xAEF17502108EF2D9ull));
 }
+#define ADAMAX_WEYL_A 0x9E3779B9u
+#define ADAMAX_WEYL_B 0xC2B2AE35u
+#define ADAMAX_WEYL_HIGH 0x85EBCA6Bu
+// The two words' Weyl terms at element i: a then b (a mode leaves the unused one dead).
+struct Weyl { u32 a, b; };
+__device__ __forceinline__ Weyl weyl_at(u64 key, u64 i) {
+    const u32 high = (u32)(i >> 32) * ADAMAX_WEYL_HIGH;
+    return Weyl{(u32)key + (u32)i * ADAMAX_WEYL_A + high, (u32)(key >> 32) + (u32)i * ADAMAX_WEYL_B + high};
+}
 __device__ __forceinline__ u64 element_bits(u64 key, u64 i) {
-    return mix64(key + (i + 1) * 0x9E3779B97F4A7C15ull);
+    const Weyl w = weyl_at(key, i);
+    return ((u64)mix32(w.a) << 32) | mix32(w.b);
 }
 
 // Stochastic rounding, for bf16 only: 16 random bits added below the kept half.
@@ -531,23 +546,25 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
             cu[k] = in ? codes_u[i0 + k] : 0u;
         }
     }
-    // element_bits(key, i0 + k) with the product (i + 1) * golden taken once per lane;
-    // max_propagating_nan over the lane as a plain max and a NaN flag (the same result).
-    const u64 base = key + (i0 + 1) * 0x9E3779B97F4A7C15ull, valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
+    // element_bits(key, i0 + k) with the Weyl terms taken once per lane (i0 is a
+    // multiple of 8: the high half of i0 + k is i0's); max_propagating_nan over the lane
+    // as a plain max and a NaN flag (the same result).
+    const Weyl w = weyl_at(key, i0);
+    const u64 valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
     u64 h[8];
     bool nan_m = false, nan_u = false;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         m[k] = decode_exp_avg(tables, cm[k], sm);
         u[k] = decode_exp_inf(tables, cu[k], su);
-        h[k] = mix64(base + (u64)k * 0x9E3779B97F4A7C15ull);
+        hi[k] = mix32(w.a + (u32)k * ADAMAX_WEYL_A);
+        h[k] = P == ParamMode::Stochastic ? mix32(w.b + (u32)k * ADAMAX_WEYL_B) : 0;
         adamax_update(sc, p[k], g[k], m[k], u[k]);
         if (!WHOLE && (u64)k >= valid) m[k] = u[k] = 0.0f;
         amax_m = fmaxf(amax_m, fabsf(m[k]));
         amax_u = fmaxf(amax_u, fabsf(u[k]));
         nan_m |= m[k] != m[k];
         nan_u |= u[k] != u[k];
-        hi[k] = (u32)(h[k] >> 32);
     }
     if (nan_m) amax_m = __uint_as_float(0x7fc00000u);
     if (nan_u) amax_u = __uint_as_float(0x7fc00000u);

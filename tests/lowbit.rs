@@ -1,5 +1,5 @@
-//! The modes that move fewer bytes, on the CPU reference: the random stream against
-//! splitmix64's published outputs, stochastic rounding against its definition (exact
+//! The modes that move fewer bytes, on the CPU reference: the random stream against a
+//! Python twin of its formulas, stochastic rounding against its definition (exact
 //! counts over every random input), the 8-bit codes against their documented value
 //! sets, and the optimizer in each mode against the f32 reference.
 
@@ -44,12 +44,36 @@ fn run<T: Storage>(p: Precision, n: usize, steps: usize) -> (Vec<T>, CpuAdamax<T
 }
 
 #[test]
-fn the_stream_is_splitmix64() {
-    // splitmix64 seeded with 0: its first outputs, from the reference implementation
-    // (Vigna, prng.di.unimi.it/splitmix64.c), as quoted by every port.
-    assert_eq!(lowbit::element_bits(0, 0), 0xE220_A839_7B1D_CDAF);
-    assert_eq!(lowbit::element_bits(0, 1), 0x6E78_9E6A_A1B9_65F4);
-    assert_eq!(lowbit::element_bits(0, 2), 0x06C4_5D18_8009_454F);
+fn the_stream_is_splitmix32_words_of_the_key() {
+    // The `a` word of key 0 is splitmix32 seeded with 0 (state += 0x9E3779B9, then
+    // Wellons' lowbias32): its first outputs, and whole draws, from this Python twin of
+    // the module docs' formulas (an implementation apart from the crate's):
+    //   M = 2**32 - 1
+    //   def mix32(x): x ^= x >> 16; x = x * 0x21F0AAAD & M; x ^= x >> 15; x = x * 0x735A2D97 & M; return x ^ x >> 15
+    //   def bits(k, i): h = (i >> 32) * 0x85EBCA6B
+    //       return mix32((k & M) + (i & M) * 0x9E3779B9 + h & M) << 32 | mix32((k >> 32) + (i & M) * 0xC2B2AE35 + h & M)
+    assert_eq!(lowbit::element_bits(0, 1) >> 32, 0x6462_5032);
+    assert_eq!(lowbit::element_bits(0, 2) >> 32, 0xD9C0_799C);
+    assert_eq!(lowbit::element_bits(0, 3) >> 32, 0xAF36_2E10);
+    assert_eq!(lowbit::element_bits(0, 1), 0x6462_5032_5E17_C170);
+    let key = 0x0123_4567_89AB_CDEF;
+    assert_eq!(lowbit::element_bits(key, 5), 0x2028_FF76_0848_DA16);
+    assert_eq!(
+        lowbit::element_bits(key, (1 << 32) + 7),
+        0x8906_F8C0_2087_9922
+    );
+    // Each 16-bit field the roundings take is uniform: 2^16 elements of one stream,
+    // every field's mean within 4 standard errors of the middle.
+    let k = lowbit::stream_key(3, 7, 2);
+    for shift in [0u32, 16, 32, 48] {
+        let n = 1u64 << 16;
+        let sum: f64 = (0..n)
+            .map(|i| ((lowbit::element_bits(k, i) >> shift) & 0xFFFF) as f64)
+            .sum();
+        let mean = sum / n as f64 / 65_536.0;
+        let se = (1.0f64 / 12.0 / n as f64).sqrt();
+        assert!((mean - 0.5).abs() < 4.0 * se, "bits {shift}..: mean {mean}");
+    }
     // Keys differ by seed, step and tensor.
     let k = lowbit::stream_key(1, 1, 0);
     for other in [

@@ -10,19 +10,25 @@
 //! in which threads run, so a run is reproducible and the GPU matches this module:
 //!
 //! ```text
-//! key(seed, t, tensor) = mix(mix(seed ^ t * 0xD1B54A32D192ED03) ^ tensor * 0xAEF17502108EF2D9)
-//! bits(key, i)         = mix(key + (i + 1) * 0x9E3779B97F4A7C15)      (all wrapping u64)
+//! key(seed, t, tensor) = mix64(mix64(seed ^ t * 0xD1B54A32D192ED03) ^ tensor * 0xAEF17502108EF2D9)
+//! a(key, i) = mix32(lo32(key) + lo32(i) * 0x9E3779B9 + hi32(i) * 0x85EBCA6B)
+//! b(key, i) = mix32(hi32(key) + lo32(i) * 0xC2B2AE35 + hi32(i) * 0x85EBCA6B)
+//! bits(key, i) = a << 32 | b                                  (all wrapping)
 //! ```
 //!
-//! `mix` is splitmix64's output function (Steele, Lea & Flood 2014; the constants of
-//! Stafford's "variant 13"), so `bits(key, 0), bits(key, 1), ...` is the splitmix64
-//! sequence seeded with `key`. `t` is the tensor's own step (the step being taken,
-//! counted from one) and `i` the element's index in its tensor. One draw serves the
-//! element: bits 0 to 15 round the parameter, bits 32 to 47 the first moment, bits 48
-//! to 63 the infinity norm (16 random bits each, placed as the 24-bit `r` of
+//! `mix64` is splitmix64's output function (Steele, Lea & Flood 2014; the constants of
+//! Stafford's "variant 13"), taken once per tensor and step; `mix32` is Wellons'
+//! `lowbias32` (hash-prospector; the output function of splitmix32), a bijection of 32
+//! bits, taken once per word an element uses. Within a tensor of fewer than 2^32
+//! elements no two elements draw the same word. A word is about seven instructions on
+//! a GPU, where splitmix64's 64-bit multiplies were about seventeen (issue #19). `t` is
+//! the tensor's own step (the step being taken, counted from one) and `i` the
+//! element's index in its tensor. One draw serves the element: bits 0 to 15 (of `b`)
+//! round the parameter, bits 32 to 47 (of `a`) the first moment, bits 48 to 63 the
+//! infinity norm (16 random bits each, placed as the 24-bit `r` of
 //! [`Code::encode_magnitude`] with a half unit below them: `r = bits << 8 | 0x80`, so a
-//! code rounds up with probability `frac` to within 2^-17; the 8-bit kernels then carry
-//! one 32-bit word per element from the update to the encoder).
+//! code rounds up with probability `frac` to within 2^-17). A mode computes only the
+//! words it uses: `a` with 8-bit state, `b` with stochastic rounding.
 //!
 //! # Stochastic rounding to bf16
 //!
@@ -99,7 +105,9 @@ pub const QBLOCK: usize = 256;
 
 const K_STEP: u64 = 0xD1B5_4A32_D192_ED03;
 const K_TENSOR: u64 = 0xAEF1_7502_108E_F2D9;
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+const WEYL_A: u32 = 0x9E37_79B9;
+const WEYL_B: u32 = 0xC2B2_AE35;
+const WEYL_HIGH: u32 = 0x85EB_CA6B;
 
 /// splitmix64's output function: a bijective 64-bit mix.
 #[doc(hidden)]
@@ -109,16 +117,40 @@ pub const fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A bijective 32-bit mix: Wellons' `lowbias32` (hash-prospector), the output function
+/// of splitmix32.
+#[doc(hidden)]
+pub const fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x21F0_AAAD);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x735A_2D97);
+    x ^ (x >> 15)
+}
+
 /// The key of tensor `tensor`'s stream in its step `t` (from 1).
 #[doc(hidden)]
 pub const fn stream_key(seed: u64, t: u64, tensor: u64) -> u64 {
     mix64(mix64(seed ^ t.wrapping_mul(K_STEP)) ^ tensor.wrapping_mul(K_TENSOR))
 }
 
-/// The 64 random bits of element `i` of a stream.
+/// The 64 random bits of element `i` of a stream: two 32-bit words, each [`mix32`] of
+/// a Weyl sequence offset by one half of the key (see the module docs).
 #[doc(hidden)]
 pub const fn element_bits(key: u64, i: u64) -> u64 {
-    mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)))
+    let (lo, hi) = (i as u32, (i >> 32) as u32);
+    let high = hi.wrapping_mul(WEYL_HIGH);
+    let a = mix32(
+        (key as u32)
+            .wrapping_add(lo.wrapping_mul(WEYL_A))
+            .wrapping_add(high),
+    );
+    let b = mix32(
+        ((key >> 32) as u32)
+            .wrapping_add(lo.wrapping_mul(WEYL_B))
+            .wrapping_add(high),
+    );
+    ((a as u64) << 32) | b as u64
 }
 
 /// The 16 bits that round the parameter.
