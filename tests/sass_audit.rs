@@ -834,6 +834,16 @@ impl Budgets {
 /// Every update within its committed budget, and a budget for every update and none
 /// for a name that is no longer an update.
 fn check(figures: &[Figure], budgets: &Budgets, arch: Arch) -> Result<(), String> {
+    check_within(figures, budgets, arch, 1.0)
+}
+
+/// [`check`] with each budget multiplied by `allowance` (1: the committed figure).
+fn check_within(
+    figures: &[Figure],
+    budgets: &Budgets,
+    arch: Arch,
+    allowance: f64,
+) -> Result<(), String> {
     let mut over = Vec::new();
     for f in figures {
         let Some(budget) = budgets.budget(arch, &f.name) else {
@@ -843,13 +853,18 @@ fn check(figures: &[Figure], budgets: &Budgets, arch: Arch) -> Result<(), String
             ));
             continue;
         };
-        if f.per_parameter() > budget + 1e-9 {
+        if f.per_parameter() > budget * allowance + 1e-9 {
             over.push(format!(
-                "{arch}: {} issues {:.2} instructions per parameter in its hot loop ({} per trip of {} elements), over its budget of {budget}",
+                "{arch}: {} issues {:.2} instructions per parameter in its hot loop ({} per trip of {} elements), over its budget of {budget}{}",
                 f.name,
                 f.per_parameter(),
                 f.trip.instructions,
-                f.elements_per_trip
+                f.elements_per_trip,
+                if allowance > 1.0 {
+                    format!(" (x{allowance} under another NVRTC)")
+                } else {
+                    String::new()
+                }
             ));
         }
     }
@@ -962,9 +977,26 @@ fn hot_loops_fit_their_budgets(arch: Arch) -> Result<(), Failed> {
         report(arch, &figures, Some(&budgets)),
         detail(&figures)
     );
-    check(&figures, &budgets, arch)?;
+    check_within(&figures, &budgets, arch, other_nvrtc_allowance(&budgets))?;
     Ok(())
 }
+
+/// The budgets are one compiler's exact figures. Another NVRTC (the GPU machine's CUDA
+/// 13.0.88, a user's 12.x) schedules a few instructions differently: seen so far, up to
+/// 0.6% more on sm_80's 8-bit updates (13.0.88 against 13.5, on an H200 machine, issue
+/// #22) and a few instructions on sm_100. Outside CI, under another NVRTC, the audit
+/// allows 2% over each budget: a regression of a few instructions per parameter on the
+/// light updates, or a lost lever on the heavy ones, still fails.
+fn other_nvrtc_allowance(budgets: &Budgets) -> f64 {
+    let same = nvrtc_version().is_ok_and(|(a, b)| format!("{a}.{b}") == budgets.measured_with());
+    if same || std::env::var_os("CI").is_some() {
+        1.0
+    } else {
+        OTHER_NVRTC_ALLOWANCE
+    }
+}
+
+const OTHER_NVRTC_ALLOWANCE: f64 = 1.02;
 
 /// The kernel with `extra` dependent f32 operations on the parameter at the top of the
 /// rule (`adamax_update`): work the rule does not need, added in the test only.
@@ -1006,6 +1038,12 @@ fn the_audit_fails_on_a_deliberately_slowed_kernel() -> Result<(), Failed> {
             )
             .into());
         }
+    }
+    if other_nvrtc_allowance(&budgets) > 1.0 {
+        // Another compiler's base figures are not the budgets' (see
+        // other_nvrtc_allowance): the rise above is what this NVRTC can show.
+        eprintln!("under another NVRTC: every update rose by {EXTRA} - 1 or more per parameter");
+        return Ok(());
     }
     match check(&slowed, &budgets, arch) {
         Err(e) => {
@@ -1177,29 +1215,26 @@ fn main() {
         ),
         (None, None) => {}
     }
-    // The budgets are one compiler's exact figures (sm_100's move by a few instructions
-    // between NVRTC 12.9, 13.0 and 13.5; sm_80's and sm_90's do not): under another
-    // NVRTC the audit is ignored, except in CI, where it is checked all the same.
+    // The budgets are one compiler's exact figures: under another NVRTC the audit
+    // allows 2% over them (other_nvrtc_allowance), except in CI, where they are exact.
     let budgets = Budgets::load();
     let measured_with = budgets
         .as_ref()
         .map(Budgets::measured_with)
         .unwrap_or_default();
-    let other_nvrtc = match &nvrtc {
-        Ok((major, minor)) if format!("{major}.{minor}") != measured_with => {
+    if let Ok((major, minor)) = &nvrtc {
+        if format!("{major}.{minor}") != measured_with {
             eprintln!(
                 "NVRTC {major}.{minor} is loaded, the budgets are NVRTC {measured_with}'s: {}",
                 if in_ci {
                     "checked all the same (CI)"
                 } else {
-                    "the audit is ignored"
+                    "checked with a 2% allowance"
                 }
             );
-            true
         }
-        _ => false,
-    };
-    let ignore = (missing.is_some() || other_nvrtc) && !in_ci;
+    }
+    let ignore = missing.is_some() && !in_ci;
     let archs = budgets.map(|b| b.archs()).unwrap_or_default();
     let mut trials: Vec<Trial> = archs
         .into_iter()
