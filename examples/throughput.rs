@@ -5,6 +5,10 @@
 //! the storage modes that move fewer bytes) and L2-defeating rotation as the criterion
 //! bench (benches/step.rs); timed with CUDA events around 50 steps after 10 of warm-up,
 //! median of 5, beside a device-to-device copy of the same bytes in the same run.
+//!
+//! `throughput MODE [SHAPE]` times one mode (`f32`, `bf16_sr_q8`, ...), and one shape
+//! (`flat_2^24`, ...) of it: a short run to profile one kernel under Nsight Compute
+//! (`scripts/gpu_quick.sh`).
 
 #[path = "../benches/common/mod.rs"]
 mod common;
@@ -56,6 +60,7 @@ fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut(usize)) -> Result<f64, Er
 /// element.
 fn run<T: GpuStorage>(
     stream: &Arc<CudaStream>,
+    only: Only,
     label: &str,
     params: ParamMode,
     state: StateFormat,
@@ -69,7 +74,13 @@ fn run<T: GpuStorage>(
         },
         ..AdamaxConfig::default()
     };
+    if only.mode.is_some_and(|m| m != label) {
+        return Ok(());
+    }
     for (name, lens) in shapes() {
+        if only.shape.is_some_and(|s| s != name) {
+            continue;
+        }
         let n: u64 = lens.iter().map(|&x| x as u64).sum();
         let mut sets: Vec<Set<T>> = (0..sets_needed(n))
             .map(|i| Set::with_config(stream, &lens, i as u32, config))
@@ -106,12 +117,32 @@ fn main() -> Result<(), Error> {
         }
     };
     eprintln!("GPU: {}", stream.context().name().unwrap_or_default());
+    let mut args = std::env::args().skip(1);
+    let (mode, shape) = (args.next(), args.next());
+    let only = Only {
+        mode: mode.as_deref(),
+        shape: shape.as_deref(),
+    };
     use {ParamMode::*, StateFormat::*};
-    run::<f32>(&stream, "f32", Master, F32, 28 * 16)?;
-    run::<f16>(&stream, "f16", Master, F32, 28 * 16)?;
-    run::<bf16>(&stream, "bf16", Master, F32, 28 * 16)?;
-    run::<bf16>(&stream, "bf16_sr", Stochastic, F32, 22 * 16)?;
-    run::<f32>(&stream, "f32_q8", Master, Blockwise8, 16 * 16 + 1)?;
-    run::<bf16>(&stream, "bf16_q8", Master, Blockwise8, 16 * 16 + 1)?;
-    run::<bf16>(&stream, "bf16_sr_q8", Stochastic, Blockwise8, 10 * 16 + 1)
+    run::<f32>(&stream, only, "f32", Master, F32, 28 * 16)?;
+    run::<f16>(&stream, only, "f16", Master, F32, 28 * 16)?;
+    run::<bf16>(&stream, only, "bf16", Master, F32, 28 * 16)?;
+    run::<bf16>(&stream, only, "bf16_sr", Stochastic, F32, 22 * 16)?;
+    run::<f32>(&stream, only, "f32_q8", Master, Blockwise8, 16 * 16 + 1)?;
+    run::<bf16>(&stream, only, "bf16_q8", Master, Blockwise8, 16 * 16 + 1)?;
+    run::<bf16>(
+        &stream,
+        only,
+        "bf16_sr_q8",
+        Stochastic,
+        Blockwise8,
+        10 * 16 + 1,
+    )
+}
+
+/// The mode and shape asked for on the command line (all when absent).
+#[derive(Clone, Copy)]
+struct Only<'a> {
+    mode: Option<&'a str>,
+    shape: Option<&'a str>,
 }

@@ -1389,7 +1389,18 @@ fn a_full_step_counter_in_a_replayed_graph_changes_nothing(stream: &Arc<CudaStre
 }
 
 fn main() {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // Under compute-sanitizer (which loads itself through CUDA_INJECTION64_PATH) the
+    // tests run one at a time unless told otherwise: racecheck serialises the GPU work,
+    // and 16 test threads made no test finish in 180 s on an H200, where one thread
+    // runs about a test a second (issue #22).
+    if args.test_threads.is_none()
+        && std::env::var("CUDA_INJECTION64_PATH")
+            .is_ok_and(|p| p.to_lowercase().contains("sanitizer"))
+    {
+        eprintln!("under compute-sanitizer: one test at a time (--test-threads overrides)");
+        args.test_threads = Some(1);
+    }
     let device = gpu_stream();
     match &device {
         Some(s) => eprintln!(
