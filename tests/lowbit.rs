@@ -536,6 +536,19 @@ fn the_codec_takes_any_input_without_panicking() {
         }
         assert_eq!(code.encode(1.0, 0.0, 0), code.max_magnitude_code() as u8);
     }
+    // Any f32 pattern and any 32 random bits (only the low 24 count): a valid code,
+    // the same as for the clamped input, and r's upper byte ignored.
+    let mut z = 0x5EED_u64;
+    for _ in 0..200_000 {
+        z = lowbit::mix64(z.wrapping_add(1));
+        let (q, r) = (f32::from_bits(z as u32), (z >> 32) as u32);
+        for code in [EXP_AVG_CODE, EXP_INF_CODE] {
+            let c = code.encode_magnitude(q, r);
+            assert!(c <= code.max_magnitude_code(), "{code:?} {q:e} {r:#x}");
+            let clamped = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
+            assert_eq!(c, code.encode_magnitude(clamped, r & 0xFF_FFFF), "{q:e}");
+        }
+    }
     // A hand-built moment with a missing scale decodes to NaN, one value per code.
     let odd = Blockwise8 {
         codes: vec![1; 300],
