@@ -523,7 +523,7 @@ __device__ __forceinline__ void step_f32_element(const Scalars& sc, const Tensor
 template <typename T, ParamMode P, bool WHOLE>
 __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalars& sc,
                                           const TensorDesc& t, u64 i0, u64 end, u64 key, float sm, float su,
-                                          float* m, float* u, u32* hi, float& amax_m, float& amax_u) {
+                                          float* m, float* u, float& amax_m, float& amax_u) {
     const unsigned char *codes_m = (const unsigned char*)t.exp_avg, *codes_u = (const unsigned char*)t.exp_inf;
     float p[8], g[8];
     u32 cm[8], cu[8];
@@ -557,7 +557,6 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
     for (int k = 0; k < 8; ++k) {
         m[k] = decode_exp_avg(tables, cm[k], sm);
         u[k] = decode_exp_inf(tables, cu[k], su);
-        hi[k] = mix32(w.a + (u32)k * ADAMAX_WEYL_A);
         h[k] = P == ParamMode::Stochastic ? mix32(w.b + (u32)k * ADAMAX_WEYL_B) : 0;
         adamax_update(sc, p[k], g[k], m[k], u[k]);
         if (!WHOLE && (u64)k >= valid) m[k] = u[k] = 0.0f;
@@ -583,13 +582,15 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
 template <bool WHOLE>
 __device__ __forceinline__ void q8_store(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u64 i0,
                                          u64 end, float nsm, float nsu, const float* m, const float* u,
-                                         const u32* hi) {
+                                         u32 words) {
     unsigned char *codes_m = (unsigned char*)t.exp_avg, *codes_u = (unsigned char*)t.exp_inf;
     const bool code_m = nsm == nsm && nsm != 0.0f, code_u = nsu == nsu && nsu != 0.0f;
     const BlockScale bm = block_scale_of(code_m ? nsm : 1.0f), bu = block_scale_of(code_u ? nsu : 1.0f);
     const bool capped = sc.moment_ratio <= 3.402823466e38f;
-    u32 cm[8], cu[8];
+    u32 cm[8], cu[8], hi[8];  // hi: the upper half of each element's draw, its moments' bits
     // A block of scale 0 (all zero) or NaN stores codes 0; the branches are the warp's.
+#pragma unroll
+    for (int k = 0; k < 8; ++k) hi[k] = mix32(words + (u32)k * ADAMAX_WEYL_A);
 #pragma unroll
     for (int k = 0; k < 8; ++k) cu[k] = code_u ? encode_exp_inf(u[k], bu, ((hi[k] >> 16) << 8) | 0x80u) : 0u;
     if (code_m) {
@@ -633,13 +634,13 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
     const bool whole = aligned && i0 + 8 <= end;
     float *scale_m = (float*)t.exp_avg_scale, *scale_u = (float*)t.exp_inf_scale;
     float m[8], u[8], amax_m = 0.0f, amax_u = 0.0f;
-    u32 hi[8];  // the upper half of each element's draw: its moments' rounding bits
     const float sm = scale_m[block], su = scale_u[block];
-    if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, key, sm, su, m, u, hi, amax_m, amax_u);
-    else q8_update<T, P, false>(tables, sc, t, i0, end, key, sm, su, m, u, hi, amax_m, amax_u);
+    if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, key, sm, su, m, u, amax_m, amax_u);
+    else q8_update<T, P, false>(tables, sc, t, i0, end, key, sm, su, m, u, amax_m, amax_u);
+    const u32 words = weyl_at(key, i0).a;  // the moments' words, drawn as they are encoded
     const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
-    if (whole) q8_store<true>(tables, sc, t, i0, end, nsm, nsu, m, u, hi);
-    else q8_store<false>(tables, sc, t, i0, end, nsm, nsu, m, u, hi);
+    if (whole) q8_store<true>(tables, sc, t, i0, end, nsm, nsu, m, u, words);
+    else q8_store<false>(tables, sc, t, i0, end, nsm, nsu, m, u, words);
     if ((threadIdx.x & 31) == 0) scale_m[block] = nsm, scale_u[block] = nsu;
 }
 
