@@ -114,6 +114,18 @@ pub enum Error {
         /// Elements the buffer has.
         found: usize,
     },
+    /// A tensor shape whose element count is not its tensor's.
+    #[error("AdaMax: shape {shape:?} of tensor {tensor} holds {found} elements but the tensor has {expected}; give the shape its parameter has (PyTorch's `param.shape`), whose product is the tensor's length")]
+    ShapeMismatch {
+        /// Index of the tensor in the parameter list.
+        tensor: usize,
+        /// The shape given.
+        shape: Vec<usize>,
+        /// Elements the tensor has.
+        expected: usize,
+        /// Elements the shape holds (saturated at `u128::MAX`).
+        found: u128,
+    },
     /// A tensor index past the end of the optimizer's list.
     #[error("AdaMax: tensor index {index} is out of range: the optimizer holds {count} tensors (indices 0..{count})")]
     TensorIndexOutOfRange {

@@ -88,6 +88,17 @@ pub trait Optimizer {
     /// from the next step on.
     fn set_tensor_hyper(&mut self, tensor: usize, hyper: TensorHyper) -> Result<()>;
 
+    /// Every tensor's shape, in order: `[len]` unless set with
+    /// [`Optimizer::set_tensor_shape`] or restored from a checkpoint that has another.
+    fn tensor_shapes(&self) -> &[Vec<usize>];
+    /// Gives tensor `tensor` its parameter's shape (PyTorch's `param.shape`, `[]` for a
+    /// scalar), which checkpoints then give its per-element state, as PyTorch's
+    /// `state_dict` does. Only what files hold changes: steps see the elements in
+    /// order. The product must be the tensor's length ([`Error::ShapeMismatch`]).
+    ///
+    /// [`Error::ShapeMismatch`]: crate::Error::ShapeMismatch
+    fn set_tensor_shape(&mut self, tensor: usize, shape: &[usize]) -> Result<()>;
+
     /// The options of every step (unscaling, overflow skip, clipping).
     fn options(&self) -> StepOptions;
     /// Sets the options of every following step.
@@ -115,6 +126,7 @@ pub trait Optimizer {
             step: self.step_count()?,
             storage: <Self::Storage as Storage>::TYPE,
             tensors: self.state()?,
+            shapes: self.tensor_shapes().to_vec(),
             hypers: self.tensor_hypers().to_vec(),
             options: self.options(),
             scaler: self.loss_scaler()?,

@@ -929,6 +929,7 @@ fn headers_larger_than_load_reads_are_refused_before_writing() {
         step: 0,
         storage: StorageType::F32,
         tensors: vec![adamax_cuda::TensorState::default(); n],
+        shapes: vec![vec![0]; n],
         hypers: vec![TensorHyper::from_config(&AdamaxConfig::default()); n],
         options: Default::default(),
         scaler: None,
@@ -1345,4 +1346,103 @@ fn a_missing_tensor_step_key_is_refused() {
     let edited = edited_header(&bytes, |h| h.replace("\"tensor.1.step\":\"1\",", ""));
     assert_ne!(edited, bytes);
     refused_load(&edited, "`tensor.1.step` is missing");
+}
+
+/// Issue #21: a tensor's state keeps its parameter's shape (PyTorch's `state_dict`
+/// has `exp_avg` shaped as the parameter), in every state format: per-element entries
+/// N-D, 8-bit block scales 1-D; the shapes travel through save, load and restore; a
+/// shape whose product is not the tensor's length is refused and changes nothing; a
+/// file whose entries of one tensor disagree on the shape is refused.
+#[test]
+fn n_d_shapes_are_kept_and_checked() {
+    use adamax_cuda::{ParamMode, Precision, StateFormat};
+    for precision in [
+        Precision::default(),
+        Precision {
+            params: ParamMode::Master,
+            state: StateFormat::Blockwise8,
+            seed: 3,
+        },
+    ] {
+        let config = AdamaxConfig {
+            precision,
+            ..AdamaxConfig::default()
+        };
+        let mut p = vec![vec![0.5f32; 24], vec![1.0f32; 300], vec![2.0f32; 1]];
+        let refs: Vec<&[f32]> = p.iter().map(|x| x.as_slice()).collect();
+        let mut opt = CpuAdamax::new(config, &refs).unwrap();
+        assert_eq!(opt.tensor_shapes(), [vec![24], vec![300], vec![1]]);
+        let shapes = [vec![2, 3, 4], vec![3, 10, 10], vec![]];
+        for (i, s) in shapes.iter().enumerate() {
+            opt.set_tensor_shape(i, s).unwrap();
+        }
+        // Refused, and nothing changed: a wrong product, an overflowing one, no tensor.
+        for (i, s) in [(0, vec![5, 5]), (1, vec![usize::MAX, 2]), (2, vec![0])] {
+            match opt.set_tensor_shape(i, &s) {
+                Err(e @ Error::ShapeMismatch { .. }) => {
+                    assert!(e.to_string().contains("param.shape"), "{e}")
+                }
+                other => panic!("{s:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            opt.set_tensor_shape(3, &[1]),
+            Err(Error::TensorIndexOutOfRange { index: 3, count: 3 })
+        ));
+        assert_eq!(opt.tensor_shapes(), shapes);
+        step_all(
+            &mut opt,
+            &mut p,
+            &[vec![0.1; 24], vec![-0.2; 300], vec![0.3; 1]],
+        );
+        let bytes = opt.checkpoint().unwrap().to_bytes().unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let per_element = if precision.state == StateFormat::F32 {
+            "exp_avg"
+        } else {
+            "exp_avg_q8"
+        };
+        for (i, s) in shapes.iter().enumerate() {
+            assert_eq!(
+                st.tensor(&format!("state.{i}.{per_element}"))
+                    .unwrap()
+                    .shape(),
+                s
+            );
+        }
+        if precision.state == StateFormat::Blockwise8 {
+            assert_eq!(st.tensor("state.1.exp_avg_q8_scale").unwrap().shape(), [2]);
+        }
+        let back = Checkpoint::from_bytes(&bytes).unwrap();
+        assert_eq!(back.shapes, shapes);
+        let refs: Vec<&[f32]> = p.iter().map(|x| x.as_slice()).collect();
+        let mut fresh = CpuAdamax::new(config, &refs).unwrap();
+        fresh.restore(&back).unwrap();
+        assert_eq!(fresh.tensor_shapes(), shapes);
+        assert_eq!(fresh.checkpoint().unwrap().to_bytes().unwrap(), bytes);
+        // A checkpoint whose shape does not fit its tensor is refused by save and
+        // restore.
+        let mut bad = back.clone();
+        bad.shapes[0] = vec![5, 5];
+        assert!(matches!(bad.to_bytes(), Err(Error::Checkpoint { .. })));
+        assert!(fresh.restore(&bad).is_err());
+        assert_eq!(fresh.tensor_shapes(), shapes);
+        // Entries of one tensor that disagree on the shape (checksum recomputed).
+        let other = if precision.state == StateFormat::F32 {
+            "state.0.exp_inf"
+        } else {
+            "state.0.exp_inf_q8"
+        };
+        let text = |s: &[usize]| format!("{s:?}").replace(' ', "");
+        let edited = edited_header(&bytes, |h| {
+            let at = h.find(&format!("\"{other}\"")).unwrap();
+            let (head, tail) = h.split_at(at);
+            format!("{head}{}", tail.replacen(&text(&shapes[0]), "[4,3,2]", 1))
+        });
+        assert_ne!(edited, bytes);
+        refused_load(&edited, "expected [2, 3, 4]");
+    }
+    // A 1-D file (PyTorch's, written before shapes) reads as 1-D shapes.
+    let torch = Checkpoint::from_bytes(TORCH_FILE).unwrap();
+    assert_eq!(torch.shapes, [vec![5], vec![33], vec![0]]);
 }

@@ -197,8 +197,9 @@ fn a_non_finite_gradient_skips_the_whole_step<T: GpuStorage, B: Backend<T>>() ->
     Ok(())
 }
 
-/// With clipping and a loss scaler too: the checkpoint carries both, so a fresh
-/// optimizer (built without them) resumes the scaled, clipped run exactly.
+/// With clipping, a loss scaler and N-D shapes too: the checkpoint carries them, so a
+/// fresh optimizer (built without them) resumes the scaled, clipped run exactly, and
+/// saves the same file.
 fn resuming_from_a_checkpoint_equals_an_unbroken_run<T: GpuStorage, B: Backend<T>>() -> R {
     let mut a = B::new(config(), &values::<T>(0, 1.0))?;
     a.opt().set_options(StepOptions {
@@ -217,10 +218,18 @@ fn resuming_from_a_checkpoint_equals_an_unbroken_run<T: GpuStorage, B: Backend<T
             weight_decay: 0.0,
         },
     )?;
+    // The parameters' shapes (PyTorch's N-D state), which the files keep.
+    let shapes = [vec![17, 241], vec![1, 3], vec![0, 5], vec![70_001, 1]];
+    for (i, shape) in shapes.iter().enumerate() {
+        a.opt().set_tensor_shape(i, shape)?;
+    }
     for t in 1..=4 {
         a.step(&values(t, 0.1))?;
     }
     let ck = Checkpoint::from_bytes(&a.opt().checkpoint()?.to_bytes()?)?;
+    if ck.shapes != shapes {
+        return Err(format!("the file's shapes are {:?}", ck.shapes).into());
+    }
     let params_at_4 = a.params()?;
     for t in 5..=8 {
         a.step(&values(t, 0.1))?;
@@ -241,6 +250,9 @@ fn resuming_from_a_checkpoint_equals_an_unbroken_run<T: GpuStorage, B: Backend<T
     }
     if a.opt().options() != b.opt().options() || a.opt().loss_scaler()? != b.opt().loss_scaler()? {
         return Err("the options or the loss scaler did not travel with the checkpoint".into());
+    }
+    if b.opt().tensor_shapes() != shapes {
+        return Err("the shapes did not travel with the checkpoint".into());
     }
     // save_checkpoint (streamed from the device on the GPU) writes exactly the bytes of
     // the in-memory checkpoint.

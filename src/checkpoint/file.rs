@@ -19,10 +19,7 @@ use super::{refuse, Checkpoint, Entry};
 use crate::error::Error;
 use crate::{
     config::Precision,
-    state::{
-        parts::{Data, Elem},
-        TensorState,
-    },
+    state::parts::{Data, Elem},
     storage::StorageType,
 };
 
@@ -189,9 +186,9 @@ impl Plan {
         mut meta: BTreeMap<String, String>,
         storage: StorageType,
         precision: &Precision,
-        lens: impl Iterator<Item = usize>,
+        shapes: &[Vec<usize>],
     ) -> Result<Self, Error> {
-        let (specs, which) = entries(storage, precision, lens);
+        let (specs, which) = entries(storage, precision, shapes)?;
         let sum = Checksum::new(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         meta.insert(CHECKSUM_KEY.to_owned(), PLACEHOLDER.to_owned());
         let mut header = serde_json::Map::new();
@@ -276,18 +273,32 @@ fn check_header_len(n: u64) -> Result<(), u64> {
     }
 }
 
-/// The entries of a file of tensors of `lens` with `storage`, in name order (the file's
-/// and the checksum's order), and which tensor and part each one is.
+/// A file's entries, in name order, and which tensor and part each one is.
+type Entries = (Vec<EntrySpec>, Vec<(usize, Entry)>);
+
+/// The entries of a file of tensors of `shapes` with `storage`, in name order (the
+/// file's and the checksum's order), and which tensor and part each one is: a tensor's
+/// per-element entries have its shape, its block scales `[blocks]`, its step `[]`.
+/// Refuses a shape whose element count overflows.
 fn entries(
     storage: StorageType,
     precision: &Precision,
-    lens: impl Iterator<Item = usize>,
-) -> (Vec<EntrySpec>, Vec<(usize, Entry)>) {
+    shapes: &[Vec<usize>],
+) -> Result<Entries, Error> {
     let mut all: Vec<(EntrySpec, (usize, Entry))> = Vec::new();
-    for (i, n) in lens.enumerate() {
+    for (i, tensor_shape) in shapes.iter().enumerate() {
+        let n = super::head::shape_len(tensor_shape).ok_or_else(|| {
+            refuse(format!(
+                "tensor {i}'s shape {tensor_shape:?} holds more elements than an address can count"
+            ))
+        })?;
         for e in Entry::of(storage, precision) {
             let len = e.len(n);
-            let shape = if e == Entry::Step { vec![] } else { vec![len] };
+            let shape = match e.part() {
+                None => vec![],
+                Some(p) if p.per_block() => vec![len],
+                Some(_) => tensor_shape.clone(),
+            };
             let name = e.name(i);
             let elem = e.elem();
             all.push((
@@ -302,18 +313,13 @@ fn entries(
         }
     }
     all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    all.into_iter().unzip()
+    Ok(all.into_iter().unzip())
 }
 
 /// The file of `ck` (validated first).
 pub(super) fn plan(ck: &Checkpoint) -> Result<Plan, Error> {
     ck.validate()?;
-    Plan::new(
-        ck.metadata(),
-        ck.storage,
-        &ck.config.precision,
-        ck.tensors.iter().map(TensorState::len),
-    )
+    Plan::new(ck.metadata(), ck.storage, &ck.config.precision, &ck.shapes)
 }
 
 /// Writes `ck`'s file, planned by [`plan`]: entries in name order, header keys sorted,
@@ -412,14 +418,7 @@ mod tests {
     #[test]
     fn writer_and_reader_share_the_header_limit() {
         let meta = |len: usize| BTreeMap::from([("big".to_owned(), "x".repeat(len))]);
-        let plan = |len| {
-            Plan::new(
-                meta(len),
-                StorageType::F32,
-                &Precision::default(),
-                std::iter::empty(),
-            )
-        };
+        let plan = |len| Plan::new(meta(len), StorageType::F32, &Precision::default(), &[]);
         assert!(plan(0).is_ok());
         match plan(MAX_HEADER as usize) {
             Err(Error::Checkpoint { reason }) => {

@@ -29,6 +29,8 @@ pub(crate) struct Head<'a> {
     pub storage: StorageType,
     /// Each tensor's own step count, in order.
     pub tensor_steps: &'a [u64],
+    /// Each tensor's shape (its per-element entries'), in order.
+    pub shapes: &'a [Vec<usize>],
     pub hypers: &'a [TensorHyper],
     pub options: &'a StepOptions,
     pub scaler: Option<&'a LossScaler>,
@@ -128,6 +130,13 @@ impl Head<'_> {
                 self.tensor_steps.len()
             )));
         }
+        if self.shapes.len() != self.tensor_steps.len() {
+            return Err(refuse(format!(
+                "it holds shapes for {} tensors and state for {}",
+                self.shapes.len(),
+                self.tensor_steps.len()
+            )));
+        }
         if let Some(i) = self.tensor_steps.iter().position(|&t| t > self.step) {
             return Err(refuse(format!(
                 "tensor {i} took {} steps but the optimizer only {}",
@@ -136,6 +145,12 @@ impl Head<'_> {
         }
         Ok(())
     }
+}
+
+/// The element count of a tensor of `shape` (1 for `[]`, a scalar); `None` when it
+/// overflows.
+pub(crate) fn shape_len(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
 /// Writes a checkpoint file of `head` and tensors of `lens` to `path` atomically, one
@@ -150,16 +165,22 @@ pub(crate) fn save_streamed(
     mut fetch: impl FnMut(usize, Part, &mut Data) -> Result<()>,
 ) -> Result<()> {
     head.validate()?;
-    if lens.len() != head.tensor_steps.len() {
+    if lens.len() != head.tensor_steps.len()
+        || head
+            .shapes
+            .iter()
+            .zip(lens)
+            .any(|(s, &n)| shape_len(s) != Some(n))
+    {
         return Err(Error::Internal {
-            what: "a streamed checkpoint with one length per tensor expected",
+            what: "a streamed checkpoint with one length and shape per tensor expected",
         });
     }
     let plan = file::Plan::new(
         head.metadata(),
         head.storage,
         &head.config.precision,
-        lens.iter().copied(),
+        head.shapes,
     )?;
     let mut pairs = Pairs::new(MomentBound::of(head.config));
     let mut refusal = None;

@@ -4,11 +4,13 @@
 //! resumed run continues from bit for bit.
 //!
 //! Tensor names follow PyTorch's `torch.optim.Adamax` `state_dict()["state"]`, so state
-//! moves between the two: `state.{i}.exp_avg` and `state.{i}.exp_inf` (f32, shape
-//! `[n]`) and `state.{i}.step` (an f32 scalar, PyTorch's own type for it), for tensor
+//! moves between the two: `state.{i}.exp_avg` and `state.{i}.exp_inf` (f32, of the
+//! tensor's shape: its parameter's, as PyTorch's `state_dict` has it, when the optimizer
+//! was given it with [`Optimizer::set_tensor_shape`](crate::Optimizer::set_tensor_shape), else `[n]`; [`Checkpoint::shapes`])
+//! and `state.{i}.step` (an f32 scalar, PyTorch's own type for it), for tensor
 //! `i` in parameter order; 16-bit parameters add their f32 master weights as
-//! `master.{i}`. With [`StateFormat::Blockwise8`] the moments are saved as stored:
-//! `state.{i}.exp_avg_q8` and `state.{i}.exp_inf_q8` (U8 codes, shape `[n]`) and
+//! `master.{i}` (of the tensor's shape). With [`StateFormat::Blockwise8`] the moments are saved as stored:
+//! `state.{i}.exp_avg_q8` and `state.{i}.exp_inf_q8` (U8 codes, of the tensor's shape) and
 //! `state.{i}.exp_avg_q8_scale` and `state.{i}.exp_inf_q8_scale` (f32, one per block of
 //! [`QBLOCK`](crate::spec::lowbit::QBLOCK), shape `[ceil(n / QBLOCK)]`), in place of
 //! `exp_avg` and `exp_inf`; [`ParamMode::Stochastic`] has no `master.{i}`.
@@ -50,7 +52,8 @@
 //! Loading checks everything before an optimizer's state is touched: the checksum, the
 //! format, the metadata keys (only those its writer writes: a file in PyTorch's format,
 //! which carries no checksum, may hold only PyTorch's), every tensor's presence, type
-//! and shape, counts against what the file holds (before anything is sized from them),
+//! and shape (a tensor's per-element entries share one shape, its block scales are
+//! 1-D), counts against what the file holds (before anything is sized from them),
 //! the configuration and per-tensor settings, and the state itself, which must be one a
 //! run can reach (`src/checkpoint/valid.rs`): finite moments and scales, `exp_inf >=
 //! 0`, zero moments before a tensor's first step, AdaMax's bound `|exp_avg| <= c *
@@ -117,6 +120,13 @@ pub struct Checkpoint {
     pub storage: StorageType,
     /// Per-tensor state, in parameter order (masters empty for f32).
     pub tensors: Vec<TensorState>,
+    /// Each tensor's shape, in parameter order, as its parameter has it (PyTorch's
+    /// `param.shape`; `[n]` unless set with [`Optimizer::set_tensor_shape`]): the shape of
+    /// its per-element entries in the file (moments, codes, master). The product of a
+    /// shape is its tensor's element count (`[]`, a scalar, holds one).
+    ///
+    /// [`Optimizer::set_tensor_shape`]: crate::Optimizer::set_tensor_shape
+    pub shapes: Vec<Vec<usize>>,
     /// Per-tensor hyperparameters, in parameter order.
     pub hypers: Vec<TensorHyper>,
     /// The step options in force (default in PyTorch's files).
@@ -246,8 +256,24 @@ impl Checkpoint {
         let precision = &self.config.precision;
         let entries = Entry::of(self.storage, precision);
         let bound = MomentBound::of(&self.config);
+        if self.shapes.len() != self.tensors.len() {
+            return Err(refuse(format!(
+                "it holds shapes for {} tensors and state for {}",
+                self.shapes.len(),
+                self.tensors.len()
+            )));
+        }
         for (i, t) in self.tensors.iter().enumerate() {
             let n = t.len();
+            if head::shape_len(&self.shapes[i]) != Some(n) {
+                return Err(refuse(format!(
+                    "tensor {i} has {n} elements but its shape {:?} holds {}",
+                    self.shapes[i],
+                    head::shape_len(&self.shapes[i])
+                        .map_or("more than an address can count".to_owned(), |k| k
+                            .to_string())
+                )));
+            }
             for part in Part::ALL {
                 let expected = if entries.contains(&Entry::Part(part)) {
                     part.len(n)
@@ -347,6 +373,7 @@ impl Checkpoint {
             step: self.step,
             storage: self.storage,
             tensor_steps,
+            shapes: &self.shapes,
             hypers: &self.hypers,
             options: &self.options,
             scaler: self.scaler.as_ref(),

@@ -106,46 +106,55 @@ impl Checkpoint {
                     entries.len()
                 ))
             })?;
-        let mut take = |entry: Entry, i: usize, len: Option<usize>| -> Result<Data> {
-            let name = entry.name(i);
-            let t = entries_in_file
-                .remove(&name)
-                .ok_or_else(|| refuse(format!("`{name}` is missing")))?;
-            let shape: Option<Vec<usize>> = match (entry, len) {
-                (Entry::Step, _) => Some(vec![]),
-                (_, Some(n)) => Some(vec![n]),
-                (_, None) => None,
+        // `shape`: the one expected, or `None` for a tensor's first per-element entry,
+        // whose shape (any, N-D as PyTorch's) is then the tensor's.
+        let mut take =
+            |entry: Entry, i: usize, shape: Option<&[usize]>| -> Result<(Data, Vec<usize>)> {
+                let name = entry.name(i);
+                let t = entries_in_file
+                    .remove(&name)
+                    .ok_or_else(|| refuse(format!("`{name}` is missing")))?;
+                let fits = super::head::shape_len(&t.shape) == Some(t.data.len());
+                if !fits || shape.is_some_and(|s| t.shape != s) {
+                    return Err(refuse(format!(
+                        "`{name}` has shape {:?}{}, expected {}",
+                        t.shape,
+                        if fits {
+                            String::new()
+                        } else {
+                            format!(" but {} values", t.data.len())
+                        },
+                        shape.map_or("its tensor's".to_owned(), |s| format!("{s:?}"))
+                    )));
+                }
+                if t.data.elem() != entry.elem() {
+                    return Err(refuse(format!(
+                        "`{name}` is {:?}, expected {:?}",
+                        file::dtype(t.data.elem()),
+                        file::dtype(entry.elem())
+                    )));
+                }
+                Ok((t.data, t.shape))
             };
-            let ok = match &shape {
-                Some(s) => &t.shape == s,
-                None => t.shape.len() == 1,
-            };
-            if !ok {
-                return Err(refuse(format!(
-                    "`{name}` has shape {:?}, expected {}",
-                    t.shape,
-                    shape.map_or("1-D".to_owned(), |s| format!("{s:?}"))
-                )));
-            }
-            if t.data.elem() != entry.elem() {
-                return Err(refuse(format!(
-                    "`{name}` is {:?}, expected {:?}",
-                    file::dtype(t.data.elem()),
-                    file::dtype(entry.elem())
-                )));
-            }
-            Ok(t.data)
-        };
         let mut tensors = Vec::with_capacity(n_tensors);
+        let mut shapes = Vec::with_capacity(n_tensors);
         for i in 0..n_tensors {
             let mut state = TensorState::default();
-            // The first entry fixes the element count; the others must agree with it.
-            let mut n = None;
+            // The first per-element entry fixes the tensor's shape (so its element
+            // count); the others must agree with it, and the block scales with the count.
+            let mut shape: Option<Vec<usize>> = None;
             for &e in &entries {
                 let Some(part) = e.part() else { continue };
-                let data = take(e, i, n.map(|n| part.len(n)))?;
-                if n.is_none() {
-                    n = Some(data.len());
+                let expected = match &shape {
+                    None => None,
+                    Some(s) if part.per_block() => {
+                        Some(vec![part.len(super::head::shape_len(s).unwrap_or(0))])
+                    }
+                    Some(s) => Some(s.clone()),
+                };
+                let (data, found) = take(e, i, expected.as_deref())?;
+                if shape.is_none() {
+                    shape = Some(found);
                 }
                 part.store(&mut state, data)?;
             }
@@ -153,7 +162,7 @@ impl Checkpoint {
             // the metadata's for this tensor, else the optimizer's, else (a PyTorch file
             // whose tensors took different numbers of steps) the scalar itself when it
             // is a whole number that f32 holds exactly.
-            let s = match take(Entry::Step, i, None)? {
+            let s = match take(Entry::Step, i, Some(&[]))?.0 {
                 Data::F32(v) => v.first().copied().unwrap_or(f32::NAN),
                 Data::U8(_) => f32::NAN,
             };
@@ -178,6 +187,7 @@ impl Checkpoint {
             }
             state.step = tensor_step;
             tensors.push(state);
+            shapes.push(shape.unwrap_or_default());
         }
         let mut hypers = vec![TensorHyper::from_config(&config); n_tensors];
         for (i, h) in hypers.iter_mut().enumerate() {
@@ -242,6 +252,7 @@ impl Checkpoint {
             step,
             storage,
             tensors,
+            shapes,
             hypers,
             options,
             scaler,

@@ -70,14 +70,15 @@ impl<T: Storage> CpuAdamax<T> {
     /// Validates `config` and creates zeroed state (and f32 masters for 16-bit types)
     /// for `params`. An empty list is refused; empty tensors are fine.
     pub fn new(config: AdamaxConfig, params: &[&[T]]) -> Result<Self> {
-        let schedule = Schedule::new(config, params.len())?;
+        let lens: Vec<usize> = params.iter().map(|p| p.len()).collect();
+        let schedule = Schedule::new(config, &lens)?;
         config.precision.check_storage(T::TYPE)?;
         if params.is_empty() {
             return Err(Error::EmptyParameterList);
         }
         Ok(Self {
             schedule,
-            lens: params.iter().map(|p| p.len()).collect(),
+            lens,
             states: params
                 .iter()
                 .map(|p| TensorState::with_precision(p, &config.precision))
@@ -243,6 +244,14 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         self.schedule.set_hyper(tensor, hyper)
     }
 
+    fn tensor_shapes(&self) -> &[Vec<usize>] {
+        self.schedule.shapes()
+    }
+
+    fn set_tensor_shape(&mut self, tensor: usize, shape: &[usize]) -> Result<()> {
+        self.schedule.set_shape(tensor, shape)
+    }
+
     fn options(&self) -> StepOptions {
         self.options
     }
@@ -292,7 +301,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
         ck.check_fits(T::TYPE, &self.schedule.config().precision, &self.lens)?;
         let mut schedule = self.schedule.clone();
-        schedule.replace(ck.config, &ck.hypers)?;
+        schedule.replace(ck.config, &ck.hypers, &ck.shapes)?;
         self.schedule = schedule;
         self.states = ck.tensors.clone();
         self.step = ck.step;

@@ -88,17 +88,37 @@ impl TensorState {
 pub(crate) struct Schedule {
     config: AdamaxConfig,
     hypers: Vec<TensorHyper>,
+    /// Each tensor's shape, for checkpoints: `[len]` unless set.
+    shapes: Vec<Vec<usize>>,
 }
 
 impl Schedule {
-    /// The config's own hyperparameters for `tensors` tensors; refuses an invalid
-    /// `config`.
-    pub(crate) fn new(config: AdamaxConfig, tensors: usize) -> Result<Self> {
+    /// The config's own hyperparameters and 1-D shapes for tensors of `lens`; refuses
+    /// an invalid `config`.
+    pub(crate) fn new(config: AdamaxConfig, lens: &[usize]) -> Result<Self> {
         config.validate()?;
         Ok(Self {
             config,
-            hypers: vec![TensorHyper::from_config(&config); tensors],
+            hypers: vec![TensorHyper::from_config(&config); lens.len()],
+            shapes: lens.iter().map(|&n| vec![n]).collect(),
         })
+    }
+
+    pub(crate) fn shapes(&self) -> &[Vec<usize>] {
+        &self.shapes
+    }
+
+    /// Sets tensor `i`'s shape, whose product must be its element count.
+    pub(crate) fn set_shape(&mut self, i: usize, shape: &[usize]) -> Result<()> {
+        let count = self.shapes.len();
+        let slot = self
+            .shapes
+            .get_mut(i)
+            .ok_or(Error::TensorIndexOutOfRange { index: i, count })?;
+        let expected = slot.iter().product::<usize>();
+        check_shape(i, shape, expected)?;
+        *slot = shape.to_vec();
+        Ok(())
     }
 
     pub(crate) fn config(&self) -> &AdamaxConfig {
@@ -130,20 +150,48 @@ impl Schedule {
         Ok(())
     }
 
-    /// Replaces both, after the same checks (for a restore).
-    pub(crate) fn replace(&mut self, config: AdamaxConfig, hypers: &[TensorHyper]) -> Result<()> {
-        if hypers.len() != self.hypers.len() {
-            return Err(Error::TensorCountMismatch {
-                what: "hyperparameters",
-                expected: self.hypers.len(),
-                found: hypers.len(),
-            });
+    /// Replaces all three, after the same checks (for a restore).
+    pub(crate) fn replace(
+        &mut self,
+        config: AdamaxConfig,
+        hypers: &[TensorHyper],
+        shapes: &[Vec<usize>],
+    ) -> Result<()> {
+        for (what, found) in [("hyperparameters", hypers.len()), ("shapes", shapes.len())] {
+            if found != self.hypers.len() {
+                return Err(Error::TensorCountMismatch {
+                    what,
+                    expected: self.hypers.len(),
+                    found,
+                });
+            }
         }
         check_pairs(&config, hypers)?;
+        for (i, (new, old)) in shapes.iter().zip(&self.shapes).enumerate() {
+            check_shape(i, new, old.iter().product())?;
+        }
         self.config = config;
         self.hypers = hypers.to_vec();
+        self.shapes = shapes.to_vec();
         Ok(())
     }
+}
+
+/// Checks that `shape` holds `expected` elements (tensor `tensor`'s count).
+pub(crate) fn check_shape(tensor: usize, shape: &[usize], expected: usize) -> Result<()> {
+    let found = shape
+        .iter()
+        .try_fold(1u128, |n, &d| n.checked_mul(d as u128))
+        .unwrap_or(u128::MAX);
+    if found != expected as u128 {
+        return Err(Error::ShapeMismatch {
+            tensor,
+            shape: shape.to_vec(),
+            expected,
+            found,
+        });
+    }
+    Ok(())
 }
 
 /// Validates `config` and every per-tensor setting with it.

@@ -131,7 +131,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
 
     /// Validates, lays out, compiles or fetches the kernels, and allocates zeroed state.
     fn allocate(stream: &Arc<CudaStream>, config: AdamaxConfig, lens: Vec<usize>) -> Result<Self> {
-        let schedule = Schedule::new(config, lens.len())?;
+        let schedule = Schedule::new(config, &lens)?;
         config.precision.check_storage(T::TYPE)?;
         if lens.is_empty() {
             return Err(Error::EmptyParameterList);

@@ -59,6 +59,14 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         Ok(())
     }
 
+    fn tensor_shapes(&self) -> &[Vec<usize>] {
+        self.schedule.shapes()
+    }
+
+    fn set_tensor_shape(&mut self, tensor: usize, shape: &[usize]) -> Result<()> {
+        self.schedule.set_shape(tensor, shape)
+    }
+
     fn tensor_lens(&self) -> &[usize] {
         self.state.layout().lens()
     }
@@ -173,6 +181,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             step: self.step_count()?,
             storage: T::TYPE,
             tensor_steps: &steps,
+            shapes: self.schedule.shapes(),
             hypers: self.schedule.hypers(),
             options: &options,
             scaler: scaler.as_ref(),
@@ -203,7 +212,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             self.state.layout().lens(),
         )?;
         let mut schedule = self.schedule.clone();
-        schedule.replace(ck.config, &ck.hypers)?;
+        schedule.replace(ck.config, &ck.hypers, &ck.shapes)?;
         refuse_during_capture(
             &self.stream,
             "restoring a checkpoint",
