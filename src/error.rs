@@ -115,7 +115,7 @@ pub enum Error {
         found: usize,
     },
     /// A tensor shape whose element count is not its tensor's.
-    #[error("AdaMax: shape {shape:?} of tensor {tensor} holds {found} elements but the tensor has {expected}; give the shape its parameter has (PyTorch's `param.shape`), whose product is the tensor's length")]
+    #[error("AdaMax: shape {shape:?} of tensor {tensor} holds {} elements but the tensor has {expected}; give the shape its parameter has (PyTorch's `param.shape`), whose product is the tensor's length", .found.map_or_else(|| "more than usize::MAX".to_owned(), |n| n.to_string()))]
     ShapeMismatch {
         /// Index of the tensor in the parameter list.
         tensor: usize,
@@ -123,8 +123,8 @@ pub enum Error {
         shape: Vec<usize>,
         /// Elements the tensor has.
         expected: usize,
-        /// Elements the shape holds (saturated at `u128::MAX`).
-        found: u128,
+        /// Elements the shape holds; `None` when the product overflows `usize`.
+        found: Option<usize>,
     },
     /// A tensor index past the end of the optimizer's list.
     #[error("AdaMax: tensor index {index} is out of range: the optimizer holds {count} tensors (indices 0..{count})")]

@@ -95,6 +95,8 @@ pub trait Optimizer {
     /// scalar), which checkpoints then give its per-element state, as PyTorch's
     /// `state_dict` does. Only what files hold changes: steps see the elements in
     /// order. The product must be the tensor's length ([`Error::ShapeMismatch`]).
+    /// [`Optimizer::restore`] takes the checkpoint's shapes, `[n]` for a file written
+    /// without them: set the shapes again after restoring such a file.
     ///
     /// [`Error::ShapeMismatch`]: crate::Error::ShapeMismatch
     fn set_tensor_shape(&mut self, tensor: usize, shape: &[usize]) -> Result<()>;

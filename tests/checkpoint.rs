@@ -1445,6 +1445,22 @@ fn n_d_shapes_are_kept_and_checked() {
     // A 1-D file (PyTorch's, written before shapes) reads as 1-D shapes.
     let torch = Checkpoint::from_bytes(TORCH_FILE).unwrap();
     assert_eq!(torch.shapes, [vec![5], vec![33], vec![0]]);
+    // A tensor of no elements: any shape with a 0 whose running product does not
+    // overflow, by the same rule as the files (found by a hostile review: a shape
+    // accepted here that no save accepted, and a panic on the next call).
+    let (empty, w) = (Vec::<f32>::new(), vec![0.5f32; 4]);
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&empty, &w]).unwrap();
+    match opt.set_tensor_shape(0, &[1 << 40, 1 << 40, 0]) {
+        Err(e @ Error::ShapeMismatch { found: None, .. }) => {
+            assert!(e.to_string().contains("more than usize::MAX"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    for shape in [vec![0], vec![3, 0, 5], vec![0, usize::MAX]] {
+        opt.set_tensor_shape(0, &shape).unwrap();
+        let back = Checkpoint::from_bytes(&opt.checkpoint().unwrap().to_bytes().unwrap()).unwrap();
+        assert_eq!(back.shapes[0], shape);
+    }
 }
 
 /// What scripts/torch_model.py generate wrote: a CNN with a transformer encoder

@@ -287,7 +287,7 @@ fn entries(
 ) -> Result<Entries, Error> {
     let mut all: Vec<(EntrySpec, (usize, Entry))> = Vec::new();
     for (i, tensor_shape) in shapes.iter().enumerate() {
-        let n = super::head::shape_len(tensor_shape).ok_or_else(|| {
+        let n = crate::state::shape_len(tensor_shape).ok_or_else(|| {
             refuse(format!(
                 "tensor {i}'s shape {tensor_shape:?} holds more elements than an address can count"
             ))

@@ -147,12 +147,6 @@ impl Head<'_> {
     }
 }
 
-/// The element count of a tensor of `shape` (1 for `[]`, a scalar); `None` when it
-/// overflows.
-pub(crate) fn shape_len(shape: &[usize]) -> Option<usize> {
-    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
-}
-
 /// Writes a checkpoint file of `head` and tensors of `lens` to `path` atomically, one
 /// tensor at a time: `fetch(i, part, buf)` fills `buf` with that part of tensor `i`'s
 /// state when its turn comes. Validated as [`Checkpoint::save`] validates (the data as
@@ -170,7 +164,7 @@ pub(crate) fn save_streamed(
             .shapes
             .iter()
             .zip(lens)
-            .any(|(s, &n)| shape_len(s) != Some(n))
+            .any(|(s, &n)| crate::state::shape_len(s) != Some(n))
     {
         return Err(Error::Internal {
             what: "a streamed checkpoint with one length and shape per tensor expected",

@@ -265,11 +265,11 @@ impl Checkpoint {
         }
         for (i, t) in self.tensors.iter().enumerate() {
             let n = t.len();
-            if head::shape_len(&self.shapes[i]) != Some(n) {
+            if crate::state::shape_len(&self.shapes[i]) != Some(n) {
                 return Err(refuse(format!(
                     "tensor {i} has {n} elements but its shape {:?} holds {}",
                     self.shapes[i],
-                    head::shape_len(&self.shapes[i])
+                    crate::state::shape_len(&self.shapes[i])
                         .map_or("more than an address can count".to_owned(), |k| k
                             .to_string())
                 )));

@@ -106,55 +106,67 @@ impl Checkpoint {
                     entries.len()
                 ))
             })?;
-        // `shape`: the one expected, or `None` for a tensor's first per-element entry,
+        // `shape`: the one expected and the entry it comes from (`None`: from the
+        // tensor's element count), or `None` for a tensor's first per-element entry,
         // whose shape (any, N-D as PyTorch's) is then the tensor's.
-        let mut take =
-            |entry: Entry, i: usize, shape: Option<&[usize]>| -> Result<(Data, Vec<usize>)> {
-                let name = entry.name(i);
-                let t = entries_in_file
-                    .remove(&name)
-                    .ok_or_else(|| refuse(format!("`{name}` is missing")))?;
-                let fits = super::head::shape_len(&t.shape) == Some(t.data.len());
-                if !fits || shape.is_some_and(|s| t.shape != s) {
-                    return Err(refuse(format!(
-                        "`{name}` has shape {:?}{}, expected {}",
-                        t.shape,
-                        if fits {
-                            String::new()
-                        } else {
-                            format!(" but {} values", t.data.len())
-                        },
-                        shape.map_or("its tensor's".to_owned(), |s| format!("{s:?}"))
-                    )));
-                }
-                if t.data.elem() != entry.elem() {
-                    return Err(refuse(format!(
-                        "`{name}` is {:?}, expected {:?}",
-                        file::dtype(t.data.elem()),
-                        file::dtype(entry.elem())
-                    )));
-                }
-                Ok((t.data, t.shape))
-            };
+        let mut take = |entry: Entry,
+                        i: usize,
+                        shape: Option<(&[usize], Option<&str>)>|
+         -> Result<(Data, Vec<usize>)> {
+            let name = entry.name(i);
+            let t = entries_in_file
+                .remove(&name)
+                .ok_or_else(|| refuse(format!("`{name}` is missing")))?;
+            let fits = crate::state::shape_len(&t.shape) == Some(t.data.len());
+            if !fits || shape.is_some_and(|(s, _)| t.shape != s) {
+                return Err(refuse(format!(
+                    "`{name}` has shape {:?}{}, expected {}",
+                    t.shape,
+                    if fits {
+                        String::new()
+                    } else {
+                        format!(" but {} values", t.data.len())
+                    },
+                    match shape {
+                        None => "its tensor's".to_owned(),
+                        Some((s, Some(from))) => format!("{s:?}, the shape of `{from}`"),
+                        Some((s, None)) => format!("{s:?}"),
+                    }
+                )));
+            }
+            if t.data.elem() != entry.elem() {
+                return Err(refuse(format!(
+                    "`{name}` is {:?}, expected {:?}",
+                    file::dtype(t.data.elem()),
+                    file::dtype(entry.elem())
+                )));
+            }
+            Ok((t.data, t.shape))
+        };
         let mut tensors = Vec::with_capacity(n_tensors);
         let mut shapes = Vec::with_capacity(n_tensors);
         for i in 0..n_tensors {
             let mut state = TensorState::default();
             // The first per-element entry fixes the tensor's shape (so its element
             // count); the others must agree with it, and the block scales with the count.
-            let mut shape: Option<Vec<usize>> = None;
+            let mut shape: Option<(Vec<usize>, String)> = None;
             for &e in &entries {
                 let Some(part) = e.part() else { continue };
                 let expected = match &shape {
                     None => None,
-                    Some(s) if part.per_block() => {
-                        Some(vec![part.len(super::head::shape_len(s).unwrap_or(0))])
-                    }
-                    Some(s) => Some(s.clone()),
+                    Some((s, _)) if part.per_block() => Some((
+                        vec![part.len(crate::state::shape_len(s).unwrap_or(0))],
+                        None,
+                    )),
+                    Some((s, from)) => Some((s.clone(), Some(from.as_str()))),
                 };
-                let (data, found) = take(e, i, expected.as_deref())?;
+                let (data, found) = take(
+                    e,
+                    i,
+                    expected.as_ref().map(|(s, from)| (s.as_slice(), *from)),
+                )?;
                 if shape.is_none() {
-                    shape = Some(found);
+                    shape = Some((found, e.name(i)));
                 }
                 part.store(&mut state, data)?;
             }
@@ -162,7 +174,7 @@ impl Checkpoint {
             // the metadata's for this tensor, else the optimizer's, else (a PyTorch file
             // whose tensors took different numbers of steps) the scalar itself when it
             // is a whole number that f32 holds exactly.
-            let s = match take(Entry::Step, i, Some(&[]))?.0 {
+            let s = match take(Entry::Step, i, Some((&[], None)))?.0 {
                 Data::F32(v) => v.first().copied().unwrap_or(f32::NAN),
                 Data::U8(_) => f32::NAN,
             };
@@ -187,7 +199,7 @@ impl Checkpoint {
             }
             state.step = tensor_step;
             tensors.push(state);
-            shapes.push(shape.unwrap_or_default());
+            shapes.push(shape.map(|(s, _)| s).unwrap_or_default());
         }
         let mut hypers = vec![TensorHyper::from_config(&config); n_tensors];
         for (i, h) in hypers.iter_mut().enumerate() {

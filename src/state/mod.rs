@@ -88,7 +88,8 @@ impl TensorState {
 pub(crate) struct Schedule {
     config: AdamaxConfig,
     hypers: Vec<TensorHyper>,
-    /// Each tensor's shape, for checkpoints: `[len]` unless set.
+    /// Each tensor's element count, and its shape for checkpoints (`[len]` unless set).
+    lens: Vec<usize>,
     shapes: Vec<Vec<usize>>,
 }
 
@@ -100,6 +101,7 @@ impl Schedule {
         Ok(Self {
             config,
             hypers: vec![TensorHyper::from_config(&config); lens.len()],
+            lens: lens.to_vec(),
             shapes: lens.iter().map(|&n| vec![n]).collect(),
         })
     }
@@ -110,14 +112,13 @@ impl Schedule {
 
     /// Sets tensor `i`'s shape, whose product must be its element count.
     pub(crate) fn set_shape(&mut self, i: usize, shape: &[usize]) -> Result<()> {
-        let count = self.shapes.len();
-        let slot = self
-            .shapes
-            .get_mut(i)
+        let count = self.lens.len();
+        let &expected = self
+            .lens
+            .get(i)
             .ok_or(Error::TensorIndexOutOfRange { index: i, count })?;
-        let expected = slot.iter().product::<usize>();
         check_shape(i, shape, expected)?;
-        *slot = shape.to_vec();
+        self.shapes[i] = shape.to_vec();
         Ok(())
     }
 
@@ -167,8 +168,8 @@ impl Schedule {
             }
         }
         check_pairs(&config, hypers)?;
-        for (i, (new, old)) in shapes.iter().zip(&self.shapes).enumerate() {
-            check_shape(i, new, old.iter().product())?;
+        for (i, (new, &n)) in shapes.iter().zip(&self.lens).enumerate() {
+            check_shape(i, new, n)?;
         }
         self.config = config;
         self.hypers = hypers.to_vec();
@@ -177,13 +178,17 @@ impl Schedule {
     }
 }
 
+/// The element count of a tensor of `shape` (1 for `[]`, a scalar), multiplied in
+/// order; `None` when a product overflows (so `[2^40, 2^40, 0]` is refused everywhere,
+/// although its product is 0: one rule for the optimizers and the files).
+pub(crate) fn shape_len(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 /// Checks that `shape` holds `expected` elements (tensor `tensor`'s count).
 pub(crate) fn check_shape(tensor: usize, shape: &[usize], expected: usize) -> Result<()> {
-    let found = shape
-        .iter()
-        .try_fold(1u128, |n, &d| n.checked_mul(d as u128))
-        .unwrap_or(u128::MAX);
-    if found != expected as u128 {
+    let found = shape_len(shape);
+    if found != Some(expected) {
         return Err(Error::ShapeMismatch {
             tensor,
             shape: shape.to_vec(),
