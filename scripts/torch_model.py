@@ -12,14 +12,16 @@ throwaway virtual environment (CI never runs it). Three commands:
       |m| <= c * u (c = (1 - beta1) / (1 - beta1 / beta2)), which a moment rounded to
       16 bits can miss by its last bit and which the crate checks on load, and the f32
       master weights are the parameters, widened (PARAMS.pt: the list of parameter
-      tensors in the optimizer's order, needed then).
+      tensors in the optimizer's order, needed then, and for parameters that have no
+      state yet, which get zero moments at step 0).
   to-torch IN.safetensors OUT.pt
       A crate file (f32 state; 8-bit state first goes through the crate's
       `Checkpoint::convert_state`) as a state dict for `optimizer.load_state_dict`,
       the moments in the shapes the file holds (`Optimizer::set_tensor_shape` gives
       them their parameters' shapes before saving). Refuses what torch.optim.Adamax
       has no setting for: decoupled weight decay, eps in the denominator, per-tensor
-      settings.
+      settings, 16-bit parameters (their masters would be lost); says which step
+      options and loss-scaler settings to set on PyTorch's side.
   generate OUT_DIR
       The test data of tests/checkpoint.rs: a CNN with a transformer encoder (4-D
       convolution weights, 2-D projections, 1-D biases and norms) trained 5 steps with
@@ -56,12 +58,16 @@ def storage_of(dtype):
 
 def to_crate(sd, out, params=None, made_by="scripts/torch_model.py"):
     (group,) = sd["param_groups"]
-    if group.get("maximize"):
-        raise SystemExit("maximize is a crate setting too, but this converter writes PyTorch's keys only: unset it")
     order = group["params"]
     beta1, beta2 = group["betas"]
     c = (1.0 - beta1) / (1.0 - beta1 / beta2) if beta1 < beta2 else float("inf")
-    dtypes = {sd["state"][k]["exp_avg"].dtype for k in order}
+    # A parameter that never had a gradient has no state in PyTorch: zero moments at
+    # step 0 in the crate, in its parameter's shape (from PARAMS.pt).
+    missing = [i for i, k in enumerate(order) if k not in sd["state"]]
+    if missing and params is None:
+        raise SystemExit(f"parameters {missing} have no state yet (no gradient): pass PARAMS.pt for their shapes")
+    dtypes = {sd["state"][k]["exp_avg"].dtype for k in order if k in sd["state"]}
+    dtypes |= {params[i].dtype for i in missing}
     if len(dtypes) != 1:
         raise SystemExit(f"parameters of several types {dtypes}: one optimizer per type")
     (dtype,) = dtypes
@@ -70,7 +76,11 @@ def to_crate(sd, out, params=None, made_by="scripts/torch_model.py"):
         raise SystemExit(f"{storage} parameters: pass them (PARAMS.pt), they become the f32 master weights")
     tensors, steps = {}, set()
     for i, k in enumerate(order):
-        st = sd["state"][k]
+        st = sd["state"].get(k) or {
+            "exp_avg": torch.zeros_like(params[i], dtype=torch.float32),
+            "exp_inf": torch.zeros_like(params[i], dtype=torch.float32),
+            "step": torch.tensor(0.0),
+        }
         m = st["exp_avg"].float().contiguous()
         u = st["exp_inf"].float().contiguous()
         if storage != "f32":
@@ -96,7 +106,7 @@ def to_crate(sd, out, params=None, made_by="scripts/torch_model.py"):
         "weight_decay": repr(float(group["weight_decay"])),
         "eps_mode": "inside_max",
         "weight_decay_mode": "coupled",
-        "maximize": "false",
+        "maximize": "true" if group.get("maximize") else "false",
         "made_by": f"{made_by}, PyTorch {torch.__version__}",
     }
     save_file(tensors, out, metadata=meta)
@@ -109,6 +119,11 @@ def to_torch(path):
         meta = f.metadata()
     t = load_file(path)
     refuse = []
+    if meta.get("storage") != "f32" or meta.get("param_mode"):
+        refuse.append(
+            f"{meta.get('storage')} parameters with {meta.get('param_mode', 'master')} weights (PyTorch keeps "
+            "16-bit moments and no master: the masters, the truth of such a run, would be lost)"
+        )
     if meta.get("state_format"):
         refuse.append("8-bit state (convert it with Checkpoint::convert_state first)")
     if meta.get("weight_decay_mode") != "coupled":
@@ -119,6 +134,14 @@ def to_torch(path):
         refuse.append("per-tensor settings (give PyTorch one parameter group per setting)")
     if refuse:
         raise SystemExit(f"{path}: " + "; ".join(refuse))
+    # Kept by PyTorch outside the optimizer: said, not refused.
+    outside = sorted(k for k in meta if k.startswith(("options.", "scaler.")))
+    if outside:
+        print(
+            f"{path}: {', '.join(outside)} are not optimizer state in PyTorch "
+            "(clip_grad_norm_, GradScaler): set them there",
+            file=sys.stderr,
+        )
     n = int(meta["tensors"])
     state = {}
     for i in range(n):
