@@ -26,6 +26,30 @@ fn step_all<T: Storage>(opt: &mut CpuAdamax<T>, params: &mut [Vec<T>], grads: &[
     opt.step(&mut p, &g).unwrap();
 }
 
+/// `ours` within 2e-6 of PyTorch's parameters after `step`. The tolerance argument of
+/// tests/peer_trajectories.rs: from identical state, PyTorch (lerp) and this crate
+/// (fma) differ by a few f32 roundings per step; the peer trajectories measured
+/// PyTorch's own f32-vs-f64 spread at ~1e-6 over 20 steps, so 3 steps stay well within
+/// 2e-6.
+fn follows_pytorch(
+    ours: &[Vec<f32>],
+    theirs: &[Vec<f32>],
+    step: usize,
+    tensor: impl Fn(usize) -> String,
+) {
+    assert_eq!(ours.len(), theirs.len());
+    for (i, (ours, theirs)) in ours.iter().zip(theirs).enumerate() {
+        assert_eq!(ours.len(), theirs.len());
+        for (a, b) in ours.iter().zip(theirs) {
+            assert!(
+                (a - b).abs() <= 2e-6,
+                "step {step} tensor {}: {a} vs {b}",
+                tensor(i)
+            );
+        }
+    }
+}
+
 #[test]
 fn resuming_from_a_pytorch_checkpoint_continues_pytorchs_trajectory() {
     let ck = Checkpoint::from_bytes(TORCH_FILE).unwrap();
@@ -46,23 +70,9 @@ fn resuming_from_a_pytorch_checkpoint_continues_pytorchs_trajectory() {
     );
     for (t, grads) in r.grads_steps_8_to_10.iter().enumerate() {
         step_all(&mut opt, &mut params, grads);
-        // Same tolerance argument as tests/peer_trajectories.rs: from identical state,
-        // PyTorch (lerp) and this crate (fma) differ by a few f32 roundings per step;
-        // the peer trajectories measured PyTorch's own f32-vs-f64 spread at ~1e-6
-        // over 20 steps, so 3 steps stay well within 2e-6.
-        for (i, (ours, theirs)) in params
-            .iter()
-            .zip(&r.params_after_steps_8_to_10[t])
-            .enumerate()
-        {
-            for (a, b) in ours.iter().zip(theirs) {
-                assert!(
-                    (a - b).abs() <= 2e-6,
-                    "step {} tensor {i}: {a} vs {b}",
-                    t + 8
-                );
-            }
-        }
+        follows_pytorch(&params, &r.params_after_steps_8_to_10[t], t + 8, |i| {
+            i.to_string()
+        });
     }
     assert_eq!(opt.step_count().unwrap(), 10);
 }
@@ -1521,22 +1531,9 @@ fn a_real_models_pytorch_state_resumes_and_round_trips() {
     }
     for (t, grads) in r.grads_steps_6_to_8.iter().enumerate() {
         step_all(&mut opt, &mut params, grads);
-        // The tolerance of resuming_from_a_pytorch_checkpoint_continues_pytorchs_trajectory:
-        // from identical state PyTorch and this crate differ by a few f32 roundings.
-        for (i, (ours, theirs)) in params
-            .iter()
-            .zip(&r.params_after_steps_6_to_8[t])
-            .enumerate()
-        {
-            for (a, b) in ours.iter().zip(theirs) {
-                assert!(
-                    (a - b).abs() <= 2e-6,
-                    "step {} tensor {i} ({}): {a} vs {b}",
-                    t + 6,
-                    r.names[i]
-                );
-            }
-        }
+        follows_pytorch(&params, &r.params_after_steps_6_to_8[t], t + 6, |i| {
+            format!("{i} ({})", r.names[i])
+        });
     }
     assert_eq!(opt.step_count().unwrap(), 8);
     // PyTorch's bf16 state: widened moments within AdaMax's bound, the parameters as
