@@ -241,8 +241,11 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// A checkpoint was refused; the optimizer's state was not changed.
-    #[error("AdaMax checkpoint refused: {reason}; the optimizer state was not changed")]
+    /// A checkpoint was refused (by a load, a save or a restore); nothing was changed:
+    /// no optimizer's state, and no file.
+    #[error(
+        "AdaMax checkpoint refused: {reason}; nothing was changed (no optimizer state, no file)"
+    )]
     Checkpoint {
         /// What was wrong with it.
         reason: String,
