@@ -8,8 +8,9 @@
 #   4. Nsight Compute's issue-slot use, DRAM throughput and occupancy for f32, f32_q8 and
 #      bf16_sr_q8 on 2^24 elements (one launch each, after warm-up);
 #   5. racecheck on GPU tests that reach the update, reduce and finalize kernels on
-#      small tensors (a few seconds): the full matrix takes about 170 s under racecheck,
-#      one test at a time, at the edge of run.sh's 180 s step.
+#      small tensors (a few seconds): the full matrix, one test at a time, took about
+#      1.5 s a test under racecheck on an H200 (an estimated 175-180 s, at the edge of
+#      run.sh's 180 s step).
 # Logs go to $OUT: device.txt, quick.log, throughput.jsonl, ncu.txt, racecheck.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}

@@ -74,17 +74,19 @@
 //! - [`AdamaxConfig`]: hyperparameters; [`Default`] is PyTorch's `torch.optim.Adamax`.
 //! - [`Precision`]: storage modes that move fewer bytes: bf16 parameters rounded
 //!   stochastically without a master ([`ParamMode::Stochastic`]) and 8-bit blockwise
-//!   moments ([`StateFormat::Blockwise8`]), specified in [`spec::lowbit`]. These kernels
-//!   compile for every supported architecture but **have not run on a GPU yet**.
+//!   moments ([`StateFormat::Blockwise8`]), specified in [`spec::lowbit`]. They match the
+//!   CPU reference bit for bit on an NVIDIA H200 (2026-11-27); the 8-bit ones are not
+//!   yet faster than f32 state (BENCHMARKS.md).
 //! - [`Checkpoint`]: the optimizer's state (not the parameters) as a checksummed
 //!   safetensors file with PyTorch's names.
 //!
 //! **Exactness.** The kernel is written to give the CPU reference's f32 results bit for
 //! bit (same operations, same order, no contraction; see [`spec`]). Where that was
-//! verified: on an NVIDIA H100 (2026-11-24, commit 6b9d566) for f32 parameters and for
-//! the f16/bf16 master weights and their rounded copies, across every configuration in
-//! `tests/gpu.rs`; the fused loss-scaler path failed there on growth steps and is fixed
-//! since, without a GPU run yet (BENCHMARKS.md keeps the record). The CPU reference
+//! verified: on an NVIDIA H200 (2026-11-27, commit 3e05135 and the 8-bit kernel of
+//! 56209e8) for every storage mode across every configuration in `tests/gpu.rs` (120
+//! tests: clipping, the loss scaler, graphs, flat buffers, missing gradients), after a
+//! first run on an H100 (2026-11-24, commit 6b9d566) whose loss-scaler failure is fixed
+//! since (BENCHMARKS.md keeps the record). The CPU reference
 //! itself replays PyTorch, optax and Keras trajectories within their own f32 spread.
 //!
 //! Nothing CUDA is needed to build: the driver and NVRTC are loaded at run time, and

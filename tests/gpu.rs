@@ -1393,7 +1393,7 @@ fn main() {
     // Under compute-sanitizer (which loads itself through CUDA_INJECTION64_PATH) the
     // tests run one at a time unless told otherwise: racecheck serialises the GPU work,
     // and 16 test threads made no test finish in 180 s on an H200, where one thread
-    // runs about a test a second (issue #22).
+    // runs about 1.5 s a test (issue #22).
     if args.test_threads.is_none()
         && std::env::var("CUDA_INJECTION64_PATH")
             .is_ok_and(|p| p.to_lowercase().contains("sanitizer"))

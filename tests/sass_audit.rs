@@ -1014,7 +1014,9 @@ fn slowed_source(extra: usize) -> Result<String, String> {
 
 /// The audit catches a slower kernel: with three more f32 operations per element in the
 /// rule, every update's count rises by about three per parameter (by two at least:
-/// ptxas schedules around them) and is over its budget.
+/// ptxas schedules around them) and is over its budget (under another NVRTC than the
+/// budgets', outside CI, only the rise is checked: that compiler's figures are not the
+/// budgets').
 fn the_audit_fails_on_a_deliberately_slowed_kernel() -> Result<(), Failed> {
     const EXTRA: usize = 3;
     let nvdisasm = nvdisasm_or_fail()?;

@@ -20,7 +20,7 @@
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `format` | `adamax-cuda/2` (files written by scripts/torch_checkpoint.py say `torch.optim.Adamax`) |
+//! | `format` | `adamax-cuda/2` (files written by scripts/torch_checkpoint.py and scripts/torch_model.py say `torch.optim.Adamax`) |
 //! | `storage` | `f32`, `f16` or `bf16` |
 //! | `step`, `tensors` | decimal integers |
 //! | `lr`, `beta1`, `beta2`, `eps`, `weight_decay` | decimal numbers, round-trip exact |

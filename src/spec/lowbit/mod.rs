@@ -59,7 +59,8 @@
 //! Encoding rounds stochastically with 24 random bits: with `y` the magnitude in units
 //! of the code's spacing at that magnitude, `k = trunc(y)`, the code for `k + 1` is
 //! taken when `frac(y) * 2^24 > r`, `frac(y)` taken to `23 - M` bits (exact at and above
-//! `2^emin`, truncated below it), so up with probability `frac(y)` to within 2^-20; it
+//! `2^emin`, truncated below it), so up with probability `frac(y)` to within
+//! 2^-(23 - M) (2^-20 for `m`, 2^-19 for `u`); it
 //! is done on the f32's bits ([`Code::encode_magnitude`]).
 //! Rounding to nearest would freeze `u`: `beta2 * u` is within half a code step of
 //! `u` (0.999 against a relative step of 1/16), so `u` would never decay; unbiased
