@@ -284,7 +284,42 @@ impl<T: GpuStorage> Twin<T> {
     }
 }
 
-const SIZES: [usize; 6] = [0, 1, 3, 4, 4097, (1 << 20) + 3];
+/// The tensor sizes of the bit-identical cases: the largest spans many waves of units
+/// (2^20 + 3 elements; 2^16 + 3 under compute-sanitizer, see [`sanitized`]).
+fn sizes() -> [usize; 6] {
+    [
+        0,
+        1,
+        3,
+        4,
+        4097,
+        if sanitized() {
+            (1 << 16) + 3
+        } else {
+            (1 << 20) + 3
+        },
+    ]
+}
+
+/// Whether compute-sanitizer runs this process (it loads itself through
+/// `CUDA_INJECTION64_PATH`): racecheck then takes about 1.5 s per test one at a time
+/// (issue #22), so the cases take at most 5 steps and smaller tensors, which still
+/// span several waves of units, to fit the GPU run's 180 s sanitizer steps.
+fn sanitized() -> bool {
+    static UNDER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *UNDER.get_or_init(|| {
+        std::env::var("CUDA_INJECTION64_PATH").is_ok_and(|p| p.to_lowercase().contains("sanitizer"))
+    })
+}
+
+/// `steps`, or at most 5 under compute-sanitizer.
+fn steps_for(steps: usize) -> usize {
+    if sanitized() {
+        steps.min(5)
+    } else {
+        steps
+    }
+}
 
 /// The storage modes (parameters x moments), named as in the test names.
 #[derive(Clone, Copy, PartialEq)]
@@ -361,9 +396,9 @@ impl Cells {
 /// What a twin test does: the case axis of the matrix.
 #[derive(Clone, Copy)]
 enum Case {
-    /// Tensors of every size in [`SIZES`] stepped with this configuration.
+    /// Tensors of every size in [`sizes`] stepped with this configuration.
     BitIdentical(AdamaxConfig),
-    /// [`SIZES`] as views at odd element offsets (the kernel's scalar path).
+    /// [`sizes`] as views at odd element offsets (the kernel's scalar path).
     OddViews,
     /// 150 tensors of mixed sizes in one launch.
     MixedList,
@@ -408,18 +443,24 @@ impl Case {
                     precision,
                     ..config
                 };
-                bit_identical::<T>(config, &SIZES, steps, PLAIN, false)
+                bit_identical::<T>(config, &sizes(), steps_for(steps), PLAIN, false)
             }
-            Case::OddViews => bit_identical::<T>(default, &SIZES, 10, ODD, false),
+            Case::OddViews => bit_identical::<T>(default, &sizes(), steps_for(10), ODD, false),
             Case::MixedList => {
                 let (sizes_seed, steps) = match (f32_default, mode) {
                     (true, _) => (1, 30),
                     (false, Mode::Default) => (2, 10),
                     _ => (3, 10),
                 };
-                bit_identical::<T>(default, &mixed_sizes(150, sizes_seed), steps, PLAIN, false)
+                bit_identical::<T>(
+                    default,
+                    &mixed_sizes(150, sizes_seed),
+                    steps_for(steps),
+                    PLAIN,
+                    false,
+                )
             }
-            Case::NanAndInf => bit_identical::<T>(default, &SIZES[..5], 5, PLAIN, true),
+            Case::NanAndInf => bit_identical::<T>(default, &sizes()[..5], 5, PLAIN, true),
             Case::Fused {
                 options,
                 scaler,
@@ -1394,11 +1435,8 @@ fn main() {
     // tests run one at a time unless told otherwise: racecheck serialises the GPU work,
     // and 16 test threads made no test finish in 180 s on an H200, where one thread
     // runs about 1.5 s a test (issue #22).
-    if args.test_threads.is_none()
-        && std::env::var("CUDA_INJECTION64_PATH")
-            .is_ok_and(|p| p.to_lowercase().contains("sanitizer"))
-    {
-        eprintln!("under compute-sanitizer: one test at a time (--test-threads overrides)");
+    if args.test_threads.is_none() && sanitized() {
+        eprintln!("under compute-sanitizer: one test at a time (--test-threads overrides), at most 5 steps, 2^16-element tensors");
         args.test_threads = Some(1);
     }
     let device = gpu_stream();
