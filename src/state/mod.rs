@@ -88,8 +88,8 @@ impl TensorState {
 pub(crate) struct Schedule {
     config: AdamaxConfig,
     hypers: Vec<TensorHyper>,
-    /// Each tensor's element count, and its shape for checkpoints (`[len]` unless set).
-    lens: Vec<usize>,
+    /// Each tensor's shape for checkpoints (`[len]` unless set); its element count is
+    /// always the tensor's.
     shapes: Vec<Vec<usize>>,
 }
 
@@ -101,7 +101,6 @@ impl Schedule {
         Ok(Self {
             config,
             hypers: vec![TensorHyper::from_config(&config); lens.len()],
-            lens: lens.to_vec(),
             shapes: lens.iter().map(|&n| vec![n]).collect(),
         })
     }
@@ -112,13 +111,13 @@ impl Schedule {
 
     /// Sets tensor `i`'s shape, whose product must be its element count.
     pub(crate) fn set_shape(&mut self, i: usize, shape: &[usize]) -> Result<()> {
-        let count = self.lens.len();
-        let &expected = self
-            .lens
-            .get(i)
+        let count = self.shapes.len();
+        let slot = self
+            .shapes
+            .get_mut(i)
             .ok_or(Error::TensorIndexOutOfRange { index: i, count })?;
-        check_shape(i, shape, expected)?;
-        self.shapes[i] = shape.to_vec();
+        check_shape(i, shape, tensor_len(slot)?)?;
+        *slot = shape.to_vec();
         Ok(())
     }
 
@@ -168,8 +167,8 @@ impl Schedule {
             }
         }
         check_pairs(&config, hypers)?;
-        for (i, (new, &n)) in shapes.iter().zip(&self.lens).enumerate() {
-            check_shape(i, new, n)?;
+        for (i, (new, old)) in shapes.iter().zip(&self.shapes).enumerate() {
+            check_shape(i, new, tensor_len(old)?)?;
         }
         self.config = config;
         self.hypers = hypers.to_vec();
@@ -183,6 +182,13 @@ impl Schedule {
 /// although its product is 0: one rule for the optimizers and the files).
 pub(crate) fn shape_len(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
+/// The element count of a shape the schedule holds (checked when it was set).
+fn tensor_len(shape: &[usize]) -> Result<usize> {
+    shape_len(shape).ok_or(Error::Internal {
+        what: "a tensor shape whose element count overflows passed its check",
+    })
 }
 
 /// Checks that `shape` holds `expected` elements (tensor `tensor`'s count).
