@@ -361,7 +361,6 @@ __device__ __forceinline__ float scaled(float a, const BlockScale& s) { return _
 __device__ __forceinline__ float fraction(float x, const BlockScale& s) { return fabsf(x) >= s.scale ? 1.0f : scaled(fabsf(x), s); }
 __device__ __forceinline__ u32 exp_avg_magnitude(float x, const BlockScale& s, u32 r) { return encode_magnitude<ExpAvgCode, 3>(fraction(x, s), r); }
 __device__ __forceinline__ u32 with_sign(u32 magnitude, float x) { return magnitude | ((x < 0.0f && magnitude != 0) ? 0x80u : 0u); }
-__device__ __forceinline__ u32 encode_exp_avg(float x, const BlockScale& s, u32 r) { return with_sign(exp_avg_magnitude(x, s, r), x); }
 __device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) { return encode_magnitude<ExpInfCode, 4>(fraction(x, s), r); }
 // The largest magnitude of m's code that keeps |m| <= ratio * u: f32(ratio * u') as a
 // fraction of m's scale, rounded down (twin of the cap in lowbit::encode_moments; the

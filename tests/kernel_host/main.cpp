@@ -40,7 +40,7 @@ static int helpers() {
         else if (op == "key") { std::cin >> a >> b >> c; std::printf("%llu\n", stream_key(a, b, c)); }
         else if (op == "bits") { std::cin >> a >> b; std::printf("%llu\n", element_bits(a, b)); }
         else if (op == "sr") { std::cin >> a >> b; std::printf("%u\n", (u32)round_stochastic(__uint_as_float((u32)a), b, bf16())); }
-        else if (op == "eavg") { std::cin >> a >> b >> c; std::printf("%u\n", encode_exp_avg(__uint_as_float((u32)a), block_scale_of(__uint_as_float((u32)b)), (u32)c)); }
+        else if (op == "eavg") { std::cin >> a >> b >> c; const float x = __uint_as_float((u32)a); std::printf("%u\n", with_sign(exp_avg_magnitude(x, block_scale_of(__uint_as_float((u32)b)), (u32)c), x)); }
         else if (op == "einf") { std::cin >> a >> b >> c; std::printf("%u\n", encode_exp_inf(__uint_as_float((u32)a), block_scale_of(__uint_as_float((u32)b)), (u32)c)); }
         else if (op == "davg") { std::cin >> a >> b; std::printf("%u\n", __float_as_uint(decode_exp_avg(tables(), (u32)a, __uint_as_float((u32)b)))); }
         else if (op == "dinf") { std::cin >> a >> b; std::printf("%u\n", __float_as_uint(decode_exp_inf(tables(), (u32)a, __uint_as_float((u32)b)))); }
