@@ -126,6 +126,28 @@ pub enum Error {
         /// Elements the shape holds; `None` when the product overflows `usize`.
         found: Option<usize>,
     },
+    /// A tensor name that cannot be given (empty, too long, with a control character,
+    /// or already another tensor's).
+    #[error("AdaMax: the name {name:?} of tensor {tensor} {reason}")]
+    TensorName {
+        /// Index of the tensor in the parameter list.
+        tensor: usize,
+        /// The name given.
+        name: String,
+        /// What is wrong with it and what to do.
+        reason: String,
+    },
+    /// A checkpoint whose tensor has another name than the optimizer's tensor at the same
+    /// index: the model's variables came in another order, or it is another model's state.
+    #[error("AdaMax: tensor {tensor} is {expected:?} in this optimizer but {found:?} in the checkpoint; put the checkpoint in the optimizer's order by name first (Checkpoint::reordered), or restore a checkpoint of this model")]
+    NameMismatch {
+        /// Index of the tensor in the parameter list.
+        tensor: usize,
+        /// The optimizer's name for it.
+        expected: String,
+        /// The checkpoint's name for it.
+        found: String,
+    },
     /// A tensor index past the end of the optimizer's list.
     #[error("AdaMax: tensor index {index} is out of range: the optimizer holds {count} tensors (indices 0..{count})")]
     TensorIndexOutOfRange {

@@ -101,6 +101,21 @@ pub trait Optimizer {
     /// [`Error::ShapeMismatch`]: crate::Error::ShapeMismatch
     fn set_tensor_shape(&mut self, tensor: usize, shape: &[usize]) -> Result<()>;
 
+    /// Every tensor's name, in order (`None` unless set with
+    /// [`Optimizer::set_tensor_name`] or restored from a checkpoint that has one).
+    fn tensor_names(&self) -> &[Option<String>];
+    /// Names tensor `tensor` (its parameter's name in the model: a candle `VarMap` key,
+    /// PyTorch's `named_parameters()` name), or with `None` takes its name away.
+    /// Checkpoints record the names, [`Checkpoint::reordered`] puts a checkpoint's
+    /// tensors in another order by them, and [`Optimizer::restore`] refuses a
+    /// checkpoint whose tensor has another name than the optimizer's at the same index
+    /// ([`Error::NameMismatch`]). A name is non-empty, at most 1024 bytes, without
+    /// control characters, and another tensor's is refused ([`Error::TensorName`]).
+    ///
+    /// [`Error::NameMismatch`]: crate::Error::NameMismatch
+    /// [`Error::TensorName`]: crate::Error::TensorName
+    fn set_tensor_name(&mut self, tensor: usize, name: Option<&str>) -> Result<()>;
+
     /// The options of every step (unscaling, overflow skip, clipping).
     fn options(&self) -> StepOptions;
     /// Sets the options of every following step.
@@ -129,6 +144,7 @@ pub trait Optimizer {
             storage: <Self::Storage as Storage>::TYPE,
             tensors: self.state()?,
             shapes: self.tensor_shapes().to_vec(),
+            names: self.tensor_names().to_vec(),
             hypers: self.tensor_hypers().to_vec(),
             options: self.options(),
             scaler: self.loss_scaler()?,
@@ -145,9 +161,11 @@ pub trait Optimizer {
         self.checkpoint()?.save(path)
     }
 
-    /// Replaces configuration, per-tensor settings, step options, loss scaler, step
-    /// count and state with `ck`'s, after checking that it fits (storage type, tensor
-    /// count and lengths). All or nothing: a refused checkpoint changes nothing. The
+    /// Replaces configuration, per-tensor settings, shapes, step options, loss scaler,
+    /// step count and state with `ck`'s, after checking that it fits (storage type,
+    /// tensor count and lengths, and names: a tensor named by both must have the same
+    /// name; one named by either keeps that name). All or nothing: a refused
+    /// checkpoint changes nothing. The
     /// parameters are the caller's to restore; for 16-bit storage kept with a master,
     /// the master weights in `ck` are the truth and [`Checkpoint::params`] gives the
     /// 16-bit parameters rounded from them.

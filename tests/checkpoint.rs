@@ -940,6 +940,7 @@ fn headers_larger_than_load_reads_are_refused_before_writing() {
         storage: StorageType::F32,
         tensors: vec![adamax_cuda::TensorState::default(); n],
         shapes: vec![vec![0]; n],
+        names: vec![None; n],
         hypers: vec![TensorHyper::from_config(&AdamaxConfig::default()); n],
         options: Default::default(),
         scaler: None,
@@ -1546,4 +1547,165 @@ fn a_real_models_pytorch_state_resumes_and_round_trips() {
     let mut opt = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
     opt.restore(&ck).unwrap();
     assert_eq!(opt.tensor_shapes(), r.shapes);
+}
+
+/// Three named f32 tensors, one step taken, and the file of its checkpoint.
+fn named() -> (CpuAdamax<f32>, Vec<u8>) {
+    let mut p = vec![vec![0.5f32; 6], vec![0.0f32; 2], vec![1.0f32; 3]];
+    let refs: Vec<&[f32]> = p.iter().map(|x| x.as_slice()).collect();
+    let mut opt = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
+    for (i, name) in ["fc.weight", "fc.bias", "norm.gain"]
+        .into_iter()
+        .enumerate()
+    {
+        opt.set_tensor_name(i, Some(name)).unwrap();
+    }
+    step_all(
+        &mut opt,
+        &mut p,
+        &[vec![0.1; 6], vec![-0.2; 2], vec![0.3; 3]],
+    );
+    let bytes = opt.checkpoint().unwrap().to_bytes().unwrap();
+    (opt, bytes)
+}
+
+/// Issue #21 (state by `VarMap` names): tensor names travel through save, load and
+/// restore as `tensor.{i}.name`; a file without names (every earlier file, PyTorch's)
+/// still loads; a name that cannot be is refused by `set_tensor_name` and changes
+/// nothing.
+#[test]
+fn tensor_names_are_kept_and_checked() {
+    let (mut opt, bytes) = named();
+    let names = ["fc.weight", "fc.bias", "norm.gain"].map(|n| Some(n.to_owned()));
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["tensor.1.name"], "fc.bias");
+    assert_eq!(st.names().len(), 9);
+    let back = Checkpoint::from_bytes(&bytes).unwrap();
+    assert_eq!(back.names, names);
+    let zeros: [&[f32]; 3] = [&[0.0; 6], &[0.0; 2], &[0.0; 3]];
+    let mut fresh = CpuAdamax::new(AdamaxConfig::default(), &zeros).unwrap();
+    fresh.restore(&back).unwrap();
+    assert_eq!(fresh.tensor_names(), names);
+    assert_eq!(fresh.checkpoint().unwrap().to_bytes().unwrap(), bytes);
+    assert_eq!(
+        Checkpoint::from_bytes(TORCH_FILE).unwrap().names,
+        [None, None, None]
+    );
+
+    let long = "x".repeat(1025);
+    for (i, name, says) in [
+        (0, "", "is empty"),
+        (0, "fc.bias", "tensor 1's already"),
+        (2, "a\nb", "control character"),
+        (1, long.as_str(), "1025 bytes"),
+    ] {
+        match opt.set_tensor_name(i, Some(name)) {
+            Err(e @ Error::TensorName { .. }) => assert!(e.to_string().contains(says), "{e}"),
+            other => panic!("{name:?}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        opt.set_tensor_name(3, Some("x")),
+        Err(Error::TensorIndexOutOfRange { index: 3, count: 3 })
+    ));
+    assert_eq!(opt.tensor_names(), names);
+    // Taking a name away, and giving it to another tensor.
+    opt.set_tensor_name(1, None).unwrap();
+    opt.set_tensor_name(2, Some("fc.bias")).unwrap();
+    assert_eq!(opt.tensor_names()[1..], [None, Some("fc.bias".to_owned())]);
+}
+
+/// Issue #21: a checkpoint follows a model whose parameters come in another order by
+/// name (`Checkpoint::reordered`), and `restore` refuses one whose names disagree with
+/// the optimizer's at some index, changing nothing; names it lacks are filled from the
+/// other side.
+#[test]
+fn checkpoints_are_reordered_by_name_and_restores_check_names() {
+    let (opt, bytes) = named();
+    let ck = Checkpoint::from_bytes(&bytes).unwrap();
+    let order = ["norm.gain", "fc.weight", "fc.bias"];
+    let moved = ck.reordered(&order).unwrap();
+    for (i, j) in [(0, 2), (1, 0), (2, 1)] {
+        assert_eq!(moved.tensors[i], ck.tensors[j]);
+        assert_eq!(moved.shapes[i], ck.shapes[j]);
+        assert_eq!(moved.names[i], ck.names[j]);
+        assert_eq!(moved.hypers[i], ck.hypers[j]);
+    }
+    let lens =
+        |ck: &Checkpoint| -> Vec<Vec<f32>> { ck.shapes.iter().map(|s| vec![0.0; s[0]]).collect() };
+    let params = lens(&moved);
+    let refs: Vec<&[f32]> = params.iter().map(|x| x.as_slice()).collect();
+    let mut other = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
+    for (i, n) in order.iter().enumerate() {
+        other.set_tensor_name(i, Some(n)).unwrap();
+    }
+    // The file's order into this optimizer: the lengths differ first; with equal
+    // lengths (below) the names are what catch it.
+    assert!(other.restore(&ck).is_err());
+    other.restore(&moved).unwrap();
+    assert_eq!(other.state().unwrap()[1], opt.state().unwrap()[0]);
+    // Two tensors of one length swapped: only the names tell.
+    let (mut same, _) = named();
+    same.set_tensor_name(0, Some("w")).unwrap();
+    match same.restore(&ck) {
+        Err(e @ Error::NameMismatch { tensor: 0, .. }) => {
+            assert!(e.to_string().contains("Checkpoint::reordered"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(same.tensor_names()[0].as_deref(), Some("w"));
+    // An unnamed optimizer takes the checkpoint's names; an unnamed checkpoint leaves
+    // the optimizer's.
+    let mut unnamed = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
+    assert_eq!(unnamed.tensor_names(), [None, None, None]);
+    unnamed.restore(&moved).unwrap();
+    assert_eq!(unnamed.tensor_names(), moved.names);
+    let mut anonymous = moved.clone();
+    anonymous.names = vec![None; 3];
+    other.restore(&anonymous).unwrap();
+    assert_eq!(other.tensor_names(), moved.names);
+
+    // Refusals of `reordered`, each naming what is wrong.
+    for (names, says) in [
+        (vec!["fc.weight", "fc.bias"], "3 tensors but 2 names"),
+        (vec!["fc.weight", "fc.bias", "fc.bias"], "given twice"),
+        (
+            vec!["fc.weight", "fc.bias", "head"],
+            "no tensor named \"head\"",
+        ),
+    ] {
+        match ck.reordered(&names) {
+            Err(Error::Checkpoint { reason }) => assert!(reason.contains(says), "{reason}"),
+            other => panic!("{names:?}: {other:?}"),
+        }
+    }
+    match anonymous.reordered(&order) {
+        Err(Error::Checkpoint { reason }) => assert!(reason.contains("has no name"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Issue #21: files whose names no writer writes are refused, with the checksum
+/// recomputed (so validation, not integrity, catches them): two tensors of one name,
+/// an empty name, a name for a tensor the file does not hold; and a checkpoint built
+/// through its public fields with a duplicate is refused by save.
+#[test]
+fn impossible_names_in_files_are_refused() {
+    let (_, bytes) = named();
+    for (edit, says) in [
+        (("\"fc.bias\"", "\"fc.weight\""), "tensor 0's already"),
+        (("\"fc.bias\"", "\"\""), "is empty"),
+        (("\"tensor.1.name\"", "\"tensor.7.name\""), "tensor.7.name"),
+    ] {
+        let edited = edited_header(&bytes, |h| h.replacen(edit.0, edit.1, 1));
+        assert_ne!(edited, bytes);
+        refused_load(&edited, says);
+    }
+    let mut ck = Checkpoint::from_bytes(&bytes).unwrap();
+    ck.names[2] = Some("fc.weight".into());
+    assert!(matches!(ck.to_bytes(), Err(Error::Checkpoint { .. })));
+    ck.names.pop();
+    assert!(matches!(ck.to_bytes(), Err(Error::Checkpoint { .. })));
 }

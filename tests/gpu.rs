@@ -1083,6 +1083,44 @@ fn raw_entry_points_match_and_refuse_bad_addresses(stream: &Arc<CudaStream>) -> 
     if raw.step_count()? != 3 {
         return Err("a refused raw step was counted".into());
     }
+    // step_some_raw: tensor 1 without a gradient, as step_some skips it.
+    let missing: Vec<Option<u64>> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, g))| (i != 1).then_some(g))
+        .collect();
+    let raw_params: Vec<u64> = addrs.iter().map(|&(p, _)| p).collect();
+    let some: Vec<Option<_>> = typed_g
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (i != 1).then(|| g.as_view()))
+        .collect();
+    typed.step_some(&mut typed_p, &some)?;
+    // SAFETY: as above.
+    unsafe { raw.step_some_raw(&raw_params, &missing)? };
+    for (a, b) in typed_p.iter().zip(&raw_p) {
+        if bits(&stream.clone_dtoh(a)?) != bits(&stream.clone_dtoh(b)?) {
+            return Err("step_some_raw differs from step_some".into());
+        }
+    }
+    same_state(&raw.state()?, &typed.state()?)
+        .map_err(|e| format!("step_some_raw state differs from step_some's: {e}"))?;
+    let mut odd = missing.clone();
+    odd[0] = odd[0].map(|g| g + 1);
+    for (what, p, g) in [
+        ("misaligned grad", &raw_params[..], &odd[..]),
+        ("short grads", &raw_params[..], &missing[..2]),
+        ("short params", &raw_params[..2], &missing[..]),
+    ] {
+        // SAFETY: refused before any launch (the test checks that it is refused).
+        match unsafe { raw.step_some_raw(p, g) } {
+            Err(Error::InvalidPointer { .. }) | Err(Error::TensorCountMismatch { .. }) => {}
+            other => return Err(format!("{what}: expected a refusal, got {other:?}").into()),
+        }
+    }
+    if raw.step_count()? != 4 {
+        return Err("a refused step_some_raw was counted".into());
+    }
     Ok(())
 }
 

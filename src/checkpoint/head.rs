@@ -31,6 +31,8 @@ pub(crate) struct Head<'a> {
     pub tensor_steps: &'a [u64],
     /// Each tensor's shape (its per-element entries'), in order.
     pub shapes: &'a [Vec<usize>],
+    /// Each tensor's name, in order.
+    pub names: &'a [Option<String>],
     pub hypers: &'a [TensorHyper],
     pub options: &'a StepOptions,
     pub scaler: Option<&'a LossScaler>,
@@ -100,6 +102,11 @@ impl Head<'_> {
                 meta.insert(format!("scaler.{k}"), v);
             }
         }
+        for (i, name) in self.names.iter().enumerate() {
+            if let Some(name) = name {
+                meta.insert(format!("tensor.{i}.name"), name.clone());
+            }
+        }
         for (i, h) in self.hypers.iter().enumerate() {
             meta.insert(format!("tensor.{i}.lr_scale"), h.lr_scale.to_string());
             meta.insert(
@@ -137,6 +144,14 @@ impl Head<'_> {
                 self.tensor_steps.len()
             )));
         }
+        if self.names.len() != self.tensor_steps.len() {
+            return Err(refuse(format!(
+                "it holds names for {} tensors and state for {}",
+                self.names.len(),
+                self.tensor_steps.len()
+            )));
+        }
+        crate::state::check_names(self.names).map_err(|e| refuse(e.to_string()))?;
         if let Some(i) = self.tensor_steps.iter().position(|&t| t > self.step) {
             return Err(refuse(format!(
                 "tensor {i} took {} steps but the optimizer only {}",

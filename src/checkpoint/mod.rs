@@ -31,6 +31,7 @@
 //! | `state_format`, `state_block` | `blockwise8` and `256` for 8-bit state; absent for f32 state |
 //! | `seed` | the stochastic rounding seed, when a mode rounds stochastically |
 //! | `tensor.{i}.lr_scale`, `tensor.{i}.weight_decay` | per-tensor hyperparameters (parameter groups); absent in PyTorch's files, where the config's apply |
+//! | `tensor.{i}.name` | tensor `i`'s name ([`Checkpoint::names`]), when it has one |
 //! | `tensor.{i}.step` | tensor `i`'s own step count, when it differs from `step` (the tensor was skipped in some steps for lack of a gradient); in PyTorch's files, a `state.{i}.step` that differs from `step` is that count |
 //! | `options.inv_scale`, `options.max_norm` | the [`StepOptions`] in force, when set |
 //! | `options.skip_nonfinite` | `true` or `false` |
@@ -127,6 +128,12 @@ pub struct Checkpoint {
     ///
     /// [`Optimizer::set_tensor_shape`]: crate::Optimizer::set_tensor_shape
     pub shapes: Vec<Vec<usize>>,
+    /// Each tensor's name, in parameter order (its parameter's name in the model, set
+    /// with [`Optimizer::set_tensor_name`]; `None` for an unnamed tensor and in
+    /// PyTorch's files). [`Checkpoint::reordered`] goes by them.
+    ///
+    /// [`Optimizer::set_tensor_name`]: crate::Optimizer::set_tensor_name
+    pub names: Vec<Option<String>>,
     /// Per-tensor hyperparameters, in parameter order.
     pub hypers: Vec<TensorHyper>,
     /// The step options in force (default in PyTorch's files).
@@ -244,6 +251,22 @@ impl MetaName for StateFormat {
     }
 }
 
+/// Up to eight names of a checkpoint, for a message.
+fn list_names(names: &[Option<String>]) -> String {
+    let shown: Vec<String> = names
+        .iter()
+        .flatten()
+        .take(8)
+        .map(|n| format!("{n:?}"))
+        .collect();
+    let more = names.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
 impl Checkpoint {
     /// Checks that the checkpoint is whole, consistent and reachable by a run: a valid
     /// configuration and per-tensor settings, at least one tensor, one setting and one
@@ -304,6 +327,82 @@ impl Checkpoint {
             valid::check_q8_moments(i, bound, &t.exp_avg_q8, &t.exp_inf_q8)?;
         }
         Ok(())
+    }
+
+    /// The same checkpoint with its tensors in the order of `names`: tensor `i` of the
+    /// result is the one named `names[i]` here (state, shape, name and settings move
+    /// together). This is how a checkpoint follows a model whose parameters come in
+    /// another order than when it was saved (a candle `VarMap` lists its variables in
+    /// no fixed order): pass the names in the optimizer's order, then
+    /// [`Optimizer::restore`](crate::Optimizer::restore). Every tensor must be named
+    /// here and named exactly once in `names`; otherwise nothing is returned but an
+    /// [`Error::Checkpoint`] that says which name is missing or extra.
+    ///
+    /// ```
+    /// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Optimizer};
+    /// let (mut w, mut b) = (vec![0.5f32; 6], vec![0.0f32; 2]);
+    /// let mut opt = CpuAdamax::new(AdamaxConfig::default(), &[&w, &b])?;
+    /// opt.set_tensor_name(0, Some("fc.weight"))?;
+    /// opt.set_tensor_name(1, Some("fc.bias"))?;
+    /// opt.step(&mut [&mut w, &mut b], &[&[0.1; 6], &[0.2; 2]])?;
+    /// let ck = opt.checkpoint()?;
+    ///
+    /// // The same model, its parameters listed the other way round.
+    /// let mut other = CpuAdamax::new(AdamaxConfig::default(), &[&b, &w])?;
+    /// other.set_tensor_name(0, Some("fc.bias"))?;
+    /// other.set_tensor_name(1, Some("fc.weight"))?;
+    /// assert!(other.restore(&ck).is_err()); // names differ at each index
+    /// other.restore(&ck.reordered(&["fc.bias", "fc.weight"])?)?;
+    /// assert_eq!(other.state()?[0], opt.state()?[1]);
+    /// # Ok::<(), adamax_cuda::Error>(())
+    /// ```
+    pub fn reordered<S: AsRef<str>>(&self, names: &[S]) -> Result<Self> {
+        self.validate()?;
+        let mut index = std::collections::HashMap::with_capacity(self.names.len());
+        for (i, name) in self.names.iter().enumerate() {
+            let Some(name) = name else {
+                return Err(refuse(format!(
+                    "tensor {i} has no name, so it cannot be found by name; save checkpoints from an optimizer whose tensors are named (Optimizer::set_tensor_name)"
+                )));
+            };
+            index.insert(name.as_str(), i);
+        }
+        if names.len() != self.names.len() {
+            return Err(refuse(format!(
+                "it holds {} tensors but {} names were given; give every tensor's name once",
+                self.names.len(),
+                names.len()
+            )));
+        }
+        let mut order = Vec::with_capacity(names.len());
+        for name in names {
+            let name = name.as_ref();
+            match index.remove(name) {
+                Some(i) => order.push(i),
+                None if self.names.iter().flatten().any(|n| n == name) => {
+                    return Err(refuse(format!(
+                        "the name {name:?} was given twice; give every tensor's name once"
+                    )))
+                }
+                None => {
+                    return Err(refuse(format!(
+                        "it holds no tensor named {name:?}; it holds {}",
+                        list_names(&self.names)
+                    )))
+                }
+            }
+        }
+        Ok(Self {
+            tensors: order.iter().map(|&i| self.tensors[i].clone()).collect(),
+            shapes: order.iter().map(|&i| self.shapes[i].clone()).collect(),
+            names: order.iter().map(|&i| self.names[i].clone()).collect(),
+            hypers: order.iter().map(|&i| self.hypers[i]).collect(),
+            config: self.config,
+            step: self.step,
+            storage: self.storage,
+            options: self.options,
+            scaler: self.scaler,
+        })
     }
 
     /// Checks that this checkpoint is valid and fits an optimizer over tensors of
@@ -374,6 +473,7 @@ impl Checkpoint {
             storage: self.storage,
             tensor_steps,
             shapes: &self.shapes,
+            names: &self.names,
             hypers: &self.hypers,
             options: &self.options,
             scaler: self.scaler.as_ref(),

@@ -201,6 +201,9 @@ impl Checkpoint {
             tensors.push(state);
             shapes.push(shape.map(|(s, _)| s).unwrap_or_default());
         }
+        let names = (0..n_tensors)
+            .map(|i| optional(&format!("tensor.{i}.name")).map(str::to_owned))
+            .collect();
         let mut hypers = vec![TensorHyper::from_config(&config); n_tensors];
         for (i, h) in hypers.iter_mut().enumerate() {
             let (scale, wd) = (
@@ -265,6 +268,7 @@ impl Checkpoint {
             storage,
             tensors,
             shapes,
+            names,
             hypers,
             options,
             scaler,

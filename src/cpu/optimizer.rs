@@ -252,6 +252,14 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         self.schedule.set_shape(tensor, shape)
     }
 
+    fn tensor_names(&self) -> &[Option<String>] {
+        self.schedule.names()
+    }
+
+    fn set_tensor_name(&mut self, tensor: usize, name: Option<&str>) -> Result<()> {
+        self.schedule.set_name(tensor, name)
+    }
+
     fn options(&self) -> StepOptions {
         self.options
     }
@@ -301,7 +309,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
         ck.check_fits(T::TYPE, &self.schedule.config().precision, &self.lens)?;
         let mut schedule = self.schedule.clone();
-        schedule.replace(ck.config, &ck.hypers, &ck.shapes)?;
+        schedule.replace(ck.config, &ck.hypers, &ck.shapes, &ck.names)?;
         self.schedule = schedule;
         self.states = ck.tensors.clone();
         self.step = ck.step;

@@ -91,6 +91,8 @@ pub(crate) struct Schedule {
     /// Each tensor's shape for checkpoints (`[len]` unless set); its element count is
     /// always the tensor's.
     shapes: Vec<Vec<usize>>,
+    /// Each tensor's name for checkpoints (`None` unless set), unique among the named.
+    names: Vec<Option<String>>,
 }
 
 impl Schedule {
@@ -102,7 +104,37 @@ impl Schedule {
             config,
             hypers: vec![TensorHyper::from_config(&config); lens.len()],
             shapes: lens.iter().map(|&n| vec![n]).collect(),
+            names: vec![None; lens.len()],
         })
+    }
+
+    pub(crate) fn names(&self) -> &[Option<String>] {
+        &self.names
+    }
+
+    /// Names tensor `i` (or, with `None`, takes its name away); refuses a name that
+    /// [`check_names`] refuses, the optimizer's other names included.
+    pub(crate) fn set_name(&mut self, i: usize, name: Option<&str>) -> Result<()> {
+        let count = self.names.len();
+        if i >= count {
+            return Err(Error::TensorIndexOutOfRange { index: i, count });
+        }
+        let mut names = self.names.clone();
+        names[i] = None;
+        // The new name checked last, so that a clash is reported as tensor `i`'s.
+        if let Some(name) = name {
+            if let Some(other) = names.iter().position(|n| n.as_deref() == Some(name)) {
+                return Err(Error::TensorName {
+                    tensor: i,
+                    name: name.to_owned(),
+                    reason: format!("is tensor {other}'s already; every name names one tensor"),
+                });
+            }
+        }
+        names[i] = name.map(str::to_owned);
+        check_names(&names)?;
+        self.names = names;
+        Ok(())
     }
 
     pub(crate) fn shapes(&self) -> &[Vec<usize>] {
@@ -150,14 +182,21 @@ impl Schedule {
         Ok(())
     }
 
-    /// Replaces all three, after the same checks (for a restore).
+    /// Replaces configuration, settings and shapes, after the same checks, and takes
+    /// the checkpoint's names where the optimizer has none (for a restore): a tensor
+    /// named on both sides must have the same name ([`Error::NameMismatch`]).
     pub(crate) fn replace(
         &mut self,
         config: AdamaxConfig,
         hypers: &[TensorHyper],
         shapes: &[Vec<usize>],
+        names: &[Option<String>],
     ) -> Result<()> {
-        for (what, found) in [("hyperparameters", hypers.len()), ("shapes", shapes.len())] {
+        for (what, found) in [
+            ("hyperparameters", hypers.len()),
+            ("shapes", shapes.len()),
+            ("names", names.len()),
+        ] {
             if found != self.hypers.len() {
                 return Err(Error::TensorCountMismatch {
                     what,
@@ -170,9 +209,25 @@ impl Schedule {
         for (i, (new, old)) in shapes.iter().zip(&self.shapes).enumerate() {
             check_shape(i, new, tensor_len(old)?)?;
         }
+        let mut merged = Vec::with_capacity(names.len());
+        for (i, (ours, theirs)) in self.names.iter().zip(names).enumerate() {
+            merged.push(match (ours, theirs) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(Error::NameMismatch {
+                        tensor: i,
+                        expected: a.clone(),
+                        found: b.clone(),
+                    })
+                }
+                (Some(a), _) => Some(a.clone()),
+                (None, b) => b.clone(),
+            });
+        }
+        check_names(&merged)?;
         self.config = config;
         self.hypers = hypers.to_vec();
         self.shapes = shapes.to_vec();
+        self.names = merged;
         Ok(())
     }
 }
@@ -201,6 +256,47 @@ pub(crate) fn check_shape(tensor: usize, shape: &[usize], expected: usize) -> Re
             expected,
             found,
         });
+    }
+    Ok(())
+}
+
+/// The longest tensor name, in bytes (PyTorch's and candle's parameter names are dotted
+/// paths of a few dozen).
+pub(crate) const MAX_NAME_BYTES: usize = 1024;
+
+/// Checks tensor names: each non-empty, at most [`MAX_NAME_BYTES`] long, without
+/// control characters (names go into error messages and file headers), and no name
+/// given to two tensors.
+pub(crate) fn check_names(names: &[Option<String>]) -> Result<()> {
+    let mut seen = std::collections::HashMap::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let Some(name) = name else { continue };
+        let refuse = |reason: String| Error::TensorName {
+            tensor: i,
+            name: name.clone(),
+            reason,
+        };
+        if name.is_empty() {
+            return Err(refuse(
+                "is empty; give a name of at least one character, or none".into(),
+            ));
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return Err(refuse(format!(
+                "is {} bytes long; a name holds at most {MAX_NAME_BYTES}",
+                name.len()
+            )));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(refuse(
+                "holds a control character; use printable characters only".into(),
+            ));
+        }
+        if let Some(other) = seen.insert(name.as_str(), i) {
+            return Err(refuse(format!(
+                "is tensor {other}'s already; every name names one tensor"
+            )));
+        }
     }
     Ok(())
 }

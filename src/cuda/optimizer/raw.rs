@@ -75,19 +75,41 @@ impl<T: GpuStorage> CudaAdamax<T> {
     ///
     /// Checked here, as errors: the tensor count, null and misaligned addresses.
     pub unsafe fn step_raw(&mut self, tensors: &[RawTensor]) -> Result<()> {
+        let params: Vec<u64> = tensors.iter().map(|t| t.param).collect();
+        let grads: Vec<Option<u64>> = tensors.iter().map(|t| Some(t.grad)).collect();
+        // SAFETY: the caller's contract, which is step_some_raw's with every gradient
+        // present.
+        unsafe { self.step_some_raw(&params, &grads) }
+    }
+
+    /// [`CudaAdamax::step_some`] for buffers owned by another CUDA stack:
+    /// `params[i]` is the device address of tensor `i`'s parameter and `grads[i]` that
+    /// of its gradient, or `None` when it has none this step (the tensor is skipped,
+    /// as [`Optimizer::step_some`] describes; its parameter is not read or written).
+    ///
+    /// # Safety
+    ///
+    /// As [`CudaAdamax::step_raw`], for every parameter and every gradient given.
+    ///
+    /// Checked here, as errors: the list lengths, null and misaligned addresses.
+    pub unsafe fn step_some_raw(&mut self, params: &[u64], grads: &[Option<u64>]) -> Result<()> {
         let lens = self.tensor_lens();
-        if tensors.len() != lens.len() {
-            return Err(Error::TensorCountMismatch {
-                what: "tensors",
-                expected: lens.len(),
-                found: tensors.len(),
-            });
+        for (what, found) in [("params", params.len()), ("grads", grads.len())] {
+            if found != lens.len() {
+                return Err(Error::TensorCountMismatch {
+                    what,
+                    expected: lens.len(),
+                    found,
+                });
+            }
         }
-        for (i, (t, &n)) in tensors.iter().zip(lens).enumerate() {
-            check_raw::<T>("param", i, t.param, n)?;
-            check_raw::<T>("grad", i, t.grad, n)?;
+        for (i, ((&param, grad), &n)) in params.iter().zip(grads).zip(lens).enumerate() {
+            check_raw::<T>("param", i, param, n)?;
+            if let Some(grad) = *grad {
+                check_raw::<T>("grad", i, grad, n)?;
+            }
         }
-        let addresses = tensors.iter().map(|t| (t.param, Some(t.grad)));
+        let addresses = params.iter().copied().zip(grads.iter().copied());
         let hypers = self.schedule.hypers();
         self.plan
             .table

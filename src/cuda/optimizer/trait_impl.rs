@@ -67,6 +67,14 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         self.schedule.set_shape(tensor, shape)
     }
 
+    fn tensor_names(&self) -> &[Option<String>] {
+        self.schedule.names()
+    }
+
+    fn set_tensor_name(&mut self, tensor: usize, name: Option<&str>) -> Result<()> {
+        self.schedule.set_name(tensor, name)
+    }
+
     fn tensor_lens(&self) -> &[usize] {
         self.state.layout().lens()
     }
@@ -182,6 +190,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             storage: T::TYPE,
             tensor_steps: &steps,
             shapes: self.schedule.shapes(),
+            names: self.schedule.names(),
             hypers: self.schedule.hypers(),
             options: &options,
             scaler: scaler.as_ref(),
@@ -212,7 +221,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             self.state.layout().lens(),
         )?;
         let mut schedule = self.schedule.clone();
-        schedule.replace(ck.config, &ck.hypers, &ck.shapes)?;
+        schedule.replace(ck.config, &ck.hypers, &ck.shapes, &ck.names)?;
         refuse_during_capture(
             &self.stream,
             "restoring a checkpoint",
