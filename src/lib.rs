@@ -37,11 +37,11 @@
 //!   [`Checkpoint::params`].
 //! - **step many tensors in one flat buffer**: [`cuda::FlatLayout`] and
 //!   [`cuda::CudaAdamax::new_flat`].
-//! - **use it with candle**: candle's CUDA buffers are cudarc's, but it hands out read
-//!   access only, so give their addresses and candle's own stream to
-//!   [`cuda::CudaAdamax::new_raw`] and [`cuda::CudaAdamax::step_raw`] (one launch for
-//!   every `Var`); `integrations/candle-spiral` in the repository trains a candle model
-//!   that way. A `candle_nn::Optimizer` adapter is planned (issue #21), not written yet.
+//! - **use it with candle**: the `adamax-cuda-candle` crate (`integrations/` in the
+//!   repository) is a `candle_nn::Optimizer` that steps every `Var` in one launch on
+//!   candle's stream, through [`cuda::CudaAdamax::new_raw`] and
+//!   [`cuda::CudaAdamax::step_some_raw`] (candle hands out read access to its buffers
+//!   only, so their addresses go to the raw entry points).
 //! - **see a whole training program**: `examples/newcomer.rs` (CPU: an MLP with parameter
 //!   groups, clipping, a schedule and a checkpoint resumed bit for bit); the README
 //!   covers installation and the CUDA version features.

@@ -1,36 +1,19 @@
 //! candle trains a small MLP (three linear layers, two layer norms) on a three-arm
-//! spiral with a held-out test set, on the GPU; adamax-cuda steps candle's own
-//! parameter buffers, on candle's own stream, all of them in one launch per step, in f32
-//! and in bf16 with f32 master weights. Biases and norm gains take no weight decay
-//! (per-tensor settings). The first step of each run is checked bit for bit against
-//! adamax-cuda's CPU reference, from the same parameters and gradients.
+//! spiral with a held-out test set, on the GPU, in f32 and in bf16 with f32 master
+//! weights. The optimizer is adamax-cuda-candle's `Adamax`, a `candle_nn::Optimizer`:
+//! every parameter stepped in one launch per step on candle's own stream, biases and
+//! norm parameters without weight decay (`no_decay_for_vectors`). The first step of
+//! each run is checked bit for bit against the same optimizer on candle's CPU device
+//! (adamax-cuda's CPU reference), from the same parameters and gradients.
 //!
-//! Build it with `scripts/candle_example.sh` (candle's CUDA backend needs nvcc and the
-//! CUDA libraries at build time; the script takes them from PyPI). Run the binary on a
-//! machine with an NVIDIA GPU, with CUDA 13's cuBLAS, cuRAND, cudart and NVRTC on the
-//! loader path.
-//!
-//! How the buffers get here: candle-core 0.11 gives read access to a tensor's storage
-//! (`storage_and_layout`), so the addresses of the parameters and of their gradients
-//! (offset by the layout's start) go to `CudaAdamax::step_raw` on candle's stream
-//! (`CudaDevice::cuda_stream`, the same cudarc type as ours). candle's only in-place
-//! API, its `InplaceOp` traits, hands out one tensor at a time: it would cost a launch
-//! per parameter.
+//! Build it with `scripts/candle_adapter.sh spiral` (candle's CUDA backend needs nvcc
+//! and the CUDA libraries at build time; the script takes them from PyPI). Run the
+//! binary on a machine with an NVIDIA GPU, with CUDA 13's cuBLAS, cuRAND, cudart and
+//! NVRTC on the loader path.
 
-use std::sync::Arc;
-
-use adamax_cuda::{
-    bf16,
-    cpu::CpuAdamax,
-    cuda::{
-        cudarc::driver::{CudaStream, DevicePtr},
-        CudaAdamax, GpuStorage, RawParam, RawTensor,
-    },
-    AdamaxConfig, Optimizer, TensorHyper,
-};
-use candle_core::{
-    backprop::GradStore, cuda_backend::CudaDType, DType, Device, Storage, Tensor, Var, D,
-};
+use adamax_cuda_candle::{Adamax, AdamaxConfig, ParamsAdamax};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
+use candle_nn::Optimizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -76,20 +59,14 @@ fn spiral(rng: &mut Rng, per_class: usize) -> (Vec<f32>, Vec<u32>) {
     (x, y)
 }
 
-/// The model's parameters, candle `Var`s, with whether each takes weight decay.
+/// The model's parameters, candle `Var`s: weights, biases, norm gains and shifts.
 struct Model {
     vars: Vec<Var>,
-    decays: Vec<bool>,
 }
 
 impl Model {
     fn new(dtype: DType, device: &Device, rng: &mut Rng) -> Result<Self> {
         let mut vars = Vec::new();
-        let mut decays = Vec::new();
-        let mut push = |v: Var, decay: bool| {
-            vars.push(v);
-            decays.push(decay);
-        };
         for (inputs, outputs, norm) in [
             (IN, HIDDEN, true),
             (HIDDEN, HIDDEN, true),
@@ -97,19 +74,16 @@ impl Model {
         ] {
             let std = (2.0 / inputs as f32).sqrt();
             let w: Vec<f32> = (0..inputs * outputs).map(|_| rng.normal() * std).collect();
-            push(
-                Var::from_tensor(
-                    &Tensor::from_vec(w, (outputs, inputs), device)?.to_dtype(dtype)?,
-                )?,
-                true,
-            );
-            push(Var::zeros(outputs, dtype, device)?, false);
+            vars.push(Var::from_tensor(
+                &Tensor::from_vec(w, (outputs, inputs), device)?.to_dtype(dtype)?,
+            )?);
+            vars.push(Var::zeros(outputs, dtype, device)?);
             if norm {
-                push(Var::ones(outputs, dtype, device)?, false); // gain
-                push(Var::zeros(outputs, dtype, device)?, false); // shift
+                vars.push(Var::ones(outputs, dtype, device)?); // gain
+                vars.push(Var::zeros(outputs, dtype, device)?); // shift
             }
         }
-        Ok(Self { vars, decays })
+        Ok(Self { vars })
     }
 
     /// Logits (f32) of a batch `x` of shape [n, IN]; computed in f32 whatever the
@@ -136,80 +110,55 @@ impl Model {
     }
 }
 
-/// The device address of a contiguous tensor's first element and its element count.
-fn address<T: GpuStorage + CudaDType>(
-    t: &Tensor,
-    stream: &Arc<CudaStream>,
-) -> Result<(u64, usize)> {
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err("the tensor is not on a CUDA device".into());
-    };
-    if !layout.is_contiguous() {
-        return Err("the tensor is not contiguous".into());
+/// The bits of every element of `vars`, as f32.
+fn bits(vars: &[Var]) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for v in vars {
+        let values = v
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        out.extend(values.iter().map(|x| x.to_bits()));
     }
-    let base = cs.as_cuda_slice::<T>()?.device_ptr(stream).0;
-    Ok((
-        base + (layout.start_offset() * std::mem::size_of::<T>()) as u64,
-        t.elem_count(),
-    ))
+    Ok(out)
 }
 
-/// Parameters and gradients flattened to host vectors (for the CPU check).
-fn host<T: candle_core::WithDType>(ts: &[&Tensor]) -> Result<Vec<Vec<T>>> {
-    Ok(ts
+/// The same optimizer on candle's CPU device, over a copy of `vars`, stepped from a
+/// copy of `grads`: adamax-cuda's CPU reference, which the GPU must match bit for bit.
+fn cpu_twin(vars: &[Var], grads: &GradStore, params: ParamsAdamax) -> Result<(Vec<Var>, Adamax)> {
+    let host: Vec<Var> = vars
         .iter()
-        .map(|t| t.flatten_all()?.to_vec1::<T>())
-        .collect::<candle_core::Result<_>>()?)
-}
-
-fn bits<T: adamax_cuda::Storage>(v: &[Vec<T>]) -> Vec<u32> {
-    v.iter().flatten().map(|x| x.to_f32().to_bits()).collect()
+        .map(|v| Var::from_tensor(&v.as_tensor().to_device(&Device::Cpu)?))
+        .collect::<candle_core::Result<_>>()?;
+    let mut store = GradStore::default();
+    for (v, h) in vars.iter().zip(&host) {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            store.insert(h.as_tensor(), g.to_device(&Device::Cpu)?);
+        }
+    }
+    let mut cpu = Adamax::new(host.clone(), params)?;
+    cpu.step(&store)?;
+    Ok((host, cpu))
 }
 
 /// Trains one run; returns the loss of every epoch and the final test accuracy.
-fn train<T: GpuStorage + CudaDType + candle_core::WithDType>(
+fn train(
     name: &str,
     dtype: DType,
     device: &Device,
     data: &(Tensor, Tensor, Tensor, Tensor),
 ) -> Result<(Vec<f32>, f32)> {
-    let stream = device.as_cuda_device()?.cuda_stream();
     let (x_train, y_train, x_test, y_test) = data;
     let mut rng = Rng(7);
     let model = Model::new(dtype, device, &mut rng)?;
-    let config = AdamaxConfig {
+    let params = ParamsAdamax::from(AdamaxConfig {
         lr: 1e-2,
         weight_decay: 1e-4,
         ..AdamaxConfig::default()
-    };
-    let params: Vec<RawParam> = model
-        .vars
-        .iter()
-        .map(|v| address::<T>(v.as_tensor(), &stream).map(|(ptr, len)| RawParam { ptr, len }))
-        .collect::<Result<_>>()?;
-    // SAFETY: the addresses are those of candle's parameter buffers, in the context of
-    // candle's stream (the one we run on), alive as long as `model`, and written before
-    // this call on that same stream.
-    let mut opt = unsafe { CudaAdamax::<T>::new_raw(&stream, config, &params)? };
-    let tensors: Vec<&Tensor> = model.vars.iter().map(Var::as_tensor).collect();
-    let mut cpu = CpuAdamax::<T>::new(
-        config,
-        &host::<T>(&tensors)?
-            .iter()
-            .map(|v| v.as_slice())
-            .collect::<Vec<_>>(),
-    )?;
-    for (i, &decay) in model.decays.iter().enumerate() {
-        if !decay {
-            let h = TensorHyper {
-                lr_scale: 1.0,
-                weight_decay: 0.0,
-            };
-            opt.set_tensor_hyper(i, h)?;
-            cpu.set_tensor_hyper(i, h)?;
-        }
-    }
+    })
+    .no_decay_for_vectors();
+    let mut opt = Adamax::new(model.vars.clone(), params.clone())?;
     let n = y_train.dim(0)?;
     let bar = ProgressBar::new(EPOCHS as u64);
     bar.set_style(
@@ -232,38 +181,16 @@ fn train<T: GpuStorage + CudaDType + candle_core::WithDType>(
                 y_train.index_select(&idx, 0)?,
             );
             let loss = candle_nn::loss::cross_entropy(&model.forward(&xb)?, &yb)?;
-            let grads: GradStore = loss.backward()?;
-            let grad_tensors: Vec<Tensor> = tensors
-                .iter()
-                .map(|t| {
-                    grads
-                        .get(t)
-                        .ok_or("a parameter got no gradient")?
-                        .contiguous()
-                        .map_err(Into::into)
-                })
-                .collect::<Result<_>>()?;
-            let raw: Vec<RawTensor> = tensors
-                .iter()
-                .zip(&grad_tensors)
-                .map(|(p, g)| {
-                    Ok(RawTensor {
-                        param: address::<T>(p, &stream)?.0,
-                        grad: address::<T>(g, &stream)?.0,
-                    })
-                })
-                .collect::<Result<_>>()?;
-            let before = (!checked).then(|| host::<T>(&tensors)).transpose()?;
-            // SAFETY: candle's parameter and gradient buffers (alive: `model` and
-            // `grad_tensors` are held), in its context, written on its stream, which is
-            // ours; the parameters do not alias each other or a gradient.
-            unsafe { opt.step_raw(&raw)? };
-            if let Some(mut params) = before {
-                // The first step against the CPU reference, bit for bit.
-                let g = host::<T>(&grad_tensors.iter().collect::<Vec<_>>())?;
-                let mut p: Vec<&mut [T]> = params.iter_mut().map(|v| v.as_mut_slice()).collect();
-                cpu.step(&mut p, &g.iter().map(|v| v.as_slice()).collect::<Vec<_>>())?;
-                if bits(&params) != bits(&host::<T>(&tensors)?) || opt.state()? != cpu.state()? {
+            let grads = loss.backward()?;
+            // The first step against the CPU reference, bit for bit.
+            let expected = (!checked)
+                .then(|| cpu_twin(&model.vars, &grads, params.clone()))
+                .transpose()?;
+            opt.step(&grads)?;
+            if let Some((expected, cpu)) = expected {
+                if bits(&model.vars)? != bits(&expected)?
+                    || opt.checkpoint()?.tensors != cpu.checkpoint()?.tensors
+                {
                     return Err(
                         format!("{name}: the GPU step differs from the CPU reference").into(),
                     );
@@ -313,8 +240,8 @@ fn main() -> Result<()> {
         Tensor::from_vec(xe, (CLASSES * TEST_PER_CLASS, IN), &device)?,
         Tensor::from_vec(ye, CLASSES * TEST_PER_CLASS, &device)?,
     );
-    let (f32_losses, f32_acc) = train::<f32>("f32", DType::F32, &device, &data)?;
-    let (bf16_losses, bf16_acc) = train::<bf16>("bf16", DType::BF16, &device, &data)?;
+    let (f32_losses, f32_acc) = train("f32", DType::F32, &device, &data)?;
+    let (bf16_losses, bf16_acc) = train("bf16", DType::BF16, &device, &data)?;
     println!("| run | first-epoch loss | last-epoch loss | test accuracy |");
     println!("| --- | --- | --- | --- |");
     for (name, l, a) in [
