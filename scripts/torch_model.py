@@ -7,7 +7,8 @@ throwaway virtual environment (CI never runs it). Three commands:
       A `torch.save`d `optimizer.state_dict()` of torch.optim.Adamax (one parameter
       group) as a crate file: `state.{i}.exp_avg`, `state.{i}.exp_inf` in each
       parameter's own shape (N-D), `state.{i}.step`, the group's settings in the
-      metadata. With f16 or bf16 parameters PyTorch keeps the moments in that type:
+      metadata, and the parameters' names (`tensor.{i}.name`) when the optimizer was
+      built from `model.named_parameters()` (PyTorch 2.6 and later). With f16 or bf16 parameters PyTorch keeps the moments in that type:
       they are widened to f32 (exactly), `m` is brought within AdaMax's bound
       |m| <= c * u (c = (1 - beta1) / (1 - beta1 / beta2)), which a moment rounded to
       16 bits can miss by its last bit and which the crate checks on load, and the f32
@@ -16,7 +17,9 @@ throwaway virtual environment (CI never runs it). Three commands:
       state yet, which get zero moments at step 0).
   to-torch IN.safetensors OUT.pt
       A crate file (f32 state; 8-bit state first goes through the crate's
-      `Checkpoint::convert_state`) as a state dict for `optimizer.load_state_dict`,
+      `Checkpoint::convert_state`) as a state dict for `optimizer.load_state_dict`
+      (with `param_names` when the file names every tensor: build the optimizer from
+      `model.named_parameters()` then),
       the moments in the shapes the file holds (`Optimizer::set_tensor_shape` gives
       them their parameters' shapes before saving). Refuses what torch.optim.Adamax
       has no setting for: decoupled weight decay, eps in the denominator, per-tensor
@@ -27,7 +30,8 @@ throwaway virtual environment (CI never runs it). Three commands:
       convolution weights, 2-D projections, 1-D biases and norms) trained 5 steps with
       torch.optim.Adamax in f32, converted with to-crate
       (torch_model_adamax_step5.safetensors), converted back with to-torch and checked
-      to equal PyTorch's own state exactly, with the parameters at step 5, the
+      to equal PyTorch's own state exactly (the optimizer is built from the model's
+      named parameters, so the file names its tensors), with the parameters at step 5, the
       gradients of steps 6 to 8 and PyTorch's parameters after each
       (torch_model_resume.json); and the same model in bf16 after 3 steps, converted
       with its parameters (torch_model_bf16_step3.safetensors).
@@ -109,6 +113,10 @@ def to_crate(sd, out, params=None, made_by="scripts/torch_model.py"):
         "maximize": "true" if group.get("maximize") else "false",
         "made_by": f"{made_by}, PyTorch {torch.__version__}",
     }
+    # An optimizer built from `model.named_parameters()` (PyTorch 2.6 and later) keeps
+    # the names in its group: they become the tensors' names in the crate's file.
+    for i, name in enumerate(group.get("param_names") or []):
+        meta[f"tensor.{i}.name"] = name
     save_file(tensors, out, metadata=meta)
 
 
@@ -130,7 +138,7 @@ def to_torch(path):
         refuse.append("decoupled weight decay (torch.optim.Adamax couples it)")
     if meta.get("eps_mode") != "inside_max":
         refuse.append("eps in the denominator (torch.optim.Adamax adds it inside the max)")
-    if any(k.startswith("tensor.") and not k.endswith(".step") for k in meta):
+    if any(k.startswith("tensor.") and not k.endswith((".step", ".name")) for k in meta):
         refuse.append("per-tensor settings (give PyTorch one parameter group per setting)")
     if refuse:
         raise SystemExit(f"{path}: " + "; ".join(refuse))
@@ -161,6 +169,10 @@ def to_torch(path):
         "differentiable": False,
         "params": list(range(n)),
     }
+    names = [meta.get(f"tensor.{i}.name") for i in range(n)]
+    if all(names):
+        # For an optimizer built from `model.named_parameters()`.
+        group["param_names"] = names
     return {"state": state, "param_groups": [group]}
 
 
@@ -204,7 +216,8 @@ def generate(out):
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     model = Model()
-    opt = torch.optim.Adamax(model.parameters(), foreach=False, **CFG)
+    # Built from the named parameters, so the file carries the names.
+    opt = torch.optim.Adamax(model.named_parameters(), foreach=False, **CFG)
     for _ in range(5):
         train_step(model, opt, gen, torch.float32)
     sd = opt.state_dict()
@@ -216,7 +229,10 @@ def generate(out):
         for name in ("exp_avg", "exp_inf", "step"):
             a, b = sd["state"][k][name], back["state"][i][name]
             assert a.shape == b.shape and torch.equal(a.float(), b.float()), (i, name)
-    fresh = torch.optim.Adamax([p.detach().clone() for p in model.parameters()], foreach=False, **CFG)
+    assert back["param_groups"][0]["param_names"] == sd["param_groups"][0]["param_names"]
+    fresh = torch.optim.Adamax(
+        [(n, p.detach().clone()) for n, p in model.named_parameters()], foreach=False, **CFG
+    )
     fresh.load_state_dict(back)
 
     flat = lambda ts: [[f32_text(x) for x in t.detach().flatten().tolist()] for t in ts]

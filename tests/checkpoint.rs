@@ -1505,7 +1505,15 @@ fn a_real_models_pytorch_state_resumes_and_round_trips() {
     assert_eq!(ck.step, 5);
     assert_eq!(ck.shapes, r.shapes);
     assert!(ck.shapes.iter().any(|s| s.len() == 4) && ck.shapes.iter().any(|s| s.len() == 2));
-    assert_eq!(r.names.len(), ck.tensors.len());
+    // The optimizer was built from `named_parameters()`: PyTorch's `param_names` are
+    // the tensors' names, and a model listing its parameters in another order takes
+    // the state by them.
+    let torch_names: Vec<Option<String>> = r.names.iter().cloned().map(Some).collect();
+    assert_eq!(ck.names, torch_names);
+    let mut reversed = r.names.clone();
+    reversed.reverse();
+    let moved = ck.reordered(&reversed).unwrap();
+    assert_eq!(moved.tensors[0], ck.tensors[r.names.len() - 1]);
     let mut params = r.params_at_step5.clone();
     let refs: Vec<&[f32]> = params.iter().map(|p| p.as_slice()).collect();
     let mut opt = CpuAdamax::new(AdamaxConfig::default(), &refs).unwrap();
@@ -1541,6 +1549,7 @@ fn a_real_models_pytorch_state_resumes_and_round_trips() {
     // masters; it restores into a bf16 optimizer from the parameters it gives.
     let ck = Checkpoint::from_bytes(TORCH_MODEL_BF16_FILE).unwrap();
     assert_eq!((ck.storage, ck.step), (StorageType::Bf16, 3));
+    assert!(ck.names.iter().all(Option::is_none)); // built from `parameters()`
     assert_eq!(ck.shapes, r.shapes);
     let params: Vec<Vec<bf16>> = ck.params::<bf16>().unwrap();
     let refs: Vec<&[bf16]> = params.iter().map(|p| p.as_slice()).collect();
@@ -1708,4 +1717,28 @@ fn impossible_names_in_files_are_refused() {
     assert!(matches!(ck.to_bytes(), Err(Error::Checkpoint { .. })));
     ck.names.pop();
     assert!(matches!(ck.to_bytes(), Err(Error::Checkpoint { .. })));
+}
+
+/// PyTorch's files carry no checksum: a name key is taken only in the form the
+/// converter writes it, for a tensor the file holds, and as a valid name.
+#[test]
+fn names_in_pytorchs_files_are_checked() {
+    for (edit, says) in [
+        (
+            ("\"tensor.4.name\"", "\"tensor.04.name\""),
+            "not one PyTorch writes",
+        ),
+        (
+            ("\"tensor.4.name\"", "\"tensor.40.name\""),
+            "names a tensor the file does not hold",
+        ),
+        (
+            ("\"proj.weight\"", "\"conv1.weight\""),
+            "tensor 0's already",
+        ),
+    ] {
+        let edited = with_header(TORCH_MODEL_FILE, |h| h.replacen(edit.0, edit.1, 1));
+        assert_ne!(edited, TORCH_MODEL_FILE);
+        refused_load(&edited, says);
+    }
 }

@@ -31,7 +31,7 @@
 //! | `state_format`, `state_block` | `blockwise8` and `256` for 8-bit state; absent for f32 state |
 //! | `seed` | the stochastic rounding seed, when a mode rounds stochastically |
 //! | `tensor.{i}.lr_scale`, `tensor.{i}.weight_decay` | per-tensor hyperparameters (parameter groups); absent in PyTorch's files, where the config's apply |
-//! | `tensor.{i}.name` | tensor `i`'s name ([`Checkpoint::names`]), when it has one |
+//! | `tensor.{i}.name` | tensor `i`'s name ([`Checkpoint::names`]), when it has one; in PyTorch's files, its group's `param_names` (an optimizer built from `named_parameters()`) |
 //! | `tensor.{i}.step` | tensor `i`'s own step count, when it differs from `step` (the tensor was skipped in some steps for lack of a gradient); in PyTorch's files, a `state.{i}.step` that differs from `step` is that count |
 //! | `options.inv_scale`, `options.max_norm` | the [`StepOptions`] in force, when set |
 //! | `options.skip_nonfinite` | `true` or `false` |

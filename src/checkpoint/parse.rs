@@ -204,6 +204,17 @@ impl Checkpoint {
         let names = (0..n_tensors)
             .map(|i| optional(&format!("tensor.{i}.name")).map(str::to_owned))
             .collect();
+        // (In this crate's files every key is checked against what its writer writes,
+        // below; PyTorch's carry no checksum, so a name for a tensor they do not hold
+        // is refused here.)
+        if let Some(k) = meta
+            .keys()
+            .find(|k| torch_name_index(k).is_some_and(|i| i >= n_tensors))
+        {
+            return Err(refuse(format!(
+                "metadata `{k}` names a tensor the file does not hold ({n_tensors} tensors)"
+            )));
+        }
         let mut hypers = vec![TensorHyper::from_config(&config); n_tensors];
         for (i, h) in hypers.iter_mut().enumerate() {
             let (scale, wd) = (
@@ -304,13 +315,23 @@ const TORCH_KEYS: [&str; 13] = [
 fn check_torch_keys(meta: &HashMap<String, String>) -> Result<()> {
     let mut keys: Vec<&String> = meta.keys().collect();
     keys.sort();
-    match keys.iter().find(|k| !TORCH_KEYS.contains(&k.as_str())) {
+    match keys
+        .iter()
+        .find(|k| !TORCH_KEYS.contains(&k.as_str()) && torch_name_index(k).is_none())
+    {
         Some(k) => Err(refuse(format!(
-            "metadata key `{k}` is not one PyTorch writes; a file in format {TORCH_FORMAT} (no checksum) carries only {}",
+            "metadata key `{k}` is not one PyTorch writes; a file in format {TORCH_FORMAT} (no checksum) carries only {} and `tensor.{{i}}.name` (its group's `param_names`)",
             TORCH_KEYS.join(", ")
         ))),
         None => Ok(()),
     }
+}
+
+/// `i` of a key `tensor.{i}.name` (a parameter's name, from PyTorch's `param_names`),
+/// written as this crate writes an index.
+fn torch_name_index(key: &str) -> Option<usize> {
+    let i = key.strip_prefix("tensor.")?.strip_suffix(".name")?;
+    i.parse::<usize>().ok().filter(|n| n.to_string() == i)
 }
 
 /// Refuses metadata keys this crate's writer does not write for `ck` (besides the
