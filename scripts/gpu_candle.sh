@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The candle crates on a GPU (../shared/GPU.md), from the repository root beside the
+# candle bundle (.gpu/candle/, from `bash scripts/candle_adapter.sh bundle`), about
+# three minutes:
+#   1. the adapter's GPU tests: the adapter on the GPU against itself on the CPU (the
+#      CPU reference), bit for bit, in every dtype and storage mode;
+#   2. the spiral example: candle trains an MLP, f32 and bf16 with masters, its first
+#      step checked against the CPU bit for bit, over 95% test accuracy expected;
+#   3. the optimizer step of GPT-2 small with the adapter, with candle-optimisers 0.10's
+#      Adamax, and a device-to-device copy of the adapter's bytes (criterion, short).
+# The binaries link CUDA 13's cuBLAS, cuRAND, cudart and NVRTC: taken from PyTorch's
+# wheels on the GPU machine. Logs go to $OUT: candle-device.txt, candle.log,
+# candle-bench.log.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+start=$(date +%s)
+lib=$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH="${lib:+$lib:}/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export ADAMAX_CUDA_CACHE_DIR=${ADAMAX_CUDA_CACHE_DIR:-/tmp/adamax-kernel-cache}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  git log -1 --format='commit %h %cs' 2>/dev/null || true
+  echo "CUDA libraries from: ${lib:-(none found in the PyTorch wheels)}"
+} | tee "$OUT/candle-device.txt"
+[ -x .gpu/candle/adapter-gpu-test ] || { echo "no .gpu/candle/: run bash scripts/candle_adapter.sh bundle on the build machine" >&2; exit 2; }
+rc=0
+step() {  # step SECONDS LOGFILE COMMAND...
+  local limit=$1 log=$2; shift 2
+  echo "== $* ($(( $(date +%s) - start ))s, limit ${limit}s)" | tee -a "$OUT/$log"
+  timeout --kill-after=5 "$limit" "$@" >>"$OUT/$log" 2>&1
+  local r=$?
+  [ $r = 0 ] || rc=1
+  echo "rc=$r" | tee -a "$OUT/$log"
+  grep -E "^test result|FAILED|panicked|first step|test accuracy [0-9.]+%$|^\| " "$OUT/$log" | tail -n 8
+}
+step 60 candle.log .gpu/candle/adapter-gpu-test --include-ignored
+step 90 candle.log .gpu/candle/adamax-cuda-candle-spiral
+step 90 candle-bench.log .gpu/candle/vs-candle-optimisers --bench --warm-up-time 1 --measurement-time 3
+grep -E "^gpt2|time:|thrpt:" "$OUT/candle-bench.log"
+echo "gpu_candle exit: $rc after $(( $(date +%s) - start ))s"
+exit $rc
