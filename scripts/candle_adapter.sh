@@ -107,12 +107,14 @@ for line in sys.stdin:
         print(m["executable"])')
     cp "$exe" "$out/vs-candle-optimisers"
     strip --strip-debug "$out"/* 2>/dev/null || true
+    # candle embeds its kernels' PTX: about 50-70 MB a binary, a sixth of that with xz.
+    # scripts/gpu_candle.sh unpacks them on the GPU machine.
+    xz -T0 -6 -f "$out"/adapter-gpu-test "$out"/adamax-cuda-candle-spiral "$out"/vs-candle-optimisers
     du -sh "$out" | awk '{print "candle bundle: " $1 " (the bundle travels with the working tree: 64 MiB in all)"}'
     # The CUDA libraries they link (cuBLAS, cuRAND, cudart, NVRTC) are not carried: the
-    # GPU machine has them in PyTorch's wheels (../shared/GPU.md).
-    echo "on the GPU machine: lib=\$(python3 -c 'import nvidia,os;print(os.path.join(nvidia.__path__[0],\"cu13\",\"lib\"))')"
-    echo "  LD_LIBRARY_PATH=\$lib .gpu/candle/adapter-gpu-test; LD_LIBRARY_PATH=\$lib .gpu/candle/adamax-cuda-candle-spiral"
-    echo "  LD_LIBRARY_PATH=\$lib .gpu/candle/vs-candle-optimisers --bench"
+    # GPU machine has them in PyTorch's wheels (../shared/GPU.md), where
+    # scripts/gpu_candle.sh finds them.
+    echo "on the GPU machine: bash scripts/gpu_candle.sh"
     ;;
   spiral) ;;
   *) echo "usage: $0 test|bundle|spiral" >&2; exit 2 ;;

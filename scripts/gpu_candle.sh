@@ -22,7 +22,16 @@ export ADAMAX_CUDA_CACHE_DIR=${ADAMAX_CUDA_CACHE_DIR:-/tmp/adamax-kernel-cache}
   git log -1 --format='commit %h %cs' 2>/dev/null || true
   echo "CUDA libraries from: ${lib:-(none found in the PyTorch wheels)}"
 } | tee "$OUT/candle-device.txt"
-[ -x .gpu/candle/adapter-gpu-test ] || { echo "no .gpu/candle/: run bash scripts/candle_adapter.sh bundle on the build machine" >&2; exit 2; }
+[ -f .gpu/candle/adapter-gpu-test.xz ] || { echo "no .gpu/candle/: run bash scripts/candle_adapter.sh bundle on the build machine" >&2; exit 2; }
+# The binaries travel xz-compressed (candle embeds its kernels' PTX: about 50 MB each,
+# 6 MB compressed); Python's lzma unpacks them, so no xz is needed here.
+bin=${ADAMAX_CANDLE_BIN:-/tmp/adamax-candle-bin}
+mkdir -p "$bin"
+for f in .gpu/candle/*.xz; do
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$f" "$bin/$(basename "$f" .xz)"
+  chmod +x "$bin/$(basename "$f" .xz)"
+done
 rc=0
 step() {  # step SECONDS LOGFILE COMMAND...
   local limit=$1 log=$2; shift 2
@@ -33,9 +42,9 @@ step() {  # step SECONDS LOGFILE COMMAND...
   echo "rc=$r" | tee -a "$OUT/$log"
   grep -E "^test result|FAILED|panicked|first step|test accuracy [0-9.]+%$|^\| " "$OUT/$log" | tail -n 8
 }
-step 60 candle.log .gpu/candle/adapter-gpu-test --include-ignored
-step 90 candle.log .gpu/candle/adamax-cuda-candle-spiral
-step 90 candle-bench.log .gpu/candle/vs-candle-optimisers --bench --warm-up-time 1 --measurement-time 3
+step 60 candle.log "$bin/adapter-gpu-test" --include-ignored
+step 90 candle.log "$bin/adamax-cuda-candle-spiral"
+step 90 candle-bench.log "$bin/vs-candle-optimisers" --bench --warm-up-time 1 --measurement-time 3
 grep -E "^gpt2|time:|thrpt:" "$OUT/candle-bench.log"
 echo "gpu_candle exit: $rc after $(( $(date +%s) - start ))s"
 exit $rc
