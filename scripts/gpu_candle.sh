@@ -33,15 +33,8 @@ for f in .gpu/candle/*.xz; do
   chmod +x "$bin/$(basename "$f" .xz)"
 done
 rc=0
-step() {  # step SECONDS LOGFILE COMMAND...
-  local limit=$1 log=$2; shift 2
-  echo "== $* ($(( $(date +%s) - start ))s, limit ${limit}s)" | tee -a "$OUT/$log"
-  timeout --kill-after=5 "$limit" "$@" >>"$OUT/$log" 2>&1
-  local r=$?
-  [ $r = 0 ] || rc=1
-  echo "rc=$r" | tee -a "$OUT/$log"
-  grep -E "^test result|FAILED|panicked|first step|test accuracy [0-9.]+%$|^\| " "$OUT/$log" | tail -n 8
-}
+summary='^test result|FAILED|panicked|first step|test accuracy [0-9.]+%$|^\| ' summary_lines=8
+. "$(dirname "$0")/gpu_step.sh"
 step 60 candle.log "$bin/adapter-gpu-test" --include-ignored
 step 90 candle.log "$bin/adamax-cuda-candle-spiral"
 step 90 candle-bench.log "$bin/vs-candle-optimisers" --bench --warm-up-time 1 --measurement-time 3

@@ -22,15 +22,8 @@ export ADAMAX_CUDA_CACHE_DIR=${ADAMAX_CUDA_CACHE_DIR:-/tmp/adamax-kernel-cache}
   git log -1 --format='commit %h %cs' 2>/dev/null || true
 } | tee "$OUT/device.txt"
 rc=0
-step() {  # step SECONDS LOGFILE COMMAND...
-  local limit=$1 log=$2; shift 2
-  echo "== $* ($(( $(date +%s) - start ))s, limit ${limit}s)" | tee -a "$OUT/$log"
-  timeout --kill-after=5 "$limit" "$@" >>"$OUT/$log" 2>&1
-  local r=$?
-  [ $r = 0 ] || rc=1
-  echo "rc=$r" | tee -a "$OUT/$log"
-  grep -E "^test result|FAILED|panicked|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/$log" | tail -n 3
-}
+summary='^test result|FAILED|panicked|ERROR SUMMARY|RACECHECK SUMMARY' summary_lines=3
+. "$(dirname "$0")/gpu_step.sh"
 step 120 quick.log .gpu/tests/gpu-test --include-ignored
 step 45 quick.log .gpu/tests/sass_audit-test --include-ignored
 echo "== throughput ($(( $(date +%s) - start ))s)"

@@ -119,21 +119,15 @@ impl Schedule {
         if i >= count {
             return Err(Error::TensorIndexOutOfRange { index: i, count });
         }
-        let mut names = self.names.clone();
-        names[i] = None;
-        // The new name checked last, so that a clash is reported as tensor `i`'s.
         if let Some(name) = name {
-            if let Some(other) = names.iter().position(|n| n.as_deref() == Some(name)) {
-                return Err(Error::TensorName {
-                    tensor: i,
-                    name: name.to_owned(),
-                    reason: format!("is tensor {other}'s already; every name names one tensor"),
-                });
+            check_name(i, name)?;
+            if let Some(other) =
+                (0..count).find(|&j| j != i && self.names[j].as_deref() == Some(name))
+            {
+                return Err(name_taken(i, name, other));
             }
         }
-        names[i] = name.map(str::to_owned);
-        check_names(&names)?;
-        self.names = names;
+        self.names[i] = name.map(str::to_owned);
         Ok(())
     }
 
@@ -264,41 +258,54 @@ pub(crate) fn check_shape(tensor: usize, shape: &[usize], expected: usize) -> Re
 /// paths of a few dozen).
 pub(crate) const MAX_NAME_BYTES: usize = 1024;
 
-/// Checks tensor names: each non-empty, at most [`MAX_NAME_BYTES`] long, without
-/// control characters (names go into error messages and file headers), and no name
-/// given to two tensors.
+/// Checks tensor names: each one as [`check_name`] does, and no name given to two
+/// tensors.
 pub(crate) fn check_names(names: &[Option<String>]) -> Result<()> {
     let mut seen = std::collections::HashMap::with_capacity(names.len());
     for (i, name) in names.iter().enumerate() {
         let Some(name) = name else { continue };
-        let refuse = |reason: String| Error::TensorName {
-            tensor: i,
-            name: name.clone(),
-            reason,
-        };
-        if name.is_empty() {
-            return Err(refuse(
-                "is empty; give a name of at least one character, or none".into(),
-            ));
-        }
-        if name.len() > MAX_NAME_BYTES {
-            return Err(refuse(format!(
-                "is {} bytes long; a name holds at most {MAX_NAME_BYTES}",
-                name.len()
-            )));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(refuse(
-                "holds a control character; use printable characters only".into(),
-            ));
-        }
+        check_name(i, name)?;
         if let Some(other) = seen.insert(name.as_str(), i) {
-            return Err(refuse(format!(
-                "is tensor {other}'s already; every name names one tensor"
-            )));
+            return Err(name_taken(i, name, other));
         }
     }
     Ok(())
+}
+
+/// Checks tensor `i`'s name: non-empty, at most [`MAX_NAME_BYTES`] long, without
+/// control characters (names go into error messages and file headers).
+fn check_name(i: usize, name: &str) -> Result<()> {
+    let refuse = |reason: String| Error::TensorName {
+        tensor: i,
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(refuse(
+            "is empty; give a name of at least one character, or none".into(),
+        ));
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(refuse(format!(
+            "is {} bytes long; a name holds at most {MAX_NAME_BYTES}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(refuse(
+            "holds a control character; use printable characters only".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Tensor `i`'s name is tensor `other`'s already.
+fn name_taken(i: usize, name: &str, other: usize) -> Error {
+    Error::TensorName {
+        tensor: i,
+        name: name.to_owned(),
+        reason: format!("is tensor {other}'s already; every name names one tensor"),
+    }
 }
 
 /// Validates `config` and every per-tensor setting with it.

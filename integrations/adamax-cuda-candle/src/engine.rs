@@ -49,29 +49,25 @@ impl Engine {
         config: AdamaxConfig,
         vars: &[Var],
     ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(refuse(format!(
+                "it steps f32, f16 and bf16 Vars, and these are {dtype:?}; convert them (Tensor::to_dtype) or use candle_nn's optimizers for them"
+            )));
+        }
         match (device, dtype) {
             (Device::Cpu, DType::F32) => Ok(Engine::CpuF32(cpu(config, vars)?)),
             (Device::Cpu, DType::F16) => Ok(Engine::CpuF16(cpu(config, vars)?)),
-            (Device::Cpu, DType::BF16) => Ok(Engine::CpuBf16(cpu(config, vars)?)),
+            (Device::Cpu, _) => Ok(Engine::CpuBf16(cpu(config, vars)?)),
             #[cfg(feature = "cuda")]
             (Device::Cuda(_), DType::F32) => Ok(Engine::CudaF32(gpu::new(device, config, vars)?)),
             #[cfg(feature = "cuda")]
             (Device::Cuda(_), DType::F16) => Ok(Engine::CudaF16(gpu::new(device, config, vars)?)),
             #[cfg(feature = "cuda")]
-            (Device::Cuda(_), DType::BF16) => {
-                Ok(Engine::CudaBf16(gpu::new(device, config, vars)?))
-            }
-            (Device::Cpu, _) => Err(refuse(format!(
-                "it steps f32, f16 and bf16 Vars, and these are {dtype:?}; convert them (Tensor::to_dtype) or use candle_nn's optimizers for them"
-            ))),
-            (Device::Cuda(_), _) if matches!(dtype, DType::F32 | DType::F16 | DType::BF16) => {
-                Err(refuse(
-                    "the Vars are on a CUDA device but this build has no CUDA support: enable the crate's `cuda` feature",
-                ))
-            }
-            (Device::Cuda(_), _) => Err(refuse(format!(
-                "it steps f32, f16 and bf16 Vars, and these are {dtype:?}; convert them (Tensor::to_dtype) or use candle_nn's optimizers for them"
-            ))),
+            (Device::Cuda(_), _) => Ok(Engine::CudaBf16(gpu::new(device, config, vars)?)),
+            #[cfg(not(feature = "cuda"))]
+            (Device::Cuda(_), _) => Err(refuse(
+                "the Vars are on a CUDA device but this build has no CUDA support: enable the crate's `cuda` feature",
+            )),
             (Device::Metal(_), _) => Err(refuse(
                 "the Vars are on a Metal device; it steps Vars on a CUDA device or the CPU",
             )),

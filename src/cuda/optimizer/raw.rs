@@ -75,11 +75,10 @@ impl<T: GpuStorage> CudaAdamax<T> {
     ///
     /// Checked here, as errors: the tensor count, null and misaligned addresses.
     pub unsafe fn step_raw(&mut self, tensors: &[RawTensor]) -> Result<()> {
-        let params: Vec<u64> = tensors.iter().map(|t| t.param).collect();
-        let grads: Vec<Option<u64>> = tensors.iter().map(|t| Some(t.grad)).collect();
+        check_count(self.tensor_lens(), "tensors", tensors.len())?;
         // SAFETY: the caller's contract, which is step_some_raw's with every gradient
         // present.
-        unsafe { self.step_some_raw(&params, &grads) }
+        unsafe { self.step_addresses(tensors.iter().map(|t| (t.param, Some(t.grad)))) }
     }
 
     /// [`CudaAdamax::step_some`] for buffers owned by another CUDA stack:
@@ -93,29 +92,46 @@ impl<T: GpuStorage> CudaAdamax<T> {
     ///
     /// Checked here, as errors: the list lengths, null and misaligned addresses.
     pub unsafe fn step_some_raw(&mut self, params: &[u64], grads: &[Option<u64>]) -> Result<()> {
-        let lens = self.tensor_lens();
-        for (what, found) in [("params", params.len()), ("grads", grads.len())] {
-            if found != lens.len() {
-                return Err(Error::TensorCountMismatch {
-                    what,
-                    expected: lens.len(),
-                    found,
-                });
-            }
-        }
-        for (i, ((&param, grad), &n)) in params.iter().zip(grads).zip(lens).enumerate() {
+        check_count(self.tensor_lens(), "params", params.len())?;
+        check_count(self.tensor_lens(), "grads", grads.len())?;
+        // SAFETY: the caller's contract.
+        unsafe { self.step_addresses(params.iter().copied().zip(grads.iter().copied())) }
+    }
+
+    /// Checks every address (one pair per tensor, counted by the caller), then
+    /// prepares the table and enqueues the step; nothing is allocated on the way.
+    ///
+    /// # Safety
+    ///
+    /// The addresses satisfy [`CudaAdamax::step_some_raw`]'s contract.
+    unsafe fn step_addresses(
+        &mut self,
+        addresses: impl Iterator<Item = (u64, Option<u64>)> + Clone,
+    ) -> Result<()> {
+        for (i, ((param, grad), &n)) in addresses.clone().zip(self.tensor_lens()).enumerate() {
             check_raw::<T>("param", i, param, n)?;
-            if let Some(grad) = *grad {
+            if let Some(grad) = grad {
                 check_raw::<T>("grad", i, grad, n)?;
             }
         }
-        let addresses = params.iter().copied().zip(grads.iter().copied());
         let hypers = self.schedule.hypers();
         self.plan
             .table
             .prepare(&self.state, hypers, None, addresses);
         self.enqueue()
     }
+}
+
+/// A list of `found` entries for an optimizer of tensors of `lens`: one per tensor.
+fn check_count(lens: &[usize], what: &'static str, found: usize) -> Result<()> {
+    if found != lens.len() {
+        return Err(Error::TensorCountMismatch {
+            what,
+            expected: lens.len(),
+            found,
+        });
+    }
+    Ok(())
 }
 
 /// A raw address must be non-null (unless the tensor is empty) and aligned to `T`.
