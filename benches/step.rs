@@ -169,6 +169,7 @@ fn bench_mode<T: GpuStorage>(
             params,
             state,
             seed: 1,
+            min_8bit_len: 0,
         },
         ..AdamaxConfig::default()
     };

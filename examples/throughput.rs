@@ -71,6 +71,7 @@ fn run<T: GpuStorage>(
             params,
             state,
             seed: 1,
+            min_8bit_len: 0,
         },
         ..AdamaxConfig::default()
     };

@@ -38,15 +38,16 @@ struct bf16 { u16 bits; };
 struct TensorDesc {
     u64 param;        // T*: the parameter (the 16-bit copy when master != 0)
     u64 grad;         // const T*
-    u64 exp_avg;      // float*: m; with 8-bit state (StateFormat::Blockwise8), unsigned char*: m's codes
+    u64 exp_avg;      // float*: m; with 8-bit state (blockwise8 below), unsigned char*: m's codes
     u64 exp_inf;      // float*: u; with 8-bit state, unsigned char*: u's codes
     u64 master;       // float*: f32 master weights of a 16-bit parameter, else 0
-    u64 exp_avg_scale;  // float*: one scale of m per ADAMAX_QBLOCK elements (Blockwise8), else 0
+    u64 exp_avg_scale;  // float*: one scale of m per ADAMAX_QBLOCK elements (8-bit state), else 0
     u64 exp_inf_scale;  // float*: the same for u
     u64 len;          // elements
     u64 chunk_begin;  // index of this tensor's first reduction chunk (ADAMAX_CHUNK elements)
     u64 unit_begin;   // index of this tensor's first work unit of the update (unit_len)
     u64 has_grad;     // 0: no gradient this step, the tensor is skipped (grad unused)
+    u64 blockwise8;   // 1: 8-bit moments (StateFormat::Blockwise8); 0: f32 (see [per-tensor state])
     double lr_scale;      // this tensor's learning rate is lr * lr_scale
     double weight_decay;  // this tensor's weight decay (0: none)
 };
@@ -643,6 +644,29 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
     if ((threadIdx.x & 31) == 0) scale_m[block] = nsm, scale_u[block] = nsu;
 }
 
+// The two traversals of a work unit [begin, end) of one tensor, by its state format.
+// Units of 8-bit tensors are whole blocks (unit_len is a multiple of ADAMAX_QBLOCK).
+template <typename T, ParamMode P>
+__device__ __forceinline__ void step_q8_unit(const CodeTables& tables, const Scalars& sc, const TensorDesc& t,
+                                             u64 begin, u64 end, u64 key, bool aligned) {
+    const u64 warps = blockDim.x / 32;
+    const u64 first = begin / (u64)ADAMAX_QBLOCK;
+    const u64 blocks = (end - begin + ADAMAX_QBLOCK - 1) / (u64)ADAMAX_QBLOCK;
+    for (u64 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(tables, sc, t, first + b, key, aligned);
+}
+template <typename T, ParamMode P>
+__device__ __forceinline__ void step_f32_unit(const Scalars& sc, const TensorDesc& t, u64 begin, u64 end, u64 key,
+                                              bool aligned) {
+    constexpr u64 N = Lanes<T>::N;
+    u64 element_from = begin;
+    if (aligned) {
+        const u64 vec_end = begin + (end - begin) / N * N;
+        for (u64 i = begin + threadIdx.x * N; i < vec_end; i += (u64)blockDim.x * N) step_f32_vector<T, P>(sc, t, i, key);
+        element_from = vec_end;
+    }
+    for (u64 i = element_from + threadIdx.x; i < end; i += blockDim.x) step_f32_element<T, P>(sc, t, i, key);
+}
+
 // NOTE: [alignment] A vector path runs only where every buffer it reads or writes starts
 // 16 bytes aligned. Vector accesses then stay aligned: units and reduction chunks start
 // at multiples of 8 elements (16 bytes of 16-bit values, 32 of f32), and 8-bit blocks'
@@ -716,22 +740,16 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         // The random stream of this tensor in its step (lowbit::stream_key); unused (and
         // compiled away) with a master and f32 moments.
         const u64 key = stream_key(a.seed, tensor_step + 1, k);
+        // NOTE: [per-tensor state] An optimizer with 8-bit state keeps small (or chosen)
+        // tensors in f32 state (Precision::min_8bit_len): its update steps both kinds in
+        // this one launch, choosing the traversal per unit (a unit is one tensor's), so
+        // the branch is uniform across the block. An optimizer whose tensors are all in
+        // f32 state launches the f32-state update instead.
         if constexpr (S == StateFormat::Blockwise8) {
-            // Units are whole blocks (unit_len is a multiple of ADAMAX_QBLOCK).
-            const u64 warps = blockDim.x / 32;
-            const u64 first = begin / (u64)ADAMAX_QBLOCK;
-            const u64 blocks = (end - begin + ADAMAX_QBLOCK - 1) / (u64)ADAMAX_QBLOCK;
-            for (u64 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(tables, sc, t, first + b, key, aligned);
+            if (t.blockwise8) step_q8_unit<T, P>(tables, sc, t, begin, end, key, aligned);
+            else step_f32_unit<T, P>(sc, t, begin, end, key, aligned);
         } else {
-            constexpr u64 N = Lanes<T>::N;
-            u64 element_from = begin;
-            if (aligned) {
-                const u64 vec_end = begin + (end - begin) / N * N;
-                for (u64 i = begin + threadIdx.x * N; i < vec_end; i += (u64)blockDim.x * N)
-                    step_f32_vector<T, P>(sc, t, i, key);
-                element_from = vec_end;
-            }
-            for (u64 i = element_from + threadIdx.x; i < end; i += blockDim.x) step_f32_element<T, P>(sc, t, i, key);
+            step_f32_unit<T, P>(sc, t, begin, end, key, aligned);
         }
     }
     __shared__ bool last;

@@ -74,7 +74,12 @@ pub enum StateFormat {
 /// ```
 /// use adamax_cuda::{AdamaxConfig, ParamMode, Precision, StateFormat};
 /// let lean = AdamaxConfig {
-///     precision: Precision { params: ParamMode::Stochastic, state: StateFormat::Blockwise8, seed: 7 },
+///     precision: Precision {
+///         params: ParamMode::Stochastic,
+///         state: StateFormat::Blockwise8,
+///         seed: 7,
+///         ..Precision::default()
+///     },
 ///     ..AdamaxConfig::default()
 /// };
 /// lean.validate()?;
@@ -85,7 +90,7 @@ pub enum StateFormat {
 /// draws from it ([`Precision::is_random`]), so a checkpoint of a deterministic mode
 /// reads back equal whatever seed its configuration held.
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Precision {
     /// How 16-bit parameters are kept. Default [`ParamMode::Master`].
     pub params: ParamMode,
@@ -95,12 +100,48 @@ pub struct Precision {
     /// same seed, data and settings gives the same bits on the CPU and the GPU.
     /// Unused (and any value is fine) when nothing is rounded stochastically.
     pub seed: u64,
+    /// With [`StateFormat::Blockwise8`], tensors of fewer elements keep f32 moments, in
+    /// the same launch: biases, norm gains and other small tensors, whose 8-bit state
+    /// would save little memory and whose updates the quantisation would disturb most
+    /// (bitsandbytes' `min_8bit_size`, torchao's fallback). Default
+    /// [`DEFAULT_MIN_8BIT_LEN`]; 0 puts every tensor in 8 bits. A tensor's format can
+    /// also be chosen by hand before the first step
+    /// ([`Optimizer::set_tensor_state_format`](crate::Optimizer::set_tensor_state_format)).
+    /// Unused with f32 state. (Absent from a serialized config, it is the default.)
+    #[cfg_attr(feature = "serde", serde(default = "default_min_8bit_len"))]
+    pub min_8bit_len: usize,
+}
+
+/// The default [`Precision::min_8bit_len`]: 4096 elements, bitsandbytes' and torchao's
+/// threshold (a model moved from them keeps the same tensors in 32 bits). In GPT-2
+/// small it keeps every bias and norm gain in f32 state: 121,344 parameters (0.098%),
+/// 724,272 bytes (0.29%) more state than 8 bits (`tests/per_tensor_state.rs` computes
+/// it). A norm gain of exactly 4096 elements (Llama's) stays in 8 bits, as in
+/// bitsandbytes: choose f32 for it by name, or raise the threshold. The README's
+/// section on per-tensor state gives the measurements behind it.
+pub const DEFAULT_MIN_8BIT_LEN: usize = 4096;
+
+#[cfg(feature = "serde")]
+fn default_min_8bit_len() -> usize {
+    DEFAULT_MIN_8BIT_LEN
+}
+
+impl Default for Precision {
+    fn default() -> Self {
+        Self {
+            params: ParamMode::default(),
+            state: StateFormat::default(),
+            seed: 0,
+            min_8bit_len: DEFAULT_MIN_8BIT_LEN,
+        }
+    }
 }
 
 impl PartialEq for Precision {
     fn eq(&self, other: &Self) -> bool {
         (self.params, self.state) == (other.params, other.state)
             && (!self.is_random() || self.seed == other.seed)
+            && (!self.is_8bit() || self.min_8bit_len == other.min_8bit_len)
     }
 }
 
@@ -112,6 +153,9 @@ impl std::hash::Hash for Precision {
         if self.is_random() {
             self.seed.hash(h);
         }
+        if self.is_8bit() {
+            self.min_8bit_len.hash(h);
+        }
     }
 }
 
@@ -120,6 +164,34 @@ impl Precision {
     pub const fn is_random(&self) -> bool {
         matches!(self.params, ParamMode::Stochastic)
             || matches!(self.state, StateFormat::Blockwise8)
+    }
+
+    /// Whether tensors may keep 8-bit state ([`StateFormat::Blockwise8`]).
+    const fn is_8bit(&self) -> bool {
+        matches!(self.state, StateFormat::Blockwise8)
+    }
+
+    /// The state format a tensor of `len` elements gets when none is chosen for it:
+    /// f32 for f32 state, and for a tensor below [`Precision::min_8bit_len`]; else 8
+    /// bits.
+    ///
+    /// ```
+    /// use adamax_cuda::{Precision, StateFormat};
+    /// let p = Precision { state: StateFormat::Blockwise8, ..Precision::default() };
+    /// assert_eq!(p.tensor_state(768), StateFormat::F32); // a bias
+    /// assert_eq!(p.tensor_state(768 * 768), StateFormat::Blockwise8);
+    /// ```
+    pub const fn tensor_state(&self, len: usize) -> StateFormat {
+        match self.state {
+            StateFormat::Blockwise8 if len >= self.min_8bit_len => StateFormat::Blockwise8,
+            _ => StateFormat::F32,
+        }
+    }
+
+    /// This precision for one tensor kept in `state` (the parameter mode and seed are
+    /// the optimizer's).
+    pub(crate) const fn with_state(self, state: StateFormat) -> Precision {
+        Precision { state, ..self }
     }
     // `check_storage`, `state_bytes` and `bytes_moved` read the modes table:
     // src/state/modes.rs.

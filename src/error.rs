@@ -148,6 +148,19 @@ pub enum Error {
         /// The checkpoint's name for it.
         found: String,
     },
+    /// A tensor's state format that cannot be chosen: 8 bits in an optimizer built with
+    /// f32 state, or any change after the first step or a restore (the state would have
+    /// to be converted), or a checkpoint whose tensor keeps another format than the
+    /// optimizer's.
+    #[error("AdaMax: tensor {tensor} cannot keep {format} state: {reason}")]
+    StateFormat {
+        /// Index of the tensor in the parameter list.
+        tensor: usize,
+        /// The format asked for (`f32` or `8-bit`).
+        format: &'static str,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A tensor index past the end of the optimizer's list.
     #[error("AdaMax: tensor index {index} is out of range: the optimizer holds {count} tensors (indices 0..{count})")]
     TensorIndexOutOfRange {

@@ -126,6 +126,7 @@ mod storage;
 pub use checkpoint::Checkpoint;
 pub use config::{
     AdamaxConfig, EpsilonMode, ParamMode, Precision, StateFormat, TensorHyper, WeightDecayMode,
+    DEFAULT_MIN_8BIT_LEN,
 };
 pub use error::{ConfigError, Error, Result};
 pub use fused::{LossScaler, StepOptions, StepReport};

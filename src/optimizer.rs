@@ -4,7 +4,7 @@
 
 use crate::{
     checkpoint::Checkpoint,
-    config::{AdamaxConfig, TensorHyper},
+    config::{AdamaxConfig, StateFormat, TensorHyper},
     error::Result,
     fused::{LossScaler, StepOptions, StepReport},
     state::TensorState,
@@ -116,6 +116,35 @@ pub trait Optimizer {
     /// [`Error::TensorName`]: crate::Error::TensorName
     fn set_tensor_name(&mut self, tensor: usize, name: Option<&str>) -> Result<()>;
 
+    /// Every tensor's state format, in order: with
+    /// [`StateFormat::Blockwise8`](crate::StateFormat::Blockwise8), 8 bits for tensors
+    /// of at least [`Precision::min_8bit_len`](crate::Precision::min_8bit_len) elements
+    /// and f32 for the others, unless chosen with
+    /// [`Optimizer::set_tensor_state_format`]; with f32 state, f32 for all.
+    fn tensor_state_formats(&self) -> &[StateFormat];
+    /// Keeps tensor `tensor`'s moments in `format`, overriding the size rule: f32 for a
+    /// tensor that should not be quantised (an embedding, a norm gain), or 8 bits for a
+    /// small one. Tensors of both formats are stepped in the same launch. Allowed in an
+    /// optimizer built with 8-bit state, before its first step or restore (the state
+    /// would otherwise need converting: see
+    /// [`Checkpoint::convert_state`](crate::Checkpoint::convert_state));
+    /// [`Error::StateFormat`](crate::Error::StateFormat) otherwise. Checkpoints record
+    /// each tensor's format, and a restore refuses one whose formats differ.
+    ///
+    /// ```
+    /// use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Optimizer, Precision, StateFormat};
+    /// let (embedding, bias) = (vec![0.1f32; 50_000], vec![0.0f32; 64]);
+    /// let config = AdamaxConfig {
+    ///     precision: Precision { state: StateFormat::Blockwise8, ..Precision::default() },
+    ///     ..AdamaxConfig::default()
+    /// };
+    /// let mut opt = CpuAdamax::new(config, &[&embedding, &bias])?;
+    /// assert_eq!(opt.tensor_state_formats(), &[StateFormat::Blockwise8, StateFormat::F32]);
+    /// opt.set_tensor_state_format(0, StateFormat::F32)?; // keep the embedding exact
+    /// # Ok::<(), adamax_cuda::Error>(())
+    /// ```
+    fn set_tensor_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()>;
+
     /// The options of every step (unscaling, overflow skip, clipping).
     fn options(&self) -> StepOptions;
     /// Sets the options of every following step.
@@ -145,6 +174,7 @@ pub trait Optimizer {
             tensors: self.state()?,
             shapes: self.tensor_shapes().to_vec(),
             names: self.tensor_names().to_vec(),
+            state_formats: self.tensor_state_formats().to_vec(),
             hypers: self.tensor_hypers().to_vec(),
             options: self.options(),
             scaler: self.loss_scaler()?,

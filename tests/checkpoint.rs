@@ -3,8 +3,8 @@
 //! live state untouched.
 
 use adamax_cuda::{
-    bf16, cpu::CpuAdamax, AdamaxConfig, Checkpoint, ConfigError, Error, Optimizer, Storage,
-    StorageType, TensorHyper,
+    bf16, cpu::CpuAdamax, AdamaxConfig, Checkpoint, ConfigError, Error, Optimizer, Precision,
+    StateFormat, Storage, StorageType, TensorHyper,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use safetensors::SafeTensors;
@@ -474,6 +474,7 @@ fn fuzzed_checkpoints_are_refused_identical_or_reachable() {
         params: adamax_cuda::ParamMode::Stochastic,
         state: adamax_cuda::StateFormat::Blockwise8,
         seed: 9,
+        min_8bit_len: 0,
     });
 }
 
@@ -917,6 +918,7 @@ fn a_deterministic_modes_seed_is_not_part_of_the_state() {
         params: ParamMode::Stochastic,
         state: StateFormat::F32,
         seed,
+        min_8bit_len: 0,
     };
     assert_ne!(sr(1), sr(2));
     assert_eq!(
@@ -941,6 +943,7 @@ fn headers_larger_than_load_reads_are_refused_before_writing() {
         tensors: vec![adamax_cuda::TensorState::default(); n],
         shapes: vec![vec![0]; n],
         names: vec![None; n],
+        state_formats: vec![adamax_cuda::StateFormat::F32; n],
         hypers: vec![TensorHyper::from_config(&AdamaxConfig::default()); n],
         options: Default::default(),
         scaler: None,
@@ -968,6 +971,7 @@ fn state_reached_by_a_non_finite_gradient_is_refused_alike_in_both_formats() {
                 params: ParamMode::Master,
                 state,
                 seed: 3,
+                min_8bit_len: 0,
             },
             ..AdamaxConfig::default()
         };
@@ -1045,6 +1049,7 @@ fn every_state_a_run_reaches_validates() {
                             params,
                             state,
                             seed: 5,
+                            min_8bit_len: 0,
                         },
                     };
                     let lens = [300usize, 7];
@@ -1117,6 +1122,7 @@ fn eight_bit_scales_beyond_the_bound_are_refused() {
             params: ParamMode::Master,
             state: StateFormat::Blockwise8,
             seed: 3,
+            min_8bit_len: 0,
         },
         ..AdamaxConfig::default()
     };
@@ -1373,6 +1379,7 @@ fn n_d_shapes_are_kept_and_checked() {
             params: ParamMode::Master,
             state: StateFormat::Blockwise8,
             seed: 3,
+            min_8bit_len: 0,
         },
     ] {
         let config = AdamaxConfig {
@@ -1741,4 +1748,109 @@ fn names_in_pytorchs_files_are_checked() {
         assert_ne!(edited, TORCH_MODEL_FILE);
         refused_load(&edited, says);
     }
+}
+
+/// Issue #19, part 4: per-tensor state formats in the file. Edits that a hostile writer
+/// reseals (a format key removed, added, or rewritten, a threshold not as written) are
+/// refused, each saying what is wrong; an 8-bit file from before the threshold (no
+/// `min_8bit_len`) reads with every tensor in 8 bits.
+#[test]
+fn edited_state_formats_are_refused() {
+    let config = AdamaxConfig {
+        precision: Precision {
+            state: StateFormat::Blockwise8,
+            seed: 5,
+            ..Precision::default()
+        },
+        ..AdamaxConfig::default()
+    };
+    let (mut a, mut b) = (vec![0.5f32; 5000], vec![0.5f32; 300]);
+    let mut opt = CpuAdamax::new(config, &[&a, &b]).unwrap();
+    opt.step(&mut [&mut a, &mut b], &[&[0.1; 5000], &[-0.2; 300]])
+        .unwrap();
+    let ck = opt.checkpoint().unwrap();
+    assert_eq!(
+        ck.state_formats,
+        [StateFormat::Blockwise8, StateFormat::F32]
+    );
+    let bytes = ck.to_bytes().unwrap();
+    let key = "\"tensor.1.state_format\":\"f32\",";
+    assert!(String::from_utf8_lossy(&bytes).contains(key));
+    // Without the key tensor 1 would be 8-bit, and its codes are not in the file.
+    refused_load(
+        &edited_header(&bytes, |h| h.replace(key, "")),
+        "the file holds 8 entries (3 per tensor of f32 state, 5 per tensor of blockwise8 state)",
+    );
+    // The key with the config's own format, which the writer leaves out.
+    refused_load(
+        &edited_header(&bytes, |h| {
+            h.replace(key, "\"tensor.1.state_format\":\"blockwise8\",")
+        }),
+        "the file holds 8 entries",
+    );
+    refused_load(
+        &edited_header(&bytes, |h| {
+            h.replace(key, "\"tensor.1.state_format\":\"f16\",")
+        }),
+        "unknown state_format `f16`",
+    );
+    // Tensor 0 said to be f32: its f32 moments are not in the file.
+    refused_load(
+        &edited_header(&bytes, |h| {
+            h.replace(key, &format!("{key}\"tensor.0.state_format\":\"f32\","))
+        }),
+        "entries",
+    );
+    for (from, to, says) in [
+        (
+            "\"min_8bit_len\":\"4096\"",
+            "\"min_8bit_len\":\"+4096\"",
+            "not as this crate writes",
+        ),
+        (
+            "\"min_8bit_len\":\"4096\"",
+            "\"min_8bit_len\":\"lots\"",
+            "not a count",
+        ),
+    ] {
+        refused_load(&edited_header(&bytes, |h| h.replace(from, to)), says);
+    }
+    // A file from before the threshold: every tensor in 8 bits, min_8bit_len 0.
+    let mut all = CpuAdamax::new(
+        AdamaxConfig {
+            precision: Precision {
+                min_8bit_len: 0,
+                ..config.precision
+            },
+            ..config
+        },
+        &[&a, &b],
+    )
+    .unwrap();
+    all.step(&mut [&mut a, &mut b], &[&[0.1; 5000], &[-0.2; 300]])
+        .unwrap();
+    let old = edited_header(&all.checkpoint().unwrap().to_bytes().unwrap(), |h| {
+        h.replace("\"min_8bit_len\":\"0\",", "")
+    });
+    let read = Checkpoint::from_bytes(&old).unwrap();
+    assert_eq!(read, all.checkpoint().unwrap());
+    // An f32-state file may not hold 8-bit tensors, however its entries are made.
+    let mut f32_ck = CpuAdamax::new(AdamaxConfig::default(), &[&a, &b])
+        .unwrap()
+        .checkpoint()
+        .unwrap();
+    f32_ck.state_formats[1] = StateFormat::Blockwise8;
+    match f32_ck.validate() {
+        Err(Error::Checkpoint { reason }) => {
+            assert!(
+                reason.contains("tensor 1 keeps 8-bit state in a checkpoint of f32 state"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // One format per tensor.
+    let mut short = ck.clone();
+    short.state_formats.pop();
+    assert!(matches!(short.to_bytes(), Err(Error::Checkpoint { .. })));
 }

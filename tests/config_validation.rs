@@ -474,11 +474,13 @@ fn every_valid_configuration_keeps_a_zero_gradient_history_finite() {
             params: ParamMode::Stochastic,
             state: StateFormat::F32,
             seed: 1,
+            min_8bit_len: 0,
         },
         Precision {
             params: ParamMode::Master,
             state: StateFormat::Blockwise8,
             seed: 2,
+            min_8bit_len: 0,
         },
     ];
     let init = [1.0f32, -2.5e-3, 3.0e4, -7.0e-30, 0.0, 1.0e30];

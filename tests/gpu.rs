@@ -357,6 +357,7 @@ impl Mode {
             params,
             state,
             seed: 0x5EED,
+            min_8bit_len: 0,
         }
     }
 
@@ -375,6 +376,8 @@ enum Cells {
     Cross,
     /// Every storage type in the default mode.
     Types,
+    /// Every storage type in every mode of 8-bit state.
+    EightBit,
 }
 
 impl Cells {
@@ -388,6 +391,7 @@ impl Cells {
                         Cells::Full => true,
                         Cells::Cross => mode == Mode::Default || ty == StorageType::Bf16,
                         Cells::Types => mode == Mode::Default,
+                        Cells::EightBit => mode.precision().state == StateFormat::Blockwise8,
                     }
             })
     }
@@ -420,6 +424,9 @@ enum Case {
     Groups(WeightDecayMode),
     /// The step that fills the step counter, and the refused one after it.
     FullCounter,
+    /// Tensors of both state formats in one launch (the size threshold, and formats
+    /// chosen by hand), with missing gradients, clipping and a loss scaler.
+    PerTensorState,
 }
 
 impl Case {
@@ -471,6 +478,7 @@ impl Case {
             Case::Flat { aligned } => flat_buffers::<T>(aligned, precision),
             Case::Groups(decay) => groups::<T>(decay, precision),
             Case::FullCounter => the_step_that_fills_the_counter::<T>(precision),
+            Case::PerTensorState => per_tensor_state::<T>(precision),
         }
     }
 }
@@ -566,6 +574,11 @@ fn matrix() -> Vec<(String, Cells, Case)> {
             "the_step_that_fills_the_step_counter_matches_the_cpu",
             Types,
             Case::FullCounter,
+        ),
+        (
+            "tensors_of_both_state_formats_in_one_launch_match_the_cpu",
+            Cells::EightBit,
+            Case::PerTensorState,
         ),
     ];
     configs()
@@ -736,6 +749,74 @@ fn missing_gradients<T: GpuStorage>(precision: Precision) -> R {
         twin.same_report(step)?;
         twin.check(step)?;
     }
+    Ok(())
+}
+
+/// Issue #19, part 4: an 8-bit optimizer whose tensors below the default threshold
+/// (4,096 elements) keep f32 state, with a large tensor kept in f32 and a small one put
+/// in 8 bits by hand, steps every tensor as the CPU reference does, in one launch;
+/// formats are refused once it has stepped; the streamed save writes what the CPU's
+/// checkpoint holds.
+fn per_tensor_state<T: GpuStorage>(precision: Precision) -> R {
+    let (seed, mut rng) = rng();
+    let lens = [(1usize << 16) + 5, 768, 3, 4096, 4095, 9000, 0, 300];
+    let config = AdamaxConfig {
+        precision: Precision {
+            min_8bit_len: adamax_cuda::DEFAULT_MIN_8BIT_LEN,
+            ..precision
+        },
+        ..AdamaxConfig::default()
+    };
+    let mut twin = Twin::new(config, &tensors::<T>(&mut rng, &lens, 1.0), PLAIN, seed)?;
+    twin.set(|o| {
+        o.set_tensor_state_format(5, StateFormat::F32)?;
+        o.set_tensor_state_format(7, StateFormat::Blockwise8)?;
+        o.set_options(StepOptions {
+            max_norm: Some(0.5),
+            ..Default::default()
+        })?;
+        o.set_loss_scaler(Some(LossScaler {
+            scale: 256.0,
+            growth_interval: 2,
+            ..Default::default()
+        }))
+    })?;
+    use StateFormat::{Blockwise8 as Q8, F32};
+    let expected = [Q8, F32, F32, Q8, F32, F32, F32, Q8];
+    if twin.gpu.opt.tensor_state_formats() != expected {
+        return Err(format!("formats {:?}", twin.gpu.opt.tensor_state_formats()).into());
+    }
+    for step in 0..steps_for(8) {
+        let scale = twin.cpu.opt.loss_scaler()?.map_or(1.0, |s| s.scale);
+        let mut grads: Vec<Option<Vec<T>>> = times(tensors::<T>(&mut rng, &lens, 0.1), scale)
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| ((i + step) % 4 != 0).then_some(g))
+            .collect();
+        if step == 3 {
+            if let Some(g) = grads[1].as_mut() {
+                g[10] = T::from_f32(f32::INFINITY);
+            }
+        }
+        twin.step_some(&grads)?;
+        twin.same_report(step)?;
+        twin.check(step)?;
+    }
+    if !matches!(
+        twin.gpu.opt.set_tensor_state_format(1, Q8),
+        Err(adamax_cuda::Error::StateFormat { .. })
+    ) {
+        return Err("a format change after a step was not refused".into());
+    }
+    let path = std::env::temp_dir().join(format!(
+        "adamax-gpu-per-tensor-{}-{}.safetensors",
+        T::NAME,
+        std::process::id()
+    ));
+    twin.gpu.opt.save_checkpoint(&path)?;
+    let loaded = adamax_cuda::Checkpoint::load(&path);
+    let _ = std::fs::remove_file(&path);
+    same_checkpoint(&loaded?, &twin.cpu.opt.checkpoint()?)?;
     Ok(())
 }
 

@@ -118,7 +118,6 @@ fn whole_step_run<T: adamax_cuda::Storage>(
 ) -> Result<(Vec<u64>, Vec<u64>), Failed> {
     use adamax_cuda::{cpu::CpuAdamax, EpsilonMode, Optimizer, StateFormat, WeightDecayMode};
     let precision = config.precision;
-    let q8 = precision.state == StateFormat::Blockwise8;
     let (type_id, mode) = case_kind::<T>(&precision);
     let value = |rng: &mut StdRng, scale: f32| {
         rng.random_range(-1.0..1.0f32) * scale * 10f32.powf(rng.random_range(-3.0..0.0))
@@ -135,6 +134,12 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         weight_decay: 0.0,
     };
     cpu.set_tensor_hyper(lens.len() - 1, group)?;
+    // With a size threshold, the small tensors keep f32 state in the same launch, and
+    // one of them is put in 8 bits by hand.
+    if precision.state == StateFormat::Blockwise8 && precision.min_8bit_len > 0 {
+        cpu.set_tensor_state_format(lens.len() - 2, StateFormat::Blockwise8)?;
+    }
+    let formats = cpu.tensor_state_formats().to_vec();
     // The fused passes as CudaAdamax sets them (src/cuda/optimizer.rs, params_with):
     // unscale (1), clip (2), check (4), scaler (8).
     let (flags, max_norm, scaler) = match fused {
@@ -182,6 +187,7 @@ fn whole_step_run<T: adamax_cuda::Storage>(
             p.len() as u64,
             h.lr_scale.to_bits(),
             h.weight_decay.to_bits(),
+            u64::from(formats[i] == StateFormat::Blockwise8),
         ]);
         input.extend(p.iter().map(storage_bits));
     }
@@ -225,9 +231,9 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         }
     }
     let mut expected = Vec::new();
-    for (p, t) in params.iter().zip(cpu.tensor_states()) {
+    for ((p, t), f) in params.iter().zip(cpu.tensor_states()).zip(&formats) {
         expected.extend(p.iter().map(storage_bits));
-        state_bits(&mut expected, t, q8);
+        state_bits(&mut expected, t, *f == StateFormat::Blockwise8);
         expected.push(t.step);
     }
     expected.push(cpu.step_count()?);
@@ -252,7 +258,7 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
     };
     let mut rng = StdRng::seed_from_u64(0x57E9);
     let lens = [3000usize, 700, 0, 5, 1300];
-    let config = |params, state| AdamaxConfig {
+    let config = |params, state, min_8bit_len| AdamaxConfig {
         weight_decay: 0.05,
         weight_decay_mode: WeightDecayMode::Decoupled,
         lr: 1e-2,
@@ -260,6 +266,7 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
             params,
             state,
             seed: 0xA11CE,
+            min_8bit_len,
         },
         ..AdamaxConfig::default()
     };
@@ -317,11 +324,14 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
     for (grid, steps, fused, launch) in shapes {
         macro_rules! add {
             ($what:literal, $t:ty, $params:expr, $state:expr) => {
+                add!($what, $t, $params, $state, 0)
+            };
+            ($what:literal, $t:ty, $params:expr, $state:expr, $min_8bit_len:expr) => {
                 runs.push((
                     format!("{} {grid:?} fused {} {launch:?}", $what, fused.is_some()),
                     whole_step_run::<$t>(
                         &mut rng,
-                        config($params, $state),
+                        config($params, $state, $min_8bit_len),
                         &lens,
                         steps,
                         grid,
@@ -339,6 +349,12 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
         add!("bf16 sr q8", bf16, P::Stochastic, S::Blockwise8);
         add!("f16", f16, P::Master, S::F32);
         add!("f16 q8", f16, P::Master, S::Blockwise8);
+        // Per-tensor state (issue #19, part 4): tensors of 700, 0 and 1300 elements
+        // below the threshold keep f32 state, the one of 5 is put in 8 bits by hand.
+        add!("f32 q8 mixed", f32, P::Master, S::Blockwise8, 1500);
+        add!("bf16 q8 mixed", bf16, P::Master, S::Blockwise8, 1500);
+        add!("bf16 sr q8 mixed", bf16, P::Stochastic, S::Blockwise8, 1500);
+        add!("f16 q8 mixed", f16, P::Master, S::Blockwise8, 1500);
     }
     for (what, (input, expected)) in &runs {
         let text: Vec<String> = input.iter().map(u64::to_string).collect();
@@ -753,6 +769,7 @@ fn traversal_matches_the_spec(cxx: &str) -> Result<(), Failed> {
         params,
         state,
         seed: 0x5EED,
+        min_8bit_len: 0,
     };
     let configs = [
         AdamaxConfig::default(),

@@ -17,6 +17,7 @@ fn precision(params: ParamMode, state: StateFormat) -> Precision {
         params,
         state,
         seed: 42,
+        min_8bit_len: 0,
     }
 }
 

@@ -31,7 +31,9 @@
 //!   blocks (`step_q8_block`, inlined). The unit loop around them (finding the tensor,
 //!   its bias correction, in f64) and the element loops of unaligned tensors and tails
 //!   are not counted. Should more than one loop qualify (a compiler that unswitches the
-//!   vector loop), the largest count is the figure.
+//!   vector loop; the 8-bit updates, which also hold the f32-state vector loop for
+//!   their tensors in f32 state, `Precision::min_8bit_len`), the largest count is the
+//!   figure (for the 8-bit updates, the block loop's).
 //! - **What is counted** is one trip through the hot loop, header to back edge, along
 //!   its *longest ordinary path*: cold blocks and cold edges are left out; among the
 //!   remaining paths the one with the most 8- and 16-byte global accesses (the aligned,
@@ -705,6 +707,7 @@ fn updates() -> Vec<Update> {
                     params,
                     state,
                     seed: 0,
+                    min_8bit_len: 0,
                 };
                 let Some(entry) = EntryPoint::step(storage, &precision) else {
                     continue;

@@ -84,6 +84,7 @@ fn in_modes(params: ParamMode, state: StateFormat, f: fn() -> R) -> R {
         params,
         state,
         seed: 11,
+        min_8bit_len: 0,
     });
     let r = f();
     PRECISION.set(Precision::default());

@@ -26,6 +26,7 @@ fn settings_round_trip_through_json() {
             params: adamax_cuda::ParamMode::Stochastic,
             state: adamax_cuda::StateFormat::Blockwise8,
             seed: 17,
+            min_8bit_len: 0,
         },
         ..AdamaxConfig::default()
     });

@@ -14,8 +14,10 @@ impl Checkpoint {
     /// The same checkpoint with its moments in `format`: 8-bit state is decoded
     /// exactly to f32 (PyTorch's `exp_avg` and `exp_inf`, for a PyTorch optimizer or an
     /// f32-state run), and f32 state is encoded to 8 bits with round-to-nearest
-    /// ([`Blockwise8::from_f32`]), deterministic. The parameter mode and the rest stay
-    /// as they are; the result is validated.
+    /// ([`Blockwise8::from_f32`]), deterministic. To 8 bits, each tensor takes the format
+    /// the configuration's [`Precision::min_8bit_len`](crate::Precision::min_8bit_len)
+    /// gives it (f32 below it, whatever its format was); to f32, every tensor is in f32. The parameter mode and the rest stay as they are; the
+    /// result is validated.
     ///
     /// The 8-bit encoder keeps AdaMax's bound in the values it stores, so decoded state is
     /// state an f32 run can resume from.
@@ -23,8 +25,9 @@ impl Checkpoint {
         self.validate()?;
         let mut ck = self.clone();
         ck.config.precision.state = format;
-        for t in &mut ck.tensors {
-            match (self.config.precision.state, format) {
+        for (t, f) in ck.tensors.iter_mut().zip(&mut ck.state_formats) {
+            let to = ck.config.precision.tensor_state(t.len());
+            match (std::mem::replace(f, to), to) {
                 (StateFormat::Blockwise8, StateFormat::F32) => {
                     t.exp_avg = t.exp_avg_q8.to_f32(EXP_AVG_CODE);
                     t.exp_inf = t.exp_inf_q8.to_f32(EXP_INF_CODE);

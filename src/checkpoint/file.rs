@@ -18,7 +18,7 @@ use xxhash_rust::xxh3::Xxh3;
 use super::{refuse, Checkpoint, Entry};
 use crate::error::Error;
 use crate::{
-    config::Precision,
+    config::{Precision, StateFormat},
     state::parts::{Data, Elem},
     storage::StorageType,
 };
@@ -187,8 +187,9 @@ impl Plan {
         storage: StorageType,
         precision: &Precision,
         shapes: &[Vec<usize>],
+        formats: &[StateFormat],
     ) -> Result<Self, Error> {
-        let (specs, which) = entries(storage, precision, shapes)?;
+        let (specs, which) = entries(storage, precision, shapes, formats)?;
         let sum = Checksum::new(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         meta.insert(CHECKSUM_KEY.to_owned(), PLACEHOLDER.to_owned());
         let mut header = serde_json::Map::new();
@@ -284,15 +285,16 @@ fn entries(
     storage: StorageType,
     precision: &Precision,
     shapes: &[Vec<usize>],
+    formats: &[StateFormat],
 ) -> Result<Entries, Error> {
     let mut all: Vec<(EntrySpec, (usize, Entry))> = Vec::new();
-    for (i, tensor_shape) in shapes.iter().enumerate() {
+    for (i, (tensor_shape, &format)) in shapes.iter().zip(formats).enumerate() {
         let n = crate::state::shape_len(tensor_shape).ok_or_else(|| {
             refuse(format!(
                 "tensor {i}'s shape {tensor_shape:?} holds more elements than an address can count"
             ))
         })?;
-        for e in Entry::of(storage, precision) {
+        for e in Entry::of(storage, &precision.with_state(format)) {
             let len = e.len(n);
             let shape = match e.part() {
                 None => vec![],
@@ -319,7 +321,13 @@ fn entries(
 /// The file of `ck` (validated first).
 pub(super) fn plan(ck: &Checkpoint) -> Result<Plan, Error> {
     ck.validate()?;
-    Plan::new(ck.metadata(), ck.storage, &ck.config.precision, &ck.shapes)
+    Plan::new(
+        ck.metadata(),
+        ck.storage,
+        &ck.config.precision,
+        &ck.shapes,
+        &ck.state_formats,
+    )
 }
 
 /// Writes `ck`'s file, planned by [`plan`]: entries in name order, header keys sorted,
@@ -418,7 +426,7 @@ mod tests {
     #[test]
     fn writer_and_reader_share_the_header_limit() {
         let meta = |len: usize| BTreeMap::from([("big".to_owned(), "x".repeat(len))]);
-        let plan = |len| Plan::new(meta(len), StorageType::F32, &Precision::default(), &[]);
+        let plan = |len| Plan::new(meta(len), StorageType::F32, &Precision::default(), &[], &[]);
         assert!(plan(0).is_ok());
         match plan(MAX_HEADER as usize) {
             Err(Error::Checkpoint { reason }) => {

@@ -33,6 +33,8 @@ pub(crate) struct Head<'a> {
     pub shapes: &'a [Vec<usize>],
     /// Each tensor's name, in order.
     pub names: &'a [Option<String>],
+    /// Each tensor's state format, in order.
+    pub formats: &'a [StateFormat],
     pub hypers: &'a [TensorHyper],
     pub options: &'a StepOptions,
     pub scaler: Option<&'a LossScaler>,
@@ -71,6 +73,12 @@ impl Head<'_> {
         if p.state != StateFormat::F32 {
             meta.insert("state_format".into(), p.state.meta_name().to_owned());
             meta.insert("state_block".into(), QBLOCK.to_string());
+            meta.insert("min_8bit_len".into(), p.min_8bit_len.to_string());
+        }
+        for (i, f) in self.formats.iter().enumerate() {
+            if *f != p.state {
+                meta.insert(format!("tensor.{i}.state_format"), f.meta_name().to_owned());
+            }
         }
         if p.is_random() {
             meta.insert("seed".into(), p.seed.to_string());
@@ -152,6 +160,20 @@ impl Head<'_> {
             )));
         }
         crate::state::check_names(self.names).map_err(|e| refuse(e.to_string()))?;
+        if self.formats.len() != self.tensor_steps.len() {
+            return Err(refuse(format!(
+                "it holds state formats for {} tensors and state for {}",
+                self.formats.len(),
+                self.tensor_steps.len()
+            )));
+        }
+        if self.config.precision.state == StateFormat::F32 {
+            if let Some(i) = self.formats.iter().position(|f| *f != StateFormat::F32) {
+                return Err(refuse(format!(
+                    "tensor {i} keeps 8-bit state in a checkpoint of f32 state; only an 8-bit checkpoint (`state_format: blockwise8`) holds tensors of both formats"
+                )));
+            }
+        }
         if let Some(i) = self.tensor_steps.iter().position(|&t| t > self.step) {
             return Err(refuse(format!(
                 "tensor {i} took {} steps but the optimizer only {}",
@@ -190,6 +212,7 @@ pub(crate) fn save_streamed(
         head.storage,
         &head.config.precision,
         head.shapes,
+        head.formats,
     )?;
     let mut pairs = Pairs::new(MomentBound::of(head.config));
     let mut refusal = None;
@@ -255,6 +278,7 @@ mod tests {
                     params: ParamMode::Master,
                     state,
                     seed: 1,
+                    min_8bit_len: 0,
                 },
                 ..AdamaxConfig::default()
             };

@@ -28,7 +28,8 @@
 //! | `weight_decay_mode` | `coupled` or `decoupled` |
 //! | `maximize` | `true` or `false` |
 //! | `param_mode` | `stochastic` for [`ParamMode::Stochastic`]; absent for the default, `master` |
-//! | `state_format`, `state_block` | `blockwise8` and `256` for 8-bit state; absent for f32 state |
+//! | `state_format`, `state_block`, `min_8bit_len` | `blockwise8`, `256` and [`Precision::min_8bit_len`] for 8-bit state; absent for f32 state (a file without `min_8bit_len`, from before it, reads as 0) |
+//! | `tensor.{i}.state_format` | `f32` for a tensor kept in f32 state in an 8-bit checkpoint ([`Checkpoint::state_formats`]); absent otherwise |
 //! | `seed` | the stochastic rounding seed, when a mode rounds stochastically |
 //! | `tensor.{i}.lr_scale`, `tensor.{i}.weight_decay` | per-tensor hyperparameters (parameter groups); absent in PyTorch's files, where the config's apply |
 //! | `tensor.{i}.name` | tensor `i`'s name ([`Checkpoint::names`]), when it has one; in PyTorch's files, its group's `param_names` (an optimizer built from `named_parameters()`) |
@@ -97,7 +98,7 @@ use crate::{
     fused::{LossScaler, StepOptions},
     state::{
         parts::{Data, Elem, Part},
-        Mode, MomentBound, TensorState,
+        Mode, MomentBound, Schedule, TensorState,
     },
     storage::StorageType,
 };
@@ -134,6 +135,13 @@ pub struct Checkpoint {
     ///
     /// [`Optimizer::set_tensor_name`]: crate::Optimizer::set_tensor_name
     pub names: Vec<Option<String>>,
+    /// Each tensor's state format, in parameter order
+    /// ([`Optimizer::tensor_state_formats`]): with 8-bit state, the tensors kept in f32
+    /// (below [`Precision::min_8bit_len`], or chosen) hold `exp_avg` and `exp_inf`, the
+    /// others the 8-bit codes and scales; all [`StateFormat::F32`] with f32 state.
+    ///
+    /// [`Optimizer::tensor_state_formats`]: crate::Optimizer::tensor_state_formats
+    pub state_formats: Vec<StateFormat>,
     /// Per-tensor hyperparameters, in parameter order.
     pub hypers: Vec<TensorHyper>,
     /// The step options in force (default in PyTorch's files).
@@ -167,7 +175,7 @@ impl Entry {
         }
     }
 
-    /// The entries of one tensor of `storage` in `precision`.
+    /// The entries of one tensor of `storage` in `precision` (its own state format's).
     fn of(storage: StorageType, precision: &Precision) -> Vec<Entry> {
         let mut all: Vec<Entry> = Mode::or_master(storage, precision)
             .parts
@@ -276,11 +284,12 @@ impl Checkpoint {
     pub fn validate(&self) -> Result<()> {
         let steps: Vec<u64> = self.tensors.iter().map(|t| t.step).collect();
         self.head(&steps).validate()?;
-        let precision = &self.config.precision;
-        let entries = Entry::of(self.storage, precision);
         let bound = MomentBound::of(&self.config);
-        // (The head's validation, above, has checked one shape and name per tensor.)
+        // (The head's validation, above, has checked one shape, name and state format
+        // per tensor.)
         for (i, t) in self.tensors.iter().enumerate() {
+            let precision = &self.config.precision.with_state(self.state_formats[i]);
+            let entries = Entry::of(self.storage, precision);
             let n = t.len();
             if crate::state::shape_len(&self.shapes[i]) != Some(n) {
                 return Err(refuse(format!(
@@ -390,6 +399,7 @@ impl Checkpoint {
             tensors: order.iter().map(|&i| self.tensors[i].clone()).collect(),
             shapes: order.iter().map(|&i| self.shapes[i].clone()).collect(),
             names: order.iter().map(|&i| self.names[i].clone()).collect(),
+            state_formats: order.iter().map(|&i| self.state_formats[i]).collect(),
             hypers: order.iter().map(|&i| self.hypers[i]).collect(),
             config: self.config,
             step: self.step,
@@ -401,7 +411,7 @@ impl Checkpoint {
 
     /// Checks that this checkpoint is valid and fits an optimizer over tensors of
     /// `lens` with storage `storage` kept in `precision`, before anything is restored.
-    pub(crate) fn check_fits(
+    fn check_fits(
         &self,
         storage: StorageType,
         precision: &Precision,
@@ -438,6 +448,28 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The schedule an optimizer with `schedule` over tensors of `lens` and `storage`
+    /// takes from this checkpoint on a restore: everything checked ([`Self::check_fits`],
+    /// and the settings, shapes, names and state formats with the optimizer's), nothing
+    /// changed.
+    pub(crate) fn schedule_for(
+        &self,
+        storage: StorageType,
+        schedule: &Schedule,
+        lens: &[usize],
+    ) -> Result<Schedule> {
+        self.check_fits(storage, &schedule.config().precision, lens)?;
+        let mut next = schedule.clone();
+        next.replace(
+            self.config,
+            &self.hypers,
+            &self.shapes,
+            &self.names,
+            &self.state_formats,
+        )?;
+        Ok(next)
+    }
+
     /// Checks that the checkpoint's storage modes are `precision`'s (the state's
     /// layout depends on them); [`Checkpoint::convert_state`] changes the state format.
     fn check_precision(&self, precision: &Precision) -> Result<()> {
@@ -468,6 +500,7 @@ impl Checkpoint {
             tensor_steps,
             shapes: &self.shapes,
             names: &self.names,
+            formats: &self.state_formats,
             hypers: &self.hypers,
             options: &self.options,
             scaler: self.scaler.as_ref(),

@@ -68,6 +68,13 @@ impl Checkpoint {
             } else {
                 0
             },
+            // Written with 8-bit state since tensors could keep f32 state; a file from
+            // before holds every tensor in 8 bits.
+            min_8bit_len: match optional("min_8bit_len") {
+                None => 0,
+                Some(_) => usize::try_from(count("min_8bit_len")?)
+                    .map_err(|_| refuse("metadata `min_8bit_len` is beyond usize"))?,
+            },
         };
         if precision.state == StateFormat::Blockwise8 && get("state_block")? != QBLOCK.to_string() {
             return Err(refuse(format!(
@@ -93,19 +100,39 @@ impl Checkpoint {
         config.validate()?;
         let step = count("step")?;
         // The count is checked against the entries the file holds before anything is
-        // sized from it.
-        let entries = Entry::of(storage, &precision);
+        // sized from it: each tensor has at least its step, and the entries of its state
+        // format.
+        let mismatch = |per_tensor: String| {
+            refuse(format!(
+                "metadata says {} tensors of {storage}, but the file holds {} entries ({per_tensor})",
+                meta.get("tensors").map_or("?", String::as_str),
+                entries_in_file.len(),
+            ))
+        };
         let n_tensors = usize::try_from(count("tensors")?)
             .ok()
-            .filter(|n| n.checked_mul(entries.len()) == Some(entries_in_file.len()))
-            .ok_or_else(|| {
-                refuse(format!(
-                    "metadata says {} tensors of {storage}, but the file holds {} entries ({} per tensor)",
-                    meta.get("tensors").map_or("?", String::as_str),
-                    entries_in_file.len(),
-                    entries.len()
-                ))
-            })?;
+            .filter(|&n| n <= entries_in_file.len())
+            .ok_or_else(|| mismatch("at least one per tensor".into()))?;
+        let formats = (0..n_tensors)
+            .map(|i| {
+                optional(&format!("tensor.{i}.state_format"))
+                    .map_or(Ok(precision.state), |v| mode("state_format", v))
+            })
+            .collect::<Result<Vec<StateFormat>>>()?;
+        let per_tensor: Vec<Vec<Entry>> = formats
+            .iter()
+            .map(|&f| Entry::of(storage, &precision.with_state(f)))
+            .collect();
+        if per_tensor.iter().map(Vec::len).sum::<usize>() != entries_in_file.len() {
+            let counts = [StateFormat::F32, StateFormat::Blockwise8].map(|f| {
+                format!(
+                    "{} per tensor of {} state",
+                    Entry::of(storage, &precision.with_state(f)).len(),
+                    f.meta_name()
+                )
+            });
+            return Err(mismatch(counts.join(", ")));
+        }
         // `shape`: the one expected and the entry it comes from (`None`: from the
         // tensor's element count), or `None` for a tensor's first per-element entry,
         // whose shape (any, N-D as PyTorch's) is then the tensor's.
@@ -145,12 +172,12 @@ impl Checkpoint {
         };
         let mut tensors = Vec::with_capacity(n_tensors);
         let mut shapes = Vec::with_capacity(n_tensors);
-        for i in 0..n_tensors {
+        for (i, entries) in per_tensor.iter().enumerate() {
             let mut state = TensorState::default();
             // The first per-element entry fixes the tensor's shape (so its element
             // count); the others must agree with it, and the block scales with the count.
             let mut shape: Option<(Vec<usize>, String)> = None;
-            for &e in &entries {
+            for &e in entries {
                 let Some(part) = e.part() else { continue };
                 let expected = match &shape {
                     None => None,
@@ -280,6 +307,7 @@ impl Checkpoint {
             tensors,
             shapes,
             names,
+            state_formats: formats,
             hypers,
             options,
             scaler,
@@ -379,7 +407,7 @@ fn check_keys(meta: &HashMap<String, String>, ck: &Checkpoint) -> Result<()> {
 fn unknown_key_hint(k: &str) -> &'static str {
     match k {
         "seed" => "a seed is written only for a mode that rounds stochastically",
-        "state_block" => "`state_block` comes only with `state_format: blockwise8`",
+        "state_block" | "min_8bit_len" => "`state_block` and `min_8bit_len` come only with `state_format: blockwise8`",
         "param_mode" | "state_format" => "the default modes are written by leaving the key out",
         k if k.starts_with("tensor.") => {
             "per-tensor keys name tensors the file holds, and `tensor.{i}.step` only a count that differs from `step`"

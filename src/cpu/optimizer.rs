@@ -2,13 +2,13 @@
 
 use crate::{
     checkpoint::Checkpoint,
-    config::{AdamaxConfig, TensorHyper},
+    config::{AdamaxConfig, StateFormat, TensorHyper},
     error::{Error, Result},
     fused::{
         chunk_partial, clip_coef, total_from_partials, LossScaler, StepOptions, StepReport, CHUNK,
     },
     optimizer::Optimizer,
-    state::{check_lists, Schedule, TensorState},
+    state::{check_lists, Schedule, TensorState, FIXED_BY_RESTORE, FIXED_BY_STEP},
     storage::Storage,
 };
 
@@ -39,6 +39,8 @@ pub struct CpuAdamax<T: Storage> {
     /// What the last step since construction or restore did (the report's other
     /// fields are read live: the step count and the scaler in force).
     last: LastStep,
+    /// Why state formats can no longer be chosen (a step or a restore), if so.
+    formats_fixed: Option<&'static str>,
     _storage: std::marker::PhantomData<T>,
 }
 
@@ -77,16 +79,18 @@ impl<T: Storage> CpuAdamax<T> {
             return Err(Error::EmptyParameterList);
         }
         Ok(Self {
-            schedule,
-            lens,
             states: params
                 .iter()
-                .map(|p| TensorState::with_precision(p, &config.precision))
+                .enumerate()
+                .map(|(i, p)| TensorState::with_precision(p, &schedule.precision_of(i)))
                 .collect(),
+            schedule,
+            lens,
             step: 0,
             options: StepOptions::default(),
             scaler: None,
             last: LastStep::NONE,
+            formats_fixed: None,
             _storage: std::marker::PhantomData,
         })
     }
@@ -157,6 +161,7 @@ impl<T: Storage> CpuAdamax<T> {
         params: &mut [&mut [T]],
         grad: impl Fn(usize) -> Option<&'g [T]>,
     ) -> Result<()> {
+        self.formats_fixed = Some(FIXED_BY_STEP);
         let d = self.decide(&grad);
         if !d.skip {
             let t = self
@@ -176,7 +181,8 @@ impl<T: Storage> CpuAdamax<T> {
                 let ti = state.step + 1;
                 let bc = bias_correction(config.beta1, ti);
                 let s = StepScalars::for_tensor(config, config.lr, bc, &hypers[i]);
-                step_tensor_with(&s, &config.precision, i, p, g, state, grad_map)?;
+                let precision = config.precision.with_state(self.schedule.formats()[i]);
+                step_tensor_with(&s, &precision, i, p, g, state, grad_map)?;
                 state.step = ti;
             }
             self.step = t;
@@ -260,6 +266,21 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         self.schedule.set_name(tensor, name)
     }
 
+    fn tensor_state_formats(&self) -> &[StateFormat] {
+        self.schedule.formats()
+    }
+
+    fn set_tensor_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()> {
+        if self
+            .schedule
+            .set_format(tensor, format, self.formats_fixed)?
+        {
+            let precision = self.schedule.precision_of(tensor);
+            self.states[tensor].reset_moments(T::TYPE, self.lens[tensor], &precision);
+        }
+        Ok(())
+    }
+
     fn options(&self) -> StepOptions {
         self.options
     }
@@ -307,15 +328,13 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
     }
 
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        ck.check_fits(T::TYPE, &self.schedule.config().precision, &self.lens)?;
-        let mut schedule = self.schedule.clone();
-        schedule.replace(ck.config, &ck.hypers, &ck.shapes, &ck.names)?;
-        self.schedule = schedule;
+        self.schedule = ck.schedule_for(T::TYPE, &self.schedule, &self.lens)?;
         self.states = ck.tensors.clone();
         self.step = ck.step;
         self.options = ck.options;
         self.scaler = ck.scaler;
         self.last = LastStep::NONE;
+        self.formats_fixed = Some(FIXED_BY_RESTORE);
         Ok(())
     }
 }

@@ -66,6 +66,7 @@ mirrored! {
         chunk_begin: u64,
         unit_begin: u64,
         has_grad: u64,
+        blockwise8: u64,
         lr_scale: f64,
         weight_decay: f64,
     }

@@ -146,6 +146,7 @@ mod tests {
                         params,
                         state,
                         seed: 0,
+                        min_8bit_len: 0,
                     };
                     let e = EntryPoint::step(t, &p);
                     assert_eq!(e.is_some(), p.check_storage(t).is_ok(), "{t} {p:?}");

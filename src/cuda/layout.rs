@@ -3,9 +3,12 @@
 //! it lies in a caller's flat buffer ([`FlatLayout`]). Pure computations, checked
 //! before anything is allocated.
 
-use crate::error::{Error, Result};
-
-use crate::spec::lowbit::QBLOCK;
+use crate::{
+    config::StateFormat,
+    error::{Error, Result},
+    spec::lowbit::QBLOCK,
+    state::parts::Part,
+};
 
 use super::args::CHUNK;
 
@@ -23,16 +26,25 @@ const _: () = assert!(
         && CHUNK.is_multiple_of(MIN_UNIT)
 );
 
-/// Where each tensor lives in the state buffers and in the launch's chunks.
+/// Where each tensor lives in the state buffers and in the launch's chunks. Each part
+/// of the state has one buffer holding the tensors that keep that part, and only
+/// those: the master weights every tensor (of a mode with masters), the f32 moments the
+/// tensors in f32 state, the 8-bit codes and scales those in 8 bits (see
+/// [`Precision::min_8bit_len`](crate::Precision::min_8bit_len)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct StateLayout {
     pub(super) lens: Vec<usize>,
-    /// Element offset of each tensor in the state buffers.
+    /// Each tensor's state format.
+    pub(super) formats: Vec<StateFormat>,
+    /// Element offset of each tensor in the master buffer.
     pub(super) offsets: Vec<usize>,
-    /// Index of each tensor's first block of 8-bit state in the scale buffers.
+    /// Element offset of each tensor in f32 state in the f32 moment buffers (an 8-bit
+    /// tensor's is where the next one would start, and unused).
+    pub(super) moment_offsets: Vec<usize>,
+    /// Element offset of each 8-bit tensor in the code buffers (likewise).
+    pub(super) code_offsets: Vec<usize>,
+    /// Index of each 8-bit tensor's first block in the scale buffers (likewise).
     pub(super) block_begin: Vec<usize>,
-    /// Scales per scale buffer (at least 1).
-    pub(super) total_blocks: usize,
     /// Index of each tensor's first reduction chunk in a launch.
     pub(super) chunk_begin: Vec<u64>,
     pub(super) num_chunks: u64,
@@ -40,51 +52,106 @@ pub(crate) struct StateLayout {
     pub(super) unit_len: u64,
     pub(super) unit_begin: Vec<u64>,
     pub(super) num_units: u64,
-    /// Elements of each state buffer (at least 1: the driver refuses empty ones).
+    /// Values of each buffer: masters, f32 moments, codes, scales (each at least 1:
+    /// the driver refuses empty buffers).
     pub(super) total: usize,
+    pub(super) total_moments: usize,
+    pub(super) total_codes: usize,
+    pub(super) total_blocks: usize,
 }
 
-impl StateLayout {
-    /// The layout of tensors of `lens`; refuses sizes whose sum or byte size does not
-    /// fit (nothing is allocated before this succeeds).
-    pub(crate) fn new(lens: Vec<usize>) -> Result<Self> {
-        let too_large = || Error::TooLarge {
-            what: "the total element count of the parameter list",
-        };
-        let mut offsets = Vec::with_capacity(lens.len());
-        let mut chunk_begin = Vec::with_capacity(lens.len());
-        let mut block_begin = Vec::with_capacity(lens.len());
-        let (mut total, mut chunks, mut blocks) = (0usize, 0u64, 0usize);
-        for &n in &lens {
-            offsets.push(total);
-            chunk_begin.push(chunks);
-            block_begin.push(blocks);
-            // Never overflows: fewer blocks than elements, and `total` is checked.
-            blocks += n.div_ceil(QBLOCK);
+/// Offsets of the tensors of `lens` that `holds` in one buffer, each starting at a
+/// multiple of [`STATE_ALIGN`] values (a tensor that does not hold it gets the offset
+/// where the next would start, and no values), and the buffer's length (at least 1);
+/// `None` when its byte size at 4 bytes a value does not fit.
+fn pack(lens: &[usize], holds: impl Fn(usize) -> bool) -> Option<(Vec<usize>, usize)> {
+    let mut offsets = Vec::with_capacity(lens.len());
+    let mut total = 0usize;
+    for (i, &n) in lens.iter().enumerate() {
+        offsets.push(total);
+        if holds(i) {
             total = n
                 .checked_next_multiple_of(STATE_ALIGN)
                 .and_then(|padded| total.checked_add(padded))
-                // Every buffer's byte size must fit too (4 bytes per element).
-                .filter(|t| t.checked_mul(4).is_some())
-                .ok_or_else(too_large)?;
+                .filter(|t| t.checked_mul(4).is_some())?;
+        }
+    }
+    Some((offsets, total.max(1)))
+}
+
+impl StateLayout {
+    /// The layout of tensors of `lens` kept in `formats`; refuses sizes whose sum or
+    /// byte size does not fit (nothing is allocated before this succeeds).
+    pub(crate) fn new(lens: Vec<usize>, formats: Vec<StateFormat>) -> Result<Self> {
+        let too_large = || Error::TooLarge {
+            what: "the total element count of the parameter list",
+        };
+        if formats.len() != lens.len() {
+            return Err(Error::Internal {
+                what: "a state layout with one format per tensor expected",
+            });
+        }
+        let q8 = |i: usize| formats[i] == StateFormat::Blockwise8;
+        let (offsets, total) = pack(&lens, |_| true).ok_or_else(too_large)?;
+        let (moment_offsets, total_moments) = pack(&lens, |i| !q8(i)).ok_or_else(too_large)?;
+        let (code_offsets, total_codes) = pack(&lens, q8).ok_or_else(too_large)?;
+        let mut chunk_begin = Vec::with_capacity(lens.len());
+        let mut block_begin = Vec::with_capacity(lens.len());
+        let (mut chunks, mut blocks) = (0u64, 0usize);
+        for (i, &n) in lens.iter().enumerate() {
+            chunk_begin.push(chunks);
+            block_begin.push(blocks);
+            if q8(i) {
+                // Never overflows: fewer blocks than elements, whose sum is checked.
+                blocks += n.div_ceil(QBLOCK);
+            }
             chunks = chunks
                 .checked_add((n as u64).div_ceil(CHUNK))
                 .ok_or_else(too_large)?;
         }
         let mut layout = Self {
             lens,
+            formats,
             offsets,
+            moment_offsets,
+            code_offsets,
             block_begin,
-            total_blocks: blocks.max(1),
             chunk_begin,
             num_chunks: chunks,
             unit_len: CHUNK,
             unit_begin: Vec::new(),
             num_units: 0,
-            total: total.max(1),
+            total,
+            total_moments,
+            total_codes,
+            total_blocks: blocks.max(1),
         };
         layout.plan_units(1);
         Ok(layout)
+    }
+
+    /// Where tensor `tensor`'s values of `part` start in the part's buffer.
+    pub(crate) fn offset(&self, part: Part, tensor: usize) -> usize {
+        match part {
+            Part::Master => self.offsets[tensor],
+            Part::ExpAvg | Part::ExpInf => self.moment_offsets[tensor],
+            Part::ExpAvgCodes | Part::ExpInfCodes => self.code_offsets[tensor],
+            Part::ExpAvgScales | Part::ExpInfScales => self.block_begin[tensor],
+        }
+    }
+
+    /// Values of `part`'s buffer.
+    pub(crate) fn buffer_len(&self, part: Part) -> usize {
+        match part {
+            Part::Master => self.total,
+            Part::ExpAvg | Part::ExpInf => self.total_moments,
+            Part::ExpAvgCodes | Part::ExpInfCodes => self.total_codes,
+            Part::ExpAvgScales | Part::ExpInfScales => self.total_blocks,
+        }
+    }
+
+    pub(crate) fn formats(&self) -> &[StateFormat] {
+        &self.formats
     }
 
     /// Cuts the tensors into work units of the update for a device whose whole wave of
@@ -303,33 +370,77 @@ mod tests {
         assert_eq!(shuffled.total(), 10);
     }
 
+    fn formats(q8: &[bool]) -> Vec<StateFormat> {
+        q8.iter()
+            .map(|&q| {
+                if q {
+                    StateFormat::Blockwise8
+                } else {
+                    StateFormat::F32
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn the_layout_aligns_every_tensor_and_counts_chunks() {
-        let l = StateLayout::new(vec![0, 1, 64, 65, 8193]).unwrap();
+        let lens = vec![0, 1, 64, 65, 8193];
+        let l = StateLayout::new(lens.clone(), formats(&[true; 5])).unwrap();
         assert_eq!(l.offsets, [0, 0, 64, 128, 256]);
+        assert_eq!(l.code_offsets, l.offsets);
         assert_eq!(l.block_begin, [0, 0, 1, 2, 3]);
         assert_eq!(l.total_blocks, 3 + 33);
         assert_eq!(l.chunk_begin, [0, 0, 1, 2, 3]);
         assert_eq!(l.num_chunks, 5);
         assert_eq!(l.total, 256 + 8256);
-        assert_eq!(StateLayout::new(vec![0]).unwrap().total, 1);
+        assert_eq!((l.total_codes, l.total_moments), (l.total, 1));
+        let f32_state = StateLayout::new(lens, formats(&[false; 5])).unwrap();
+        assert_eq!(f32_state.moment_offsets, l.offsets);
+        assert_eq!((f32_state.total_codes, f32_state.total_blocks), (1, 1));
+        let one = StateLayout::new(vec![0], formats(&[false])).unwrap();
+        assert_eq!(one.total, 1);
+    }
+
+    #[test]
+    fn each_buffer_holds_only_the_tensors_of_its_format() {
+        // A bias in f32 state between two 8-bit matrices, and an f32-state embedding.
+        let l = StateLayout::new(
+            vec![4096, 768, 65, 5000],
+            formats(&[true, false, true, false]),
+        )
+        .unwrap();
+        assert_eq!(l.offsets, [0, 4096, 4864, 4992]);
+        assert_eq!(l.code_offsets, [0, 4096, 4096, 4224]);
+        assert_eq!(l.total_codes, 4096 + 128);
+        assert_eq!(l.block_begin, [0, 16, 16, 17]);
+        assert_eq!(l.total_blocks, 17);
+        assert_eq!(l.moment_offsets, [0, 0, 768, 768]);
+        assert_eq!(l.total_moments, 768 + 5056);
+        assert_eq!(l.offset(Part::ExpInfScales, 2), 16);
+        assert_eq!(l.offset(Part::ExpInf, 3), 768);
+        assert_eq!(l.buffer_len(Part::ExpAvgCodes), 4224);
+        assert!(matches!(
+            StateLayout::new(vec![1, 2], formats(&[true])),
+            Err(Error::Internal { .. })
+        ));
     }
 
     #[test]
     fn units_shrink_to_spread_small_steps_over_a_wave_and_stay_whole_for_large_ones() {
         let wave = 132 * 6;
-        let mut l = StateLayout::new(vec![1 << 16]).unwrap();
+        let f = |n: usize| vec![StateFormat::F32; n];
+        let mut l = StateLayout::new(vec![1 << 16], f(1)).unwrap();
         l.plan_units(wave);
         assert_eq!((l.unit_len, l.num_units), (1024, 64));
-        let mut l = StateLayout::new(vec![1 << 28]).unwrap();
+        let mut l = StateLayout::new(vec![1 << 28], f(1)).unwrap();
         l.plan_units(wave);
         assert_eq!((l.unit_len, l.num_units), (8192, 1 << 15));
-        let mut l = StateLayout::new(vec![4096, 0, 5, 1 << 20]).unwrap();
+        let mut l = StateLayout::new(vec![4096, 0, 5, 1 << 20], f(4)).unwrap();
         l.plan_units(wave);
         assert_eq!(l.unit_len, 1024);
         assert_eq!(l.unit_begin, [0, 4, 4, 5]);
         assert_eq!(l.num_units, 5 + 1024);
-        let mut l = StateLayout::new(vec![0, 0]).unwrap();
+        let mut l = StateLayout::new(vec![0, 0], f(2)).unwrap();
         l.plan_units(wave);
         assert_eq!(l.num_units, 0);
     }
@@ -342,10 +453,15 @@ mod tests {
             vec![usize::MAX / 4 + 1],
             vec![1 << 62, 1 << 62, 1 << 62],
         ] {
-            assert!(
-                matches!(StateLayout::new(lens.clone()), Err(Error::TooLarge { .. })),
-                "{lens:?}"
-            );
+            for format in [StateFormat::F32, StateFormat::Blockwise8] {
+                assert!(
+                    matches!(
+                        StateLayout::new(lens.clone(), vec![format; lens.len()]),
+                        Err(Error::TooLarge { .. })
+                    ),
+                    "{lens:?}"
+                );
+            }
         }
     }
 }

@@ -135,22 +135,16 @@ impl Buffer {
     }
 }
 
-/// Values in `part`'s buffer for every tensor of `layout`.
-fn buffer_len(layout: &StateLayout, part: Part) -> usize {
-    if part.per_block() {
-        layout.total_blocks
-    } else {
-        layout.total
-    }
-}
-
 /// The state buffers of one optimizer, on its stream. Their addresses never change
 /// (restores copy into them), so a captured CUDA graph that holds them stays valid.
 pub(crate) struct DeviceState {
     layout: StateLayout,
     stream: Arc<CudaStream>,
-    /// One buffer per part of the state ([`Part::of`] the storage and precision).
+    /// One buffer per part of the state that some tensor keeps (in [`Part::ALL`]'s
+    /// order), holding the tensors that keep it (see [`StateLayout`]).
     parts: Vec<(Part, Buffer)>,
+    /// The parts each tensor keeps: its mode's.
+    tensor_parts: Vec<&'static [Part]>,
     /// Each tensor's own step count (one per tensor, not per element).
     steps: CudaSlice<u64>,
     /// Device addresses of the buffers, in `parts` order, and of `steps`. Only the
@@ -166,17 +160,22 @@ pub(crate) struct Staged {
 }
 
 impl DeviceState {
-    /// Zeroed state for `layout`: the parts of `storage` kept in `precision`.
+    /// Zeroed state for `layout`: the parts of `storage` kept in `precision`, each
+    /// tensor in its own state format (the layout's).
     pub(crate) fn zeroed(
         stream: &Arc<CudaStream>,
         layout: StateLayout,
         storage: StorageType,
         precision: &Precision,
     ) -> Result<Self> {
-        let parts = Mode::or_master(storage, precision)
-            .parts
+        let tensor_parts: Vec<&'static [Part]> = layout
+            .formats()
             .iter()
-            .copied()
+            .map(|&f| Mode::or_master(storage, &precision.with_state(f)).parts)
+            .collect();
+        let parts = Part::ALL
+            .into_iter()
+            .filter(|p| tensor_parts.iter().any(|t| t.contains(p)))
             .map(|p| Ok((p, Self::alloc(stream, &layout, p)?)))
             .collect::<Result<Vec<_>>>()?;
         let steps = stream
@@ -189,6 +188,7 @@ impl DeviceState {
             layout,
             stream: stream.clone(),
             parts,
+            tensor_parts,
             steps,
         })
     }
@@ -198,7 +198,7 @@ impl DeviceState {
         Buffer::zeroed(
             stream,
             part.is_codes(),
-            buffer_len(layout, part),
+            layout.buffer_len(part),
             "allocating the optimizer state",
         )
     }
@@ -209,21 +209,29 @@ impl DeviceState {
 
     /// Where tensor `tensor`'s values of `part` start in the part's buffer.
     fn offset(&self, part: Part, tensor: usize) -> usize {
-        if part.per_block() {
-            self.layout.block_begin[tensor]
+        self.layout.offset(part, tensor)
+    }
+
+    /// The parts tensor `tensor` keeps.
+    pub(crate) fn parts_of(&self, tensor: usize) -> &'static [Part] {
+        self.tensor_parts[tensor]
+    }
+
+    /// Values of `part` that tensor `tensor` keeps (0 for a part it does not keep).
+    fn values_of(&self, part: Part, tensor: usize) -> usize {
+        if self.tensor_parts[tensor].contains(&part) {
+            part.len(self.layout.lens[tensor])
         } else {
-            self.layout.offsets[tensor]
+            0
         }
     }
 
-    /// The parts this state holds.
-    pub(crate) fn parts(&self) -> impl Iterator<Item = Part> + '_ {
-        self.parts.iter().map(|(p, _)| *p)
-    }
-
-    /// The device address of tensor `tensor`'s values of `part`; 0 when the state has
-    /// no such part.
+    /// The device address of tensor `tensor`'s values of `part`; 0 when the tensor
+    /// does not keep that part.
     pub(crate) fn address(&self, part: Part, tensor: usize) -> u64 {
+        if !self.tensor_parts[tensor].contains(&part) {
+            return 0;
+        }
         self.parts
             .iter()
             .zip(&self.bases)
@@ -231,6 +239,33 @@ impl DeviceState {
             .map_or(0, |((p, b), base)| {
                 base + b.size() * self.offset(*p, tensor) as u64
             })
+    }
+
+    /// The master weights' buffer, if the state keeps one.
+    pub(crate) fn masters(&self) -> Option<&CudaSlice<f32>> {
+        self.parts.iter().find_map(|(p, b)| match (p, b) {
+            (Part::Master, Buffer::F32(b)) => Some(b),
+            _ => None,
+        })
+    }
+
+    /// Copies the master weights from `other`, a state of the same tensors (device to
+    /// device, in stream order): for a state whose formats changed before the first
+    /// step.
+    pub(crate) fn copy_masters_from(&mut self, other: &DeviceState) -> Result<()> {
+        let copying = Error::driver("copying the master weights to the new state");
+        for (p, b) in &mut self.parts {
+            if let (Part::Master, Buffer::F32(dst), Some(src)) = (*p, b, other.masters()) {
+                if dst.len() != src.len() {
+                    return Err(Error::Internal {
+                        what: "master weights copied between states of other tensors",
+                    });
+                }
+                self.stream.memcpy_dtod(src, dst).map_err(copying)?;
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// master = f32(param) for every tensor, from the parameters' device addresses in
@@ -283,9 +318,9 @@ impl DeviceState {
             .collect();
         for (part, buf) in &self.parts {
             let mut all = buf.empty_data();
-            buf.append_to(&self.stream, 0..buffer_len(&self.layout, *part), &mut all)?;
+            buf.append_to(&self.stream, 0..self.layout.buffer_len(*part), &mut all)?;
             for (i, state) in states.iter_mut().enumerate() {
-                let (o, n) = (self.offset(*part, i), part.len(self.layout.lens[i]));
+                let (o, n) = (self.offset(*part, i), self.values_of(*part, i));
                 let mut mine = buf.empty_data();
                 mine.extend(all.view().slice(o..o + n))?;
                 part.store(state, mine)?;
@@ -314,7 +349,7 @@ impl DeviceState {
                 found: range.end,
             });
         }
-        let blocked = self.parts.iter().any(|(p, _)| p.per_block());
+        let blocked = self.tensor_parts[tensor].iter().any(|p| p.per_block());
         if blocked && !range.start.is_multiple_of(QBLOCK) {
             return Err(Error::LengthMismatch {
                 what: "start of a window of 8-bit state (a multiple of 256)",
@@ -328,6 +363,9 @@ impl DeviceState {
             ..TensorState::default()
         };
         for (part, buf) in &self.parts {
+            if !self.tensor_parts[tensor].contains(part) {
+                continue;
+            }
             let o = self.offset(*part, tensor);
             let at = if part.per_block() {
                 o + range.start / QBLOCK..o + range.end.div_ceil(QBLOCK)
@@ -352,7 +390,7 @@ impl DeviceState {
                 what: "a part of the state this optimizer does not keep was requested",
             })?;
         let o = self.offset(part, tensor);
-        src.append_to(&self.stream, o..o + part.len(self.layout.lens[tensor]), buf)
+        src.append_to(&self.stream, o..o + self.values_of(part, tensor), buf)
     }
 
     /// Every tensor's step count on the host (synchronises).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use crate::{
-    config::TensorHyper,
+    config::{StateFormat, TensorHyper},
     error::{Error, Result},
     state::parts::Part,
 };
@@ -155,6 +155,7 @@ fn row(
         param,
         grad: grad.unwrap_or(0),
         has_grad: u64::from(grad.is_some()),
+        blockwise8: u64::from(layout.formats()[i] == StateFormat::Blockwise8),
         len: layout.lens[i] as u64,
         chunk_begin: layout.chunk_begin[i],
         unit_begin: layout.unit_begin[i],
@@ -162,7 +163,7 @@ fn row(
         weight_decay: h.weight_decay,
         ..TensorDesc::default()
     };
-    for part in state.parts() {
+    for &part in state.parts_of(i) {
         let field = match part {
             Part::ExpAvg | Part::ExpAvgCodes => &mut d.exp_avg,
             Part::ExpInf | Part::ExpInfCodes => &mut d.exp_inf,

@@ -12,9 +12,9 @@ pub(crate) use bound::MomentBound;
 pub(crate) use modes::Mode;
 
 #[cfg(doc)]
-use crate::config::{ParamMode, StateFormat};
+use crate::config::ParamMode;
 use crate::{
-    config::{AdamaxConfig, Precision, TensorHyper},
+    config::{AdamaxConfig, Precision, StateFormat, TensorHyper},
     error::{Error, Result},
     spec::lowbit::Blockwise8,
     storage::Storage,
@@ -69,6 +69,30 @@ impl TensorState {
         state
     }
 
+    /// Replaces the moments by zeroed ones in `precision`'s state format, keeping the
+    /// step count and the master (for a tensor whose format is chosen before its first
+    /// step).
+    pub(crate) fn reset_moments(
+        &mut self,
+        storage: crate::storage::StorageType,
+        n: usize,
+        precision: &Precision,
+    ) {
+        let parts = Mode::or_master(storage, precision).parts;
+        for part in parts::Part::ALL {
+            if part == parts::Part::Master {
+                continue;
+            }
+            let values = if parts.contains(&part) {
+                part.zeros(n)
+            } else {
+                parts::Data::empty(part.elem())
+            };
+            // Cannot fail: `zeros` and `empty` give each part its own type.
+            let _ = part.store(self, values);
+        }
+    }
+
     /// Elements of the tensor.
     pub fn len(&self) -> usize {
         self.exp_avg.len().max(self.exp_avg_q8.codes.len())
@@ -93,6 +117,9 @@ pub(crate) struct Schedule {
     shapes: Vec<Vec<usize>>,
     /// Each tensor's name for checkpoints (`None` unless set), unique among the named.
     names: Vec<Option<String>>,
+    /// Each tensor's state format: the config's rule ([`Precision::tensor_state`])
+    /// unless chosen by hand before the first step.
+    formats: Vec<StateFormat>,
 }
 
 impl Schedule {
@@ -105,7 +132,56 @@ impl Schedule {
             hypers: vec![TensorHyper::from_config(&config); lens.len()],
             shapes: lens.iter().map(|&n| vec![n]).collect(),
             names: vec![None; lens.len()],
+            formats: lens
+                .iter()
+                .map(|&n| config.precision.tensor_state(n))
+                .collect(),
         })
+    }
+
+    pub(crate) fn formats(&self) -> &[StateFormat] {
+        &self.formats
+    }
+
+    /// Tensor `i`'s precision: the config's, in the tensor's state format.
+    pub(crate) fn precision_of(&self, i: usize) -> Precision {
+        self.config.precision.with_state(self.formats[i])
+    }
+
+    /// Keeps tensor `i`'s moments in `format`; refuses 8 bits in an optimizer of f32
+    /// state, and any change once `fixed` says why formats can no longer change. Returns
+    /// whether the format changed.
+    pub(crate) fn set_format(
+        &mut self,
+        i: usize,
+        format: StateFormat,
+        fixed: Option<&str>,
+    ) -> Result<bool> {
+        let count = self.formats.len();
+        let current = *self
+            .formats
+            .get(i)
+            .ok_or(Error::TensorIndexOutOfRange { index: i, count })?;
+        if format == current {
+            return Ok(false);
+        }
+        let refuse = |reason: String| Error::StateFormat {
+            tensor: i,
+            format: format_name(format),
+            reason,
+        };
+        if self.config.precision.state == StateFormat::F32 {
+            return Err(refuse(
+                "this optimizer keeps f32 state; build it with StateFormat::Blockwise8 (and a min_8bit_len) to keep some tensors in 8 bits".into(),
+            ));
+        }
+        if let Some(why) = fixed {
+            return Err(refuse(format!(
+                "{why}; state formats are chosen before the first step (build a new optimizer, or convert a checkpoint with Checkpoint::convert_state)"
+            )));
+        }
+        self.formats[i] = format;
+        Ok(true)
     }
 
     pub(crate) fn names(&self) -> &[Option<String>] {
@@ -185,11 +261,13 @@ impl Schedule {
         hypers: &[TensorHyper],
         shapes: &[Vec<usize>],
         names: &[Option<String>],
+        formats: &[StateFormat],
     ) -> Result<()> {
         for (what, found) in [
             ("hyperparameters", hypers.len()),
             ("shapes", shapes.len()),
             ("names", names.len()),
+            ("state formats", formats.len()),
         ] {
             if found != self.hypers.len() {
                 return Err(Error::TensorCountMismatch {
@@ -218,11 +296,41 @@ impl Schedule {
             });
         }
         check_names(&merged)?;
+        check_formats(&self.formats, formats)?;
         self.config = config;
         self.hypers = hypers.to_vec();
         self.shapes = shapes.to_vec();
         self.names = merged;
         Ok(())
+    }
+}
+
+/// Why state formats can no longer be chosen ([`Schedule::set_format`]).
+pub(crate) const FIXED_BY_STEP: &str = "the optimizer has taken a step";
+pub(crate) const FIXED_BY_RESTORE: &str = "the optimizer has restored a checkpoint";
+
+/// `f32` or `8-bit`, for messages.
+pub(crate) const fn format_name(format: StateFormat) -> &'static str {
+    match format {
+        StateFormat::F32 => "f32",
+        StateFormat::Blockwise8 => "8-bit",
+    }
+}
+
+/// Checks that a checkpoint's tensors keep the state formats an optimizer's do: a
+/// restore copies state, it does not convert it.
+pub(crate) fn check_formats(ours: &[StateFormat], theirs: &[StateFormat]) -> Result<()> {
+    match ours.iter().zip(theirs).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(i) => Err(Error::StateFormat {
+            tensor: i,
+            format: format_name(theirs[i]),
+            reason: format!(
+                "the checkpoint keeps it in {} state and this optimizer in {}; choose the checkpoint's format with set_tensor_state_format before restoring (formats are in Checkpoint::state_formats), or convert the checkpoint with Checkpoint::convert_state",
+                format_name(theirs[i]),
+                format_name(ours[i])
+            ),
+        }),
     }
 }
 

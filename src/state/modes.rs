@@ -190,6 +190,7 @@ mod tests {
                 params: m.params,
                 state: m.state,
                 seed: 0,
+                min_8bit_len: 0,
             };
             assert_eq!(Mode::of(m.storage, &precision), Some(m));
             assert_eq!(

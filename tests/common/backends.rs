@@ -61,6 +61,11 @@ pub trait Settings {
     fn set_options(&mut self, options: StepOptions) -> adamax_cuda::Result<()>;
     fn set_loss_scaler(&mut self, scaler: Option<LossScaler>) -> adamax_cuda::Result<()>;
     fn restore(&mut self, ck: &Checkpoint) -> adamax_cuda::Result<()>;
+    fn set_tensor_state_format(
+        &mut self,
+        tensor: usize,
+        format: adamax_cuda::StateFormat,
+    ) -> adamax_cuda::Result<()>;
 }
 
 impl<O: Optimizer> Settings for O {
@@ -78,6 +83,13 @@ impl<O: Optimizer> Settings for O {
     }
     fn restore(&mut self, ck: &Checkpoint) -> adamax_cuda::Result<()> {
         Optimizer::restore(self, ck)
+    }
+    fn set_tensor_state_format(
+        &mut self,
+        tensor: usize,
+        format: adamax_cuda::StateFormat,
+    ) -> adamax_cuda::Result<()> {
+        Optimizer::set_tensor_state_format(self, tensor, format)
     }
 }
 

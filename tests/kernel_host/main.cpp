@@ -167,6 +167,7 @@ static const Kernels KERNELS[] = {
 
 struct Tensor {
     u64 len = 0;
+    bool q8 = false;  // 8-bit moments (else f32)
     std::vector<u32> p32, g32, master, m, u;
     std::vector<u16> p16, g16;
     std::vector<unsigned char> cm, cu;
@@ -239,6 +240,10 @@ static int whole() {
         const u64 n = t.len, nb = (n + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
         table[k].lr_scale = next_f64();
         table[k].weight_decay = next_f64();
+        // The tensor's own state format (Precision::min_8bit_len): 8 bits only in an
+        // 8-bit update, which steps f32-state tensors in the same launch.
+        t.q8 = next() != 0 && q8;
+        table[k].blockwise8 = t.q8;
         t.p32.resize(n + 8), t.g32.resize(n + 8), t.master.resize(n + 8), t.m.resize(n + 8), t.u.resize(n + 8);
         t.p16.resize(n + 8), t.g16.resize(n + 8), t.cm.resize(n + 8), t.cu.resize(n + 8);
         t.sm.resize(nb + 1), t.su.resize(nb + 1);
@@ -253,10 +258,10 @@ static int whole() {
         d.param = type == 0 ? (u64)t.p32.data() : (u64)t.p16.data();
         d.grad = type == 0 ? (u64)t.g32.data() : (u64)t.g16.data();
         d.master = has_master ? (u64)t.master.data() : 0;
-        d.exp_avg = q8 ? (u64)(t.cm.data() + mis) : (u64)(t.m.data() + mis);
-        d.exp_inf = q8 ? (u64)(t.cu.data() + mis) : (u64)(t.u.data() + mis);
-        d.exp_avg_scale = q8 ? (u64)t.sm.data() : 0;
-        d.exp_inf_scale = q8 ? (u64)t.su.data() : 0;
+        d.exp_avg = t.q8 ? (u64)(t.cm.data() + mis) : (u64)(t.m.data() + mis);
+        d.exp_inf = t.q8 ? (u64)(t.cu.data() + mis) : (u64)(t.u.data() + mis);
+        d.exp_avg_scale = t.q8 ? (u64)t.sm.data() : 0;
+        d.exp_inf_scale = t.q8 ? (u64)t.su.data() : 0;
         d.len = n;
         d.unit_begin = units;
         d.chunk_begin = chunks;
@@ -288,7 +293,7 @@ static int whole() {
         const u64 n = t.len, nb = (n + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
         for (u64 i = 0; i < n; ++i) std::printf("%u ", type == 0 ? t.p32[i] : (u32)t.p16[i]);
         if (has_master) for (u64 i = 0; i < n; ++i) std::printf("%u ", t.master[i]);
-        if (q8) {
+        if (t.q8) {
             for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)t.cm[mis + i]);
             for (u64 b = 0; b < nb; ++b) std::printf("%u ", __float_as_uint(t.sm[b]));
             for (u64 i = 0; i < n; ++i) std::printf("%u ", (u32)t.cu[mis + i]);

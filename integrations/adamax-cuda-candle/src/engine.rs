@@ -3,8 +3,8 @@
 //! on a CUDA device. Dispatch on the dtype is written once, here.
 
 use adamax_cuda::{
-    bf16, cpu::CpuAdamax, f16, AdamaxConfig, Checkpoint, LossScaler, Optimizer, StepOptions,
-    StepReport, TensorHyper,
+    bf16, cpu::CpuAdamax, f16, AdamaxConfig, Checkpoint, LossScaler, Optimizer, StateFormat,
+    StepOptions, StepReport, TensorHyper,
 };
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 
@@ -101,6 +101,12 @@ impl Engine {
     }
     pub(crate) fn tensor_hypers(&self) -> &[TensorHyper] {
         each!(self, o => o.tensor_hypers())
+    }
+    pub(crate) fn set_tensor_state_format(&mut self, i: usize, f: StateFormat) -> Result<()> {
+        each!(self, o => o.set_tensor_state_format(i, f)).map_err(adamax_error)
+    }
+    pub(crate) fn tensor_state_formats(&self) -> &[StateFormat] {
+        each!(self, o => o.tensor_state_formats())
     }
     pub(crate) fn set_tensor_shape(&mut self, i: usize, shape: &[usize]) -> Result<()> {
         each!(self, o => o.set_tensor_shape(i, shape)).map_err(adamax_error)

@@ -160,6 +160,7 @@ impl Adamax {
         let ParamsAdamax {
             config,
             groups,
+            state_formats,
             options,
             loss_scaler,
         } = params;
@@ -183,24 +184,28 @@ impl Adamax {
             Some(n) => format!("Var {i} ({n:?})"),
             None => format!("Var {i}"),
         };
-        if let Some(g) = groups.iter().find(|g| g.select.needs_names()) {
+        let selects = || {
+            groups
+                .iter()
+                .map(|g| ("parameter group", &g.select))
+                .chain(state_formats.iter().map(|(s, _)| ("state format rule", s)))
+        };
+        if let Some((what, select)) = selects().find(|(_, s)| s.needs_names()) {
             if let Some(i) = named.iter().position(|(n, _)| n.is_none()) {
                 return Err(refuse(format!(
-                    "the parameter group {:?} selects by name but {} has none; build the optimizer with Adamax::from_varmap",
-                    g.select,
+                    "the {what} {select:?} selects by name but {} has none; build the optimizer with Adamax::from_varmap",
                     label(i, &named[i].0)
                 )));
             }
         }
-        for g in &groups {
-            if let Select::Names(wanted) = &g.select {
+        for (what, select) in selects() {
+            if let Select::Names(wanted) = select {
                 if let Some(w) = wanted
                     .iter()
                     .find(|w| !named.iter().any(|(n, _)| n.as_deref() == Some(w.as_str())))
                 {
                     return Err(refuse(format!(
-                        "the parameter group {:?} names {w:?}, which no Var has; the names are the VarMap's ({})",
-                        g.select,
+                        "the {what} {select:?} names {w:?}, which no Var has; the names are the VarMap's ({})",
                         named
                             .iter()
                             .flat_map(|(n, _)| n.as_deref())
@@ -257,6 +262,12 @@ impl Adamax {
             engine.set_tensor_name(i, name.as_deref())?;
             if let Some(g) = groups.iter().find(|g| g.select.picks(name.as_deref(), v)) {
                 engine.set_tensor_hyper(i, g.hyper)?;
+            }
+            if let Some((_, f)) = state_formats
+                .iter()
+                .find(|(s, _)| s.picks(name.as_deref(), v))
+            {
+                engine.set_tensor_state_format(i, *f)?;
             }
         }
         engine.set_options(options)?;
@@ -362,6 +373,14 @@ impl Adamax {
     pub fn tensor_hypers(&self) -> &[TensorHyper] {
         match &self.engine {
             Some(e) => e.tensor_hypers(),
+            None => &[],
+        }
+    }
+
+    /// Each `Var`'s state format, in order (see [`ParamsAdamax::state_formats`]).
+    pub fn tensor_state_formats(&self) -> &[adamax_cuda::StateFormat] {
+        match &self.engine {
+            Some(e) => e.tensor_state_formats(),
             None => &[],
         }
     }

@@ -3,7 +3,7 @@
 
 use std::{fmt, sync::Arc};
 
-use adamax_cuda::{AdamaxConfig, LossScaler, StepOptions, TensorHyper};
+use adamax_cuda::{AdamaxConfig, LossScaler, StateFormat, StepOptions, TensorHyper};
 use candle_core::Var;
 
 /// What [`Adamax`](crate::Adamax) is built with: `candle_nn::Optimizer::Config`.
@@ -20,6 +20,13 @@ pub struct ParamsAdamax {
     /// Parameter groups: a `Var` takes the settings of the first group that selects it,
     /// and the config's learning rate and weight decay otherwise.
     pub groups: Vec<ParamGroup>,
+    /// State formats chosen by hand, with 8-bit state
+    /// ([`StateFormat::Blockwise8`]): a `Var` takes the format of the first rule that
+    /// selects it, and otherwise the size rule's ([`Precision::min_8bit_len`]: f32 for
+    /// `Var`s under 4,096 elements by default), for instance f32 for the embeddings.
+    ///
+    /// [`Precision::min_8bit_len`]: adamax_cuda::Precision::min_8bit_len
+    pub state_formats: Vec<(Select, StateFormat)>,
     /// Fused gradient clipping, unscaling and overflow skip, applied inside the step's
     /// launch ([`StepOptions`]).
     pub options: StepOptions,
@@ -60,6 +67,13 @@ impl ParamsAdamax {
                 weight_decay: 0.0,
             },
         });
+        self
+    }
+
+    /// Adds a rule that keeps the `Var`s `select` picks in `format`, whatever their
+    /// size (see [`ParamsAdamax::state_formats`]).
+    pub fn with_state_format(mut self, select: Select, format: StateFormat) -> Self {
+        self.state_formats.push((select, format));
         self
     }
 }

@@ -79,6 +79,7 @@ fn steps_match_the_cpu_reference_bit_for_bit_in_every_mode() -> R {
                     params,
                     state,
                     seed: 11,
+                    min_8bit_len: 0,
                 },
                 ..base
             },
@@ -195,6 +196,68 @@ fn parameter_groups_select_by_rule_and_by_name() -> R {
     let opt = adamax_cuda_candle::Adamax::from_varmap(&varmap, rule)?;
     assert_eq!(opt.tensor_hypers()[2], slow);
     assert_eq!(opt.tensor_hypers()[1], decay(0.0));
+    Ok(())
+}
+
+/// Issue #19, part 4: with 8-bit state, `Var`s under the size threshold keep f32 state,
+/// a rule keeps a chosen `Var` in f32 by name, and every `Var` steps as the CPU
+/// reference with the same formats does; a rule naming no `Var` is refused.
+#[test]
+fn state_formats_follow_the_size_rule_and_chosen_names() -> R {
+    let device = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    candle_nn::linear(64, 80, vb.pp("enc"))?;
+    candle_nn::embedding(100, 48, vb.pp("emb"))?;
+    let config = AdamaxConfig {
+        lr: 1e-2,
+        precision: Precision {
+            state: StateFormat::Blockwise8,
+            seed: 3,
+            min_8bit_len: 1000,
+            ..Precision::default()
+        },
+        ..AdamaxConfig::default()
+    };
+    let params = ParamsAdamax::from(config)
+        .with_state_format(Select::Names(vec!["emb.weight".into()]), StateFormat::F32);
+    let mut opt = adamax_cuda_candle::Adamax::from_varmap(&varmap, params.clone())?;
+    // emb.weight (4,800: chosen f32), enc.bias (80: under the threshold), enc.weight
+    // (5,120: 8 bits).
+    use StateFormat::{Blockwise8 as Q8, F32};
+    assert_eq!(opt.tensor_state_formats(), [F32, F32, Q8]);
+    let vars = opt.vars().to_vec();
+    let mut values: Vec<Vec<f32>> = vars
+        .iter()
+        .map(|v| host(v.as_tensor()))
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
+    let mut reference = CpuAdamax::<f32>::new(config, &refs)?;
+    reference.set_tensor_state_format(0, F32)?;
+    let mut rng = Rng(19);
+    for step in 0..4 {
+        let (store, list) = gradients(&vars, &mut rng, |_| false)?;
+        opt.step(&store)?;
+        let host_grads: Vec<Vec<f32>> = list
+            .iter()
+            .map(|g| host::<f32>(g.as_ref().expect("every Var has a gradient")))
+            .collect::<Result<_, _>>()?;
+        let g: Vec<&[f32]> = host_grads.iter().map(Vec::as_slice).collect();
+        let mut p: Vec<&mut [f32]> = values.iter_mut().map(Vec::as_mut_slice).collect();
+        reference.step(&mut p, &g)?;
+        assert_eq!(opt.checkpoint()?.tensors, reference.state()?, "step {step}");
+    }
+    let ck = opt.checkpoint()?;
+    assert_eq!(ck.state_formats, [F32, F32, Q8]);
+    // Without the rule, emb.weight would be 8-bit: its checkpoint does not fit.
+    let mut other = adamax_cuda_candle::Adamax::from_varmap(&varmap, ParamsAdamax::from(config))?;
+    refused(other.restore(&ck), "cannot keep f32 state");
+    let wrong = ParamsAdamax::from(config)
+        .with_state_format(Select::Names(vec!["embedding".into()]), StateFormat::F32);
+    refused(
+        adamax_cuda_candle::Adamax::from_varmap(&varmap, wrong),
+        "the state format rule Names([\"embedding\"]) names \"embedding\", which no Var has",
+    );
     Ok(())
 }
 
@@ -441,6 +504,7 @@ fn stochastic_modes_resume_bit_for_bit_in_name_order() -> R {
             params: ParamMode::Stochastic,
             state: StateFormat::Blockwise8,
             seed: 9,
+            min_8bit_len: 0,
         },
         ..AdamaxConfig::default()
     });

@@ -85,6 +85,7 @@ fn every_mode_matches_the_cpu(device: &Device) -> R {
                     params,
                     state,
                     seed: 5,
+                    min_8bit_len: 0,
                 },
                 ..AdamaxConfig::default()
             },

@@ -17,7 +17,7 @@ use cudarc::driver::{
 };
 
 use crate::{
-    config::AdamaxConfig,
+    config::{AdamaxConfig, StateFormat},
     error::{Error, Result},
     fused::StepOptions,
     state::{check_lists, Schedule, TensorState},
@@ -33,7 +33,7 @@ use super::{
         FLAG_SCALER, FLAG_UNSCALE,
     },
     control::ControlBlock,
-    device::check_devices,
+    device::{check_devices, refuse_during_capture},
     entry::EntryPoint,
     launch::LaunchPlan,
     layout::{FlatLayout, StateLayout},
@@ -100,6 +100,8 @@ pub struct CudaAdamax<T: GpuStorage> {
     scaler: bool,
     /// The layout of an optimizer built with `new_flat`.
     flat: Option<FlatLayout>,
+    /// Why state formats can no longer be chosen (a step or a restore), if so.
+    formats_fixed: Option<&'static str>,
     _storage: std::marker::PhantomData<T>,
 }
 
@@ -136,14 +138,9 @@ impl<T: GpuStorage> CudaAdamax<T> {
         if lens.is_empty() {
             return Err(Error::EmptyParameterList);
         }
-        let step = EntryPoint::step(T::TYPE, &config.precision).ok_or(Error::Internal {
-            what: "a storage mode without an update entry point passed validation",
-        })?;
-        let mut layout = StateLayout::new(lens)?;
+        let layout = StateLayout::new(lens, schedule.formats().to_vec())?;
         let kernels = kernels_for(stream.context())?;
-        layout.plan_units(kernels.wave(step));
-        let plan = LaunchPlan::new(stream, &kernels, &layout, step, T::TYPE)?;
-        let state = DeviceState::zeroed(stream, layout, T::TYPE, &config.precision)?;
+        let (state, plan) = Self::lay_out(stream, &kernels, &schedule, layout)?;
         let control = ControlBlock::new(
             stream,
             Control {
@@ -172,8 +169,58 @@ impl<T: GpuStorage> CudaAdamax<T> {
             options: StepOptions::default(),
             scaler: false,
             flat: None,
+            formats_fixed: None,
             _storage: std::marker::PhantomData,
         })
+    }
+
+    /// Zeroed state and the launch plan for `layout` (whose formats are `schedule`'s):
+    /// the update of 8-bit state when some tensor keeps 8 bits (it steps the f32-state
+    /// ones in the same launch), else the f32-state one.
+    fn lay_out(
+        stream: &Arc<CudaStream>,
+        kernels: &Kernels,
+        schedule: &Schedule,
+        mut layout: StateLayout,
+    ) -> Result<(DeviceState, LaunchPlan)> {
+        let precision = schedule.config().precision;
+        let any_8bit = layout.formats().contains(&StateFormat::Blockwise8);
+        let launched = precision.with_state(if any_8bit {
+            StateFormat::Blockwise8
+        } else {
+            StateFormat::F32
+        });
+        let step = EntryPoint::step(T::TYPE, &launched).ok_or(Error::Internal {
+            what: "a storage mode without an update entry point passed validation",
+        })?;
+        layout.plan_units(kernels.wave(step));
+        let plan = LaunchPlan::new(stream, kernels, &layout, step, T::TYPE)?;
+        let state = DeviceState::zeroed(stream, layout, T::TYPE, &precision)?;
+        Ok((state, plan))
+    }
+
+    /// Tensor `tensor` in `format` (see [`Optimizer::set_tensor_state_format`]): new
+    /// zeroed state in the new layout, with the master weights copied over.
+    pub(super) fn set_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()> {
+        let mut schedule = self.schedule.clone();
+        if !schedule.set_format(tensor, format, self.formats_fixed)? {
+            return Ok(());
+        }
+        refuse_during_capture(
+            &self.stream,
+            "choosing a tensor's state format",
+            "Choose it before begin_capture (and before the first step)",
+        )?;
+        let layout = StateLayout::new(
+            self.state.layout().lens().to_vec(),
+            schedule.formats().to_vec(),
+        )?;
+        let (mut state, plan) = Self::lay_out(&self.stream, &self.kernels, &schedule, layout)?;
+        state.copy_masters_from(&self.state)?;
+        self.state = state;
+        self.plan = plan;
+        self.schedule = schedule;
+        Ok(())
     }
 
     /// One AdaMax step over every tensor, for any buffers cudarc can address
@@ -253,6 +300,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
     /// Enqueues a step, after the counter check, with the table prepared for it (or,
     /// when none was, the one on the device).
     fn enqueue(&mut self) -> Result<()> {
+        self.formats_fixed = Some(crate::state::FIXED_BY_STEP);
         if self.step_bound == u64::MAX {
             let step = self.control.read()?.state.step;
             if step == u64::MAX {

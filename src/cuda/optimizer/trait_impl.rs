@@ -6,7 +6,7 @@ use cudarc::driver::{CudaView, CudaViewMut};
 
 use crate::{
     checkpoint::{save_streamed, Checkpoint, Head},
-    config::{AdamaxConfig, TensorHyper},
+    config::{AdamaxConfig, StateFormat, TensorHyper},
     error::{Error, Result},
     fused::{LossScaler, StepOptions, StepReport},
     optimizer::Optimizer,
@@ -73,6 +73,16 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
 
     fn set_tensor_name(&mut self, tensor: usize, name: Option<&str>) -> Result<()> {
         self.schedule.set_name(tensor, name)
+    }
+
+    fn tensor_state_formats(&self) -> &[StateFormat] {
+        self.schedule.formats()
+    }
+
+    /// Allocates the state anew in the new layout (refused while the stream captures a
+    /// CUDA graph).
+    fn set_tensor_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()> {
+        self.set_state_format(tensor, format)
     }
 
     fn tensor_lens(&self) -> &[usize] {
@@ -191,6 +201,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
             tensor_steps: &steps,
             shapes: self.schedule.shapes(),
             names: self.schedule.names(),
+            formats: self.schedule.formats(),
             hypers: self.schedule.hypers(),
             options: &options,
             scaler: scaler.as_ref(),
@@ -215,13 +226,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
     /// change nothing and [`Optimizer::last_report`] says [`Error::StaleGraph`];
     /// capture again.
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        ck.check_fits(
-            T::TYPE,
-            &self.schedule.config().precision,
-            self.state.layout().lens(),
-        )?;
-        let mut schedule = self.schedule.clone();
-        schedule.replace(ck.config, &ck.hypers, &ck.shapes, &ck.names)?;
+        let schedule = ck.schedule_for(T::TYPE, &self.schedule, self.state.layout().lens())?;
         refuse_during_capture(
             &self.stream,
             "restoring a checkpoint",
@@ -254,6 +259,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         self.step_bound = ck.step;
         self.options = ck.options;
         self.scaler = ck.scaler.is_some();
+        self.formats_fixed = Some(crate::state::FIXED_BY_RESTORE);
         hypers_written
     }
 }

@@ -77,6 +77,9 @@ enum Run {
     F32Q8,
     Bf16MasterQ8,
     Bf16StochasticQ8,
+    /// 8-bit state with the default `min_8bit_len`: tensors below it in f32 (issue #19,
+    /// part 4); with bf16 parameters rounded stochastically when the flag is set.
+    Threshold(bool),
     /// An emulated 8-bit state ([`CANDIDATES`]); with bf16 parameters rounded
     /// stochastically when the flag is set, f32 ones otherwise.
     Emulated(usize, bool),
@@ -84,15 +87,17 @@ enum Run {
 
 /// The rows of the modes tables: the crate's modes, with the old codec beside each
 /// 8-bit mode without a master, and bf16 round-to-nearest (not a mode).
-const MODES: [Run; 9] = [
+const MODES: [Run; 11] = [
     Run::F32,
     Run::Bf16Master,
     Run::Bf16Nearest,
     Run::Bf16Stochastic,
     Run::F32Q8,
+    Run::Threshold(false),
     Run::Emulated(OLD, false),
     Run::Bf16MasterQ8,
     Run::Bf16StochasticQ8,
+    Run::Threshold(true),
     Run::Emulated(OLD, true),
 ];
 
@@ -106,6 +111,12 @@ impl Run {
             Run::F32Q8 => "f32 parameters, 8-bit state (16 B, 2.03 B)".into(),
             Run::Bf16MasterQ8 => "bf16 + f32 master, 8-bit state (16 B, 6.03 B)".into(),
             Run::Bf16StochasticQ8 => "bf16 stochastic rounding, 8-bit state (10 B, 2.03 B)".into(),
+            Run::Threshold(false) => {
+                "f32 parameters, 8-bit state, tensors under 4,096 elements in f32 (the default)".into()
+            }
+            Run::Threshold(true) => {
+                "bf16 stochastic rounding, 8-bit state, tensors under 4,096 elements in f32 (the default)".into()
+            }
             Run::Emulated(OLD, false) => "f32 parameters, 8-bit state, old codec (emulated)".into(),
             Run::Emulated(OLD, true) => {
                 "bf16 stochastic rounding, 8-bit state, old codec (emulated)".into()
@@ -117,16 +128,19 @@ impl Run {
 
     /// Whether the forward pass reads bf16 parameters.
     fn bf16(self) -> bool {
-        !matches!(self, Run::F32 | Run::F32Q8 | Run::Emulated(_, false))
+        !matches!(
+            self,
+            Run::F32 | Run::F32Q8 | Run::Threshold(false) | Run::Emulated(_, false)
+        )
     }
 
     fn config(self, seed: u64, lr: f64) -> AdamaxConfig {
         let (params, state) = match self {
             Run::Bf16Stochastic => (ParamMode::Stochastic, StateFormat::F32),
-            Run::F32Q8 | Run::Bf16MasterQ8 | Run::Emulated(_, false) => {
+            Run::F32Q8 | Run::Bf16MasterQ8 | Run::Threshold(false) | Run::Emulated(_, false) => {
                 (ParamMode::Master, StateFormat::Blockwise8)
             }
-            Run::Bf16StochasticQ8 | Run::Emulated(_, true) => {
+            Run::Bf16StochasticQ8 | Run::Threshold(true) | Run::Emulated(_, true) => {
                 (ParamMode::Stochastic, StateFormat::Blockwise8)
             }
             _ => (ParamMode::Master, StateFormat::F32),
@@ -137,6 +151,12 @@ impl Run {
                 params,
                 state,
                 seed,
+                // Every tensor in 8 bits, but in the rows of the default threshold.
+                min_8bit_len: if matches!(self, Run::Threshold(_)) {
+                    adamax_cuda::DEFAULT_MIN_8BIT_LEN
+                } else {
+                    0
+                },
             },
             ..AdamaxConfig::default()
         }
@@ -169,8 +189,14 @@ impl Stepper {
             round_all(params);
         }
         Ok(match run {
-            Run::F32 | Run::F32Q8 => Stepper::F32(CpuAdamax::new(config, &refs(params))?),
-            Run::Bf16Master | Run::Bf16Stochastic | Run::Bf16MasterQ8 | Run::Bf16StochasticQ8 => {
+            Run::F32 | Run::F32Q8 | Run::Threshold(false) => {
+                Stepper::F32(CpuAdamax::new(config, &refs(params))?)
+            }
+            Run::Bf16Master
+            | Run::Bf16Stochastic
+            | Run::Bf16MasterQ8
+            | Run::Bf16StochasticQ8
+            | Run::Threshold(true) => {
                 let p = to_bf16(params);
                 Stepper::Bf16(CpuAdamax::new(config, &refs(&p))?, p)
             }
