@@ -188,10 +188,21 @@ impl Precision {
         }
     }
 
-    /// This precision for one tensor kept in `state` (the parameter mode and seed are
-    /// the optimizer's).
+    /// This precision for one tensor kept in `state` whatever its size (the parameter
+    /// mode and seed are the optimizer's; the threshold is 0, so that
+    /// [`Precision::tensor_state`] gives `state`).
     pub(crate) const fn with_state(self, state: StateFormat) -> Precision {
-        Precision { state, ..self }
+        Precision {
+            state,
+            min_8bit_len: 0,
+            ..self
+        }
+    }
+
+    /// This precision for a tensor of `len` elements: in the state format
+    /// [`Precision::tensor_state`] gives it.
+    pub(crate) const fn for_len(self, len: usize) -> Precision {
+        self.with_state(self.tensor_state(len))
     }
     // `check_storage`, `state_bytes` and `bytes_moved` read the modes table:
     // src/state/modes.rs.

@@ -1779,14 +1779,14 @@ fn edited_state_formats_are_refused() {
     // Without the key tensor 1 would be 8-bit, and its codes are not in the file.
     refused_load(
         &edited_header(&bytes, |h| h.replace(key, "")),
-        "the file holds 8 entries (3 per tensor of f32 state, 5 per tensor of blockwise8 state)",
+        "tensor 1 is labelled blockwise8 state (its `tensor.1.state_format`, or the file's `state_format` without one) but the file holds its `state.1.exp_avg`",
     );
     // The key with the config's own format, which the writer leaves out.
     refused_load(
         &edited_header(&bytes, |h| {
             h.replace(key, "\"tensor.1.state_format\":\"blockwise8\",")
         }),
-        "the file holds 8 entries",
+        "tensor 1 is labelled blockwise8 state",
     );
     refused_load(
         &edited_header(&bytes, |h| {
@@ -1799,7 +1799,7 @@ fn edited_state_formats_are_refused() {
         &edited_header(&bytes, |h| {
             h.replace(key, &format!("{key}\"tensor.0.state_format\":\"f32\","))
         }),
-        "entries",
+        "tensor 0 is labelled f32 state",
     );
     for (from, to, says) in [
         (
@@ -1853,4 +1853,28 @@ fn edited_state_formats_are_refused() {
     let mut short = ck.clone();
     short.state_formats.pop();
     assert!(matches!(short.to_bytes(), Err(Error::Checkpoint { .. })));
+}
+
+/// A file of a mode that rounds stochastically always carries its seed: one without it
+/// is refused, as a missing `state_block` is (it used to read as seed 0).
+#[test]
+fn a_stochastic_mode_without_its_seed_is_refused() {
+    let config = AdamaxConfig {
+        precision: Precision {
+            state: StateFormat::Blockwise8,
+            seed: 77,
+            ..Precision::default()
+        },
+        ..AdamaxConfig::default()
+    };
+    let (mut a, mut b) = (vec![0.5f32; 5000], vec![0.5f32; 300]);
+    let mut opt = CpuAdamax::new(config, &[&a, &b]).unwrap();
+    opt.step(&mut [&mut a, &mut b], &[&[0.1; 5000], &[-0.2; 300]])
+        .unwrap();
+    let bytes = opt.checkpoint().unwrap().to_bytes().unwrap();
+    assert!(String::from_utf8_lossy(&bytes).contains("\"seed\":\"77\","));
+    refused_load(
+        &edited_header(&bytes, |h| h.replace("\"seed\":\"77\",", "")),
+        "it has no `seed`",
+    );
 }

@@ -64,8 +64,19 @@ fn the_size_threshold_keeps_small_tensors_in_f32_state() -> R {
     assert_eq!(all.tensor_state_formats(), [Q8; 5]);
     let none = CpuAdamax::new(config(ParamMode::Master, F32, 0), &refs)?;
     assert_eq!(none.tensor_state_formats(), [F32; 5]);
-    // The default precision carries the default threshold.
+    // The default precision carries the default threshold, and a tensor's state made
+    // from a precision follows it.
     assert_eq!(Precision::default().min_8bit_len, DEFAULT_MIN_8BIT_LEN);
+    let small = adamax_cuda::TensorState::with_precision(&[0.5f32; 100], &q8.precision);
+    assert_eq!(
+        (small.exp_avg.len(), small.exp_avg_q8.codes.len()),
+        (100, 0)
+    );
+    let large = adamax_cuda::TensorState::with_precision(&[0.5f32; 4096], &q8.precision);
+    assert_eq!(
+        (large.exp_avg.len(), large.exp_avg_q8.codes.len()),
+        (0, 4096)
+    );
     Ok(())
 }
 
@@ -182,7 +193,7 @@ fn formats_are_chosen_before_the_first_step_and_only_with_8_bit_state() -> R {
     let stepped = opt.tensor_states().to_vec();
     refused(
         opt.set_tensor_state_format(0, F32),
-        "the optimizer has taken a step; state formats are chosen before the first step",
+        "a step was called on this optimizer (one skipped for a non-finite gradient counts too); state formats are chosen before the first step",
     );
     // The format it has: no change, the state kept.
     opt.set_tensor_state_format(0, Q8)?;
@@ -304,15 +315,22 @@ fn the_default_thresholds_cost_on_gpt2_small_is_as_documented() -> R {
         state: Q8,
         ..Precision::default()
     };
-    let f32_state = Precision { state: F32, ..q8 };
+    let every_tensor_8bit = Precision {
+        min_8bit_len: 0,
+        ..q8
+    };
     let storage = adamax_cuda::StorageType::F32;
     let (mut small, mut extra, mut all_8bit) = (0usize, 0u64, 0u64);
     for &n in &lens {
-        let eight = q8.state_bytes(storage, n)?;
+        let eight = every_tensor_8bit.state_bytes(storage, n)?;
         all_8bit += eight;
         if q8.tensor_state(n) == F32 {
             small += n;
-            extra += f32_state.state_bytes(storage, n)? - eight;
+            // state_bytes follows the threshold: a small tensor's are f32 state's.
+            assert_eq!(q8.state_bytes(storage, n)?, 8 * n as u64);
+            extra += q8.state_bytes(storage, n)? - eight;
+        } else {
+            assert_eq!(q8.state_bytes(storage, n)?, eight);
         }
     }
     assert_eq!(small, 121_344);
@@ -325,5 +343,66 @@ fn the_default_thresholds_cost_on_gpt2_small_is_as_documented() -> R {
         format!("{:.2}%", 100.0 * extra as f64 / all_8bit as f64),
         "0.29%"
     );
+    Ok(())
+}
+
+/// What a hostile review of the per-tensor API found (issue #19, part 4), each pinned.
+#[test]
+fn hostile_review_findings_stay_fixed() -> R {
+    let (mut a, mut b, mut c) = (vec![0.5f32; 5000], vec![0.5f32; 100], vec![0.5f32; 300]);
+    let g = [vec![0.1f32; 5000], vec![-0.2; 100], vec![0.3; 300]];
+    // 1. An f32-state checkpoint keeps its threshold through a file, so converting it
+    //    to 8 bits after a load gives the formats it gives before.
+    for min_8bit_len in [DEFAULT_MIN_8BIT_LEN, 200] {
+        let mut plain =
+            CpuAdamax::new(config(ParamMode::Master, F32, min_8bit_len), &[&a, &b, &c])?;
+        plain.step(&mut [&mut a, &mut b, &mut c], &[&g[0], &g[1], &g[2]])?;
+        let ck = plain.checkpoint()?;
+        let loaded = Checkpoint::from_bytes(&ck.to_bytes()?)?;
+        assert_eq!(loaded.config.precision.min_8bit_len, min_8bit_len);
+        let (x, mut y) = (ck.convert_state(Q8)?, loaded.convert_state(Q8)?);
+        // (A deterministic mode's file keeps no seed: the 8-bit run's is set anew.)
+        y.config.precision.seed = x.config.precision.seed;
+        assert!(x == y);
+        let expected = if min_8bit_len == 200 {
+            [Q8, F32, Q8]
+        } else {
+            [Q8, F32, F32]
+        };
+        assert_eq!(x.state_formats, expected);
+    }
+    // 3. Converting an 8-bit checkpoint to 8 bits changes nothing, and a checkpoint can be
+    //    put in any optimizer's formats.
+    let mut opt = CpuAdamax::new(config(ParamMode::Master, Q8, 4096), &[&a, &b, &c])?;
+    opt.set_tensor_state_format(0, F32)?;
+    opt.set_tensor_state_format(1, Q8)?;
+    opt.step(&mut [&mut a, &mut b, &mut c], &[&g[0], &g[1], &g[2]])?;
+    let ck = opt.checkpoint()?;
+    assert_eq!(ck.state_formats, [F32, Q8, F32]);
+    assert_eq!(ck.convert_state(Q8)?, ck);
+    let mut other = CpuAdamax::new(config(ParamMode::Master, Q8, 4096), &[&a, &b, &c])?;
+    assert!(matches!(other.restore(&ck), Err(Error::StateFormat { .. })));
+    other.restore(&ck.with_state_formats(other.tensor_state_formats())?)?;
+    assert_eq!(other.tensor_state_formats(), [Q8, F32, F32]);
+    let back = other.checkpoint()?.with_state_formats(&ck.state_formats)?;
+    assert_eq!(back.state_formats, ck.state_formats);
+    // f32 moments survive the round trip through 8 bits only as well as 8 bits hold them;
+    // 8-bit ones decode exactly and come back as they were.
+    assert_eq!(back.tensors[1], ck.tensors[1]);
+    assert!(matches!(
+        ck.with_state_formats(&[F32]),
+        Err(Error::Checkpoint { .. })
+    ));
+    // An f32-state checkpoint becomes an 8-bit one when a tensor is put in 8 bits.
+    let plain =
+        CpuAdamax::new(config(ParamMode::Master, F32, 4096), &[&a, &b, &c])?.checkpoint()?;
+    let mixed = plain.with_state_formats(&[Q8, F32, F32])?;
+    assert_eq!(mixed.config.precision.state, Q8);
+    // 4. Sizes follow the threshold.
+    let p = config(ParamMode::Master, Q8, 4096).precision;
+    let f32_storage = adamax_cuda::StorageType::F32;
+    assert_eq!(p.state_bytes(f32_storage, 300)?, 2400);
+    assert_eq!(p.bytes_moved(f32_storage, 300)?, 28 * 300);
+    assert_eq!(p.state_bytes(f32_storage, 4096)?, 2 * 4096 + 2 * 4 * 16);
     Ok(())
 }

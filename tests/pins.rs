@@ -163,7 +163,12 @@ fn modes() -> Vec<(String, u64, u64)> {
             params: ParamMode::Master,
             state,
             seed: 3,
-            min_8bit_len: 0,
+            // Every tensor in 8 bits with 8-bit state; the default, which f32-state
+            // files leave out, with f32 state.
+            min_8bit_len: match state {
+                StateFormat::F32 => adamax_cuda::DEFAULT_MIN_8BIT_LEN,
+                StateFormat::Blockwise8 => 0,
+            },
         };
         let sr = Precision {
             params: ParamMode::Stochastic,

@@ -3,7 +3,7 @@
 
 use super::{refuse, Checkpoint};
 use crate::{
-    config::StateFormat,
+    config::{Precision, StateFormat},
     error::Result,
     spec::lowbit::{Blockwise8, EXP_AVG_CODE, EXP_INF_CODE},
     state::Mode,
@@ -14,20 +14,65 @@ impl Checkpoint {
     /// The same checkpoint with its moments in `format`: 8-bit state is decoded
     /// exactly to f32 (PyTorch's `exp_avg` and `exp_inf`, for a PyTorch optimizer or an
     /// f32-state run), and f32 state is encoded to 8 bits with round-to-nearest
-    /// ([`Blockwise8::from_f32`]), deterministic. To 8 bits, each tensor takes the format
-    /// the configuration's [`Precision::min_8bit_len`](crate::Precision::min_8bit_len)
-    /// gives it (f32 below it, whatever its format was); to f32, every tensor is in f32. The parameter mode and the rest stay as they are; the
-    /// result is validated.
+    /// ([`Blockwise8::from_f32`]), deterministic. To f32, every tensor is in f32. To 8
+    /// bits, an f32-state checkpoint's tensors take the formats its configuration's
+    /// [`Precision::min_8bit_len`](crate::Precision::min_8bit_len) gives them (f32
+    /// below it); an 8-bit checkpoint is returned as it is, its tensors' formats kept
+    /// ([`Checkpoint::with_state_formats`] chooses them one by one). The parameter mode
+    /// and the rest stay as they are; the result is validated.
     ///
     /// The 8-bit encoder keeps AdaMax's bound in the values it stores, so decoded state is
-    /// state an f32 run can resume from.
+    /// state an f32 run can resume from. 8-bit state rounds stochastically from
+    /// [`Precision::seed`](crate::Precision::seed), which a file of a deterministic mode
+    /// does not keep (it loads as 0): set it in the converted checkpoint's config.
     pub fn convert_state(&self, format: StateFormat) -> Result<Checkpoint> {
-        self.validate()?;
-        let mut ck = self.clone();
+        let formats: Vec<StateFormat> = match (self.config.precision.state, format) {
+            (StateFormat::Blockwise8, StateFormat::Blockwise8) => self.state_formats.clone(),
+            (_, StateFormat::F32) => vec![StateFormat::F32; self.tensors.len()],
+            (StateFormat::F32, StateFormat::Blockwise8) => {
+                let to = Precision {
+                    state: format,
+                    ..self.config.precision
+                };
+                self.tensors
+                    .iter()
+                    .map(|t| to.tensor_state(t.len()))
+                    .collect()
+            }
+        };
+        let mut ck = self.with_state_formats(&formats)?;
         ck.config.precision.state = format;
-        for (t, f) in ck.tensors.iter_mut().zip(&mut ck.state_formats) {
-            let to = ck.config.precision.tensor_state(t.len());
-            match (std::mem::replace(f, to), to) {
+        ck.validate()?;
+        Ok(ck)
+    }
+
+    /// The same checkpoint with tensor `i`'s moments in `formats[i]`, each converted as
+    /// [`Checkpoint::convert_state`] converts (decoded exactly to f32, or encoded to 8
+    /// bits with round-to-nearest): for instance to restore into an optimizer whose
+    /// tensors keep other formats, `ck.with_state_formats(opt.tensor_state_formats())`.
+    /// A checkpoint of f32 state becomes one of 8-bit state (with f32 tensors) when a
+    /// format is [`StateFormat::Blockwise8`]. Validated, before and after; one format
+    /// per tensor.
+    pub fn with_state_formats(&self, formats: &[StateFormat]) -> Result<Checkpoint> {
+        self.validate()?;
+        if formats.len() != self.tensors.len() {
+            return Err(refuse(format!(
+                "{} state formats were given for its {} tensors; give one per tensor",
+                formats.len(),
+                self.tensors.len()
+            )));
+        }
+        let mut ck = self.clone();
+        if formats.contains(&StateFormat::Blockwise8) {
+            ck.config.precision.state = StateFormat::Blockwise8;
+        }
+        for ((t, from), &to) in ck
+            .tensors
+            .iter_mut()
+            .zip(&mut ck.state_formats)
+            .zip(formats)
+        {
+            match (std::mem::replace(from, to), to) {
                 (StateFormat::Blockwise8, StateFormat::F32) => {
                     t.exp_avg = t.exp_avg_q8.to_f32(EXP_AVG_CODE);
                     t.exp_inf = t.exp_inf_q8.to_f32(EXP_INF_CODE);

@@ -10,7 +10,7 @@ use super::{
     MetaName, FORMAT,
 };
 use crate::{
-    config::{AdamaxConfig, ParamMode, StateFormat, TensorHyper},
+    config::{AdamaxConfig, ParamMode, StateFormat, TensorHyper, DEFAULT_MIN_8BIT_LEN},
     error::{Error, Result},
     fused::{LossScaler, StepOptions},
     spec::lowbit::QBLOCK,
@@ -73,6 +73,11 @@ impl Head<'_> {
         if p.state != StateFormat::F32 {
             meta.insert("state_format".into(), p.state.meta_name().to_owned());
             meta.insert("state_block".into(), QBLOCK.to_string());
+        }
+        // With f32 state only when not the default, so that default files keep their
+        // bytes and a converted checkpoint (Checkpoint::convert_state) follows the same
+        // threshold after a save and load.
+        if p.state != StateFormat::F32 || p.min_8bit_len != DEFAULT_MIN_8BIT_LEN {
             meta.insert("min_8bit_len".into(), p.min_8bit_len.to_string());
         }
         for (i, f) in self.formats.iter().enumerate() {

@@ -28,7 +28,8 @@
 //! | `weight_decay_mode` | `coupled` or `decoupled` |
 //! | `maximize` | `true` or `false` |
 //! | `param_mode` | `stochastic` for [`ParamMode::Stochastic`]; absent for the default, `master` |
-//! | `state_format`, `state_block`, `min_8bit_len` | `blockwise8`, `256` and [`Precision::min_8bit_len`] for 8-bit state; absent for f32 state (a file without `min_8bit_len`, from before it, reads as 0) |
+//! | `state_format`, `state_block` | `blockwise8` and `256` for 8-bit state; absent for f32 state |
+//! | `min_8bit_len` | [`Precision::min_8bit_len`], with 8-bit state, and with f32 state when not the default (4096); an 8-bit file without it, from before it, reads as 0 (every tensor in 8 bits) |
 //! | `tensor.{i}.state_format` | `f32` for a tensor kept in f32 state in an 8-bit checkpoint ([`Checkpoint::state_formats`]); absent otherwise |
 //! | `seed` | the stochastic rounding seed, when a mode rounds stochastically |
 //! | `tensor.{i}.lr_scale`, `tensor.{i}.weight_decay` | per-tensor hyperparameters (parameter groups); absent in PyTorch's files, where the config's apply |

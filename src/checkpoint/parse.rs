@@ -3,9 +3,9 @@
 
 use std::collections::HashMap;
 
-use super::{file, refuse, Checkpoint, Data, Entry, MetaName, FORMAT, TORCH_FORMAT};
+use super::{file, refuse, Checkpoint, Data, Entry, MetaName, Part, FORMAT, TORCH_FORMAT};
 use crate::{
-    config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper},
+    config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper, DEFAULT_MIN_8BIT_LEN},
     error::Result,
     fused::{LossScaler, StepOptions},
     spec::lowbit::QBLOCK,
@@ -68,14 +68,21 @@ impl Checkpoint {
             } else {
                 0
             },
-            // Written with 8-bit state since tensors could keep f32 state; a file from
-            // before holds every tensor in 8 bits.
             min_8bit_len: match optional("min_8bit_len") {
-                None => 0,
+                // Written with 8-bit state since tensors could keep f32 state (an 8-bit
+                // file from before holds every tensor in 8 bits), and with f32 state when
+                // not the default (PyTorch's files have the default).
+                None if optional("state_format").is_some() => 0,
+                None => DEFAULT_MIN_8BIT_LEN,
                 Some(_) => usize::try_from(count("min_8bit_len")?)
                     .map_err(|_| refuse("metadata `min_8bit_len` is beyond usize"))?,
             },
         };
+        if format == FORMAT && precision.is_random() && !meta.contains_key("seed") {
+            return Err(refuse(
+                "it has no `seed`, which this crate writes for every mode that rounds stochastically; the file was edited or made by another program",
+            ));
+        }
         if precision.state == StateFormat::Blockwise8 && get("state_block")? != QBLOCK.to_string() {
             return Err(refuse(format!(
                 "its 8-bit state has blocks of {} elements; this version reads blocks of {QBLOCK}",
@@ -104,7 +111,7 @@ impl Checkpoint {
         // format.
         let mismatch = |per_tensor: String| {
             refuse(format!(
-                "metadata says {} tensors of {storage}, but the file holds {} entries ({per_tensor})",
+                "metadata says {} tensors of {storage} parameters, but the file holds {} entries ({per_tensor})",
                 meta.get("tensors").map_or("?", String::as_str),
                 entries_in_file.len(),
             ))
@@ -119,6 +126,26 @@ impl Checkpoint {
                     .map_or(Ok(precision.state), |v| mode("state_format", v))
             })
             .collect::<Result<Vec<StateFormat>>>()?;
+        // A tensor labelled with one format whose file entries are the other's.
+        for (i, &f) in formats.iter().enumerate() {
+            let first = |f: StateFormat| match f {
+                StateFormat::F32 => Entry::Part(Part::ExpAvg).name(i),
+                StateFormat::Blockwise8 => Entry::Part(Part::ExpAvgCodes).name(i),
+            };
+            let other = match f {
+                StateFormat::F32 => StateFormat::Blockwise8,
+                StateFormat::Blockwise8 => StateFormat::F32,
+            };
+            if !entries_in_file.contains_key(&first(f))
+                && entries_in_file.contains_key(&first(other))
+            {
+                return Err(refuse(format!(
+                    "tensor {i} is labelled {} state (its `tensor.{i}.state_format`, or the file's `state_format` without one) but the file holds its `{}`",
+                    f.meta_name(),
+                    first(other)
+                )));
+            }
+        }
         let per_tensor: Vec<Vec<Entry>> = formats
             .iter()
             .map(|&f| Entry::of(storage, &precision.with_state(f)))
@@ -407,7 +434,8 @@ fn check_keys(meta: &HashMap<String, String>, ck: &Checkpoint) -> Result<()> {
 fn unknown_key_hint(k: &str) -> &'static str {
     match k {
         "seed" => "a seed is written only for a mode that rounds stochastically",
-        "state_block" | "min_8bit_len" => "`state_block` and `min_8bit_len` come only with `state_format: blockwise8`",
+        "state_block" => "`state_block` comes only with `state_format: blockwise8`",
+        "min_8bit_len" => "`min_8bit_len` comes with `state_format: blockwise8`, and with f32 state only when not the default, 4096",
         "param_mode" | "state_format" => "the default modes are written by leaving the key out",
         k if k.starts_with("tensor.") => {
             "per-tensor keys name tensors the file holds, and `tensor.{i}.step` only a count that differs from `step`"

@@ -18,7 +18,8 @@ use crate::{
 };
 
 /// Steps one tensor in place with the scalars of one step, in `precision`'s storage
-/// modes (the state must have been made for it, see [`TensorState::with_precision`]).
+/// modes, in the state format it gives the tensor (the state must have been made for
+/// it, see [`TensorState::with_precision`]).
 /// Lengths are checked first; nothing is written when they disagree. The step taken is
 /// the tensor's `state.step + 1` (the caller counts it).
 #[doc(hidden)]
@@ -45,8 +46,9 @@ pub(crate) fn step_tensor_with<T: Storage>(
     grad_map: impl Fn(f32) -> f32,
 ) -> Result<()> {
     precision.check_storage(T::TYPE)?;
-    let mode = Mode::or_master(T::TYPE, precision);
     let n = param.len();
+    let precision = &precision.for_len(n);
+    let mode = Mode::or_master(T::TYPE, precision);
     if grad.len() != n {
         return Err(Error::LengthMismatch {
             what: "grad",

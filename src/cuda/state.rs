@@ -168,19 +168,51 @@ impl DeviceState {
         storage: StorageType,
         precision: &Precision,
     ) -> Result<Self> {
+        Self::with_masters(stream, layout, storage, precision, || None)
+    }
+
+    /// [`DeviceState::zeroed`], with the master weights' buffer (when the state keeps
+    /// one) from `masters`, called once every other buffer is allocated, else zeroed.
+    fn with_masters(
+        stream: &Arc<CudaStream>,
+        layout: StateLayout,
+        storage: StorageType,
+        precision: &Precision,
+        masters: impl FnOnce() -> Option<Buffer>,
+    ) -> Result<Self> {
         let tensor_parts: Vec<&'static [Part]> = layout
             .formats()
             .iter()
             .map(|&f| Mode::or_master(storage, &precision.with_state(f)).parts)
             .collect();
-        let parts = Part::ALL
+        let held: Vec<Part> = Part::ALL
             .into_iter()
             .filter(|p| tensor_parts.iter().any(|t| t.contains(p)))
-            .map(|p| Ok((p, Self::alloc(stream, &layout, p)?)))
-            .collect::<Result<Vec<_>>>()?;
+            .collect();
+        let mut moments = held
+            .iter()
+            .filter(|&&p| p != Part::Master)
+            .map(|&p| Self::alloc(stream, &layout, p))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter();
         let steps = stream
             .alloc_zeros::<u64>(layout.lens.len().max(1))
             .map_err(Error::driver("allocating the per-tensor step counts"))?;
+        let mut kept = masters();
+        let mut parts = Vec::with_capacity(held.len());
+        for p in held {
+            let buffer = match (p, kept.take()) {
+                (Part::Master, Some(m)) => m,
+                (Part::Master, None) => Self::alloc(stream, &layout, p)?,
+                (_, m) => {
+                    kept = m;
+                    moments.next().ok_or(Error::Internal {
+                        what: "a state buffer went missing while the state was laid out",
+                    })?
+                }
+            };
+            parts.push((p, buffer));
+        }
         let steps_ptr = steps.device_ptr(stream).0;
         Ok(Self {
             bases: parts.iter().map(|(_, b)| b.address(stream)).collect(),
@@ -241,31 +273,28 @@ impl DeviceState {
             })
     }
 
-    /// The master weights' buffer, if the state keeps one.
-    pub(crate) fn masters(&self) -> Option<&CudaSlice<f32>> {
-        self.parts.iter().find_map(|(p, b)| match (p, b) {
-            (Part::Master, Buffer::F32(b)) => Some(b),
-            _ => None,
-        })
-    }
-
-    /// Copies the master weights from `other`, a state of the same tensors (device to
-    /// device, in stream order): for a state whose formats changed before the first
-    /// step.
-    pub(crate) fn copy_masters_from(&mut self, other: &DeviceState) -> Result<()> {
-        let copying = Error::driver("copying the master weights to the new state");
-        for (p, b) in &mut self.parts {
-            if let (Part::Master, Buffer::F32(dst), Some(src)) = (*p, b, other.masters()) {
-                if dst.len() != src.len() {
-                    return Err(Error::Internal {
-                        what: "master weights copied between states of other tensors",
-                    });
-                }
-                self.stream.memcpy_dtod(src, dst).map_err(copying)?;
-                break;
-            }
+    /// Zeroed state for `layout` (the same tensors in other state formats) that keeps
+    /// this state's master weights, in their buffer: for formats chosen before the first
+    /// step. The new moments are allocated before this state gives its masters up, so a
+    /// failure leaves it whole; on success it is left without them, to be dropped. So
+    /// at most the old and new moments and one copy of the masters are held at once.
+    pub(crate) fn reformatted(
+        &mut self,
+        layout: StateLayout,
+        storage: StorageType,
+        precision: &Precision,
+    ) -> Result<DeviceState> {
+        if layout.lens != self.layout.lens {
+            return Err(Error::Internal {
+                what: "a state reformatted for other tensors",
+            });
         }
-        Ok(())
+        let (parts, bases) = (&mut self.parts, &mut self.bases);
+        Self::with_masters(&self.stream, layout, storage, precision, || {
+            let at = parts.iter().position(|(p, _)| *p == Part::Master)?;
+            bases.remove(at);
+            Some(parts.remove(at).1)
+        })
     }
 
     /// master = f32(param) for every tensor, from the parameters' device addresses in

@@ -50,14 +50,15 @@ impl TensorState {
         Self::with_precision(param, &Precision::default())
     }
 
-    /// Zeroed moments in `precision`'s format, with a master copy initialised from
-    /// `param` when `T` is a 16-bit type kept with [`ParamMode::Master`]. (A parameter
-    /// mode the type does not have, which the optimizers refuse, is taken as
-    /// [`ParamMode::Master`].)
+    /// Zeroed moments in the state format `precision` gives a tensor of `param`'s
+    /// length ([`Precision::tensor_state`]: f32 below [`Precision::min_8bit_len`]),
+    /// with a master copy initialised from `param` when `T` is a 16-bit type kept with
+    /// [`ParamMode::Master`]. (A parameter mode the type does not have, which the
+    /// optimizers refuse, is taken as [`ParamMode::Master`].)
     pub fn with_precision<T: Storage>(param: &[T], precision: &Precision) -> Self {
         let n = param.len();
         let mut state = Self::default();
-        for &part in Mode::or_master(T::TYPE, precision).parts {
+        for &part in Mode::or_master(T::TYPE, &precision.for_len(n)).parts {
             let values = if part == parts::Part::Master {
                 parts::Data::F32(param.iter().map(|x| x.to_f32()).collect())
             } else {
@@ -306,7 +307,8 @@ impl Schedule {
 }
 
 /// Why state formats can no longer be chosen ([`Schedule::set_format`]).
-pub(crate) const FIXED_BY_STEP: &str = "the optimizer has taken a step";
+pub(crate) const FIXED_BY_STEP: &str =
+    "a step was called on this optimizer (one skipped for a non-finite gradient counts too)";
 pub(crate) const FIXED_BY_RESTORE: &str = "the optimizer has restored a checkpoint";
 
 /// `f32` or `8-bit`, for messages.
@@ -326,7 +328,7 @@ pub(crate) fn check_formats(ours: &[StateFormat], theirs: &[StateFormat]) -> Res
             tensor: i,
             format: format_name(theirs[i]),
             reason: format!(
-                "the checkpoint keeps it in {} state and this optimizer in {}; choose the checkpoint's format with set_tensor_state_format before restoring (formats are in Checkpoint::state_formats), or convert the checkpoint with Checkpoint::convert_state",
+                "the checkpoint keeps it in {} state and this optimizer in {}; convert the checkpoint to this optimizer's formats (ck.with_state_formats(opt.tensor_state_formats())), or restore into a new optimizer, not yet stepped, built with the checkpoint's config (Checkpoint::config, whose min_8bit_len gives the same formats unless some were chosen by hand) and given the checkpoint's formats with set_tensor_state_format (Checkpoint::state_formats)",
                 format_name(theirs[i]),
                 format_name(ours[i])
             ),

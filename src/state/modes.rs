@@ -143,7 +143,9 @@ impl Precision {
 
     /// Bytes of optimizer state kept for a tensor of `len` parameters of `storage`: the
     /// moments (or their codes and block scales) and the master weights, if any
-    /// (saturating at `u64::MAX`, more than any device holds).
+    /// (saturating at `u64::MAX`, more than any device holds), in the state format the
+    /// tensor gets ([`Precision::tensor_state`]: f32 below
+    /// [`Precision::min_8bit_len`]), unless chosen by hand.
     ///
     /// ```
     /// use adamax_cuda::{Precision, StorageType};
@@ -151,14 +153,17 @@ impl Precision {
     /// # Ok::<(), adamax_cuda::ConfigError>(())
     /// ```
     pub fn state_bytes(&self, storage: StorageType, len: usize) -> Result<u64, ConfigError> {
-        Ok(self.mode(storage)?.state_bytes(len))
+        self.mode(storage)?;
+        Ok(self.for_len(len).mode(storage)?.state_bytes(len))
     }
 
     /// Bytes of device memory one step of a tensor of `len` parameters of `storage`
     /// reads and writes: the step is memory-bound, so this over a copy's bandwidth is
-    /// the fastest it can be (saturating at `u64::MAX`).
+    /// the fastest it can be (saturating at `u64::MAX`), in the state format the tensor
+    /// gets, as [`Precision::state_bytes`] says.
     pub fn bytes_moved(&self, storage: StorageType, len: usize) -> Result<u64, ConfigError> {
-        Ok(self.mode(storage)?.bytes_moved(len))
+        self.mode(storage)?;
+        Ok(self.for_len(len).mode(storage)?.bytes_moved(len))
     }
 
     fn mode(&self, storage: StorageType) -> Result<&'static Mode, ConfigError> {

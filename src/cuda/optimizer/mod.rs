@@ -174,33 +174,38 @@ impl<T: GpuStorage> CudaAdamax<T> {
         })
     }
 
-    /// Zeroed state and the launch plan for `layout` (whose formats are `schedule`'s):
-    /// the update of 8-bit state when some tensor keeps 8 bits (it steps the f32-state
-    /// ones in the same launch), else the f32-state one.
+    /// Zeroed state and the launch plan for `layout` (whose formats are `schedule`'s).
     fn lay_out(
         stream: &Arc<CudaStream>,
         kernels: &Kernels,
         schedule: &Schedule,
         mut layout: StateLayout,
     ) -> Result<(DeviceState, LaunchPlan)> {
-        let precision = schedule.config().precision;
-        let any_8bit = layout.formats().contains(&StateFormat::Blockwise8);
-        let launched = precision.with_state(if any_8bit {
-            StateFormat::Blockwise8
-        } else {
-            StateFormat::F32
-        });
-        let step = EntryPoint::step(T::TYPE, &launched).ok_or(Error::Internal {
-            what: "a storage mode without an update entry point passed validation",
-        })?;
+        let step = Self::update_of(schedule, &layout)?;
         layout.plan_units(kernels.wave(step));
         let plan = LaunchPlan::new(stream, kernels, &layout, step, T::TYPE)?;
+        let precision = schedule.config().precision;
         let state = DeviceState::zeroed(stream, layout, T::TYPE, &precision)?;
         Ok((state, plan))
     }
 
+    /// The update entry point of `layout`'s formats: the 8-bit one when some tensor
+    /// keeps 8 bits (it steps the f32-state ones in the same launch), else the
+    /// f32-state one.
+    fn update_of(schedule: &Schedule, layout: &StateLayout) -> Result<EntryPoint> {
+        let any_8bit = layout.formats().contains(&StateFormat::Blockwise8);
+        let launched = schedule.config().precision.with_state(if any_8bit {
+            StateFormat::Blockwise8
+        } else {
+            StateFormat::F32
+        });
+        EntryPoint::step(T::TYPE, &launched).ok_or(Error::Internal {
+            what: "a storage mode without an update entry point passed validation",
+        })
+    }
+
     /// Tensor `tensor` in `format` (see [`Optimizer::set_tensor_state_format`]): new
-    /// zeroed state in the new layout, with the master weights copied over.
+    /// zeroed moments in the new layout; the master weights stay in their buffer.
     pub(super) fn set_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()> {
         let mut schedule = self.schedule.clone();
         if !schedule.set_format(tensor, format, self.formats_fixed)? {
@@ -211,13 +216,15 @@ impl<T: GpuStorage> CudaAdamax<T> {
             "choosing a tensor's state format",
             "Choose it before begin_capture (and before the first step)",
         )?;
-        let layout = StateLayout::new(
+        let mut layout = StateLayout::new(
             self.state.layout().lens().to_vec(),
             schedule.formats().to_vec(),
         )?;
-        let (mut state, plan) = Self::lay_out(&self.stream, &self.kernels, &schedule, layout)?;
-        state.copy_masters_from(&self.state)?;
-        self.state = state;
+        let step = Self::update_of(&schedule, &layout)?;
+        layout.plan_units(self.kernels.wave(step));
+        let plan = LaunchPlan::new(&self.stream, &self.kernels, &layout, step, T::TYPE)?;
+        let precision = schedule.config().precision;
+        self.state = self.state.reformatted(layout, T::TYPE, &precision)?;
         self.plan = plan;
         self.schedule = schedule;
         Ok(())
