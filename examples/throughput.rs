@@ -56,22 +56,24 @@ fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut(usize)) -> Result<f64, Er
     Ok(samples[REPEATS / 2])
 }
 
-/// Every shape in one storage mode, labelled `label`, moving `bytes16 / 16` bytes per
-/// element.
+/// Every shape in one storage mode, labelled `label`, with 8-bit state for tensors of
+/// `min_8bit_len` elements or more (with a threshold, only the lists of tensors: a flat
+/// tensor is all 8-bit). The bytes moved are the modes table's
+/// (`Precision::bytes_moved`), tensor by tensor.
 fn run<T: GpuStorage>(
     stream: &Arc<CudaStream>,
     only: Only,
     label: &str,
     params: ParamMode,
     state: StateFormat,
-    bytes16: u64,
+    min_8bit_len: usize,
 ) -> Result<(), Error> {
     let config = AdamaxConfig {
         precision: Precision {
             params,
             state,
             seed: 1,
-            min_8bit_len: 0,
+            min_8bit_len,
         },
         ..AdamaxConfig::default()
     };
@@ -79,17 +81,20 @@ fn run<T: GpuStorage>(
         return Ok(());
     }
     for (name, lens) in shapes() {
-        if only.shape.is_some_and(|s| s != name) {
+        if only.shape.is_some_and(|s| s != name) || (min_8bit_len > 0 && lens.len() == 1) {
             continue;
         }
         let n: u64 = lens.iter().map(|&x| x as u64).sum();
+        let mut bytes = 0u64;
+        for &len in &lens {
+            bytes += config.precision.bytes_moved(T::TYPE, len)?;
+        }
         let mut sets: Vec<Set<T>> = (0..sets_needed(n))
             .map(|i| Set::with_config(stream, &lens, i as u32, config))
             .collect();
         let k = sets.len();
         let step_ms = time_ms(stream, |i| sets[i % k].step())?;
         drop(sets);
-        let bytes = n * bytes16 / 16;
         let (src, mut dst) = copy_buffers_of(stream, n, bytes);
         let copy_ms = time_ms(stream, |i| {
             stream
@@ -100,7 +105,7 @@ fn run<T: GpuStorage>(
         println!(
             "{{\"impl\":\"adamax-cuda\",\"storage\":\"{label}\",\"shape\":\"{name}\",\"tensors\":{},\"elements\":{n},\"bytes_per_element\":{:.4},\"ms\":{step_ms:.5},\"gbps\":{:.1},\"copy_ms\":{copy_ms:.5},\"copy_gbps\":{:.1},\"ratio_to_copy\":{:.3}}}",
             lens.len(),
-            bytes16 as f64 / 16.0,
+            bytes / n as f64,
             bytes / step_ms / 1e6,
             bytes / copy_ms / 1e6,
             copy_ms / step_ms
@@ -125,19 +130,23 @@ fn main() -> Result<(), Error> {
         shape: shape.as_deref(),
     };
     use {ParamMode::*, StateFormat::*};
-    run::<f32>(&stream, only, "f32", Master, F32, 28 * 16)?;
-    run::<f16>(&stream, only, "f16", Master, F32, 28 * 16)?;
-    run::<bf16>(&stream, only, "bf16", Master, F32, 28 * 16)?;
-    run::<bf16>(&stream, only, "bf16_sr", Stochastic, F32, 22 * 16)?;
-    run::<f32>(&stream, only, "f32_q8", Master, Blockwise8, 16 * 16 + 1)?;
-    run::<bf16>(&stream, only, "bf16_q8", Master, Blockwise8, 16 * 16 + 1)?;
+    run::<f32>(&stream, only, "f32", Master, F32, 0)?;
+    run::<f16>(&stream, only, "f16", Master, F32, 0)?;
+    run::<bf16>(&stream, only, "bf16", Master, F32, 0)?;
+    run::<bf16>(&stream, only, "bf16_sr", Stochastic, F32, 0)?;
+    run::<f32>(&stream, only, "f32_q8", Master, Blockwise8, 0)?;
+    run::<bf16>(&stream, only, "bf16_q8", Master, Blockwise8, 0)?;
+    run::<bf16>(&stream, only, "bf16_sr_q8", Stochastic, Blockwise8, 0)?;
+    // The default threshold: small tensors in f32 state in the same launch.
+    let default = adamax_cuda::DEFAULT_MIN_8BIT_LEN;
+    run::<f32>(&stream, only, "f32_q8_default", Master, Blockwise8, default)?;
     run::<bf16>(
         &stream,
         only,
-        "bf16_sr_q8",
+        "bf16_sr_q8_default",
         Stochastic,
         Blockwise8,
-        10 * 16 + 1,
+        default,
     )
 }
 
