@@ -119,6 +119,7 @@ mod fnv;
 mod fsutil;
 pub mod fused;
 mod optimizer;
+pub mod shard;
 pub mod spec;
 mod state;
 mod storage;

@@ -5,7 +5,7 @@
 use crate::{
     checkpoint::Checkpoint,
     config::{AdamaxConfig, StateFormat, TensorHyper},
-    error::Result,
+    error::{Error, Result},
     fused::{LossScaler, StepOptions, StepReport},
     state::TensorState,
     storage::Storage,
@@ -143,7 +143,21 @@ pub trait Optimizer {
     /// opt.set_tensor_state_format(0, StateFormat::F32)?; // keep the embedding exact
     /// # Ok::<(), adamax_cuda::Error>(())
     /// ```
-    fn set_tensor_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()>;
+    fn set_tensor_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()> {
+        let mut formats = self.tensor_state_formats().to_vec();
+        let count = formats.len();
+        *formats
+            .get_mut(tensor)
+            .ok_or(Error::TensorIndexOutOfRange {
+                index: tensor,
+                count,
+            })? = format;
+        self.set_tensor_state_formats(&formats)
+    }
+    /// Every tensor's state format at once, one per tensor, as
+    /// [`Optimizer::set_tensor_state_format`] sets one (all or nothing): on the GPU the
+    /// state is laid out once, where choosing tensor by tensor lays it out anew for each.
+    fn set_tensor_state_formats(&mut self, formats: &[StateFormat]) -> Result<()>;
 
     /// The options of every step (unscaling, overflow skip, clipping).
     fn options(&self) -> StepOptions;

@@ -816,7 +816,39 @@ fn per_tensor_state<T: GpuStorage>(precision: Precision) -> R {
     twin.gpu.opt.save_checkpoint(&path)?;
     let loaded = adamax_cuda::Checkpoint::load(&path);
     let _ = std::fs::remove_file(&path);
-    same_checkpoint(&loaded?, &twin.cpu.opt.checkpoint()?)?;
+    let ck = twin.cpu.opt.checkpoint()?;
+    same_checkpoint(&loaded?, &ck)?;
+    // A restore of mixed formats (staged per part, each tensor at its own offsets) into
+    // new optimizers given the same formats, then more steps alike.
+    let mut restored = Twin::new(config, &tensors::<T>(&mut rng, &lens, 1.0), PLAIN, seed)?;
+    restored.set(|o| {
+        o.set_tensor_state_format(5, StateFormat::F32)?;
+        o.set_tensor_state_format(7, StateFormat::Blockwise8)?;
+        o.restore(&ck)
+    })?;
+    restored.check(100)?;
+    for step in 101..103 {
+        let scale = restored.cpu.opt.loss_scaler()?.map_or(1.0, |s| s.scale);
+        restored.step(&times(tensors::<T>(&mut rng, &lens, 0.1), scale))?;
+        restored.check(step)?;
+    }
+    // An 8-bit configuration whose every tensor keeps f32 state launches the f32-state
+    // update.
+    let all_f32 = AdamaxConfig {
+        precision: Precision {
+            min_8bit_len: usize::MAX,
+            ..config.precision
+        },
+        ..config
+    };
+    let mut plain = Twin::new(all_f32, &tensors::<T>(&mut rng, &lens, 1.0), PLAIN, seed)?;
+    if plain.gpu.opt.tensor_state_formats().contains(&Q8) {
+        return Err("min_8bit_len usize::MAX left a tensor in 8 bits".into());
+    }
+    for step in 0..2 {
+        plain.step(&tensors::<T>(&mut rng, &lens, 0.1))?;
+        plain.check(step)?;
+    }
     Ok(())
 }
 

@@ -21,6 +21,7 @@ const FLOORS: &[&str] = &[
     "spec",
     "state",
     "fused",
+    "shard",
     "checkpoint",
     "optimizer",
     "cpu",

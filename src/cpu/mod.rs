@@ -5,6 +5,8 @@
 mod optimizer;
 
 pub use optimizer::CpuAdamax;
+#[doc(hidden)]
+pub use optimizer::Exchange;
 
 use crate::{
     config::{ParamMode, Precision, StateFormat},
@@ -31,15 +33,17 @@ pub fn step_tensor<T: Storage>(
     grad: &[T],
     state: &mut TensorState,
 ) -> Result<()> {
-    step_tensor_with(s, precision, tensor, param, grad, state, |g| g)
+    step_tensor_with(s, precision, (tensor, 0), param, grad, state, |g| g)
 }
 
 /// [`step_tensor`] with the gradient passed through `grad_map` first (unscaling and
-/// clipping, in [`crate::fused`]'s order).
+/// clipping, in [`crate::fused`]'s order), for elements `element..` of tensor `tensor`
+/// of the whole list (a piece of a shard: the random stream draws by the whole
+/// tensor's index and element; `(i, 0)` for a whole tensor `i`).
 pub(crate) fn step_tensor_with<T: Storage>(
     s: &StepScalars,
     precision: &Precision,
-    tensor: usize,
+    (tensor, element): (usize, usize),
     param: &mut [T],
     grad: &[T],
     state: &mut TensorState,
@@ -82,7 +86,7 @@ pub(crate) fn step_tensor_with<T: Storage>(
     // One element: read the parameter (the master when there is one), step, write it.
     let mut element = |i: usize, master: &mut [f32], m: f32, u: f32| -> (f32, f32, u64) {
         let bits = if precision.is_random() {
-            lowbit::element_bits(key, i as u64)
+            lowbit::element_bits(key, (element + i) as u64)
         } else {
             0
         };

@@ -8,6 +8,7 @@ use crate::{
         chunk_partial, clip_coef, total_from_partials, LossScaler, StepOptions, StepReport, CHUNK,
     },
     optimizer::Optimizer,
+    shard::{Placement, ShardLayout},
     state::{check_lists, Schedule, TensorState, FIXED_BY_RESTORE, FIXED_BY_STEP},
     storage::Storage,
 };
@@ -41,8 +42,18 @@ pub struct CpuAdamax<T: Storage> {
     last: LastStep,
     /// Why state formats can no longer be chosen (a step or a restore), if so.
     formats_fixed: Option<&'static str>,
+    /// Where each tensor sits in the whole list (whole tensors, or the pieces of one
+    /// rank's shard), and the chunks of the whole list's reduction.
+    placements: Vec<Placement>,
+    total_chunks: usize,
     _storage: std::marker::PhantomData<T>,
 }
+
+/// The collective of a sharded step ([`CpuAdamax::step_exchanged`]): given this rank's
+/// partial sums of squares (its chunks', zeros elsewhere) and its overflow flag, leaves
+/// every rank's sums added and flags or-ed, alike on every rank (an NCCL all-reduce).
+#[doc(hidden)]
+pub type Exchange<'a> = dyn FnMut(&mut [f32], &mut bool) -> Result<()> + 'a;
 
 /// The parts of a [`StepReport`] that describe the last step itself.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -78,6 +89,7 @@ impl<T: Storage> CpuAdamax<T> {
         if params.is_empty() {
             return Err(Error::EmptyParameterList);
         }
+        let (placements, total_chunks) = Placement::whole(&lens);
         Ok(Self {
             states: params
                 .iter()
@@ -86,6 +98,8 @@ impl<T: Storage> CpuAdamax<T> {
                 .collect(),
             schedule,
             lens,
+            placements,
+            total_chunks,
             step: 0,
             options: StepOptions::default(),
             scaler: None,
@@ -108,37 +122,116 @@ impl<T: Storage> CpuAdamax<T> {
         }
     }
 
+    /// The optimizer over rank `rank`'s pieces of a sharded list ([`ShardLayout`]),
+    /// from the whole flat parameter buffer (`layout.total()` elements, every rank's
+    /// copy alike): tensor `i` of it is piece `i` of `layout.pieces(rank)`, in the state
+    /// format its whole tensor gets. Stepped with [`CpuAdamax::step_exchanged`], the
+    /// ranks together step every tensor as one optimizer over the whole list does, bit
+    /// for bit. The CPU twin of the sharded GPU step (issue #20); a rank may hold no
+    /// piece.
+    #[doc(hidden)]
+    pub fn for_shard(
+        config: AdamaxConfig,
+        layout: &ShardLayout,
+        rank: usize,
+        flat_params: &[T],
+    ) -> Result<Self> {
+        if flat_params.len() != layout.total() {
+            return Err(Error::LengthMismatch {
+                what: "flat params",
+                tensor: 0,
+                expected: layout.total(),
+                found: flat_params.len(),
+            });
+        }
+        config.precision.check_storage(T::TYPE)?;
+        let pieces = layout.pieces(rank);
+        let lens: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+        let mut schedule = Schedule::new(config, &lens)?;
+        for (i, p) in pieces.iter().enumerate() {
+            let whole = config.precision.tensor_state(layout.lens()[p.tensor]);
+            schedule.set_format(i, whole, None)?;
+        }
+        let states = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let at = layout.offsets()[p.tensor];
+                let param = &flat_params[at + p.begin..at + p.end];
+                TensorState::with_precision(param, &schedule.precision_of(i))
+            })
+            .collect();
+        Ok(Self {
+            schedule,
+            lens,
+            states,
+            step: 0,
+            options: StepOptions::default(),
+            scaler: None,
+            last: LastStep::NONE,
+            formats_fixed: None,
+            placements: layout.placements(rank),
+            total_chunks: layout.total_chunks(),
+            _storage: std::marker::PhantomData,
+        })
+    }
+
+    /// [`Optimizer::step_some`] of one rank's shard: `exchange` adds the ranks' partial
+    /// sums and ors their overflow flags between the reduction and the decision (see
+    /// [`Exchange`]), so that clipping, the overflow skip and the loss scaler decide as
+    /// one optimizer over the whole list would. Every rank must call it, with the same
+    /// options and scaler, in the same steps (an exchange is a collective).
+    #[doc(hidden)]
+    pub fn step_exchanged(
+        &mut self,
+        params: &mut [&mut [T]],
+        grads: &[Option<&[T]>],
+        exchange: &mut Exchange<'_>,
+    ) -> Result<()> {
+        check_lists(
+            &self.lens,
+            params.iter().map(|p| p.len()),
+            grads.iter().map(|g| g.map(<[T]>::len)),
+        )?;
+        self.step_checked(params, |i| grads[i], exchange)
+    }
+
     /// The overflow check and the global norm, over every tensor with a gradient, in
-    /// the reduction order of [`crate::fused`]. A tensor without one contributes zero
-    /// partial sums for its chunks, as on the GPU, so chunk numbers stay the same.
-    fn decide<'g>(&self, grad: impl Fn(usize) -> Option<&'g [T]>) -> Decision {
+    /// the reduction order of [`crate::fused`], after `exchange` (the ranks' sums, for a
+    /// shard). A tensor without one contributes zero partial sums for its chunks, as on
+    /// the GPU, so chunk numbers stay the same.
+    fn decide<'g>(
+        &self,
+        grad: impl Fn(usize) -> Option<&'g [T]>,
+        exchange: &mut Exchange<'_>,
+    ) -> Result<Decision> {
         let check = self.options.checks(self.scaler.is_some());
         if !check && self.options.max_norm.is_none() {
-            return Decision {
+            return Ok(Decision {
                 skip: false,
                 total_norm: None,
                 clip: None,
-            };
+            });
         }
         let inv_scale = self.inv_scale();
         let unscale = |g: f32| inv_scale.map_or(g, |s| g * s);
         let lanes = 16 / std::mem::size_of::<T>();
-        let (mut found_inf, mut partials) = (false, Vec::new());
-        for (i, &n) in self.lens.iter().enumerate() {
-            match grad(i) {
-                Some(g) => {
-                    for chunk in g.chunks(CHUNK) {
-                        let (partial, bad) =
-                            chunk_partial(chunk.len(), lanes, |i| unscale(chunk[i].to_f32()));
-                        partials.push(partial);
-                        found_inf |= bad;
-                    }
-                }
-                None => partials.extend(std::iter::repeat_n(0.0, n.div_ceil(CHUNK))),
+        let (mut found_inf, mut partials) = (false, vec![0.0f32; self.total_chunks]);
+        for (i, at) in self.placements.iter().enumerate() {
+            let Some(g) = grad(i) else { continue };
+            for (j, chunk) in g.chunks(CHUNK).enumerate() {
+                let (partial, bad) =
+                    chunk_partial(chunk.len(), lanes, |i| unscale(chunk[i].to_f32()));
+                let slot = partials.get_mut(at.chunk + j).ok_or(Error::Internal {
+                    what: "a chunk beyond the list's reduction",
+                })?;
+                *slot = partial;
+                found_inf |= bad;
             }
         }
+        exchange(&mut partials, &mut found_inf)?;
         let skip = check && found_inf;
-        match self.options.max_norm {
+        Ok(match self.options.max_norm {
             Some(max_norm) if !skip => {
                 let (norm, c) = clip_coef(total_from_partials(&partials), max_norm);
                 Decision {
@@ -152,7 +245,7 @@ impl<T: Storage> CpuAdamax<T> {
                 total_norm: None,
                 clip: None,
             },
-        }
+        })
     }
 
     /// One step over the tensors whose gradient is given (lists already checked).
@@ -160,9 +253,10 @@ impl<T: Storage> CpuAdamax<T> {
         &mut self,
         params: &mut [&mut [T]],
         grad: impl Fn(usize) -> Option<&'g [T]>,
+        exchange: &mut Exchange<'_>,
     ) -> Result<()> {
         self.formats_fixed = Some(FIXED_BY_STEP);
-        let d = self.decide(&grad);
+        let d = self.decide(&grad, exchange)?;
         if !d.skip {
             let t = self
                 .step
@@ -182,7 +276,16 @@ impl<T: Storage> CpuAdamax<T> {
                 let bc = bias_correction(config.beta1, ti);
                 let s = StepScalars::for_tensor(config, config.lr, bc, &hypers[i]);
                 let precision = config.precision.with_state(self.schedule.formats()[i]);
-                step_tensor_with(&s, &precision, i, p, g, state, grad_map)?;
+                let at = self.placements[i];
+                step_tensor_with(
+                    &s,
+                    &precision,
+                    (at.tensor, at.element),
+                    p,
+                    g,
+                    state,
+                    grad_map,
+                )?;
                 state.step = ti;
             }
             self.step = t;
@@ -214,7 +317,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
             params.iter().map(|p| p.len()),
             grads.iter().map(|g| Some(g.len())),
         )?;
-        self.step_checked(params, |i| Some(grads[i]))
+        self.step_checked(params, |i| Some(grads[i]), &mut |_, _| Ok(()))
     }
 
     fn step_some<'a>(
@@ -227,7 +330,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
             params.iter().map(|p| p.len()),
             grads.iter().map(|g| g.map(<[T]>::len)),
         )?;
-        self.step_checked(params, |i| grads[i])
+        self.step_checked(params, |i| grads[i], &mut |_, _| Ok(()))
     }
 
     fn config(&self) -> &AdamaxConfig {
@@ -270,13 +373,10 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         self.schedule.formats()
     }
 
-    fn set_tensor_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()> {
-        if self
-            .schedule
-            .set_format(tensor, format, self.formats_fixed)?
-        {
-            let precision = self.schedule.precision_of(tensor);
-            self.states[tensor].reset_moments(T::TYPE, self.lens[tensor], &precision);
+    fn set_tensor_state_formats(&mut self, formats: &[StateFormat]) -> Result<()> {
+        for i in self.schedule.set_formats(formats, self.formats_fixed)? {
+            let precision = self.schedule.precision_of(i);
+            self.states[i].reset_moments(T::TYPE, self.lens[i], &precision);
         }
         Ok(())
     }

@@ -185,6 +185,35 @@ impl Schedule {
         Ok(true)
     }
 
+    /// Every tensor's format at once, as [`Schedule::set_format`] checks each: all or
+    /// nothing. Returns the tensors whose format changed.
+    pub(crate) fn set_formats(
+        &mut self,
+        formats: &[StateFormat],
+        fixed: Option<&str>,
+    ) -> Result<Vec<usize>> {
+        if formats.len() != self.formats.len() {
+            return Err(Error::TensorCountMismatch {
+                what: "state formats",
+                expected: self.formats.len(),
+                found: formats.len(),
+            });
+        }
+        let before = self.formats.clone();
+        let mut changed = Vec::new();
+        for (i, &f) in formats.iter().enumerate() {
+            match self.set_format(i, f, fixed) {
+                Ok(true) => changed.push(i),
+                Ok(false) => {}
+                Err(e) => {
+                    self.formats = before;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(changed)
+    }
+
     pub(crate) fn names(&self) -> &[Option<String>] {
         &self.names
     }

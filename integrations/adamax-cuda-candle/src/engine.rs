@@ -102,8 +102,8 @@ impl Engine {
     pub(crate) fn tensor_hypers(&self) -> &[TensorHyper] {
         each!(self, o => o.tensor_hypers())
     }
-    pub(crate) fn set_tensor_state_format(&mut self, i: usize, f: StateFormat) -> Result<()> {
-        each!(self, o => o.set_tensor_state_format(i, f)).map_err(adamax_error)
+    pub(crate) fn set_tensor_state_formats(&mut self, formats: &[StateFormat]) -> Result<()> {
+        each!(self, o => o.set_tensor_state_formats(formats)).map_err(adamax_error)
     }
     pub(crate) fn tensor_state_formats(&self) -> &[StateFormat] {
         each!(self, o => o.tensor_state_formats())

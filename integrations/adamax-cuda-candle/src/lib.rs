@@ -263,12 +263,19 @@ impl Adamax {
             if let Some(g) = groups.iter().find(|g| g.select.picks(name.as_deref(), v)) {
                 engine.set_tensor_hyper(i, g.hyper)?;
             }
+        }
+        // All at once: on a GPU the state is laid out once.
+        let mut formats = engine.tensor_state_formats().to_vec();
+        for ((name, v), format) in named.iter().zip(&mut formats) {
             if let Some((_, f)) = state_formats
                 .iter()
                 .find(|(s, _)| s.picks(name.as_deref(), v))
             {
-                engine.set_tensor_state_format(i, *f)?;
+                *format = *f;
             }
+        }
+        if !state_formats.is_empty() {
+            engine.set_tensor_state_formats(&formats)?;
         }
         engine.set_options(options)?;
         engine.set_loss_scaler(loss_scaler)?;

@@ -204,11 +204,14 @@ impl<T: GpuStorage> CudaAdamax<T> {
         })
     }
 
-    /// Tensor `tensor` in `format` (see [`Optimizer::set_tensor_state_format`]): new
-    /// zeroed moments in the new layout; the master weights stay in their buffer.
-    pub(super) fn set_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()> {
+    /// Tensors in `formats` (see [`Optimizer::set_tensor_state_formats`]): new zeroed
+    /// moments in the new layout, laid out once; the master weights stay in their buffer.
+    pub(super) fn set_state_formats(&mut self, formats: &[StateFormat]) -> Result<()> {
         let mut schedule = self.schedule.clone();
-        if !schedule.set_format(tensor, format, self.formats_fixed)? {
+        if schedule
+            .set_formats(formats, self.formats_fixed)?
+            .is_empty()
+        {
             return Ok(());
         }
         refuse_during_capture(

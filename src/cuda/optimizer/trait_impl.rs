@@ -79,10 +79,10 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         self.schedule.formats()
     }
 
-    /// Allocates the state anew in the new layout (refused while the stream captures a
-    /// CUDA graph).
-    fn set_tensor_state_format(&mut self, tensor: usize, format: StateFormat) -> Result<()> {
-        self.set_state_format(tensor, format)
+    /// Allocates the moments anew in the new layout, once (refused while the stream
+    /// captures a CUDA graph); the master weights stay where they are.
+    fn set_tensor_state_formats(&mut self, formats: &[StateFormat]) -> Result<()> {
+        self.set_state_formats(formats)
     }
 
     fn tensor_lens(&self) -> &[usize] {
@@ -185,7 +185,7 @@ impl<T: GpuStorage> Optimizer for CudaAdamax<T> {
         Ok(self.control.read()?.state.step)
     }
 
-    /// Three whole-buffer copies (synchronises).
+    /// One whole-buffer copy per part of the state (synchronises).
     fn state(&self) -> Result<Vec<TensorState>> {
         self.state.to_host()
     }

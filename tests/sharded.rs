@@ -1,0 +1,310 @@
+//! ZeRO-1 sharding simulated on the CPU (issue #20): ranks are threads, each stepping
+//! its shard of a [`ShardLayout`] with the CPU reference (`CpuAdamax::for_shard`), the
+//! partial sums of the clipping reduction exchanged through an in-process all-reduce
+//! with NCCL's semantics (a test double, not a product path). The reference is one
+//! `CpuAdamax` over the whole list: at every world size from 1 to 8, in every storage
+//! mode, with clipping, a loss scaler and an overflow skip, tensors without a gradient,
+//! parameter groups and tensors of both state formats, every parameter, every piece of
+//! state and every report must equal it bit for bit.
+
+use std::sync::{Barrier, Mutex};
+
+use adamax_cuda::{
+    bf16, cpu::CpuAdamax, f16, shard::ShardLayout, AdamaxConfig, LossScaler, Optimizer, ParamMode,
+    Precision, StateFormat, StepOptions, Storage, TensorHyper, TensorState, WeightDecayMode,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+type R = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// An all-reduce over `world` threads: sums of f32 (exact here, since each chunk's sum
+/// comes from one rank and the others add zeros) and an or of flags, the same on every
+/// rank once all have called.
+struct AllReduce {
+    barrier: Barrier,
+    acc: Mutex<(Vec<f32>, bool)>,
+}
+
+impl AllReduce {
+    fn new(world: usize) -> Self {
+        Self {
+            barrier: Barrier::new(world),
+            acc: Mutex::new((Vec::new(), false)),
+        }
+    }
+
+    fn all_reduce(&self, partials: &mut [f32], found: &mut bool) -> adamax_cuda::Result<()> {
+        {
+            let mut acc = self.acc.lock().expect("no rank panicked");
+            if acc.0.len() != partials.len() {
+                acc.0 = vec![0.0; partials.len()];
+            }
+            for (a, p) in acc.0.iter_mut().zip(partials.iter()) {
+                *a += *p;
+            }
+            acc.1 |= *found;
+        }
+        self.barrier.wait();
+        {
+            let acc = self.acc.lock().expect("no rank panicked");
+            partials.copy_from_slice(&acc.0);
+            *found = acc.1;
+        }
+        // Everyone has read before the next call's first write.
+        if self.barrier.wait().is_leader() {
+            *self.acc.lock().expect("no rank panicked") = (Vec::new(), false);
+        }
+        self.barrier.wait();
+        Ok(())
+    }
+}
+
+/// Values over many orders of magnitude, some zero.
+fn values<T: Storage>(rng: &mut StdRng, n: usize, scale: f32) -> Vec<T> {
+    (0..n)
+        .map(|_| {
+            if rng.random_range(0..8) == 0 {
+                return T::from_f32(0.0);
+            }
+            let x = rng.random_range(-1.0..1.0f32) * 10f32.powf(rng.random_range(-5.0..0.0));
+            T::from_f32(x * scale)
+        })
+        .collect()
+}
+
+/// Tensor `p.tensor`'s state, elements `p.begin..p.end`, as a piece holds it.
+fn slice(t: &TensorState, begin: usize, end: usize) -> TensorState {
+    let part = |v: &Vec<f32>| {
+        if v.is_empty() {
+            Vec::new()
+        } else {
+            v[begin..end].to_vec()
+        }
+    };
+    let blocks = begin / 256..end.div_ceil(256);
+    let mut s = TensorState {
+        step: t.step,
+        exp_avg: part(&t.exp_avg),
+        exp_inf: part(&t.exp_inf),
+        master: part(&t.master),
+        ..TensorState::default()
+    };
+    for (dst, src) in [
+        (&mut s.exp_avg_q8, &t.exp_avg_q8),
+        (&mut s.exp_inf_q8, &t.exp_inf_q8),
+    ] {
+        if !src.codes.is_empty() {
+            dst.codes = src.codes[begin..end].to_vec();
+            dst.scales = src.scales[blocks.clone()].to_vec();
+        }
+    }
+    s
+}
+
+fn config(params: ParamMode, state: StateFormat) -> AdamaxConfig {
+    AdamaxConfig {
+        lr: 1e-2,
+        weight_decay: 0.02,
+        weight_decay_mode: WeightDecayMode::Decoupled,
+        precision: Precision {
+            params,
+            state,
+            seed: 0x5A4D,
+            ..Precision::default()
+        },
+        ..AdamaxConfig::default()
+    }
+}
+
+/// `steps` steps of the whole list and of `world` ranks, compared after each.
+fn sharded_equals_whole<T: Storage>(params: ParamMode, state: StateFormat, world: usize) -> R {
+    let what = format!("{} {params:?} {state:?} world {world}", T::NAME);
+    let mut rng = StdRng::seed_from_u64(0x20 + world as u64);
+    // A tensor cut by several boundaries, one under the 8-bit threshold, empty and
+    // tiny ones, one without a gradient in odd steps.
+    let lens = [3 * 8192 + 5, 700, 0, 5, 17_000, 9000, 20_000];
+    let config = config(params, state);
+    let init: Vec<Vec<T>> = lens.iter().map(|&n| values(&mut rng, n, 1.0)).collect();
+    let layout = ShardLayout::new(&lens, world)?;
+    let pieces: usize = (0..world).map(|r| layout.pieces(r).len()).sum();
+    assert!(
+        world == 1 || pieces > lens.len(),
+        "{what}: no tensor is cut"
+    );
+    let group = TensorHyper {
+        lr_scale: 0.5,
+        weight_decay: 0.0,
+    };
+    let options = StepOptions {
+        max_norm: Some(0.4),
+        ..Default::default()
+    };
+    let scaler = LossScaler {
+        scale: 128.0,
+        growth_interval: 2,
+        ..Default::default()
+    };
+    // The whole list.
+    let mut whole_params = init.clone();
+    let refs: Vec<&[T]> = init.iter().map(Vec::as_slice).collect();
+    let mut whole = CpuAdamax::new(config, &refs)?;
+    whole.set_tensor_hyper(3, group)?;
+    whole.set_options(options)?;
+    whole.set_loss_scaler(Some(scaler))?;
+    // The ranks, over one flat buffer (each writes only its shard: the all-gather).
+    let mut flat = vec![T::from_f32(0.0); layout.total()];
+    for (t, &o) in init.iter().zip(layout.offsets()) {
+        flat[o..o + t.len()].copy_from_slice(t);
+    }
+    let mut ranks = Vec::with_capacity(world);
+    for rank in 0..world {
+        let mut opt = CpuAdamax::for_shard(config, &layout, rank, &flat)?;
+        for (i, p) in layout.pieces(rank).iter().enumerate() {
+            if p.tensor == 3 {
+                opt.set_tensor_hyper(i, group)?;
+            }
+        }
+        opt.set_options(options)?;
+        opt.set_loss_scaler(Some(scaler))?;
+        ranks.push(opt);
+    }
+    for step in 0..6usize {
+        let scale = whole.loss_scaler()?.map_or(1.0, |s| s.scale);
+        let mut grads: Vec<Option<Vec<T>>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (i != 6 || step % 2 == 0).then(|| values(&mut rng, n, 0.1 * scale)))
+            .collect();
+        if step == 3 {
+            if let Some(g) = grads[4].as_mut() {
+                g[16_500] = T::from_f32(f32::INFINITY);
+            }
+        }
+        let g: Vec<Option<&[T]>> = grads.iter().map(Option::as_deref).collect();
+        let mut p: Vec<&mut [T]> = whole_params.iter_mut().map(Vec::as_mut_slice).collect();
+        whole.step_some(&mut p, &g)?;
+        // The reduced gradients in the flat layout (absent tensors stay zero and are
+        // passed as None).
+        let mut flat_grads = vec![T::from_f32(0.0); layout.total()];
+        for (g, &o) in grads.iter().zip(layout.offsets()) {
+            if let Some(g) = g {
+                flat_grads[o..o + g.len()].copy_from_slice(g);
+            }
+        }
+        let exchange = AllReduce::new(world);
+        let shard_len = layout.shard_len();
+        std::thread::scope(|s| -> R {
+            let mut handles = Vec::new();
+            for ((rank, opt), shard) in ranks.iter_mut().enumerate().zip(flat.chunks_mut(shard_len))
+            {
+                let (layout, grads, flat_grads, exchange) =
+                    (&layout, &grads, &flat_grads, &exchange);
+                handles.push(s.spawn(move || -> adamax_cuda::Result<()> {
+                    let base = rank * shard_len;
+                    let pieces = layout.pieces(rank);
+                    let mut params: Vec<&mut [T]> = Vec::with_capacity(pieces.len());
+                    let mut rest = shard;
+                    let mut at = base;
+                    for p in &pieces {
+                        let start = layout.offsets()[p.tensor] + p.begin;
+                        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
+                        let (mine, tail) = tail.split_at_mut(p.len());
+                        params.push(mine);
+                        rest = tail;
+                        at = start + p.len();
+                    }
+                    let piece_grads: Vec<Option<&[T]>> = pieces
+                        .iter()
+                        .map(|p| {
+                            grads[p.tensor].as_ref().map(|_| {
+                                let start = layout.offsets()[p.tensor] + p.begin;
+                                &flat_grads[start..start + p.len()]
+                            })
+                        })
+                        .collect();
+                    opt.step_exchanged(&mut params, &piece_grads, &mut |partials, found| {
+                        exchange.all_reduce(partials, found)
+                    })
+                }));
+            }
+            for h in handles {
+                h.join().map_err(|_| "a rank panicked")??;
+            }
+            Ok(())
+        })?;
+        // Parameters, state and reports.
+        for (i, (w, &o)) in whole_params.iter().zip(layout.offsets()).enumerate() {
+            let bits = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(w) == bits(&flat[o..o + w.len()]),
+                "{what} step {step} tensor {i}: parameters"
+            );
+        }
+        let report = whole.last_report()?;
+        for (rank, opt) in ranks.iter().enumerate() {
+            assert_eq!(
+                opt.last_report()?,
+                report,
+                "{what} step {step} rank {rank}: report"
+            );
+            for (p, state) in layout.pieces(rank).iter().zip(opt.tensor_states()) {
+                let want = slice(&whole.tensor_states()[p.tensor], p.begin, p.end);
+                assert!(
+                    *state == want,
+                    "{what} step {step} rank {rank} {p:?}: state"
+                );
+            }
+        }
+    }
+    // The run took its overflow skip and grew its scale: the cases happened.
+    assert_eq!(whole.step_count()?, 5, "{what}");
+    Ok(())
+}
+
+/// Worlds 1 to 8 in one mode (a test per mode, so that they run side by side).
+fn every_world<T: Storage>(params: ParamMode, state: StateFormat) -> R {
+    for world in 1..=8 {
+        sharded_equals_whole::<T>(params, state, world)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn f32_shards_step_as_one_optimizer_at_every_world_size() -> R {
+    every_world::<f32>(ParamMode::Master, StateFormat::F32)
+}
+
+#[test]
+fn f16_shards_step_as_one_optimizer_at_every_world_size() -> R {
+    every_world::<f16>(ParamMode::Master, StateFormat::F32)
+}
+
+#[test]
+fn bf16_shards_step_as_one_optimizer_at_every_world_size() -> R {
+    every_world::<bf16>(ParamMode::Master, StateFormat::F32)
+}
+
+#[test]
+fn bf16_sr_shards_step_as_one_optimizer_at_every_world_size() -> R {
+    every_world::<bf16>(ParamMode::Stochastic, StateFormat::F32)
+}
+
+#[test]
+fn f32_q8_shards_step_as_one_optimizer_at_every_world_size() -> R {
+    every_world::<f32>(ParamMode::Master, StateFormat::Blockwise8)
+}
+
+#[test]
+fn f16_q8_shards_step_as_one_optimizer_at_every_world_size() -> R {
+    every_world::<f16>(ParamMode::Master, StateFormat::Blockwise8)
+}
+
+#[test]
+fn bf16_q8_shards_step_as_one_optimizer_at_every_world_size() -> R {
+    every_world::<bf16>(ParamMode::Master, StateFormat::Blockwise8)
+}
+
+#[test]
+fn bf16_sr_q8_shards_step_as_one_optimizer_at_every_world_size() -> R {
+    every_world::<bf16>(ParamMode::Stochastic, StateFormat::Blockwise8)
+}
