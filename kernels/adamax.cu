@@ -48,6 +48,12 @@ struct TensorDesc {
     u64 unit_begin;   // index of this tensor's first work unit of the update (unit_len)
     u64 has_grad;     // 0: no gradient this step, the tensor is skipped (grad unused)
     u64 blockwise8;   // 1: 8-bit moments (StateFormat::Blockwise8); 0: f32 (see [per-tensor state])
+    // Where the tensor sits in the whole list it is a piece of (a rank's shard, src/shard.rs;
+    // for a whole tensor k: k, 0 and chunk_begin): the random stream's tensor and first
+    // element, and where its chunks' partial sums go in the whole list's reduction.
+    u64 stream_tensor;
+    u64 element_base;  // a multiple of ADAMAX_CHUNK
+    u64 partial_begin;
     double lr_scale;      // this tensor's learning rate is lr * lr_scale
     double weight_decay;  // this tensor's weight decay (0: none)
 };
@@ -107,6 +113,7 @@ struct AdamaxArgs {
     const TensorDesc* tensors;
     u64 num_tensors;
     u64 num_chunks;         // sum over tensors of ceil(len / ADAMAX_CHUNK): the reduction
+    u64 num_partials;       // chunks of the whole list (num_chunks but for a shard): finalize
     u64 num_units;          // sum over tensors of ceil(len / unit_len): the update
     u64 unit_len;           // elements per work unit, a power of two in [1024, ADAMAX_CHUNK]
     Control* control;
@@ -428,8 +435,11 @@ __device__ __forceinline__ void store_element(u64 base, u64 i, float x) { ((floa
 // (ParamMode::Stochastic), and written back rounded to nearest beside its master, or
 // rounded stochastically with its element's random bits h (lowbit::param_bits).
 template <ParamMode P>
-__device__ __forceinline__ u64 param_bits(u64 key, u64 i) {
-    return P == ParamMode::Stochastic ? element_bits(key, i) : 0;
+__device__ __forceinline__ u64 param_bits(u64 key, const TensorDesc& t, u64 i) {
+    // The piece's first element is read only where bits are drawn: taking it for every
+    // mode cost the f32 update 5 instructions per parameter (sm_90), the loads held.
+    if constexpr (P == ParamMode::Stochastic) return element_bits(key, t.element_base + i);
+    else return 0;
 }
 template <typename T, ParamMode P>
 __device__ __forceinline__ u16 narrow_param(float p, u64 h) {
@@ -503,7 +513,7 @@ __device__ __forceinline__ void step_f32_vector(const Scalars& sc, const TensorD
     load_vector<float, N>(t.exp_inf, i, u);
     update_lanes<T, N>(sc, p, load16<T>(t.grad, i), m, u);
 #pragma unroll
-    for (int k = 0; k < N; ++k) h[k] = param_bits<P>(key, i + k);
+    for (int k = 0; k < N; ++k) h[k] = param_bits<P>(key, t, i + k);
     store_params<T, P, N>(t, i, p, h);
     store_vector<N>(t.exp_avg, i, m);
     store_vector<N>(t.exp_inf, i, u);
@@ -512,7 +522,7 @@ template <typename T, ParamMode P>
 __device__ __forceinline__ void step_f32_element(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
     float p = load_param<T, P>(t, i), m = load_element<float>(t.exp_avg, i), u = load_element<float>(t.exp_inf, i);
     adamax_update(sc, p, load_element<T>(t.grad, i), m, u);
-    store_param<T, P>(t, i, p, param_bits<P>(key, i));
+    store_param<T, P>(t, i, p, param_bits<P>(key, t, i));
     store_element(t.exp_avg, i, m);
     store_element(t.exp_inf, i, u);
 }
@@ -546,10 +556,10 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
             cu[k] = in ? codes_u[i0 + k] : 0u;
         }
     }
-    // element_bits(key, i0 + k) with the Weyl terms taken once per lane (i0 is a
-    // multiple of 8: the high half of i0 + k is i0's); max_propagating_nan over the lane
-    // as a plain max and a NaN flag (the same result).
-    const Weyl w = weyl_at(key, i0);
+    // element_bits(key, base + i0 + k) with the Weyl terms taken once per lane (base + i0
+    // is a multiple of 8: the high half of base + i0 + k is base + i0's);
+    // max_propagating_nan over the lane as a plain max and a NaN flag (the same result).
+    const Weyl w = weyl_at(key, t.element_base + i0);
     const u64 valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
     u64 h[8];
     bool nan_m = false, nan_u = false;
@@ -637,7 +647,7 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
     const float sm = scale_m[block], su = scale_u[block];
     if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, key, sm, su, m, u, amax_m, amax_u);
     else q8_update<T, P, false>(tables, sc, t, i0, end, key, sm, su, m, u, amax_m, amax_u);
-    const u32 words = weyl_at(key, i0).a;  // the moments' words, drawn as they are encoded
+    const u32 words = weyl_at(key, t.element_base + i0).a;  // the moments' words, drawn as they are encoded
     const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
     if (whole) q8_store<true>(tables, sc, t, i0, end, nsm, nsu, m, u, words);
     else q8_store<false>(tables, sc, t, i0, end, nsm, nsu, m, u, words);
@@ -739,7 +749,7 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         const bool aligned = aligned16(t.param | t.grad | t.exp_avg | t.exp_inf | t.master);
         // The random stream of this tensor in its step (lowbit::stream_key); unused (and
         // compiled away) with a master and f32 moments.
-        const u64 key = stream_key(a.seed, tensor_step + 1, k);
+        const u64 key = stream_key(a.seed, tensor_step + 1, t.stream_tensor);
         // NOTE: [per-tensor state] An optimizer with 8-bit state keeps small (or chosen)
         // tensors in f32 state (Precision::min_8bit_len): its update steps both kinds in
         // this one launch, choosing the traversal per unit (a unit is one tensor's), so
@@ -831,7 +841,7 @@ __device__ void adamax_reduce(const AdamaxArgs& a) {
         if (threadIdx.x == 0) {
             float s = warp_sums[0];
             for (int w = 1; w < ADAMAX_BLOCK / 32; ++w) s = __fadd_rn(s, warp_sums[w]);
-            a.partials[chunk] = s;
+            a.partials[t.partial_begin + (chunk - t.chunk_begin)] = s;
         }
         __syncthreads();
     }
@@ -863,7 +873,7 @@ __device__ void adamax_finalize(const AdamaxArgs& a) {
     __syncthreads();
     if ((p.flags & FLAG_CLIP) && !nonfinite) {
         double acc = 0.0;
-        for (u64 k = threadIdx.x; k < a.num_chunks; k += blockDim.x) acc = __dadd_rn(acc, (double)a.partials[k]);
+        for (u64 k = threadIdx.x; k < a.num_partials; k += blockDim.x) acc = __dadd_rn(acc, (double)a.partials[k]);
         acc = warp_sum(acc);
         if ((threadIdx.x & 31) == 0) warp_totals[threadIdx.x / 32] = acc;
         __syncthreads();

@@ -78,6 +78,15 @@ fn state_bits(out: &mut Vec<u64>, state: &adamax_cuda::TensorState, q8: bool) {
     }
 }
 
+/// A run's parameters, its CPU reference, each tensor's placement in the whole list
+/// (stream tensor, first element, first partial sum) and the whole list's partial sums.
+type Run<T> = (
+    Vec<Vec<T>>,
+    adamax_cuda::cpu::CpuAdamax<T>,
+    Vec<[u64; 3]>,
+    usize,
+);
+
 /// How the emulated steps are launched.
 #[derive(Clone, Copy, Debug)]
 struct Launch {
@@ -106,28 +115,73 @@ const SKIP_STALE_GRAPH: u64 = 3;
 
 /// Several steps of a list of tensors (some without a gradient in some steps) in one
 /// storage type and mode, from fresh state, on the emulated kernel and with
-/// `CpuAdamax::step_some`: the input for the harness and the reference's output.
+/// `CpuAdamax::step_some`: the input for the harness and the reference's output. With
+/// `shard: Some((world, rank))`, the tensors of `whole` are cut as `ShardLayout` cuts
+/// them and the run is rank `rank`'s pieces (their random stream, elements and partial
+/// sums placed in the whole list), against `CpuAdamax::for_shard` (which sees only its
+/// own partial sums, as the emulated kernel does without an exchange).
+#[allow(clippy::too_many_arguments)]
 fn whole_step_run<T: adamax_cuda::Storage>(
     rng: &mut StdRng,
     config: adamax_cuda::AdamaxConfig,
-    lens: &[usize],
+    whole: &[usize],
     steps: usize,
     (grid, unit_len): (u32, u64),
     fused: Option<(adamax_cuda::StepOptions, adamax_cuda::LossScaler)>,
     launch: Launch,
+    shard: Option<(usize, usize)>,
 ) -> Result<(Vec<u64>, Vec<u64>), Failed> {
-    use adamax_cuda::{cpu::CpuAdamax, EpsilonMode, Optimizer, StateFormat, WeightDecayMode};
+    use adamax_cuda::{
+        cpu::CpuAdamax, shard::ShardLayout, EpsilonMode, Optimizer, StateFormat, WeightDecayMode,
+    };
+    const CHUNK: usize = adamax_cuda::fused::CHUNK;
     let precision = config.precision;
     let (type_id, mode) = case_kind::<T>(&precision);
     let value = |rng: &mut StdRng, scale: f32| {
         rng.random_range(-1.0..1.0f32) * scale * 10f32.powf(rng.random_range(-3.0..0.0))
     };
-    let mut params: Vec<Vec<T>> = lens
-        .iter()
-        .map(|&n| (0..n).map(|_| T::from_f32(value(rng, 1.0))).collect())
-        .collect();
-    let refs: Vec<&[T]> = params.iter().map(|p| p.as_slice()).collect();
-    let mut cpu = CpuAdamax::new(config, &refs)?;
+    let first_chunk =
+        |lens: &[usize], i: usize| -> usize { lens[..i].iter().map(|n| n.div_ceil(CHUNK)).sum() };
+    // Each tensor's (stream tensor, first element, first partial sum), and the partial
+    // sums of the whole list.
+    let (mut params, mut cpu, placements, num_partials): Run<T> = match shard {
+        None => {
+            let params: Vec<Vec<T>> = whole
+                .iter()
+                .map(|&n| (0..n).map(|_| T::from_f32(value(rng, 1.0))).collect())
+                .collect();
+            let refs: Vec<&[T]> = params.iter().map(|p| p.as_slice()).collect();
+            let cpu = CpuAdamax::new(config, &refs)?;
+            let placements = (0..whole.len())
+                .map(|i| [i as u64, 0, first_chunk(whole, i) as u64])
+                .collect();
+            (params, cpu, placements, first_chunk(whole, whole.len()))
+        }
+        Some((world, rank)) => {
+            let layout = ShardLayout::new(whole, world)?;
+            let flat: Vec<T> = (0..layout.total())
+                .map(|_| T::from_f32(value(rng, 1.0)))
+                .collect();
+            let pieces = layout.pieces(rank);
+            let params = pieces
+                .iter()
+                .map(|p| {
+                    let o = layout.offsets()[p.tensor];
+                    flat[o + p.begin..o + p.end].to_vec()
+                })
+                .collect();
+            let cpu = CpuAdamax::for_shard(config, &layout, rank, &flat)?;
+            let placements = pieces
+                .iter()
+                .map(|p| {
+                    let chunk = first_chunk(whole, p.tensor) + p.begin / CHUNK;
+                    [p.tensor as u64, p.begin as u64, chunk as u64]
+                })
+                .collect();
+            (params, cpu, placements, first_chunk(whole, whole.len()))
+        }
+    };
+    let lens: Vec<usize> = params.iter().map(Vec::len).collect();
     // A parameter group with its own learning rate and no decay.
     let group = adamax_cuda::TensorHyper {
         lr_scale: 0.5,
@@ -157,6 +211,7 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         steps as u64,
         u64::from(grid),
         unit_len,
+        num_partials as u64,
     ];
     input.extend([config.lr.to_bits(), config.beta1.to_bits(), precision.seed]);
     input.extend(
@@ -189,6 +244,7 @@ fn whole_step_run<T: adamax_cuda::Storage>(
             h.weight_decay.to_bits(),
             u64::from(formats[i] == StateFormat::Blockwise8),
         ]);
+        input.extend(placements[i]);
         input.extend(p.iter().map(storage_bits));
     }
     for step in 0..steps {
@@ -248,6 +304,20 @@ fn whole_step_run<T: adamax_cuda::Storage>(
         u64::from(s.growth_tracker),
         skipped,
     ]);
+    // The partial sums the last step's reduction wrote: each tensor's chunks at its
+    // placement, when the reduction ran (the fused passes on, not stale) and the tensor
+    // had a gradient (random, so its sums are not zero).
+    let last = steps - 1;
+    let reduced = fused.is_some() && !launch.stale && last >= launch.fused_from;
+    let mut written = vec![0u64; num_partials];
+    for (i, (&n, at)) in lens.iter().zip(&placements).enumerate() {
+        if reduced && (i != 1 || last.is_multiple_of(2)) {
+            for c in 0..n.div_ceil(CHUNK) {
+                written[at[2] as usize + c] = 1;
+            }
+        }
+    }
+    expected.extend(written);
     Ok((input, expected))
 }
 
@@ -337,6 +407,7 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
                         grid,
                         fused,
                         launch,
+                        None,
                     )?,
                 ))
             };
@@ -355,6 +426,44 @@ fn whole_steps_match_the_cpu(cxx: &str) -> Result<(), Failed> {
         add!("bf16 q8 mixed", bf16, P::Master, S::Blockwise8, 1500);
         add!("bf16 sr q8 mixed", bf16, P::Stochastic, S::Blockwise8, 1500);
         add!("f16 q8 mixed", f16, P::Master, S::Blockwise8, 1500);
+    }
+    // Issue #20: a rank's pieces of a sharded list (a tensor cut at a chunk, so pieces
+    // whose random stream starts mid-tensor and whose partial sums go mid-list), with
+    // the fused passes, against CpuAdamax::for_shard.
+    let whole = [9000, 700, 0, 20_000, 3000];
+    for (world, rank) in [(2usize, 1usize), (3, 2)] {
+        let layout = adamax_cuda::shard::ShardLayout::new(&whole, world)?;
+        // The case needs a piece cut mid-tensor, and pieces whose index in the rank
+        // differs from their tensor's in the list.
+        let pieces = layout.pieces(rank);
+        if !pieces.iter().any(|p| p.begin > 0)
+            || pieces.iter().enumerate().all(|(i, p)| i == p.tensor)
+        {
+            return Err(format!("world {world} rank {rank}: {pieces:?} test nothing").into());
+        }
+        macro_rules! add_shard {
+            ($what:literal, $t:ty, $params:expr, $state:expr) => {
+                runs.push((
+                    format!("{} world {world} rank {rank}", $what),
+                    whole_step_run::<$t>(
+                        &mut rng,
+                        config($params, $state, 0),
+                        &whole,
+                        5,
+                        (3, 1024),
+                        fused,
+                        EAGER,
+                        Some((world, rank)),
+                    )?,
+                ))
+            };
+        }
+        add_shard!("f32 shard", f32, P::Master, S::F32);
+        add_shard!("bf16 sr shard", bf16, P::Stochastic, S::F32);
+        add_shard!("f16 shard", f16, P::Master, S::F32);
+        add_shard!("f32 q8 shard", f32, P::Master, S::Blockwise8);
+        add_shard!("bf16 sr q8 shard", bf16, P::Stochastic, S::Blockwise8);
+        add_shard!("bf16 q8 shard", bf16, P::Master, S::Blockwise8);
     }
     for (what, (input, expected)) in &runs {
         let text: Vec<String> = input.iter().map(u64::to_string).collect();

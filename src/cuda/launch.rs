@@ -29,6 +29,7 @@ pub(crate) struct LaunchPlan {
     partials_ptr: u64,
     num_tensors: u64,
     num_chunks: u64,
+    num_partials: u64,
     num_units: u64,
     unit_len: u64,
     /// Blocks of the update and of the reduction: at most one whole wave each, of
@@ -49,7 +50,8 @@ impl LaunchPlan {
         storage: StorageType,
     ) -> Result<Self> {
         let reduce = EntryPoint::reduce(storage);
-        let chunks = usize::try_from(layout.num_chunks()).map_err(|_| Error::TooLarge {
+        // One partial sum per chunk of the whole list (a shard's are placed among them).
+        let chunks = usize::try_from(layout.num_partials()).map_err(|_| Error::TooLarge {
             what: "the chunk count of the parameter list",
         })?;
         let partials = stream
@@ -62,6 +64,7 @@ impl LaunchPlan {
             partials_ptr,
             num_tensors: layout.lens().len() as u64,
             num_chunks: layout.num_chunks(),
+            num_partials: layout.num_partials(),
             num_units: layout.num_units(),
             unit_len: layout.unit_len(),
             step_grid: grid(layout.num_units(), kernels.wave(step)),
@@ -91,6 +94,7 @@ impl LaunchPlan {
             tensors: self.table.device_ptr(stream),
             num_tensors: self.num_tensors,
             num_chunks: self.num_chunks,
+            num_partials: self.num_partials,
             num_units: self.num_units,
             unit_len: self.unit_len,
             partials: self.partials_ptr,

@@ -6,6 +6,7 @@
 use crate::{
     config::StateFormat,
     error::{Error, Result},
+    shard::Placement,
     spec::lowbit::QBLOCK,
     state::parts::Part,
 };
@@ -48,6 +49,10 @@ pub(crate) struct StateLayout {
     /// Index of each tensor's first reduction chunk in a launch.
     pub(super) chunk_begin: Vec<u64>,
     pub(super) num_chunks: u64,
+    /// Where each tensor sits in the whole list it is a piece of, and that list's
+    /// chunks (the partial sums finalize adds); whole tensors unless set for a shard.
+    pub(super) placements: Vec<Placement>,
+    pub(super) num_partials: u64,
     /// Elements per work unit of the update, and each tensor's first unit.
     pub(super) unit_len: u64,
     pub(super) unit_begin: Vec<u64>,
@@ -109,7 +114,10 @@ impl StateLayout {
                 .checked_add((n as u64).div_ceil(CHUNK))
                 .ok_or_else(too_large)?;
         }
+        let (placements, partials) = Placement::whole(&lens);
         let mut layout = Self {
+            placements,
+            num_partials: partials as u64,
             lens,
             formats,
             offsets,
@@ -152,6 +160,14 @@ impl StateLayout {
 
     pub(crate) fn formats(&self) -> &[StateFormat] {
         &self.formats
+    }
+
+    pub(crate) fn placements(&self) -> &[Placement] {
+        &self.placements
+    }
+
+    pub(crate) fn num_partials(&self) -> u64 {
+        self.num_partials
     }
 
     /// Cuts the tensors into work units of the update for a device whose whole wave of

@@ -188,6 +188,7 @@ static void launch_step(const Kernels& k, const AdamaxArgs& a, unsigned grid, bo
 static int whole() {
     const u64 type = next(), mode = next(), nt = next(), steps = next(), grid = next();
     const u64 unit_len = next();
+    const u64 num_partials = next();  // chunks of the whole list (a shard's are placed among them)
     const Kernels* kernels = nullptr;
     for (const Kernels& k : KERNELS)
         if (k.type == type && k.mode == mode) kernels = &k;
@@ -244,6 +245,11 @@ static int whole() {
         // 8-bit update, which steps f32-state tensors in the same launch.
         t.q8 = next() != 0 && q8;
         table[k].blockwise8 = t.q8;
+        // Where it sits in the whole list (src/shard.rs): stream tensor, first element,
+        // first partial sum.
+        table[k].stream_tensor = next();
+        table[k].element_base = next();
+        table[k].partial_begin = next();
         t.p32.resize(n + 8), t.g32.resize(n + 8), t.master.resize(n + 8), t.m.resize(n + 8), t.u.resize(n + 8);
         t.p16.resize(n + 8), t.g16.resize(n + 8), t.cm.resize(n + 8), t.cu.resize(n + 8);
         t.sm.resize(nb + 1), t.su.resize(nb + 1);
@@ -268,11 +274,12 @@ static int whole() {
         units += (n + a.unit_len - 1) / a.unit_len;
         chunks += (n + ADAMAX_CHUNK - 1) / ADAMAX_CHUNK;
     }
-    std::vector<float> partials(chunks + 1);
+    std::vector<float> partials(num_partials + 1);
     a.tensors = table.data();
     a.num_tensors = nt;
     a.num_units = units;
     a.num_chunks = chunks;
+    a.num_partials = num_partials;
     a.control = &control;
     a.partials = partials.data();
     a.tensor_steps = tensor_steps.data();
@@ -306,6 +313,10 @@ static int whole() {
     }
     std::printf("%llu %u %u %u\n", control.state.step, __float_as_uint(control.scaler.scale),
                 control.scaler.growth_tracker, control.state.skipped);
+    // Which partial sums the last reduction wrote (non-zero): a tensor's go where it sits
+    // in the whole list, and nowhere else.
+    for (u64 k = 0; k < num_partials; ++k) std::printf("%u ", partials[k] != 0.0f ? 1u : 0u);
+    std::printf("\n");
     return 0;
 }
 
