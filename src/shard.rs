@@ -19,11 +19,16 @@
 //!   tensor's index and its first element.
 //!
 //! So a shard boundary falls where a tensor starts, or at a multiple of [`CHUNK`]
-//! elements into one. The layout places each tensor at a multiple of [`SHARD_ALIGN`]
-//! elements (Megatron's 64, for vector loads), except a tensor that a boundary would
-//! cut, which starts at a multiple of [`CHUNK`] (the boundaries are multiples of it);
-//! the shards are equal (NCCL's reduce-scatter and all-gather move equal counts), and
-//! the padding is at most `CHUNK - 1` elements per cut tensor plus the end's.
+//! elements into one. The layout places the tensors in order, each at the next multiple
+//! of [`SHARD_ALIGN`] elements (Megatron's 64, for vector loads), except one that a
+//! boundary would cut there, which moves to the next multiple of [`CHUNK`] (the
+//! boundaries are multiples of it). The shards are equal (NCCL's reduce-scatter and
+//! all-gather move equal counts): the least multiple of [`CHUNK`], at least one, for
+//! which the tensors so placed fit. So the padding is at most `SHARD_ALIGN - 1` elements
+//! before each tensor, or `CHUNK - 1` before a moved one, and whatever rounds the end
+//! up to equal shards (a list of many tiny tensors is mostly padding: pack them into
+//! one). The flat buffers hold at most `isize::MAX / 4` elements (their f32 bytes
+//! must be addressable).
 
 use crate::{
     error::{Error, Result},
@@ -189,8 +194,12 @@ impl ShardLayout {
         &self.lens
     }
 
-    /// Rank `rank`'s shard of the flat buffers, as element offsets.
+    /// Rank `rank`'s shard of the flat buffers, as element offsets; the empty range at
+    /// [`ShardLayout::total`] for `rank >= world_size`.
     pub fn shard(&self, rank: usize) -> std::ops::Range<usize> {
+        if rank >= self.world_size {
+            return self.total()..self.total();
+        }
         rank * self.shard_len..(rank + 1) * self.shard_len
     }
 
@@ -404,5 +413,9 @@ mod tests {
         assert_eq!(l.pieces(0).len(), 1);
         assert!((1..8).all(|r| l.pieces(r).is_empty()));
         assert!(l.pieces(8).is_empty());
+        // A rank past the last has an empty shard at the end, also for usize::MAX (it
+        // used to overflow).
+        assert_eq!(l.shard(8), l.total()..l.total());
+        assert_eq!(l.shard(usize::MAX), l.total()..l.total());
     }
 }

@@ -318,3 +318,71 @@ fn bf16_q8_shards_step_as_one_optimizer_at_every_world_size() -> R {
 fn bf16_sr_q8_shards_step_as_one_optimizer_at_every_world_size() -> R {
     every_world::<bf16>(ParamMode::Stochastic, StateFormat::Blockwise8)
 }
+
+/// What a hostile review of the shard API found, each pinned: a rank outside the
+/// layout and a flat buffer of another length are refused; a shard's optimizer will not
+/// decide a step alone, choose a piece's format alone, or write or take a checkpoint
+/// that does not say where its pieces sit; sums no ranks can make are refused before
+/// anything is written.
+#[test]
+fn a_shard_refuses_what_would_break_the_whole_list() -> R {
+    use adamax_cuda::Error;
+    let refused = |r: adamax_cuda::Result<()>, says: &str| match r {
+        Err(e @ Error::InvalidLayout { .. }) => assert!(e.to_string().contains(says), "{e}"),
+        other => panic!("expected a refusal saying `{says}`, got {other:?}"),
+    };
+    let layout = ShardLayout::new(&[10, 20_000, 0, 3], 3)?;
+    let flat = vec![0.5f32; layout.total()];
+    let config = config(ParamMode::Master, StateFormat::Blockwise8);
+    refused(
+        CpuAdamax::for_shard(config, &layout, 3, &flat).map(|_| ()),
+        "rank 3 is not in a layout of 3 ranks",
+    );
+    refused(
+        CpuAdamax::for_shard(config, &layout, 0, &flat[1..]).map(|_| ()),
+        "the flat params hold",
+    );
+    let mut opt = CpuAdamax::for_shard(config, &layout, 0, &flat)?;
+    let pieces = layout.pieces(0);
+    let mut params: Vec<Vec<f32>> = pieces.iter().map(|p| vec![0.5; p.len()]).collect();
+    let grads: Vec<Vec<f32>> = pieces.iter().map(|p| vec![0.1; p.len()]).collect();
+    let g: Vec<Option<&[f32]>> = grads.iter().map(|g| Some(g.as_slice())).collect();
+    let before = opt.tensor_states().to_vec();
+    // Formats follow the whole tensors on every rank.
+    match opt.set_tensor_state_format(0, StateFormat::Blockwise8) {
+        Err(e @ Error::StateFormat { .. }) => assert!(
+            e.to_string()
+                .contains("whose pieces keep their whole tensors' formats"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // With clipping and the overflow check, a step is decided over every rank.
+    opt.set_options(StepOptions {
+        max_norm: Some(1.0),
+        skip_nonfinite: true,
+        ..Default::default()
+    })?;
+    {
+        let mut p: Vec<&mut [f32]> = params.iter_mut().map(Vec::as_mut_slice).collect();
+        refused(opt.step_some(&mut p, &g), "step it with step_exchanged");
+        for faulty in [f32::NAN, -1.0] {
+            refused(
+                opt.step_exchanged(&mut p, &g, &mut |partials, _| {
+                    partials.fill(faulty);
+                    Ok(())
+                }),
+                "partial sums no ranks can make",
+            );
+        }
+    }
+    assert_eq!(opt.tensor_states(), before, "a refused step wrote state");
+    assert!(
+        params.iter().flatten().all(|&x| x == 0.5),
+        "a refused step wrote parameters"
+    );
+    refused(opt.checkpoint().map(|_| ()), "sharded checkpoints");
+    let whole = CpuAdamax::new(config, &[&[0.5f32; 10][..]])?.checkpoint()?;
+    refused(opt.restore(&whole), "sharded checkpoints");
+    Ok(())
+}

@@ -46,7 +46,30 @@ pub struct CpuAdamax<T: Storage> {
     /// rank's shard), and the chunks of the whole list's reduction.
     placements: Vec<Placement>,
     total_chunks: usize,
+    /// Whether it steps one rank's shard ([`CpuAdamax::for_shard`]).
+    sharded: bool,
     _storage: std::marker::PhantomData<T>,
+}
+
+/// The exchange of a step taken with `step` or `step_some`: none, which one rank's
+/// shard cannot decide with.
+fn alone(sharded: bool) -> Result<()> {
+    if sharded {
+        Err(shard_refusal(SHARD_STEP))
+    } else {
+        Ok(())
+    }
+}
+
+/// Why a shard's optimizer refuses what an optimizer over whole tensors does.
+const SHARD_STEP: &str = "this optimizer steps one rank's shard: with clipping, the overflow check or a loss scaler its decision needs the other ranks' partial sums, so step it with step_exchanged";
+const SHARD_FORMATS: &str = "this optimizer steps one rank's shard, whose pieces keep their whole tensors' formats (the configuration's min_8bit_len) on every rank";
+const SHARD_CHECKPOINT: &str = "this optimizer steps one rank's shard, and sharded checkpoints (which record each piece's tensor and first element) are not built yet (issue #20)";
+
+fn shard_refusal(reason: &str) -> Error {
+    Error::InvalidLayout {
+        reason: reason.to_owned(),
+    }
 }
 
 /// The collective of a sharded step ([`CpuAdamax::step_exchanged`]): given this rank's
@@ -105,6 +128,7 @@ impl<T: Storage> CpuAdamax<T> {
             scaler: None,
             last: LastStep::NONE,
             formats_fixed: None,
+            sharded: false,
             _storage: std::marker::PhantomData,
         })
     }
@@ -128,7 +152,11 @@ impl<T: Storage> CpuAdamax<T> {
     /// format its whole tensor gets. Stepped with [`CpuAdamax::step_exchanged`], the
     /// ranks together step every tensor as one optimizer over the whole list does, bit
     /// for bit. The CPU twin of the sharded GPU step (issue #20); a rank may hold no
-    /// piece.
+    /// piece. A rank not in the layout, or a flat buffer of another length, is refused
+    /// ([`Error::InvalidLayout`]). Its formats follow its whole tensors' and cannot be
+    /// chosen; `step` and `step_some` refuse to decide a step alone (clipping, the
+    /// overflow check, a loss scaler); `checkpoint` and `restore` are refused until
+    /// sharded checkpoints exist.
     #[doc(hidden)]
     pub fn for_shard(
         config: AdamaxConfig,
@@ -136,13 +164,19 @@ impl<T: Storage> CpuAdamax<T> {
         rank: usize,
         flat_params: &[T],
     ) -> Result<Self> {
+        if rank >= layout.world_size() {
+            return Err(shard_refusal(&format!(
+                "rank {rank} is not in a layout of {} ranks (0..{})",
+                layout.world_size(),
+                layout.world_size()
+            )));
+        }
         if flat_params.len() != layout.total() {
-            return Err(Error::LengthMismatch {
-                what: "flat params",
-                tensor: 0,
-                expected: layout.total(),
-                found: flat_params.len(),
-            });
+            return Err(shard_refusal(&format!(
+                "the flat params hold {} elements; the shard layout's flat buffers hold {} (ShardLayout::total)",
+                flat_params.len(),
+                layout.total()
+            )));
         }
         config.precision.check_storage(T::TYPE)?;
         let pieces = layout.pieces(rank);
@@ -169,9 +203,10 @@ impl<T: Storage> CpuAdamax<T> {
             options: StepOptions::default(),
             scaler: None,
             last: LastStep::NONE,
-            formats_fixed: None,
+            formats_fixed: Some(SHARD_FORMATS),
             placements: layout.placements(rank),
             total_chunks: layout.total_chunks(),
+            sharded: true,
             _storage: std::marker::PhantomData,
         })
     }
@@ -180,7 +215,12 @@ impl<T: Storage> CpuAdamax<T> {
     /// sums and ors their overflow flags between the reduction and the decision (see
     /// [`Exchange`]), so that clipping, the overflow skip and the loss scaler decide as
     /// one optimizer over the whole list would. Every rank must call it, with the same
-    /// options and scaler, in the same steps (an exchange is a collective).
+    /// options and scaler, in the same steps (an exchange is a collective). It is called
+    /// once a step when the step decides (clipping, the overflow check or a scaler on),
+    /// after this rank's arguments are checked (a refused call does not call it: the
+    /// caller must not leave the other ranks waiting), and not at all otherwise. Sums
+    /// no set of ranks can make (negative, or NaN without an overflow flag) are refused
+    /// before anything is written.
     #[doc(hidden)]
     pub fn step_exchanged(
         &mut self,
@@ -230,6 +270,17 @@ impl<T: Storage> CpuAdamax<T> {
             }
         }
         exchange(&mut partials, &mut found_inf)?;
+        // Squares are never negative, and a NaN sum comes only from a NaN or infinite
+        // value, which sets the flag: anything else is a faulty exchange (alike on every
+        // rank, so all refuse together).
+        if partials
+            .iter()
+            .any(|&p| p < 0.0 || (p.is_nan() && !found_inf))
+        {
+            return Err(shard_refusal(
+                "the exchange returned partial sums no ranks can make (negative, or NaN without an overflow flag); check the collective",
+            ));
+        }
         let skip = check && found_inf;
         Ok(match self.options.max_norm {
             Some(max_norm) if !skip => {
@@ -317,7 +368,8 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
             params.iter().map(|p| p.len()),
             grads.iter().map(|g| Some(g.len())),
         )?;
-        self.step_checked(params, |i| Some(grads[i]), &mut |_, _| Ok(()))
+        let sharded = self.sharded;
+        self.step_checked(params, |i| Some(grads[i]), &mut |_, _| alone(sharded))
     }
 
     fn step_some<'a>(
@@ -330,7 +382,8 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
             params.iter().map(|p| p.len()),
             grads.iter().map(|g| g.map(<[T]>::len)),
         )?;
-        self.step_checked(params, |i| grads[i], &mut |_, _| Ok(()))
+        let sharded = self.sharded;
+        self.step_checked(params, |i| grads[i], &mut |_, _| alone(sharded))
     }
 
     fn config(&self) -> &AdamaxConfig {
@@ -427,7 +480,30 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         Ok(self.states.clone())
     }
 
+    /// Refused for one rank's shard ([`CpuAdamax::for_shard`]) until sharded
+    /// checkpoints exist.
+    fn checkpoint(&self) -> Result<Checkpoint> {
+        if self.sharded {
+            return Err(shard_refusal(SHARD_CHECKPOINT));
+        }
+        Ok(Checkpoint {
+            config: *self.config(),
+            step: self.step,
+            storage: T::TYPE,
+            tensors: self.states.clone(),
+            shapes: self.schedule.shapes().to_vec(),
+            names: self.schedule.names().to_vec(),
+            state_formats: self.schedule.formats().to_vec(),
+            hypers: self.schedule.hypers().to_vec(),
+            options: self.options,
+            scaler: self.scaler,
+        })
+    }
+
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
+        if self.sharded {
+            return Err(shard_refusal(SHARD_CHECKPOINT));
+        }
         self.schedule = ck.schedule_for(T::TYPE, &self.schedule, &self.lens)?;
         self.states = ck.tensors.clone();
         self.step = ck.step;
