@@ -377,13 +377,8 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         params: &mut [&'a mut [T]],
         grads: &[Option<&'a [T]>],
     ) -> Result<()> {
-        check_lists(
-            &self.lens,
-            params.iter().map(|p| p.len()),
-            grads.iter().map(|g| g.map(<[T]>::len)),
-        )?;
         let sharded = self.sharded;
-        self.step_checked(params, |i| grads[i], &mut |_, _| alone(sharded))
+        self.step_exchanged(params, grads, &mut |_, _| alone(sharded))
     }
 
     fn config(&self) -> &AdamaxConfig {
