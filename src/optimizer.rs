@@ -181,18 +181,7 @@ pub trait Optimizer {
     /// The optimizer's whole state on the host (not the parameters), for
     /// [`Checkpoint::save`].
     fn checkpoint(&self) -> Result<Checkpoint> {
-        Ok(Checkpoint {
-            config: *self.config(),
-            step: self.step_count()?,
-            storage: <Self::Storage as Storage>::TYPE,
-            tensors: self.state()?,
-            shapes: self.tensor_shapes().to_vec(),
-            names: self.tensor_names().to_vec(),
-            state_formats: self.tensor_state_formats().to_vec(),
-            hypers: self.tensor_hypers().to_vec(),
-            options: self.options(),
-            scaler: self.loss_scaler()?,
-        })
+        checkpoint_of(self)
     }
 
     /// Writes the optimizer's state to a checkpoint file at `path`, atomically, as
@@ -214,4 +203,21 @@ pub trait Optimizer {
     /// the master weights in `ck` are the truth and [`Checkpoint::params`] gives the
     /// 16-bit parameters rounded from them.
     fn restore(&mut self, ck: &Checkpoint) -> Result<()>;
+}
+
+/// The checkpoint of `opt` from its trait's reads: [`Optimizer::checkpoint`]'s default,
+/// for an implementation that checks something first.
+pub(crate) fn checkpoint_of<O: Optimizer + ?Sized>(opt: &O) -> Result<Checkpoint> {
+    Ok(Checkpoint {
+        config: *opt.config(),
+        step: opt.step_count()?,
+        storage: <O::Storage as Storage>::TYPE,
+        tensors: opt.state()?,
+        shapes: opt.tensor_shapes().to_vec(),
+        names: opt.tensor_names().to_vec(),
+        state_formats: opt.tensor_state_formats().to_vec(),
+        hypers: opt.tensor_hypers().to_vec(),
+        options: opt.options(),
+        scaler: opt.loss_scaler()?,
+    })
 }

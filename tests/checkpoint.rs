@@ -1750,16 +1750,14 @@ fn names_in_pytorchs_files_are_checked() {
     }
 }
 
-/// Issue #19, part 4: per-tensor state formats in the file. Edits that a hostile writer
-/// reseals (a format key removed, added, or rewritten, a threshold not as written) are
-/// refused, each saying what is wrong; an 8-bit file from before the threshold (no
-/// `min_8bit_len`) reads with every tensor in 8 bits.
-#[test]
-fn edited_state_formats_are_refused() {
+/// An optimizer with 8-bit state and the default threshold over a tensor of 5,000
+/// elements (8-bit) and one of 300 (f32), after one step, with its config and
+/// parameters.
+fn stepped_8bit(seed: u64) -> (AdamaxConfig, Vec<f32>, Vec<f32>, CpuAdamax<f32>) {
     let config = AdamaxConfig {
         precision: Precision {
             state: StateFormat::Blockwise8,
-            seed: 5,
+            seed,
             ..Precision::default()
         },
         ..AdamaxConfig::default()
@@ -1768,6 +1766,16 @@ fn edited_state_formats_are_refused() {
     let mut opt = CpuAdamax::new(config, &[&a, &b]).unwrap();
     opt.step(&mut [&mut a, &mut b], &[&[0.1; 5000], &[-0.2; 300]])
         .unwrap();
+    (config, a, b, opt)
+}
+
+/// Issue #19, part 4: per-tensor state formats in the file. Edits that a hostile writer
+/// reseals (a format key removed, added, or rewritten, a threshold not as written) are
+/// refused, each saying what is wrong; an 8-bit file from before the threshold (no
+/// `min_8bit_len`) reads with every tensor in 8 bits.
+#[test]
+fn edited_state_formats_are_refused() {
+    let (config, mut a, mut b, opt) = stepped_8bit(5);
     let ck = opt.checkpoint().unwrap();
     assert_eq!(
         ck.state_formats,
@@ -1859,18 +1867,7 @@ fn edited_state_formats_are_refused() {
 /// is refused, as a missing `state_block` is (it used to read as seed 0).
 #[test]
 fn a_stochastic_mode_without_its_seed_is_refused() {
-    let config = AdamaxConfig {
-        precision: Precision {
-            state: StateFormat::Blockwise8,
-            seed: 77,
-            ..Precision::default()
-        },
-        ..AdamaxConfig::default()
-    };
-    let (mut a, mut b) = (vec![0.5f32; 5000], vec![0.5f32; 300]);
-    let mut opt = CpuAdamax::new(config, &[&a, &b]).unwrap();
-    opt.step(&mut [&mut a, &mut b], &[&[0.1; 5000], &[-0.2; 300]])
-        .unwrap();
+    let (_, _, _, opt) = stepped_8bit(77);
     let bytes = opt.checkpoint().unwrap().to_bytes().unwrap();
     assert!(String::from_utf8_lossy(&bytes).contains("\"seed\":\"77\","));
     refused_load(

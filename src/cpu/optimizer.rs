@@ -7,7 +7,7 @@ use crate::{
     fused::{
         chunk_partial, clip_coef, total_from_partials, LossScaler, StepOptions, StepReport, CHUNK,
     },
-    optimizer::Optimizer,
+    optimizer::{checkpoint_of, Optimizer},
     shard::{Placement, ShardLayout},
     state::{check_lists, Schedule, TensorState, FIXED_BY_RESTORE, FIXED_BY_STEP},
     storage::Storage,
@@ -326,7 +326,7 @@ impl<T: Storage> CpuAdamax<T> {
                 let ti = state.step + 1;
                 let bc = bias_correction(config.beta1, ti);
                 let s = StepScalars::for_tensor(config, config.lr, bc, &hypers[i]);
-                let precision = config.precision.with_state(self.schedule.formats()[i]);
+                let precision = self.schedule.precision_of(i);
                 let at = self.placements[i];
                 step_tensor_with(
                     &s,
@@ -481,18 +481,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         if self.sharded {
             return Err(shard_refusal(SHARD_CHECKPOINT));
         }
-        Ok(Checkpoint {
-            config: *self.config(),
-            step: self.step,
-            storage: T::TYPE,
-            tensors: self.states.clone(),
-            shapes: self.schedule.shapes().to_vec(),
-            names: self.schedule.names().to_vec(),
-            state_formats: self.schedule.formats().to_vec(),
-            hypers: self.schedule.hypers().to_vec(),
-            options: self.options,
-            scaler: self.scaler,
-        })
+        checkpoint_of(self)
     }
 
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {

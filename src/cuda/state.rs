@@ -201,15 +201,15 @@ impl DeviceState {
         let mut kept = masters();
         let mut parts = Vec::with_capacity(held.len());
         for p in held {
-            let buffer = match (p, kept.take()) {
-                (Part::Master, Some(m)) => m,
-                (Part::Master, None) => Self::alloc(stream, &layout, p)?,
-                (_, m) => {
-                    kept = m;
-                    moments.next().ok_or(Error::Internal {
-                        what: "a state buffer went missing while the state was laid out",
-                    })?
+            let buffer = if p == Part::Master {
+                match kept.take() {
+                    Some(m) => m,
+                    None => Self::alloc(stream, &layout, p)?,
                 }
+            } else {
+                moments.next().ok_or(Error::Internal {
+                    what: "a state buffer went missing while the state was laid out",
+                })?
             };
             parts.push((p, buffer));
         }

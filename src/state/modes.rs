@@ -153,7 +153,7 @@ impl Precision {
     /// # Ok::<(), adamax_cuda::ConfigError>(())
     /// ```
     pub fn state_bytes(&self, storage: StorageType, len: usize) -> Result<u64, ConfigError> {
-        self.mode(storage)?;
+        // (A mode's rows exist for both state formats, so the tensor's decides alone.)
         Ok(self.for_len(len).mode(storage)?.state_bytes(len))
     }
 
@@ -162,7 +162,6 @@ impl Precision {
     /// the fastest it can be (saturating at `u64::MAX`), in the state format the tensor
     /// gets, as [`Precision::state_bytes`] says.
     pub fn bytes_moved(&self, storage: StorageType, len: usize) -> Result<u64, ConfigError> {
-        self.mode(storage)?;
         Ok(self.for_len(len).mode(storage)?.bytes_moved(len))
     }
 

@@ -181,12 +181,22 @@ impl<T: GpuStorage> CudaAdamax<T> {
         schedule: &Schedule,
         mut layout: StateLayout,
     ) -> Result<(DeviceState, LaunchPlan)> {
-        let step = Self::update_of(schedule, &layout)?;
-        layout.plan_units(kernels.wave(step));
-        let plan = LaunchPlan::new(stream, kernels, &layout, step, T::TYPE)?;
+        let plan = Self::plan(stream, kernels, schedule, &mut layout)?;
         let precision = schedule.config().precision;
         let state = DeviceState::zeroed(stream, layout, T::TYPE, &precision)?;
         Ok((state, plan))
+    }
+
+    /// The launch plan of `layout`'s formats, its work units cut for that update's wave.
+    fn plan(
+        stream: &Arc<CudaStream>,
+        kernels: &Kernels,
+        schedule: &Schedule,
+        layout: &mut StateLayout,
+    ) -> Result<LaunchPlan> {
+        let step = Self::update_of(schedule, layout)?;
+        layout.plan_units(kernels.wave(step));
+        LaunchPlan::new(stream, kernels, layout, step, T::TYPE)
     }
 
     /// The update entry point of `layout`'s formats: the 8-bit one when some tensor
@@ -223,9 +233,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             self.state.layout().lens().to_vec(),
             schedule.formats().to_vec(),
         )?;
-        let step = Self::update_of(&schedule, &layout)?;
-        layout.plan_units(self.kernels.wave(step));
-        let plan = LaunchPlan::new(&self.stream, &self.kernels, &layout, step, T::TYPE)?;
+        let plan = Self::plan(&self.stream, &self.kernels, &schedule, &mut layout)?;
         let precision = schedule.config().precision;
         self.state = self.state.reformatted(layout, T::TYPE, &precision)?;
         self.plan = plan;
