@@ -298,6 +298,31 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The NCCL library could not be loaded (the `nccl` feature's sharded optimizer).
+    #[error("AdaMax NCCL: the NCCL library (libnccl.so) was not found{hint}")]
+    NcclNotFound {
+        /// What to install or link.
+        hint: &'static str,
+    },
+    /// An NCCL id made from bytes that are not its 128.
+    #[error("AdaMax NCCL: an NCCL id is 128 bytes, not {len}; pass the bytes of NcclId::as_bytes from rank 0 whole")]
+    InvalidNcclId {
+        /// Bytes given.
+        len: usize,
+    },
+    /// An NCCL call failed; the sharded optimizer that made it refuses every later
+    /// step (its ranks may disagree on what ran): rebuild the communicator and the
+    /// optimizer, from a checkpoint.
+    #[error("AdaMax NCCL: {context} failed: {code}{detail}")]
+    Nccl {
+        /// What was being done.
+        context: &'static str,
+        /// NCCL's result code and its description.
+        code: String,
+        /// NCCL's last error message for the communicator, when it has one (`": ..."`),
+        /// else empty.
+        detail: String,
+    },
     /// An invariant of this crate did not hold: a bug, never the caller's input.
     #[error("AdaMax internal error: {what}; please report it with the steps that led here")]
     Internal {

@@ -1,7 +1,7 @@
 //! The plan of one step: its tensor table, the partial sums of the reduction, the
 //! grid, and the order of the kernels.
 
-use std::sync::Arc;
+use std::{mem::offset_of, sync::Arc};
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
@@ -11,7 +11,7 @@ use crate::{
 };
 
 use super::{
-    args::{AdamaxArgs, FLAG_CHECK, FLAG_CLIP},
+    args::{AdamaxArgs, Control, StepState, FLAG_CHECK, FLAG_CLIP},
     device::is_capturing,
     entry::EntryPoint,
     layout::StateLayout,
@@ -27,6 +27,10 @@ pub(crate) struct LaunchPlan {
     /// One f32 sum of squares per chunk, written by the reduction for the finalize pass.
     _partials: CudaSlice<f32>,
     partials_ptr: u64,
+    /// For one rank's shard: the buffer the exchange leaves every rank's partial sums in,
+    /// which finalize reads (the reduction's own buffer keeps zeros at the other ranks'
+    /// chunks, so that the exchange adds each chunk's sum to zeros only).
+    summed: Option<(CudaSlice<f32>, u64)>,
     num_tensors: u64,
     num_chunks: u64,
     num_partials: u64,
@@ -48,6 +52,7 @@ impl LaunchPlan {
         layout: &StateLayout,
         step: EntryPoint,
         storage: StorageType,
+        exchanged: bool,
     ) -> Result<Self> {
         let reduce = EntryPoint::reduce(storage);
         // One partial sum per chunk of the whole list (a shard's are placed among them).
@@ -58,7 +63,17 @@ impl LaunchPlan {
             .alloc_zeros::<f32>(chunks.max(1))
             .map_err(Error::driver("allocating the partial sums"))?;
         let partials_ptr = partials.device_ptr(stream).0;
+        let summed = if exchanged {
+            let buf = stream
+                .alloc_zeros::<f32>(chunks.max(1))
+                .map_err(Error::driver("allocating the exchanged partial sums"))?;
+            let ptr = buf.device_ptr(stream).0;
+            Some((buf, ptr))
+        } else {
+            None
+        };
         Ok(Self {
+            summed,
             table: TensorTable::new(stream, layout.lens().len())?,
             _partials: partials,
             partials_ptr,
@@ -80,13 +95,16 @@ impl LaunchPlan {
     /// capturing a CUDA graph (see [`decision_passes`]); then the update, which counts
     /// the step itself (so the common eager step is one launch). Nothing here reads a
     /// host value that changes per step, so the same calls can be captured in a CUDA
-    /// graph and replayed.
+    /// graph and replayed. A plan built for a shard (`exchanged`) calls `exchange`
+    /// between the reduction and the decision pass (see [`Exchanged`]); it must be
+    /// given then, and only then.
     pub(crate) fn enqueue(
         &mut self,
         stream: &Arc<CudaStream>,
         kernels: &Kernels,
         args: AdamaxArgs,
         flags: u32,
+        exchange: Option<&mut Exchange<'_>>,
     ) -> Result<()> {
         let capturing = is_capturing(stream)?;
         self.table.upload(stream, capturing)?;
@@ -105,13 +123,53 @@ impl LaunchPlan {
                 let f = kernels.function(self.reduce);
                 launch(stream, f, self.reduce_grid, &args)?;
             }
-            launch(stream, kernels.function(EntryPoint::Finalize), 1, &args)?;
+            let decided =
+                match (&self.summed, exchange) {
+                    (None, None) => args,
+                    (Some((_, summed)), Some(exchange)) => {
+                        exchange(&Exchanged {
+                            send: self.partials_ptr,
+                            recv: *summed,
+                            count: self.num_partials.max(1) as usize,
+                            found_inf: args.control
+                                + (offset_of!(Control, state) + offset_of!(StepState, found_inf))
+                                    as u64,
+                        })?;
+                        AdamaxArgs {
+                            partials: *summed,
+                            ..args
+                        }
+                    }
+                    _ => return Err(Error::Internal {
+                        what: "a shard's step without its exchange, or an exchange without a shard",
+                    }),
+                };
+            launch(stream, kernels.function(EntryPoint::Finalize), 1, &decided)?;
         }
         // Launched even with no elements: it counts the step.
         let f = kernels.function(self.step);
         launch(stream, f, self.step_grid, &args)
     }
 }
+
+/// What a sharded step exchanges between its reduction and its decision: device
+/// addresses of this rank's partial sums of squares (`count` f32, its own chunks' sums
+/// and zeros at every other rank's), of the buffer the decision reads them from
+/// (`count` f32), and of its overflow flag (one `u32`, 0 or 1). The exchange enqueues,
+/// on the optimizer's stream, the collectives that leave in `recv` the sum over ranks
+/// of `send` (each chunk's sum added to zeros only, so exact in any order), and in
+/// `found_inf` the maximum over ranks, alike on every rank.
+// Read by the NCCL exchange only (feature `nccl`).
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+pub(crate) struct Exchanged {
+    pub(crate) send: u64,
+    pub(crate) recv: u64,
+    pub(crate) count: usize,
+    pub(crate) found_inf: u64,
+}
+
+/// The collective of a sharded step's decision ([`Exchanged`]).
+pub(crate) type Exchange<'a> = dyn FnMut(&Exchanged) -> Result<()> + 'a;
 
 /// Whether a step enqueues the reduction and the decision pass before the update: when
 /// its flags need them (the overflow check or clipping), and always in a step captured

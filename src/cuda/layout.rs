@@ -162,6 +162,24 @@ impl StateLayout {
         &self.formats
     }
 
+    /// This layout for one rank's pieces of a sharded list: each tensor (a piece) at
+    /// `placements` (one per tensor) in a whole list of `num_partials` chunks.
+    #[cfg(feature = "nccl")]
+    pub(crate) fn placed(
+        mut self,
+        placements: Vec<Placement>,
+        num_partials: usize,
+    ) -> Result<Self> {
+        if placements.len() != self.lens.len() {
+            return Err(Error::Internal {
+                what: "a shard's state layout with one placement per piece expected",
+            });
+        }
+        self.placements = placements;
+        self.num_partials = num_partials as u64;
+        Ok(self)
+    }
+
     pub(crate) fn placements(&self) -> &[Placement] {
         &self.placements
     }

@@ -21,6 +21,8 @@ mod launch;
 mod layout;
 mod libs;
 mod module;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod optimizer;
 mod state;
 mod table;

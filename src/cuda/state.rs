@@ -239,6 +239,17 @@ impl DeviceState {
         &self.layout
     }
 
+    /// Bytes of the state buffers (padding included) and of the step counts.
+    #[cfg(feature = "nccl")]
+    pub(crate) fn bytes(&self) -> u64 {
+        let buffers: u64 = self
+            .parts
+            .iter()
+            .map(|(p, b)| self.layout.buffer_len(*p) as u64 * b.size())
+            .sum();
+        buffers + 8 * self.layout.lens.len().max(1) as u64
+    }
+
     /// Where tensor `tensor`'s values of `part` start in the part's buffer.
     fn offset(&self, part: Part, tensor: usize) -> usize {
         self.layout.offset(part, tensor)

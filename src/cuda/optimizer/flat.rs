@@ -83,7 +83,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             let hypers = self.schedule.hypers();
             self.plan.table.prepare(&self.state, hypers, key, addresses);
         }
-        self.enqueue()
+        self.enqueue(None)
     }
 }
 

@@ -5,9 +5,13 @@
 //! entry points are its submodules.
 
 mod flat;
+#[cfg(feature = "nccl")]
+mod pieces;
 mod raw;
 mod trait_impl;
 
+#[cfg(feature = "nccl")]
+pub(crate) use pieces::piece_addresses;
 pub use raw::{RawParam, RawTensor};
 
 use std::{mem::offset_of, sync::Arc};
@@ -35,7 +39,7 @@ use super::{
     control::ControlBlock,
     device::{check_devices, refuse_during_capture},
     entry::EntryPoint,
-    launch::LaunchPlan,
+    launch::{Exchange, LaunchPlan},
     layout::{FlatLayout, StateLayout},
     module::{kernels_for, Kernels},
     state::DeviceState,
@@ -102,6 +106,9 @@ pub struct CudaAdamax<T: GpuStorage> {
     flat: Option<FlatLayout>,
     /// Why state formats can no longer be chosen (a step or a restore), if so.
     formats_fixed: Option<&'static str>,
+    /// Whether it steps one rank's shard ([`super::nccl`]): its decision exchanges the
+    /// partial sums with the other ranks.
+    exchanged: bool,
     _storage: std::marker::PhantomData<T>,
 }
 
@@ -139,8 +146,21 @@ impl<T: GpuStorage> CudaAdamax<T> {
             return Err(Error::EmptyParameterList);
         }
         let layout = StateLayout::new(lens, schedule.formats().to_vec())?;
+        Self::assemble(stream, schedule, layout, false)
+    }
+
+    /// Compiles or fetches the kernels and allocates zeroed state for `layout` (checked
+    /// against `schedule` by the caller), and the control block; `exchanged` for one
+    /// rank's shard.
+    pub(super) fn assemble(
+        stream: &Arc<CudaStream>,
+        schedule: Schedule,
+        layout: StateLayout,
+        exchanged: bool,
+    ) -> Result<Self> {
+        let config = *schedule.config();
         let kernels = kernels_for(stream.context())?;
-        let (state, plan) = Self::lay_out(stream, &kernels, &schedule, layout)?;
+        let (state, plan) = Self::lay_out(stream, &kernels, &schedule, layout, exchanged)?;
         let control = ControlBlock::new(
             stream,
             Control {
@@ -170,6 +190,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             scaler: false,
             flat: None,
             formats_fixed: None,
+            exchanged,
             _storage: std::marker::PhantomData,
         })
     }
@@ -180,8 +201,9 @@ impl<T: GpuStorage> CudaAdamax<T> {
         kernels: &Kernels,
         schedule: &Schedule,
         mut layout: StateLayout,
+        exchanged: bool,
     ) -> Result<(DeviceState, LaunchPlan)> {
-        let plan = Self::plan(stream, kernels, schedule, &mut layout)?;
+        let plan = Self::plan(stream, kernels, schedule, &mut layout, exchanged)?;
         let precision = schedule.config().precision;
         let state = DeviceState::zeroed(stream, layout, T::TYPE, &precision)?;
         Ok((state, plan))
@@ -193,10 +215,11 @@ impl<T: GpuStorage> CudaAdamax<T> {
         kernels: &Kernels,
         schedule: &Schedule,
         layout: &mut StateLayout,
+        exchanged: bool,
     ) -> Result<LaunchPlan> {
         let step = Self::update_of(schedule, layout)?;
         layout.plan_units(kernels.wave(step));
-        LaunchPlan::new(stream, kernels, layout, step, T::TYPE)
+        LaunchPlan::new(stream, kernels, layout, step, T::TYPE, exchanged)
     }
 
     /// The update entry point of `layout`'s formats: the 8-bit one when some tensor
@@ -233,7 +256,13 @@ impl<T: GpuStorage> CudaAdamax<T> {
             self.state.layout().lens().to_vec(),
             schedule.formats().to_vec(),
         )?;
-        let plan = Self::plan(&self.stream, &self.kernels, &schedule, &mut layout)?;
+        let plan = Self::plan(
+            &self.stream,
+            &self.kernels,
+            &schedule,
+            &mut layout,
+            self.exchanged,
+        )?;
         let precision = schedule.config().precision;
         self.state = self.state.reformatted(layout, T::TYPE, &precision)?;
         self.plan = plan;
@@ -310,14 +339,14 @@ impl<T: GpuStorage> CudaAdamax<T> {
         self.plan
             .table
             .prepare(&self.state, hypers, None, addresses);
-        self.enqueue()?;
+        self.enqueue(None)?;
         drop(guards);
         Ok(())
     }
 
     /// Enqueues a step, after the counter check, with the table prepared for it (or,
-    /// when none was, the one on the device).
-    fn enqueue(&mut self) -> Result<()> {
+    /// when none was, the one on the device); `exchange` for one rank's shard.
+    fn enqueue(&mut self, exchange: Option<&mut Exchange<'_>>) -> Result<()> {
         self.formats_fixed = Some(crate::state::FIXED_BY_STEP);
         if self.step_bound == u64::MAX {
             let step = self.control.read()?.state.step;
@@ -336,7 +365,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         };
         let flags = self.control.params().flags;
         self.plan
-            .enqueue(&self.stream, &self.kernels, args, flags)?;
+            .enqueue(&self.stream, &self.kernels, args, flags, exchange)?;
         self.step_bound += 1;
         Ok(())
     }

@@ -118,7 +118,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
         self.plan
             .table
             .prepare(&self.state, hypers, None, addresses);
-        self.enqueue()
+        self.enqueue(None)
     }
 }
 
