@@ -124,7 +124,7 @@ pub mod spec;
 mod state;
 mod storage;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, ShardCheckpoint};
 pub use config::{
     AdamaxConfig, EpsilonMode, ParamMode, Precision, StateFormat, TensorHyper, WeightDecayMode,
     DEFAULT_MIN_8BIT_LEN,

@@ -1875,3 +1875,214 @@ fn a_stochastic_mode_without_its_seed_is_refused() {
         "it has no `seed`",
     );
 }
+
+/// A bf16 run with masters and 8-bit state (two tensors kept in f32 by the threshold),
+/// named tensors of n-d shapes, a parameter group, a loss scaler, clipping and a tensor
+/// skipped in one step (its own step count): the whole checkpoint sharded checkpoints
+/// are made of.
+fn sharded_source() -> Checkpoint {
+    use adamax_cuda::{LossScaler, StepOptions};
+    let lens = [3 * 8192 + 5, 700, 0, 5, 96 * 200, 9000];
+    let shapes: [&[usize]; 6] = [&[24581], &[7, 100], &[0, 3], &[5], &[96, 200], &[9000]];
+    let config = AdamaxConfig {
+        precision: Precision {
+            state: StateFormat::Blockwise8,
+            ..Precision::default()
+        },
+        ..AdamaxConfig::default()
+    };
+    let mut rng = StdRng::seed_from_u64(20);
+    let mut p: Vec<Vec<bf16>> = lens
+        .iter()
+        .map(|&n| {
+            (0..n)
+                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[bf16]> = p.iter().map(Vec::as_slice).collect();
+    let mut opt = CpuAdamax::new(config, &refs).unwrap();
+    for (i, shape) in shapes.iter().enumerate() {
+        opt.set_tensor_shape(i, shape).unwrap();
+        opt.set_tensor_name(i, Some(&format!("layer.{i}"))).unwrap();
+    }
+    opt.set_tensor_hyper(
+        4,
+        TensorHyper {
+            lr_scale: 0.5,
+            weight_decay: 0.0,
+        },
+    )
+    .unwrap();
+    opt.set_options(StepOptions {
+        max_norm: Some(1.0),
+        ..Default::default()
+    })
+    .unwrap();
+    opt.set_loss_scaler(Some(LossScaler::default())).unwrap();
+    for step in 0..3 {
+        let g: Vec<Vec<bf16>> = lens
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0) * 100.0))
+                    .collect()
+            })
+            .collect();
+        let grads: Vec<Option<&[bf16]>> = g
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (i != 5 || step != 1).then_some(g.as_slice()))
+            .collect();
+        let mut params: Vec<&mut [bf16]> = p.iter_mut().map(Vec::as_mut_slice).collect();
+        opt.step_some(&mut params, &grads).unwrap();
+    }
+    let ck = opt.checkpoint().unwrap();
+    assert_ne!(ck.tensors[5].step, ck.step, "a tensor took fewer steps");
+    ck
+}
+
+/// Issue #20: a checkpoint split over any world size and gathered again is the same
+/// checkpoint and the same file; shards round-trip through their files; resharding 4
+/// ranks to 3, to 1 and back to 4 gives the first 4 files' bytes.
+#[test]
+fn sharded_checkpoints_gather_and_reshard_to_the_same_bytes() {
+    use adamax_cuda::ShardCheckpoint;
+    let ck = sharded_source();
+    let bytes = ck.to_bytes().unwrap();
+    for world in 1..=8 {
+        let shards = ck.shard(world).unwrap();
+        assert_eq!(shards.len(), world);
+        for (rank, s) in shards.iter().enumerate() {
+            assert_eq!((s.rank(), s.world_size()), (rank, world));
+            let file = s.to_bytes().unwrap();
+            assert_eq!(
+                &ShardCheckpoint::from_bytes(&file).unwrap(),
+                s,
+                "world {world} rank {rank}"
+            );
+        }
+        let mut reversed = shards.clone();
+        reversed.reverse();
+        let gathered = ShardCheckpoint::gather(&reversed).unwrap();
+        assert_eq!(gathered.to_bytes().unwrap(), bytes, "world {world}");
+    }
+    let files = |shards: &[ShardCheckpoint]| -> Vec<Vec<u8>> {
+        shards.iter().map(|s| s.to_bytes().unwrap()).collect()
+    };
+    let four = ck.shard(4).unwrap();
+    let three = ShardCheckpoint::reshard(&four, 3).unwrap();
+    let one = ShardCheckpoint::reshard(&three, 1).unwrap();
+    let back = ShardCheckpoint::reshard(&one, 4).unwrap();
+    assert_eq!(files(&back), files(&four));
+    // The whole tensors' shapes and names travel with every shard.
+    assert_eq!(three[2].shapes(), &ck.shapes[..]);
+    assert_eq!(three[2].names(), &ck.names[..]);
+}
+
+/// Shard files edited and resealed (a consistent checksum), mixed up, or given to the
+/// wrong loader are refused, each saying what is wrong.
+#[test]
+fn shard_files_that_do_not_fit_are_refused() {
+    use adamax_cuda::ShardCheckpoint;
+    let ck = sharded_source();
+    let shards = ck.shard(3).unwrap();
+    let file = shards[1].to_bytes().unwrap();
+    let refused = |r: Result<ShardCheckpoint, Error>, says: &str| match r {
+        Err(Error::Checkpoint { reason }) => assert!(reason.contains(says), "{says}: {reason}"),
+        Err(e) => panic!("{says}: {e}"),
+        Ok(_) => panic!("{says}: accepted"),
+    };
+    // The loaders keep to their formats.
+    match Checkpoint::from_bytes(&file) {
+        Err(Error::Checkpoint { reason }) => {
+            assert!(reason.contains("ShardCheckpoint::load"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    refused(
+        ShardCheckpoint::from_bytes(&ck.to_bytes().unwrap()),
+        "Checkpoint::load",
+    );
+    // Edits that keep the file self-consistent.
+    for (from, to, says) in [
+        ("\"shard.rank\":\"1\"", "\"shard.rank\":\"2\"", "piece"),
+        ("\"shard.rank\":\"1\"", "\"shard.rank\":\"+1\"", "should be"),
+        (
+            "\"shard.rank\":\"1\"",
+            "\"shard.rank\":\"one\"",
+            "not a count",
+        ),
+        (
+            "\"shard.world_size\":\"3\"",
+            "\"shard.world_size\":\"4\"",
+            "pieces",
+        ),
+        (
+            "\"shard.tensor.1.shape\":\"7,100\"",
+            "\"shard.tensor.1.shape\":\"7,101\"",
+            "",
+        ),
+        (
+            "\"shard.tensor.4.lr_scale\":\"0.5\"",
+            "\"shard.tensor.4.lr_scale\":\"0.25\"",
+            "settings",
+        ),
+        (
+            "\"shard.tensors\":\"6\"",
+            "\"shard.tensors\":\"6000\"",
+            "more than the file",
+        ),
+        (
+            "\"shard.tensor.2.name\":\"layer.2\"",
+            "\"shard.tensor.2.nick\":\"layer.2\"",
+            "not a key",
+        ),
+        (
+            "\"format\":\"adamax-cuda-shard/1\"",
+            "\"format\":\"adamax-cuda/2\"",
+            "shard",
+        ),
+    ] {
+        let edited = edited_header(&file, |h| {
+            assert!(h.contains(from), "{from}");
+            h.replace(from, to)
+        });
+        match ShardCheckpoint::from_bytes(&edited) {
+            Err(Error::Checkpoint { reason }) => assert!(reason.contains(says), "{to}: {reason}"),
+            Err(e) => panic!("{to}: {e}"),
+            Ok(_) => panic!("{to}: accepted"),
+        }
+    }
+    // Unsealed edits fail the checksum.
+    let unsealed = with_header(&file, |h| {
+        h.replace("\"shard.rank\":\"1\"", "\"shard.rank\":\"2\"")
+    });
+    refused(ShardCheckpoint::from_bytes(&unsealed), "integrity");
+    // Gathering needs every rank of one run once.
+    let gather = |s: &[ShardCheckpoint], says: &str| match ShardCheckpoint::gather(s) {
+        Err(Error::Checkpoint { reason }) => assert!(reason.contains(says), "{says}: {reason}"),
+        other => panic!("{says}: {other:?}"),
+    };
+    gather(&[], "no shards");
+    gather(&shards[..2], "rank 2's shard is missing");
+    gather(
+        &[shards[0].clone(), shards[1].clone(), shards[1].clone()],
+        "twice",
+    );
+    let other_world = ck.shard(2).unwrap();
+    gather(
+        &[shards[0].clone(), other_world[1].clone(), shards[2].clone()],
+        "not of one run",
+    );
+    let mut later = ck.clone();
+    later.step += 1;
+    for t in &mut later.tensors {
+        t.step += 1;
+    }
+    let later = later.shard(3).unwrap();
+    gather(
+        &[shards[0].clone(), later[1].clone(), shards[2].clone()],
+        "not of one run",
+    );
+}

@@ -44,6 +44,7 @@ const CUDA_FLOORS: &[&str] = &[
     "table",
     "launch",
     "optimizer",
+    "nccl",
 ];
 
 /// Top-level items that are not modules (macros, re-exports).

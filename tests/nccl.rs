@@ -10,21 +10,24 @@
 //! gradients are then exactly rank 0's (x + 0 = x), so the reference is one optimizer
 //! stepped with them, and a reduce-scatter that moved nothing fails.
 
-use std::sync::{Arc, Barrier};
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc, Barrier,
+};
 
 use adamax_cuda::{
     bf16,
     cpu::CpuAdamax,
     cuda::{
         self,
-        cudarc::driver::CudaStream,
+        cudarc::driver::{CudaSlice, CudaStream},
         nccl::{self, GradReduction, NcclComm, NcclId, ShardedAdamax},
         GpuStorage,
     },
     f16,
     shard::ShardLayout,
-    AdamaxConfig, LossScaler, Optimizer, ParamMode, Precision, StateFormat, StepOptions,
-    StepReport, Storage, TensorHyper, TensorState, WeightDecayMode,
+    AdamaxConfig, LossScaler, Optimizer, ParamMode, Precision, ShardCheckpoint, StateFormat,
+    StepOptions, StepReport, Storage, TensorHyper, TensorState, WeightDecayMode,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -121,6 +124,8 @@ struct Reference<T> {
     states: Vec<Vec<TensorState>>,
     reports: Vec<StepReport>,
     init: Vec<Vec<T>>,
+    /// The file of its checkpoint after the last step.
+    checkpoint: Vec<u8>,
 }
 
 fn reference<T: Storage>(config: AdamaxConfig, seed: u64) -> Result<Reference<T>, Failed> {
@@ -138,6 +143,7 @@ fn reference<T: Storage>(config: AdamaxConfig, seed: u64) -> Result<Reference<T>
         states: Vec::new(),
         reports: Vec::new(),
         init,
+        checkpoint: Vec::new(),
     };
     for step in 0..STEPS {
         let scale = opt.loss_scaler()?.map_or(1.0, |s| s.scale);
@@ -179,8 +185,47 @@ fn bits<T: Storage>(v: &[T]) -> Vec<u32> {
     v.iter().map(|x| x.to_f32().to_bits()).collect()
 }
 
+/// Where the ranks of a test meet after each step: whether any failed.
+struct Meet {
+    barrier: Barrier,
+    failed: AtomicBool,
+}
+
+/// The parameters (all-gathered), the report and this rank's state after `step`,
+/// against the reference.
+fn compare<T: GpuStorage>(
+    opt: &ShardedAdamax<T>,
+    params: &CudaSlice<T>,
+    stream: &Arc<CudaStream>,
+    want: &Reference<T>,
+    step: usize,
+    layout: &ShardLayout,
+    what: &str,
+) -> R {
+    let got = stream.clone_dtoh(params).map_err(|e| format!("{e:?}"))?;
+    for (i, (w, &o)) in want.params[step].iter().zip(layout.offsets()).enumerate() {
+        if bits(w) != bits(&got[o..o + w.len()]) {
+            return Err(format!("{what} step {step} tensor {i}: parameters differ").into());
+        }
+    }
+    let report = opt.last_report()?;
+    if report != want.reports[step] {
+        return Err(format!(
+            "{what} step {step}: report {report:?}, want {:?}",
+            want.reports[step]
+        )
+        .into());
+    }
+    for (p, state) in opt.pieces().iter().zip(opt.shard_state()?) {
+        if state != slice(&want.states[step][p.tensor], p.begin, p.end) {
+            return Err(format!("{what} step {step} {p:?}: state differs").into());
+        }
+    }
+    Ok(())
+}
+
 /// One rank's run: its own stream and communicator, compared with the reference after
-/// every step. Returns the state bytes it holds.
+/// every step. Returns the state bytes it holds and its shard of the state.
 fn rank_run<T: GpuStorage>(
     stream: Arc<CudaStream>,
     rank: usize,
@@ -188,8 +233,8 @@ fn rank_run<T: GpuStorage>(
     id: NcclId,
     config: AdamaxConfig,
     want: &Reference<T>,
-    barrier: &Barrier,
-) -> Result<u64, Failed> {
+    meet: &Meet,
+) -> Result<(u64, ShardCheckpoint), Failed> {
     let comm = NcclComm::new(&stream, rank, layout.world_size(), &id)?;
     let what = format!(
         "{} {:?} world {} rank {rank}",
@@ -206,43 +251,54 @@ fn rank_run<T: GpuStorage>(
     opt.set_options(options())?;
     opt.set_loss_scaler(Some(scaler()))?;
     let zeros = vec![T::from_f32(0.0); layout.total()];
+    let shard = layout.shard(rank);
     for step in 0..STEPS {
         let present: Vec<Vec<T>> = want.grads[step]
             .iter()
             .zip(LENS)
             .map(|(g, n)| g.clone().unwrap_or_else(|| vec![T::from_f32(0.0); n]))
             .collect();
-        let host = if rank == 0 {
-            flat_of(layout, &present)
-        } else {
-            zeros.clone()
-        };
-        let mut grads = stream.clone_htod(&host).map_err(|e| format!("{e:?}"))?;
+        let reduced = flat_of(layout, &present);
         let has_grad: Vec<bool> = want.grads[step].iter().map(Option::is_some).collect();
-        opt.step_some(&mut params, &mut grads, &has_grad)?;
-        let got = stream.clone_dtoh(&params).map_err(|e| format!("{e:?}"))?;
-        for (i, (w, &o)) in want.params[step].iter().zip(layout.offsets()).enumerate() {
-            if bits(w) != bits(&got[o..o + w.len()]) {
-                return Err(format!("{what} step {step} tensor {i}: parameters differ").into());
+        let all = has_grad.iter().all(|&h| h);
+        // Every entry point in turn: the whole buffer reduce-scattered (rank 0 holds
+        // the gradients, the others zeros, summed), all tensors or some; and the
+        // shard of gradients already reduced.
+        if step % 3 == 2 {
+            let g = stream
+                .clone_htod(&reduced[shard.clone()])
+                .map_err(|e| format!("{e:?}"))?;
+            opt.step_reduced(&mut params, &g, (!all).then_some(&has_grad[..]))?;
+        } else {
+            let host = if rank == 0 { reduced } else { zeros.clone() };
+            let mut grads = stream.clone_htod(&host).map_err(|e| format!("{e:?}"))?;
+            if all {
+                opt.step(&mut params, &mut grads)?;
+            } else {
+                opt.step_some(&mut params, &mut grads, &has_grad)?;
             }
         }
-        let report = opt.last_report()?;
-        if report != want.reports[step] {
-            return Err(format!(
-                "{what} step {step}: report {report:?}, want {:?}",
-                want.reports[step]
-            )
-            .into());
+        let verdict = compare(&opt, &params, &stream, want, step, layout, &what);
+        // Every rank learns whether any failed before the next step's collectives, so
+        // that a failure ends the test on every rank instead of leaving the others
+        // waiting in NCCL.
+        if verdict.is_err() {
+            meet.failed.store(true, Ordering::SeqCst);
         }
-        for (p, state) in opt.pieces().iter().zip(opt.shard_state()?) {
-            if state != slice(&want.states[step][p.tensor], p.begin, p.end) {
-                return Err(format!("{what} step {step} {p:?}: state differs").into());
-            }
+        meet.barrier.wait();
+        verdict?;
+        if meet.failed.load(Ordering::SeqCst) {
+            return Err(format!("{what}: another rank failed at step {step}").into());
         }
-        // The ranks compare before the next step's collectives.
-        barrier.wait();
     }
-    Ok(opt.state_bytes())
+    // The shard restores into the optimizer as it is.
+    let ck = opt.checkpoint()?;
+    let before = opt.shard_state()?;
+    opt.restore(&ck)?;
+    if opt.shard_state()? != before {
+        return Err(format!("{what}: restoring its own shard changed the state").into());
+    }
+    Ok((opt.state_bytes(), ck))
 }
 
 /// `world` ranks on device 0, one thread and stream each.
@@ -258,23 +314,31 @@ fn ranks<T: GpuStorage>(world: usize, params: ParamMode, state: StateFormat) -> 
         );
     }
     let id = NcclId::new()?;
-    let barrier = Barrier::new(world);
-    let bytes = std::thread::scope(|s| {
+    let meet = Meet {
+        barrier: Barrier::new(world),
+        failed: AtomicBool::new(false),
+    };
+    let done = std::thread::scope(|s| {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
-                let (layout, want, barrier) = (&layout, &want, &barrier);
+                let (layout, want, meet) = (&layout, &want, &meet);
                 let stream = base.context().new_stream();
-                s.spawn(move || -> Result<u64, Failed> {
+                s.spawn(move || -> Result<(u64, ShardCheckpoint), Failed> {
                     let stream = stream.map_err(|e| format!("{e:?}"))?;
-                    rank_run::<T>(stream, rank, layout, id, config, want, barrier)
+                    rank_run::<T>(stream, rank, layout, id, config, want, meet)
                 })
             })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into())))
-            .collect::<Result<Vec<u64>, Failed>>()
+            .collect::<Result<Vec<_>, Failed>>()
     })?;
+    let (bytes, shards): (Vec<u64>, Vec<ShardCheckpoint>) = done.into_iter().unzip();
+    // The ranks' shards make the one optimizer's checkpoint file, byte for byte.
+    if ShardCheckpoint::gather(&shards)?.to_bytes()? != want.checkpoint {
+        return Err("the gathered shards differ from the one optimizer's checkpoint".into());
+    }
     eprintln!(
         "{} {params:?} {state:?}: state bytes per rank {bytes:?} (world {world})",
         T::NAME
@@ -354,8 +418,14 @@ fn main() {
     // One test at a time: communicators of concurrent tests on the one GPU could wait
     // on each other's kernels.
     args.test_threads.get_or_insert(1);
-    let gpu = cuda::device_count().ok().filter(|&n| n > 0).is_some();
+    // NCCL's version first (it needs no GPU), so that the variable below is set before
+    // the driver starts any thread.
     let version = nccl::nccl_version();
+    let multi_rank = version.as_ref().is_ok_and(|&v| v >= (2, 30, 0));
+    if multi_rank && std::env::var_os("NCCL_MULTI_RANK_GPU_ENABLE").is_none() {
+        std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
+    }
+    let gpu = cuda::device_count().ok().filter(|&n| n > 0).is_some();
     let required = std::env::var("ADAMAX_REQUIRE_NCCL").is_ok_and(|v| v == "1");
     match (&version, gpu) {
         (_, false) => eprintln!("no CUDA device visible: NCCL tests are ignored"),
@@ -363,11 +433,6 @@ fn main() {
         (Err(e), true) => eprintln!("{e}"),
     }
     let runs = gpu && (version.is_ok() || required);
-    let multi_rank = version.as_ref().is_ok_and(|&v| v >= (2, 30, 0));
-    if runs && multi_rank && std::env::var_os("NCCL_MULTI_RANK_GPU_ENABLE").is_none() {
-        // Before any thread or NCCL call.
-        std::env::set_var("NCCL_MULTI_RANK_GPU_ENABLE", "1");
-    }
     if runs && !multi_rank {
         eprintln!(
             "NCCL before 2.30 cannot put two ranks on one GPU: the two-rank tests are ignored"

@@ -189,55 +189,7 @@ fn sharded_equals_whole<T: Storage>(
         let g: Vec<Option<&[T]>> = grads.iter().map(Option::as_deref).collect();
         let mut p: Vec<&mut [T]> = whole_params.iter_mut().map(Vec::as_mut_slice).collect();
         whole.step_some(&mut p, &g)?;
-        // The reduced gradients in the flat layout (absent tensors stay zero and are
-        // passed as None).
-        let mut flat_grads = vec![T::from_f32(0.0); layout.total()];
-        for (g, &o) in grads.iter().zip(layout.offsets()) {
-            if let Some(g) = g {
-                flat_grads[o..o + g.len()].copy_from_slice(g);
-            }
-        }
-        let exchange = AllReduce::new(world);
-        let shard_len = layout.shard_len();
-        std::thread::scope(|s| -> R {
-            let mut handles = Vec::new();
-            for ((rank, opt), shard) in ranks.iter_mut().enumerate().zip(flat.chunks_mut(shard_len))
-            {
-                let (layout, grads, flat_grads, exchange) =
-                    (&layout, &grads, &flat_grads, &exchange);
-                handles.push(s.spawn(move || -> adamax_cuda::Result<()> {
-                    let base = rank * shard_len;
-                    let pieces = layout.pieces(rank);
-                    let mut params: Vec<&mut [T]> = Vec::with_capacity(pieces.len());
-                    let mut rest = shard;
-                    let mut at = base;
-                    for p in &pieces {
-                        let start = layout.offsets()[p.tensor] + p.begin;
-                        let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
-                        let (mine, tail) = tail.split_at_mut(p.len());
-                        params.push(mine);
-                        rest = tail;
-                        at = start + p.len();
-                    }
-                    let piece_grads: Vec<Option<&[T]>> = pieces
-                        .iter()
-                        .map(|p| {
-                            grads[p.tensor].as_ref().map(|_| {
-                                let start = layout.offsets()[p.tensor] + p.begin;
-                                &flat_grads[start..start + p.len()]
-                            })
-                        })
-                        .collect();
-                    opt.step_exchanged(&mut params, &piece_grads, &mut |partials, found| {
-                        exchange.all_reduce(partials, found)
-                    })
-                }));
-            }
-            for h in handles {
-                h.join().map_err(|_| "a rank panicked")??;
-            }
-            Ok(())
-        })?;
+        step_world(&layout, &mut ranks, &mut flat, &grads)?;
         // Parameters, state and reports.
         for (i, (w, &o)) in whole_params.iter().zip(layout.offsets()).enumerate() {
             let bits = |v: &[T]| v.iter().map(|x| x.to_f32().to_bits()).collect::<Vec<_>>();
@@ -265,6 +217,65 @@ fn sharded_equals_whole<T: Storage>(
     // The run took its overflow skip: the case happened.
     assert_eq!(whole.step_count()?, 5, "{what}");
     Ok(pieces > lens.len())
+}
+
+/// One step of every rank of `layout` (threads over an in-process all-reduce) from the
+/// reduced gradients `grads` (`None`: the tensor has none; in the flat layout, absent
+/// tensors stay zero and are passed as `None`), each rank writing its shard of the
+/// flat parameters `flat`.
+fn step_world<T: Storage>(
+    layout: &ShardLayout,
+    ranks: &mut [CpuAdamax<T>],
+    flat: &mut [T],
+    grads: &[Option<Vec<T>>],
+) -> R {
+    let world = layout.world_size();
+    let mut flat_grads = vec![T::from_f32(0.0); layout.total()];
+    for (g, &o) in grads.iter().zip(layout.offsets()) {
+        if let Some(g) = g {
+            flat_grads[o..o + g.len()].copy_from_slice(g);
+        }
+    }
+    let flat_grads = &flat_grads;
+    let exchange = AllReduce::new(world);
+    let shard_len = layout.shard_len();
+    std::thread::scope(|s| -> R {
+        let mut handles = Vec::new();
+        for ((rank, opt), shard) in ranks.iter_mut().enumerate().zip(flat.chunks_mut(shard_len)) {
+            let exchange = &exchange;
+            handles.push(s.spawn(move || -> adamax_cuda::Result<()> {
+                let base = rank * shard_len;
+                let pieces = layout.pieces(rank);
+                let mut params: Vec<&mut [T]> = Vec::with_capacity(pieces.len());
+                let mut rest = shard;
+                let mut at = base;
+                for p in &pieces {
+                    let start = layout.offsets()[p.tensor] + p.begin;
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(start - at);
+                    let (mine, tail) = tail.split_at_mut(p.len());
+                    params.push(mine);
+                    rest = tail;
+                    at = start + p.len();
+                }
+                let piece_grads: Vec<Option<&[T]>> = pieces
+                    .iter()
+                    .map(|p| {
+                        grads[p.tensor].as_ref().map(|_| {
+                            let start = layout.offsets()[p.tensor] + p.begin;
+                            &flat_grads[start..start + p.len()]
+                        })
+                    })
+                    .collect();
+                opt.step_exchanged(&mut params, &piece_grads, &mut |partials, found| {
+                    exchange.all_reduce(partials, found)
+                })
+            }));
+        }
+        for h in handles {
+            h.join().map_err(|_| "a rank panicked")??;
+        }
+        Ok(())
+    })
 }
 
 /// Worlds 1 to 8 in one mode (a test per mode, so that they run side by side).
@@ -381,8 +392,163 @@ fn a_shard_refuses_what_would_break_the_whole_list() -> R {
         params.iter().flatten().all(|&x| x == 0.5),
         "a refused step wrote parameters"
     );
-    refused(opt.checkpoint().map(|_| ()), "sharded checkpoints");
+    refused(opt.checkpoint().map(|_| ()), "ShardCheckpoint");
     let whole = CpuAdamax::new(config, &[&[0.5f32; 10][..]])?.checkpoint()?;
-    refused(opt.restore(&whole), "sharded checkpoints");
+    refused(opt.restore(&whole), "ShardCheckpoint");
+    Ok(())
+}
+
+/// A run of `world` ranks' optimizers over `init` laid out by `layout`, set up as the
+/// whole optimizer of `sharded_equals_whole` is (group on tensor 3, clipping, scaler).
+fn world_of<T: Storage>(
+    config: AdamaxConfig,
+    layout: &ShardLayout,
+    flat: &[T],
+    group: TensorHyper,
+) -> Result<Vec<CpuAdamax<T>>, Box<dyn std::error::Error + Send + Sync>> {
+    (0..layout.world_size())
+        .map(|rank| {
+            let mut opt = CpuAdamax::for_shard(config, layout, rank, flat)?;
+            for (i, p) in layout.pieces(rank).iter().enumerate() {
+                if p.tensor == 3 {
+                    opt.set_tensor_hyper(i, group)?;
+                }
+            }
+            opt.set_options(StepOptions {
+                max_norm: Some(0.4),
+                ..Default::default()
+            })?;
+            opt.set_loss_scaler(Some(LossScaler {
+                scale: 128.0,
+                growth_interval: 2,
+                ..Default::default()
+            }))?;
+            Ok(opt)
+        })
+        .collect()
+}
+
+fn flat_of<T: Storage>(layout: &ShardLayout, tensors: &[Vec<T>]) -> Vec<T> {
+    let mut flat = vec![T::from_f32(0.0); layout.total()];
+    for (t, &o) in tensors.iter().zip(layout.offsets()) {
+        flat[o..o + t.len()].copy_from_slice(t);
+    }
+    flat
+}
+
+/// Issue #20: a sharded run saved by each of its 4 ranks (files on disk) gathers into
+/// the one-optimizer checkpoint, byte for byte; resharded to 3 ranks and restored
+/// there, it continues as the one optimizer does, bit for bit (parameters, state,
+/// reports), through an overflow skip.
+#[test]
+fn a_sharded_run_saved_at_one_world_size_resumes_at_another() -> R {
+    use adamax_cuda::ShardCheckpoint;
+    for (params, state) in [
+        (ParamMode::Master, StateFormat::Blockwise8),
+        (ParamMode::Stochastic, StateFormat::F32),
+    ] {
+        let what = format!("{params:?} {state:?}");
+        let mut rng = StdRng::seed_from_u64(7);
+        let lens = [3 * 8192 + 5, 700, 0, 5, 17_000, 9000, 20_000];
+        let config = config(params, state);
+        let group = TensorHyper {
+            lr_scale: 0.5,
+            weight_decay: 0.0,
+        };
+        let mut hypers = vec![TensorHyper::from_config(&config); lens.len()];
+        hypers[3] = group;
+        let init: Vec<Vec<bf16>> = lens.iter().map(|&n| values(&mut rng, n, 1.0)).collect();
+        let mut whole_params = init.clone();
+        let refs: Vec<&[bf16]> = init.iter().map(Vec::as_slice).collect();
+        let mut whole = CpuAdamax::new(config, &refs)?;
+        whole.set_tensor_hyper(3, group)?;
+        whole.set_options(StepOptions {
+            max_norm: Some(0.4),
+            ..Default::default()
+        })?;
+        whole.set_loss_scaler(Some(LossScaler {
+            scale: 128.0,
+            growth_interval: 2,
+            ..Default::default()
+        }))?;
+        let mut layout = ShardLayout::new(&lens, 4)?;
+        let mut flat = flat_of(&layout, &init);
+        let mut ranks = world_of(config, &layout, &flat, group)?;
+        for step in 0..6usize {
+            if step == 3 {
+                // Every rank saves its shard; the files make the one-GPU checkpoint.
+                let dir = std::env::temp_dir();
+                let paths: Vec<_> = (0..4)
+                    .map(|r| {
+                        dir.join(format!(
+                            "adamax-shard-{}-{r}.safetensors",
+                            std::process::id()
+                        ))
+                    })
+                    .collect();
+                for (opt, path) in ranks.iter().zip(&paths) {
+                    opt.shard_checkpoint(&hypers)?.save(path)?;
+                }
+                let loaded = paths
+                    .iter()
+                    .map(ShardCheckpoint::load)
+                    .collect::<adamax_cuda::Result<Vec<_>>>()?;
+                for p in &paths {
+                    std::fs::remove_file(p)?;
+                }
+                let gathered = ShardCheckpoint::gather(&loaded)?;
+                assert!(
+                    gathered.to_bytes()? == whole.checkpoint()?.to_bytes()?,
+                    "{what}: the gathered shards are the one optimizer's checkpoint"
+                );
+                // Three ranks go on from the same files.
+                let three = ShardCheckpoint::reshard(&loaded, 3)?;
+                layout = ShardLayout::new(&lens, 3)?;
+                flat = flat_of(&layout, &whole_params);
+                ranks = world_of(config, &layout, &flat, TensorHyper::from_config(&config))?;
+                for (opt, shard) in ranks.iter_mut().zip(&three) {
+                    opt.restore_shard(shard)?;
+                }
+                // A shard of another rank or world is refused.
+                let mut other = CpuAdamax::for_shard(config, &layout, 0, &flat)?;
+                assert!(other.restore_shard(&three[1]).is_err());
+                assert!(other.restore_shard(&loaded[0]).is_err());
+            }
+            let scale = whole.loss_scaler()?.map_or(1.0, |s| s.scale);
+            let mut grads: Vec<Option<Vec<bf16>>> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| (i != 6 || step % 2 == 0).then(|| values(&mut rng, n, 0.1 * scale)))
+                .collect();
+            if step == 4 {
+                if let Some(g) = grads[4].as_mut() {
+                    g[16_500] = bf16::from_f32(f32::INFINITY);
+                }
+            }
+            let g: Vec<Option<&[bf16]>> = grads.iter().map(Option::as_deref).collect();
+            let mut p: Vec<&mut [bf16]> = whole_params.iter_mut().map(Vec::as_mut_slice).collect();
+            whole.step_some(&mut p, &g)?;
+            step_world(&layout, &mut ranks, &mut flat, &grads)?;
+            for (i, (w, &o)) in whole_params.iter().zip(layout.offsets()).enumerate() {
+                let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(w) == bits(&flat[o..o + w.len()]),
+                    "{what} step {step} tensor {i}: parameters"
+                );
+            }
+            let report = whole.last_report()?;
+            for (rank, opt) in ranks.iter().enumerate() {
+                assert_eq!(opt.last_report()?, report, "{what} step {step} rank {rank}");
+                for (p, state) in layout.pieces(rank).iter().zip(opt.tensor_states()) {
+                    let want = slice(&whole.tensor_states()[p.tensor], p.begin, p.end);
+                    assert!(
+                        *state == want,
+                        "{what} step {step} rank {rank} {p:?}: state"
+                    );
+                }
+            }
+        }
+        assert_eq!(whole.step_count()?, 5, "{what}: the overflow skip happened");
+    }
     Ok(())
 }

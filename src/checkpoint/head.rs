@@ -132,13 +132,19 @@ impl Head<'_> {
 
     /// What `Checkpoint::validate` checks that needs no tensor data.
     pub(super) fn validate(&self) -> Result<()> {
+        self.validate_any(false)
+    }
+
+    /// [`Head::validate`], where `allow_empty` lets a list of no tensors pass (one
+    /// rank's shard may hold no piece).
+    pub(super) fn validate_any(&self, allow_empty: bool) -> Result<()> {
         check_pairs(self.config, self.hypers)?;
         self.config.precision.check_storage(self.storage)?;
         self.options.validate()?;
         if let Some(s) = self.scaler {
             s.validate()?;
         }
-        if self.tensor_steps.is_empty() {
+        if self.tensor_steps.is_empty() && !allow_empty {
             return Err(refuse(
                 "it holds no tensors; an optimizer steps at least one".to_owned(),
             ));

@@ -70,6 +70,12 @@
 //! `load` reads regular files only (not a FIFO or `/dev/zero`), and no more than the
 //! header declares.
 //!
+//! # Sharded runs
+//!
+//! The optimizer state of a run sharded over GPUs (ZeRO-1) is one [`ShardCheckpoint`]
+//! per rank, in files of their own format; they gather into this checkpoint and split
+//! from it at any world size (`src/checkpoint/shard.rs`).
+//!
 //! ```no_run
 //! use adamax_cuda::{cpu::CpuAdamax, AdamaxConfig, Checkpoint, Optimizer};
 //! let mut weights = vec![0.5f32; 1000];
@@ -85,9 +91,11 @@ mod convert;
 mod file;
 mod head;
 mod parse;
+mod shard;
 mod valid;
 
 pub(crate) use head::{save_streamed, Head};
+pub use shard::ShardCheckpoint;
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -283,8 +291,14 @@ impl Checkpoint {
     /// tensor with more steps than the optimizer, and state that a run can reach (the
     /// module's "What is refused"). `save`, `load` and `restore` all run it.
     pub fn validate(&self) -> Result<()> {
+        self.validate_any(false)
+    }
+
+    /// [`Checkpoint::validate`], where `allow_empty` lets a list of no tensors pass (the
+    /// pieces of a rank's shard that holds none).
+    pub(super) fn validate_any(&self, allow_empty: bool) -> Result<()> {
         let steps: Vec<u64> = self.tensors.iter().map(|t| t.step).collect();
-        self.head(&steps).validate()?;
+        self.head(&steps).validate_any(allow_empty)?;
         let bound = MomentBound::of(&self.config);
         // (The head's validation, above, has checked one shape, name and state format
         // per tensor.)
@@ -418,7 +432,8 @@ impl Checkpoint {
         precision: &Precision,
         lens: &[usize],
     ) -> Result<()> {
-        self.validate()?;
+        // An optimizer over no tensors is a rank's shard that holds no piece.
+        self.validate_any(lens.is_empty())?;
         self.check_precision(precision)?;
         if self.storage != storage {
             return Err(refuse(format!(
@@ -550,28 +565,31 @@ impl Checkpoint {
     /// Reads and validates a checkpoint file: a regular file, read no further than its
     /// header declares.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let io = |source| Error::io("reading", path, source);
-        let not_regular = || {
-            refuse(format!(
-                "{} is not a regular file; pass the path of a checkpoint file",
-                path.display()
-            ))
-        };
-        // Checked before opening, so that a FIFO is refused instead of blocking.
-        if !std::fs::metadata(path).map_err(io)?.is_file() {
-            return Err(not_regular());
-        }
-        let mut f = std::fs::File::open(path).map_err(io)?;
-        let meta = f.metadata().map_err(io)?;
-        if !meta.is_file() {
-            return Err(not_regular());
-        }
-        let raw =
-            file::read(&mut std::io::BufReader::new(&mut f), meta.len()).map_err(|e| match e {
-                file::ReadError::Refused(e) => e,
-                file::ReadError::Io(source) => io(source),
-            })?;
-        Self::from_raw(raw)
+        Self::from_raw(read_path(path.as_ref())?)
     }
+}
+
+/// Reads a file of this crate's or PyTorch's: a regular file, read no further than its
+/// header declares; nothing validated yet.
+fn read_path(path: &Path) -> Result<file::RawFile> {
+    let io = |source| Error::io("reading", path, source);
+    let not_regular = || {
+        refuse(format!(
+            "{} is not a regular file; pass the path of a checkpoint file",
+            path.display()
+        ))
+    };
+    // Checked before opening, so that a FIFO is refused instead of blocking.
+    if !std::fs::metadata(path).map_err(io)?.is_file() {
+        return Err(not_regular());
+    }
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let meta = f.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    file::read(&mut std::io::BufReader::new(&mut f), meta.len()).map_err(|e| match e {
+        file::ReadError::Refused(e) => e,
+        file::ReadError::Io(source) => io(source),
+    })
 }

@@ -19,6 +19,13 @@ impl Checkpoint {
         if let Some(stored) = raw.meta.get(file::CHECKSUM_KEY) {
             file::verify_checksum(&raw, stored)?;
         }
+        Self::from_verified(raw, false)
+    }
+
+    /// [`Checkpoint::from_raw`] once the checksum, if any, has been verified (a shard
+    /// file's is verified before its own keys are taken out); `allow_empty` for the
+    /// pieces of a rank's shard, which may hold none.
+    pub(super) fn from_verified(raw: file::RawFile, allow_empty: bool) -> Result<Self> {
         let file::RawFile {
             meta,
             tensors: mut entries_in_file,
@@ -29,6 +36,11 @@ impl Checkpoint {
                 .ok_or_else(|| refuse(format!("metadata has no `{k}`")))
         };
         let format = get("format")?;
+        if format == super::shard::SHARD_FORMAT {
+            return Err(refuse(format!(
+                "format `{format}` is one rank's shard of a sharded optimizer's state; load it with ShardCheckpoint::load, and make the one-GPU checkpoint of every rank's shard with ShardCheckpoint::gather"
+            )));
+        }
         if format != FORMAT && format != TORCH_FORMAT {
             return Err(refuse(format!(
                 "format `{format}`; expected `{FORMAT}` or `{TORCH_FORMAT}`"
@@ -339,7 +351,7 @@ impl Checkpoint {
             options,
             scaler,
         };
-        ck.validate()?;
+        ck.validate_any(allow_empty)?;
         if format == FORMAT {
             check_keys(&meta, &ck)?;
         }

@@ -1,7 +1,7 @@
 //! [`CpuAdamax`]: the reference optimizer over host slices.
 
 use crate::{
-    checkpoint::Checkpoint,
+    checkpoint::{Checkpoint, ShardCheckpoint},
     config::{AdamaxConfig, StateFormat, TensorHyper},
     error::{Error, Result},
     fused::{
@@ -46,8 +46,8 @@ pub struct CpuAdamax<T: Storage> {
     /// rank's shard), and the chunks of the whole list's reduction.
     placements: Vec<Placement>,
     total_chunks: usize,
-    /// Whether it steps one rank's shard ([`CpuAdamax::for_shard`]).
-    sharded: bool,
+    /// The layout and rank of the shard it steps ([`CpuAdamax::for_shard`]), if so.
+    shard: Option<(ShardLayout, usize)>,
     _storage: std::marker::PhantomData<T>,
 }
 
@@ -64,7 +64,7 @@ fn alone(sharded: bool) -> Result<()> {
 /// Why a shard's optimizer refuses what an optimizer over whole tensors does.
 const SHARD_STEP: &str = "this optimizer steps one rank's shard: with clipping, the overflow check or a loss scaler its decision needs the other ranks' partial sums, so step it with step_exchanged";
 const SHARD_FORMATS: &str = "this optimizer steps one rank's shard, whose pieces keep their whole tensors' formats (the configuration's min_8bit_len) on every rank";
-const SHARD_CHECKPOINT: &str = "this optimizer steps one rank's shard, and sharded checkpoints (which record each piece's tensor and first element) are not built yet (issue #20)";
+const SHARD_CHECKPOINT: &str = "this optimizer steps one rank's shard: its state is a ShardCheckpoint (shard_checkpoint, restore_shard), which records where its pieces sit; ShardCheckpoint::gather makes the one-GPU checkpoint of every rank's";
 
 fn shard_refusal(reason: &str) -> Error {
     Error::InvalidLayout {
@@ -128,7 +128,7 @@ impl<T: Storage> CpuAdamax<T> {
             scaler: None,
             last: LastStep::NONE,
             formats_fixed: None,
-            sharded: false,
+            shard: None,
             _storage: std::marker::PhantomData,
         })
     }
@@ -155,8 +155,9 @@ impl<T: Storage> CpuAdamax<T> {
     /// piece. A rank not in the layout, or a flat buffer of another length, is refused
     /// ([`Error::InvalidLayout`]). Its formats follow its whole tensors' and cannot be
     /// chosen; `step` and `step_some` refuse to decide a step alone (clipping, the
-    /// overflow check, a loss scaler); `checkpoint` and `restore` are refused until
-    /// sharded checkpoints exist.
+    /// overflow check, a loss scaler); `checkpoint` and `restore` are refused: its
+    /// state is a [`ShardCheckpoint`] ([`CpuAdamax::shard_checkpoint`],
+    /// [`CpuAdamax::restore_shard`]).
     #[doc(hidden)]
     pub fn for_shard(
         config: AdamaxConfig,
@@ -206,7 +207,7 @@ impl<T: Storage> CpuAdamax<T> {
             formats_fixed: Some(SHARD_FORMATS),
             placements: layout.placements(rank),
             total_chunks: layout.total_chunks(),
-            sharded: true,
+            shard: Some((layout.clone(), rank)),
             _storage: std::marker::PhantomData,
         })
     }
@@ -368,7 +369,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
             params.iter().map(|p| p.len()),
             grads.iter().map(|g| Some(g.len())),
         )?;
-        let sharded = self.sharded;
+        let sharded = self.shard.is_some();
         self.step_checked(params, |i| Some(grads[i]), &mut |_, _| alone(sharded))
     }
 
@@ -377,7 +378,7 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         params: &mut [&'a mut [T]],
         grads: &[Option<&'a [T]>],
     ) -> Result<()> {
-        let sharded = self.sharded;
+        let sharded = self.shard.is_some();
         self.step_exchanged(params, grads, &mut |_, _| alone(sharded))
     }
 
@@ -475,19 +476,68 @@ impl<T: Storage> Optimizer for CpuAdamax<T> {
         Ok(self.states.clone())
     }
 
-    /// Refused for one rank's shard ([`CpuAdamax::for_shard`]) until sharded
-    /// checkpoints exist.
+    /// Refused for one rank's shard ([`CpuAdamax::for_shard`]): see
+    /// [`CpuAdamax::shard_checkpoint`].
     fn checkpoint(&self) -> Result<Checkpoint> {
-        if self.sharded {
+        if self.shard.is_some() {
             return Err(shard_refusal(SHARD_CHECKPOINT));
         }
         checkpoint_of(self)
     }
 
     fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
-        if self.sharded {
+        if self.shard.is_some() {
             return Err(shard_refusal(SHARD_CHECKPOINT));
         }
+        self.restore_state(ck)
+    }
+}
+
+impl<T: Storage> CpuAdamax<T> {
+    /// The state of one rank's shard ([`CpuAdamax::for_shard`]) as a
+    /// [`ShardCheckpoint`], its whole tensors of shape `[n]`, unnamed, with `hypers`
+    /// (one per whole tensor, as set on every rank's pieces). Refused for an optimizer
+    /// over whole tensors ([`Optimizer::checkpoint`] is its).
+    #[doc(hidden)]
+    pub fn shard_checkpoint(&self, hypers: &[TensorHyper]) -> Result<ShardCheckpoint> {
+        let (layout, rank) = self.shard.as_ref().ok_or_else(|| {
+            shard_refusal("this optimizer steps whole tensors; its state is a Checkpoint")
+        })?;
+        let shapes = layout.lens().iter().map(|&n| vec![n]).collect();
+        let names = vec![None; layout.lens().len()];
+        ShardCheckpoint::new(
+            *rank,
+            layout.clone(),
+            shapes,
+            names,
+            hypers.to_vec(),
+            checkpoint_of(self)?,
+        )
+    }
+
+    /// Restores one rank's shard from `ck`, a shard of the same layout and rank (see
+    /// [`ShardCheckpoint::reshard`] for another world size); checked as
+    /// [`Optimizer::restore`] checks a checkpoint, nothing changed when refused.
+    #[doc(hidden)]
+    pub fn restore_shard(&mut self, ck: &ShardCheckpoint) -> Result<()> {
+        let (layout, rank) = self.shard.as_ref().ok_or_else(|| {
+            shard_refusal("this optimizer steps whole tensors; restore a Checkpoint")
+        })?;
+        if ck.layout() != layout || ck.rank() != *rank {
+            return Err(crate::checkpoint::refuse(format!(
+                "it is rank {}'s shard of {} ranks over {} tensors; this optimizer steps rank {rank} of {} over {} (ShardCheckpoint::reshard makes the shards of another world size)",
+                ck.rank(),
+                ck.world_size(),
+                ck.layout().lens().len(),
+                layout.world_size(),
+                layout.lens().len()
+            )));
+        }
+        self.restore_state(ck.state())
+    }
+
+    /// The restore of a checkpoint of this optimizer's tensors.
+    fn restore_state(&mut self, ck: &Checkpoint) -> Result<()> {
         self.schedule = ck.schedule_for(T::TYPE, &self.schedule, &self.lens)?;
         self.states = ck.tensors.clone();
         self.step = ck.step;
