@@ -15,6 +15,7 @@
 //! runs the one-optimizer CPU reference on the averaged gradients (averaging two is
 //! exact whatever NCCL's order) and checks the parameters bit for bit after each step.
 //! Use a fresh id file per run: the other ranks read whatever file is at the path.
+//! `--save PREFIX` saves each rank's shard of the state at the end (`PREFIX.rank{r}`).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -38,6 +39,8 @@ struct Args {
     rank: usize,
     world_size: usize,
     id_file: PathBuf,
+    /// Where each rank saves its shard of the state at the end (`{save}.rank{r}`).
+    save: Option<PathBuf>,
 }
 
 fn args() -> Result<Args, String> {
@@ -45,6 +48,7 @@ fn args() -> Result<Args, String> {
         rank: 0,
         world_size: 1,
         id_file: std::env::temp_dir().join(format!("adamax-zero1-{}.id", std::process::id())),
+        save: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,9 +59,10 @@ fn args() -> Result<Args, String> {
                 a.world_size = value.parse().map_err(|e| format!("--world-size: {e}"))?
             }
             "--id-file" => a.id_file = value.into(),
+            "--save" => a.save = Some(value.into()),
             _ => {
                 return Err(format!(
-                    "unknown flag {flag}; use --rank, --world-size, --id-file"
+                    "unknown flag {flag}; use --rank, --world-size, --id-file, --save"
                 ))
             }
         }
@@ -200,6 +205,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if step % 10 == 0 || step + 1 == STEPS {
             println!("rank {} step {step:>3}: loss {loss:.5}", a.rank);
         }
+    }
+    if let Some(prefix) = &a.save {
+        // Each rank its own shard; ShardCheckpoint::gather of every rank's file makes
+        // the one-GPU checkpoint, ShardCheckpoint::reshard the files of another world.
+        let path = PathBuf::from(format!("{}.rank{}", prefix.display(), a.rank));
+        opt.checkpoint()?.save(&path)?;
+        println!(
+            "rank {}: saved its shard of the state to {}",
+            a.rank,
+            path.display()
+        );
     }
     println!(
         "rank {} of {}: {} optimizer-state bytes on this GPU ({} pieces){}",

@@ -54,7 +54,7 @@ for line in sys.stdin:
     # rather than skip when NCCL does not load.
     export NCCL_MULTI_RANK_GPU_ENABLE=1
     ADAMAX_REQUIRE_NCCL=1 step 150 nccl.log .gpu/tests/nccl-test
-    step 60 nccl.log .gpu/examples/zero1
+    step 60 nccl.log .gpu/examples/zero1 --save /tmp/zero1-shard
     if grep -q "NCCL (2, \(3[0-9]\|[4-9][0-9]\)," "$OUT/nccl.log"; then
       id=/tmp/zero1-$$.id
       (timeout 60 .gpu/examples/zero1 --rank 1 --world-size 2 --id-file "$id" >>"$OUT/nccl.log" 2>&1 || echo "rank 1 failed" >>"$OUT/nccl.log") &

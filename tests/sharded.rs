@@ -552,3 +552,78 @@ fn a_sharded_run_saved_at_one_world_size_resumes_at_another() -> R {
     }
     Ok(())
 }
+
+/// GPT-2 small's parameter shapes, as the benchmarks take them.
+#[path = "../benches/common/mod.rs"]
+mod bench_common;
+
+/// The optimizer state each rank holds, computed from the modes table
+/// (`Precision::state_bytes` of each piece, in its whole tensor's format) for GPT-2
+/// small: the ranks' bytes add up to one optimizer's exactly (pieces cut no 8-bit
+/// block), and the largest rank holds at most 1% more than 1/world of it (the shards
+/// hold equal element counts; with 8-bit state a rank whose shard holds more of the
+/// small tensors kept in f32 holds a little more). The figures BENCHMARKS.md quotes.
+#[test]
+fn each_rank_holds_a_world_size_share_of_the_state() -> R {
+    use adamax_cuda::StorageType;
+    let lens = bench_common::gpt2_small();
+    let modes = [
+        ("f32", StorageType::F32, ParamMode::Master, StateFormat::F32),
+        (
+            "bf16 (master)",
+            StorageType::Bf16,
+            ParamMode::Master,
+            StateFormat::F32,
+        ),
+        (
+            "bf16_sr_q8",
+            StorageType::Bf16,
+            ParamMode::Stochastic,
+            StateFormat::Blockwise8,
+        ),
+    ];
+    for (name, storage, params, state) in modes {
+        let p = Precision {
+            params,
+            state,
+            ..Precision::default()
+        };
+        let bytes_of = |whole_len: usize, n: usize| -> adamax_cuda::Result<u64> {
+            let kept = Precision {
+                state: p.tensor_state(whole_len),
+                min_8bit_len: 0,
+                ..p
+            };
+            Ok(kept.state_bytes(storage, n)?)
+        };
+        let one: u64 = lens
+            .iter()
+            .map(|&n| bytes_of(n, n))
+            .sum::<adamax_cuda::Result<u64>>()?;
+        let mut row = format!("{name}: one GPU {one} B");
+        for world in [2, 4, 8] {
+            let layout = ShardLayout::new(&lens, world)?;
+            let per_rank = (0..world)
+                .map(|r| {
+                    layout
+                        .pieces(r)
+                        .iter()
+                        .map(|pc| bytes_of(lens[pc.tensor], pc.len()))
+                        .sum::<adamax_cuda::Result<u64>>()
+                })
+                .collect::<adamax_cuda::Result<Vec<u64>>>()?;
+            assert_eq!(per_rank.iter().sum::<u64>(), one, "{name} world {world}");
+            let most = *per_rank.iter().max().unwrap_or(&0);
+            assert!(
+                most as f64 <= one as f64 / world as f64 * 1.01,
+                "{name} world {world}: {most} of {one}"
+            );
+            row += &format!(
+                ", world {world}: at most {most} B a rank ({:.4} of one GPU's)",
+                most as f64 / one as f64
+            );
+        }
+        eprintln!("{row}");
+    }
+    Ok(())
+}
