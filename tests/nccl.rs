@@ -26,11 +26,15 @@ use adamax_cuda::{
     },
     f16,
     shard::ShardLayout,
-    AdamaxConfig, LossScaler, Optimizer, ParamMode, Precision, ShardCheckpoint, StateFormat,
-    StepOptions, StepReport, Storage, TensorHyper, TensorState, WeightDecayMode,
+    AdamaxConfig, LossScaler, Optimizer, ParamMode, ShardCheckpoint, StateFormat, StepOptions,
+    StepReport, Storage, TensorHyper, TensorState,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
+
+#[path = "common/shards.rs"]
+mod shards;
+use shards::{config, flat_of, slice, step_grads, values};
 
 type R = Result<(), Failed>;
 
@@ -38,63 +42,6 @@ type R = Result<(), Failed>;
 /// one without a gradient in odd steps (6), one with a parameter group (3).
 const LENS: [usize; 7] = [3 * 8192 + 5, 700, 0, 5, 17_000, 9000, 20_000];
 const STEPS: usize = 6;
-
-/// Values over many orders of magnitude, some zero.
-fn values<T: Storage>(rng: &mut StdRng, n: usize, scale: f32) -> Vec<T> {
-    (0..n)
-        .map(|_| {
-            if rng.random_range(0..8) == 0 {
-                return T::from_f32(0.0);
-            }
-            let x = rng.random_range(-1.0..1.0f32) * 10f32.powf(rng.random_range(-5.0..0.0));
-            T::from_f32(x * scale)
-        })
-        .collect()
-}
-
-/// Tensor state elements `begin..end`, as a piece holds it.
-fn slice(t: &TensorState, begin: usize, end: usize) -> TensorState {
-    let part = |v: &Vec<f32>| {
-        if v.is_empty() {
-            Vec::new()
-        } else {
-            v[begin..end].to_vec()
-        }
-    };
-    let blocks = begin / 256..end.div_ceil(256);
-    let mut s = TensorState {
-        step: t.step,
-        exp_avg: part(&t.exp_avg),
-        exp_inf: part(&t.exp_inf),
-        master: part(&t.master),
-        ..TensorState::default()
-    };
-    for (dst, src) in [
-        (&mut s.exp_avg_q8, &t.exp_avg_q8),
-        (&mut s.exp_inf_q8, &t.exp_inf_q8),
-    ] {
-        if !src.codes.is_empty() {
-            dst.codes = src.codes[begin..end].to_vec();
-            dst.scales = src.scales[blocks.clone()].to_vec();
-        }
-    }
-    s
-}
-
-fn config(params: ParamMode, state: StateFormat) -> AdamaxConfig {
-    AdamaxConfig {
-        lr: 1e-2,
-        weight_decay: 0.02,
-        weight_decay_mode: WeightDecayMode::Decoupled,
-        precision: Precision {
-            params,
-            state,
-            seed: 0x5A4D,
-            ..Precision::default()
-        },
-        ..AdamaxConfig::default()
-    }
-}
 
 const GROUP: TensorHyper = TensorHyper {
     lr_scale: 0.5,
@@ -147,16 +94,7 @@ fn reference<T: Storage>(config: AdamaxConfig, seed: u64) -> Result<Reference<T>
     };
     for step in 0..STEPS {
         let scale = opt.loss_scaler()?.map_or(1.0, |s| s.scale);
-        let mut grads: Vec<Option<Vec<T>>> = LENS
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| (i != 6 || step % 2 == 0).then(|| values(&mut rng, n, 0.1 * scale)))
-            .collect();
-        if step == 3 {
-            if let Some(g) = grads[4].as_mut() {
-                g[16_500] = T::from_f32(f32::INFINITY);
-            }
-        }
+        let grads: Vec<Option<Vec<T>>> = step_grads(&mut rng, &LENS, step, scale, 3);
         let g: Vec<Option<&[T]>> = grads.iter().map(Option::as_deref).collect();
         let mut p: Vec<&mut [T]> = params.iter_mut().map(Vec::as_mut_slice).collect();
         opt.step_some(&mut p, &g)?;
@@ -171,14 +109,6 @@ fn reference<T: Storage>(config: AdamaxConfig, seed: u64) -> Result<Reference<T>
         "the overflow skip happened"
     );
     Ok(out)
-}
-
-fn flat_of<T: Storage>(layout: &ShardLayout, tensors: &[Vec<T>]) -> Vec<T> {
-    let mut flat = vec![T::from_f32(0.0); layout.total()];
-    for (t, &o) in tensors.iter().zip(layout.offsets()) {
-        flat[o..o + t.len()].copy_from_slice(t);
-    }
-    flat
 }
 
 fn bits<T: Storage>(v: &[T]) -> Vec<u32> {

@@ -11,9 +11,13 @@ use std::sync::{Barrier, Mutex};
 
 use adamax_cuda::{
     bf16, cpu::CpuAdamax, f16, shard::ShardLayout, AdamaxConfig, LossScaler, Optimizer, ParamMode,
-    Precision, StateFormat, StepOptions, Storage, TensorHyper, TensorState, WeightDecayMode,
+    Precision, StateFormat, StepOptions, Storage, TensorHyper,
 };
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
+
+#[path = "common/shards.rs"]
+mod shards;
+use shards::{config, flat_of, slice, step_grads, values};
 
 type R = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -56,63 +60,6 @@ impl AllReduce {
         }
         self.barrier.wait();
         Ok(())
-    }
-}
-
-/// Values over many orders of magnitude, some zero.
-fn values<T: Storage>(rng: &mut StdRng, n: usize, scale: f32) -> Vec<T> {
-    (0..n)
-        .map(|_| {
-            if rng.random_range(0..8) == 0 {
-                return T::from_f32(0.0);
-            }
-            let x = rng.random_range(-1.0..1.0f32) * 10f32.powf(rng.random_range(-5.0..0.0));
-            T::from_f32(x * scale)
-        })
-        .collect()
-}
-
-/// Tensor `p.tensor`'s state, elements `p.begin..p.end`, as a piece holds it.
-fn slice(t: &TensorState, begin: usize, end: usize) -> TensorState {
-    let part = |v: &Vec<f32>| {
-        if v.is_empty() {
-            Vec::new()
-        } else {
-            v[begin..end].to_vec()
-        }
-    };
-    let blocks = begin / 256..end.div_ceil(256);
-    let mut s = TensorState {
-        step: t.step,
-        exp_avg: part(&t.exp_avg),
-        exp_inf: part(&t.exp_inf),
-        master: part(&t.master),
-        ..TensorState::default()
-    };
-    for (dst, src) in [
-        (&mut s.exp_avg_q8, &t.exp_avg_q8),
-        (&mut s.exp_inf_q8, &t.exp_inf_q8),
-    ] {
-        if !src.codes.is_empty() {
-            dst.codes = src.codes[begin..end].to_vec();
-            dst.scales = src.scales[blocks.clone()].to_vec();
-        }
-    }
-    s
-}
-
-fn config(params: ParamMode, state: StateFormat) -> AdamaxConfig {
-    AdamaxConfig {
-        lr: 1e-2,
-        weight_decay: 0.02,
-        weight_decay_mode: WeightDecayMode::Decoupled,
-        precision: Precision {
-            params,
-            state,
-            seed: 0x5A4D,
-            ..Precision::default()
-        },
-        ..AdamaxConfig::default()
     }
 }
 
@@ -176,16 +123,7 @@ fn sharded_equals_whole<T: Storage>(
     }
     for step in 0..6usize {
         let scale = whole.loss_scaler()?.map_or(1.0, |s| s.scale);
-        let mut grads: Vec<Option<Vec<T>>> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| (i != 6 || step % 2 == 0).then(|| values(&mut rng, n, 0.1 * scale)))
-            .collect();
-        if step == 3 {
-            if let Some(g) = grads[4].as_mut() {
-                g[16_500] = T::from_f32(f32::INFINITY);
-            }
-        }
+        let grads: Vec<Option<Vec<T>>> = step_grads(&mut rng, &lens, step, scale, 3);
         let g: Vec<Option<&[T]>> = grads.iter().map(Option::as_deref).collect();
         let mut p: Vec<&mut [T]> = whole_params.iter_mut().map(Vec::as_mut_slice).collect();
         whole.step_some(&mut p, &g)?;
@@ -428,14 +366,6 @@ fn world_of<T: Storage>(
         .collect()
 }
 
-fn flat_of<T: Storage>(layout: &ShardLayout, tensors: &[Vec<T>]) -> Vec<T> {
-    let mut flat = vec![T::from_f32(0.0); layout.total()];
-    for (t, &o) in tensors.iter().zip(layout.offsets()) {
-        flat[o..o + t.len()].copy_from_slice(t);
-    }
-    flat
-}
-
 /// Issue #20: a sharded run saved by each of its 4 ranks (files on disk) gathers into
 /// the one-optimizer checkpoint, byte for byte; resharded to 3 ranks and restored
 /// there, it continues as the one optimizer does, bit for bit (parameters, state,
@@ -515,16 +445,7 @@ fn a_sharded_run_saved_at_one_world_size_resumes_at_another() -> R {
                 assert!(other.restore_shard(&loaded[0]).is_err());
             }
             let scale = whole.loss_scaler()?.map_or(1.0, |s| s.scale);
-            let mut grads: Vec<Option<Vec<bf16>>> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| (i != 6 || step % 2 == 0).then(|| values(&mut rng, n, 0.1 * scale)))
-                .collect();
-            if step == 4 {
-                if let Some(g) = grads[4].as_mut() {
-                    g[16_500] = bf16::from_f32(f32::INFINITY);
-                }
-            }
+            let grads: Vec<Option<Vec<bf16>>> = step_grads(&mut rng, &lens, step, scale, 4);
             let g: Vec<Option<&[bf16]>> = grads.iter().map(Option::as_deref).collect();
             let mut p: Vec<&mut [bf16]> = whole_params.iter_mut().map(Vec::as_mut_slice).collect();
             whole.step_some(&mut p, &g)?;

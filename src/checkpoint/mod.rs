@@ -527,23 +527,13 @@ impl Checkpoint {
     /// larger than [`Checkpoint::load`] reads (100 MB, about 300,000 tensors) is
     /// refused.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let plan = file::plan(self)?;
-        let mut out = std::io::Cursor::new(Vec::new());
-        file::write(self, plan, &mut out).map_err(|e| match e {
-            file::WriteError::Invalid(e) => e,
-            file::WriteError::Io(e) => refuse(format!("cannot serialise: {e}")),
-        })?;
-        Ok(out.into_inner())
+        file_bytes(self, file::plan(self)?)
     }
 
     /// Parses and validates safetensors bytes written by this crate or by
     /// scripts/torch_checkpoint.py.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let raw = file::read(&mut &bytes[..], bytes.len() as u64).map_err(|e| match e {
-            file::ReadError::Refused(e) => e,
-            file::ReadError::Io(e) => refuse(format!("unreadable ({e})")),
-        })?;
-        Self::from_raw(raw)
+        Self::from_raw(read_bytes(bytes)?)
     }
 
     /// Writes the checkpoint to `path` atomically (after [`Checkpoint::validate`]): to
@@ -553,13 +543,7 @@ impl Checkpoint {
     /// invalid state, a header larger than it reads) is refused before any file is
     /// created.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let plan = file::plan(self)?;
-        crate::fsutil::write_atomically_with(path.as_ref(), |w| {
-            file::write(self, plan, w).map_err(|e| match e {
-                file::WriteError::Invalid(_) => std::io::Error::other(e.to_string()),
-                file::WriteError::Io(e) => e,
-            })
-        })
+        save_file(self, file::plan(self)?, path.as_ref())
     }
 
     /// Reads and validates a checkpoint file: a regular file, read no further than its
@@ -567,6 +551,34 @@ impl Checkpoint {
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         Self::from_raw(read_path(path.as_ref())?)
     }
+}
+
+/// The file of `plan` with `ck`'s tensors, in memory.
+fn file_bytes(ck: &Checkpoint, plan: file::Plan) -> Result<Vec<u8>> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    file::write(ck, plan, &mut out).map_err(|e| match e {
+        file::WriteError::Invalid(e) => e,
+        file::WriteError::Io(e) => refuse(format!("cannot serialise: {e}")),
+    })?;
+    Ok(out.into_inner())
+}
+
+/// The file of `plan` with `ck`'s tensors, written to `path` atomically.
+fn save_file(ck: &Checkpoint, plan: file::Plan, path: &Path) -> Result<()> {
+    crate::fsutil::write_atomically_with(path, |w| {
+        file::write(ck, plan, w).map_err(|e| match e {
+            file::WriteError::Invalid(_) => std::io::Error::other(e.to_string()),
+            file::WriteError::Io(e) => e,
+        })
+    })
+}
+
+/// Reads a file's bytes, no further than its header declares; nothing validated yet.
+fn read_bytes(bytes: &[u8]) -> Result<file::RawFile> {
+    file::read(&mut &bytes[..], bytes.len() as u64).map_err(|e| match e {
+        file::ReadError::Refused(e) => e,
+        file::ReadError::Io(e) => refuse(format!("unreadable ({e})")),
+    })
 }
 
 /// Reads a file of this crate's or PyTorch's: a regular file, read no further than its

@@ -240,25 +240,13 @@ impl ShardCheckpoint {
 
     /// Serialises to safetensors bytes (after [`ShardCheckpoint::validate`]).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let plan = self.plan()?;
-        let mut out = std::io::Cursor::new(Vec::new());
-        file::write(&self.state, plan, &mut out).map_err(|e| match e {
-            file::WriteError::Invalid(e) => e,
-            file::WriteError::Io(e) => refuse(format!("cannot serialise: {e}")),
-        })?;
-        Ok(out.into_inner())
+        super::file_bytes(&self.state, self.plan()?)
     }
 
     /// Writes the shard to `path` atomically (after [`ShardCheckpoint::validate`]), as
     /// [`Checkpoint::save`] does.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let plan = self.plan()?;
-        crate::fsutil::write_atomically_with(path.as_ref(), |w| {
-            file::write(&self.state, plan, w).map_err(|e| match e {
-                file::WriteError::Invalid(_) => std::io::Error::other(e.to_string()),
-                file::WriteError::Io(e) => e,
-            })
-        })
+        super::save_file(&self.state, self.plan()?, path.as_ref())
     }
 
     fn plan(&self) -> Result<file::Plan> {
@@ -275,11 +263,7 @@ impl ShardCheckpoint {
 
     /// Parses and validates a shard file's bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let raw = file::read(&mut &bytes[..], bytes.len() as u64).map_err(|e| match e {
-            file::ReadError::Refused(e) => e,
-            file::ReadError::Io(e) => refuse(format!("unreadable ({e})")),
-        })?;
-        Self::from_raw(raw)
+        Self::from_raw(super::read_bytes(bytes)?)
     }
 
     /// Reads and validates a shard file, as [`Checkpoint::load`] reads a checkpoint.
