@@ -36,6 +36,12 @@ use crate::{
     spec::lowbit::QBLOCK,
 };
 
+/// The most ranks a [`ShardLayout`] has: 2^20, about ten times the largest GPU jobs
+/// run, so that every per-rank list a layout implies (a checkpoint split over all its
+/// ranks, a gather of their shards) stays allocatable (NCCL itself counts up to
+/// 2^31 - 1).
+pub const MAX_WORLD_SIZE: usize = 1 << 20;
+
 /// Elements each tensor of a [`ShardLayout`] starts at a multiple of (256 bytes of f32,
 /// as [`crate::cuda::FlatLayout::aligned`]), unless a shard boundary cuts it.
 pub const SHARD_ALIGN: usize = 64;
@@ -126,16 +132,16 @@ pub struct ShardLayout {
 
 impl ShardLayout {
     /// The layout of tensors of `lens` over `world_size` ranks (the section above says
-    /// where it cuts). Refused ([`Error::InvalidLayout`]): no tensors, no ranks, and
-    /// sizes whose padded total does not fit a buffer.
+    /// where it cuts). Refused ([`Error::InvalidLayout`]): no tensors, no ranks or more
+    /// than [`MAX_WORLD_SIZE`], and sizes whose padded total does not fit a buffer.
     pub fn new(lens: &[usize], world_size: usize) -> Result<Self> {
         if lens.is_empty() {
             return Err(invalid("it has no tensors; give at least one".into()));
         }
-        if world_size == 0 {
-            return Err(invalid(
-                "its world size is 0; give at least one rank".into(),
-            ));
+        if world_size == 0 || world_size > MAX_WORLD_SIZE {
+            return Err(invalid(format!(
+                "its world size is {world_size}; give 1 to {MAX_WORLD_SIZE} ranks (shard::MAX_WORLD_SIZE)"
+            )));
         }
         let too_large = || invalid("its tensors, padded, end beyond what a buffer can hold".into());
         // The least shard that holds everything packed, then one CHUNK more per try
@@ -397,6 +403,8 @@ mod tests {
         for (lens, world) in [
             (vec![], 2),
             (vec![5], 0),
+            (vec![5], MAX_WORLD_SIZE + 1),
+            (vec![1], usize::MAX),
             (vec![usize::MAX], 1),
             (vec![usize::MAX / 8, usize::MAX / 8], 3),
         ] {

@@ -2038,6 +2038,18 @@ fn shard_files_that_do_not_fit_are_refused() {
             "\"shard.tensor.2.nick\":\"layer.2\"",
             "not a key",
         ),
+        // A world that no layout has (it would make a gather allocate a slot per rank).
+        (
+            "\"shard.world_size\":\"3\"",
+            "\"shard.world_size\":\"1099511627776\"",
+            "world size",
+        ),
+        // Whole-tensor names are checked as a one-GPU file's are.
+        (
+            "\"shard.tensor.1.name\":\"layer.1\"",
+            "\"shard.tensor.1.name\":\"layer.0\"",
+            "layer.0",
+        ),
         (
             "\"format\":\"adamax-cuda-shard/1\"",
             "\"format\":\"adamax-cuda/2\"",
@@ -2073,7 +2085,7 @@ fn shard_files_that_do_not_fit_are_refused() {
     let other_world = ck.shard(2).unwrap();
     gather(
         &[shards[0].clone(), other_world[1].clone(), shards[2].clone()],
-        "not of one run",
+        "layouts differ (worlds of 3 and 2 ranks",
     );
     let mut later = ck.clone();
     later.step += 1;
@@ -2083,6 +2095,6 @@ fn shard_files_that_do_not_fit_are_refused() {
     let later = later.shard(3).unwrap();
     gather(
         &[shards[0].clone(), later[1].clone(), shards[2].clone()],
-        "not of one run",
+        "steps 3 and 4",
     );
 }

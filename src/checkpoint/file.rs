@@ -213,7 +213,7 @@ impl Plan {
             refuse(format!(
                 "its header would take {} bytes ({} tensors), beyond the {limit} that load reads; save the state of fewer tensors per file (an optimizer per part of the model)",
                 text.len(),
-                which.last().map_or(0, |(i, _)| i + 1)
+                shapes.len()
             ))
         })?;
         let at = text
@@ -388,9 +388,24 @@ pub(super) fn read(r: &mut impl Read, total_len: u64) -> Result<RawFile, ReadErr
             return Err(bad(format!("`{name}` is listed without its description")));
         };
         let mut left = info.data_offsets.1 - info.data_offsets.0;
+        // Reserved fallibly: a file may declare more than this machine can hold, which
+        // is an error to report, not a reason to abort the process.
+        let too_large = |_| {
+            bad(format!(
+                "`{name}` holds {left} bytes, more than this process can allocate"
+            ))
+        };
         let mut data = match info.dtype {
-            Dtype::F32 => Data::F32(Vec::with_capacity(left / 4)),
-            Dtype::U8 => Data::U8(Vec::with_capacity(left)),
+            Dtype::F32 => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(left / 4).map_err(too_large)?;
+                Data::F32(v)
+            }
+            Dtype::U8 => {
+                let mut v = Vec::new();
+                v.try_reserve_exact(left).map_err(too_large)?;
+                Data::U8(v)
+            }
             other => return Err(bad(format!("`{name}` is {other:?}, expected F32 or U8"))),
         };
         while left > 0 {

@@ -40,7 +40,9 @@ pub(crate) const SHARD_FORMAT: &str = "adamax-cuda-shard/1";
 /// | `shard.tensor.{t}.lr_scale`, `shard.tensor.{t}.weight_decay` | whole tensor `t`'s settings |
 ///
 /// [`Checkpoint::load`] refuses a shard file (and [`ShardCheckpoint::load`] a one-GPU
-/// file), saying which to use.
+/// file), saying which to use. Every rank's file repeats the whole list's keys, so its
+/// header (at most 100 MB, as every file's) reaches the limit at fewer tensors than a
+/// one-GPU file's: about 200,000 named tensors at one rank.
 ///
 /// Splitting ([`Checkpoint::shard`]) and gathering ([`ShardCheckpoint::gather`]) only
 /// move values: a checkpoint split and gathered again is the same checkpoint (and
@@ -168,6 +170,7 @@ impl ShardCheckpoint {
         for h in &self.hypers {
             h.validate()?;
         }
+        crate::state::check_names(&self.names).map_err(|e| refuse(e.to_string()))?;
         let pieces = self.pieces();
         let s = &self.state;
         if s.tensors.len() != pieces.len() {
@@ -393,39 +396,30 @@ impl ShardCheckpoint {
             .first()
             .ok_or_else(|| refuse("no shards were given; pass every rank's shard"))?;
         let world = first.world_size();
-        let mut by_rank: Vec<Option<&ShardCheckpoint>> = vec![None; world];
+        // Sized by the shards given, not by what a file says the world is.
+        let mut by_rank = BTreeMap::new();
         for s in shards {
-            let same_run = s.layout == first.layout
-                && s.shapes == first.shapes
-                && s.names == first.names
-                && s.hypers == first.hypers
-                && s.state.config == first.state.config
-                && s.state.step == first.state.step
-                && s.state.storage == first.state.storage
-                && s.state.options == first.state.options
-                && s.state.scaler == first.state.scaler;
-            if !same_run {
+            if let Some(what) = first.differs(s) {
                 return Err(refuse(format!(
-                    "the shards of ranks {} and {} are not of one run (their layouts, whole tensors, configurations, step counts, options or loss scalers differ)",
+                    "the shards of ranks {} and {} are not of one run: {what}",
                     first.rank, s.rank
                 )));
             }
-            let slot = &mut by_rank[s.rank];
-            if slot.is_some() {
+            if by_rank.insert(s.rank, s).is_some() {
                 return Err(refuse(format!("rank {}'s shard was given twice", s.rank)));
             }
-            *slot = Some(s);
+        }
+        if by_rank.len() != world {
+            let missing = (0..world).find(|r| !by_rank.contains_key(r)).unwrap_or(0);
+            return Err(refuse(format!(
+                "rank {missing}'s shard is missing ({} of {world} given); pass every rank's",
+                by_rank.len()
+            )));
         }
         let count = first.layout.lens().len();
         let mut tensors: Vec<Option<TensorState>> = vec![None; count];
         let mut formats = vec![None; count];
-        for (rank, s) in by_rank.iter().enumerate() {
-            let s = s.ok_or_else(|| {
-                refuse(format!(
-                    "rank {rank}'s shard is missing ({} of {world} given); pass every rank's",
-                    shards.len()
-                ))
-            })?;
+        for (&rank, s) in &by_rank {
             for (i, p) in s.pieces().iter().enumerate() {
                 let piece = &s.state.tensors[i];
                 let format = s.state.state_formats[i];
@@ -479,6 +473,35 @@ impl ShardCheckpoint {
         };
         ck.validate()?;
         Ok(ck)
+    }
+
+    /// What differs between this shard's run and `other`'s, if anything.
+    fn differs(&self, other: &ShardCheckpoint) -> Option<String> {
+        let (a, b) = (&self.state, &other.state);
+        if self.layout != other.layout {
+            return Some(format!(
+                "their layouts differ (worlds of {} and {} ranks, over {} and {} tensors)",
+                self.world_size(),
+                other.world_size(),
+                self.layout.lens().len(),
+                other.layout.lens().len()
+            ));
+        }
+        if a.step != b.step {
+            return Some(format!("they are at steps {} and {}", a.step, b.step));
+        }
+        [
+            (self.shapes != other.shapes, "the whole tensors' shapes"),
+            (self.names != other.names, "the whole tensors' names"),
+            (self.hypers != other.hypers, "the whole tensors' settings"),
+            (a.config != b.config, "the configurations"),
+            (a.storage != b.storage, "the parameter types"),
+            (a.options != b.options, "the step options"),
+            (a.scaler != b.scaler, "the loss scalers"),
+        ]
+        .into_iter()
+        .find(|(differ, _)| *differ)
+        .map(|(_, what)| format!("{what} differ"))
     }
 
     /// The shards of every rank of `shards`' world gathered and split again over
