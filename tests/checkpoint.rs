@@ -1971,6 +1971,13 @@ fn sharded_checkpoints_gather_and_reshard_to_the_same_bytes() {
         shards.iter().map(|s| s.to_bytes().unwrap()).collect()
     };
     let four = ck.shard(4).unwrap();
+    for (rank, s) in four.iter().enumerate() {
+        assert_eq!(&ck.shard_of(4, rank).unwrap(), s, "one rank's shard alone");
+    }
+    assert!(matches!(
+        ck.shard_of(4, 4),
+        Err(Error::InvalidLayout { .. })
+    ));
     let three = ShardCheckpoint::reshard(&four, 3).unwrap();
     let one = ShardCheckpoint::reshard(&three, 1).unwrap();
     let back = ShardCheckpoint::reshard(&one, 4).unwrap();

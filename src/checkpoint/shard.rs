@@ -514,42 +514,67 @@ impl ShardCheckpoint {
 impl Checkpoint {
     /// This checkpoint split over `world_size` ranks of the [`ShardLayout`] of its
     /// tensors: rank `r`'s shard is element `r` (checked first:
-    /// [`Checkpoint::validate`]).
+    /// [`Checkpoint::validate`]). Every rank's shard is built in memory; a rank that
+    /// resumes from a one-GPU checkpoint needs only its own: [`Checkpoint::shard_of`].
     pub fn shard(&self, world_size: usize) -> Result<Vec<ShardCheckpoint>> {
+        let layout = self.layout_over(world_size)?;
+        (0..world_size)
+            .map(|rank| self.shard_in(&layout, rank))
+            .collect()
+    }
+
+    /// Rank `rank`'s shard of this checkpoint split over `world_size` ranks (element
+    /// `rank` of [`Checkpoint::shard`]); a rank outside the world is refused
+    /// ([`Error::InvalidLayout`]).
+    pub fn shard_of(&self, world_size: usize, rank: usize) -> Result<ShardCheckpoint> {
+        let layout = self.layout_over(world_size)?;
+        if rank >= world_size {
+            return Err(Error::InvalidLayout {
+                reason: format!(
+                    "rank {rank} is not in a world of {world_size} ranks (0..{world_size})"
+                ),
+            });
+        }
+        self.shard_in(&layout, rank)
+    }
+
+    /// The layout of this checkpoint's tensors over `world_size` ranks (after
+    /// [`Checkpoint::validate`]).
+    fn layout_over(&self, world_size: usize) -> Result<ShardLayout> {
         self.validate()?;
         let lens: Vec<usize> = self.tensors.iter().map(TensorState::len).collect();
-        let layout = ShardLayout::new(&lens, world_size)?;
-        (0..world_size)
-            .map(|rank| {
-                let pieces = layout.pieces(rank);
-                let state = Checkpoint {
-                    config: self.config,
-                    step: self.step,
-                    storage: self.storage,
-                    tensors: pieces
-                        .iter()
-                        .map(|p| slice(&self.tensors[p.tensor], p.begin, p.end))
-                        .collect(),
-                    shapes: pieces.iter().map(|p| vec![p.len()]).collect(),
-                    names: vec![None; pieces.len()],
-                    state_formats: pieces
-                        .iter()
-                        .map(|p| self.state_formats[p.tensor])
-                        .collect(),
-                    hypers: pieces.iter().map(|p| self.hypers[p.tensor]).collect(),
-                    options: self.options,
-                    scaler: self.scaler,
-                };
-                ShardCheckpoint::new(
-                    rank,
-                    layout.clone(),
-                    self.shapes.clone(),
-                    self.names.clone(),
-                    self.hypers.clone(),
-                    state,
-                )
-            })
-            .collect()
+        ShardLayout::new(&lens, world_size)
+    }
+
+    /// Rank `rank`'s shard of `layout`, this checkpoint's.
+    fn shard_in(&self, layout: &ShardLayout, rank: usize) -> Result<ShardCheckpoint> {
+        let pieces = layout.pieces(rank);
+        let state = Checkpoint {
+            config: self.config,
+            step: self.step,
+            storage: self.storage,
+            tensors: pieces
+                .iter()
+                .map(|p| slice(&self.tensors[p.tensor], p.begin, p.end))
+                .collect(),
+            shapes: pieces.iter().map(|p| vec![p.len()]).collect(),
+            names: vec![None; pieces.len()],
+            state_formats: pieces
+                .iter()
+                .map(|p| self.state_formats[p.tensor])
+                .collect(),
+            hypers: pieces.iter().map(|p| self.hypers[p.tensor]).collect(),
+            options: self.options,
+            scaler: self.scaler,
+        };
+        ShardCheckpoint::new(
+            rank,
+            layout.clone(),
+            self.shapes.clone(),
+            self.names.clone(),
+            self.hypers.clone(),
+            state,
+        )
     }
 }
 
