@@ -6,9 +6,10 @@
 //! the one GPU only with NCCL 2.30 or later (`NCCL_MULTI_RANK_GPU_ENABLE=1`, set here
 //! when unset); before it, that test is ignored and says so.
 //!
-//! Rank 0 is given the gradients and the others zeros, reduced by sum: the reduced
-//! gradients are then exactly rank 0's (x + 0 = x), so the reference is one optimizer
-//! stepped with them, and a reduce-scatter that moved nothing fails.
+//! Rank 0 is given the gradients and the others zeros, reduced by sum (averaged, when
+//! alone): the reduced gradients are then exactly rank 0's (x + 0 = x, x * 1 = x), so
+//! the reference is one optimizer stepped with them, and a reduce-scatter that moved
+//! nothing fails.
 
 use std::sync::{
     atomic::{AtomicBool, Ordering},
@@ -176,7 +177,13 @@ fn rank_run<T: GpuStorage>(
         .clone_htod(&flat_of(layout, &want.init))
         .map_err(|e| format!("{e:?}"))?;
     let mut opt = ShardedAdamax::new(comm, config, layout.clone(), &params)?;
-    opt.set_grad_reduction(GradReduction::Sum);
+    // Rank 0's gradients summed with the others' zeros; alone, averaged over one rank
+    // (NCCL's ncclAvg multiplies by 1/1): both exact, so both reductions are checked.
+    opt.set_grad_reduction(if layout.world_size() == 1 {
+        GradReduction::Average
+    } else {
+        GradReduction::Sum
+    });
     opt.set_tensor_hyper(3, GROUP)?;
     opt.set_options(options())?;
     opt.set_loss_scaler(Some(scaler()))?;
