@@ -1631,6 +1631,16 @@ fn tensor_names_are_kept_and_checked() {
     opt.set_tensor_name(1, None).unwrap();
     opt.set_tensor_name(2, Some("fc.bias")).unwrap();
     assert_eq!(opt.tensor_names()[1..], [None, Some("fc.bias".to_owned())]);
+    // A tensor keeps its own name; a renamed tensor's old name is free again, its new
+    // one taken (the optimizer indexes names; the index follows every change).
+    opt.set_tensor_name(2, Some("fc.bias")).unwrap();
+    opt.set_tensor_name(2, Some("head.bias")).unwrap();
+    opt.set_tensor_name(1, Some("fc.bias")).unwrap();
+    assert!(opt.set_tensor_name(0, Some("head.bias")).is_err());
+    // A restore's names are taken too.
+    assert!(fresh.set_tensor_name(0, Some("norm.gain")).is_err());
+    fresh.set_tensor_name(2, None).unwrap();
+    fresh.set_tensor_name(0, Some("norm.gain")).unwrap();
 }
 
 /// Issue #21: a checkpoint follows a model whose parameters come in another order by

@@ -118,6 +118,9 @@ pub(crate) struct Schedule {
     shapes: Vec<Vec<usize>>,
     /// Each tensor's name for checkpoints (`None` unless set), unique among the named.
     names: Vec<Option<String>>,
+    /// Which tensor each name names: what `set_name` checks a new name against (a scan
+    /// of every name made naming a list of n tensors take n^2 / 2 comparisons).
+    named: std::collections::HashMap<String, usize>,
     /// Each tensor's state format: the config's rule ([`Precision::tensor_state`])
     /// unless chosen by hand before the first step.
     formats: Vec<StateFormat>,
@@ -133,6 +136,7 @@ impl Schedule {
             hypers: vec![TensorHyper::from_config(&config); lens.len()],
             shapes: lens.iter().map(|&n| vec![n]).collect(),
             names: vec![None; lens.len()],
+            named: std::collections::HashMap::new(),
             formats: lens
                 .iter()
                 .map(|&n| config.precision.tensor_state(n))
@@ -227,11 +231,15 @@ impl Schedule {
         }
         if let Some(name) = name {
             check_name(i, name)?;
-            if let Some(other) =
-                (0..count).find(|&j| j != i && self.names[j].as_deref() == Some(name))
-            {
+            if let Some(&other) = self.named.get(name).filter(|&&j| j != i) {
                 return Err(name_taken(i, name, other));
             }
+        }
+        if let Some(old) = self.names[i].take() {
+            self.named.remove(&old);
+        }
+        if let Some(name) = name {
+            self.named.insert(name.to_owned(), i);
         }
         self.names[i] = name.map(str::to_owned);
         Ok(())
@@ -330,6 +338,11 @@ impl Schedule {
         self.config = config;
         self.hypers = hypers.to_vec();
         self.shapes = shapes.to_vec();
+        self.named = merged
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.clone().map(|n| (n, i)))
+            .collect();
         self.names = merged;
         Ok(())
     }
