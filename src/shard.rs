@@ -31,9 +31,11 @@
 //! must be addressable).
 
 use crate::{
+    config::AdamaxConfig,
     error::{Error, Result},
     fused::CHUNK,
     spec::lowbit::QBLOCK,
+    state::Schedule,
 };
 
 /// The most ranks a [`ShardLayout`] has: 2^20, about ten times the largest GPU jobs
@@ -261,6 +263,25 @@ impl ShardLayout {
                 chunk: first_chunk[p.tensor] + p.begin / CHUNK,
             })
             .collect()
+    }
+
+    /// Rank `rank`'s pieces and the schedule of an optimizer over them: each piece in
+    /// its whole tensor's state format (`config`'s threshold applied to the whole
+    /// tensor's length, so alike on every rank; an optimizer over them fixes its
+    /// formats with `state::FIXED_BY_SHARD`).
+    pub(crate) fn piece_schedule(
+        &self,
+        config: AdamaxConfig,
+        rank: usize,
+    ) -> Result<(Vec<Piece>, Schedule)> {
+        let pieces = self.pieces(rank);
+        let lens: Vec<usize> = pieces.iter().map(Piece::len).collect();
+        let mut schedule = Schedule::new(config, &lens)?;
+        for (i, p) in pieces.iter().enumerate() {
+            let whole = config.precision.tensor_state(self.lens[p.tensor]);
+            schedule.set_format(i, whole, None)?;
+        }
+        Ok((pieces, schedule))
     }
 
     /// Chunks of the whole list's reduction (as one optimizer over every tensor counts

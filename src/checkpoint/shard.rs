@@ -475,6 +475,22 @@ impl ShardCheckpoint {
         Ok(ck)
     }
 
+    /// Refuses this shard for the optimizer of rank `rank` of `layout` unless it is
+    /// that rank's of that layout, saying how to make the right one.
+    pub(crate) fn check_place(&self, layout: &ShardLayout, rank: usize) -> Result<()> {
+        if self.layout == *layout && self.rank == rank {
+            return Ok(());
+        }
+        Err(refuse(format!(
+            "it is rank {}'s shard of {} ranks over {} tensors; this optimizer steps rank {rank} of {} over {} (ShardCheckpoint::reshard makes the shards of another world size)",
+            self.rank,
+            self.world_size(),
+            self.layout.lens().len(),
+            layout.world_size(),
+            layout.lens().len()
+        )))
+    }
+
     /// What differs between this shard's run and `other`'s, if anything.
     fn differs(&self, other: &ShardCheckpoint) -> Option<String> {
         let (a, b) = (&self.state, &other.state);

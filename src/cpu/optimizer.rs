@@ -9,7 +9,7 @@ use crate::{
     },
     optimizer::{checkpoint_of, Optimizer},
     shard::{Placement, ShardLayout},
-    state::{check_lists, Schedule, TensorState, FIXED_BY_RESTORE, FIXED_BY_STEP},
+    state::{check_lists, Schedule, TensorState, FIXED_BY_RESTORE, FIXED_BY_SHARD, FIXED_BY_STEP},
     storage::Storage,
 };
 
@@ -63,7 +63,6 @@ fn alone(sharded: bool) -> Result<()> {
 
 /// Why a shard's optimizer refuses what an optimizer over whole tensors does.
 const SHARD_STEP: &str = "this optimizer steps one rank's shard: with clipping, the overflow check or a loss scaler its decision needs the other ranks' partial sums, so step it with step_exchanged";
-const SHARD_FORMATS: &str = "this optimizer steps one rank's shard, whose pieces keep their whole tensors' formats (the configuration's min_8bit_len) on every rank";
 const SHARD_CHECKPOINT: &str = "this optimizer steps one rank's shard: its state is a ShardCheckpoint (shard_checkpoint, restore_shard), which records where its pieces sit; ShardCheckpoint::gather makes the one-GPU checkpoint of every rank's";
 
 fn shard_refusal(reason: &str) -> Error {
@@ -180,13 +179,8 @@ impl<T: Storage> CpuAdamax<T> {
             )));
         }
         config.precision.check_storage(T::TYPE)?;
-        let pieces = layout.pieces(rank);
+        let (pieces, schedule) = layout.piece_schedule(config, rank)?;
         let lens: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
-        let mut schedule = Schedule::new(config, &lens)?;
-        for (i, p) in pieces.iter().enumerate() {
-            let whole = config.precision.tensor_state(layout.lens()[p.tensor]);
-            schedule.set_format(i, whole, None)?;
-        }
         let states = pieces
             .iter()
             .enumerate()
@@ -204,7 +198,7 @@ impl<T: Storage> CpuAdamax<T> {
             options: StepOptions::default(),
             scaler: None,
             last: LastStep::NONE,
-            formats_fixed: Some(SHARD_FORMATS),
+            formats_fixed: Some(FIXED_BY_SHARD),
             placements: layout.placements(rank),
             total_chunks: layout.total_chunks(),
             shard: Some((layout.clone(), rank)),
@@ -523,16 +517,7 @@ impl<T: Storage> CpuAdamax<T> {
         let (layout, rank) = self.shard.as_ref().ok_or_else(|| {
             shard_refusal("this optimizer steps whole tensors; restore a Checkpoint")
         })?;
-        if ck.layout() != layout || ck.rank() != *rank {
-            return Err(crate::checkpoint::refuse(format!(
-                "it is rank {}'s shard of {} ranks over {} tensors; this optimizer steps rank {rank} of {} over {} (ShardCheckpoint::reshard makes the shards of another world size)",
-                ck.rank(),
-                ck.world_size(),
-                ck.layout().lens().len(),
-                layout.world_size(),
-                layout.lens().len()
-            )));
-        }
+        ck.check_place(layout, *rank)?;
         self.restore_state(ck.state())
     }
 

@@ -89,6 +89,11 @@ impl LaunchPlan {
         })
     }
 
+    /// Whether the plan is one rank's shard's, whose decision exchanges partial sums.
+    pub(crate) fn exchanged(&self) -> bool {
+        self.summed.is_some()
+    }
+
     /// Uploads a table prepared for this step if the device does not hold it, then
     /// enqueues the step: the reduction and the one-block finalize that decides the step
     /// when the flags need them (the overflow check or clipping) or when the stream is

@@ -113,7 +113,7 @@ use crate::{
 use super::{
     device::{check_devices, refuse_during_capture},
     launch::Exchanged,
-    optimizer::{piece_addresses, CudaAdamax, GpuStorage},
+    optimizer::{check_len, piece_addresses, CudaAdamax, GpuStorage},
 };
 
 /// Library names of NCCL: the one cudarc loads, and the versioned one that NCCL's
@@ -166,6 +166,14 @@ fn nccl_error(context: &'static str, comm: Option<sys::ncclComm_t>, e: result::N
         code,
         detail,
     }
+}
+
+/// Makes `stream`'s CUDA context current on this thread, where NCCL's calls look for
+/// it (cudarc does not bind it for them).
+fn bind(stream: &CudaStream) -> Result<()> {
+    stream.context().bind_to_thread().map_err(Error::driver(
+        "binding the stream's CUDA context to this thread",
+    ))
 }
 
 /// The version of the NCCL library that loads, as `(major, minor, patch)`.
@@ -267,9 +275,7 @@ impl NcclComm {
             });
         };
         nccl_loads()?;
-        stream.context().bind_to_thread().map_err(Error::driver(
-            "binding the stream's CUDA context to this thread",
-        ))?;
+        bind(stream)?;
         let unique = sys::ncclUniqueId {
             internal: id.0.map(|b| b as std::ffi::c_char),
         };
@@ -330,12 +336,7 @@ impl NcclComm {
         ) -> Result<result::NcclStatus, result::NcclError>,
     ) -> Result<()> {
         self.usable()?;
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(Error::driver(
-                "binding the stream's CUDA context to this thread",
-            ))?;
+        bind(&self.stream)?;
         f(self.comm, self.stream.cu_stream() as sys::cudaStream_t)
             .map(drop)
             .map_err(|e| {
@@ -758,19 +759,7 @@ impl<T: GpuStorage> ShardedAdamax<T> {
     /// [`Optimizer::restore`] checks a checkpoint; a refused restore changes nothing.
     /// Every rank restores its own shard of one run.
     pub fn restore(&mut self, ck: &ShardCheckpoint) -> Result<()> {
-        if ck.layout() != &self.layout || ck.rank() != self.comm.rank() {
-            return Err(Error::Checkpoint {
-                reason: format!(
-                    "it is rank {}'s shard of {} ranks over {} tensors; this optimizer steps rank {} of {} over {} (ShardCheckpoint::reshard makes the shards of another world size)",
-                    ck.rank(),
-                    ck.world_size(),
-                    ck.layout().lens().len(),
-                    self.comm.rank(),
-                    self.layout.world_size(),
-                    self.layout.lens().len()
-                ),
-            });
-        }
+        ck.check_place(&self.layout, self.comm.rank())?;
         let mut whole = self.whole.clone();
         let formats = whole.formats().to_vec();
         whole.replace(
@@ -847,18 +836,6 @@ fn check_agreement(comm: &NcclComm, what: &str) -> Result<()> {
     if reduced.first().map(|m| !m) != reduced.get(1).copied() {
         return Err(Error::InvalidLayout {
             reason: "the ranks do not agree on the tensors' sizes, the world size, the parameter type or the configuration: build every rank's ShardedAdamax from the same list and settings".into(),
-        });
-    }
-    Ok(())
-}
-
-/// The buffer must hold the layout.
-fn check_len(what: &'static str, found: usize, needed: usize) -> Result<()> {
-    if found < needed {
-        return Err(Error::BufferTooSmall {
-            what,
-            needed,
-            found,
         });
     }
     Ok(())

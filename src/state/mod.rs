@@ -352,6 +352,7 @@ impl Schedule {
 pub(crate) const FIXED_BY_STEP: &str =
     "a step was called on this optimizer (one skipped for a non-finite gradient counts too)";
 pub(crate) const FIXED_BY_RESTORE: &str = "the optimizer has restored a checkpoint";
+pub(crate) const FIXED_BY_SHARD: &str = "this optimizer steps one rank's shard, whose pieces keep their whole tensors' formats (the configuration's min_8bit_len) on every rank";
 
 /// `f32` or `8-bit`, for messages.
 pub(crate) const fn format_name(format: StateFormat) -> &'static str {

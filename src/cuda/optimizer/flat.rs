@@ -18,8 +18,8 @@ use crate::{
 use super::{CudaAdamax, GpuStorage};
 use crate::cuda::{device::check_devices, layout::FlatLayout};
 
-/// The buffer must hold the layout.
-fn check_len(what: &'static str, found: usize, total: usize) -> Result<()> {
+/// The buffer must hold the layout (also the sharded optimizer's flat buffers).
+pub(crate) fn check_len(what: &'static str, found: usize, total: usize) -> Result<()> {
     if found < total {
         return Err(Error::BufferTooSmall {
             what,

@@ -11,6 +11,8 @@ mod raw;
 mod trait_impl;
 
 #[cfg(feature = "nccl")]
+pub(crate) use flat::check_len;
+#[cfg(feature = "nccl")]
 pub(crate) use pieces::piece_addresses;
 pub use raw::{RawParam, RawTensor};
 
@@ -106,9 +108,6 @@ pub struct CudaAdamax<T: GpuStorage> {
     flat: Option<FlatLayout>,
     /// Why state formats can no longer be chosen (a step or a restore), if so.
     formats_fixed: Option<&'static str>,
-    /// Whether it steps one rank's shard ([`super::nccl`]): its decision exchanges the
-    /// partial sums with the other ranks.
-    exchanged: bool,
     _storage: std::marker::PhantomData<T>,
 }
 
@@ -190,7 +189,6 @@ impl<T: GpuStorage> CudaAdamax<T> {
             scaler: false,
             flat: None,
             formats_fixed: None,
-            exchanged,
             _storage: std::marker::PhantomData,
         })
     }
@@ -261,7 +259,7 @@ impl<T: GpuStorage> CudaAdamax<T> {
             &self.kernels,
             &schedule,
             &mut layout,
-            self.exchanged,
+            self.plan.exchanged(),
         )?;
         let precision = schedule.config().precision;
         self.state = self.state.reformatted(layout, T::TYPE, &precision)?;

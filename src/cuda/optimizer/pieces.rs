@@ -13,14 +13,11 @@ use crate::{
     config::AdamaxConfig,
     error::Result,
     shard::{Piece, ShardLayout},
-    state::Schedule,
+    state::FIXED_BY_SHARD,
 };
 
 use super::{CudaAdamax, GpuStorage};
 use crate::cuda::{launch::Exchange, layout::StateLayout};
-
-/// Why a shard's formats cannot be chosen.
-const SHARD_FORMATS: &str = "this optimizer steps one rank's shard, whose pieces keep their whole tensors' formats (the configuration's min_8bit_len) on every rank";
 
 impl<T: GpuStorage> CudaAdamax<T> {
     /// The optimizer over rank `rank`'s pieces of `layout` (the caller checked the rank),
@@ -34,17 +31,12 @@ impl<T: GpuStorage> CudaAdamax<T> {
         param_base: u64,
     ) -> Result<Self> {
         config.precision.check_storage(T::TYPE)?;
-        let pieces = layout.pieces(rank);
+        let (pieces, schedule) = layout.piece_schedule(config, rank)?;
         let lens: Vec<usize> = pieces.iter().map(Piece::len).collect();
-        let mut schedule = Schedule::new(config, &lens)?;
-        for (i, p) in pieces.iter().enumerate() {
-            let whole = config.precision.tensor_state(layout.lens()[p.tensor]);
-            schedule.set_format(i, whole, None)?;
-        }
         let state = StateLayout::new(lens, schedule.formats().to_vec())?
             .placed(layout.placements(rank), layout.total_chunks())?;
         let mut opt = Self::assemble(stream, schedule, state, true)?;
-        opt.formats_fixed = Some(SHARD_FORMATS);
+        opt.formats_fixed = Some(FIXED_BY_SHARD);
         let addresses = piece_addresses::<T>(layout, &pieces, param_base);
         opt.init_master(addresses)?;
         Ok(opt)
