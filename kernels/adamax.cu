@@ -124,7 +124,6 @@ struct AdamaxArgs {
     float one_minus_beta1;  // f32(1 - beta1), from f64
     float beta2;
     float eps;
-    float moment_ratio;     // |m| <= moment_ratio * u (spec::moment_ratio); inf: no bound
     u32 eps_mode;
     u32 decay_mode;         // DECAY_COUPLED or DECAY_DECOUPLED (per tensor: none when 0)
     u32 maximize;
@@ -175,7 +174,7 @@ __device__ double powi_exact(double base, u64 exp) {
 // The f32 scalars of one tensor for one step: the twin of StepScalars::for_tensor in
 // src/spec/mod.rs, with the same f64 operations and the same rounding to f32.
 struct Scalars {
-    float beta1, one_minus_beta1, beta2, eps, step_size, decay, moment_ratio;
+    float beta1, one_minus_beta1, beta2, eps, step_size, decay;
     u32 eps_mode, decay_mode, maximize;
     float inv_scale, clip_coef;  // gradient multipliers, applied when the flag is set
     u32 flags;
@@ -192,7 +191,6 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     s.eps = a.eps;
     s.eps_mode = a.eps_mode;
     s.maximize = a.maximize;
-    s.moment_ratio = a.moment_ratio;
     const Control& c = *a.control;
     s.flags = c.params.flags;
     s.inv_scale = c.state.step_inv_scale;
@@ -252,8 +250,8 @@ __device__ __forceinline__ float max_propagating_nan(float a, float b) {
     return a >= b ? a : b;
 }
 
-__device__ __forceinline__ void adamax_update(const Scalars& a, float& p, float g, float& m,
-                                              float& u) {
+__device__ __forceinline__ float adamax_update(const Scalars& a, float& p, float g, float& m,
+                                               float& u) {
     // Unscale, then clip (crate::fused): the gradient the rule sees.
     if (a.flags & FLAG_UNSCALE) g = __fmul_rn(g, a.inv_scale);
     if (a.flags & FLAG_CLIP) g = __fmul_rn(g, a.clip_coef);
@@ -269,11 +267,16 @@ __device__ __forceinline__ void adamax_update(const Scalars& a, float& p, float 
         u = max_propagating_nan(decayed, fabsf(g));
         den = __fadd_rn(u, a.eps);
     }
-    const float step = den == 0.0f ? 0.0f : __fdiv_rn(m, den);
+    // Divided in every case and then selected: a branch around the division cost the
+    // 8-bit updates 5 instructions per parameter (sm_90). A 0 denominator (eps 0 and a
+    // history of zero gradients) takes the division's slow path, out of the hot path.
+    const float quotient = __fdiv_rn(m, den);
+    const float step = den == 0.0f ? 0.0f : quotient;
     if (a.decay_mode == DECAY_DECOUPLED)
         p = __fsub_rn(p, __fmaf_rn(a.decay, p, __fmul_rn(a.step_size, step)));
     else
         p = __fmaf_rn(-a.step_size, step, p);
+    return step;
 }
 
 // ---- Low-byte modes (twins in src/spec/lowbit/) ----
@@ -314,79 +317,73 @@ __device__ __forceinline__ u16 round_stochastic(float x, u64 bits, bf16) {
     return (u16)((b + (u32)(bits & 0xffffu)) >> 16);
 }
 
-// The 8-bit codes (lowbit::Code): E exponent and M mantissa bits of value / scale.
-// m: sign, E4, M3; u: E4, M4. emin = 2 - 2^E.
+// The 8-bit codes (lowbit::Code): E exponent and M mantissa bits of a magnitude q in
+// [0, 1], stored as the float t = q + 2^F, F = 1 - 2^E, in [2^F, 1]: the code is the top
+// bits of t's f32 pattern less OFFSET. m's ratio: sign, E4, M3; u: E4, M4 (F = -15 for
+// both). Twins of Code::encode_magnitude and Code::decode_magnitude.
 template <int E, int M>
 struct Code {
-    static constexpr int EMIN = 2 - (1 << E);
+    static constexpr int F = 1 - (1 << E);
+    static constexpr u32 OFFSET = (u32)(127 + F) << M;
+    static constexpr float FLOOR = (float)(1.0 / (1ull << -F));  // 2^F
+    static constexpr float SPAN = (float)(1.0 - 1.0 / (1ull << -F));  // 1 - 2^F, rounded to nearest
 };
 typedef Code<4, 3> ExpAvgCode;
 typedef Code<4, 4> ExpInfCode;
 
-__device__ __forceinline__ float pow2(int e) { return __uint_as_float((u32)(e + 127) << 23); }
-
+// (t - 2^F) / (1 - 2^F) in f64, rounded once: only to fill the tables below.
 template <typename C, int M>
 __device__ __forceinline__ float decode_magnitude(u32 code) {
-    const u32 e = code >> M, f = code & ((1u << M) - 1u);
-    const u32 mant = e == 0 ? f : f + (1u << M);
-    const int exp = e == 0 ? C::EMIN - M : (int)e - 1 + C::EMIN - M;
-    return __fmul_rn(__uint2float_rn(mant), pow2(exp));
+    const float t = __uint_as_float((code + C::OFFSET) << (23 - M));
+    return __double2float_rn(__ddiv_rn(__dsub_rn((double)t, (double)C::FLOOR), __dsub_rn(1.0, (double)C::FLOOR)));
 }
-
-// Twin of Code::encode_magnitude: q in [0, 1], 24 random bits r. Integer rounding on
-// the f32's bits, as for bf16: the code is the top bits of q's pattern (an exponent
-// field offset by the bias, M mantissa bits); below 2^EMIN, q + 2^EMIN rounded toward
-// zero puts the subnormal codes' spacing on the same bits.
+// q: finite, >= 0; r: 16 random bits, added at the top of the 23 - M bits the code drops.
 template <typename C, int M>
 __device__ __forceinline__ u32 encode_magnitude(float q, u32 r) {
-    const bool sub = q < pow2(C::EMIN);
-    const float t = sub ? __fadd_rz(q, pow2(C::EMIN)) : q;
-    const u32 bias = ((u32)(126 + C::EMIN) << M) + (sub ? (1u << M) : 0u);
-    return ((__float_as_uint(t) + ((~r & 0xffffffu) >> (M + 1))) >> (23 - M)) - bias;
+    const float t = __saturatef(__fadd_rz(q, C::FLOOR));
+    return ((__float_as_uint(t) + (r << (7 - M))) >> (23 - M)) - C::OFFSET;
 }
 
-// Decoding goes through tables of every code's magnitude, which an 8-bit update fills
-// once per block in shared memory: a load instead of building the float.
-struct CodeTables { float m[128], u[256]; };
+// Decoding goes through tables of every code's value (m's with its sign), which an
+// 8-bit update fills once per block in shared memory: a load instead of building it.
+struct CodeTables { float m[256], u[256]; };
 __device__ __forceinline__ void fill_code_tables(CodeTables& t, u32 first, u32 stride) {
-    for (u32 c = first; c < 128; c += stride) t.m[c] = decode_magnitude<ExpAvgCode, 3>(c);
-    for (u32 c = first; c < 256; c += stride) t.u[c] = decode_magnitude<ExpInfCode, 4>(c);
+    for (u32 c = first; c < 256; c += stride) {
+        const float v = decode_magnitude<ExpAvgCode, 3>(c & 0x7fu);
+        t.m[c] = (c & 0x80u) ? -v : v;
+        t.u[c] = decode_magnitude<ExpInfCode, 4>(c);
+    }
 }
-__device__ __forceinline__ float decode_exp_avg(const CodeTables& t, u32 code, float scale) {
-    const float v = __fmul_rn(t.m[code & 0x7fu], scale);
-    return (code & 0x80u) ? -v : v;
+// code < 256 (a byte of the state).
+__device__ __forceinline__ float decode_exp_avg(const CodeTables& t, u32 code, float scale) { return __fmul_rn(t.m[code], scale); }
+__device__ __forceinline__ float decode_exp_inf(const CodeTables& t, u32 code, float scale) { return __fmul_rn(t.u[code], scale); }
+// A block's scale as its encoder uses it (twin of lowbit::BlockScale): the reciprocal
+// times 1 - 2^F, both rounded up, so that the block's largest magnitude gives t = 1.
+struct BlockScale { float inv; };
+template <typename C>
+__device__ __forceinline__ BlockScale block_scale_of(float scale) { return BlockScale{__fmul_ru(__frcp_ru(scale), C::SPAN)}; }
+__device__ __forceinline__ float fraction(float x, const BlockScale& s) { return __fmul_rn(fabsf(x), s.inv); }
+// m's ratio: its magnitude's code and its sign bit.
+__device__ __forceinline__ u32 encode_ratio(float x, const BlockScale& s, u32 r) {
+    const u32 magnitude = encode_magnitude<ExpAvgCode, 3>(fraction(x, s), r);
+    return magnitude | ((__float_as_uint(x) >> 24) & 0x80u);
 }
-__device__ __forceinline__ float decode_exp_inf(const CodeTables& t, u32 code, float scale) { return __fmul_rn(t.u[code & 0xffu], scale); }
-// A block's scale and its reciprocal, taken once per block (twin of lowbit::BlockScale);
-// a scale below f32's normal range is first multiplied by 2^64 (exactly).
-struct BlockScale { float scale, factor, inv; };
-__device__ __forceinline__ BlockScale block_scale_of(float scale) {
-    const float factor = scale < 1.175494351e-38f ? 18446744073709551616.0f : 1.0f;
-    return BlockScale{scale, factor, __frcp_rn(__fmul_rn(scale, factor))};
-}
-__device__ __forceinline__ float scaled(float a, const BlockScale& s) { return __fmul_rn(__fmul_rn(a, s.factor), s.inv); }
-// |x| as a fraction of the scale: the block's largest (|x| >= scale) is 1 exactly.
-__device__ __forceinline__ float fraction(float x, const BlockScale& s) { return fabsf(x) >= s.scale ? 1.0f : scaled(fabsf(x), s); }
-__device__ __forceinline__ u32 exp_avg_magnitude(float x, const BlockScale& s, u32 r) { return encode_magnitude<ExpAvgCode, 3>(fraction(x, s), r); }
-__device__ __forceinline__ u32 with_sign(u32 magnitude, float x) { return magnitude | ((x < 0.0f && magnitude != 0) ? 0x80u : 0u); }
 __device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) { return encode_magnitude<ExpInfCode, 4>(fraction(x, s), r); }
-// The largest magnitude of m's code that keeps |m| <= ratio * u: f32(ratio * u') as a
-// fraction of m's scale, rounded down (twin of the cap in lowbit::encode_moments; the
-// fraction saturated to [0, 1], NaN to 0, as Code::encode_magnitude clamps it).
-__device__ __forceinline__ u32 exp_avg_cap(const CodeTables& tables, float ratio, u32 u_code, float scale_u,
-                                           const BlockScale& m) {
-    const float q = __saturatef(scaled(__fmul_rn(ratio, decode_exp_inf(tables, u_code, scale_u)), m));
-    return encode_magnitude<ExpAvgCode, 3>(q, 0xffffffu);
+// A block's scale from the bits of its largest magnitude (twin of Code::block_scale): the
+// bits of non-negative floats order as their values, and a NaN's above infinity's; 0
+// and f32 subnormals give 0 (codes 0), a non-finite one marks the block NaN.
+__device__ __forceinline__ float block_scale_bits(u32 absmax) {
+    if (absmax < 0x00800000u) return 0.0f;
+    return absmax <= 0x7f7fffffu ? __uint_as_float(absmax) : __uint_as_float(0x7fc00000u);
 }
-// A block's scale from its largest magnitude: 0 stays 0 (codes 0), a non-finite one
-// marks the block NaN (twin of Code::encode_block).
-__device__ __forceinline__ float block_scale(float absmax) {
-    if (absmax == 0.0f) return 0.0f;
-    return fabsf(absmax) <= 3.402823466e38f ? absmax : __uint_as_float(0x7fc00000u);
-}
-__device__ __forceinline__ float warp_absmax(float v) {
-    for (int off = 16; off > 0; off >>= 1) v = max_propagating_nan(v, __shfl_xor_sync(0xffffffffu, v, off));
+// The largest of a warp's values (REDUX on sm_80 and later, shuffles before).
+__device__ __forceinline__ u32 warp_max_bits(u32 v) {
+#if defined(ADAMAX_HOST_EMULATION) || __CUDA_ARCH__ >= 800
+    return __reduce_max_sync(0xffffffffu, v);
+#else
+    for (int off = 16; off > 0; off >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, off));
     return v;
+#endif
 }
 
 // ---- Memory traversal ----
@@ -456,8 +453,26 @@ __device__ __forceinline__ float load_param(const TensorDesc& t, u64 i) {
     if constexpr (sizeof(T) == 2 && P == ParamMode::Master) return load_element<float>(t.master, i);
     else return load_element<T>(t.param, i);
 }
+#if !defined(ADAMAX_HOST_EMULATION) && __CUDA_ARCH__ >= 800
+__device__ __forceinline__ u32 narrow_pair(float lo, float hi, bf16) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u32 narrow_pair(float lo, float hi, f16) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+#endif
+// Two parameters narrowed and packed. Rounded to nearest on sm_80 and later, one
+// cvt.rn.{bf16,f16}x2.f32 does both: the same bits as narrow() but for a NaN's payload
+// (the canonical NaN; the crate's checks compare NaN as NaN).
 template <typename T, ParamMode P>
 __device__ __forceinline__ u32 narrow2(const float* p, const u64* h) {
+#if !defined(ADAMAX_HOST_EMULATION) && __CUDA_ARCH__ >= 800
+    if constexpr (P == ParamMode::Master) return narrow_pair(p[0], p[1], T());
+#endif
     return (u32)narrow_param<T, P>(p[0], h[0]) | ((u32)narrow_param<T, P>(p[1], h[1]) << 16);
 }
 template <typename T, ParamMode P, int N>
@@ -528,12 +543,13 @@ __device__ __forceinline__ void step_f32_element(const Scalars& sc, const Tensor
 }
 
 // One lane's 8 elements of a block, before the block's new scales are known: load,
-// decode, update, store the parameters; the lane's largest |m| and u. A lane at the end
-// or an odd offset loads element by element, zeros past the end (kept out of the max).
+// decode, update, store the parameters; the lane's new ratios and u, and the bits of
+// their largest magnitudes. A lane at the end or an odd offset loads element by
+// element, zeros past the end.
 template <typename T, ParamMode P, bool WHOLE>
 __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalars& sc,
-                                          const TensorDesc& t, u64 i0, u64 end, u64 key, float sm, float su,
-                                          float* m, float* u, float& amax_m, float& amax_u) {
+                                          const TensorDesc& t, u32 i0, u32 end, u64 key, float sr, float su,
+                                          float* r, float* u, u32& amax_r, u32& amax_u) {
     const unsigned char *codes_m = (const unsigned char*)t.exp_avg, *codes_u = (const unsigned char*)t.exp_inf;
     float p[8], g[8];
     u32 cm[8], cu[8];
@@ -543,8 +559,8 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
         const uint2 a = *(const uint2*)(codes_m + i0), b = *(const uint2*)(codes_u + i0);
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-            cm[k] = ((k < 4 ? a.x : a.y) >> (8 * (k & 3))) & 0xffu;
-            cu[k] = ((k < 4 ? b.x : b.y) >> (8 * (k & 3))) & 0xffu;
+            cm[k] = __byte_perm(k < 4 ? a.x : a.y, 0u, 0x4440u + (k & 3));
+            cu[k] = __byte_perm(k < 4 ? b.x : b.y, 0u, 0x4440u + (k & 3));
         }
     } else {
 #pragma unroll
@@ -556,27 +572,20 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
             cu[k] = in ? codes_u[i0 + k] : 0u;
         }
     }
-    // element_bits(key, base + i0 + k) with the Weyl terms taken once per lane (base + i0
-    // is a multiple of 8: the high half of base + i0 + k is base + i0's);
-    // max_propagating_nan over the lane as a plain max and a NaN flag (the same result).
     const Weyl w = weyl_at(key, t.element_base + i0);
-    const u64 valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
+    const u32 valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
     u64 h[8];
-    bool nan_m = false, nan_u = false;
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-        m[k] = decode_exp_avg(tables, cm[k], sm);
         u[k] = decode_exp_inf(tables, cu[k], su);
+        const float den = sc.eps_mode == EPS_INSIDE_MAX ? u[k] : __fadd_rn(u[k], sc.eps);
+        float m = __fmul_rn(decode_exp_avg(tables, cm[k], sr), den);
         h[k] = P == ParamMode::Stochastic ? mix32(w.b + (u32)k * ADAMAX_WEYL_B) : 0;
-        adamax_update(sc, p[k], g[k], m[k], u[k]);
-        if (!WHOLE && (u64)k >= valid) m[k] = u[k] = 0.0f;
-        amax_m = fmaxf(amax_m, fabsf(m[k]));
-        amax_u = fmaxf(amax_u, fabsf(u[k]));
-        nan_m |= m[k] != m[k];
-        nan_u |= u[k] != u[k];
+        r[k] = adamax_update(sc, p[k], g[k], m, u[k]);
+        if (!WHOLE && (u32)k >= valid) r[k] = u[k] = 0.0f;
+        amax_r = max(amax_r, __float_as_uint(r[k]) & 0x7fffffffu);
+        amax_u = max(amax_u, __float_as_uint(u[k]));
     }
-    if (nan_m) amax_m = __uint_as_float(0x7fc00000u);
-    if (nan_u) amax_u = __uint_as_float(0x7fc00000u);
     if constexpr (WHOLE) {
         store_params<T, P, 8>(t, i0, p, h);
     } else {
@@ -586,30 +595,28 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
     }
 }
 
-// The lane's codes once the block's new scales nsm, nsu are known: encoded against their
-// reciprocals, m capped to the moment bound (spec::lowbit: "The moment bound, kept in 8
-// bits"; none where no bound exists), and stored, packed as they are made.
+// The lane's codes once the block's new scales nsr, nsu are known: encoded against their
+// reciprocals and stored, packed as they are made.
 template <bool WHOLE>
-__device__ __forceinline__ void q8_store(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u64 i0,
-                                         u64 end, float nsm, float nsu, const float* m, const float* u,
-                                         u32 words) {
+__device__ __forceinline__ void q8_store(const TensorDesc& t, u32 i0, u32 end, float nsr, float nsu,
+                                         const float* r, const float* u, u32 words) {
     unsigned char *codes_m = (unsigned char*)t.exp_avg, *codes_u = (unsigned char*)t.exp_inf;
-    const bool code_m = nsm == nsm && nsm != 0.0f, code_u = nsu == nsu && nsu != 0.0f;
-    const BlockScale bm = block_scale_of(code_m ? nsm : 1.0f), bu = block_scale_of(code_u ? nsu : 1.0f);
-    const bool capped = sc.moment_ratio <= 3.402823466e38f;
-    u32 cm[8], cu[8], hi[8];  // hi: the upper half of each element's draw, its moments' bits
-    // A block of scale 0 (all zero) or NaN stores codes 0; the branches are the warp's.
+    u32 cm[8], cu[8], hi[8];  // hi: each element's draw, its moments' bits
 #pragma unroll
     for (int k = 0; k < 8; ++k) hi[k] = mix32(words + (u32)k * ADAMAX_WEYL_A);
+    // A block of scale 0 (all zero) or NaN stores codes 0; the branches are the warp's.
+    if (nsu > 0.0f) {
+        const BlockScale bu = block_scale_of<ExpInfCode>(nsu);
 #pragma unroll
-    for (int k = 0; k < 8; ++k) cu[k] = code_u ? encode_exp_inf(u[k], bu, ((hi[k] >> 16) << 8) | 0x80u) : 0u;
-    if (code_m) {
+        for (int k = 0; k < 8; ++k) cu[k] = encode_exp_inf(u[k], bu, hi[k] >> 16);
+    } else {
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            u32 magnitude = exp_avg_magnitude(m[k], bm, ((hi[k] & 0xffffu) << 8) | 0x80u);
-            if (capped) magnitude = min(magnitude, exp_avg_cap(tables, sc.moment_ratio, cu[k], nsu, bm));
-            cm[k] = with_sign(magnitude, m[k]);
-        }
+        for (int k = 0; k < 8; ++k) cu[k] = 0u;
+    }
+    if (nsr > 0.0f) {
+        const BlockScale br = block_scale_of<ExpAvgCode>(nsr);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) cm[k] = encode_ratio(r[k], br, hi[k] & 0xffffu);
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) cm[k] = 0u;
@@ -633,36 +640,48 @@ __device__ __forceinline__ void q8_store(const CodeTables& tables, const Scalars
 
 // StateFormat::Blockwise8. NOTE: [8-bit blocks] One warp steps one block of
 // ADAMAX_QBLOCK elements, 8 per lane: decode, update in f32 (the parameter moves by the
-// f32 values), a warp-wide largest magnitude of the new m and u (the block's new
-// scales), then encode. Every lane of the warp takes part in the shuffles (outside the
+// f32 values), a warp-wide largest magnitude of the new ratios and u (the block's new
+// scales), then encode. Every lane of the warp takes part in the reductions (outside the
 // lanes' paths), also those past the tensor's end. Twin of cpu::step_tensor_with's blocks.
 template <typename T, ParamMode P>
-__device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u64 block, u64 key,
+__device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u32 block, u64 key,
                               bool aligned) {
-    const u64 begin = block * (u64)ADAMAX_QBLOCK, i0 = begin + (u64)(threadIdx.x & 31) * 8;
-    const u64 end = min(begin + (u64)ADAMAX_QBLOCK, t.len);
+    const u32 begin = block * (u32)ADAMAX_QBLOCK, i0 = begin + (threadIdx.x & 31) * 8;
+    const u32 end = min(begin + (u32)ADAMAX_QBLOCK, (u32)t.len);
     const bool whole = aligned && i0 + 8 <= end;
     float *scale_m = (float*)t.exp_avg_scale, *scale_u = (float*)t.exp_inf_scale;
-    float m[8], u[8], amax_m = 0.0f, amax_u = 0.0f;
-    const float sm = scale_m[block], su = scale_u[block];
-    if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, key, sm, su, m, u, amax_m, amax_u);
-    else q8_update<T, P, false>(tables, sc, t, i0, end, key, sm, su, m, u, amax_m, amax_u);
+    float r[8], u[8];
+    u32 amax_r = 0u, amax_u = 0u;
+    const float sr = scale_m[block], su = scale_u[block];
+    if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, key, sr, su, r, u, amax_r, amax_u);
+    else q8_update<T, P, false>(tables, sc, t, i0, end, key, sr, su, r, u, amax_r, amax_u);
     const u32 words = weyl_at(key, t.element_base + i0).a;  // the moments' words, drawn as they are encoded
-    const float nsm = block_scale(warp_absmax(amax_m)), nsu = block_scale(warp_absmax(amax_u));
-    if (whole) q8_store<true>(tables, sc, t, i0, end, nsm, nsu, m, u, words);
-    else q8_store<false>(tables, sc, t, i0, end, nsm, nsu, m, u, words);
-    if ((threadIdx.x & 31) == 0) scale_m[block] = nsm, scale_u[block] = nsu;
+    const float nsr = block_scale_bits(warp_max_bits(amax_r)), nsu = block_scale_bits(warp_max_bits(amax_u));
+    if (whole) q8_store<true>(t, i0, end, nsr, nsu, r, u, words);
+    else q8_store<false>(t, i0, end, nsr, nsu, r, u, words);
+    if ((threadIdx.x & 31) == 0) scale_m[block] = nsr, scale_u[block] = nsu;
 }
 
 // The two traversals of a work unit [begin, end) of one tensor, by its state format.
-// Units of 8-bit tensors are whole blocks (unit_len is a multiple of ADAMAX_QBLOCK).
+// Units of 8-bit tensors are whole blocks (unit_len is a multiple of ADAMAX_QBLOCK). The
+// 8-bit one sees the unit as a tensor of its own (its buffers and element base moved to
+// the unit's start), so that indices within it are 32-bit.
 template <typename T, ParamMode P>
 __device__ __forceinline__ void step_q8_unit(const CodeTables& tables, const Scalars& sc, const TensorDesc& t,
                                              u64 begin, u64 end, u64 key, bool aligned) {
-    const u64 warps = blockDim.x / 32;
-    const u64 first = begin / (u64)ADAMAX_QBLOCK;
-    const u64 blocks = (end - begin + ADAMAX_QBLOCK - 1) / (u64)ADAMAX_QBLOCK;
-    for (u64 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(tables, sc, t, first + b, key, aligned);
+    TensorDesc v = t;
+    v.param = t.param + begin * sizeof(T);
+    v.grad = t.grad + begin * sizeof(T);
+    v.master = t.master + begin * sizeof(float);
+    v.exp_avg = t.exp_avg + begin;
+    v.exp_inf = t.exp_inf + begin;
+    v.exp_avg_scale = t.exp_avg_scale + begin / ADAMAX_QBLOCK * sizeof(float);
+    v.exp_inf_scale = t.exp_inf_scale + begin / ADAMAX_QBLOCK * sizeof(float);
+    v.element_base = t.element_base + begin;
+    v.len = end - begin;
+    const u32 warps = blockDim.x / 32;
+    const u32 blocks = ((u32)v.len + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
+    for (u32 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(tables, sc, v, b, key, aligned);
 }
 template <typename T, ParamMode P>
 __device__ __forceinline__ void step_f32_unit(const Scalars& sc, const TensorDesc& t, u64 begin, u64 end, u64 key,

@@ -1109,11 +1109,11 @@ fn every_state_a_run_reaches_validates() {
     println!("{checked} reached states validated");
 }
 
-/// 8-bit state keeps the bound at the level of its blocks (a block's largest |m| within
-/// c times its largest u, which decodes exactly): an edit of the scales that no run
-/// makes (found by a hostile probe: it sent the weights to infinity on a zero
-/// gradient) is refused everywhere. Issue #19's reproduction, whose 8-bit rounding left
-/// elements beyond the bound before the encoder kept it, now decodes within it.
+/// 8-bit state keeps the bound in its format: `m` is stored as its ratio to the step's
+/// denominator, and a block's ratio scale (its largest |m / den|) is within c. An edit of
+/// the scales that no run makes (found by a hostile probe: it sent the weights to
+/// infinity on a zero gradient) is refused everywhere. Issue #19's reproduction, whose
+/// 8-bit rounding left elements beyond the bound before the ratio format, validates.
 #[test]
 fn eight_bit_scales_beyond_the_bound_are_refused() {
     use adamax_cuda::{ParamMode, Precision, StateFormat};
@@ -1131,17 +1131,26 @@ fn eight_bit_scales_beyond_the_bound_are_refused() {
     opt.step(&mut [&mut w], &[&[0.1, -0.2, 0.3, 0.4]]).unwrap();
     let good = opt.checkpoint().unwrap();
     good.validate().unwrap();
-    let mut bad = good.clone();
-    bad.tensors[0].exp_avg_q8.scales[0] = f32::MAX;
-    bad.tensors[0].exp_inf_q8.scales[0] = 1e-38;
-    for r in [bad.validate(), bad.to_bytes().map(|_| ())] {
-        match r {
-            Err(Error::Checkpoint { reason }) => assert!(reason.contains("block 0"), "{reason}"),
-            other => panic!("{other:?}"),
+    // A ratio of 1 (a first step: m = (1 - beta1) g, u = |g| + eps, so a little under
+    // 0.1) is within c = 1.009; just beyond c, or at f32::MAX, it is refused.
+    let c = (1.0 - 0.9) / (1.0 - 0.9 / 0.999);
+    for scale in [f32::MAX, (c * 1.001) as f32] {
+        let mut bad = good.clone();
+        bad.tensors[0].exp_avg_q8.scales[0] = scale;
+        for r in [bad.validate(), bad.to_bytes().map(|_| ())] {
+            match r {
+                Err(Error::Checkpoint { reason }) => {
+                    assert!(reason.contains("block 0"), "{reason}")
+                }
+                other => panic!("{other:?}"),
+            }
         }
+        let mut o = opt.clone();
+        assert!(o.restore(&bad).is_err());
     }
-    let mut o = opt.clone();
-    assert!(o.restore(&bad).is_err());
+    let mut at_c = good.clone();
+    at_c.tensors[0].exp_avg_q8.scales[0] = (c * 0.9999) as f32;
+    at_c.validate().unwrap();
     let edited = edited_f32(
         &good.to_bytes().unwrap(),
         "state.0.exp_avg_q8_scale",
@@ -1149,9 +1158,26 @@ fn eight_bit_scales_beyond_the_bound_are_refused() {
         1e30,
     );
     refused_load(&edited, "block 0");
-    // A run whose 8-bit rounding leaves an element beyond the bound: one element far
-    // smaller than the rest, so its u rounds below the block's smallest code while m
-    // keeps a code (issue #19's reproduction).
+    // A scale below f32's normal range, and a block of a nonzero scale that lost its
+    // largest code (resealed edits), are refused.
+    let mut tiny = good.clone();
+    tiny.tensors[0].exp_inf_q8.scales[0] = 1e-39;
+    let mut lost = good.clone();
+    let t = &mut lost.tensors[0];
+    for c in t.exp_inf_q8.codes.iter_mut() {
+        *c = (*c).min(200);
+    }
+    for (bad, says) in [
+        (tiny, "below f32's normal range"),
+        (lost, "no code at magnitude 1.0"),
+    ] {
+        match bad.validate() {
+            Err(Error::Checkpoint { reason }) => assert!(reason.contains(says), "{reason}"),
+            other => panic!("expected the edit refused: {other:?}"),
+        }
+    }
+    // Issue #19's reproduction: one element far larger than the rest, then a step with
+    // zero gradients for the rest; their u rounds far below its block's largest.
     let mut w = vec![0f32; 256];
     let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
     let mut g = vec![1e-6f32; 256];
@@ -1166,17 +1192,6 @@ fn eight_bit_scales_beyond_the_bound_are_refused() {
         .unwrap()
         .validate()
         .unwrap();
-    // An element edited beyond the bound (resealed) is refused, saying where.
-    let mut beyond = ck.clone();
-    let t = &mut beyond.tensors[0];
-    let j = (1..256).find(|&j| t.exp_inf_q8.codes[j] == 0).unwrap();
-    t.exp_avg_q8.codes[j] = 1;
-    match beyond.validate() {
-        Err(Error::Checkpoint { reason }) => {
-            assert!(reason.contains(&format!("exp_avg_q8[{j}]")), "{reason}")
-        }
-        other => panic!("expected the edit refused: {other:?}"),
-    }
 }
 
 /// Metadata values as this crate writes them and no other way (a hostile probe found
@@ -2068,8 +2083,8 @@ fn shard_files_that_do_not_fit_are_refused() {
             "layer.0",
         ),
         (
-            "\"format\":\"adamax-cuda-shard/1\"",
-            "\"format\":\"adamax-cuda/2\"",
+            "\"format\":\"adamax-cuda-shard/2\"",
+            "\"format\":\"adamax-cuda/3\"",
             "shard",
         ),
     ] {
@@ -2114,4 +2129,79 @@ fn shard_files_that_do_not_fit_are_refused() {
         &[shards[0].clone(), later[1].clone(), shards[2].clone()],
         "steps 3 and 4",
     );
+}
+
+/// Files of format `adamax-cuda/2`, written before 8-bit state stored `m` as its ratio to
+/// the step's denominator: each pair was written by commit 6b96f15 (the last of that
+/// format) with the program `tests/data/checkpoint/format2_fixture.rs` (a bf16 run with
+/// stochastic rounding and 8-bit state, 5 steps over two tensors whose gradients span 9
+/// orders of magnitude within a block, each eps convention), the 8-bit checkpoint and the
+/// same checkpoint decoded to f32 by that version. The 8-bit file loads as the state it
+/// stands for: its moments within one 8-bit rounding of the old version's decoding (`u`
+/// rounded up, by less than a code step; `m` to nearest of its ratio), and resaved in
+/// today's format, it loads to the same checkpoint.
+#[test]
+fn files_of_the_format_before_the_ratio_load_as_the_state_they_stand_for() {
+    use adamax_cuda::StateFormat;
+    let files: [(&[u8], &[u8]); 2] = [
+        (
+            include_bytes!("data/checkpoint/format2_q8_inside.safetensors"),
+            include_bytes!("data/checkpoint/format2_q8_inside_as_f32.safetensors"),
+        ),
+        (
+            include_bytes!("data/checkpoint/format2_q8_denominator.safetensors"),
+            include_bytes!("data/checkpoint/format2_q8_denominator_as_f32.safetensors"),
+        ),
+    ];
+    for (q8, as_f32) in files {
+        assert!(String::from_utf8_lossy(&q8[..400]).contains("adamax-cuda/2"));
+        let old = Checkpoint::from_bytes(q8).unwrap();
+        let decoded_then = Checkpoint::from_bytes(as_f32).unwrap();
+        let decoded_now = old.convert_state(StateFormat::F32).unwrap();
+        assert_eq!(decoded_now.config, decoded_then.config);
+        assert_eq!(decoded_now.step, decoded_then.step);
+        let mut compared = 0;
+        for (now, then) in decoded_now.tensors.iter().zip(&decoded_then.tensors) {
+            assert_eq!(now.step, then.step);
+            assert_eq!(now.master, then.master);
+            let (scale_u, scale_m) = then
+                .exp_inf
+                .iter()
+                .zip(&then.exp_avg)
+                .fold((0f32, 0f32), |(a, b), (u, m)| (a.max(*u), b.max(m.abs())));
+            let pairs = now.exp_inf.iter().zip(&then.exp_inf);
+            for (j, ((u1, u0), (m1, m0))) in
+                pairs.zip(now.exp_avg.iter().zip(&then.exp_avg)).enumerate()
+            {
+                // u rounded up by less than a code step (1/16 of u, or 2^-19 of the
+                // block's largest near 0), not down by more than 2^-16 of one.
+                assert!(
+                    *u1 >= u0 * (1.0 - 1e-5)
+                        && *u1 <= u0 * (1.0 + 1.0 / 16.0) + scale_u * 2f32.powi(-18),
+                    "{j}: u {u0} became {u1}"
+                );
+                // m: its ratio to nearest (half a code step, 1/32), and u's rounding.
+                assert!(
+                    (m1 - m0).abs() <= m0.abs() / 10.0 + scale_m * 2f32.powi(-16),
+                    "{j}: m {m0} became {m1}"
+                );
+                compared += 1;
+            }
+        }
+        assert!(compared > 300, "{compared}");
+        let bytes = old.to_bytes().unwrap();
+        assert!(String::from_utf8_lossy(&bytes[..400]).contains("adamax-cuda/3"));
+        assert_eq!(Checkpoint::from_bytes(&bytes).unwrap(), old);
+    }
+    // The old format with its 8-bit state edited beyond that format's bound (a block's
+    // u scale lowered, its m kept; resealed) is refused, as the old loader refused it,
+    // and so are codes above 1.0.
+    let lowered = edited_f32(files[0].0, "state.0.exp_inf_q8_scale", 0, 1e-30);
+    refused_load(&lowered, "is beyond");
+    let st = SafeTensors::deserialize(files[0].0).unwrap();
+    let view = st.tensor("state.0.exp_inf_q8").unwrap();
+    let at = view.data().as_ptr() as usize - files[0].0.as_ptr() as usize;
+    let mut above = files[0].0.to_vec();
+    above[at] = 250;
+    refused_load(&reseal(&above), "above the magnitude 1.0");
 }

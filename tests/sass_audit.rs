@@ -67,6 +67,10 @@
 //! `scripts/instruction_audit.sh` (`ADAMAX_AUDIT_WRITE=1 cargo test --test sass_audit`),
 //! which also prints the table for BENCHMARKS.md.
 //!
+//! `ADAMAX_SASS_KEEP=DIR` writes, for work on the kernel, each CUBIN's disassembly
+//! (`DIR/{arch}-{tag}.sass`) and each hot loop's counted path (`DIR/path-{header}-{count}.txt`,
+//! its blocks in order).
+//!
 //! `nvdisasm` is found through `ADAMAX_NVDISASM` (the binary), on `PATH`, in
 //! `$CUDA_HOME/bin`, or under `~/.cache/adamax-cuda-ci/nvdisasm/` where `.ci/run`
 //! installs it.
@@ -532,6 +536,7 @@ fn longest_trip(blocks: &[Block], l: &Loop) -> Result<Trip, String> {
         Done(Option<(usize, usize, usize)>),
     }
     let mut state = vec![State::New; blocks.len()];
+    let mut nexts = vec![usize::MAX; blocks.len()];
     let mut stack: Vec<(usize, usize)> = vec![(h, 0)];
     state[h] = State::Open;
     while let Some(&mut (i, ref mut next)) = stack.last_mut() {
@@ -570,6 +575,7 @@ fn longest_trip(blocks: &[Block], l: &Loop) -> Result<Trip, String> {
                 let candidate = (w + wide, c + count, b + 1);
                 if best.is_none_or(|x| (candidate.0, candidate.1) > (x.0, x.1)) {
                     best = Some(candidate);
+                    nexts[i] = s;
                 }
             }
         }
@@ -581,6 +587,25 @@ fn longest_trip(blocks: &[Block], l: &Loop) -> Result<Trip, String> {
             blocks[h].start
         ));
     };
+    if let Some(d) = std::env::var_os("ADAMAX_SASS_KEEP") {
+        let mut text = String::new();
+        let mut i = h;
+        loop {
+            for ins in &blocks[i].instructions {
+                text.push_str(ins);
+                text.push('\n');
+            }
+            text.push_str("----\n");
+            if nexts[i] == usize::MAX {
+                break;
+            }
+            i = nexts[i];
+        }
+        let _ = std::fs::write(
+            Path::new(&d).join(format!("path-{:x}-{}.txt", blocks[h].start, instructions)),
+            text,
+        );
+    }
     // The vector path makes every wide access of the loop: one that it misses means
     // the path chosen is not the one this audit means to count.
     let loop_wide_accesses = l.body.iter().map(|&i| weight(i).0).sum();
@@ -681,6 +706,12 @@ fn disassemble(nvdisasm: &Path, c: &Compiled, tag: &str) -> Result<String, Strin
             out.status,
             String::from_utf8_lossy(&out.stderr)
         ));
+    }
+    if let Some(d) = std::env::var_os("ADAMAX_SASS_KEEP") {
+        let _ = std::fs::write(
+            Path::new(&d).join(format!("{}-{tag}.sass", c.arch)),
+            &out.stdout,
+        );
     }
     String::from_utf8(out.stdout).map_err(|e| format!("nvdisasm printed non-UTF-8: {e}"))
 }
@@ -1004,10 +1035,10 @@ const OTHER_NVRTC_ALLOWANCE: f64 = 1.02;
 /// The kernel with `extra` dependent f32 operations on the parameter at the top of the
 /// rule (`adamax_update`): work the rule does not need, added in the test only.
 fn slowed_source(extra: usize) -> Result<String, String> {
-    let anchor = "void adamax_update(";
+    let anchor = "float adamax_update(";
     let at = SOURCE
         .find(anchor)
-        .ok_or("kernels/adamax.cu has no `void adamax_update(`: update the slowdown's anchor")?;
+        .ok_or("kernels/adamax.cu has no `float adamax_update(`: update the slowdown's anchor")?;
     let body = at + SOURCE[at..].find('{').ok_or("adamax_update has no body")? + 1;
     let slowdown =
         "\n    p = __fmaf_rn(p, 0.99999994f, 1.0e-30f);  // injected by tests/sass_audit.rs"

@@ -5,23 +5,24 @@ use super::{refuse, Checkpoint};
 use crate::{
     config::{Precision, StateFormat},
     error::Result,
-    spec::lowbit::{Blockwise8, EXP_AVG_CODE, EXP_INF_CODE},
-    state::Mode,
+    spec::lowbit::Blockwise8,
+    state::{Mode, MomentBound},
     storage::Storage,
 };
 
 impl Checkpoint {
     /// The same checkpoint with its moments in `format`: 8-bit state is decoded
     /// exactly to f32 (PyTorch's `exp_avg` and `exp_inf`, for a PyTorch optimizer or an
-    /// f32-state run), and f32 state is encoded to 8 bits with round-to-nearest
-    /// ([`Blockwise8::from_f32`]), deterministic. To f32, every tensor is in f32. To 8
+    /// f32-state run: `m` is its stored ratio times its denominator), and f32 state is
+    /// encoded to 8 bits, deterministic ([`Blockwise8::encode_state`]: `u` rounded up,
+    /// `m`'s ratio to nearest). To f32, every tensor is in f32. To 8
     /// bits, an f32-state checkpoint's tensors take the formats its configuration's
     /// [`Precision::min_8bit_len`](crate::Precision::min_8bit_len) gives them (f32
     /// below it); an 8-bit checkpoint is returned as it is, its tensors' formats kept
     /// ([`Checkpoint::with_state_formats`] chooses them one by one). The parameter mode
     /// and the rest stay as they are; the result is validated.
     ///
-    /// The 8-bit encoder keeps AdaMax's bound in the values it stores, so decoded state is
+    /// 8-bit state keeps AdaMax's bound in the values it stands for, so decoded state is
     /// state an f32 run can resume from. 8-bit state rounds stochastically from
     /// [`Precision::seed`](crate::Precision::seed), which a file of a deterministic mode
     /// does not keep (it loads as 0): set it in the converted checkpoint's config.
@@ -47,8 +48,8 @@ impl Checkpoint {
     }
 
     /// The same checkpoint with tensor `i`'s moments in `formats[i]`, each converted as
-    /// [`Checkpoint::convert_state`] converts (decoded exactly to f32, or encoded to 8
-    /// bits with round-to-nearest): for instance to restore into an optimizer whose
+    /// [`Checkpoint::convert_state`] converts (decoded to f32, or encoded to 8 bits,
+    /// deterministic): for instance to restore into an optimizer whose
     /// tensors keep other formats, `ck.with_state_formats(opt.tensor_state_formats())`.
     /// A checkpoint of f32 state becomes one of 8-bit state (with f32 tensors) when a
     /// format is [`StateFormat::Blockwise8`]. Validated, before and after; one format
@@ -63,6 +64,8 @@ impl Checkpoint {
             )));
         }
         let mut ck = self.clone();
+        let (eps, eps_mode) = (self.config.eps as f32, self.config.eps_mode);
+        let limit = super::valid::ratio_limit(MomentBound::of(&self.config));
         if formats.contains(&StateFormat::Blockwise8) {
             ck.config.precision.state = StateFormat::Blockwise8;
         }
@@ -74,14 +77,14 @@ impl Checkpoint {
         {
             match (std::mem::replace(from, to), to) {
                 (StateFormat::Blockwise8, StateFormat::F32) => {
-                    t.exp_avg = t.exp_avg_q8.to_f32(EXP_AVG_CODE);
-                    t.exp_inf = t.exp_inf_q8.to_f32(EXP_INF_CODE);
+                    (t.exp_avg, t.exp_inf) =
+                        Blockwise8::decode_state(&t.exp_avg_q8, &t.exp_inf_q8, eps, eps_mode);
                     t.exp_avg_q8 = Blockwise8::default();
                     t.exp_inf_q8 = Blockwise8::default();
                 }
                 (StateFormat::F32, StateFormat::Blockwise8) => {
-                    t.exp_avg_q8 = Blockwise8::from_f32(EXP_AVG_CODE, &t.exp_avg);
-                    t.exp_inf_q8 = Blockwise8::from_f32(EXP_INF_CODE, &t.exp_inf);
+                    (t.exp_avg_q8, t.exp_inf_q8) =
+                        Blockwise8::encode_state(&t.exp_avg, &t.exp_inf, eps, eps_mode, limit);
                     t.exp_avg = Vec::new();
                     t.exp_inf = Vec::new();
                 }

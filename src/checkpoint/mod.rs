@@ -20,7 +20,7 @@
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `format` | `adamax-cuda/2` (files written by scripts/torch_checkpoint.py and scripts/torch_model.py say `torch.optim.Adamax`) |
+//! | `format` | `adamax-cuda/3` (files written by scripts/torch_checkpoint.py and scripts/torch_model.py say `torch.optim.Adamax`; files of `adamax-cuda/2`, before 8-bit state stored `m` as a ratio, load with their 8-bit state converted, see below) |
 //! | `storage` | `f32`, `f16` or `bf16` |
 //! | `step`, `tensors` | decimal integers |
 //! | `lr`, `beta1`, `beta2`, `eps`, `weight_decay` | decimal numbers, round-trip exact |
@@ -90,6 +90,7 @@
 mod convert;
 mod file;
 mod head;
+mod legacy;
 mod parse;
 mod shard;
 mod valid;
@@ -114,7 +115,7 @@ use crate::{
 
 /// The format this crate writes.
 #[doc(hidden)]
-pub const FORMAT: &str = "adamax-cuda/2";
+pub const FORMAT: &str = "adamax-cuda/3";
 /// The format of files made by PyTorch through scripts/torch_checkpoint.py.
 #[doc(hidden)]
 pub const TORCH_FORMAT: &str = "torch.optim.Adamax";
@@ -341,8 +342,7 @@ impl Checkpoint {
             ] {
                 valid::check_blocks(i, codes_part, &m.codes, &m.scales)?;
             }
-            valid::check_block_scales(i, bound, &t.exp_avg_q8.scales, &t.exp_inf_q8.scales)?;
-            valid::check_q8_moments(i, bound, &t.exp_avg_q8, &t.exp_inf_q8)?;
+            valid::check_ratio_scales(i, bound, &t.exp_avg_q8.scales)?;
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::{file, refuse, Checkpoint, Data, Entry, MetaName, Part, FORMAT, TORCH_FORMAT};
+use super::{file, legacy, refuse, Checkpoint, Data, Entry, MetaName, Part, FORMAT, TORCH_FORMAT};
 use crate::{
     config::{AdamaxConfig, ParamMode, Precision, StateFormat, TensorHyper, DEFAULT_MIN_8BIT_LEN},
     error::Result,
@@ -41,17 +41,22 @@ impl Checkpoint {
                 "format `{format}` is one rank's shard of a sharded optimizer's state; load it with ShardCheckpoint::load, and make the one-GPU checkpoint of every rank's shard with ShardCheckpoint::gather"
             )));
         }
-        if format != FORMAT && format != TORCH_FORMAT {
+        // This crate's files before 8-bit state stored m as a ratio: read as this
+        // crate's, their 8-bit state converted (super::legacy).
+        let format_2 = format == legacy::FORMAT_2;
+        let ours = format == FORMAT || format_2;
+        if !ours && format != TORCH_FORMAT {
             return Err(refuse(format!(
-                "format `{format}`; expected `{FORMAT}` or `{TORCH_FORMAT}`"
+                "format `{format}`; expected `{FORMAT}` (or `{}`, before 8-bit state changed) or `{TORCH_FORMAT}`",
+                legacy::FORMAT_2
             )));
         }
         if format == TORCH_FORMAT {
             check_torch_keys(&meta)?;
         }
-        if format == FORMAT && !meta.contains_key(file::CHECKSUM_KEY) {
+        if ours && !meta.contains_key(file::CHECKSUM_KEY) {
             return Err(refuse(format!(
-                "it has no `{}`; files of format {FORMAT} always carry one",
+                "it has no `{}`; files of format {format} always carry one",
                 file::CHECKSUM_KEY
             )));
         }
@@ -90,7 +95,7 @@ impl Checkpoint {
                     .map_err(|_| refuse("metadata `min_8bit_len` is beyond usize"))?,
             },
         };
-        if format == FORMAT && precision.is_random() && !meta.contains_key("seed") {
+        if ours && precision.is_random() && !meta.contains_key("seed") {
             return Err(refuse(
                 "it has no `seed`, which this crate writes for every mode that rounds stochastically; the file was edited or made by another program",
             ));
@@ -339,7 +344,7 @@ impl Checkpoint {
                 })
             }
         };
-        let ck = Self {
+        let mut ck = Self {
             config,
             step,
             storage,
@@ -351,9 +356,12 @@ impl Checkpoint {
             options,
             scaler,
         };
+        if format_2 {
+            legacy::upgrade(&mut ck)?;
+        }
         ck.validate_any(allow_empty)?;
-        if format == FORMAT {
-            check_keys(&meta, &ck)?;
+        if ours {
+            check_keys(&meta, &ck, format)?;
         }
         Ok(ck)
     }
@@ -405,10 +413,12 @@ fn torch_name_index(key: &str) -> Option<usize> {
 /// checksum; a key written since, like `scaler.min_scale`, may be absent), and values
 /// not as it writes them (`+5` for `5`): an unknown key or a rewritten value is an edited
 /// file or another program's, not state to guess at.
-fn check_keys(meta: &HashMap<String, String>, ck: &Checkpoint) -> Result<()> {
+fn check_keys(meta: &HashMap<String, String>, ck: &Checkpoint, format: &str) -> Result<()> {
     let mut keys: Vec<&String> = meta.keys().collect();
     keys.sort();
-    let written = ck.metadata();
+    let mut written = ck.metadata();
+    // (A file of an older format was written with its own.)
+    written.insert("format".into(), format.to_owned());
     for k in keys
         .into_iter()
         .filter(|k| k.as_str() != file::CHECKSUM_KEY)

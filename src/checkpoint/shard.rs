@@ -13,7 +13,10 @@ use crate::{
 };
 
 /// The format of a rank's shard file.
-pub(crate) const SHARD_FORMAT: &str = "adamax-cuda-shard/1";
+pub(crate) const SHARD_FORMAT: &str = "adamax-cuda-shard/2";
+/// Shard files from before 8-bit state stored `m` as a ratio (`super::legacy`): their
+/// pieces load as a checkpoint of format `adamax-cuda/2`, their 8-bit state converted.
+const SHARD_FORMAT_1: &str = "adamax-cuda-shard/1";
 
 /// One rank's shard of a sharded optimizer's state: what the sharded optimizer's
 /// `checkpoint` gives and its `restore` takes (`cuda::nccl::ShardedAdamax`, feature
@@ -30,7 +33,7 @@ pub(crate) const SHARD_FORMAT: &str = "adamax-cuda-shard/1";
 /// length is recorded and checked, so a file written by another layout is refused).
 ///
 /// The file is the one-GPU file of the pieces (same tensors, same integrity checksum
-/// over everything) whose `format` is `adamax-cuda-shard/1`, with these keys more:
+/// over everything) whose `format` is `adamax-cuda-shard/2`, with these keys more:
 ///
 /// | key | value |
 /// | --- | --- |
@@ -285,19 +288,20 @@ impl ShardCheckpoint {
             ))
         })?;
         file::verify_checksum(&raw, &stored)?;
-        match raw.meta.get("format").map(String::as_str) {
-            Some(SHARD_FORMAT) => {}
-            Some(super::FORMAT) => {
+        let inner = match raw.meta.get("format").map(String::as_str) {
+            Some(SHARD_FORMAT) => super::FORMAT,
+            Some(SHARD_FORMAT_1) => super::legacy::FORMAT_2,
+            Some(super::FORMAT | super::legacy::FORMAT_2) => {
                 return Err(refuse(
                     "it is a one-GPU checkpoint, not a rank's shard: load it with Checkpoint::load (Checkpoint::shard splits it over ranks)",
                 ))
             }
             other => {
                 return Err(refuse(format!(
-                    "format {other:?}; expected `{SHARD_FORMAT}`"
+                    "format {other:?}; expected `{SHARD_FORMAT}` (or `{SHARD_FORMAT_1}`, before 8-bit state changed)"
                 )))
             }
-        }
+        };
         let keys: BTreeMap<String, String> = raw
             .meta
             .iter()
@@ -305,7 +309,7 @@ impl ShardCheckpoint {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         raw.meta.retain(|k, _| !k.starts_with("shard."));
-        raw.meta.insert("format".into(), super::FORMAT.into());
+        raw.meta.insert("format".into(), inner.into());
         let state = Checkpoint::from_verified(raw, true)?;
         let key = |k: &str| {
             keys.get(k)

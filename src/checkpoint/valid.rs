@@ -9,22 +9,18 @@
 //! - f32 moments keep AdaMax's bound `|m| <= c * u` ([`MomentBound`]: swapped or edited
 //!   moments would move a weight far more than `lr` in the next step);
 //! - 8-bit blocks are as the encoder writes them: codes no larger than 1.0, a block of
-//!   scale 0 holds only zero codes, and any other holds its largest magnitude, 1.0,
-//!   exactly (for `u`; an `m` block's largest code may have been capped); each block's
-//!   scales keep the bound, `scale(m) <= c * scale(u)`, and each element's decoded
-//!   moments keep it too.
-//!
-//! Why the scales keep it: a block's largest decoded `|m|` is at most its scale, and its
-//! largest `u` decodes to its scale exactly (the code 1.0), so the recursion of the
-//! derivation holds for the scales as for the elements. The elements of 8-bit moments
-//! are held to it as well: the encoder caps each `m` code so that its decoded value is
-//! within the bound of its element's decoded `u` (`lowbit::encode_moments`).
+//!   scale 0 holds only zero codes, any other scale is an f32 normal and its block holds
+//!   its largest magnitude, 1.0, exactly (`lowbit::BlockScale`);
+//! - 8-bit state stores `m` as its ratio to the step's denominator, and the step a state
+//!   makes is that ratio (`spec::lowbit`, "Why the ratio"): each block's ratio scale (its
+//!   largest `|m / den|`) keeps AdaMax's bound, `scale <= c` ([`MomentBound`]), and then
+//!   every element does.
 
 use super::refuse;
 use crate::state::parts::{Data, Part, View};
 use crate::{
     error::{Error, Result},
-    spec::lowbit::{Blockwise8, Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
+    spec::lowbit::{Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
     state::MomentBound,
 };
 
@@ -114,9 +110,8 @@ pub(super) fn check_moments(
 }
 
 /// Refuses 8-bit blocks the encoder never writes: nonzero codes in a block of scale 0,
-/// and a `u` block of another scale without a code at magnitude 1.0 (the encoder stores
-/// each `u` block's largest magnitude exactly; an `m` block's largest may have been
-/// capped by the moment bound, `lowbit::encode_moments`).
+/// a nonzero scale below f32's normal range, and a block of another scale without a
+/// code at magnitude 1.0 (the encoder stores each block's largest magnitude exactly).
 pub(super) fn check_blocks(
     tensor: usize,
     codes_part: Part,
@@ -124,8 +119,8 @@ pub(super) fn check_blocks(
     scales: &[f32],
 ) -> Result<()> {
     let code = code_of(codes_part)?;
+    let name = codes_part.name();
     for (b, (block, &scale)) in codes.chunks(QBLOCK).zip(scales).enumerate() {
-        let name = codes_part.name();
         if scale == 0.0 {
             if let Some(j) = block.iter().position(|&c| c != 0) {
                 return Err(refuse(format!(
@@ -134,10 +129,13 @@ pub(super) fn check_blocks(
                     b * QBLOCK + j
                 )));
             }
-        } else if codes_part == Part::ExpInfCodes
-            && !block
-                .iter()
-                .any(|&c| code.magnitude(c) == code.max_magnitude_code())
+        } else if scale < f32::MIN_POSITIVE {
+            return Err(refuse(format!(
+                "tensor {tensor}: block {b} of {name} has scale {scale:e}, below f32's normal range; the encoder stores such a block as scale 0"
+            )));
+        } else if !block
+            .iter()
+            .any(|&c| code.magnitude(c) == code.max_magnitude_code())
         {
             return Err(refuse(format!(
                 "tensor {tensor}: block {b} of {name} has scale {scale} but no code at magnitude 1.0; the encoder stores each block's largest magnitude exactly"
@@ -147,40 +145,33 @@ pub(super) fn check_blocks(
     Ok(())
 }
 
-/// Refuses 8-bit blocks whose scales are beyond AdaMax's bound (see the module docs).
-pub(super) fn check_block_scales(
-    tensor: usize,
-    bound: Option<MomentBound>,
-    m_scales: &[f32],
-    u_scales: &[f32],
-) -> Result<()> {
-    let Some(bound) = bound else { return Ok(()) };
-    match bound.first_beyond(m_scales, u_scales) {
-        Some(b) => Err(refuse(format!(
-            "tensor {tensor}: block {b} has exp_avg_q8_scale {} beyond {:.6} x exp_inf_q8_scale {}; a block's largest |exp_avg| stays within AdaMax's bound of its largest exp_inf, and no run reaches this state",
-            m_scales[b], bound.ratio, u_scales[b]
-        ))),
-        None => Ok(()),
-    }
+/// The largest ratio 8-bit state may store by the checker's bound (`f32::INFINITY`
+/// without one): the bound rounded down to f32, so that a conversion that clamps to it
+/// makes a state that validates.
+pub(super) fn ratio_limit(bound: Option<MomentBound>) -> f32 {
+    bound.map_or(f32::INFINITY, |b| {
+        let r = b.ratio as f32;
+        if f64::from(r) > b.ratio {
+            r.next_down()
+        } else {
+            r
+        }
+    })
 }
 
-/// Refuses 8-bit moments whose decoded values are beyond AdaMax's bound: the encoder
-/// keeps `|m| <= c * u` in the values it stores (`lowbit::encode_moments`), so no run
-/// reaches such a state, and a step from it could move a weight further than the bound
-/// allows. (8-bit files written before the encoder kept the bound may hold such states.)
-pub(super) fn check_q8_moments(
+/// Refuses 8-bit ratio blocks whose scale, the largest `|m / den|` of the block, is beyond
+/// AdaMax's bound `c`: the step a state makes is its ratio, and no run reaches a ratio
+/// beyond `c` (see the module docs).
+pub(super) fn check_ratio_scales(
     tensor: usize,
     bound: Option<MomentBound>,
-    m: &Blockwise8,
-    u: &Blockwise8,
+    ratio_scales: &[f32],
 ) -> Result<()> {
     let Some(bound) = bound else { return Ok(()) };
-    // Decoded one element at a time, so that checking a tensor allocates nothing.
-    let pairs = m.values(EXP_AVG_CODE).zip(u.values(EXP_INF_CODE));
-    match pairs.enumerate().find(|&(_, (mv, uv))| !bound.holds(mv, uv)) {
-        Some((j, (mv, uv))) => Err(refuse(format!(
-            "tensor {tensor}: exp_avg_q8[{j}] decodes to {mv} beyond {:.6} x exp_inf_q8[{j}] = {uv}; the 8-bit encoder keeps |exp_avg| <= (1 - beta1) / (1 - beta1 / beta2) x exp_inf in the values it stores, and no run reaches this state (a file of an older encoder, or edited?)",
-            bound.ratio
+    match ratio_scales.iter().position(|&s| !bound.holds_ratio(s)) {
+        Some(b) => Err(refuse(format!(
+            "tensor {tensor}: block {b} has exp_avg_q8_scale {} beyond {:.6}; it is the block's largest |exp_avg| / (exp_inf or exp_inf + eps), which AdaMax keeps within (1 - beta1) / (1 - beta1 / beta2), and no run reaches this state (edited?)",
+            ratio_scales[b], bound.ratio
         ))),
         None => Ok(()),
     }
@@ -188,22 +179,15 @@ pub(super) fn check_q8_moments(
 
 /// The checks of parts that hold together, for parts that come one at a time (the
 /// streamed save, in file order: `exp_avg` before `exp_inf`, a moment's codes before
-/// its scales, `m`'s scales before `u`'s): the first of a pair is held, as a copy,
-/// until its partner comes.
+/// its scales): the first of a pair is held, as a copy, until its partner comes.
 pub(super) struct Pairs {
     bound: Option<MomentBound>,
     held: Option<(usize, Part, Data)>,
-    /// `m`'s codes and block scales, until `u`'s come.
-    m_blocks: Option<(usize, Blockwise8)>,
 }
 
 impl Pairs {
     pub(super) fn new(bound: Option<MomentBound>) -> Self {
-        Self {
-            bound,
-            held: None,
-            m_blocks: None,
-        }
+        Self { bound, held: None }
     }
 
     /// Checks `values`, part `part` of tensor `tensor`, with the part it pairs with.
@@ -229,23 +213,10 @@ impl Pairs {
                 View::F32(scales),
             ) if t == tensor && codes_part.scales() == Some(part) => {
                 check_blocks(tensor, codes_part, &codes, scales)?;
-                let blocks = Blockwise8 {
-                    codes,
-                    scales: scales.to_vec(),
-                };
                 if part == Part::ExpAvgScales {
-                    self.m_blocks = Some((tensor, blocks));
-                    return Ok(());
+                    check_ratio_scales(tensor, self.bound, scales)?;
                 }
-                match self.m_blocks.take() {
-                    Some((t, m)) if t == tensor => {
-                        check_block_scales(tensor, self.bound, &m.scales, scales)?;
-                        check_q8_moments(tensor, self.bound, &m, &blocks)
-                    }
-                    _ => Err(Error::Internal {
-                        what: "a checkpoint's exp_inf scales came before its exp_avg scales",
-                    }),
-                }
+                Ok(())
             }
             (Part::Master, held, _) => {
                 self.held = held;

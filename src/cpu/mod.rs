@@ -83,7 +83,8 @@ pub(crate) fn step_tensor_with<T: Storage>(
     let key = lowbit::stream_key(precision.seed, state.step.wrapping_add(1), tensor as u64);
     let stochastic = precision.params == ParamMode::Stochastic;
     let has_master = mode.has_master();
-    // One element: read the parameter (the master when there is one), step, write it.
+    // One element: read the parameter (the master when there is one), step, write it;
+    // returns m (with f32 state) or the ratio m / den (with 8-bit state), and u.
     let mut element = |i: usize, master: &mut [f32], m: f32, u: f32| -> (f32, f32, u64) {
         let bits = if precision.is_random() {
             lowbit::element_bits(key, (element + i) as u64)
@@ -106,7 +107,7 @@ pub(crate) fn step_tensor_with<T: Storage>(
             }
             param[i] = T::from_f32(e.param);
         }
-        (e.exp_avg, e.exp_inf, bits)
+        (if q8 { e.ratio } else { e.exp_avg }, e.exp_inf, bits)
     };
     let TensorState {
         exp_avg,
@@ -122,21 +123,21 @@ pub(crate) fn step_tensor_with<T: Storage>(
         }
         return Ok(());
     }
-    let (mut m, mut u, mut bits) = ([0f32; QBLOCK], [0f32; QBLOCK], [0u64; QBLOCK]);
+    let (mut ratio, mut u, mut bits) = ([0f32; QBLOCK], [0f32; QBLOCK], [0u64; QBLOCK]);
     for b in 0..blocks {
         let range = b * QBLOCK..n.min((b + 1) * QBLOCK);
         let len = range.len();
         for (j, i) in range.clone().enumerate() {
-            let m0 = EXP_AVG_CODE.decode(exp_avg_q8.codes[i], exp_avg_q8.scales[b]);
             let u0 = EXP_INF_CODE.decode(exp_inf_q8.codes[i], exp_inf_q8.scales[b]);
-            (m[j], u[j], bits[j]) = element(i, master, m0, u0);
+            let r0 = EXP_AVG_CODE.decode(exp_avg_q8.codes[i], exp_avg_q8.scales[b]);
+            let m0 = lowbit::exp_avg_of(r0, u0, s.eps, s.eps_mode);
+            (ratio[j], u[j], bits[j]) = element(i, master, m0, u0);
         }
         (exp_avg_q8.scales[b], exp_inf_q8.scales[b]) = lowbit::encode_moments(
-            &m[..len],
+            &ratio[..len],
             &u[..len],
             &mut exp_avg_q8.codes[range.clone()],
             &mut exp_inf_q8.codes[range],
-            s.moment_ratio,
             |j| bits[j],
         );
     }

@@ -66,10 +66,11 @@
 //! the result is rounded back with [`lowbit::round_bf16_stochastic`].
 //!
 //! **8-bit state.** With [`StateFormat::Blockwise8`] a step works a block of
-//! [`lowbit::QBLOCK`] elements at a time: it decodes the block's `m` and `u`, applies
-//! the rule above to each element in f32 (the parameter moves by the f32 values), then
-//! encodes the new `m` and `u` with [`lowbit::Code::encode_block`]. [`lowbit`] gives
-//! the codes and the random stream the roundings draw from.
+//! [`lowbit::QBLOCK`] elements at a time: it decodes the block's `u` and the ratio
+//! `update = m / den` stored for `m` ([`lowbit::exp_avg_of`]), applies the rule above to
+//! each element in f32 (the parameter moves by the f32 values), then encodes the new `u`
+//! and the new `update` ([`lowbit::encode_moments`]). [`lowbit`] gives the format, the
+//! codes and the random stream the roundings draw from.
 
 pub mod lowbit;
 
@@ -122,27 +123,6 @@ pub struct StepScalars {
     pub decay: Decay,
     /// Negate the gradient.
     pub maximize: bool,
-    /// The bound AdaMax keeps between its moments, `|m| <= moment_ratio * u`
-    /// ([`moment_ratio`]): 8-bit state is encoded so that it holds for the values
-    /// stored, as it does for the values computed.
-    pub moment_ratio: f32,
-}
-
-/// `c = (1 - beta1) / (1 - beta1 / beta2)`, the ratio AdaMax keeps between its moments
-/// (`|m_t| <= c * u_t` at every step: `u_t >= |g_t|` and `u_{t-1} <= u_t / beta2`), from
-/// the f32 betas, in f64, rounded to f32; 1 when `beta1 = 0` (`m` is the gradient);
-/// infinite when `beta1 >= beta2`, where no such bound exists.
-#[doc(hidden)]
-pub fn moment_ratio(beta1: f32, one_minus_beta1: f32, beta2: f32) -> f32 {
-    if beta1 == 0.0 {
-        return 1.0;
-    }
-    let kept = f64::from(beta1) / f64::from(beta2);
-    // Also NaN (beta2 = 0 with beta1 = 0 returned above) counts as no bound.
-    if kept.is_nan() || kept >= 1.0 {
-        return f32::INFINITY;
-    }
-    (f64::from(one_minus_beta1) / (1.0 - kept)) as f32
 }
 
 /// `base^exp` by repeated squaring: only IEEE multiplications, so a device that
@@ -216,7 +196,6 @@ impl StepScalars {
             step_size: (lr / bias_correction) as f32,
             decay,
             maximize: config.maximize,
-            moment_ratio: moment_ratio(beta1, one_minus_beta1, beta2),
         }
     }
 }
@@ -231,6 +210,8 @@ pub struct Element {
     pub exp_avg: f32,
     /// Infinity norm `u` (PyTorch's `exp_inf`).
     pub exp_inf: f32,
+    /// The update `m / den` (0 where `den = 0`): what 8-bit state stores for `m`.
+    pub ratio: f32,
 }
 
 /// `max` that returns NaN when either side is NaN, like `torch.maximum`.
@@ -276,5 +257,6 @@ pub fn update(s: &StepScalars, param: f32, grad: f32, exp_avg: f32, exp_inf: f32
         param,
         exp_avg: m,
         exp_inf: u,
+        ratio: step,
     }
 }

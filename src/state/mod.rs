@@ -37,7 +37,9 @@ pub struct TensorState {
     /// f32 master weights; empty for f32 parameters, which are their own master, and
     /// for [`ParamMode::Stochastic`].
     pub master: Vec<f32>,
-    /// `m` in 8 bits ([`StateFormat::Blockwise8`]); empty otherwise.
+    /// `m` in 8 bits ([`StateFormat::Blockwise8`]), as its ratio to the step's
+    /// denominator (`m / u`, or `m / (u + eps)` with eps in the denominator; decode with
+    /// [`Blockwise8::decode_state`]); empty otherwise.
     pub exp_avg_q8: Blockwise8,
     /// `u` in 8 bits ([`StateFormat::Blockwise8`]); empty otherwise.
     pub exp_inf_q8: Blockwise8,

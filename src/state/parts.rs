@@ -17,9 +17,10 @@ pub(crate) enum Part {
     ExpInf,
     /// The f32 master weights of a 16-bit parameter.
     Master,
-    /// `m`'s 8-bit codes, one per element.
+    /// `m`'s 8-bit codes, one per element: its ratio to the step's denominator
+    /// (`spec::lowbit`).
     ExpAvgCodes,
-    /// `m`'s f32 scales, one per block of [`QBLOCK`] elements.
+    /// The scales of `m`'s ratios, one per block of [`QBLOCK`] elements.
     ExpAvgScales,
     /// `u`'s 8-bit codes.
     ExpInfCodes,

@@ -39,6 +39,13 @@ static inline float4 make_float4(float a, float b, float c, float d) { return {a
 static inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 static inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 template <typename A> static inline A min(A a, A b) { return a < b ? a : b; }
+template <typename A> static inline A max(A a, A b) { return a < b ? b : a; }
+static inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long v = ((unsigned long long)y << 32) | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; ++i) r |= (unsigned)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+    return r;
+}
 
 static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
@@ -47,6 +54,17 @@ static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __frcp_rn(float a) { return 1.0f / a; }
+// Rounded toward +infinity, for finite positive operands: to nearest, stepped up where
+// that went down (the products of two f32 are exact in double).
+static inline float __frcp_ru(float a) {
+    const float r = 1.0f / a;
+    return (double)r * (double)a < 1.0 ? std::nextafterf(r, INFINITY) : r;
+}
+static inline float __fmul_ru(float a, float b) {
+    const double e = (double)a * (double)b;
+    const float p = (float)e;
+    return (double)p < e ? std::nextafterf(p, INFINITY) : p;
+}
 // Rounded toward zero: the sum to nearest, stepped back towards zero where that rounding
 // went away from it (the exact error of the sum by TwoSum, Knuth).
 static inline float __fadd_rz(float a, float b) {
@@ -108,6 +126,14 @@ static inline bool __any_sync(unsigned, bool p) {
     for (unsigned l = 0; l < 32; ++l) any |= g_slots_i[(g_tid & ~31u) | l] != 0;
     warp_sync();
     return any;
+}
+static inline unsigned __reduce_max_sync(unsigned, unsigned v) {
+    g_slots_i[g_tid] = (int)v;
+    warp_sync();
+    unsigned m = 0;
+    for (unsigned l = 0; l < 32; ++l) m = std::max(m, (unsigned)g_slots_i[(g_tid & ~31u) | l]);
+    warp_sync();
+    return m;
 }
 static inline void __syncthreads() { g_block->arrive_and_wait(); }
 static inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }

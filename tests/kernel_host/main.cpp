@@ -40,11 +40,11 @@ static int helpers() {
         else if (op == "key") { std::cin >> a >> b >> c; std::printf("%llu\n", stream_key(a, b, c)); }
         else if (op == "bits") { std::cin >> a >> b; std::printf("%llu\n", element_bits(a, b)); }
         else if (op == "sr") { std::cin >> a >> b; std::printf("%u\n", (u32)round_stochastic(__uint_as_float((u32)a), b, bf16())); }
-        else if (op == "eavg") { std::cin >> a >> b >> c; const float x = __uint_as_float((u32)a); std::printf("%u\n", with_sign(exp_avg_magnitude(x, block_scale_of(__uint_as_float((u32)b)), (u32)c), x)); }
-        else if (op == "einf") { std::cin >> a >> b >> c; std::printf("%u\n", encode_exp_inf(__uint_as_float((u32)a), block_scale_of(__uint_as_float((u32)b)), (u32)c)); }
+        else if (op == "eavg") { std::cin >> a >> b >> c; std::printf("%u\n", encode_ratio(__uint_as_float((u32)a), block_scale_of<ExpAvgCode>(__uint_as_float((u32)b)), (u32)c)); }
+        else if (op == "einf") { std::cin >> a >> b >> c; std::printf("%u\n", encode_exp_inf(__uint_as_float((u32)a), block_scale_of<ExpInfCode>(__uint_as_float((u32)b)), (u32)c)); }
         else if (op == "davg") { std::cin >> a >> b; std::printf("%u\n", __float_as_uint(decode_exp_avg(tables(), (u32)a, __uint_as_float((u32)b)))); }
         else if (op == "dinf") { std::cin >> a >> b; std::printf("%u\n", __float_as_uint(decode_exp_inf(tables(), (u32)a, __uint_as_float((u32)b)))); }
-        else if (op == "scale") { std::cin >> a; std::printf("%u\n", __float_as_uint(block_scale(__uint_as_float((u32)a)))); }
+        else if (op == "scale") { std::cin >> a; std::printf("%u\n", __float_as_uint(block_scale_bits((u32)a))); }
         else { std::printf("unknown %s\n", op.c_str()); return 1; }
     }
     return 0;
@@ -56,7 +56,7 @@ static int helpers() {
 template <typename T, ParamMode P, StateFormat S>
 static void traverse(const Scalars& sc, const TensorDesc& t, u64 key, bool aligned) {
     if constexpr (S == StateFormat::Blockwise8) {
-        for (u64 b = 0; b * ADAMAX_QBLOCK < t.len; ++b) warp([&] { step_q8_block<T, P>(tables(), sc, t, b, key, aligned); });
+        warp([&] { step_q8_unit<T, P>(tables(), sc, t, 0, t.len, key, aligned); });
     } else {
         u64 i = 0;
         if (aligned)
@@ -89,7 +89,6 @@ static int traversal() {
         sc.one_minus_beta1 = __uint_as_float((u32)next());
         sc.beta2 = __uint_as_float((u32)next());
         sc.eps = __uint_as_float((u32)next());
-        sc.moment_ratio = __uint_as_float((u32)next());
         sc.step_size = __uint_as_float((u32)next());
         sc.decay = __uint_as_float((u32)next());
         sc.eps_mode = next() ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
@@ -209,7 +208,6 @@ static int whole() {
     a.one_minus_beta1 = __uint_as_float((u32)next());
     a.beta2 = __uint_as_float((u32)next());
     a.eps = __uint_as_float((u32)next());
-    a.moment_ratio = __uint_as_float((u32)next());
     a.eps_mode = next() ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
     a.decay_mode = next() ? DECAY_DECOUPLED : DECAY_COUPLED;
     a.maximize = (u32)next();

@@ -1,85 +1,88 @@
-//! A block of 8-bit moments: its scale's reciprocal ([`BlockScale`]), the encoding of
-//! both moments together under AdaMax's bound ([`encode_moments`]), and a moment stored
-//! in blocks ([`Blockwise8`]). See the parent module for the format.
+//! A block of 8-bit state: its scale's reciprocal ([`BlockScale`]), the encoding of a
+//! block's ratios and infinity norms ([`encode_moments`]), the first moment they stand
+//! for ([`exp_avg_of`]), and a moment stored in blocks ([`Blockwise8`]). See the parent
+//! module for the format.
 
 use super::{exp_avg_bits, exp_inf_bits, Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK};
+use crate::config::EpsilonMode;
 
-/// The random bits that make [`Code::encode_magnitude`] round down (truncate): it rounds
-/// up when `frac * 2^24 > r`, never for `r = 2^24 - 1`.
+/// The random bits that make [`Code::encode_magnitude`] round to nearest (ties up): half
+/// of the dropped bits' range.
 #[doc(hidden)]
-pub const ROUND_DOWN: u32 = 0xFF_FFFF;
+pub const ROUND_NEAREST: u32 = 0x8000;
 
-/// Encodes one block of both moments, `m` and `u` (as long as each other and as their
-/// codes), drawing element `j`'s rounding bits from `bits(j)` ([`exp_avg_bits`] and
-/// [`exp_inf_bits`] of its draw), and returns the block's scales `(m, u)`: `u` as
-/// [`Code::encode_block`] encodes it, then `m` the same way with each code's magnitude
-/// capped so that the values stored keep `|m| <= ratio * u` (see the module docs; no cap
-/// for an infinite `ratio`).
+/// The random bits that make [`Code::encode_magnitude`] round up, unless the dropped
+/// bits are below 2^-16 of the code's step.
+const ROUND_UP: u32 = 0xFFFF;
+
+/// Encodes one block of 8-bit state, drawing element `j`'s rounding bits from `bits(j)`
+/// ([`exp_avg_bits`] and [`exp_inf_bits`] of its draw): the ratios `m / den` of the step
+/// in [`EXP_AVG_CODE`], the infinity norms in [`EXP_INF_CODE`], each a block of its own
+/// ([`Code::encode_block`]); returns the block's scales `(ratio, u)`. The slices are
+/// as long as each other.
 pub fn encode_moments(
-    m: &[f32],
+    ratios: &[f32],
     u: &[f32],
-    m_codes: &mut [u8],
+    ratio_codes: &mut [u8],
     u_codes: &mut [u8],
-    ratio: f32,
     bits: impl Fn(usize) -> u64,
 ) -> (f32, f32) {
     let scale_u = EXP_INF_CODE.encode_block(u, u_codes, |j| exp_inf_bits(bits(j)));
-    let scale_m = EXP_AVG_CODE.encode_block(m, m_codes, |j| exp_avg_bits(bits(j)));
-    let coded = scale_m.is_finite() && scale_m != 0.0;
-    if coded && ratio < f32::INFINITY {
-        let s = BlockScale::of(scale_m);
-        for (c, &uc) in m_codes.iter_mut().zip(u_codes.iter()).take(m.len()) {
-            let limit = ratio * EXP_INF_CODE.decode(uc, scale_u);
-            let cap = EXP_AVG_CODE.encode_magnitude(s.scaled(limit), ROUND_DOWN);
-            *c = EXP_AVG_CODE.cap(*c, cap);
-        }
-    }
-    (scale_m, scale_u)
+    let scale_r = EXP_AVG_CODE.encode_block(ratios, ratio_codes, |j| exp_avg_bits(bits(j)));
+    (scale_r, scale_u)
 }
 
-/// A block's scale and its reciprocal, taken once per block, so that a value's fraction
-/// of the scale is a multiply, not a division: `fraction(a) = f32(f32(a * factor) *
-/// inv)` with `inv = f32(1 / f32(scale * factor))`, where `factor` is 2^64 for a scale
-/// below f32's normal range (whose reciprocal would overflow) and 1 otherwise (both
-/// products by `factor` are exact); a value at or above the scale (the block's largest)
-/// is 1 exactly, so a block's largest magnitude is stored without error whatever the
-/// rounding of the reciprocal.
+/// The first moment an 8-bit state stands for: its decoded ratio times the denominator of
+/// its decoded `u`, `f32(ratio * den)` with `den = u` (eps inside the max) or `f32(u +
+/// eps)` (eps in the denominator).
+pub fn exp_avg_of(ratio: f32, exp_inf: f32, eps: f32, eps_mode: EpsilonMode) -> f32 {
+    let den = match eps_mode {
+        EpsilonMode::InsideMax => exp_inf,
+        EpsilonMode::Denominator => exp_inf + eps,
+    };
+    ratio * den
+}
+
+/// A block's scale as its encoder uses it: `fraction(a) = f32(a * inv)` with `inv =
+/// ru(ru(1 / scale) * (1 - 2^f))`, both rounded up (toward +infinity), so that the
+/// block's largest magnitude, `a = scale`, gives `q >= 1 - 2^f` and so `t = 1` exactly
+/// (its code is 1.0), and any other `q` is at most 2^-22 above its exact value, too
+/// little to change a rounding that draws 16 random bits. The GPU takes it once per
+/// block (`__frcp_ru`, `__fmul_ru`).
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlockScale {
-    scale: f32,
-    factor: f32,
     inv: f32,
 }
 
+/// `x * y` (finite, positive) rounded toward +infinity (the product of two f32 is exact
+/// in f64).
+fn mul_up(x: f32, y: f32) -> f32 {
+    let exact = f64::from(x) * f64::from(y);
+    let p = exact as f32;
+    if f64::from(p) < exact {
+        p.next_up()
+    } else {
+        p
+    }
+}
+
 impl BlockScale {
-    /// The reciprocal of a finite, positive `scale`.
-    pub fn of(scale: f32) -> Self {
-        let factor = if scale < f32::MIN_POSITIVE {
-            18_446_744_073_709_551_616.0 // 2^64
-        } else {
-            1.0
-        };
+    /// The reciprocal of `scale` (a finite f32 normal, positive) for `code`.
+    pub fn of(code: Code, scale: f32) -> Self {
+        let mut r = 1.0 / scale;
+        if f64::from(r) * f64::from(scale) < 1.0 {
+            r = r.next_up();
+        }
         Self {
-            scale,
-            factor,
-            inv: 1.0 / (scale * factor),
+            inv: mul_up(r, code.span()),
         }
     }
 
-    /// `a`'s fraction of the scale (`a >= 0`; 1 at or above it).
+    /// `a`'s fraction of the scale (`a >= 0`), before the code's offset; up to a few
+    /// units in the last place above 1 for the block's largest.
     pub fn fraction(&self, a: f32) -> f32 {
-        if a >= self.scale {
-            1.0
-        } else {
-            self.scaled(a)
-        }
-    }
-
-    /// `f32(f32(a * factor) * inv)`, without the cap at 1 (for the moment bound's limit,
-    /// which [`Code::encode_magnitude`] clamps).
-    pub fn scaled(&self, a: f32) -> f32 {
-        (a * self.factor) * self.inv
+        a * self.inv
     }
 }
 
@@ -101,15 +104,65 @@ impl Blockwise8 {
         }
     }
 
-    /// Quantizes f32 values with round-to-nearest (ties down), the deterministic
-    /// conversion used to bring f32 state (a PyTorch checkpoint) into 8 bits.
+    /// Quantizes f32 values with round-to-nearest (ties up), deterministic.
     pub fn from_f32(code: Code, values: &[f32]) -> Self {
         let mut q = Self::zeros(values.len());
         for (b, block) in values.chunks(QBLOCK).enumerate() {
             let codes = &mut q.codes[b * QBLOCK..b * QBLOCK + block.len()];
-            q.scales[b] = code.encode_block(block, codes, |_| 0x80_0000);
+            q.scales[b] = code.encode_block(block, codes, |_| ROUND_NEAREST);
         }
         q
+    }
+
+    /// The 8-bit state of f32 moments `m` and `u` (as long as each other), the
+    /// deterministic conversion that brings f32 state (a PyTorch checkpoint) into 8 bits:
+    /// `u` first, rounded up (to within 2^-16 of a code step), then each `m` as its ratio
+    /// to the denominator of its element's stored `u` ([`exp_avg_of`]; 0 where that is
+    /// 0), clamped to `±limit` (AdaMax's bound, `f32::INFINITY` for none), rounded to
+    /// nearest. Rounding `u` up keeps the ratios within the bound the f32 state keeps.
+    /// Returns the ratio's and `u`'s blocks.
+    pub fn encode_state(
+        m: &[f32],
+        u: &[f32],
+        eps: f32,
+        eps_mode: EpsilonMode,
+        limit: f32,
+    ) -> (Self, Self) {
+        let mut u8s = Self::zeros(u.len());
+        for (b, block) in u.chunks(QBLOCK).enumerate() {
+            let codes = &mut u8s.codes[b * QBLOCK..b * QBLOCK + block.len()];
+            u8s.scales[b] = EXP_INF_CODE.encode_block(block, codes, |_| ROUND_UP);
+        }
+        let ratios: Vec<f32> = m
+            .iter()
+            .zip(u8s.values(EXP_INF_CODE))
+            .map(|(&m, u)| {
+                let den = exp_avg_of(1.0, u, eps, eps_mode);
+                if den == 0.0 {
+                    0.0
+                } else {
+                    (m / den).clamp(-limit, limit)
+                }
+            })
+            .collect();
+        (Self::from_f32(EXP_AVG_CODE, &ratios), u8s)
+    }
+
+    /// The f32 moments `(m, u)` an 8-bit state (its ratio's and `u`'s blocks, as long as
+    /// each other) stands for ([`exp_avg_of`]).
+    pub fn decode_state(
+        ratio: &Self,
+        u: &Self,
+        eps: f32,
+        eps_mode: EpsilonMode,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let u = u.to_f32(EXP_INF_CODE);
+        let m = ratio
+            .values(EXP_AVG_CODE)
+            .zip(&u)
+            .map(|(r, &u)| exp_avg_of(r, u, eps, eps_mode))
+            .collect();
+        (m, u)
     }
 
     /// The values the codes stand for (exact decoding, one rounding per element), one

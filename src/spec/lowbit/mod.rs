@@ -24,10 +24,9 @@
 //! a GPU, where splitmix64's 64-bit multiplies were about seventeen (issue #19). `t` is
 //! the tensor's own step (the step being taken, counted from one) and `i` the
 //! element's index in its tensor. One draw serves the element: bits 0 to 15 (of `b`)
-//! round the parameter, bits 32 to 47 (of `a`) the first moment, bits 48 to 63 the
-//! infinity norm (16 random bits each, placed as the 24-bit `r` of
-//! [`Code::encode_magnitude`] with a half unit below them: `r = bits << 8 | 0x80`, so a
-//! code rounds up with probability `frac` to within 2^-17). A mode computes only the
+//! round the parameter, bits 32 to 47 (of `a`) the first moment's ratio, bits 48 to 63
+//! the infinity norm (16 random bits each, the `r` of [`Code::encode_magnitude`], so a
+//! code rounds up with probability `frac` to within 2^-16). A mode computes only the
 //! words it uses: `a` with 8-bit state, `b` with stochastic rounding.
 //!
 //! # Stochastic rounding to bf16
@@ -39,65 +38,82 @@
 //! next binade; above bf16's largest finite value the result can round to infinity.
 //! NaN is rounded as round-to-nearest does (a quiet NaN).
 //!
-//! # 8-bit blockwise moments
+//! # 8-bit state: `u` in blocks, `m` as its ratio to the step's denominator
 //!
-//! Each tensor's `m` and `u` are cut into blocks of [`QBLOCK`] elements (the last block
-//! may be shorter). A block stores its largest magnitude as an f32 `scale` and one
-//! 8-bit code per element for `value / scale`, a number in `[-1, 1]` (in `[0, 1]` for
-//! `u`). The codes are small floating-point numbers ([`Code`]): the first moment
-//! ([`EXP_AVG_CODE`]) has a sign, 4 exponent and 3 mantissa bits; the infinity norm
-//! ([`EXP_INF_CODE`]), never negative, spends the sign bit on a 4th mantissa bit. Both
-//! reach down to 2^-17 (2^-18) of the block's scale, with subnormals, and hold the
-//! scale itself, 1.0, exactly, so a block's largest element is stored without error.
-//! The choice of codes, block and rounding was made from the measurements in
-//! BENCHMARKS.md ("8-bit state: choosing the codes").
+//! Each tensor's state is cut into blocks of [`QBLOCK`] elements (the last block may be
+//! shorter), and each element keeps two 8-bit codes:
 //!
-//! A block divides once: its values are scaled by the reciprocal of its scale, one
-//! multiply each (its largest, `|x| >= scale`, is 1 exactly; a scale below f32's normal
-//! range is first multiplied by 2^64, exactly, so that its reciprocal is finite).
+//! - the infinity norm `u`, as a fraction of its block's largest `u` (the block's f32
+//!   scale), in [`EXP_INF_CODE`] (no sign, 4 exponent and 4 mantissa bits);
+//! - the first moment `m` as its **ratio** to the step's denominator, `rho = m / den`
+//!   with `den = u` (eps inside the max) or `u + eps` (eps in the denominator): the
+//!   very `m / den` the rule divides out for the step ([`crate::spec::update`]'s
+//!   `update`, 0 where `den = 0`). It is stored as a fraction of its block's largest
+//!   `|rho|` (the block's other scale), in [`EXP_AVG_CODE`] (a sign, 4 exponent and 3
+//!   mantissa bits).
 //!
-//! Encoding rounds stochastically with 24 random bits: with `y` the magnitude in units
-//! of the code's spacing at that magnitude, `k = trunc(y)`, the code for `k + 1` is
-//! taken when `frac(y) * 2^24 > r`, `frac(y)` taken to `23 - M` bits (exact at and above
-//! `2^emin`, truncated below it), so up with probability `frac(y)` to within
-//! 2^-(23 - M) (2^-20 for `m`, 2^-19 for `u`); it
-//! is done on the f32's bits ([`Code::encode_magnitude`]).
-//! Rounding to nearest would freeze `u`: `beta2 * u` is within half a code step of
-//! `u` (0.999 against a relative step of 1/16), so `u` would never decay; unbiased
-//! rounding lets it decay at the right rate on average.
+//! A step decodes `u'`, then `m' = f32(rho' * den')` with `den'` from `u'` as above
+//! ([`exp_avg_of`]), applies the rule, and encodes the new `u` and the step's own
+//! ratio. The choice of codes, block and rounding was made from the measurements in
+//! BENCHMARKS.md ("8-bit state: choosing the codes"; the ratio form in "8-bit state
+//! v2").
 //!
-//! # The moment bound, kept in 8 bits
+//! ## Why the ratio: AdaMax's bound holds by construction
 //!
-//! AdaMax's moments keep `|m| <= c * u` with `c = (1 - beta1) / (1 - beta1 / beta2)`
-//! (about 1.009 with PyTorch's defaults; [`crate::spec::moment_ratio`]), and so no step
-//! moves a weight by more than about `c * lr / (1 - beta1^t)`. Rounding `m` and `u` apart,
-//! each against its own block's scale, breaks that: `u` can come back as 0 while `m`
-//! keeps its smallest code, and the next step divides by `eps`. So a block's moments are
-//! encoded together ([`encode_moments`]): `u` first, then each `m` code, whose magnitude
-//! is capped at the largest whose value is at most `c` times its element's decoded `u`
-//! (`q = f32(c * u')` as a fraction of `m`'s scale, rounded down with the bits
-//! `ROUND_DOWN`). The stored state
-//! then keeps the bound itself, `u' = 0` implies `m' = 0`, and the step that reads it
-//! moves no further than the bound allows. The cap only ever lowers `|m|` (by at most
-//! its rounding), towards the safe side. Where no bound exists (`beta1 >= beta2`) nothing
-//! is capped.
+//! AdaMax keeps `|m| <= c * u` with `c = (1 - beta1) / (1 - beta1 / beta2)` (about 1.009
+//! with PyTorch's defaults), so no step moves a weight by more than about `c * lr / (1 -
+//! beta1^t)`. Rounding `m` and `u` apart, each against its own block's scale, breaks
+//! that (`u` can come back as 0 while `m` keeps a code, and the next step divides by
+//! `eps`); the first 8-bit encoder did. Stored as a ratio, the step a state makes is
+//! its decoded ratio itself, whatever `u` rounded to: `m' / den' = rho'`, and `|rho'|`
+//! is at most its block's scale, the largest `|m / den|` the rule computed, itself
+//! within `c` (with rounding slack; `crate::state::MomentBound` checks files for it).
+//! `u' = 0` gives `m' = 0`. No cap, no check per element: the bound is in the format.
+//! (Where `beta1 >= beta2` no bound exists, and the ratio is stored all the same.) The
+//! ratio also spares the GPU the cap of the first #19 encoder (per element a decode, two
+//! products, an encode and a minimum): the rule's one division gives both the step and
+//! the value stored.
+//!
+//! ## The codes
+//!
+//! A code with `E` exponent and `M` mantissa bits ([`Code`]) stands for a magnitude `q`
+//! in `[0, 1]` through `t = q + 2^f` with `f = 1 - 2^E` (-15 for both codes): `t` in `[2^f,
+//! 1]` is an ordinary float of `E` exponent values (the binades `2^f` to `2^-1`, and 1.0
+//! itself) and `M` mantissa bits, so that the code is the top bits of `t`'s f32 pattern
+//! less an offset, and `q = (t - 2^f) / (1 - 2^f)`. Near 0 the codes are evenly spaced
+//! (by `2^(f - M)`: 2^-18 for `rho`, 2^-19 for `u` of the block's scale), elsewhere
+//! spaced as a float's. 0 and 1.0 are codes, so a block's zeros and its largest
+//! magnitude are stored without error.
+//!
+//! Encoding is integer rounding on the bits, as for bf16: `t = sat(rz(q' + 2^f))`
+//! (rounded toward zero, clamped to 1), `q' = f32(|x| * inv)` with `inv` the block
+//! scale's reciprocal times `1 - 2^f`, each rounded up ([`BlockScale`]: so the block's
+//! largest magnitude gives `t = 1` exactly), then 16 random bits `r`, shifted to the top
+//! of the `23 - M` bits the code drops, are added to the pattern before the shift: a
+//! code rounds up with probability `frac(t)` to within 2^-16 of a code step (and up by
+//! at most 2^-23 of `t` from the two directed roundings). Rounding to nearest would
+//! freeze `u`: `beta2 * u` is within half a code step of `u` (0.999 against a relative
+//! step of 1/16), so `u` would never decay; unbiased rounding lets it decay at the right
+//! rate on average. `rho`'s sign is its f32 sign bit, in bit 7.
+//!
+//! A block's scale is its largest magnitude (of `u`, or of `rho`), f32. A block whose
+//! largest is 0 or below f32's normal range (2^-126: no optimizer state is made of such
+//! values) stores scale 0 and codes 0; a block with a non-finite value stores a NaN
+//! scale, and every element of the block reads back as NaN (one NaN poisons its block,
+//! where f32 state poisons its element; with [`StepOptions::skip_nonfinite`] no
+//! non-finite gradient reaches the state).
 //!
 //! Rounding `u` is unbiased, but the next step's `max(beta2 * u', |g| + eps)` is not: the
 //! max of a noisy value sits above the max of the true one, so `u` drifts up (steps get
 //! smaller, the safe direction). tests/lowbit.rs measures that drift.
 //!
-//! A block whose largest magnitude is 0 stores scale 0 and codes 0. A block with a
-//! non-finite value stores a NaN scale: every element of the block reads back as NaN
-//! (one NaN poisons its block, where f32 state poisons its element; with
-//! [`StepOptions::skip_nonfinite`] no non-finite gradient reaches the state).
-//!
-//! [`ParamMode::Stochastic`]: crate::ParamMode::Stochastic
 //! [`StateFormat::Blockwise8`]: crate::StateFormat::Blockwise8
 //! [`StepOptions::skip_nonfinite`]: crate::StepOptions::skip_nonfinite
+//! [`ParamMode::Stochastic`]: crate::ParamMode::Stochastic
 
 mod blocks;
 
-pub use blocks::{encode_moments, BlockScale, Blockwise8, ROUND_DOWN};
+pub use blocks::{encode_moments, exp_avg_of, BlockScale, Blockwise8, ROUND_NEAREST};
 
 use half::bf16;
 
@@ -160,16 +176,16 @@ pub const fn param_bits(bits: u64) -> u32 {
     (bits & 0xFFFF) as u32
 }
 
-/// The 24-bit `r` that rounds the first moment: bits 32 to 47, and a half unit.
+/// The 16 random bits that round the first moment's ratio: bits 32 to 47.
 #[doc(hidden)]
 pub const fn exp_avg_bits(bits: u64) -> u32 {
-    ((((bits >> 32) & 0xFFFF) as u32) << 8) | 0x80
+    ((bits >> 32) & 0xFFFF) as u32
 }
 
-/// The 24-bit `r` that rounds the infinity norm: bits 48 to 63, and a half unit.
+/// The 16 random bits that round the infinity norm: bits 48 to 63.
 #[doc(hidden)]
 pub const fn exp_inf_bits(bits: u64) -> u32 {
-    (((bits >> 48) as u32) << 8) | 0x80
+    (bits >> 48) as u32
 }
 
 /// `x` rounded to bf16 stochastically with the 16 random bits `r` (see the module docs).
@@ -188,13 +204,27 @@ fn pow2(e: i32) -> f32 {
     f32::from_bits(((e + 127) as u32) << 23)
 }
 
-/// An 8-bit code: a small float for `value / scale`, a number of magnitude at most 1.
+/// `a + b` rounded toward zero, for `a >= 0` and `b > 0` finite: the sum to nearest,
+/// stepped back where that rounding went up (the exact error of the sum by TwoSum,
+/// Knuth). The kernel's `__fadd_rz`.
+fn add_toward_zero(a: f32, b: f32) -> f32 {
+    let s = a + b;
+    let bb = s - a;
+    let err = (a - (s - bb)) + (b - bb);
+    if err < 0.0 {
+        f32::from_bits(s.to_bits() - 1)
+    } else {
+        s
+    }
+}
+
+/// An 8-bit code: a small float for a magnitude `q` in `[0, 1]`, stored as `t = q +
+/// 2^f` (see the module docs), with a sign in bit 7 for a signed code.
 ///
-/// With `E` exponent bits and `M` mantissa bits, a magnitude's bits are an exponent
-/// field `e` and a fraction `f`; it is `f * 2^(emin - M)` when `e = 0` (subnormals) and
-/// `(2^M + f) * 2^(e - 1 + emin - M)` otherwise, with `emin = 2 - 2^E`. The top field
-/// `e = 2^E - 1` is the binade of 1.0, of which only 1.0 itself is used. A signed code
-/// puts the sign in bit 7.
+/// With `E` exponent bits and `M` mantissa bits, `f = 1 - 2^E`, and a magnitude code
+/// `c` stands for `t = 2^(e + f) * (1 + m / 2^M)` with `e = c >> M` and `m` its low `M`
+/// bits: the top binade `e = 2^E - 1` holds only `t = 1`, the magnitude 1.0. `q = (t -
+/// 2^f) / (1 - 2^f)`, in f64, rounded to f32.
 ///
 /// The crate's state uses [`EXP_AVG_CODE`] and [`EXP_INF_CODE`]; others (for studies of
 /// the format) come from [`Code::new`], which makes only codes whose every value is an
@@ -214,7 +244,8 @@ pub struct Code {
     man_bits: u32,
 }
 
-/// The code of the first moment `m`: sign, 4 exponent bits, 3 mantissa bits.
+/// The code of the first moment's ratio `m / den`: sign, 4 exponent bits, 3 mantissa
+/// bits.
 pub const EXP_AVG_CODE: Code = Code {
     signed: true,
     exp_bits: 4,
@@ -230,9 +261,8 @@ pub const EXP_INF_CODE: Code = Code {
 
 impl Code {
     /// An 8-bit code with `exp_bits` exponent and `man_bits` mantissa bits (7 bits in
-    /// all with a sign, 8 without); `None` unless `exp_bits >= 1` and its smallest
-    /// magnitude, `2^(2 - 2^exp_bits - man_bits)`, is an f32 normal (`2^exp_bits +
-    /// man_bits <= 128`).
+    /// all with a sign, 8 without); `None` unless `1 <= exp_bits <= 6` (so that `2^f`,
+    /// `f = 1 - 2^exp_bits`, is an f32 normal).
     ///
     /// ```
     /// use adamax_cuda::spec::lowbit::{Code, EXP_AVG_CODE};
@@ -242,10 +272,7 @@ impl Code {
     /// ```
     pub const fn new(signed: bool, exp_bits: u32, man_bits: u32) -> Option<Self> {
         let bits = if signed { 7 } else { 8 };
-        if exp_bits == 0 || exp_bits > 7 || man_bits > 8 || exp_bits + man_bits != bits {
-            return None;
-        }
-        if (1 << exp_bits) + man_bits > 128 {
+        if exp_bits == 0 || exp_bits > 6 || man_bits > 8 || exp_bits + man_bits != bits {
             return None;
         }
         Some(Self {
@@ -255,9 +282,14 @@ impl Code {
         })
     }
 
-    /// The exponent of the smallest normal magnitude.
-    const fn emin(self) -> i32 {
-        2 - (1 << self.exp_bits)
+    /// `f`: the magnitudes are stored as `q + 2^f`.
+    const fn floor_exp(self) -> i32 {
+        1 - (1 << self.exp_bits)
+    }
+
+    /// The offset of the code in `t`'s f32 pattern, shifted right by `23 - M`.
+    const fn offset(self) -> u32 {
+        ((127 + self.floor_exp()) as u32) << self.man_bits
     }
 
     /// The largest valid code: the magnitude 1.0 (positive for a signed code).
@@ -279,85 +311,60 @@ impl Code {
         }
     }
 
-    /// `code` with its magnitude lowered to `max_magnitude` where it is above (the sign
-    /// kept, unless the magnitude becomes 0).
-    pub fn cap(self, code: u8, max_magnitude: u32) -> u8 {
-        let magnitude = self.magnitude(code);
-        if magnitude <= max_magnitude {
-            return code;
-        }
-        let sign = if self.signed && code & 0x80 != 0 && max_magnitude != 0 {
-            0x80
-        } else {
-            0
-        };
-        (max_magnitude | sign) as u8
+    /// `1 - 2^f`, rounded to nearest: a block scale's reciprocal is multiplied by it
+    /// ([`BlockScale::of`]).
+    pub(crate) fn span(self) -> f32 {
+        (1.0 - f64::from(pow2(self.floor_exp()))) as f32
     }
 
-    /// Stochastic rounding of a magnitude `q` in `[0, 1]` to a code, with 24 random
-    /// bits `r` (`0x80_0000` rounds to nearest, ties down; [`ROUND_DOWN`] truncates). A
-    /// `q` outside `[0, 1]` is clamped to it, NaN to 0. A block's values reach here as
-    /// fractions of its largest magnitude, at most 1 (or above it by a relative 2^-22
-    /// when the reciprocal of a scale near f32's largest is subnormal, too little to
-    /// change a code, so the kernel does not clamp there); the moment cap's limit can
-    /// exceed 1, and the kernel clamps it as this does.
-    ///
-    /// Integer rounding on the f32's bits, as bf16's: for `q >= 2^emin` the code is the
-    /// top bits of `q`'s pattern less the exponent's offset, and `(r ^ 0xFFFFFF) >> (M +
-    /// 1)` added below them rounds up exactly when `frac * 2^24 > r`, `frac` being the
-    /// dropped `23 - M` bits as a fraction of the code's spacing. Below `2^emin` (the
-    /// subnormal codes, spaced evenly) the same is done on `q + 2^emin` rounded toward
-    /// zero (one `FADD.RZ` on the GPU), whose last `23 - M` bits are then `frac`
-    /// truncated to that many bits: a code rounds up with probability `frac` to within
-    /// 2^-(23 - M) everywhere.
+    /// Stochastic rounding to a code, with 16 random bits `r` ([`ROUND_NEAREST`] rounds
+    /// to nearest, ties up), of `s`, a magnitude `q` in `[0, 1]` already scaled by `1 -
+    /// 2^f` as [`BlockScale::fraction`] gives it (finite, `>= 0`; `t` above 1 is taken
+    /// as 1): `t = min(s + 2^f rounded toward zero, 1)`, then `r`, placed at the top of
+    /// the bits the code drops (`23 - M` of them), is added to `t`'s pattern, and the
+    /// code is its top bits less the offset. It rounds up with probability `frac(t)` (its
+    /// dropped bits as a fraction of the code's step) to within 2^-16. One `FADD.RZ.SAT`,
+    /// a shift-add and a shift-subtract on the GPU. A NaN is taken as 0 (the kernel never
+    /// encodes one: a block with a NaN stores no codes). [`Code::encode`] encodes a value
+    /// in a block of a given scale.
     pub fn encode_magnitude(self, q: f32, r: u32) -> u32 {
-        let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
-        let (emin, man) = (self.emin(), self.man_bits);
-        let round = ((r ^ 0xFF_FFFF) & 0xFF_FFFF) >> (man + 1);
-        let offset = ((126 + emin) as u32) << man;
-        let (bits, offset) = if q < pow2(emin) {
-            // q + 2^emin toward zero: 2^emin's pattern plus q in units of 2^(emin - 23),
-            // truncated (the scaling is exact, and below 2^23).
-            let below = (q * pow2(23 - emin)) as u32;
-            ((((127 + emin) as u32) << 23) | below, offset + (1 << man))
+        let floor = pow2(self.floor_exp());
+        let t = if q.is_nan() {
+            floor
         } else {
-            (q.to_bits(), offset)
+            add_toward_zero(q.max(0.0), floor).min(1.0)
         };
-        ((bits + round) >> (23 - man)) - offset
+        let man = self.man_bits;
+        let dither = (r & 0xFFFF) << (7 - man);
+        ((t.to_bits() + dither) >> (23 - man)) - self.offset()
     }
 
-    /// The magnitude of a code (exact): `code` is the magnitude's bits, below 128 for a
-    /// signed code and 256 otherwise. A larger number is no code of this format and
-    /// gives NaN.
+    /// The magnitude of a code (exact in f64, rounded once to f32): `code` is the
+    /// magnitude's bits, below 128 for a signed code and 256 otherwise. A larger number
+    /// is no code of this format and gives NaN; a code above
+    /// [`Code::max_magnitude_code`] decodes to more than 1.
     pub fn decode_magnitude(self, code: u32) -> f32 {
         let bits = self.exp_bits + self.man_bits;
         if code >> bits != 0 {
             return f32::NAN;
         }
-        let e = code >> self.man_bits;
-        let f = code & ((1 << self.man_bits) - 1);
-        let (mant, exp) = if e == 0 {
-            (f, self.emin() - self.man_bits as i32)
-        } else {
-            (
-                f + (1 << self.man_bits),
-                e as i32 - 1 + self.emin() - self.man_bits as i32,
-            )
-        };
-        mant as f32 * pow2(exp)
+        let t = f32::from_bits((code + self.offset()) << (23 - self.man_bits));
+        let floor = f64::from(pow2(self.floor_exp()));
+        ((f64::from(t) - floor) / (1.0 - floor)) as f32
     }
 
-    /// `x` (of magnitude at most `scale`, which is finite and positive) as a code, as a
+    /// `x` (of magnitude at most `scale`, which is a finite f32 normal) as a code, as a
     /// block of that scale encodes it ([`BlockScale::of`]).
     pub fn encode(self, x: f32, scale: f32, r: u32) -> u8 {
-        self.encode_scaled(x, &BlockScale::of(scale), r)
+        self.encode_scaled(x, &BlockScale::of(self, scale), r)
     }
 
-    /// `x` as a code in a block of scale `s`: the magnitude `q = s.fraction(|x|)`.
+    /// `x` as a code in a block of scale `s`: the magnitude of `s.fraction(|x|)`, and for
+    /// a signed code `x`'s sign bit in bit 7.
     #[doc(hidden)]
     pub fn encode_scaled(self, x: f32, s: &BlockScale, r: u32) -> u8 {
         let magnitude = self.encode_magnitude(s.fraction(x.abs()), r);
-        let sign = if self.signed && x < 0.0 && magnitude != 0 {
+        let sign = if self.signed && x.is_sign_negative() {
             0x80
         } else {
             0
@@ -365,39 +372,53 @@ impl Code {
         (magnitude | sign) as u8
     }
 
-    /// The value a code stands for in a block of scale `scale`: one rounding, of the
-    /// product.
+    /// The value a code stands for in a block of scale `scale`: its signed magnitude
+    /// times the scale, one rounding.
     pub fn decode(self, code: u8, scale: f32) -> f32 {
-        let negative = self.signed && code & 0x80 != 0;
-        let v = self.decode_magnitude(self.magnitude(code)) * scale;
-        if negative {
-            -v
+        let magnitude = self.decode_magnitude(self.magnitude(code));
+        let signed = if self.signed && code & 0x80 != 0 {
+            -magnitude
         } else {
-            v
+            magnitude
+        };
+        signed * scale
+    }
+
+    /// A block's scale from its values: their largest magnitude, 0 when that is 0 or below
+    /// f32's normal range, NaN when it is not finite.
+    #[doc(hidden)]
+    pub fn block_scale(values: &[f32]) -> f32 {
+        let absmax = values
+            .iter()
+            .fold(0.0f32, |a, &v| super::max_propagating_nan(a, v.abs()));
+        if !absmax.is_finite() {
+            f32::NAN
+        } else if absmax < f32::MIN_POSITIVE {
+            0.0
+        } else {
+            absmax
         }
     }
 
-    /// Encodes a block: returns its scale and writes one code per value, drawing the
-    /// rounding bits of value `j` from `bits(j)`. `codes` should be as long as `values`;
-    /// codes beyond the values are left as they are (zeroed when the block's largest
-    /// magnitude is 0 or not finite).
+    /// Encodes a block: returns its scale ([`Code::block_scale`]) and writes one code per
+    /// value, drawing the rounding bits of value `j` from `bits(j)`. `codes` should be as
+    /// long as `values`; codes beyond the values are left as they are (zeroed when the
+    /// block's scale is 0 or NaN).
     pub fn encode_block(
         self,
         values: &[f32],
         codes: &mut [u8],
         bits: impl Fn(usize) -> u32,
     ) -> f32 {
-        let absmax = values
-            .iter()
-            .fold(0.0f32, |a, &v| super::max_propagating_nan(a, v.abs()));
-        if absmax == 0.0 || !absmax.is_finite() {
+        let scale = Self::block_scale(values);
+        if scale.is_nan() || scale == 0.0 {
             codes.fill(0);
-            return if absmax == 0.0 { 0.0 } else { f32::NAN };
+            return scale;
         }
-        let s = BlockScale::of(absmax);
+        let s = BlockScale::of(self, scale);
         for (j, (c, &v)) in codes.iter_mut().zip(values).enumerate() {
             *c = self.encode_scaled(v, &s, bits(j));
         }
-        absmax
+        scale
     }
 }

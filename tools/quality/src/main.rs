@@ -36,7 +36,7 @@ use adamax_cuda::{
     spec::{lowbit, update, StepScalars},
     AdamaxConfig, Optimizer, ParamMode, Precision, StateFormat, WeightDecayMode,
 };
-use codec::{Candidate, CANDIDATES, NEW, OLD};
+use codec::{Candidate, CANDIDATES, CAPPED, NEW, OLD};
 use plotters::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use tasks::{Digits, Regression, Task, Zipf};
@@ -85,19 +85,21 @@ enum Run {
     Emulated(usize, bool),
 }
 
-/// The rows of the modes tables: the crate's modes, with the old codec beside each
-/// 8-bit mode without a master, and bf16 round-to-nearest (not a mode).
-const MODES: [Run; 11] = [
+/// The rows of the modes tables: the crate's modes, with the two codecs before the
+/// crate's beside each 8-bit mode without a master, and bf16 round-to-nearest (not a mode).
+const MODES: [Run; 13] = [
     Run::F32,
     Run::Bf16Master,
     Run::Bf16Nearest,
     Run::Bf16Stochastic,
     Run::F32Q8,
     Run::Threshold(false),
+    Run::Emulated(CAPPED, false),
     Run::Emulated(OLD, false),
     Run::Bf16MasterQ8,
     Run::Bf16StochasticQ8,
     Run::Threshold(true),
+    Run::Emulated(CAPPED, true),
     Run::Emulated(OLD, true),
 ];
 
@@ -120,6 +122,12 @@ impl Run {
             Run::Emulated(OLD, false) => "f32 parameters, 8-bit state, old codec (emulated)".into(),
             Run::Emulated(OLD, true) => {
                 "bf16 stochastic rounding, 8-bit state, old codec (emulated)".into()
+            }
+            Run::Emulated(CAPPED, false) => {
+                "f32 parameters, 8-bit state, first #19 codec (emulated)".into()
+            }
+            Run::Emulated(CAPPED, true) => {
+                "bf16 stochastic rounding, 8-bit state, first #19 codec (emulated)".into()
             }
             Run::Emulated(i, false) => CANDIDATES[i].name.into(),
             Run::Emulated(i, true) => format!("{}, bf16 stochastic", CANDIDATES[i].name),
@@ -514,7 +522,7 @@ fn main() -> Result<()> {
     let mut json = Vec::new();
     writeln!(
         md,
-        "Every task with the CPU reference, which computes what the GPU kernels compute bit for bit; PyTorch's AdaMax defaults but the learning rate; seeds vary the initialisation, batch order and rounding stream. Losses: mean ± standard deviation [min, max] over the seeds. \"Over the bound\": element-steps (summed over seeds) that moved a weight further than AdaMax's bound, `step_size * (1 - beta1) / (1 - beta1 / beta2)` with a relative slack of 1e-5, plus one bf16 unit in the last place for bf16 parameters (as `allowed_move` in tests/lowbit.rs), of all element-steps, and the largest move as a multiple of its bound. \"Old codec\": the 8-bit encoder before issue #19 (`m` and `u` rounded apart, each against its block's scale, by division, with bits 16-39 and 40-63 of the draw), emulated with the spec's functions; the emulation of the crate's current codec equals the crate's 8-bit modes bit for bit on every task (checked at every run)."
+        "Every task with the CPU reference, which computes what the GPU kernels compute bit for bit; PyTorch's AdaMax defaults but the learning rate; seeds vary the initialisation, batch order and rounding stream. Losses: mean ± standard deviation [min, max] over the seeds. \"Over the bound\": element-steps (summed over seeds) that moved a weight further than AdaMax's bound, `step_size * (1 - beta1) / (1 - beta1 / beta2)` with a relative slack of 1e-5, plus one bf16 unit in the last place for bf16 parameters (as `allowed_move` in tests/lowbit.rs), of all element-steps, and the largest move as a multiple of its bound. The crate's 8-bit state (v2) stores `u` in blocks and `m` as its ratio to the step's denominator. \"First #19 codec\": `m` and `u` each in its blocks, `m` capped to the moment ratio of its element's decoded `u` (the crate's until v2). \"Old codec\": the 8-bit encoder before issue #19 (`m` and `u` rounded apart, each against its block's scale, by division, with bits 16-39 and 40-63 of the draw). Both are emulated with the codes of their time (tools/quality/src/codec.rs, `v1`); the emulation of the crate's current codec equals the crate's 8-bit modes bit for bit on every task (checked at every run)."
     )?;
     let mut digits_curves = Vec::new();
     for task in tasks {
@@ -582,7 +590,7 @@ fn main() -> Result<()> {
 
     writeln!(
         md,
-        "\n### 8-bit state: choosing the codes, block and rounding\n\nDigits, f32 parameters, {SWEEP_SEEDS} seeds; every float code with the crate's encoder (`u` first, `m` capped at the moment ratio of its decoded `u`), the linear baseline and the old codec with `m` and `u` apart.\n\n| candidate | final train loss | test loss | test accuracy | over the bound |\n| --- | --- | --- | --- | --- |"
+        "\n### 8-bit state: choosing the codes, block and rounding\n\nDigits, f32 parameters, {SWEEP_SEEDS} seeds; every float code with the crate's encoder (`u` in its blocks, `m` as its ratio to the step's denominator), the linear baseline, the first #19 codec (`m` capped at the moment ratio of its decoded `u`) and the old codec with `m` and `u` apart.\n\n| candidate | final train loss | test loss | test accuracy | over the bound |\n| --- | --- | --- | --- | --- |"
     )?;
     for (k, candidate) in CANDIDATES.iter().enumerate() {
         let run = Run::Emulated(k, false);
