@@ -176,6 +176,7 @@ __device__ double powi_exact(double base, u64 exp) {
 struct Scalars {
     float beta1, one_minus_beta1, beta2, eps, step_size, decay;
     u32 eps_mode, decay_mode, maximize;
+    float den_eps;  // what a denominator adds to u: eps with EPS_DENOMINATOR, else 0
     float inv_scale, clip_coef;  // gradient multipliers, applied when the flag is set
     u32 flags;
 };
@@ -190,6 +191,7 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     s.beta2 = a.beta2;
     s.eps = a.eps;
     s.eps_mode = a.eps_mode;
+    s.den_eps = a.eps_mode == EPS_DENOMINATOR ? a.eps : 0.0f;
     s.maximize = a.maximize;
     const Control& c = *a.control;
     s.flags = c.params.flags;
@@ -338,10 +340,21 @@ __device__ __forceinline__ float decode_magnitude(u32 code) {
     return __double2float_rn(__ddiv_rn(__dsub_rn((double)t, (double)C::FLOOR), __dsub_rn(1.0, (double)C::FLOOR)));
 }
 // q: finite, >= 0; r: 16 random bits, added at the top of the 23 - M bits the code drops.
+// r << (7 - M) added to t's pattern as one multiply-add (in PTX, so that the compiler
+// does not turn it into a shift, a mask and an add: one instruction per code more).
+__device__ __forceinline__ u32 add_shifted(u32 r, u32 factor, u32 x) {
+#ifdef ADAMAX_HOST_EMULATION
+    return r * factor + x;
+#else
+    u32 y;
+    asm("mad.lo.u32 %0, %1, %2, %3;" : "=r"(y) : "r"(r), "r"(factor), "r"(x));
+    return y;
+#endif
+}
 template <typename C, int M>
 __device__ __forceinline__ u32 encode_magnitude(float q, u32 r) {
     const float t = __saturatef(__fadd_rz(q, C::FLOOR));
-    return ((__float_as_uint(t) + (r << (7 - M))) >> (23 - M)) - C::OFFSET;
+    return (add_shifted(r, 1u << (7 - M), __float_as_uint(t)) >> (23 - M)) - C::OFFSET;
 }
 
 // Decoding goes through tables of every code's value (m's with its sign), which an
@@ -375,6 +388,17 @@ __device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 
 __device__ __forceinline__ float block_scale_bits(u32 absmax) {
     if (absmax < 0x00800000u) return 0.0f;
     return absmax <= 0x7f7fffffu ? __uint_as_float(absmax) : __uint_as_float(0x7fc00000u);
+}
+// A ratio block's scale lowered where its ratios times their denominators could pass
+// f32's largest value: to the float below 2^(127 - e), den in [2^e, 2^(e + 1)) the
+// block's largest denominator, from the exponent's bits (twin of
+// lowbit::ratio_scale_limit; a NaN scale stays NaN).
+__device__ __forceinline__ float limited_ratio_scale(const Scalars& sc, float scale, float scale_u) {
+    // (+ 0 with eps inside the max: the same exponent; min(0x7f7fffff, K - e) written as
+    // K - max(e, K - 0x7f7fffff), K = (381 << 23) - 1, takes two instructions.)
+    const float den = __fadd_rn(scale_u, sc.den_eps);
+    const float limit = __uint_as_float(0xbe7fffffu - max(__float_as_uint(den) & 0x7f800000u, 0x3f000000u));
+    return scale > limit ? limit : scale;
 }
 // The largest of a warp's values (REDUX on sm_80 and later, shuffles before).
 __device__ __forceinline__ u32 warp_max_bits(u32 v) {
@@ -656,7 +680,8 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
     if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, key, sr, su, r, u, amax_r, amax_u);
     else q8_update<T, P, false>(tables, sc, t, i0, end, key, sr, su, r, u, amax_r, amax_u);
     const u32 words = weyl_at(key, t.element_base + i0).a;  // the moments' words, drawn as they are encoded
-    const float nsr = block_scale_bits(warp_max_bits(amax_r)), nsu = block_scale_bits(warp_max_bits(amax_u));
+    const float nsu = block_scale_bits(warp_max_bits(amax_u));
+    const float nsr = limited_ratio_scale(sc, block_scale_bits(warp_max_bits(amax_r)), nsu);
     if (whole) q8_store<true>(t, i0, end, nsr, nsu, r, u, words);
     else q8_store<false>(t, i0, end, nsr, nsu, r, u, words);
     if ((threadIdx.x & 31) == 0) scale_m[block] = nsr, scale_u[block] = nsu;

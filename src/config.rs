@@ -275,14 +275,28 @@ impl AdamaxConfig {
     /// Checks every field, returning the first one that is out of range.
     ///
     /// Refused: non-finite values, a negative learning rate or epsilon, betas outside
-    /// `[0, 1)`, a negative weight decay, and values whose f32 scalars (see
-    /// [`AdamaxConfig::check_scalars`]) would be infinite.
+    /// `[0, 1)`, a negative weight decay, values whose f32 scalars (see
+    /// [`AdamaxConfig::check_scalars`]) would be infinite, and with 8-bit state and eps in
+    /// the denominator, an eps above 1e30 (`u + eps` must stay finite).
     pub fn validate(&self) -> Result<(), ConfigError> {
         check("lr", self.lr, 0.0, None, "lr >= 0")?;
         check("beta1", self.beta1, 0.0, Some(1.0), "0 <= beta1 < 1")?;
         check("beta2", self.beta2, 0.0, Some(1.0), "0 <= beta2 < 1")?;
         check("eps", self.eps, 0.0, None, "eps >= 0")?;
         check_weight_decay(self.weight_decay)?;
+        // 8-bit state stores m as its ratio to u + eps, which must stay finite for every u:
+        // below half a unit in the last place of f32's largest value (2^103), u + eps
+        // rounds to at most f32::MAX.
+        if self.precision.state == StateFormat::Blockwise8
+            && self.eps_mode == EpsilonMode::Denominator
+            && self.eps > 1e30
+        {
+            return Err(ConfigError::OutOfRange {
+                field: "eps",
+                value: self.eps,
+                allowed: "eps <= 1e30 with 8-bit state and eps in the denominator, where m is stored as its ratio to u + eps",
+            });
+        }
         self.check_scalars(&TensorHyper::from_config(self))
     }
 

@@ -2205,3 +2205,97 @@ fn files_of_the_format_before_the_ratio_load_as_the_state_they_stand_for() {
     above[at] = 250;
     refused_load(&reseal(&above), "above the magnitude 1.0");
 }
+
+/// A hostile review of 8-bit state v2: a file whose ratio scale is within AdaMax's bound
+/// but whose `u` scale is f32's largest value stood for an `m` beyond f32's range (one
+/// zero-gradient step then sent the weight to infinity); it is refused, saying where.
+/// f32 state at the bound in both eps conventions converts to 8 bits and back, both
+/// validating (the conversion left no room for the roundings of decoding).
+#[test]
+fn eight_bit_state_that_decodes_beyond_f32_is_refused_and_conversions_round_trip() {
+    use adamax_cuda::{EpsilonMode, ParamMode, Precision, StateFormat};
+    let q8 = Precision {
+        params: ParamMode::Master,
+        state: StateFormat::Blockwise8,
+        seed: 3,
+        min_8bit_len: 0,
+    };
+    for eps_mode in [EpsilonMode::InsideMax, EpsilonMode::Denominator] {
+        let config = AdamaxConfig {
+            eps_mode,
+            precision: q8,
+            ..AdamaxConfig::default()
+        };
+        let mut w = vec![0.5f32; 4];
+        let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
+        opt.step(&mut [&mut w], &[&[0.1, -0.2, 0.3, 0.4]]).unwrap();
+        let mut bad = opt.checkpoint().unwrap();
+        let t = &mut bad.tensors[0];
+        t.exp_avg_q8.scales[0] = 1.009;
+        t.exp_avg_q8.codes[0] = 120;
+        t.exp_inf_q8.scales[0] = f32::MAX;
+        t.exp_inf_q8.codes[0] = 240;
+        match bad.validate() {
+            Err(Error::Checkpoint { reason }) => {
+                assert!(reason.contains("stays finite"), "{reason}")
+            }
+            other => panic!("{eps_mode:?}: {other:?}"),
+        }
+        assert!(opt.restore(&bad).is_err());
+    }
+    // f32 moments at the bound over a block of u from 1e-37 to 1e27, eps 1e-8.
+    let c = (1.0 - 0.9) / (1.0 - 0.9 / 0.999f64);
+    for eps_mode in [EpsilonMode::InsideMax, EpsilonMode::Denominator] {
+        let config = AdamaxConfig {
+            eps_mode,
+            precision: Precision {
+                min_8bit_len: 0,
+                ..Precision::default()
+            },
+            ..AdamaxConfig::default()
+        };
+        let mut w = vec![0.0f32; 256];
+        let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
+        opt.step(&mut [&mut w], &[&vec![0.0; 256]]).unwrap();
+        let mut ck = opt.checkpoint().unwrap();
+        let eps = if eps_mode == EpsilonMode::Denominator {
+            1e-8f64
+        } else {
+            0.0
+        };
+        let t = &mut ck.tensors[0];
+        for j in 0..256 {
+            let u = 10f32.powf(-37.0 + j as f32 * 0.25);
+            let mut m = (c * (f64::from(u) + eps)) as f32;
+            while f64::from(m) > c * (f64::from(u) + eps) {
+                m = m.next_down();
+            }
+            (t.exp_avg[j], t.exp_inf[j]) = (if j % 2 == 0 { m } else { -m }, u);
+        }
+        ck.validate().unwrap();
+        let q = ck.convert_state(StateFormat::Blockwise8).unwrap();
+        assert_eq!(q.state_formats, vec![StateFormat::Blockwise8]);
+        let back = q
+            .convert_state(StateFormat::F32)
+            .unwrap_or_else(|e| panic!("{eps_mode:?}: {e}"));
+        back.validate().unwrap();
+    }
+}
+
+/// Files of format `adamax-cuda/2` are held to that format's block checks before they
+/// are converted (the hostile review found a zero scale over nonzero codes, and a `u`
+/// block without its largest magnitude, loading after conversion).
+#[test]
+fn files_of_the_format_before_the_ratio_keep_that_formats_block_checks() {
+    let file: &[u8] = include_bytes!("data/checkpoint/format2_q8_inside.safetensors");
+    let zeroed = edited_f32(file, "state.0.exp_avg_q8_scale", 0, 0.0);
+    refused_load(&zeroed, "format adamax-cuda/2");
+    let st = SafeTensors::deserialize(file).unwrap();
+    let view = st.tensor("state.0.exp_inf_q8").unwrap();
+    let at = view.data().as_ptr() as usize - file.as_ptr() as usize;
+    let mut lowered = file.to_vec();
+    for c in &mut lowered[at..at + 256] {
+        *c = (*c).min(239);
+    }
+    refused_load(&reseal(&lowered), "format adamax-cuda/2");
+}

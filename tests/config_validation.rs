@@ -626,3 +626,45 @@ fn messages_show_numbers_readably_and_debug_keeps_the_hint() {
     let e = adamax_cuda::Checkpoint::load(&missing).unwrap_err();
     assert!(e.to_string().contains("reading"), "{e}");
 }
+
+/// 8-bit state stores `m` as its ratio to `u + eps` with eps in the denominator, so `u +
+/// eps` must stay finite: an eps above 1e30 is refused there (a hostile review found eps
+/// 1e38 turning a finite state into NaN), and accepted with f32 state or eps inside the
+/// max; 1e30 itself keeps a zero-gradient history finite after a gradient near f32's
+/// largest value.
+#[test]
+fn eight_bit_state_refuses_an_eps_in_the_denominator_that_overflows_u_plus_eps() {
+    use adamax_cuda::{Precision, StateFormat};
+    let q8 = Precision {
+        state: StateFormat::Blockwise8,
+        min_8bit_len: 0,
+        ..Precision::default()
+    };
+    let c = |eps, eps_mode, precision| AdamaxConfig {
+        eps,
+        eps_mode,
+        precision,
+        ..AdamaxConfig::default()
+    };
+    match c(1e38, EpsilonMode::Denominator, q8).validate() {
+        Err(ConfigError::OutOfRange { field: "eps", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    let w = [0.0f32; 2];
+    assert!(matches!(
+        CpuAdamax::new(c(2e30, EpsilonMode::Denominator, q8), &[&w]),
+        Err(Error::Config(ConfigError::OutOfRange { field: "eps", .. }))
+    ));
+    c(1e38, EpsilonMode::Denominator, Precision::default())
+        .validate()
+        .unwrap();
+    c(1e38, EpsilonMode::InsideMax, q8).validate().unwrap();
+    let mut w = [0.0f32; 2];
+    let mut opt = CpuAdamax::new(c(1e30, EpsilonMode::Denominator, q8), &[&w]).unwrap();
+    opt.step(&mut [&mut w], &[&[3e38, 0.0]]).unwrap();
+    for _ in 0..3 {
+        opt.step(&mut [&mut w], &[&[0.0, 0.0]]).unwrap();
+    }
+    assert!(w.iter().all(|x| x.is_finite()), "{w:?}");
+    opt.checkpoint().unwrap().validate().unwrap();
+}

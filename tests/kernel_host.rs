@@ -720,6 +720,27 @@ fn helpers_match_the_spec(cxx: &str) -> Result<(), Failed> {
             }
         }
     }
+    // A ratio block's scale limited by its u block's (the largest denominators near
+    // f32's largest value), in both eps modes.
+    for &su in values.iter().filter(|x| **x >= 0.0 || x.is_nan()) {
+        for scale in [1.0f32, 1.009, 9.0, 1e30, f32::NAN, 0.0] {
+            for (eps, mode) in [
+                (0.0f32, adamax_cuda::EpsilonMode::InsideMax),
+                (1e-8, adamax_cuda::EpsilonMode::InsideMax),
+                (1e-8, adamax_cuda::EpsilonMode::Denominator),
+                (1e30, adamax_cuda::EpsilonMode::Denominator),
+            ] {
+                let limit = lowbit::ratio_scale_limit(su, eps, mode);
+                let want = if scale > limit { limit } else { scale };
+                let c = u64::from(eps.to_bits())
+                    | (u64::from(mode == adamax_cuda::EpsilonMode::Denominator) << 32);
+                add(
+                    format!("limit {} {} {c}", scale.to_bits(), su.to_bits()),
+                    u64::from(want.to_bits()),
+                );
+            }
+        }
+    }
     for &x in &values {
         // The spec's block scale: 0 and f32 subnormals give 0, a non-finite largest
         // magnitude marks the block NaN (f32::NAN's bits), else it is the scale.

@@ -872,3 +872,62 @@ fn the_8_bit_infinity_norm_does_not_drift_down() {
     assert!(ratio >= 0.99, "u drifted down: {ratio}");
     assert!(ratio <= 8.0, "u drifted up by {ratio}x");
 }
+
+/// A hostile review of 8-bit state v2: a ratio near the bound (above 1) times a `u` near
+/// f32's largest value passed f32's range, so gradients at the top of f32's range (all
+/// finite) sent a weight to infinity where f32 state stays finite. The ratio's block
+/// scale is now limited beside `u`'s (`lowbit::ratio_scale_limit`): every step stays
+/// within the bound and finite, and every state validates, in both eps conventions.
+#[test]
+fn gradients_at_the_top_of_f32s_range_keep_8_bit_state_finite() {
+    use adamax_cuda::EpsilonMode;
+    for (eps, eps_mode) in [
+        (1e-8, EpsilonMode::InsideMax),
+        (1e-7, EpsilonMode::Denominator),
+    ] {
+        let config = AdamaxConfig {
+            eps,
+            eps_mode,
+            precision: Precision {
+                min_8bit_len: 0,
+                ..precision(ParamMode::Master, StateFormat::Blockwise8)
+            },
+            ..AdamaxConfig::default()
+        };
+        let b2 = config.beta2 as f32;
+        let mut w = vec![0.0f32; 2];
+        let mut opt = CpuAdamax::new(config, &[&w]).unwrap();
+        for t in 1..=200u64 {
+            // One element at f32's largest gradient; one whose gradient decays at beta2,
+            // so that its ratio climbs above 1 and becomes the block's scale.
+            let g = [f32::MAX, f32::MAX * b2.powi(t as i32 - 1)];
+            let before = w.clone();
+            opt.step(&mut [&mut w], &[&g]).unwrap();
+            for (i, (a, b)) in before.iter().zip(&w).enumerate() {
+                let moved = f64::from(b - a).abs();
+                assert!(
+                    b.is_finite() && moved <= allowed_move(&config, t, *a, false),
+                    "{eps_mode:?} step {t}: element {i} moved by {moved} to {b}"
+                );
+            }
+            opt.checkpoint()
+                .and_then(|ck| ck.validate())
+                .unwrap_or_else(|e| panic!("{eps_mode:?} step {t}: {e}"));
+        }
+    }
+}
+
+/// The conversion from f32 state, with a ratio clamp whose NaN or negative limit the
+/// hostile review made `f32::clamp` panic: no clamp, no panic.
+#[test]
+fn encode_state_takes_any_limit() {
+    use adamax_cuda::EpsilonMode;
+    let (m, u) = ([0.5f32, -2.0, 0.0], [1.0f32, 1.0, 0.0]);
+    for limit in [f32::NAN, -1.0, f32::NEG_INFINITY, f32::INFINITY] {
+        let (r, q) = Blockwise8::encode_state(&m, &u, 0.0, EpsilonMode::InsideMax, limit);
+        assert_eq!((r.codes.len(), q.codes.len()), (3, 3));
+        assert_eq!(r.scales, vec![2.0], "{limit}: no clamp");
+    }
+    let (r, _) = Blockwise8::encode_state(&m, &u, 0.0, EpsilonMode::InsideMax, 1.0);
+    assert_eq!(r.scales, vec![1.0], "clamped to 1");
+}

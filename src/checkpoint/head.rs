@@ -17,7 +17,6 @@ use crate::{
     state::{
         check_pairs,
         parts::{Data, Part},
-        MomentBound,
     },
     storage::StorageType,
 };
@@ -225,7 +224,7 @@ pub(crate) fn save_streamed(
         head.shapes,
         head.formats,
     )?;
-    let mut pairs = Pairs::new(MomentBound::of(head.config));
+    let mut pairs = Pairs::new(head.config);
     let mut refusal = None;
     let written = crate::fsutil::write_atomically_with(path, |w| {
         plan.write(

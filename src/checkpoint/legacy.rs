@@ -3,8 +3,9 @@
 //! their 8-bit `m` codes are `m` itself as a fraction of its block's scale, in codes
 //! whose magnitudes are `f * 2^(emin - M)` below `2^emin` and
 //! `(2^M + f) * 2^(e - 1 + emin - M)` above it (`emin = 2 - 2^E`). Such a file loads as
-//! the state it stands for: its 8-bit tensors are decoded with that format, checked as
-//! f32 moments are (finite, `u >= 0`, AdaMax's bound), and encoded into today's
+//! the state it stands for: its 8-bit tensors are checked as that format's loader
+//! checked them (codes, scales, blocks), decoded, checked as f32 moments are (finite,
+//! `u` not negative, AdaMax's bound), and encoded into today's
 //! ([`Blockwise8::encode_state`]), once, deterministically. Files of f32 state are the
 //! same in both formats. A run resumed from such a file continues from the same moments
 //! up to one 8-bit rounding; it does not continue the old run's random stream bit for
@@ -57,6 +58,25 @@ fn values_v1(q: &Blockwise8, signed: bool, exp_bits: u32, man_bits: u32) -> Vec<
         .collect()
 }
 
+/// The first format's block checks: a block of scale 0 holds zero codes, and a block of
+/// another scale holds its largest magnitude exactly (`top`: the code 1.0, for `u`; `m`'s
+/// largest could be capped in that format).
+fn check_blocks_v1(tensor: usize, q: &Blockwise8, name: &str, top: Option<u8>) -> Result<()> {
+    for (b, (block, &scale)) in q.codes.chunks(QBLOCK).zip(&q.scales).enumerate() {
+        let refused = if scale == 0.0 {
+            block.iter().any(|&c| c != 0)
+        } else {
+            top.is_some_and(|top| !block.contains(&top))
+        };
+        if refused {
+            return Err(super::refuse(format!(
+                "tensor {tensor}: block {b} of {name} (format {FORMAT_2}) has scale {scale} but codes its encoder never wrote with it (zeros only for scale 0, the largest magnitude stored exactly otherwise)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Brings the 8-bit tensors of a checkpoint read from a file of the first 8-bit format
 /// into today's, refusing what that format's loader refused (the module docs).
 pub(super) fn upgrade(ck: &mut Checkpoint) -> Result<()> {
@@ -81,6 +101,8 @@ pub(super) fn upgrade(ck: &mut Checkpoint) -> Result<()> {
             // The lengths are checked by the validation that follows; nothing to decode.
             continue;
         }
+        check_blocks_v1(i, &t.exp_avg_q8, "exp_avg_q8", None)?;
+        check_blocks_v1(i, &t.exp_inf_q8, "exp_inf_q8", Some(240))?;
         let m = values_v1(&t.exp_avg_q8, true, 4, 3);
         let u = values_v1(&t.exp_inf_q8, false, 4, 4);
         valid::check_moments(i, bound, &m, &u)?;

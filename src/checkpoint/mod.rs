@@ -342,7 +342,13 @@ impl Checkpoint {
             ] {
                 valid::check_blocks(i, codes_part, &m.codes, &m.scales)?;
             }
-            valid::check_ratio_scales(i, bound, &t.exp_avg_q8.scales)?;
+            valid::check_ratio_scales(
+                i,
+                bound,
+                (self.config.eps as f32, self.config.eps_mode),
+                &t.exp_avg_q8.scales,
+                &t.exp_inf_q8.scales,
+            )?;
         }
         Ok(())
     }

@@ -19,8 +19,9 @@
 use super::refuse;
 use crate::state::parts::{Data, Part, View};
 use crate::{
+    config::EpsilonMode,
     error::{Error, Result},
-    spec::lowbit::{Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
+    spec::lowbit::{ratio_scale_limit, Code, EXP_AVG_CODE, EXP_INF_CODE, QBLOCK},
     state::MomentBound,
 };
 
@@ -102,7 +103,7 @@ pub(super) fn check_moments(
     let Some(bound) = bound else { return Ok(()) };
     match bound.first_beyond(m, u) {
         Some(j) => Err(refuse(format!(
-            "tensor {tensor}: exp_avg[{j}] = {} is beyond {:.6} x exp_inf[{j}] = {}; AdaMax keeps |exp_avg| <= (1 - beta1) / (1 - beta1 / beta2) x exp_inf, so that no step moves a weight by more than about lr / (1 - beta1^t), and no run reaches this state (moments swapped or edited?)",
+            "tensor {tensor}: exp_avg[{j}] = {} is beyond {:.6} x exp_inf[{j}] = {} (plus eps with eps in the denominator); AdaMax keeps |exp_avg| <= (1 - beta1) / (1 - beta1 / beta2) x exp_inf, so that no step moves a weight by more than about lr / (1 - beta1^t), and no run reaches this state (moments swapped or edited?)",
             m[j], bound.ratio, u[j]
         ))),
         None => Ok(()),
@@ -145,12 +146,13 @@ pub(super) fn check_blocks(
     Ok(())
 }
 
-/// The largest ratio 8-bit state may store by the checker's bound (`f32::INFINITY`
-/// without one): the bound rounded down to f32, so that a conversion that clamps to it
-/// makes a state that validates.
+/// The ratio a conversion to 8-bit state clamps ratios to (`f32::INFINITY` without a
+/// bound): the checker's bound, rounded down to f32, less 2^-20 of it, room for the
+/// roundings of decoding them back (`ratio * f32(u + eps)`), so that the state made
+/// validates in 8 bits and decoded to f32 alike.
 pub(super) fn ratio_limit(bound: Option<MomentBound>) -> f32 {
     bound.map_or(f32::INFINITY, |b| {
-        let r = b.ratio as f32;
+        let r = (b.ratio * (1.0 - 1.0 / 1_048_576.0)) as f32;
         if f64::from(r) > b.ratio {
             r.next_down()
         } else {
@@ -160,34 +162,55 @@ pub(super) fn ratio_limit(bound: Option<MomentBound>) -> f32 {
 }
 
 /// Refuses 8-bit ratio blocks whose scale, the largest `|m / den|` of the block, is beyond
-/// AdaMax's bound `c`: the step a state makes is its ratio, and no run reaches a ratio
-/// beyond `c` (see the module docs).
+/// AdaMax's bound `c` (the step a state makes is its ratio, and no run reaches a ratio
+/// beyond `c`; see the module docs) or beyond the largest whose `m` stays finite beside
+/// its `u` block's scale (`lowbit::ratio_scale_limit`, which the encoder keeps).
 pub(super) fn check_ratio_scales(
     tensor: usize,
     bound: Option<MomentBound>,
+    (eps, eps_mode): (f32, EpsilonMode),
     ratio_scales: &[f32],
+    u_scales: &[f32],
 ) -> Result<()> {
-    let Some(bound) = bound else { return Ok(()) };
-    match ratio_scales.iter().position(|&s| !bound.holds_ratio(s)) {
-        Some(b) => Err(refuse(format!(
-            "tensor {tensor}: block {b} has exp_avg_q8_scale {} beyond {:.6}; it is the block's largest |exp_avg| / (exp_inf or exp_inf + eps), which AdaMax keeps within (1 - beta1) / (1 - beta1 / beta2), and no run reaches this state (edited?)",
-            ratio_scales[b], bound.ratio
-        ))),
-        None => Ok(()),
+    if let Some(bound) = bound {
+        if let Some(b) = ratio_scales.iter().position(|&s| !bound.holds_ratio(s)) {
+            return Err(refuse(format!(
+                "tensor {tensor}: block {b} has exp_avg_q8_scale {} beyond {:.6}; it is the block's largest |exp_avg| / (exp_inf or exp_inf + eps), which AdaMax keeps within (1 - beta1) / (1 - beta1 / beta2), and no run reaches this state (edited?)",
+                ratio_scales[b], bound.ratio
+            )));
+        }
     }
+    for (b, (&s, &su)) in ratio_scales.iter().zip(u_scales).enumerate() {
+        let limit = ratio_scale_limit(su, eps, eps_mode);
+        if s > limit {
+            return Err(refuse(format!(
+                "tensor {tensor}: block {b} has exp_avg_q8_scale {s} beside exp_inf_q8_scale {su:e}, above {limit}, the largest whose exp_avg (the ratio times exp_inf, or exp_inf + eps) stays finite; the encoder keeps it there, and no run reaches this state (edited?)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The checks of parts that hold together, for parts that come one at a time (the
 /// streamed save, in file order: `exp_avg` before `exp_inf`, a moment's codes before
-/// its scales): the first of a pair is held, as a copy, until its partner comes.
+/// its scales, the ratio's scales before `u`'s): the first of a pair is held, as a copy,
+/// until its partner comes.
 pub(super) struct Pairs {
     bound: Option<MomentBound>,
+    eps: (f32, EpsilonMode),
     held: Option<(usize, Part, Data)>,
+    /// The ratio's block scales, until `u`'s come.
+    ratio_scales: Option<(usize, Vec<f32>)>,
 }
 
 impl Pairs {
-    pub(super) fn new(bound: Option<MomentBound>) -> Self {
-        Self { bound, held: None }
+    pub(super) fn new(config: &crate::config::AdamaxConfig) -> Self {
+        Self {
+            bound: MomentBound::of(config),
+            eps: (config.eps as f32, config.eps_mode),
+            held: None,
+            ratio_scales: None,
+        }
     }
 
     /// Checks `values`, part `part` of tensor `tensor`, with the part it pairs with.
@@ -214,9 +237,17 @@ impl Pairs {
             ) if t == tensor && codes_part.scales() == Some(part) => {
                 check_blocks(tensor, codes_part, &codes, scales)?;
                 if part == Part::ExpAvgScales {
-                    check_ratio_scales(tensor, self.bound, scales)?;
+                    self.ratio_scales = Some((tensor, scales.to_vec()));
+                    return Ok(());
                 }
-                Ok(())
+                match self.ratio_scales.take() {
+                    Some((t, ratio)) if t == tensor => {
+                        check_ratio_scales(tensor, self.bound, self.eps, &ratio, scales)
+                    }
+                    _ => Err(Error::Internal {
+                        what: "a checkpoint's exp_inf scales came before its exp_avg scales",
+                    }),
+                }
             }
             (Part::Master, held, _) => {
                 self.held = held;

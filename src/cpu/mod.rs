@@ -138,6 +138,8 @@ pub(crate) fn step_tensor_with<T: Storage>(
             &u[..len],
             &mut exp_avg_q8.codes[range.clone()],
             &mut exp_inf_q8.codes[range],
+            s.eps,
+            s.eps_mode,
             |j| bits[j],
         );
     }

@@ -60,6 +60,15 @@ static inline float __frcp_ru(float a) {
     const float r = 1.0f / a;
     return (double)r * (double)a < 1.0 ? std::nextafterf(r, INFINITY) : r;
 }
+static inline float __frcp_rd(float a) {
+    const float r = 1.0f / a;
+    return (double)r * (double)a > 1.0 ? std::nextafterf(r, 0.0f) : r;
+}
+static inline float __fmul_rd(float a, float b) {
+    const double e = (double)a * (double)b;
+    const float p = (float)e;
+    return (double)p > e ? std::nextafterf(p, 0.0f) : p;
+}
 static inline float __fmul_ru(float a, float b) {
     const double e = (double)a * (double)b;
     const float p = (float)e;

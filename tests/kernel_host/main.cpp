@@ -44,6 +44,14 @@ static int helpers() {
         else if (op == "einf") { std::cin >> a >> b >> c; std::printf("%u\n", encode_exp_inf(__uint_as_float((u32)a), block_scale_of<ExpInfCode>(__uint_as_float((u32)b)), (u32)c)); }
         else if (op == "davg") { std::cin >> a >> b; std::printf("%u\n", __float_as_uint(decode_exp_avg(tables(), (u32)a, __uint_as_float((u32)b)))); }
         else if (op == "dinf") { std::cin >> a >> b; std::printf("%u\n", __float_as_uint(decode_exp_inf(tables(), (u32)a, __uint_as_float((u32)b)))); }
+        else if (op == "limit") {
+            std::cin >> a >> b >> c;
+            Scalars sc{};
+            sc.eps = __uint_as_float((u32)c);
+            sc.eps_mode = (c >> 32) ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
+            sc.den_eps = (c >> 32) ? sc.eps : 0.0f;
+            std::printf("%u\n", __float_as_uint(limited_ratio_scale(sc, __uint_as_float((u32)a), __uint_as_float((u32)b))));
+        }
         else if (op == "scale") { std::cin >> a; std::printf("%u\n", __float_as_uint(block_scale_bits((u32)a))); }
         else { std::printf("unknown %s\n", op.c_str()); return 1; }
     }
@@ -92,6 +100,7 @@ static int traversal() {
         sc.step_size = __uint_as_float((u32)next());
         sc.decay = __uint_as_float((u32)next());
         sc.eps_mode = next() ? EPS_DENOMINATOR : EPS_INSIDE_MAX;
+        sc.den_eps = sc.eps_mode == EPS_DENOMINATOR ? sc.eps : 0.0f;
         const u64 decay = next();
         sc.decay_mode = decay == 0 ? DECAY_NONE : decay == 1 ? DECAY_COUPLED : DECAY_DECOUPLED;
         sc.maximize = (u32)next();

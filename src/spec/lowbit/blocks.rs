@@ -16,20 +16,51 @@ pub const ROUND_NEAREST: u32 = 0x8000;
 const ROUND_UP: u32 = 0xFFFF;
 
 /// Encodes one block of 8-bit state, drawing element `j`'s rounding bits from `bits(j)`
-/// ([`exp_avg_bits`] and [`exp_inf_bits`] of its draw): the ratios `m / den` of the step
-/// in [`EXP_AVG_CODE`], the infinity norms in [`EXP_INF_CODE`], each a block of its own
-/// ([`Code::encode_block`]); returns the block's scales `(ratio, u)`. The slices are
-/// as long as each other.
+/// ([`exp_avg_bits`] and [`exp_inf_bits`] of its draw): the infinity norms in
+/// [`EXP_INF_CODE`] ([`Code::encode_block`]), then the ratios `m / den` of the step in
+/// [`EXP_AVG_CODE`] against their block's scale, their largest magnitude lowered to
+/// [`ratio_scale_limit`] where it is above (its ratios then saturate at the code 1.0);
+/// returns the block's scales `(ratio, u)`. The slices are as long as each other.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_moments(
     ratios: &[f32],
     u: &[f32],
     ratio_codes: &mut [u8],
     u_codes: &mut [u8],
+    eps: f32,
+    eps_mode: EpsilonMode,
     bits: impl Fn(usize) -> u64,
 ) -> (f32, f32) {
     let scale_u = EXP_INF_CODE.encode_block(u, u_codes, |j| exp_inf_bits(bits(j)));
-    let scale_r = EXP_AVG_CODE.encode_block(ratios, ratio_codes, |j| exp_avg_bits(bits(j)));
+    let scale_r = limited_ratio_scale(Code::block_scale(ratios), scale_u, eps, eps_mode);
+    EXP_AVG_CODE.encode_with_scale(ratios, ratio_codes, scale_r, |j| exp_avg_bits(bits(j)));
     (scale_r, scale_u)
+}
+
+/// `scale` lowered to [`ratio_scale_limit`] where it is above (a NaN scale stays NaN).
+pub(crate) fn limited_ratio_scale(scale: f32, scale_u: f32, eps: f32, mode: EpsilonMode) -> f32 {
+    let limit = ratio_scale_limit(scale_u, eps, mode);
+    if scale > limit {
+        limit
+    } else {
+        scale
+    }
+}
+
+/// The largest ratio scale a block may store next to a `u` block of scale `scale_u`, so
+/// that no `m` it stands for overflows: with `den` the denominator of `scale_u`
+/// ([`exp_avg_of`]; every element's is at most it) in the binade `[2^e, 2^(e + 1))`, the
+/// float just below `2^(127 - e)`, or f32's largest value when that is smaller (`e <=
+/// 0`). Then `|ratio * den| < 2^128 (1 - 2^-24) = f32::MAX` for every element: within
+/// a factor 2 of the exact limit, and only below 2^127 / den where `den` is above 2^126
+/// (f32 state keeps `|m|` within the largest `|g|`; stored as a ratio rounded up, it could
+/// otherwise pass f32's largest value). The exponent's bits alone (three integer
+/// instructions a block on the GPU): `min(0x7F7F_FFFF, (381 << 23) - 1 - (bits(den) &
+/// 0x7F80_0000))`. A NaN or infinite `den` gives about 0.5.
+pub fn ratio_scale_limit(scale_u: f32, eps: f32, eps_mode: EpsilonMode) -> f32 {
+    let den = exp_avg_of(1.0, scale_u, eps, eps_mode);
+    let e = den.to_bits() & 0x7F80_0000;
+    f32::from_bits(0x7F7F_FFFF_u32.min(((381 << 23) - 1) - e))
 }
 
 /// The first moment an 8-bit state stands for: its decoded ratio times the denominator of
@@ -118,9 +149,10 @@ impl Blockwise8 {
     /// deterministic conversion that brings f32 state (a PyTorch checkpoint) into 8 bits:
     /// `u` first, rounded up (to within 2^-16 of a code step), then each `m` as its ratio
     /// to the denominator of its element's stored `u` ([`exp_avg_of`]; 0 where that is
-    /// 0), clamped to `±limit` (AdaMax's bound, `f32::INFINITY` for none), rounded to
-    /// nearest. Rounding `u` up keeps the ratios within the bound the f32 state keeps.
-    /// Returns the ratio's and `u`'s blocks.
+    /// 0), clamped to `±limit` (AdaMax's bound; `f32::INFINITY`, NaN or a negative
+    /// `limit`: no clamp), rounded to nearest in blocks whose scales are limited as a
+    /// step's are ([`encode_moments`]). Rounding `u` up keeps the ratios within the bound
+    /// the f32 state keeps. Returns the ratio's and `u`'s blocks.
     pub fn encode_state(
         m: &[f32],
         u: &[f32],
@@ -138,14 +170,27 @@ impl Blockwise8 {
             .zip(u8s.values(EXP_INF_CODE))
             .map(|(&m, u)| {
                 let den = exp_avg_of(1.0, u, eps, eps_mode);
-                if den == 0.0 {
-                    0.0
+                let r = if den == 0.0 { 0.0 } else { m / den };
+                if limit.is_nan() || limit < 0.0 {
+                    r
+                } else if r > limit {
+                    limit
+                } else if r < -limit {
+                    -limit
                 } else {
-                    (m / den).clamp(-limit, limit)
+                    r
                 }
             })
             .collect();
-        (Self::from_f32(EXP_AVG_CODE, &ratios), u8s)
+        let mut q = Self::zeros(ratios.len());
+        for (b, block) in ratios.chunks(QBLOCK).enumerate() {
+            let codes = &mut q.codes[b * QBLOCK..b * QBLOCK + block.len()];
+            let scale_u = u8s.scales.get(b).copied().unwrap_or(f32::NAN);
+            let scale = limited_ratio_scale(Code::block_scale(block), scale_u, eps, eps_mode);
+            EXP_AVG_CODE.encode_with_scale(block, codes, scale, |_| ROUND_NEAREST);
+            q.scales[b] = scale;
+        }
+        (q, u8s)
     }
 
     /// The f32 moments `(m, u)` an 8-bit state (its ratio's and `u`'s blocks, as long as

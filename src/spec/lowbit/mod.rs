@@ -113,7 +113,9 @@
 
 mod blocks;
 
-pub use blocks::{encode_moments, exp_avg_of, BlockScale, Blockwise8, ROUND_NEAREST};
+pub use blocks::{
+    encode_moments, exp_avg_of, ratio_scale_limit, BlockScale, Blockwise8, ROUND_NEAREST,
+};
 
 use half::bf16;
 
@@ -411,14 +413,29 @@ impl Code {
         bits: impl Fn(usize) -> u32,
     ) -> f32 {
         let scale = Self::block_scale(values);
-        if scale.is_nan() || scale == 0.0 {
+        self.encode_with_scale(values, codes, scale, bits);
+        scale
+    }
+
+    /// Writes one code per value against a block scale given (a value above it takes
+    /// the code 1.0): codes 0 for a scale of 0 or NaN (and for a negative one or one
+    /// below f32's normal range, which no block has). `codes` as in
+    /// [`Code::encode_block`].
+    #[doc(hidden)]
+    pub fn encode_with_scale(
+        self,
+        values: &[f32],
+        codes: &mut [u8],
+        scale: f32,
+        bits: impl Fn(usize) -> u32,
+    ) {
+        if scale.is_nan() || scale < f32::MIN_POSITIVE || scale.is_infinite() {
             codes.fill(0);
-            return scale;
+            return;
         }
         let s = BlockScale::of(self, scale);
         for (j, (c, &v)) in codes.iter_mut().zip(values).enumerate() {
             *c = self.encode_scaled(v, &s, bits(j));
         }
-        scale
     }
 }

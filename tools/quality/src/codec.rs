@@ -292,9 +292,10 @@ impl Candidate {
         m: &[f32],
         u: &[f32],
         (cm, cu): (&mut [u8], &mut [u8]),
-        ratio: f32,
+        s: &StepScalars,
         draw: impl Fn(usize) -> u64,
     ) -> (f32, f32) {
+        let ratio = moment_ratio(s);
         let (m_bits, u_bits, nearest): (RoundingBits, RoundingBits, u32) = match self.encoder {
             Encoder::Ratio => (lowbit::exp_avg_bits, lowbit::exp_inf_bits, ROUND_NEAREST),
             Encoder::Old => (
@@ -312,6 +313,16 @@ impl Candidate {
         let su = self
             .u
             .encode_block(u, cu, self.encoder, |j| r(u_bits(draw(j))));
+        if let (Encoder::Ratio, Quant::Float(mc)) = (self.encoder, self.m) {
+            // The crate's: the ratios' scale limited beside u's (lowbit::encode_moments).
+            let mut sm = Code::block_scale(m);
+            let limit = lowbit::ratio_scale_limit(su, s.eps, s.eps_mode);
+            if sm > limit {
+                sm = limit;
+            }
+            mc.encode_with_scale(m, cm, sm, |j| r(m_bits(draw(j))));
+            return (sm, su);
+        }
         let sm = self
             .m
             .encode_block(m, cm, self.encoder, |j| r(m_bits(draw(j))));
@@ -373,13 +384,10 @@ impl Candidate {
                 m.push(if ratio_form { e.ratio } else { e.exp_avg });
                 u.push(e.exp_inf);
             }
-            (sm[b], su[b]) = self.encode(
-                &m,
-                &u,
-                (&mut cm[start..end], &mut cu[start..end]),
-                moment_ratio(s),
-                |j| draw(start + j),
-            );
+            (sm[b], su[b]) =
+                self.encode(&m, &u, (&mut cm[start..end], &mut cu[start..end]), s, |j| {
+                    draw(start + j)
+                });
         }
     }
 
