@@ -3,8 +3,11 @@
 // Compiled at run time by NVRTC through adamax-cuda (src/cuda/compile.rs), which passes
 // the layout constants below with -D. Self-contained on purpose: no #include, so NVRTC
 // needs no CUDA headers on the user's machine; the 16-bit conversions are written here.
-// tests/kernel_host/ compiles this same file for the host (ADAMAX_HOST_EMULATION, the
-// only hooks: the two f16 conversions and offsetof) and compares it with the spec.
+// tests/kernel_host/ compiles this same file for the host (ADAMAX_HOST_EMULATION; its
+// hooks: the two f16 conversions, offsetof, the PTX multiply-add of the 8-bit encoders'
+// random bits, the warp maximum's REDUX, and the paired cvt.rn.{bf16,f16}x2 narrowing of
+// sm_80 and later, which the host replaces with the element-wise narrowing it equals but
+// for a NaN's payload) and compares it with the spec.
 //
 // The element update `adamax_update` is the line-by-line twin of `update` in
 // src/spec/mod.rs, the crate's spec, after two lines that unscale and clip the gradient
@@ -38,10 +41,10 @@ struct bf16 { u16 bits; };
 struct TensorDesc {
     u64 param;        // T*: the parameter (the 16-bit copy when master != 0)
     u64 grad;         // const T*
-    u64 exp_avg;      // float*: m; with 8-bit state (blockwise8 below), unsigned char*: m's codes
+    u64 exp_avg;      // float*: m; with 8-bit state (blockwise8 below), unsigned char*: the codes of m's ratio to the step's denominator
     u64 exp_inf;      // float*: u; with 8-bit state, unsigned char*: u's codes
     u64 master;       // float*: f32 master weights of a 16-bit parameter, else 0
-    u64 exp_avg_scale;  // float*: one scale of m per ADAMAX_QBLOCK elements (8-bit state), else 0
+    u64 exp_avg_scale;  // float*: one scale of m's ratio per ADAMAX_QBLOCK elements (8-bit state), else 0
     u64 exp_inf_scale;  // float*: the same for u
     u64 len;          // elements
     u64 chunk_begin;  // index of this tensor's first reduction chunk (ADAMAX_CHUNK elements)
@@ -394,8 +397,9 @@ __device__ __forceinline__ float block_scale_bits(u32 absmax) {
 // block's largest denominator, from the exponent's bits (twin of
 // lowbit::ratio_scale_limit; a NaN scale stays NaN).
 __device__ __forceinline__ float limited_ratio_scale(const Scalars& sc, float scale, float scale_u) {
-    // (+ 0 with eps inside the max: the same exponent; min(0x7f7fffff, K - e) written as
-    // K - max(e, K - 0x7f7fffff), K = (381 << 23) - 1, takes two instructions.)
+    // (+ 0 with eps inside the max: the same exponent; min(0x7f7fffff, K - e), written
+    // as K - max(e, K - 0x7f7fffff) with K = (381 << 23) - 1 so that both constants are
+    // immediates.)
     const float den = __fadd_rn(scale_u, sc.den_eps);
     const float limit = __uint_as_float(0xbe7fffffu - max(__float_as_uint(den) & 0x7f800000u, 0x3f000000u));
     return scale > limit ? limit : scale;

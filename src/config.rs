@@ -58,10 +58,11 @@ pub enum StateFormat {
     #[default]
     F32,
     /// 8 bits per moment and element, with an f32 scale per block of
-    /// [`crate::spec::lowbit::QBLOCK`] elements (about 2.03 bytes per parameter): the
-    /// codes are small floats relative to the block's largest magnitude, rounded
-    /// stochastically (see [`crate::spec::lowbit`]). Each step decodes, updates in f32,
-    /// and encodes again; the update of the step itself uses the f32 values.
+    /// [`crate::spec::lowbit::QBLOCK`] elements (about 2.03 bytes per parameter): `u`,
+    /// and `m` as its ratio to the step's denominator (so AdaMax's step bound holds by
+    /// construction), each as small floats relative to the block's largest magnitude,
+    /// rounded stochastically (see [`crate::spec::lowbit`]). Each step decodes, updates in
+    /// f32, and encodes again; the update of the step itself uses the f32 values.
     Blockwise8,
 }
 

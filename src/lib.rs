@@ -74,9 +74,12 @@
 //! - [`AdamaxConfig`]: hyperparameters; [`Default`] is PyTorch's `torch.optim.Adamax`.
 //! - [`Precision`]: storage modes that move fewer bytes: bf16 parameters rounded
 //!   stochastically without a master ([`ParamMode::Stochastic`]) and 8-bit blockwise
-//!   moments ([`StateFormat::Blockwise8`]), specified in [`spec::lowbit`]. They match the
-//!   CPU reference bit for bit on an NVIDIA H200 (2026-11-27); the 8-bit ones are not
-//!   yet faster than f32 state (BENCHMARKS.md).
+//!   moments ([`StateFormat::Blockwise8`]), specified in [`spec::lowbit`]. They matched
+//!   the CPU reference bit for bit on an NVIDIA H200 (2026-11-27), the 8-bit ones then
+//!   no faster than f32 state; the 8-bit state of today (v2: `m` as its ratio to the
+//!   step's denominator, about 40% fewer instructions) has run only in the host
+//!   emulation, and the paired narrowing of 16-bit parameters with a master (sm_80 and
+//!   later) in none (BENCHMARKS.md).
 //! - [`Checkpoint`]: the optimizer's state (not the parameters) as a checksummed
 //!   safetensors file with PyTorch's names.
 //!

@@ -3,9 +3,11 @@
 //! their 8-bit `m` codes are `m` itself as a fraction of its block's scale, in codes
 //! whose magnitudes are `f * 2^(emin - M)` below `2^emin` and
 //! `(2^M + f) * 2^(e - 1 + emin - M)` above it (`emin = 2 - 2^E`). Such a file loads as
-//! the state it stands for: its 8-bit tensors are checked as that format's loader
-//! checked them (codes, scales, blocks), decoded, checked as f32 moments are (finite,
-//! `u` not negative, AdaMax's bound), and encoded into today's
+//! the state it stands for: its 8-bit tensors' codes, scales and blocks are checked as
+//! that format's loader checked them, and their decoded moments as f32 moments are
+//! (finite, `u` not negative, AdaMax's bound on the step, which with eps in the
+//! denominator is `|m| <= c (u + eps)`, a little looser than that loader's `c u`); then
+//! they are encoded into today's
 //! ([`Blockwise8::encode_state`]), once, deterministically. Files of f32 state are the
 //! same in both formats. A run resumed from such a file continues from the same moments
 //! up to one 8-bit rounding; it does not continue the old run's random stream bit for

@@ -14,13 +14,13 @@
 //! `state.{i}.exp_avg_q8_scale` and `state.{i}.exp_inf_q8_scale` (f32, one per block of
 //! [`QBLOCK`](crate::spec::lowbit::QBLOCK), shape `[ceil(n / QBLOCK)]`), in place of
 //! `exp_avg` and `exp_inf`; [`ParamMode::Stochastic`] has no `master.{i}`.
-//! [`Checkpoint::convert_state`] maps 8-bit state to PyTorch's f32 names (exact
-//! decoding) and back. The metadata holds the configuration and the exact step count
+//! [`Checkpoint::convert_state`] maps 8-bit state to PyTorch's f32 names (`m` decoded
+//! as its stored ratio times `u`, or `u + eps`) and back. The metadata holds the configuration and the exact step count
 //! (f32 counts exactly only to 2^24):
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `format` | `adamax-cuda/3` (files written by scripts/torch_checkpoint.py and scripts/torch_model.py say `torch.optim.Adamax`; files of `adamax-cuda/2`, before 8-bit state stored `m` as a ratio, load with their 8-bit state converted, see below) |
+//! | `format` | `adamax-cuda/3` (files written by scripts/torch_checkpoint.py and scripts/torch_model.py say `torch.optim.Adamax`; files of `adamax-cuda/2`, before 8-bit state stored `m` as a ratio, load with their 8-bit state converted: `src/checkpoint/legacy.rs`) |
 //! | `storage` | `f32`, `f16` or `bf16` |
 //! | `step`, `tensors` | decimal integers |
 //! | `lr`, `beta1`, `beta2`, `eps`, `weight_decay` | decimal numbers, round-trip exact |
@@ -60,9 +60,11 @@
 //! the configuration and per-tensor settings, and the state itself, which must be one a
 //! run can reach (`src/checkpoint/valid.rs`): finite moments and scales, `exp_inf >=
 //! 0`, zero moments before a tensor's first step, AdaMax's bound `|exp_avg| <= c *
-//! exp_inf` with `c = (1 - beta1) / (1 - beta1 / beta2)` for f32 moments (derived, with
-//! its rounding slack, in `src/state/bound.rs`), 8-bit blocks as the encoder writes them, at
-//! least one tensor. A file that fails is an [`Error::Checkpoint`] (an
+//! exp_inf` (`c * (exp_inf + eps)` with eps in the denominator) with `c = (1 - beta1) /
+//! (1 - beta1 / beta2)` for f32 moments (derived, with its rounding slack, in
+//! `src/state/bound.rs`), 8-bit blocks as the encoder writes them, each 8-bit ratio
+//! block's scale within `c` and small enough that the moments it stands for are finite,
+//! at least one tensor. A file that fails is an [`Error::Checkpoint`] (an
 //! [`Error::Config`] for a configuration out of range, naming its field) and the live
 //! state stays as it was. Saving runs the same validation first, and plans the header
 //! (at most 100 MB, what `load` reads) before it creates a file, so `save` never writes

@@ -111,7 +111,7 @@ pub struct StepScalars {
     pub beta1: f32,
     /// `f32(1 - beta1)`, computed in f64.
     pub one_minus_beta1: f32,
-    /// `f32(beta2)`.
+    /// `f32(beta2)` (+0.0 for -0.0).
     pub beta2: f32,
     /// `f32(eps)`.
     pub eps: f32,
@@ -182,10 +182,12 @@ impl StepScalars {
                 },
             }
         };
+        // A beta2 of -0.0 (which validation takes as 0) is +0.0 here, so that u is never
+        // -0.0: 8-bit state takes its block maximum on u's bits.
         let (beta1, one_minus_beta1, beta2) = (
             config.beta1 as f32,
             (1.0 - config.beta1) as f32,
-            config.beta2 as f32,
+            (config.beta2 as f32).abs(),
         );
         Self {
             beta1,

@@ -19,7 +19,8 @@
 #include <thread>
 #include <vector>
 
-// The kernel's hooks: the f16 conversions below instead of PTX, and offsetof.
+// The kernel's hooks (see its header): the f16 conversions below instead of PTX, offsetof,
+// and the C++ forms of its PTX multiply-add, REDUX and paired narrowing.
 #define ADAMAX_HOST_EMULATION
 #define ADAMAX_OFFSETOF(T, field) __builtin_offsetof(T, field)
 

@@ -1,6 +1,7 @@
 // The host harness of tests/kernel_host.rs: kernels/adamax.cu, compiled unchanged for
 // the host, driven by commands on stdin. The first word picks the check:
-//   helpers    one command per line (mix, key, bits, sr, eavg, einf, davg, dinf, scale),
+//   helpers    one command per line (mix, key, bits, sr, eavg, einf, davg, dinf, limit,
+//              scale),
 //              one result per line: the low-byte helpers.
 //   traversal  cases of one tensor each, stepped by a state format's traversal: the
 //              parameters, master and moments (f32 bits, or codes and scale bits).

@@ -50,11 +50,11 @@ pub(crate) fn limited_ratio_scale(scale: f32, scale_u: f32, eps: f32, mode: Epsi
 /// The largest ratio scale a block may store next to a `u` block of scale `scale_u`, so
 /// that no `m` it stands for overflows: with `den` the denominator of `scale_u`
 /// ([`exp_avg_of`]; every element's is at most it) in the binade `[2^e, 2^(e + 1))`, the
-/// float just below `2^(127 - e)`, or f32's largest value when that is smaller (`e <=
-/// 0`). Then `|ratio * den| < 2^128 (1 - 2^-24) = f32::MAX` for every element: within
+/// float just below `2^(127 - e)`, or f32's largest value where that is not an f32 (`e
+/// <= -1`). Then `|ratio * den| < 2^128 (1 - 2^-24) = f32::MAX` for every element: within
 /// a factor 2 of the exact limit, and only below 2^127 / den where `den` is above 2^126
 /// (f32 state keeps `|m|` within the largest `|g|`; stored as a ratio rounded up, it could
-/// otherwise pass f32's largest value). The exponent's bits alone (three integer
+/// otherwise pass f32's largest value). The exponent's bits alone (a few integer
 /// instructions a block on the GPU): `min(0x7F7F_FFFF, (381 << 23) - 1 - (bits(den) &
 /// 0x7F80_0000))`. A NaN or infinite `den` gives about 0.5.
 pub fn ratio_scale_limit(scale_u: f32, eps: f32, eps_mode: EpsilonMode) -> f32 {
@@ -77,8 +77,9 @@ pub fn exp_avg_of(ratio: f32, exp_inf: f32, eps: f32, eps_mode: EpsilonMode) -> 
 /// A block's scale as its encoder uses it: `fraction(a) = f32(a * inv)` with `inv =
 /// ru(ru(1 / scale) * (1 - 2^f))`, both rounded up (toward +infinity), so that the
 /// block's largest magnitude, `a = scale`, gives `q >= 1 - 2^f` and so `t = 1` exactly
-/// (its code is 1.0), and any other `q` is at most 2^-22 above its exact value, too
-/// little to change a rounding that draws 16 random bits. The GPU takes it once per
+/// (its code is 1.0), and any other `q` is at most 2^-22 above its exact value (2^-20 for
+/// a scale above 2^126, whose reciprocal is subnormal), too little to matter to a
+/// rounding that draws 16 random bits. The GPU takes it once per
 /// block (`__frcp_ru`, `__fmul_ru`).
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq)]

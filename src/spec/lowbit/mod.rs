@@ -78,7 +78,7 @@
 //!
 //! A code with `E` exponent and `M` mantissa bits ([`Code`]) stands for a magnitude `q`
 //! in `[0, 1]` through `t = q + 2^f` with `f = 1 - 2^E` (-15 for both codes): `t` in `[2^f,
-//! 1]` is an ordinary float of `E` exponent values (the binades `2^f` to `2^-1`, and 1.0
+//! 1]` is an ordinary float of `2^E` exponent values (the binades `2^f` to `2^-1`, and 1.0
 //! itself) and `M` mantissa bits, so that the code is the top bits of `t`'s f32 pattern
 //! less an offset, and `q = (t - 2^f) / (1 - 2^f)`. Near 0 the codes are evenly spaced
 //! (by `2^(f - M)`: 2^-18 for `rho`, 2^-19 for `u` of the block's scale), elsewhere
