@@ -21,7 +21,6 @@ const ROUND_UP: u32 = 0xFFFF;
 /// [`EXP_AVG_CODE`] against their block's scale, their largest magnitude lowered to
 /// [`ratio_scale_limit`] where it is above (its ratios then saturate at the code 1.0);
 /// returns the block's scales `(ratio, u)`. The slices are as long as each other.
-#[allow(clippy::too_many_arguments)]
 pub fn encode_moments(
     ratios: &[f32],
     u: &[f32],
@@ -32,19 +31,38 @@ pub fn encode_moments(
     bits: impl Fn(usize) -> u64,
 ) -> (f32, f32) {
     let scale_u = EXP_INF_CODE.encode_block(u, u_codes, |j| exp_inf_bits(bits(j)));
-    let scale_r = limited_ratio_scale(Code::block_scale(ratios), scale_u, eps, eps_mode);
-    EXP_AVG_CODE.encode_with_scale(ratios, ratio_codes, scale_r, |j| exp_avg_bits(bits(j)));
+    let scale_r = encode_ratios(
+        EXP_AVG_CODE,
+        ratios,
+        ratio_codes,
+        scale_u,
+        (eps, eps_mode),
+        |j| exp_avg_bits(bits(j)),
+    );
     (scale_r, scale_u)
 }
 
-/// `scale` lowered to [`ratio_scale_limit`] where it is above (a NaN scale stays NaN).
-pub(crate) fn limited_ratio_scale(scale: f32, scale_u: f32, eps: f32, mode: EpsilonMode) -> f32 {
-    let limit = ratio_scale_limit(scale_u, eps, mode);
+/// Encodes a block of ratios in `code` beside a `u` block of scale `scale_u` (eps and
+/// its mode as the configuration's): against their largest magnitude, lowered to
+/// [`ratio_scale_limit`] where it is above (a NaN scale stays NaN), drawing value `j`'s
+/// 16 rounding bits from `bits(j)`; returns the block's scale. `codes` as in
+/// [`Code::encode_block`].
+#[doc(hidden)]
+pub fn encode_ratios(
+    code: Code,
+    ratios: &[f32],
+    codes: &mut [u8],
+    scale_u: f32,
+    (eps, eps_mode): (f32, EpsilonMode),
+    bits: impl Fn(usize) -> u32,
+) -> f32 {
+    let limit = ratio_scale_limit(scale_u, eps, eps_mode);
+    let mut scale = Code::block_scale(ratios);
     if scale > limit {
-        limit
-    } else {
-        scale
+        scale = limit;
     }
+    code.encode_with_scale(ratios, codes, scale, bits);
+    scale
 }
 
 /// The largest ratio scale a block may store next to a `u` block of scale `scale_u`, so
@@ -138,10 +156,15 @@ impl Blockwise8 {
 
     /// Quantizes f32 values with round-to-nearest (ties up), deterministic.
     pub fn from_f32(code: Code, values: &[f32]) -> Self {
+        Self::rounded(code, values, ROUND_NEAREST)
+    }
+
+    /// f32 values in blocks of `code`, every rounding drawing the bits `r`.
+    fn rounded(code: Code, values: &[f32], r: u32) -> Self {
         let mut q = Self::zeros(values.len());
         for (b, block) in values.chunks(QBLOCK).enumerate() {
             let codes = &mut q.codes[b * QBLOCK..b * QBLOCK + block.len()];
-            q.scales[b] = code.encode_block(block, codes, |_| ROUND_NEAREST);
+            q.scales[b] = code.encode_block(block, codes, |_| r);
         }
         q
     }
@@ -161,11 +184,7 @@ impl Blockwise8 {
         eps_mode: EpsilonMode,
         limit: f32,
     ) -> (Self, Self) {
-        let mut u8s = Self::zeros(u.len());
-        for (b, block) in u.chunks(QBLOCK).enumerate() {
-            let codes = &mut u8s.codes[b * QBLOCK..b * QBLOCK + block.len()];
-            u8s.scales[b] = EXP_INF_CODE.encode_block(block, codes, |_| ROUND_UP);
-        }
+        let u8s = Self::rounded(EXP_INF_CODE, u, ROUND_UP);
         let ratios: Vec<f32> = m
             .iter()
             .zip(u8s.values(EXP_INF_CODE))
@@ -187,9 +206,10 @@ impl Blockwise8 {
         for (b, block) in ratios.chunks(QBLOCK).enumerate() {
             let codes = &mut q.codes[b * QBLOCK..b * QBLOCK + block.len()];
             let scale_u = u8s.scales.get(b).copied().unwrap_or(f32::NAN);
-            let scale = limited_ratio_scale(Code::block_scale(block), scale_u, eps, eps_mode);
-            EXP_AVG_CODE.encode_with_scale(block, codes, scale, |_| ROUND_NEAREST);
-            q.scales[b] = scale;
+            q.scales[b] =
+                encode_ratios(EXP_AVG_CODE, block, codes, scale_u, (eps, eps_mode), |_| {
+                    ROUND_NEAREST
+                });
         }
         (q, u8s)
     }

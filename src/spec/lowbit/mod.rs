@@ -114,7 +114,8 @@
 mod blocks;
 
 pub use blocks::{
-    encode_moments, exp_avg_of, ratio_scale_limit, BlockScale, Blockwise8, ROUND_NEAREST,
+    encode_moments, encode_ratios, exp_avg_of, ratio_scale_limit, BlockScale, Blockwise8,
+    ROUND_NEAREST,
 };
 
 use half::bf16;

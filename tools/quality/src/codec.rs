@@ -314,13 +314,9 @@ impl Candidate {
             .u
             .encode_block(u, cu, self.encoder, |j| r(u_bits(draw(j))));
         if let (Encoder::Ratio, Quant::Float(mc)) = (self.encoder, self.m) {
-            // The crate's: the ratios' scale limited beside u's (lowbit::encode_moments).
-            let mut sm = Code::block_scale(m);
-            let limit = lowbit::ratio_scale_limit(su, s.eps, s.eps_mode);
-            if sm > limit {
-                sm = limit;
-            }
-            mc.encode_with_scale(m, cm, sm, |j| r(m_bits(draw(j))));
+            // The crate's (lowbit::encode_moments), in any code.
+            let sm =
+                lowbit::encode_ratios(mc, m, cm, su, (s.eps, s.eps_mode), |j| r(m_bits(draw(j))));
             return (sm, su);
         }
         let sm = self
