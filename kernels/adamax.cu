@@ -178,7 +178,8 @@ __device__ double powi_exact(double base, u64 exp) {
 // src/spec/mod.rs, with the same f64 operations and the same rounding to f32.
 struct Scalars {
     float beta1, one_minus_beta1, beta2, eps, step_size, decay;
-    u32 eps_mode, decay_mode, maximize;
+    u32 eps_mode, decay_mode;
+    u32 grad_sign;  // the f32 sign bit when maximizing, else 0: see grad_lane()
     float den_eps;  // what a denominator adds to u: eps with EPS_DENOMINATOR, else 0
     float inv_scale, clip_coef;  // gradient multipliers, applied when the flag is set
     u32 flags;
@@ -195,7 +196,7 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     s.eps = a.eps;
     s.eps_mode = a.eps_mode;
     s.den_eps = a.eps_mode == EPS_DENOMINATOR ? a.eps : 0.0f;
-    s.maximize = a.maximize;
+    s.grad_sign = a.maximize ? 0x80000000u : 0u;
     const Control& c = *a.control;
     s.flags = c.params.flags;
     s.inv_scale = c.state.step_inv_scale;
@@ -249,18 +250,29 @@ __device__ __forceinline__ u16 narrow(float x, bf16) {
 
 // ---- The rule (twin of `update` in src/spec/mod.rs) ----
 
-// max that returns NaN when either side is NaN, like torch.maximum.
+// max that returns NaN when either side is NaN, like torch.maximum. On sm_80 and later
+// one max.NaN.f32: the same value (its NaN is the canonical 0x7fffffff, a payload the
+// crate does not compare), as both sides here are +0 or above, never -0, whose order
+// against +0 the two could take differently: |g| (+ eps >= 0), and beta2 * u with beta2
+// >= +0 and u >= +0 (the rule makes no -0, and checkpoints refuse one, valid.rs).
 __device__ __forceinline__ float max_propagating_nan(float a, float b) {
+#if !defined(ADAMAX_HOST_EMULATION) && __CUDA_ARCH__ >= 800
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
     if (a != a || b != b) return __uint_as_float(0x7fc00000u);
     return a >= b ? a : b;
+#endif
 }
 
+// g comes negated when maximizing (grad_lane(), grad_element()): the spec negates it after
+// the unscale and clip products, whose results only change sign with it.
 __device__ __forceinline__ float adamax_update(const Scalars& a, float& p, float g, float& m,
                                                float& u) {
     // Unscale, then clip (crate::fused): the gradient the rule sees.
     if (a.flags & FLAG_UNSCALE) g = __fmul_rn(g, a.inv_scale);
     if (a.flags & FLAG_CLIP) g = __fmul_rn(g, a.clip_coef);
-    if (a.maximize) g = -g;
     if (a.decay_mode == DECAY_COUPLED) g = __fmaf_rn(a.decay, p, g);
     m = __fmaf_rn(a.beta1, m, __fmul_rn(a.one_minus_beta1, g));
     const float decayed = __fmul_rn(a.beta2, u);
@@ -342,9 +354,8 @@ __device__ __forceinline__ float decode_magnitude(u32 code) {
     const float t = __uint_as_float((code + C::OFFSET) << (23 - M));
     return __double2float_rn(__ddiv_rn(__dsub_rn((double)t, (double)C::FLOOR), __dsub_rn(1.0, (double)C::FLOOR)));
 }
-// q: finite, >= 0; r: 16 random bits, added at the top of the 23 - M bits the code drops.
-// r << (7 - M) added to t's pattern as one multiply-add (in PTX, so that the compiler
-// does not turn it into a shift, a mask and an add: one instruction per code more).
+// r * factor + x as one multiply-add (in PTX, so that the compiler does not turn it into
+// a shift and an add: one instruction per code more).
 __device__ __forceinline__ u32 add_shifted(u32 r, u32 factor, u32 x) {
 #ifdef ADAMAX_HOST_EMULATION
     return r * factor + x;
@@ -354,11 +365,22 @@ __device__ __forceinline__ u32 add_shifted(u32 r, u32 factor, u32 x) {
     return y;
 #endif
 }
+// Encoding q (finite, >= 0) with 16 random bits r added at the top of the 23 - M bits of
+// t's pattern the code drops (Code::encode_magnitude), made so that the code comes out
+// as the top byte of a word and four are packed by byte permutes: the pattern shifted
+// left by M + 1 (the code's lowest bit, 23 - M, to bit 24) plus r << 8 (dither()), in
+// one multiply-add. Its top byte is
+// the code plus OFFSET, modulo 256: the code itself for u (OFFSET 7 * 256), the code with
+// bit 7 set for m's ratio (OFFSET 3.5 * 256; t's exponent bit 4 is always set), where
+// the sign then goes (encode_ratio_word).
 template <typename C, int M>
-__device__ __forceinline__ u32 encode_magnitude(float q, u32 r) {
+__device__ __forceinline__ u32 encode_magnitude_word(float q, u32 r8) {
     const float t = __saturatef(__fadd_rz(q, C::FLOOR));
-    return (add_shifted(r, 1u << (7 - M), __float_as_uint(t)) >> (23 - M)) - C::OFFSET;
+    return add_shifted(__float_as_uint(t), 1u << (M + 1), r8);
 }
+// 16 random bits of a word, the low half (HIGH false) or the high one, at bits 8 to 23.
+template <bool HIGH>
+__device__ __forceinline__ u32 dither(u32 word) { return __byte_perm(word, 0u, HIGH ? 0x4324u : 0x4104u); }
 
 // Decoding goes through tables of every code's value (m's with its sign), which an
 // 8-bit update fills once per block in shared memory: a load instead of building it.
@@ -379,12 +401,22 @@ struct BlockScale { float inv; };
 template <typename C>
 __device__ __forceinline__ BlockScale block_scale_of(float scale) { return BlockScale{__fmul_ru(__frcp_ru(scale), C::SPAN)}; }
 __device__ __forceinline__ float fraction(float x, const BlockScale& s) { return __fmul_rn(fabsf(x), s.inv); }
-// m's ratio: its magnitude's code and its sign bit.
-__device__ __forceinline__ u32 encode_ratio(float x, const BlockScale& s, u32 r) {
-    const u32 magnitude = encode_magnitude<ExpAvgCode, 3>(fraction(x, s), r);
-    return magnitude | ((__float_as_uint(x) >> 24) & 0x80u);
+// The words whose top bytes are the codes (encode_magnitude_word): m's ratio with its f32
+// sign bit in bit 31 (in place of t's exponent bit 4, always set), and u.
+__device__ __forceinline__ u32 encode_ratio_word(float x, const BlockScale& s, u32 r8) {
+    return encode_magnitude_word<ExpAvgCode, 3>(fraction(x, s), r8) ^ (~__float_as_uint(x) & 0x80000000u);
 }
-__device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) { return encode_magnitude<ExpInfCode, 4>(fraction(x, s), r); }
+__device__ __forceinline__ u32 encode_exp_inf_word(float x, const BlockScale& s, u32 r8) {
+    return encode_magnitude_word<ExpInfCode, 4>(fraction(x, s), r8);
+}
+// The codes alone, with 16 random bits r (the host emulation checks these against
+// Code::encode_scaled).
+__device__ __forceinline__ u32 encode_ratio(float x, const BlockScale& s, u32 r) { return encode_ratio_word(x, s, r << 8) >> 24; }
+__device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) { return encode_exp_inf_word(x, s, r << 8) >> 24; }
+// The top bytes of four words, packed in order.
+__device__ __forceinline__ u32 pack_top_bytes(const u32* w) {
+    return __byte_perm(__byte_perm(w[0], w[1], 0x0073u), __byte_perm(w[2], w[3], 0x0073u), 0x5410u);
+}
 // A block's scale from the bits of its largest magnitude (twin of Code::block_scale): the
 // bits of non-negative floats order as their values, and a NaN's above infinity's; 0
 // and f32 subnormals give 0 (codes 0), a non-finite one marks the block NaN.
@@ -447,6 +479,42 @@ template <typename T>
 __device__ __forceinline__ float load_element(u64 base, u64 i) {
     if constexpr (sizeof(T) == 4) return ((const float*)base)[i];
     else return widen(((const u16*)base)[i], T());
+}
+// Gradients as the rule takes them: widened, and negated when maximizing (sign: the f32
+// sign bit then, else 0; see adamax_update). A bf16 gradient's widening flips it for
+// free: the high half masked and flipped by one LOP3, the low half shifted and flipped
+// by one multiply-add (adding the sign bit flips it).
+__device__ __forceinline__ float signed_half(u32 w, int k, u32 sign, bf16) {
+    return __uint_as_float((k & 1) ? (w & 0xffff0000u) ^ sign : (w << 16) + sign);
+}
+__device__ __forceinline__ float signed_half(u32 w, int k, u32 sign, f16) {
+    return widen((u16)((w >> (16 * (k & 1))) ^ (sign >> 16)), f16());
+}
+template <typename T>
+__device__ __forceinline__ float grad_lane(uint4 v, int k, u32 sign) {
+    const int j = k * (int)sizeof(T) / 4;
+    const u32 w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+    if constexpr (sizeof(T) == 4) return __uint_as_float(w ^ sign);
+    else return signed_half(w, k, sign, T());
+}
+template <typename T, int N>
+__device__ __forceinline__ void load_grads(u64 base, u64 i, u32 sign, float* g) {
+    if constexpr (sizeof(T) == 4) {
+        load_vector<float, N>(base, i, g);
+#pragma unroll
+        for (int k = 0; k < N; ++k) g[k] = __uint_as_float(__float_as_uint(g[k]) ^ sign);
+    } else {
+#pragma unroll
+        for (int k = 0; k < N; k += 8) {
+            const uint4 v = load16<T>(base, i + k);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) g[k + j] = grad_lane<T>(v, j, sign);
+        }
+    }
+}
+template <typename T>
+__device__ __forceinline__ float grad_element(u64 base, u64 i, u32 sign) {
+    return __uint_as_float(__float_as_uint(load_element<T>(base, i)) ^ sign);
 }
 template <int N>
 __device__ __forceinline__ void store_vector(u64 base, u64 i, const float* x) {
@@ -538,10 +606,10 @@ struct Lanes { static constexpr int N = 16 / sizeof(T); };
 // 12.x and 13.0.
 template <typename T, int N, int k = 0>
 __device__ __forceinline__ void update_lanes(const Scalars& sc, float* p, uint4 g, float* m, float* u) {
-    adamax_update(sc, p[k], lane<T>(g, k), m[k], u[k]);
-    adamax_update(sc, p[k + 1], lane<T>(g, k + 1), m[k + 1], u[k + 1]);
-    adamax_update(sc, p[k + 2], lane<T>(g, k + 2), m[k + 2], u[k + 2]);
-    adamax_update(sc, p[k + 3], lane<T>(g, k + 3), m[k + 3], u[k + 3]);
+    adamax_update(sc, p[k], grad_lane<T>(g, k, sc.grad_sign), m[k], u[k]);
+    adamax_update(sc, p[k + 1], grad_lane<T>(g, k + 1, sc.grad_sign), m[k + 1], u[k + 1]);
+    adamax_update(sc, p[k + 2], grad_lane<T>(g, k + 2, sc.grad_sign), m[k + 2], u[k + 2]);
+    adamax_update(sc, p[k + 3], grad_lane<T>(g, k + 3, sc.grad_sign), m[k + 3], u[k + 3]);
     if constexpr (k + 4 < N) update_lanes<T, N, k + 4>(sc, p, g, m, u);
 }
 
@@ -564,7 +632,7 @@ __device__ __forceinline__ void step_f32_vector(const Scalars& sc, const TensorD
 template <typename T, ParamMode P>
 __device__ __forceinline__ void step_f32_element(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
     float p = load_param<T, P>(t, i), m = load_element<float>(t.exp_avg, i), u = load_element<float>(t.exp_inf, i);
-    adamax_update(sc, p, load_element<T>(t.grad, i), m, u);
+    adamax_update(sc, p, grad_element<T>(t.grad, i, sc.grad_sign), m, u);
     store_param<T, P>(t, i, p, param_bits<P>(key, t, i));
     store_element(t.exp_avg, i, m);
     store_element(t.exp_inf, i, u);
@@ -582,7 +650,7 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
     float p[8], g[8];
     u32 cm[8], cu[8];
     if constexpr (WHOLE) {
-        load_vector<T, 8>(t.grad, i0, g);
+        load_grads<T, 8>(t.grad, i0, sc.grad_sign, g);
         load_params<T, P, 8>(t, i0, p);
         const uint2 a = *(const uint2*)(codes_m + i0), b = *(const uint2*)(codes_u + i0);
 #pragma unroll
@@ -594,7 +662,7 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             const bool in = i0 + k < end;
-            g[k] = in ? load_element<T>(t.grad, i0 + k) : 0.0f;
+            g[k] = in ? grad_element<T>(t.grad, i0 + k, sc.grad_sign) : 0.0f;
             p[k] = in ? load_param<T, P>(t, i0 + k) : 0.0f;
             cm[k] = in ? codes_m[i0 + k] : 0u;
             cu[k] = in ? codes_u[i0 + k] : 0u;
@@ -629,14 +697,14 @@ template <bool WHOLE>
 __device__ __forceinline__ void q8_store(const TensorDesc& t, u32 i0, u32 end, float nsr, float nsu,
                                          const float* r, const float* u, u32 words) {
     unsigned char *codes_m = (unsigned char*)t.exp_avg, *codes_u = (unsigned char*)t.exp_inf;
-    u32 cm[8], cu[8], hi[8];  // hi: each element's draw, its moments' bits
+    u32 cm[8], cu[8], hi[8];  // hi: each element's draw, its moments' bits; cm, cu: code words
 #pragma unroll
     for (int k = 0; k < 8; ++k) hi[k] = mix32(words + (u32)k * ADAMAX_WEYL_A);
     // A block of scale 0 (all zero) or NaN stores codes 0; the branches are the warp's.
     if (nsu > 0.0f) {
         const BlockScale bu = block_scale_of<ExpInfCode>(nsu);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) cu[k] = encode_exp_inf(u[k], bu, hi[k] >> 16);
+        for (int k = 0; k < 8; ++k) cu[k] = encode_exp_inf_word(u[k], bu, dither<true>(hi[k]));
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) cu[k] = 0u;
@@ -644,25 +712,22 @@ __device__ __forceinline__ void q8_store(const TensorDesc& t, u32 i0, u32 end, f
     if (nsr > 0.0f) {
         const BlockScale br = block_scale_of<ExpAvgCode>(nsr);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) cm[k] = encode_ratio(r[k], br, hi[k] & 0xffffu);
+        for (int k = 0; k < 8; ++k) cm[k] = encode_ratio_word(r[k], br, dither<false>(hi[k]));
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) cm[k] = 0u;
     }
-    u32 wm[2] = {0u, 0u}, wu[2] = {0u, 0u};
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        if constexpr (WHOLE) {
-            wm[k / 4] |= cm[k] << (8 * (k & 3));
-            wu[k / 4] |= cu[k] << (8 * (k & 3));
-        } else if (i0 + k < end) {
-            codes_m[i0 + k] = (unsigned char)cm[k];
-            codes_u[i0 + k] = (unsigned char)cu[k];
-        }
-    }
     if constexpr (WHOLE) {
-        *(uint2*)(codes_m + i0) = make_uint2(wm[0], wm[1]);
-        *(uint2*)(codes_u + i0) = make_uint2(wu[0], wu[1]);
+        *(uint2*)(codes_m + i0) = make_uint2(pack_top_bytes(cm), pack_top_bytes(cm + 4));
+        *(uint2*)(codes_u + i0) = make_uint2(pack_top_bytes(cu), pack_top_bytes(cu + 4));
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            if (i0 + k < end) {
+                codes_m[i0 + k] = (unsigned char)(cm[k] >> 24);
+                codes_u[i0 + k] = (unsigned char)(cu[k] >> 24);
+            }
+        }
     }
 }
 

@@ -104,7 +104,7 @@ static int traversal() {
         sc.den_eps = sc.eps_mode == EPS_DENOMINATOR ? sc.eps : 0.0f;
         const u64 decay = next();
         sc.decay_mode = decay == 0 ? DECAY_NONE : decay == 1 ? DECAY_COUPLED : DECAY_DECOUPLED;
-        sc.maximize = (u32)next();
+        sc.grad_sign = next() ? 0x80000000u : 0u;
         sc.flags = 0;
         const u64 nb = (n + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
         // 16-byte aligned storage; an unaligned case starts one element in.
