@@ -322,17 +322,20 @@ __device__ __forceinline__ Weyl weyl_at(u64 key, u64 i) {
     const u32 high = (u32)(i >> 32) * ADAMAX_WEYL_HIGH;
     return Weyl{(u32)key + (u32)i * ADAMAX_WEYL_A + high, (u32)(key >> 32) + (u32)i * ADAMAX_WEYL_B + high};
 }
+// Element i's a word in bits 32 to 63, and in bits 0 to 15 its half of its pair's b word.
 __device__ __forceinline__ u64 element_bits(u64 key, u64 i) {
-    const Weyl w = weyl_at(key, i);
-    return ((u64)mix32(w.a) << 32) | mix32(w.b);
+    const u32 b = mix32(weyl_at(key, i & ~1ull).b);
+    return ((u64)mix32(weyl_at(key, i).a) << 32) | ((b >> (16 * (u32)(i & 1))) & 0xffffu);
 }
 
 // Stochastic rounding, for bf16 only: 16 random bits added below the kept half.
-__device__ __forceinline__ u16 round_stochastic(float x, u64 bits, bf16) {
+__device__ __forceinline__ u32 round_stochastic_high(float x, u32 bits) {
+    // A NaN is first made what narrow() gives (quiet, the low half cleared), so that the
+    // bits added cannot carry out of it; anything else keeps its pattern.
     const u32 b = __float_as_uint(x);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return narrow(x, bf16());
-    return (u16)((b + (u32)(bits & 0xffffu)) >> 16);
+    return (x != x ? (b | 0x00400000u) & 0xffff0000u : b) + (bits & 0xffffu);
 }
+__device__ __forceinline__ u16 round_stochastic(float x, u32 bits, bf16) { return (u16)(round_stochastic_high(x, bits) >> 16); }
 
 // The 8-bit codes (lowbit::Code): E exponent and M mantissa bits of a magnitude q in
 // [0, 1], stored as the float t = q + 2^F, F = 1 - 2^E, in [2^F, 1]: the code is the top
@@ -526,16 +529,32 @@ __device__ __forceinline__ void store_element(u64 base, u64 i, float x) { ((floa
 // Parameters as the rule reads and writes them: f32 ones are their own master; a 16-bit
 // one is read from its master (ParamMode::Master) or widened from its storage
 // (ParamMode::Stochastic), and written back rounded to nearest beside its master, or
-// rounded stochastically with its element's random bits h (lowbit::param_bits).
+// rounded stochastically with its element's 16 random bits h (lowbit::param_bits, in the
+// low half of h).
 template <ParamMode P>
-__device__ __forceinline__ u64 param_bits(u64 key, const TensorDesc& t, u64 i) {
+__device__ __forceinline__ u32 param_bits(u64 key, const TensorDesc& t, u64 i) {
     // The piece's first element is read only where bits are drawn: taking it for every
     // mode cost the f32 update 5 instructions per parameter (sm_90), the loads held.
-    if constexpr (P == ParamMode::Stochastic) return element_bits(key, t.element_base + i);
+    if constexpr (P == ParamMode::Stochastic) return (u32)element_bits(key, t.element_base + i);
     else return 0;
 }
+// The same for N elements from an even one whose b word's Weyl term is wb (N even; the
+// pieces' element bases, multiples of ADAMAX_CHUNK, keep pairs whole): one b word per
+// pair, its halves to its two elements.
+template <ParamMode P, int N>
+__device__ __forceinline__ void param_bits_vector(u32 wb, u32* h) {
+#pragma unroll
+    for (int k = 0; k < N; k += 2) {
+        if constexpr (P == ParamMode::Stochastic) {
+            const u32 b = mix32(wb + (u32)k * ADAMAX_WEYL_B);
+            h[k] = b, h[k + 1] = b >> 16;
+        } else {
+            h[k] = h[k + 1] = 0;
+        }
+    }
+}
 template <typename T, ParamMode P>
-__device__ __forceinline__ u16 narrow_param(float p, u64 h) {
+__device__ __forceinline__ u16 narrow_param(float p, u32 h) {
     if constexpr (P == ParamMode::Stochastic) return round_stochastic(p, h, T());
     else return narrow(p, T());
 }
@@ -565,14 +584,17 @@ __device__ __forceinline__ u32 narrow_pair(float lo, float hi, f16) {
 // cvt.rn.{bf16,f16}x2.f32 does both: the same bits as narrow() but for a NaN's payload
 // (the canonical NaN; the crate's checks compare NaN as NaN).
 template <typename T, ParamMode P>
-__device__ __forceinline__ u32 narrow2(const float* p, const u64* h) {
+__device__ __forceinline__ u32 narrow2(const float* p, const u32* h) {
 #if !defined(ADAMAX_HOST_EMULATION) && __CUDA_ARCH__ >= 800
     if constexpr (P == ParamMode::Master) return narrow_pair(p[0], p[1], T());
 #endif
+    // Rounded stochastically: the high halves of the two sums, by one byte permute.
+    if constexpr (P == ParamMode::Stochastic)
+        return __byte_perm(round_stochastic_high(p[0], h[0]), round_stochastic_high(p[1], h[1]), 0x7632u);
     return (u32)narrow_param<T, P>(p[0], h[0]) | ((u32)narrow_param<T, P>(p[1], h[1]) << 16);
 }
 template <typename T, ParamMode P, int N>
-__device__ __forceinline__ void store_params(const TensorDesc& t, u64 i, const float* p, const u64* h) {
+__device__ __forceinline__ void store_params(const TensorDesc& t, u64 i, const float* p, const u32* h) {
     if constexpr (sizeof(T) == 4) {
         store_vector<N>(t.param, i, p);
     } else {
@@ -585,7 +607,7 @@ __device__ __forceinline__ void store_params(const TensorDesc& t, u64 i, const f
     }
 }
 template <typename T, ParamMode P>
-__device__ __forceinline__ void store_param(const TensorDesc& t, u64 i, float p, u64 h) {
+__device__ __forceinline__ void store_param(const TensorDesc& t, u64 i, float p, u32 h) {
     if constexpr (sizeof(T) == 4) {
         store_element(t.param, i, p);
     } else {
@@ -618,13 +640,14 @@ template <typename T, ParamMode P>
 __device__ __forceinline__ void step_f32_vector(const Scalars& sc, const TensorDesc& t, u64 i, u64 key) {
     constexpr int N = Lanes<T>::N;
     float p[N], m[N], u[N];
-    u64 h[N];
+    u32 h[N];
     load_params<T, P, N>(t, i, p);
     load_vector<float, N>(t.exp_avg, i, m);
     load_vector<float, N>(t.exp_inf, i, u);
     update_lanes<T, N>(sc, p, load16<T>(t.grad, i), m, u);
-#pragma unroll
-    for (int k = 0; k < N; ++k) h[k] = param_bits<P>(key, t, i + k);
+    // The piece's first element is read only where bits are drawn (see param_bits).
+    if constexpr (P == ParamMode::Stochastic) param_bits_vector<P, N>(weyl_at(key, t.element_base + i).b, h);
+    else param_bits_vector<P, N>(0u, h);
     store_params<T, P, N>(t, i, p, h);
     store_vector<N>(t.exp_avg, i, m);
     store_vector<N>(t.exp_inf, i, u);
@@ -644,8 +667,8 @@ __device__ __forceinline__ void step_f32_element(const Scalars& sc, const Tensor
 // element, zeros past the end.
 template <typename T, ParamMode P, bool WHOLE>
 __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalars& sc,
-                                          const TensorDesc& t, u32 i0, u32 end, u64 key, float sr, float su,
-                                          float* r, float* u, u32& amax_r, u32& amax_u) {
+                                          const TensorDesc& t, u32 i0, u32 end, const Weyl& w, float sr,
+                                          float su, float* r, float* u, u32& amax_r, u32& amax_u) {
     const unsigned char *codes_m = (const unsigned char*)t.exp_avg, *codes_u = (const unsigned char*)t.exp_inf;
     float p[8], g[8];
     u32 cm[8], cu[8];
@@ -668,15 +691,14 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
             cu[k] = in ? codes_u[i0 + k] : 0u;
         }
     }
-    const Weyl w = weyl_at(key, t.element_base + i0);
     const u32 valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
-    u64 h[8];
+    u32 h[8];
+    param_bits_vector<P, 8>(w.b, h);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
         u[k] = decode_exp_inf(tables, cu[k], su);
         const float den = sc.eps_mode == EPS_INSIDE_MAX ? u[k] : __fadd_rn(u[k], sc.eps);
         float m = __fmul_rn(decode_exp_avg(tables, cm[k], sr), den);
-        h[k] = P == ParamMode::Stochastic ? mix32(w.b + (u32)k * ADAMAX_WEYL_B) : 0;
         r[k] = adamax_update(sc, p[k], g[k], m, u[k]);
         if (!WHOLE && (u32)k >= valid) r[k] = u[k] = 0.0f;
         amax_r = max(amax_r, __float_as_uint(r[k]) & 0x7fffffffu);
@@ -700,32 +722,25 @@ __device__ __forceinline__ void q8_store(const TensorDesc& t, u32 i0, u32 end, f
     u32 cm[8], cu[8], hi[8];  // hi: each element's draw, its moments' bits; cm, cu: code words
 #pragma unroll
     for (int k = 0; k < 8; ++k) hi[k] = mix32(words + (u32)k * ADAMAX_WEYL_A);
-    // A block of scale 0 (all zero) or NaN stores codes 0; the branches are the warp's.
-    if (nsu > 0.0f) {
-        const BlockScale bu = block_scale_of<ExpInfCode>(nsu);
+    // A block of scale 0 (all zero) or NaN stores codes 0: encoded against scale 1 (no
+    // slow path in the reciprocal), then masked; no branch, no zeros to set.
+    const u32 keep_u = nsu > 0.0f ? ~0u : 0u, keep_r = nsr > 0.0f ? ~0u : 0u;
+    const BlockScale bu = block_scale_of<ExpInfCode>(keep_u ? nsu : 1.0f);
+    const BlockScale br = block_scale_of<ExpAvgCode>(keep_r ? nsr : 1.0f);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) cu[k] = encode_exp_inf_word(u[k], bu, dither<true>(hi[k]));
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) cu[k] = 0u;
-    }
-    if (nsr > 0.0f) {
-        const BlockScale br = block_scale_of<ExpAvgCode>(nsr);
-#pragma unroll
-        for (int k = 0; k < 8; ++k) cm[k] = encode_ratio_word(r[k], br, dither<false>(hi[k]));
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) cm[k] = 0u;
+    for (int k = 0; k < 8; ++k) {
+        cu[k] = encode_exp_inf_word(u[k], bu, dither<true>(hi[k]));
+        cm[k] = encode_ratio_word(r[k], br, dither<false>(hi[k]));
     }
     if constexpr (WHOLE) {
-        *(uint2*)(codes_m + i0) = make_uint2(pack_top_bytes(cm), pack_top_bytes(cm + 4));
-        *(uint2*)(codes_u + i0) = make_uint2(pack_top_bytes(cu), pack_top_bytes(cu + 4));
+        *(uint2*)(codes_m + i0) = make_uint2(pack_top_bytes(cm) & keep_r, pack_top_bytes(cm + 4) & keep_r);
+        *(uint2*)(codes_u + i0) = make_uint2(pack_top_bytes(cu) & keep_u, pack_top_bytes(cu + 4) & keep_u);
     } else {
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
             if (i0 + k < end) {
-                codes_m[i0 + k] = (unsigned char)(cm[k] >> 24);
-                codes_u[i0 + k] = (unsigned char)(cu[k] >> 24);
+                codes_m[i0 + k] = (unsigned char)((cm[k] & keep_r) >> 24);
+                codes_u[i0 + k] = (unsigned char)((cu[k] & keep_u) >> 24);
             }
         }
     }
@@ -737,8 +752,8 @@ __device__ __forceinline__ void q8_store(const TensorDesc& t, u32 i0, u32 end, f
 // scales), then encode. Every lane of the warp takes part in the reductions (outside the
 // lanes' paths), also those past the tensor's end. Twin of cpu::step_tensor_with's blocks.
 template <typename T, ParamMode P>
-__device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u32 block, u64 key,
-                              bool aligned) {
+__device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u32 block,
+                              const Weyl& unit_weyl, bool aligned) {
     const u32 begin = block * (u32)ADAMAX_QBLOCK, i0 = begin + (threadIdx.x & 31) * 8;
     const u32 end = min(begin + (u32)ADAMAX_QBLOCK, (u32)t.len);
     const bool whole = aligned && i0 + 8 <= end;
@@ -746,9 +761,12 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
     float r[8], u[8];
     u32 amax_r = 0u, amax_u = 0u;
     const float sr = scale_m[block], su = scale_u[block];
-    if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, key, sr, su, r, u, amax_r, amax_u);
-    else q8_update<T, P, false>(tables, sc, t, i0, end, key, sr, su, r, u, amax_r, amax_u);
-    const u32 words = weyl_at(key, t.element_base + i0).a;  // the moments' words, drawn as they are encoded
+    // The Weyl terms of the lane's first element (a unit never crosses a multiple of 2^32
+    // elements, so their high part is the unit's).
+    const Weyl w{unit_weyl.a + i0 * ADAMAX_WEYL_A, unit_weyl.b + i0 * ADAMAX_WEYL_B};
+    if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, w, sr, su, r, u, amax_r, amax_u);
+    else q8_update<T, P, false>(tables, sc, t, i0, end, w, sr, su, r, u, amax_r, amax_u);
+    const u32 words = w.a;  // the moments' words, drawn as they are encoded
     const float nsu = block_scale_bits(warp_max_bits(amax_u));
     const float nsr = limited_ratio_scale(sc, block_scale_bits(warp_max_bits(amax_r)), nsu);
     if (whole) q8_store<true>(t, i0, end, nsr, nsu, r, u, words);
@@ -775,7 +793,10 @@ __device__ __forceinline__ void step_q8_unit(const CodeTables& tables, const Sca
     v.len = end - begin;
     const u32 warps = blockDim.x / 32;
     const u32 blocks = ((u32)v.len + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
-    for (u32 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(tables, sc, v, b, key, aligned);
+    // The stream's Weyl terms at the unit's first element, held as two words rather than
+    // the key: with the key, ptxas recomputed its last mix64 on every block (sm_90).
+    const Weyl unit_weyl = weyl_at(key, v.element_base);
+    for (u32 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(tables, sc, v, b, unit_weyl, aligned);
 }
 template <typename T, ParamMode P>
 __device__ __forceinline__ void step_f32_unit(const Scalars& sc, const TensorDesc& t, u64 begin, u64 end, u64 key,

@@ -812,7 +812,17 @@ fn traversal_case<T: adamax_cuda::Storage>(
         }
     };
     let mut param: Vec<T> = (0..n).map(|_| T::from_f32(value(rng, 1.0))).collect();
-    let grad: Vec<T> = (0..n).map(|_| T::from_f32(value(rng, 0.1))).collect();
+    let mut grad: Vec<T> = (0..n).map(|_| T::from_f32(value(rng, 0.1))).collect();
+    // Past one block, the first is all zero (gradients and 8-bit state: its new ratio
+    // scale is 0, and with eps 0 its u scale too, so the block stores codes 0), and past
+    // two, the third holds a NaN gradient (its scales are NaN, its codes 0).
+    let zero_block = n > lowbit::QBLOCK;
+    if zero_block {
+        grad[..lowbit::QBLOCK].fill(T::from_f32(0.0));
+    }
+    if n > 2 * lowbit::QBLOCK {
+        grad[2 * lowbit::QBLOCK + 5] = T::from_f32(f32::NAN);
+    }
     let mut state = TensorState::with_precision(&param, &precision);
     state.step = t - 1;
     for x in state.master.iter_mut() {
@@ -825,6 +835,10 @@ fn traversal_case<T: adamax_cuda::Storage>(
         }
         for c in state.exp_inf_q8.codes.iter_mut() {
             *c = rng.random_range(0..=240u8);
+        }
+        if zero_block {
+            state.exp_avg_q8.codes[..lowbit::QBLOCK].fill(0);
+            state.exp_inf_q8.codes[..lowbit::QBLOCK].fill(0);
         }
         for sc in state
             .exp_avg_q8

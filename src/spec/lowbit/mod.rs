@@ -13,21 +13,26 @@
 //! key(seed, t, tensor) = mix64(mix64(seed ^ t * 0xD1B54A32D192ED03) ^ tensor * 0xAEF17502108EF2D9)
 //! a(key, i) = mix32(lo32(key) + lo32(i) * 0x9E3779B9 + hi32(i) * 0x85EBCA6B)
 //! b(key, i) = mix32(hi32(key) + lo32(i) * 0xC2B2AE35 + hi32(i) * 0x85EBCA6B)
-//! bits(key, i) = a << 32 | b                                  (all wrapping)
-//! ```
+//! bits(key, i) = a(key, i) << 32 | (b(key, i - i % 2) >> (16 * (i % 2))) & 0xFFFF
+//! ```                                                         (all wrapping)
 //!
 //! `mix64` is splitmix64's output function (Steele, Lea & Flood 2014; the constants of
 //! Stafford's "variant 13"), taken once per tensor and step; `mix32` is Wellons'
 //! `lowbias32` (hash-prospector; the output function of splitmix32), a bijection of 32
-//! bits, taken once per word an element uses. Within a tensor of fewer than 2^32
-//! elements no two elements draw the same word. A word is about seven instructions on
-//! a GPU, where splitmix64's 64-bit multiplies were about seventeen (issue #19). `t` is
-//! the tensor's own step (the step being taken, counted from one) and `i` the
-//! element's index in its tensor. One draw serves the element: bits 0 to 15 (of `b`)
-//! round the parameter, bits 32 to 47 (of `a`) the first moment's ratio, bits 48 to 63
-//! the infinity norm (16 random bits each, the `r` of [`Code::encode_magnitude`], so a
-//! code rounds up with probability `frac` to within 2^-16). A mode computes only the
-//! words it uses: `a` with 8-bit state, `b` with stochastic rounding.
+//! bits, taken once per word a mode uses. Within a tensor of fewer than 2^32 elements
+//! no two elements draw the same bits. A word is about seven instructions on a GPU,
+//! where splitmix64's 64-bit multiplies were about seventeen (issue #19). `t` is the
+//! tensor's own step (the step being taken, counted from one) and `i` the element's
+//! index in its tensor. One draw serves the element: bits 0 to 15 round the parameter,
+//! bits 32 to 47 (of `a`) the first moment's ratio, bits 48 to 63 the infinity norm (16
+//! random bits each, the `r` of [`Code::encode_magnitude`], so a code rounds up with
+//! probability `frac` to within 2^-16); bits 16 to 31 are 0. The parameter's 16 bits
+//! are half of the `b` word of the element's pair (`2j`, `2j + 1`), drawn once at its
+//! even element: the low half rounds the even element, the high half the odd one, so
+//! that a rounding takes 16 random bits for half a word (the stochastic 8-bit mode
+//! draws one and a half words per element, not two: 4.5 instructions per parameter
+//! fewer on sm_90). A mode computes only the words it uses: `a` with 8-bit state, `b`
+//! with stochastic rounding.
 //!
 //! # Stochastic rounding to bf16
 //!
@@ -154,23 +159,23 @@ pub const fn stream_key(seed: u64, t: u64, tensor: u64) -> u64 {
     mix64(mix64(seed ^ t.wrapping_mul(K_STEP)) ^ tensor.wrapping_mul(K_TENSOR))
 }
 
-/// The 64 random bits of element `i` of a stream: two 32-bit words, each [`mix32`] of
-/// a Weyl sequence offset by one half of the key (see the module docs).
+/// Word `a` or `b` of element `i`: [`mix32`] of a Weyl sequence offset by `half`, one
+/// half of the key.
+const fn word(half: u32, weyl: u32, i: u64) -> u32 {
+    let (lo, hi) = (i as u32, (i >> 32) as u32);
+    mix32(
+        half.wrapping_add(lo.wrapping_mul(weyl))
+            .wrapping_add(hi.wrapping_mul(WEYL_HIGH)),
+    )
+}
+
+/// The random bits of element `i` of a stream: its word `a` in bits 32 to 63, and in
+/// bits 0 to 15 its half of its pair's word `b` (see the module docs).
 #[doc(hidden)]
 pub const fn element_bits(key: u64, i: u64) -> u64 {
-    let (lo, hi) = (i as u32, (i >> 32) as u32);
-    let high = hi.wrapping_mul(WEYL_HIGH);
-    let a = mix32(
-        (key as u32)
-            .wrapping_add(lo.wrapping_mul(WEYL_A))
-            .wrapping_add(high),
-    );
-    let b = mix32(
-        ((key >> 32) as u32)
-            .wrapping_add(lo.wrapping_mul(WEYL_B))
-            .wrapping_add(high),
-    );
-    ((a as u64) << 32) | b as u64
+    let a = word(key as u32, WEYL_A, i);
+    let b = word((key >> 32) as u32, WEYL_B, i & !1);
+    ((a as u64) << 32) | ((b >> (16 * (i & 1))) & 0xFFFF) as u64
 }
 
 /// The 16 bits that round the parameter.
