@@ -267,13 +267,17 @@ __device__ __forceinline__ float max_propagating_nan(float a, float b) {
 }
 
 // g comes negated when maximizing (grad_lane(), grad_element()): the spec negates it after
-// the unscale and clip products, whose results only change sign with it.
+// the unscale and clip products, whose results only change sign with it. D: the decay
+// mode when the caller has branched on it (DECAY_ANY: read from a).
+enum { DECAY_ANY = -1 };
+template <int D = DECAY_ANY>
 __device__ __forceinline__ float adamax_update(const Scalars& a, float& p, float g, float& m,
                                                float& u) {
+    const u32 decay_mode = D == DECAY_ANY ? a.decay_mode : (u32)D;
     // Unscale, then clip (crate::fused): the gradient the rule sees.
     if (a.flags & FLAG_UNSCALE) g = __fmul_rn(g, a.inv_scale);
     if (a.flags & FLAG_CLIP) g = __fmul_rn(g, a.clip_coef);
-    if (a.decay_mode == DECAY_COUPLED) g = __fmaf_rn(a.decay, p, g);
+    if (decay_mode == DECAY_COUPLED) g = __fmaf_rn(a.decay, p, g);
     m = __fmaf_rn(a.beta1, m, __fmul_rn(a.one_minus_beta1, g));
     const float decayed = __fmul_rn(a.beta2, u);
     float den;
@@ -289,7 +293,7 @@ __device__ __forceinline__ float adamax_update(const Scalars& a, float& p, float
     // history of zero gradients) takes the division's slow path, out of the hot path.
     const float quotient = __fdiv_rn(m, den);
     const float step = den == 0.0f ? 0.0f : quotient;
-    if (a.decay_mode == DECAY_DECOUPLED)
+    if (decay_mode == DECAY_DECOUPLED)
         p = __fsub_rn(p, __fmaf_rn(a.decay, p, __fmul_rn(a.step_size, step)));
     else
         p = __fmaf_rn(-a.step_size, step, p);
@@ -661,6 +665,24 @@ __device__ __forceinline__ void step_f32_element(const Scalars& sc, const Tensor
     store_element(t.exp_inf, i, u);
 }
 
+// The rule on one lane's 8 elements of a block, their codes decoded; decay mode D: the
+// new ratios r and u, and the bits of their largest magnitudes (0 past `valid`).
+template <bool WHOLE, int D>
+__device__ __forceinline__ void q8_rule(const CodeTables& tables, const Scalars& sc, const u32* cm, const u32* cu,
+                                        float sr, float su, u32 valid, float* p, const float* g, float* r,
+                                        float* u, u32& amax_r, u32& amax_u) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        u[k] = decode_exp_inf(tables, cu[k], su);
+        const float den = sc.eps_mode == EPS_INSIDE_MAX ? u[k] : __fadd_rn(u[k], sc.eps);
+        float m = __fmul_rn(decode_exp_avg(tables, cm[k], sr), den);
+        r[k] = adamax_update<D>(sc, p[k], g[k], m, u[k]);
+        if (!WHOLE && (u32)k >= valid) r[k] = u[k] = 0.0f;
+        amax_r = max(amax_r, __float_as_uint(r[k]) & 0x7fffffffu);
+        amax_u = max(amax_u, __float_as_uint(u[k]));
+    }
+}
+
 // One lane's 8 elements of a block, before the block's new scales are known: load,
 // decode, update, store the parameters; the lane's new ratios and u, and the bits of
 // their largest magnitudes. A lane at the end or an odd offset loads element by
@@ -694,16 +716,14 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
     const u32 valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
     u32 h[8];
     param_bits_vector<P, 8>(w.b, h);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        u[k] = decode_exp_inf(tables, cu[k], su);
-        const float den = sc.eps_mode == EPS_INSIDE_MAX ? u[k] : __fadd_rn(u[k], sc.eps);
-        float m = __fmul_rn(decode_exp_avg(tables, cm[k], sr), den);
-        r[k] = adamax_update(sc, p[k], g[k], m, u[k]);
-        if (!WHOLE && (u32)k >= valid) r[k] = u[k] = 0.0f;
-        amax_r = max(amax_r, __float_as_uint(r[k]) & 0x7fffffffu);
-        amax_u = max(amax_u, __float_as_uint(u[k]));
-    }
+    // The rule, its decay mode branched on once (uniform across the warp) rather than
+    // predicated per element: both sides of each decay test took issue slots.
+    if (sc.decay_mode == DECAY_NONE)
+        q8_rule<WHOLE, DECAY_NONE>(tables, sc, cm, cu, sr, su, valid, p, g, r, u, amax_r, amax_u);
+    else if (sc.decay_mode == DECAY_COUPLED)
+        q8_rule<WHOLE, DECAY_COUPLED>(tables, sc, cm, cu, sr, su, valid, p, g, r, u, amax_r, amax_u);
+    else
+        q8_rule<WHOLE, DECAY_DECOUPLED>(tables, sc, cm, cu, sr, su, valid, p, g, r, u, amax_r, amax_u);
     if constexpr (WHOLE) {
         store_params<T, P, 8>(t, i0, p, h);
     } else {
