@@ -174,6 +174,12 @@ __device__ double powi_exact(double base, u64 exp) {
     return acc;
 }
 
+// The scalars the rule multiplies by, moved to ordinary registers (a shuffle of lane 0's:
+// the same value): read from the argument space, ptxas reloaded them into uniform
+// registers for every element of the 8-bit update (sm_90).
+__device__ __forceinline__ float held(float x) { return __shfl_sync(0xffffffffu, x, 0); }
+struct Scalars;
+__device__ __forceinline__ Scalars held(Scalars s);
 // The f32 scalars of one tensor for one step: the twin of StepScalars::for_tensor in
 // src/spec/mod.rs, with the same f64 operations and the same rounding to f32.
 struct Scalars {
@@ -213,6 +219,14 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
         s.decay_mode = DECAY_DECOUPLED;
         s.decay = __double2float_rn(__dmul_rn(lr, t.weight_decay));
     }
+    return s;
+}
+
+__device__ __forceinline__ Scalars held(Scalars s) {
+    s.beta1 = held(s.beta1);
+    s.one_minus_beta1 = held(s.one_minus_beta1);
+    s.beta2 = held(s.beta2);
+    s.eps = held(s.eps);
     return s;
 }
 
@@ -910,7 +924,7 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         // the branch is uniform across the block. An optimizer whose tensors are all in
         // f32 state launches the f32-state update instead.
         if constexpr (S == StateFormat::Blockwise8) {
-            if (t.blockwise8) step_q8_unit<T, P>(tables, sc, t, begin, end, key, aligned);
+            if (t.blockwise8) step_q8_unit<T, P>(tables, held(sc), t, begin, end, key, aligned);
             else step_f32_unit<T, P>(sc, t, begin, end, key, aligned);
         } else {
             step_f32_unit<T, P>(sc, t, begin, end, key, aligned);

@@ -129,6 +129,13 @@ static inline double __shfl_xor_sync(unsigned, double v, int off) {
     warp_sync();
     return r;
 }
+static inline float __shfl_sync(unsigned, float v, int src) {
+    g_slots_f[g_tid] = v;
+    warp_sync();
+    const float r = g_slots_f[(g_tid & ~31u) | ((unsigned)src & 31u)];
+    warp_sync();
+    return r;
+}
 static inline bool __any_sync(unsigned, bool p) {
     g_slots_i[g_tid] = p;
     warp_sync();
