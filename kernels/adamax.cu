@@ -5,9 +5,9 @@
 // needs no CUDA headers on the user's machine; the 16-bit conversions are written here.
 // tests/kernel_host/ compiles this same file for the host (ADAMAX_HOST_EMULATION; its
 // hooks: the two f16 conversions, offsetof, the PTX multiply-add of the 8-bit encoders'
-// random bits, the warp maximum's REDUX, and the paired cvt.rn.{bf16,f16}x2 narrowing of
-// sm_80 and later, which the host replaces with the element-wise narrowing it equals but
-// for a NaN's payload) and compares it with the spec.
+// random bits, the warp maximum's REDUX, and two PTX instructions of sm_80 and later that
+// the host replaces with what they equal but for a NaN's payload: the rule's max.NaN.f32
+// and the paired cvt.rn.{bf16,f16}x2 narrowing) and compares it with the spec.
 //
 // The element update `adamax_update` is the line-by-line twin of `update` in
 // src/spec/mod.rs, the crate's spec, after two lines that unscale and clip the gradient
@@ -264,11 +264,10 @@ __device__ __forceinline__ u16 narrow(float x, bf16) {
 
 // ---- The rule (twin of `update` in src/spec/mod.rs) ----
 
-// max that returns NaN when either side is NaN, like torch.maximum. On sm_80 and later
-// one max.NaN.f32: the same value (its NaN is the canonical 0x7fffffff, a payload the
-// crate does not compare), as both sides here are +0 or above, never -0, whose order
-// against +0 the two could take differently: |g| (+ eps >= 0), and beta2 * u with beta2
-// >= +0 and u >= +0 (the rule makes no -0, and checkpoints refuse one, valid.rs).
+// max that returns NaN when either side is NaN, like torch.maximum, with +0 above -0
+// (equal values give their common bits: the AND of +0's and -0's is +0's). On sm_80 and
+// later one max.NaN.f32, whose semantics are exactly these (PTX ISA: "+0.0 > -0.0");
+// its NaN is the canonical 0x7fffffff, a payload the crate does not compare.
 __device__ __forceinline__ float max_propagating_nan(float a, float b) {
 #if !defined(ADAMAX_HOST_EMULATION) && __CUDA_ARCH__ >= 800
     float r;
@@ -276,7 +275,8 @@ __device__ __forceinline__ float max_propagating_nan(float a, float b) {
     return r;
 #else
     if (a != a || b != b) return __uint_as_float(0x7fc00000u);
-    return a >= b ? a : b;
+    if (a == b) return __uint_as_float(__float_as_uint(a) & __float_as_uint(b));
+    return a > b ? a : b;
 #endif
 }
 
@@ -347,13 +347,13 @@ __device__ __forceinline__ u64 element_bits(u64 key, u64 i) {
 }
 
 // Stochastic rounding, for bf16 only: 16 random bits added below the kept half.
-__device__ __forceinline__ u32 round_stochastic_high(float x, u32 bits) {
+__device__ __forceinline__ u32 round_stochastic_high(float x, u32 bits, bf16) {
     // A NaN is first made what narrow() gives (quiet, the low half cleared), so that the
     // bits added cannot carry out of it; anything else keeps its pattern.
     const u32 b = __float_as_uint(x);
     return (x != x ? (b | 0x00400000u) & 0xffff0000u : b) + (bits & 0xffffu);
 }
-__device__ __forceinline__ u16 round_stochastic(float x, u32 bits, bf16) { return (u16)(round_stochastic_high(x, bits) >> 16); }
+__device__ __forceinline__ u16 round_stochastic(float x, u32 bits, bf16) { return (u16)(round_stochastic_high(x, bits, bf16()) >> 16); }
 
 // The 8-bit codes (lowbit::Code): E exponent and M mantissa bits of a magnitude q in
 // [0, 1], stored as the float t = q + 2^F, F = 1 - 2^E, in [2^F, 1]: the code is the top
@@ -608,7 +608,7 @@ __device__ __forceinline__ u32 narrow2(const float* p, const u32* h) {
 #endif
     // Rounded stochastically: the high halves of the two sums, by one byte permute.
     if constexpr (P == ParamMode::Stochastic)
-        return __byte_perm(round_stochastic_high(p[0], h[0]), round_stochastic_high(p[1], h[1]), 0x7632u);
+        return __byte_perm(round_stochastic_high(p[0], h[0], T()), round_stochastic_high(p[1], h[1], T()), 0x7632u);
     return (u32)narrow_param<T, P>(p[0], h[0]) | ((u32)narrow_param<T, P>(p[1], h[1]) << 16);
 }
 template <typename T, ParamMode P, int N>

@@ -77,9 +77,10 @@
 //!   moments ([`StateFormat::Blockwise8`]), specified in [`spec::lowbit`]. They matched
 //!   the CPU reference bit for bit on an NVIDIA H200 (2026-11-27), the 8-bit ones then
 //!   no faster than f32 state; the 8-bit state of today (v2: `m` as its ratio to the
-//!   step's denominator, about 40% fewer instructions) has run only in the host
-//!   emulation, and the paired narrowing of 16-bit parameters with a master (sm_80 and
-//!   later) in none (BENCHMARKS.md).
+//!   step's denominator, about half the instructions) and the stochastic roundings'
+//!   pairs of elements sharing one random word have run only in the host emulation,
+//!   and two sm_80 instructions in none: the rule's `max.NaN.f32` (every update) and
+//!   the paired narrowing of 16-bit parameters with a master (BENCHMARKS.md).
 //! - [`Checkpoint`]: the optimizer's state (not the parameters) as a checksummed
 //!   safetensors file with PyTorch's names.
 //!
@@ -89,7 +90,8 @@
 //! 56209e8) for every storage mode across every configuration in `tests/gpu.rs` (120
 //! tests: clipping, the loss scaler, graphs, flat buffers, missing gradients), after a
 //! first run on an H100 (2026-11-24, commit 6b9d566) whose loss-scaler failure is fixed
-//! since (BENCHMARKS.md keeps the record). The CPU reference
+//! since (BENCHMARKS.md keeps the record); every kernel change since then has been
+//! checked in the host emulation only (`tests/kernel_host.rs`). The CPU reference
 //! itself replays PyTorch, optax and Keras trajectories within their own f32 spread.
 //!
 //! Nothing CUDA is needed to build: the driver and NVRTC are loaded at run time, and

@@ -147,6 +147,24 @@ fn a_zero_denominator_gives_a_zero_update_even_with_momentum_left() {
 }
 
 #[test]
+fn the_rules_maximum_orders_plus_zero_above_minus_zero() {
+    // u = -0.0 reaches the rule only from a file (one written before the spec took
+    // beta2 = -0.0 as +0.0). The maximum is IEEE 754-2019's, +0.0 > -0.0, as PTX's
+    // max.NaN.f32 is (the kernel's on sm_80 and later), so that u becomes +0.0 on both.
+    use adamax_cuda::spec::{update, StepScalars};
+    for mode in [EpsilonMode::InsideMax, EpsilonMode::Denominator] {
+        let s = StepScalars::new(&config(0.0, mode), 1);
+        for g in [0.0f32, -0.0] {
+            let e = update(&s, 1.0, g, 0.0, -0.0);
+            assert_eq!(e.exp_inf.to_bits(), 0, "{mode:?}, g {g}: u is +0.0");
+            assert_eq!(e.param, 1.0);
+        }
+        // NaN still wins.
+        assert!(update(&s, 1.0, f32::NAN, 0.0, 1.0).exp_inf.is_nan());
+    }
+}
+
+#[test]
 fn nan_and_infinite_gradients_poison_the_parameter_like_pytorch() {
     // torch.maximum propagates NaN, and inf/inf is NaN: PyTorch's Adamax gives the same.
     let mut p = [1.0f32, 1.0, 1.0];

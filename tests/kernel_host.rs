@@ -852,6 +852,13 @@ fn traversal_case<T: adamax_cuda::Storage>(
         for (m, u) in state.exp_avg.iter_mut().zip(state.exp_inf.iter_mut()) {
             (*m, *u) = (value(rng, 0.1), value(rng, 0.1).abs());
         }
+        // A -0.0 u, as a file written before the spec took beta2 = -0.0 as +0.0 can
+        // hold: the rule's maximum orders +0.0 above it.
+        // With its gradient 0 and eps 0, u ties at -0.0 against +0.0.
+        if let Some(u) = state.exp_inf.get_mut(3) {
+            *u = -0.0;
+            grad[3] = T::from_f32(0.0);
+        }
     }
     let (type_id, mode) = case_kind::<T>(&precision);
     let (decay, decay_mode) = match s.decay {

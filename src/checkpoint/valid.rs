@@ -4,7 +4,7 @@
 //!
 //! - every moment and scale is finite (a NaN or infinite gradient that reached the state
 //!   made the parameters NaN too, and no run resumes from it), and `u` and the scales
-//!   are never negative, nor -0.0;
+//!   are never negative;
 //! - a tensor that took no step has zero moments;
 //! - f32 moments keep AdaMax's bound `|m| <= c * u` ([`MomentBound`]: swapped or edited
 //!   moments would move a weight far more than `lr` in the next step);
@@ -39,13 +39,11 @@ pub(super) fn check_part(tensor: usize, step: u64, part: Part, values: View<'_>)
                 )));
             }
             if part != Part::ExpAvg {
-                // -0.0 too: the rule never writes it, and the GPU's maximum (max.NaN)
-                // may order it against +0.0 otherwise than the spec does.
-                if let Some(j) = v.iter().position(|x| x.is_sign_negative()) {
+                if let Some(j) = v.iter().position(|x| *x < 0.0) {
                     let what = if part == Part::ExpInf {
-                        "the infinity norm is never negative, nor -0.0"
+                        "the infinity norm is never negative"
                     } else {
-                        "a block's scale is its largest magnitude, never negative, nor -0.0"
+                        "a block's scale is its largest magnitude, never negative"
                     };
                     return Err(refuse(format!(
                         "tensor {tensor}: {name}[{j}] is {}; {what}",

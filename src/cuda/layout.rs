@@ -206,6 +206,9 @@ impl StateLayout {
         } else {
             (1u64 << per_block.ilog2()).clamp(MIN_UNIT, CHUNK)
         };
+        // A power of two dividing CHUNK: a unit never crosses a multiple of 2^32 elements
+        // (the kernel takes the high part of the stream's index once per unit).
+        debug_assert!(unit.is_power_of_two() && CHUNK.is_multiple_of(unit));
         self.unit_len = unit;
         self.unit_begin.clear();
         let mut units = 0u64;

@@ -216,12 +216,18 @@ pub struct Element {
     pub ratio: f32,
 }
 
-/// `max` that returns NaN when either side is NaN, like `torch.maximum`.
+/// `max` that returns NaN when either side is NaN, like `torch.maximum`, and orders
+/// +0.0 above -0.0 (IEEE 754-2019's `maximum`, and PTX's `max.NaN.f32`, which the kernel
+/// uses on sm_80 and later): equal values give their common bits, and the AND of +0.0's
+/// and -0.0's is +0.0's. (A -0.0 `u` comes only from a file, e.g. one written before
+/// the spec took `beta2 = -0.0` as +0.0; the step makes it +0.0.)
 #[inline(always)]
 pub(crate) fn max_propagating_nan(a: f32, b: f32) -> f32 {
     if a.is_nan() || b.is_nan() {
         f32::NAN
-    } else if a >= b {
+    } else if a == b {
+        f32::from_bits(a.to_bits() & b.to_bits())
+    } else if a > b {
         a
     } else {
         b

@@ -14,7 +14,8 @@
 //! a(key, i) = mix32(lo32(key) + lo32(i) * 0x9E3779B9 + hi32(i) * 0x85EBCA6B)
 //! b(key, i) = mix32(hi32(key) + lo32(i) * 0xC2B2AE35 + hi32(i) * 0x85EBCA6B)
 //! bits(key, i) = a(key, i) << 32 | (b(key, i - i % 2) >> (16 * (i % 2))) & 0xFFFF
-//! ```                                                         (all wrapping)
+//!                                                              (all wrapping)
+//! ```
 //!
 //! `mix64` is splitmix64's output function (Steele, Lea & Flood 2014; the constants of
 //! Stafford's "variant 13"), taken once per tensor and step; `mix32` is Wellons'
@@ -331,10 +332,11 @@ impl Code {
     /// as 1): `t = min(s + 2^f rounded toward zero, 1)`, then `r`, placed at the top of
     /// the bits the code drops (`23 - M` of them), is added to `t`'s pattern, and the
     /// code is its top bits less the offset. It rounds up with probability `frac(t)` (its
-    /// dropped bits as a fraction of the code's step) to within 2^-16. One `FADD.RZ.SAT`,
-    /// a shift-add and a shift-subtract on the GPU. A NaN is taken as 0 (the kernel never
-    /// encodes one: a block with a NaN stores no codes). [`Code::encode`] encodes a value
-    /// in a block of a given scale.
+    /// dropped bits as a fraction of the code's step) to within 2^-16. On the GPU one
+    /// `FADD.RZ.SAT` and one multiply-add that leaves the code in a word's top byte, then
+    /// a byte permute per four codes to pack them. A NaN is taken as 0 (the kernel meets
+    /// one only in a block whose scale is NaN, whose codes it stores as 0).
+    /// [`Code::encode`] encodes a value in a block of a given scale.
     pub fn encode_magnitude(self, q: f32, r: u32) -> u32 {
         let floor = pow2(self.floor_exp());
         let t = if q.is_nan() {

@@ -14,6 +14,23 @@ use adamax_cuda::spec::{
 /// below `2^emin` (`emin = 2 - 2^E`), 24 random bits per rounding, a block's fraction as
 /// `a >= scale ? 1 : (a * factor) * (1 / (scale * factor))`.
 pub mod v1 {
+    use adamax_cuda::spec::lowbit::mix32;
+
+    /// The random stream of that time (until the pairs of elements of issue #19's kernel
+    /// work): both words drawn for every element, `a << 32 | b`. The old codec takes its
+    /// bits 16 to 39, which the current stream leaves 0 from 16 to 31.
+    pub fn element_bits(key: u64, i: u64) -> u64 {
+        let high = ((i >> 32) as u32).wrapping_mul(0x85EB_CA6B);
+        let word = |half: u32, weyl: u32| {
+            mix32(
+                half.wrapping_add((i as u32).wrapping_mul(weyl))
+                    .wrapping_add(high),
+            )
+        };
+        ((word(key as u32, 0x9E37_79B9) as u64) << 32)
+            | word((key >> 32) as u32, 0xC2B2_AE35) as u64
+    }
+
     fn pow2(e: i32) -> f32 {
         f32::from_bits(((e + 127) as u32) << 23)
     }
@@ -248,7 +265,8 @@ pub enum Encoder {
     /// `m` and `u` apart, each in its blocks (the linear baseline).
     Apart,
     /// The codec before issue #19, in [`v1`]'s codes: `m` and `u` apart, each fraction by a
-    /// division, 24 random bits each: bits 16-39 of the draw for `m`, 40-63 for `u`.
+    /// division, 24 random bits each: bits 16-39 of the draw for `m`, 40-63 for `u`, from
+    /// the stream of its time ([`v1::element_bits`]).
     Old,
 }
 
@@ -356,7 +374,11 @@ impl Candidate {
             Vec::with_capacity(self.block),
             Vec::with_capacity(self.block),
         );
-        let draw = |i: usize| lowbit::element_bits(key, i as u64);
+        // The old codec draws from the stream of its time (its bf16 parameters too).
+        let draw = |i: usize| match self.encoder {
+            Encoder::Old => v1::element_bits(key, i as u64),
+            _ => lowbit::element_bits(key, i as u64),
+        };
         let ratio_form = self.encoder == Encoder::Ratio;
         let v1 = matches!(self.encoder, Encoder::Capped | Encoder::Old);
         for (b, start) in (0..p.len()).step_by(self.block).enumerate() {
