@@ -174,18 +174,12 @@ __device__ double powi_exact(double base, u64 exp) {
     return acc;
 }
 
-// The scalars the rule multiplies by, moved to ordinary registers (a shuffle of lane 0's:
-// the same value): read from the argument space, ptxas reloaded them into uniform
-// registers for every element of the 8-bit update (sm_90).
-__device__ __forceinline__ float held(float x) { return __shfl_sync(0xffffffffu, x, 0); }
-struct Scalars;
-__device__ __forceinline__ Scalars held(Scalars s);
 // The f32 scalars of one tensor for one step: the twin of StepScalars::for_tensor in
 // src/spec/mod.rs, with the same f64 operations and the same rounding to f32.
 struct Scalars {
     float beta1, one_minus_beta1, beta2, eps, step_size, decay;
     u32 eps_mode, decay_mode;
-    u32 grad_sign;  // the f32 sign bit when maximizing, else 0: see grad_lane()
+    u32 grad_sign;  // the f32 sign bit when maximizing, else 0: see lane()
     float den_eps;  // what a denominator adds to u: eps with EPS_DENOMINATOR, else 0
     float inv_scale, clip_coef;  // gradient multipliers, applied when the flag is set
     u32 flags;
@@ -222,6 +216,10 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     return s;
 }
 
+// The scalars the rule multiplies by, moved to ordinary registers (a shuffle of lane 0's:
+// the same value): read from the argument space, ptxas reloaded them into uniform
+// registers for every element of the 8-bit update (sm_90).
+__device__ __forceinline__ float held(float x) { return __shfl_sync(0xffffffffu, x, 0); }
 __device__ __forceinline__ Scalars held(Scalars s) {
     s.beta1 = held(s.beta1);
     s.one_minus_beta1 = held(s.one_minus_beta1);
@@ -280,7 +278,7 @@ __device__ __forceinline__ float max_propagating_nan(float a, float b) {
 #endif
 }
 
-// g comes negated when maximizing (grad_lane(), grad_element()): the spec negates it after
+// g comes negated when maximizing (lane(), load_grads(), grad_element()): the spec negates it after
 // the unscale and clip products, whose results only change sign with it. D: the decay
 // mode when the caller has branched on it (DECAY_ANY: read from a).
 enum { DECAY_ANY = -1 };
@@ -390,10 +388,9 @@ __device__ __forceinline__ u32 add_shifted(u32 r, u32 factor, u32 x) {
 // t's pattern the code drops (Code::encode_magnitude), made so that the code comes out
 // as the top byte of a word and four are packed by byte permutes: the pattern shifted
 // left by M + 1 (the code's lowest bit, 23 - M, to bit 24) plus r << 8 (dither()), in
-// one multiply-add. Its top byte is
-// the code plus OFFSET, modulo 256: the code itself for u (OFFSET 7 * 256), the code with
-// bit 7 set for m's ratio (OFFSET 3.5 * 256; t's exponent bit 4 is always set), where
-// the sign then goes (encode_ratio_word).
+// one multiply-add. Its top byte is the code plus OFFSET, modulo 256: the code itself for
+// u (OFFSET 7 * 256), the code with bit 7 set for m's ratio (OFFSET 3.5 * 256; t's
+// exponent bit 4 is always set), where the sign then goes (encode_ratio_word).
 template <typename C, int M>
 __device__ __forceinline__ u32 encode_magnitude_word(float q, u32 r8) {
     const float t = __saturatef(__fadd_rz(q, C::FLOOR));
@@ -470,17 +467,27 @@ __device__ __forceinline__ u32 warp_max_bits(u32 v) {
 // ---- Memory traversal ----
 // Loads of N values of storage T at element i, widened to f32, and f32 stores; the
 // vector forms move 16 bytes at a time (see [alignment]). Gradients are read only
-// through these, by the update and the reduction alike.
+// through these, by the update (negated when maximizing: lane()'s sign, load_grads,
+// grad_element) and the reduction alike.
 
-// 16 bytes of storage T (16 / sizeof(T) values), and its lane k widened.
+// Half k & 1 of w widened, its sign bit flipped by `sign` (0, or the f32 sign bit). For
+// bf16 the flip is free: the high half masked and flipped by one LOP3, the low half
+// shifted and flipped by one multiply-add (adding the sign bit flips it).
+__device__ __forceinline__ float signed_half(u32 w, int k, u32 sign, bf16) {
+    return __uint_as_float((k & 1) ? (w & 0xffff0000u) ^ sign : (w << 16) + sign);
+}
+__device__ __forceinline__ float signed_half(u32 w, int k, u32 sign, f16) {
+    return widen((u16)((w >> (16 * (k & 1))) ^ (sign >> 16)), f16());
+}
+// 16 bytes of storage T (16 / sizeof(T) values), and its lane k widened (sign: as above).
 template <typename T>
 __device__ __forceinline__ uint4 load16(u64 base, u64 i) { return *(const uint4*)((const T*)base + i); }
 template <typename T>
-__device__ __forceinline__ float lane(uint4 v, int k) {
+__device__ __forceinline__ float lane(uint4 v, int k, u32 sign = 0u) {
     const int j = k * (int)sizeof(T) / 4;
     const u32 w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-    if constexpr (sizeof(T) == 4) return __uint_as_float(w);
-    else return widen((u16)(w >> (16 * (k & 1))), T());
+    if constexpr (sizeof(T) == 4) return __uint_as_float(w ^ sign);
+    else return signed_half(w, k, sign, T());
 }
 template <typename T, int N>
 __device__ __forceinline__ void load_vector(u64 base, u64 i, float* x) {
@@ -502,22 +509,7 @@ __device__ __forceinline__ float load_element(u64 base, u64 i) {
     else return widen(((const u16*)base)[i], T());
 }
 // Gradients as the rule takes them: widened, and negated when maximizing (sign: the f32
-// sign bit then, else 0; see adamax_update). A bf16 gradient's widening flips it for
-// free: the high half masked and flipped by one LOP3, the low half shifted and flipped
-// by one multiply-add (adding the sign bit flips it).
-__device__ __forceinline__ float signed_half(u32 w, int k, u32 sign, bf16) {
-    return __uint_as_float((k & 1) ? (w & 0xffff0000u) ^ sign : (w << 16) + sign);
-}
-__device__ __forceinline__ float signed_half(u32 w, int k, u32 sign, f16) {
-    return widen((u16)((w >> (16 * (k & 1))) ^ (sign >> 16)), f16());
-}
-template <typename T>
-__device__ __forceinline__ float grad_lane(uint4 v, int k, u32 sign) {
-    const int j = k * (int)sizeof(T) / 4;
-    const u32 w = j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
-    if constexpr (sizeof(T) == 4) return __uint_as_float(w ^ sign);
-    else return signed_half(w, k, sign, T());
-}
+// sign bit then, else 0; see adamax_update).
 template <typename T, int N>
 __device__ __forceinline__ void load_grads(u64 base, u64 i, u32 sign, float* g) {
     if constexpr (sizeof(T) == 4) {
@@ -529,7 +521,7 @@ __device__ __forceinline__ void load_grads(u64 base, u64 i, u32 sign, float* g) 
         for (int k = 0; k < N; k += 8) {
             const uint4 v = load16<T>(base, i + k);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) g[k + j] = grad_lane<T>(v, j, sign);
+            for (int j = 0; j < 8; ++j) g[k + j] = lane<T>(v, j, sign);
         }
     }
 }
@@ -646,10 +638,10 @@ struct Lanes { static constexpr int N = 16 / sizeof(T); };
 // 12.x and 13.0.
 template <typename T, int N, int k = 0>
 __device__ __forceinline__ void update_lanes(const Scalars& sc, float* p, uint4 g, float* m, float* u) {
-    adamax_update(sc, p[k], grad_lane<T>(g, k, sc.grad_sign), m[k], u[k]);
-    adamax_update(sc, p[k + 1], grad_lane<T>(g, k + 1, sc.grad_sign), m[k + 1], u[k + 1]);
-    adamax_update(sc, p[k + 2], grad_lane<T>(g, k + 2, sc.grad_sign), m[k + 2], u[k + 2]);
-    adamax_update(sc, p[k + 3], grad_lane<T>(g, k + 3, sc.grad_sign), m[k + 3], u[k + 3]);
+    adamax_update(sc, p[k], lane<T>(g, k, sc.grad_sign), m[k], u[k]);
+    adamax_update(sc, p[k + 1], lane<T>(g, k + 1, sc.grad_sign), m[k + 1], u[k + 1]);
+    adamax_update(sc, p[k + 2], lane<T>(g, k + 2, sc.grad_sign), m[k + 2], u[k + 2]);
+    adamax_update(sc, p[k + 3], lane<T>(g, k + 3, sc.grad_sign), m[k + 3], u[k + 3]);
     if constexpr (k + 4 < N) update_lanes<T, N, k + 4>(sc, p, g, m, u);
 }
 

@@ -853,8 +853,8 @@ fn traversal_case<T: adamax_cuda::Storage>(
             (*m, *u) = (value(rng, 0.1), value(rng, 0.1).abs());
         }
         // A -0.0 u, as a file written before the spec took beta2 = -0.0 as +0.0 can
-        // hold: the rule's maximum orders +0.0 above it.
-        // With its gradient 0 and eps 0, u ties at -0.0 against +0.0.
+        // hold, against a zero gradient: with eps 0 the rule's maximum ties -0.0 against
+        // +0.0 and orders +0.0 above it.
         if let Some(u) = state.exp_inf.get_mut(3) {
             *u = -0.0;
             grad[3] = T::from_f32(0.0);
