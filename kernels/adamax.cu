@@ -216,6 +216,14 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     return s;
 }
 
+// A value held in a register where it is made: opaque to the compiler, which recomputed
+// the 8-bit update's hash (nine instructions) after the warp maximum rather than keep it.
+__device__ __forceinline__ void pin_register(u32& x) {
+#ifndef ADAMAX_HOST_EMULATION
+    asm volatile("" : "+r"(x));
+#endif
+}
+
 // The scalars the rule multiplies by, moved to ordinary registers (a shuffle of lane 0's:
 // the same value): read from the argument space, ptxas reloaded them into uniform
 // registers for every element of the 8-bit update (sm_90).
@@ -330,26 +338,40 @@ __device__ __forceinline__ u64 stream_key(u64 seed, u64 t, u64 tensor) {
     return mix64(mix64(seed ^ (t * 0xD1B54A32D192ED03ull)) ^ (tensor * 0xAEF17502108EF2D9ull));
 }
 #define ADAMAX_WEYL_A 0x9E3779B9u
-#define ADAMAX_WEYL_B 0xC2B2AE35u
 #define ADAMAX_WEYL_HIGH 0x85EBCA6Bu
-// The two words' Weyl terms at element i: a then b (a mode leaves the unused one dead).
-struct Weyl { u32 a, b; };
-__device__ __forceinline__ Weyl weyl_at(u64 key, u64 i) {
-    const u32 high = (u32)(i >> 32) * ADAMAX_WEYL_HIGH;
-    return Weyl{(u32)key + (u32)i * ADAMAX_WEYL_A + high, (u32)(key >> 32) + (u32)i * ADAMAX_WEYL_B + high};
+// The Weyl term at element i (the stream hashes it at each group's first element).
+__device__ __forceinline__ u32 weyl_at(u64 key, u64 i) {
+    return (u32)key + (u32)i * ADAMAX_WEYL_A + (u32)(i >> 32) * ADAMAX_WEYL_HIGH;
 }
-// Element i's a word in bits 32 to 63, and in bits 0 to 15 its half of its pair's b word.
+// The odd multiplier of element k of a group (lowbit::SPREAD): a switch, so that a
+// constant k (the unrolled traversals) folds to an immediate.
+__device__ __forceinline__ u32 spread(u32 k) {
+    switch (k & 7u) {
+        case 0: return 0x00000001u;
+        case 1: return 0x8DBA9E15u;
+        case 2: return 0xF70FCF31u;
+        case 3: return 0x6CE69E19u;
+        case 4: return 0x4CDE2F85u;
+        case 5: return 0x91E36855u;
+        case 6: return 0x5089190Fu;
+        default: return 0x91E16095u;
+    }
+}
+// Element i's word, from its group's hash h = mix32(weyl_at(key, i & ~7)).
+__device__ __forceinline__ u32 element_word(u32 h, u64 i) { return h * spread((u32)i); }
+// Element i's word in bits 32 to 63, and in bits 0 to 15 the high half of its pair
+// partner's (lowbit::element_bits).
 __device__ __forceinline__ u64 element_bits(u64 key, u64 i) {
-    const u32 b = mix32(weyl_at(key, i & ~1ull).b);
-    return ((u64)mix32(weyl_at(key, i).a) << 32) | ((b >> (16 * (u32)(i & 1))) & 0xffffu);
+    const u32 h = mix32(weyl_at(key, i & ~7ull));
+    return ((u64)element_word(h, i) << 32) | (element_word(h, i ^ 1) >> 16);
 }
 
 // Stochastic rounding, for bf16 only: 16 random bits added below the kept half.
+// The result is the high half of the word returned; a NaN's is what narrow() gives (made
+// quiet, no bits added, so that nothing carries out of it).
 __device__ __forceinline__ u32 round_stochastic_high(float x, u32 bits, bf16) {
-    // A NaN is first made what narrow() gives (quiet, the low half cleared), so that the
-    // bits added cannot carry out of it; anything else keeps its pattern.
-    const u32 b = __float_as_uint(x);
-    return (x != x ? (b | 0x00400000u) & 0xffff0000u : b) + (bits & 0xffffu);
+    const u32 b = __float_as_uint(x), s = b + (bits & 0xffffu);
+    return x != x ? b | 0x00400000u : s;
 }
 __device__ __forceinline__ u16 round_stochastic(float x, u32 bits, bf16) { return (u16)(round_stochastic_high(x, bits, bf16()) >> 16); }
 
@@ -384,16 +406,15 @@ __device__ __forceinline__ u32 add_shifted(u32 r, u32 factor, u32 x) {
     return y;
 #endif
 }
-// Encoding q (finite, >= 0) with 16 random bits r added at the top of the 23 - M bits of
-// t's pattern the code drops (Code::encode_magnitude), made so that the code comes out
+// Encoding t (in [2^F, 1]) with 16 random bits r added at the top of the 23 - M bits of
+// its pattern the code drops (Code::encode_magnitude), made so that the code comes out
 // as the top byte of a word and four are packed by byte permutes: the pattern shifted
 // left by M + 1 (the code's lowest bit, 23 - M, to bit 24) plus r << 8 (dither()), in
 // one multiply-add. Its top byte is the code plus OFFSET, modulo 256: the code itself for
 // u (OFFSET 7 * 256), the code with bit 7 set for m's ratio (OFFSET 3.5 * 256; t's
 // exponent bit 4 is always set), where the sign then goes (encode_ratio_word).
-template <typename C, int M>
-__device__ __forceinline__ u32 encode_magnitude_word(float q, u32 r8) {
-    const float t = __saturatef(__fadd_rz(q, C::FLOOR));
+template <int M>
+__device__ __forceinline__ u32 encode_offset_word(float t, u32 r8) {
     return add_shifted(__float_as_uint(t), 1u << (M + 1), r8);
 }
 // 16 random bits of a word, the low half (HIGH false) or the high one, at bits 8 to 23.
@@ -418,17 +439,22 @@ __device__ __forceinline__ float decode_exp_inf(const CodeTables& t, u32 code, f
 struct BlockScale { float inv; };
 template <typename C>
 __device__ __forceinline__ BlockScale block_scale_of(float scale) { return BlockScale{__fmul_ru(__frcp_ru(scale), C::SPAN)}; }
-__device__ __forceinline__ float fraction(float x, const BlockScale& s) { return __fmul_rn(fabsf(x), s.inv); }
-// The words whose top bytes are the codes (encode_magnitude_word): m's ratio with its f32
+// t = min(|x| * inv + 2^F, 1) rounded once toward zero (BlockScale::offset_fraction):
+// one FFMA.RZ.SAT (a NaN gives 0, whose codes the block's mask clears).
+template <typename C>
+__device__ __forceinline__ float offset_fraction(float x, const BlockScale& s) {
+    return __saturatef(__fmaf_rz(fabsf(x), s.inv, C::FLOOR));
+}
+// The words whose top bytes are the codes (encode_offset_word): m's ratio with its f32
 // sign bit in bit 31 (in place of t's exponent bit 4, always set), and u.
 __device__ __forceinline__ u32 encode_ratio_word(float x, const BlockScale& s, u32 r8) {
-    return encode_magnitude_word<ExpAvgCode, 3>(fraction(x, s), r8) ^ (~__float_as_uint(x) & 0x80000000u);
+    return encode_offset_word<3>(offset_fraction<ExpAvgCode>(x, s), r8) ^ (~__float_as_uint(x) & 0x80000000u);
 }
 __device__ __forceinline__ u32 encode_exp_inf_word(float x, const BlockScale& s, u32 r8) {
-    return encode_magnitude_word<ExpInfCode, 4>(fraction(x, s), r8);
+    return encode_offset_word<4>(offset_fraction<ExpInfCode>(x, s), r8);
 }
 // The codes alone, with 16 random bits r (the host emulation checks these against
-// Code::encode_scaled).
+// Code::encode_scaled for finite x: a NaN's code differs, and is masked in its block).
 __device__ __forceinline__ u32 encode_ratio(float x, const BlockScale& s, u32 r) { return encode_ratio_word(x, s, r << 8) >> 24; }
 __device__ __forceinline__ u32 encode_exp_inf(float x, const BlockScale& s, u32 r) { return encode_exp_inf_word(x, s, r << 8) >> 24; }
 // The top bytes of four words, packed in order.
@@ -540,7 +566,7 @@ __device__ __forceinline__ void store_element(u64 base, u64 i, float x) { ((floa
 // one is read from its master (ParamMode::Master) or widened from its storage
 // (ParamMode::Stochastic), and written back rounded to nearest beside its master, or
 // rounded stochastically with its element's 16 random bits h (lowbit::param_bits, in the
-// low half of h).
+// low half of h: the high half of its pair partner's word).
 template <ParamMode P>
 __device__ __forceinline__ u32 param_bits(u64 key, const TensorDesc& t, u64 i) {
     // The piece's first element is read only where bits are drawn: taking it for every
@@ -548,20 +574,19 @@ __device__ __forceinline__ u32 param_bits(u64 key, const TensorDesc& t, u64 i) {
     if constexpr (P == ParamMode::Stochastic) return (u32)element_bits(key, t.element_base + i);
     else return 0;
 }
-// The same for N elements from an even one whose b word's Weyl term is wb (N even; the
-// pieces' element bases, multiples of ADAMAX_CHUNK, keep pairs whole): one b word per
-// pair, its halves to its two elements.
+// The same for the 8 elements of a group, from their words w (the vector traversals'
+// groups start at multiples of 8 elements, and the pieces' element bases, multiples of
+// ADAMAX_CHUNK, keep them whole).
 template <ParamMode P, int N>
-__device__ __forceinline__ void param_bits_vector(u32 wb, u32* h) {
+__device__ __forceinline__ void param_bits_vector(const u32* w, u32* h) {
+    static_assert(P != ParamMode::Stochastic || N == 8, "a vector of random bits is one group of the stream");
 #pragma unroll
-    for (int k = 0; k < N; k += 2) {
-        if constexpr (P == ParamMode::Stochastic) {
-            const u32 b = mix32(wb + (u32)k * ADAMAX_WEYL_B);
-            h[k] = b, h[k + 1] = b >> 16;
-        } else {
-            h[k] = h[k + 1] = 0;
-        }
-    }
+    for (int k = 0; k < N; ++k) h[k] = P == ParamMode::Stochastic ? w[k ^ 1] >> 16 : 0u;
+}
+// The words of the 8 elements of a group from its hash.
+__device__ __forceinline__ void group_words(u32 hash, u32* w) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) w[k] = element_word(hash, k);
 }
 template <typename T, ParamMode P>
 __device__ __forceinline__ u16 narrow_param(float p, u32 h) {
@@ -656,8 +681,9 @@ __device__ __forceinline__ void step_f32_vector(const Scalars& sc, const TensorD
     load_vector<float, N>(t.exp_inf, i, u);
     update_lanes<T, N>(sc, p, load16<T>(t.grad, i), m, u);
     // The piece's first element is read only where bits are drawn (see param_bits).
-    if constexpr (P == ParamMode::Stochastic) param_bits_vector<P, N>(weyl_at(key, t.element_base + i).b, h);
-    else param_bits_vector<P, N>(0u, h);
+    u32 w[8];
+    if constexpr (P == ParamMode::Stochastic) group_words(mix32(weyl_at(key, t.element_base + i)), w);
+    param_bits_vector<P, N>(w, h);
     store_params<T, P, N>(t, i, p, h);
     store_vector<N>(t.exp_avg, i, m);
     store_vector<N>(t.exp_inf, i, u);
@@ -684,7 +710,9 @@ __device__ __forceinline__ void q8_rule(const CodeTables& tables, const Scalars&
         float m = __fmul_rn(decode_exp_avg(tables, cm[k], sr), den);
         r[k] = adamax_update<D>(sc, p[k], g[k], m, u[k]);
         if (!WHOLE && (u32)k >= valid) r[k] = u[k] = 0.0f;
-        amax_r = max(amax_r, __float_as_uint(r[k]) & 0x7fffffffu);
+        // |r| by max.NaN (one instruction with its operand's abs; a NaN's bits are above
+        // infinity's either way), u by the integer max of its bits (u >= +0 or NaN).
+        amax_r = __float_as_uint(max_propagating_nan(__uint_as_float(amax_r), fabsf(r[k])));
         amax_u = max(amax_u, __float_as_uint(u[k]));
     }
 }
@@ -695,7 +723,7 @@ __device__ __forceinline__ void q8_rule(const CodeTables& tables, const Scalars&
 // element, zeros past the end.
 template <typename T, ParamMode P, bool WHOLE>
 __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalars& sc,
-                                          const TensorDesc& t, u32 i0, u32 end, const Weyl& w, float sr,
+                                          const TensorDesc& t, u32 i0, u32 end, const u32* w, float sr,
                                           float su, float* r, float* u, u32& amax_r, u32& amax_u) {
     const unsigned char *codes_m = (const unsigned char*)t.exp_avg, *codes_u = (const unsigned char*)t.exp_inf;
     float p[8], g[8];
@@ -721,7 +749,7 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
     }
     const u32 valid = WHOLE ? 8 : (end > i0 ? end - i0 : 0);
     u32 h[8];
-    param_bits_vector<P, 8>(w.b, h);
+    param_bits_vector<P, 8>(w, h);
     // The rule, its decay mode branched on once (uniform across the warp) rather than
     // predicated per element: both sides of each decay test took issue slots.
     if (sc.decay_mode == DECAY_NONE)
@@ -743,11 +771,9 @@ __device__ __forceinline__ void q8_update(const CodeTables& tables, const Scalar
 // reciprocals and stored, packed as they are made.
 template <bool WHOLE>
 __device__ __forceinline__ void q8_store(const TensorDesc& t, u32 i0, u32 end, float nsr, float nsu,
-                                         const float* r, const float* u, u32 words) {
+                                         const float* r, const float* u, const u32* w) {
     unsigned char *codes_m = (unsigned char*)t.exp_avg, *codes_u = (unsigned char*)t.exp_inf;
-    u32 cm[8], cu[8], hi[8];  // hi: each element's draw, its moments' bits; cm, cu: code words
-#pragma unroll
-    for (int k = 0; k < 8; ++k) hi[k] = mix32(words + (u32)k * ADAMAX_WEYL_A);
+    u32 cm[8], cu[8];  // code words; w: each element's word, its moments' bits
     // A block of scale 0 (all zero) or NaN stores codes 0: encoded against scale 1 (no
     // slow path in the reciprocal), then masked; no branch, no zeros to set.
     const u32 keep_u = nsu > 0.0f ? ~0u : 0u, keep_r = nsr > 0.0f ? ~0u : 0u;
@@ -755,8 +781,8 @@ __device__ __forceinline__ void q8_store(const TensorDesc& t, u32 i0, u32 end, f
     const BlockScale br = block_scale_of<ExpAvgCode>(keep_r ? nsr : 1.0f);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-        cu[k] = encode_exp_inf_word(u[k], bu, dither<true>(hi[k]));
-        cm[k] = encode_ratio_word(r[k], br, dither<false>(hi[k]));
+        cu[k] = encode_exp_inf_word(u[k], bu, dither<true>(w[k]));
+        cm[k] = encode_ratio_word(r[k], br, dither<false>(w[k]));
     }
     if constexpr (WHOLE) {
         *(uint2*)(codes_m + i0) = make_uint2(pack_top_bytes(cm) & keep_r, pack_top_bytes(cm + 4) & keep_r);
@@ -779,7 +805,7 @@ __device__ __forceinline__ void q8_store(const TensorDesc& t, u32 i0, u32 end, f
 // lanes' paths), also those past the tensor's end. Twin of cpu::step_tensor_with's blocks.
 template <typename T, ParamMode P>
 __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const TensorDesc& t, u32 block,
-                              const Weyl& unit_weyl, bool aligned) {
+                              u32 unit_weyl, bool aligned) {
     const u32 begin = block * (u32)ADAMAX_QBLOCK, i0 = begin + (threadIdx.x & 31) * 8;
     const u32 end = min(begin + (u32)ADAMAX_QBLOCK, (u32)t.len);
     const bool whole = aligned && i0 + 8 <= end;
@@ -787,16 +813,24 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
     float r[8], u[8];
     u32 amax_r = 0u, amax_u = 0u;
     const float sr = scale_m[block], su = scale_u[block];
-    // The Weyl terms of the lane's first element (a unit never crosses a multiple of 2^32
-    // elements, so their high part is the unit's).
-    const Weyl w{unit_weyl.a + i0 * ADAMAX_WEYL_A, unit_weyl.b + i0 * ADAMAX_WEYL_B};
+    // The hash of the lane's group (its 8 elements), from the Weyl term of its first
+    // element (a unit never crosses a multiple of 2^32 elements, so its high part is the
+    // unit's); the elements' words are taken from it where they are used.
+    // Stochastic rounding takes them before the warp maximum and the moments after it: made
+    // once and held (a product each) rather than the hash alone.
+    u32 hash = mix32(unit_weyl + i0 * ADAMAX_WEYL_A), w[8];
+    pin_register(hash);
+    group_words(hash, w);
+    if constexpr (P == ParamMode::Stochastic) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) pin_register(w[k]);
+    }
     if (whole) q8_update<T, P, true>(tables, sc, t, i0, end, w, sr, su, r, u, amax_r, amax_u);
     else q8_update<T, P, false>(tables, sc, t, i0, end, w, sr, su, r, u, amax_r, amax_u);
-    const u32 words = w.a;  // the moments' words, drawn as they are encoded
     const float nsu = block_scale_bits(warp_max_bits(amax_u));
     const float nsr = limited_ratio_scale(sc, block_scale_bits(warp_max_bits(amax_r)), nsu);
-    if (whole) q8_store<true>(t, i0, end, nsr, nsu, r, u, words);
-    else q8_store<false>(t, i0, end, nsr, nsu, r, u, words);
+    if (whole) q8_store<true>(t, i0, end, nsr, nsu, r, u, w);
+    else q8_store<false>(t, i0, end, nsr, nsu, r, u, w);
     if ((threadIdx.x & 31) == 0) scale_m[block] = nsr, scale_u[block] = nsu;
 }
 
@@ -819,9 +853,9 @@ __device__ __forceinline__ void step_q8_unit(const CodeTables& tables, const Sca
     v.len = end - begin;
     const u32 warps = blockDim.x / 32;
     const u32 blocks = ((u32)v.len + ADAMAX_QBLOCK - 1) / ADAMAX_QBLOCK;
-    // The stream's Weyl terms at the unit's first element, held as two words rather than
-    // the key: with the key, ptxas recomputed its last mix64 on every block (sm_90).
-    const Weyl unit_weyl = weyl_at(key, v.element_base);
+    // The stream's Weyl term at the unit's first element, held rather than the key: with
+    // the key, ptxas recomputed its last mix64 on every block (sm_90).
+    const u32 unit_weyl = weyl_at(key, v.element_base);
     for (u32 b = threadIdx.x / 32; b < blocks; b += warps) step_q8_block<T, P>(tables, sc, v, b, unit_weyl, aligned);
 }
 template <typename T, ParamMode P>

@@ -77,8 +77,8 @@
 //!   moments ([`StateFormat::Blockwise8`]), specified in [`spec::lowbit`]. They matched
 //!   the CPU reference bit for bit on an NVIDIA H200 (2026-11-27), the 8-bit ones then
 //!   no faster than f32 state; the 8-bit state of today (v2: `m` as its ratio to the
-//!   step's denominator, about half the instructions) and the stochastic roundings'
-//!   pairs of elements sharing one random word have run only in the host emulation,
+//!   step's denominator, under half the instructions) and the random stream of one
+//!   hash per 8 elements (every stochastic rounding) have run only in the host emulation,
 //!   and two sm_80 instructions in none: the rule's `max.NaN.f32` (every update) and
 //!   the paired narrowing of 16-bit parameters with a master (BENCHMARKS.md).
 //! - [`Checkpoint`]: the optimizer's state (not the parameters) as a checksummed

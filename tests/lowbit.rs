@@ -45,26 +45,28 @@ fn run<T: Storage>(p: Precision, n: usize, steps: usize) -> (Vec<T>, CpuAdamax<T
 }
 
 #[test]
-fn the_stream_is_splitmix32_words_of_the_key() {
-    // The `a` word of key 0 is splitmix32 seeded with 0 (state += 0x9E3779B9, then
-    // Wellons' lowbias32): its first outputs, and whole draws, from this Python twin of
-    // the module docs' formulas (an implementation apart from the crate's):
+fn the_stream_is_lowbias32_of_each_groups_weyl_term_spread_by_odd_constants() {
+    // Whole draws from this Python twin of the module docs' formulas (an implementation
+    // apart from the crate's):
     //   M = 2**32 - 1
+    //   SPREAD = [0x1, 0x8DBA9E15, 0xF70FCF31, 0x6CE69E19, 0x4CDE2F85, 0x91E36855, 0x5089190F, 0x91E16095]
     //   def mix32(x): x ^= x >> 16; x = x * 0x21F0AAAD & M; x ^= x >> 15; x = x * 0x735A2D97 & M; return x ^ x >> 15
-    //   def word(half, weyl, i): return mix32((half + (i & M) * weyl + (i >> 32) * 0x85EBCA6B) & M)
-    //   def bits(k, i): b = word(k >> 32, 0xC2B2AE35, i & ~1)
-    //       return word(k & M, 0x9E3779B9, i) << 32 | (b >> 16 * (i & 1)) & 0xFFFF
-    assert_eq!(lowbit::element_bits(0, 1) >> 32, 0x6462_5032);
-    assert_eq!(lowbit::element_bits(0, 2) >> 32, 0xD9C0_799C);
-    assert_eq!(lowbit::element_bits(0, 3) >> 32, 0xAF36_2E10);
-    assert_eq!(lowbit::element_bits(0, 2), 0xD9C0_799C_0000_6E0F);
-    assert_eq!(lowbit::element_bits(0, 3), 0xAF36_2E10_0000_407D);
+    //   def word(k, i):
+    //       g = i & ~7
+    //       return mix32(((k & M) + (g & M) * 0x9E3779B9 + (g >> 32) * 0x85EBCA6B) & M) * SPREAD[i & 7] & M
+    //   def bits(k, i): return word(k, i) << 32 | word(k, i ^ 1) >> 16
+    // lowbias32 maps 0 to 0, so key 0's first group draws zeros (a key is a splitmix64
+    // output: 0 with probability 2^-64).
+    assert_eq!(lowbit::element_bits(0, 1), 0);
+    assert_eq!(lowbit::element_bits(0, 8), 0xA377_2475_0000_DF48);
+    assert_eq!(lowbit::element_bits(0, 9), 0xDF48_3399_0000_A377);
+    assert_eq!(lowbit::element_bits(0, 15), 0x21D9_1819_0000_4927);
     let key = 0x0123_4567_89AB_CDEF;
-    assert_eq!(lowbit::element_bits(key, 4), 0x595A_06EE_0000_BE6A);
-    assert_eq!(lowbit::element_bits(key, 5), 0x2028_FF76_0000_4C95);
+    assert_eq!(lowbit::element_bits(key, 4), 0x8B42_3499_0000_0D7E);
+    assert_eq!(lowbit::element_bits(key, 5), 0x0D7E_40A9_0000_8B42);
     assert_eq!(
         lowbit::element_bits(key, (1 << 32) + 7),
-        0x8906_F8C0_0000_49CF
+        0xE8B8_8022_0000_298B
     );
     // Each 16-bit field the roundings take is uniform: 2^16 elements of one stream,
     // every field's mean within 4 standard errors of the middle.
@@ -87,6 +89,140 @@ fn the_stream_is_splitmix32_words_of_the_key() {
     ] {
         assert_ne!(k, other);
     }
+}
+
+/// The shortest nonzero vector of the 2D lattice `{(x, c * x mod m)}` as a fraction of
+/// the largest any lattice of that density has (`sqrt(2m / sqrt(3))`, the hexagonal
+/// one): Gauss's reduction of the basis `(1, c), (0, m)`.
+fn lattice_figure(c: u64, m: u64) -> f64 {
+    let norm = |v: (i128, i128)| v.0 * v.0 + v.1 * v.1;
+    let (mut a, mut b) = ((1i128, (c % m) as i128), (0i128, m as i128));
+    if norm(a) > norm(b) {
+        std::mem::swap(&mut a, &mut b);
+    }
+    loop {
+        let dot = a.0 * b.0 + a.1 * b.1;
+        let mu = (dot as f64 / norm(a) as f64).round() as i128;
+        b = (b.0 - mu * a.0, b.1 - mu * a.1);
+        if norm(b) >= norm(a) {
+            break;
+        }
+        std::mem::swap(&mut a, &mut b);
+    }
+    (norm(a) as f64).sqrt() / (2.0 * m as f64 / 3f64.sqrt()).sqrt()
+}
+
+/// Pearson's chi-square of the joint histogram of two 16-bit fields' top 4 bits (256
+/// cells): about 255 +- 23 for independent uniform fields.
+fn chi_square(a: &[u32], b: &[u32]) -> f64 {
+    let mut cells = [0u32; 256];
+    for (&x, &y) in a.iter().zip(b) {
+        cells[((x >> 12) * 16 + (y >> 12)) as usize] += 1;
+    }
+    let expected = a.len() as f64 / 256.0;
+    cells
+        .iter()
+        .map(|&c| (f64::from(c) - expected).powi(2) / expected)
+        .sum()
+}
+
+#[test]
+fn the_fields_of_a_groups_elements_are_spread_evenly_over_every_pair() {
+    // The module docs' claim about SPREAD: every pair of elements' words, (x * c_j, x *
+    // c_k), is a lattice whose shortest vector is at least 0.64 of the densest's, for
+    // the high halves (mod 2^32) and the low halves (mod 2^16).
+    let m = |bits: u32| 1u64 << bits;
+    let mut worst = f64::MAX;
+    for j in 0..8 {
+        for k in (j + 1)..8 {
+            for bits in [32, 16] {
+                let inv = (0..bits).fold(1u64, |y, _| {
+                    // Newton's iteration for the inverse of an odd number mod 2^bits.
+                    let c = u64::from(lowbit::SPREAD[j]);
+                    y.wrapping_mul(2u64.wrapping_sub(c.wrapping_mul(y))) % m(bits)
+                });
+                let ratio = u64::from(lowbit::SPREAD[k]) * inv % m(bits);
+                worst = worst.min(lattice_figure(ratio, m(bits)));
+            }
+        }
+    }
+    assert!(worst >= 0.64, "worst pair: {worst}");
+    // A multiplier of 3 lies on a short vector, (3, -1): a poor spread, as the figure says.
+    assert!(lattice_figure(3, 1 << 32) < 0.01);
+
+    // The ratio fields of two elements, low halves, are (x * c_j, x * c_k) mod 2^16: over
+    // every x, each cell of their joint histogram at 4 bits a side is within 10% of its
+    // share (the lattice is more even than random draws; a multiplier of 3 is not).
+    let low_cells = |cj: u32, ck: u32| -> f64 {
+        let mut cells = [0u32; 256];
+        for x in 0..1u32 << 16 {
+            let (a, b) = (x.wrapping_mul(cj) & 0xFFFF, x.wrapping_mul(ck) & 0xFFFF);
+            cells[((a >> 12) * 16 + (b >> 12)) as usize] += 1;
+        }
+        cells
+            .iter()
+            .map(|&c| (f64::from(c) - 256.0).abs() / 256.0)
+            .fold(0.0, f64::max)
+    };
+    let mut low_worst = 0.0f64;
+    for j in 0..8 {
+        for k in (j + 1)..8 {
+            low_worst = low_worst.max(low_cells(lowbit::SPREAD[j], lowbit::SPREAD[k]));
+        }
+    }
+    assert!(low_worst <= 0.1, "{low_worst}");
+    let poor = low_cells(1, 3);
+    assert!(poor > 1.0, "{poor}");
+
+    // The other pairs of a group's 24 fields (3 per element): a low half against a high
+    // half is independent under a uniform group word (for a fixed low half of the hash,
+    // a high half is still uniform); two high halves are spread by a lattice of 2^32
+    // points, too fine to see at this resolution. Over 2^16 groups of one stream, each
+    // pair's joint histogram is within 6 standard deviations of independence; the
+    // parameter's field and its partner's u field are the same bits by design (they
+    // never meet in one element's rule).
+    let key = lowbit::stream_key(3, 7, 2);
+    let n = 1usize << 16;
+    // field[e * 3 + f]: element e's parameter (f = 0), ratio (1) and u (2) fields.
+    let mut fields: Vec<Vec<u32>> = (0..24).map(|_| Vec::with_capacity(n)).collect();
+    for g in 0..n as u64 {
+        for e in 0..8u64 {
+            let bits = lowbit::element_bits(key, 8 * g + e);
+            let e = e as usize;
+            fields[e * 3].push((bits & 0xFFFF) as u32);
+            fields[e * 3 + 1].push(((bits >> 32) & 0xFFFF) as u32);
+            fields[e * 3 + 2].push((bits >> 48) as u32);
+        }
+    }
+    let limit = 255.0 + 6.0 * 510f64.sqrt();
+    let mut largest = 0.0f64;
+    for a in 0..24 {
+        for b in (a + 1)..24 {
+            let (kind, element) = (|f: usize| f % 3, |f: usize| f / 3);
+            let same_bits = |p, q| kind(p) == 0 && kind(q) == 2 && element(p) == element(q) ^ 1;
+            if same_bits(a, b) || same_bits(b, a) {
+                assert_eq!(fields[a], fields[b]);
+                continue;
+            }
+            if kind(a) == 1 && kind(b) == 1 {
+                continue; // two low halves: above, exactly
+            }
+            let chi = chi_square(&fields[a], &fields[b]);
+            assert!(chi < limit, "fields {a} and {b}: chi-square {chi}");
+            largest = largest.max(chi);
+        }
+    }
+    // The statistic sees a dependence: a field against itself times 3.
+    let tripled: Vec<u32> = fields[2]
+        .iter()
+        .map(|x| x.wrapping_mul(3) & 0xFFFF)
+        .collect();
+    let dependent = chi_square(&fields[2], &tripled);
+    assert!(dependent > 10.0 * limit, "{dependent}");
+    eprintln!(
+        "lattice figure >= {worst:.3}; low halves' cells within {low_worst:.3} (x, 3x: {poor:.2}); \
+         chi-square <= {largest:.0} (limit {limit:.0}; x, 3x: {dependent:.0})"
+    );
 }
 
 #[test]
@@ -237,6 +373,80 @@ fn encoding_rounds_up_with_probability_equal_to_the_fraction() {
             }
         }
     }
+}
+
+#[test]
+fn the_encoders_t_is_the_exact_sum_rounded_once_toward_zero() {
+    // BlockScale::offset_fraction against its definition, checked exactly: t is the
+    // largest f32 at most a * inv + 2^f (clamped to 1). Both t - 2^f and a * inv are
+    // exact in f64 (t's unit is at least 2^-38 and a * inv has 48 significant bits), so
+    // the comparisons below are exact, with no rounding step of their own.
+    let floor = 2f32.powi(-15);
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for _ in 0..20_000 {
+        let scale = f32::from_bits(0x0080_0000 + (next() % 0x7EFF_FFFF) as u32);
+        let s = lowbit::BlockScale::of(EXP_INF_CODE, scale);
+        // Magnitudes from far below the scale (subnormals, zero) up to it.
+        let a = match next() % 4 {
+            0 => f32::from_bits((next() % 0x7F80_0000) as u32),
+            1 => scale * (next() % 1_000_001) as f32 / 1e6,
+            2 => scale,
+            _ => f32::from_bits(scale.to_bits().saturating_sub((next() % (40 << 23)) as u32)),
+        };
+        let t = s.offset_fraction(a, floor);
+        let exact = f64::from(a) * f64::from(s.inv());
+        // 1 - 2^f is an f64 too: whether the exact sum reaches 1 is decided exactly.
+        let reaches_one = exact >= 1.0 - f64::from(floor);
+        assert_eq!(t == 1.0, reaches_one, "{a:e} {scale:e}: {t}");
+        if !reaches_one {
+            assert!(t >= floor, "{a:e} {scale:e}: {t}");
+            assert!(
+                f64::from(t) - f64::from(floor) <= exact,
+                "{a:e} {scale:e}: {t} above"
+            );
+            assert!(
+                f64::from(t.next_up()) - f64::from(floor) > exact,
+                "{a:e} {scale:e}: {t} not the largest below"
+            );
+        }
+    }
+    // The case that needs the sum's exact error: a product below 2^-38 (one unit of t at
+    // 2^-15) by less than half a unit of the f64 sum, which then rounds up onto the f32
+    // 2^-15 + 2^-38, while t must stay 2^-15. With inv's significand m (an integer in
+    // [2^23, 2^24)), a's is floor((2^47 - 1) / m), whose product with m is below 2^47 by
+    // less than m; a block whose m leaves less than 2^16 makes the case.
+    let (s, a) = (1..4096u32)
+        .find_map(|k| {
+            let s = lowbit::BlockScale::of(EXP_INF_CODE, f32::from_bits(0x3F80_0000 + 97 * k));
+            let bits = s.inv().to_bits();
+            let m = u64::from(bits & 0x007F_FFFF | 0x0080_0000);
+            let m_a = ((1u64 << 47) - 1) / m;
+            let exp_inv = (bits >> 23) as i32 - 150; // inv = m * 2^exp_inv
+            let exp_a = -85 - exp_inv; // the product m_a * m * 2^-85, just below 2^-38
+            ((1u64 << 47) - m_a * m < 1 << 16).then(|| (s, m_a as f32 * 2f32.powi(exp_a)))
+        })
+        .expect("some block's reciprocal leaves the case");
+    let product = f64::from(a) * f64::from(s.inv());
+    assert!(product < 2f64.powi(-38));
+    assert_eq!(
+        product + f64::from(floor),
+        f64::from(floor) + 2f64.powi(-38)
+    );
+    assert_eq!(
+        s.offset_fraction(a, floor),
+        floor,
+        "rounded toward zero, not onto the f32 above"
+    );
+    // NaN is taken as 0; infinity as 1.
+    let s = lowbit::BlockScale::of(EXP_INF_CODE, 1.0);
+    assert_eq!(s.offset_fraction(f32::NAN, floor), floor);
+    assert_eq!(s.offset_fraction(f32::INFINITY, floor), 1.0);
 }
 
 #[test]

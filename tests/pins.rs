@@ -26,8 +26,13 @@
 //! rounding the parameter with its half (16 bits, as before), changed the parameters of
 //! the 8 stochastic-rounding rows and the checkpoint bytes of the two of them with
 //! coupled decay (whose moments follow the parameters); the 24 others did not change.
-//! Every row without 8-bit state or stochastic rounding has kept its parameters since
-//! 09fce5c.
+//! Then one hash per group of 8 elements, spread over them by odd constants (each
+//! parameter rounded with its pair partner's `u` bits), and the 8-bit encoder's `t` made
+//! by one fused multiply-add rounded toward zero (issue #19, part 7), changed the 20
+//! rows that draw random bits: the parameters of all 20 and the checkpoint bytes of the
+//! 16 8-bit rows and of `bf16 stochastic f32state coupled_maximize_clip`; the 12 others
+//! did not change. Every row without 8-bit state or stochastic rounding has kept its
+//! parameters since 09fce5c.
 //! `ADAMAX_PINS_PRINT=1 cargo test --test pins -- --nocapture` prints each row's values
 //! and whether they match (for a change that has its reason).
 
@@ -261,103 +266,103 @@ const PINNED: &[(&str, u64, u64)] = &[
     ),
     (
         "bf16 stochastic f32state defaults",
-        0xc739c59a269db18f,
+        0xd053850629397f7a,
         0x695c67c0e4fca592,
     ),
     (
         "bf16 stochastic f32state keras_decoupled",
-        0x7796a539c34918d,
+        0x641f9aabc27a2f19,
         0x16698630d3ccf538,
     ),
     (
         "bf16 stochastic f32state coupled_maximize_clip",
-        0xd26983bab7bc19a9,
-        0xd912b72551b67076,
+        0x87128f9ae7ca292d,
+        0x847d7887617fc491,
     ),
     (
         "bf16 stochastic f32state scaler",
-        0x21b0981ee656b437,
+        0x3424b16e1e4e73bc,
         0xb5553e06dc3a3cc9,
     ),
     (
         "f32 master q8 defaults",
-        0x6fe24de6d6a6b420,
-        0x51b76af7b616d7a6,
+        0x576cb569be8cbedd,
+        0xf0edb2eeaf3919f1,
     ),
     (
         "f32 master q8 keras_decoupled",
-        0x452a3e7ae81c2102,
-        0x7c29f793de7f0969,
+        0xdd9374ffd2df6e70,
+        0xfd02c0e7abb16eec,
     ),
     (
         "f32 master q8 coupled_maximize_clip",
-        0xb8b34db20cf19f30,
-        0x7e259f0f511a2f28,
+        0x18b7b12e553ef846,
+        0x44bc8ff8459eaf02,
     ),
     (
         "f32 master q8 scaler",
-        0x894f62830943d902,
-        0x02cb168513d508c9,
+        0x1b4bb727051db597,
+        0x1cdb643bcc48812f,
     ),
     (
         "f16 master q8 defaults",
-        0x05b371b95cc2e901,
-        0xa1ca440793326a3d,
+        0x2150d28bf0745f1c,
+        0x3178b1e4ad04ad08,
     ),
     (
         "f16 master q8 keras_decoupled",
-        0x7fb239ffdbd2f994,
-        0x9f334b88f3bb44a8,
+        0xebeb8562ffd8339e,
+        0xd41b874ae446da43,
     ),
     (
         "f16 master q8 coupled_maximize_clip",
-        0xfcf195f4e668bbb2,
-        0x720c9b1d1f232002,
+        0xc980e26e01bf5add,
+        0x614412f3d4d16a27,
     ),
     (
         "f16 master q8 scaler",
-        0x2274f80e3405ccdb,
-        0xbe449f2ce54c5b4e,
+        0x77ef8e23cbfa9ec3,
+        0xe4e040d07ed8512c,
     ),
     (
         "bf16 master q8 defaults",
-        0x469a8b3e48520c0c,
-        0x61b02412fa03f08f,
+        0xb8b5f3c775b8d249,
+        0x6eb626ac84ebe1e2,
     ),
     (
         "bf16 master q8 keras_decoupled",
-        0x237d938f9381eea5,
-        0x5c101ce3fd3f96da,
+        0xac918f16f3049cb1,
+        0x165eb356aa2b51e,
     ),
     (
         "bf16 master q8 coupled_maximize_clip",
-        0x05705dd9a94d9612,
-        0x7b66080c77b0c314,
+        0x8106f18186592fb1,
+        0x1c3fae83470dfc3e,
     ),
     (
         "bf16 master q8 scaler",
-        0x63a1b31a669923af,
-        0x8061d695dfd14a14,
+        0xd1e1e5c3cce8cba6,
+        0xc67345d7d37c54f9,
     ),
     (
         "bf16 stochastic q8 defaults",
-        0xde45bcd12d8367a0,
-        0xa800871a56012a3e,
+        0xf09e2901ee8b54fd,
+        0xd969b202be592858,
     ),
     (
         "bf16 stochastic q8 keras_decoupled",
-        0x65781ec9c54dca9f,
-        0x55d8adf43a6ee464,
+        0x9db727c35e6546df,
+        0xc698ea14b2461cb9,
     ),
     (
         "bf16 stochastic q8 coupled_maximize_clip",
-        0xa9e1feccd86687b9,
-        0x9126cdfa0045c1bc,
+        0xfcbea08738bd77da,
+        0xbddaada1cafe9c13,
     ),
     (
         "bf16 stochastic q8 scaler",
-        0x43effd81eba12eab,
-        0xd9813648a09abd08,
+        0x962e378bd338cfdc,
+        0xdd12f04ac4f8de02,
     ),
 ];
 

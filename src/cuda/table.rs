@@ -166,8 +166,8 @@ fn row(
         weight_decay: h.weight_decay,
         ..TensorDesc::default()
     };
-    // The kernel's random stream takes a unit's Weyl terms once and pairs of elements
-    // for stochastic rounding: a piece starts at a multiple of the reduction chunk.
+    // The kernel's random stream takes a unit's Weyl term once and hashes groups of 8
+    // elements: a piece starts at a multiple of the reduction chunk, keeping groups whole.
     debug_assert!(d.element_base.is_multiple_of(crate::fused::CHUNK as u64));
     for &part in state.parts_of(i) {
         let field = match part {

@@ -82,6 +82,18 @@ static inline float __fadd_rz(float a, float b) {
     return (s > 0.0f && err < 0.0f) || (s < 0.0f && err > 0.0f) ? std::nextafterf(s, 0.0f) : s;
 }
 static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
+// a * b + c rounded toward zero (for the encoders: a >= 0, b and c > 0): the product exact in double, the sum to nearest in
+// double and its exact error (TwoSum), then to float toward zero: stepped back where the
+// float to nearest lies beyond the double sum, or on it with the exact sum short of it.
+static inline float __fmaf_rz(float a, float b, float c) {
+    const double p = (double)a * (double)b, s = p + (double)c;
+    if (!std::isfinite(s)) return (float)s;
+    const double back = s - p, err = (p - (s - back)) + ((double)c - back);
+    float f = (float)s;
+    if (s > 0.0 && ((double)f > s || ((double)f == s && err < 0.0))) f = std::nextafterf(f, 0.0f);
+    if (s < 0.0 && ((double)f < s || ((double)f == s && err > 0.0))) f = std::nextafterf(f, 0.0f);
+    return f;
+}
 // Clamped to [0, 1], NaN to 0, as PTX's .sat.
 static inline float __saturatef(float x) { return x != x || x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x; }
 static inline unsigned __float2uint_rz(float f) { return (unsigned)f; }  // only for 0 <= f < 2^32

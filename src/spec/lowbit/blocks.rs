@@ -92,12 +92,13 @@ pub fn exp_avg_of(ratio: f32, exp_inf: f32, eps: f32, eps_mode: EpsilonMode) -> 
     ratio * den
 }
 
-/// A block's scale as its encoder uses it: `fraction(a) = f32(a * inv)` with `inv =
-/// ru(ru(1 / scale) * (1 - 2^f))`, both rounded up (toward +infinity), so that the
-/// block's largest magnitude, `a = scale`, gives `q >= 1 - 2^f` and so `t = 1` exactly
-/// (its code is 1.0), and any other `q` is at most 2^-22 above its exact value (2^-20 for
-/// a scale above 2^126, whose reciprocal is subnormal), too little to matter to a
-/// rounding that draws 16 random bits. The GPU takes it once per
+/// A block's scale as its encoder uses it: `t = rz(a * inv + 2^f)`
+/// ([`BlockScale::offset_fraction`]) with `inv = ru(ru(1 / scale) * (1 - 2^f))`, both
+/// rounded up (toward +infinity), so that the block's largest magnitude, `a = scale`,
+/// gives `a * inv >= 1 - 2^f` and so `t = 1` exactly (its code is 1.0), and any other
+/// `a * inv` is at most 2^-22 above its exact value (2^-20 for a scale above 2^126, whose
+/// reciprocal is subnormal), too little to matter to a rounding that draws 16 random
+/// bits. The GPU takes it once per
 /// block (`__frcp_ru`, `__fmul_ru`).
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -118,6 +119,12 @@ fn mul_up(x: f32, y: f32) -> f32 {
 }
 
 impl BlockScale {
+    /// The reciprocal the encoder multiplies by (for tests that check it).
+    #[doc(hidden)]
+    pub fn inv(&self) -> f32 {
+        self.inv
+    }
+
     /// The reciprocal of `scale` (a finite f32 normal, positive) for `code`.
     pub fn of(code: Code, scale: f32) -> Self {
         let mut r = 1.0 / scale;
@@ -129,10 +136,30 @@ impl BlockScale {
         }
     }
 
-    /// `a`'s fraction of the scale (`a >= 0`), before the code's offset; up to a few
-    /// units in the last place above 1 for the block's largest.
-    pub fn fraction(&self, a: f32) -> f32 {
-        a * self.inv
+    /// `t = min(a * inv + floor, 1)` for `a >= 0` (a NaN gives `floor`), with `floor =
+    /// 2^f` of the code: the product and sum exact, rounded once toward zero (the
+    /// kernel's `__saturatef(__fmaf_rz(a, inv, floor))`). `a * inv` is exact in f64; the
+    /// sum to nearest in f64 is stepped back to the f32 below where it lies on an f32
+    /// and the exact sum below it (TwoSum's error, Knuth): elsewhere the exact sum and
+    /// the f64 one lie between the same two f32.
+    pub fn offset_fraction(&self, a: f32, floor: f32) -> f32 {
+        debug_assert!(floor > 0.0 && floor.is_finite());
+        if a.is_nan() {
+            return floor;
+        }
+        let product = f64::from(a) * f64::from(self.inv);
+        if product >= 1.0 {
+            return 1.0; // also infinity
+        }
+        let c = f64::from(floor);
+        let sum = product + c;
+        let back = sum - product;
+        let err = (product - (sum - back)) + (c - back);
+        let mut t = sum as f32;
+        if f64::from(t) > sum || (f64::from(t) == sum && err < 0.0) {
+            t = f32::from_bits(t.to_bits() - 1);
+        }
+        t.min(1.0)
     }
 }
 

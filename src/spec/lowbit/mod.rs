@@ -11,29 +11,55 @@
 //!
 //! ```text
 //! key(seed, t, tensor) = mix64(mix64(seed ^ t * 0xD1B54A32D192ED03) ^ tensor * 0xAEF17502108EF2D9)
-//! a(key, i) = mix32(lo32(key) + lo32(i) * 0x9E3779B9 + hi32(i) * 0x85EBCA6B)
-//! b(key, i) = mix32(hi32(key) + lo32(i) * 0xC2B2AE35 + hi32(i) * 0x85EBCA6B)
-//! bits(key, i) = a(key, i) << 32 | (b(key, i - i % 2) >> (16 * (i % 2))) & 0xFFFF
-//!                                                              (all wrapping)
+//! h(key, j) = mix32(lo32(key) + lo32(8j) * 0x9E3779B9 + hi32(8j) * 0x85EBCA6B)
+//! w(key, i) = h(key, i / 8) * SPREAD[i % 8]
+//! bits(key, i) = w(key, i) << 32 | w(key, i ^ 1) >> 16                 (all wrapping)
 //! ```
 //!
 //! `mix64` is splitmix64's output function (Steele, Lea & Flood 2014; the constants of
 //! Stafford's "variant 13"), taken once per tensor and step; `mix32` is Wellons'
 //! `lowbias32` (hash-prospector; the output function of splitmix32), a bijection of 32
-//! bits, taken once per word a mode uses. Within a tensor of fewer than 2^32 elements
-//! no two elements draw the same bits. A word is about seven instructions on a GPU,
-//! where splitmix64's 64-bit multiplies were about seventeen (issue #19). `t` is the
-//! tensor's own step (the step being taken, counted from one) and `i` the element's
-//! index in its tensor. One draw serves the element: bits 0 to 15 round the parameter,
-//! bits 32 to 47 (of `a`) the first moment's ratio, bits 48 to 63 the infinity norm (16
-//! random bits each, the `r` of [`Code::encode_magnitude`], so a code rounds up with
-//! probability `frac` to within 2^-16); bits 16 to 31 are 0. The parameter's 16 bits
-//! are half of the `b` word of the element's pair (`2j`, `2j + 1`), drawn once at its
-//! even element: the low half rounds the even element, the high half the odd one, so
-//! that a rounding takes 16 random bits for half a word (the stochastic 8-bit mode
-//! draws one and a half words per element, not two: 4.5 instructions per parameter
-//! fewer on sm_90). A mode computes only the words it uses: `a` with 8-bit state, `b`
-//! with stochastic rounding.
+//! bits, taken once per aligned group of 8 elements (`8j` to `8j + 7`); each element of
+//! a group takes the group's word times its own odd constant of `SPREAD` (one multiply).
+//! `t` is the tensor's own step (the step being taken, counted from one) and `i` the
+//! element's index in its tensor. One draw serves the element: bits 32 to 47 (the low
+//! half of `w`) round the first moment's ratio, bits 48 to 63 (its high half) the
+//! infinity norm, and bits 0 to 15 the parameter: the high half of its pair partner's
+//! `w` (`i ^ 1`). Each is 16 random bits, the `r` of [`Code::encode_magnitude`] or of
+//! [`round_bf16_stochastic`], so a rounding goes up with probability `frac` to within
+//! 2^-16; bits 16 to 31 are 0. A mode computes only what it uses.
+//!
+//! ## Why one hash per 8 elements is enough
+//!
+//! Unbiased rounding asks one thing of the bits: that each element's 16-bit field be
+//! uniform, whatever the values rounded. That holds exactly here, whatever the
+//! quality of `mix32`: the key is a fresh splitmix64 output at every step, so the
+//! Weyl term is uniform over 32 bits, and `mix32` and the multiply by an odd constant
+//! are bijections, so `w` is uniform over 32 bits too. Its two halves, the moments'
+//! fields, are then independent (any low half is independent of any high half, even
+//! across elements: for a fixed low half of the hash, a high half is still uniform),
+//! which the first moment needs: it is decoded as a product of the two roundings (`m'
+//! = rho' * den'`), whose mean is the product of means only for independent roundings.
+//! The parameter's rounding meets only its own element's moments in the rule; it takes
+//! its partner's bits, which never meet it there, so that its error is not tied to its
+//! own `u`'s (with coupled decay the parameter also enters its own `u` and ratio).
+//!
+//! What the cheaper stream gives up is independence between the 8 elements of a
+//! group: their words are `x * c` for one uniform `x`, a rank-1 lattice, and their
+//! ratio fields, the low halves, depend on the hash's low 16 bits alone (their lowest
+//! bit or two, worth 2^-16 of a code step, agree across most of a group: 7 of the 8
+//! constants are 1 mod 4). The constants were searched (`scripts/stream_spread.py`) so
+//! that every pair of elements' fields, high halves (mod 2^32) and low halves (mod
+//! 2^16), forms a 2D lattice whose shortest vector is at least 0.64 of the densest
+//! lattice's: pairs of fields are spread evenly over the square, not on a few lines
+//! (`tests/lowbit.rs` checks the figure, the low halves' joint histograms exactly and
+//! the others' on a stream; groups of three or more elements are not checked). None
+//! of this moves a rounding's mean; it can only correlate the errors of elements of one
+//! group. Groups, steps and tensors draw independent words as before, and within a
+//! tensor of fewer than 2^35 elements (2^32 groups) no two groups hash the same input.
+//! The 8-bit updates draw one hash per 8 elements where the previous stream drew 8
+//! (with a master) or 12 (`bf16_sr_q8`), and `bf16_sr` one where it drew 4
+//! (BENCHMARKS.md, issue #19 part 7).
 //!
 //! # Stochastic rounding to bf16
 //!
@@ -91,13 +117,16 @@
 //! spaced as a float's. 0 and 1.0 are codes, so a block's zeros and its largest
 //! magnitude are stored without error.
 //!
-//! Encoding is integer rounding on the bits, as for bf16: `t = sat(rz(q' + 2^f))`
-//! (rounded toward zero, clamped to 1), `q' = f32(|x| * inv)` with `inv` the block
-//! scale's reciprocal times `1 - 2^f`, each rounded up ([`BlockScale`]: so the block's
-//! largest magnitude gives `t = 1` exactly), then 16 random bits `r`, shifted to the top
-//! of the `23 - M` bits the code drops, are added to the pattern before the shift: a
-//! code rounds up with probability `frac(t)` to within 2^-16 of a code step (and up by
-//! at most 2^-23 of `t` from the two directed roundings). Rounding to nearest would
+//! Encoding is integer rounding on the bits, as for bf16: `t = sat(rz(|x| * inv +
+//! 2^f))`, the product and sum rounded once toward zero and clamped to 1 (one
+//! `FFMA.RZ.SAT` on the GPU), with `inv` the block scale's reciprocal times `1 - 2^f`,
+//! each rounded up ([`BlockScale`]: so the block's largest magnitude gives `t = 1`
+//! exactly), then 16 random bits `r`, shifted to the top of the `23 - M` bits the code
+//! drops, are added to the pattern before the shift: a code rounds up with probability
+//! `frac(t)` to within 2^-16 of a code step (`t` itself is at most 2^-22 of it above
+//! its exact value, 2^-20 for a scale above 2^126, from the reciprocal's upward
+//! roundings, and up to one unit in its last place below, from the sum's rounding
+//! toward zero). Rounding to nearest would
 //! freeze `u`: `beta2 * u` is within half a code step of `u` (0.999 against a relative
 //! step of 1/16), so `u` would never decay; unbiased rounding lets it decay at the right
 //! rate on average. `rho`'s sign is its f32 sign bit, in bit 7.
@@ -132,8 +161,21 @@ pub const QBLOCK: usize = 256;
 const K_STEP: u64 = 0xD1B5_4A32_D192_ED03;
 const K_TENSOR: u64 = 0xAEF1_7502_108E_F2D9;
 const WEYL_A: u32 = 0x9E37_79B9;
-const WEYL_B: u32 = 0xC2B2_AE35;
 const WEYL_HIGH: u32 = 0x85EB_CA6B;
+
+/// The odd multipliers that spread a group's word over its 8 elements (see the module
+/// docs; searched by `scripts/stream_spread.py`).
+#[doc(hidden)]
+pub const SPREAD: [u32; 8] = [
+    0x0000_0001,
+    0x8DBA_9E15,
+    0xF70F_CF31,
+    0x6CE6_9E19,
+    0x4CDE_2F85,
+    0x91E3_6855,
+    0x5089_190F,
+    0x91E1_6095,
+];
 
 /// splitmix64's output function: a bijective 64-bit mix.
 #[doc(hidden)]
@@ -160,23 +202,24 @@ pub const fn stream_key(seed: u64, t: u64, tensor: u64) -> u64 {
     mix64(mix64(seed ^ t.wrapping_mul(K_STEP)) ^ tensor.wrapping_mul(K_TENSOR))
 }
 
-/// Word `a` or `b` of element `i`: [`mix32`] of a Weyl sequence offset by `half`, one
-/// half of the key.
-const fn word(half: u32, weyl: u32, i: u64) -> u32 {
-    let (lo, hi) = (i as u32, (i >> 32) as u32);
-    mix32(
-        half.wrapping_add(lo.wrapping_mul(weyl))
+/// The word `w` of element `i`: [`mix32`] of the Weyl term of its group's first
+/// element, times the element's constant of [`SPREAD`].
+const fn word(key: u64, i: u64) -> u32 {
+    let first = i & !7;
+    let (lo, hi) = (first as u32, (first >> 32) as u32);
+    let h = mix32(
+        (key as u32)
+            .wrapping_add(lo.wrapping_mul(WEYL_A))
             .wrapping_add(hi.wrapping_mul(WEYL_HIGH)),
-    )
+    );
+    h.wrapping_mul(SPREAD[(i & 7) as usize])
 }
 
-/// The random bits of element `i` of a stream: its word `a` in bits 32 to 63, and in
-/// bits 0 to 15 its half of its pair's word `b` (see the module docs).
+/// The random bits of element `i` of a stream: its word in bits 32 to 63, and in bits 0
+/// to 15 the high half of its pair partner's (see the module docs).
 #[doc(hidden)]
 pub const fn element_bits(key: u64, i: u64) -> u64 {
-    let a = word(key as u32, WEYL_A, i);
-    let b = word((key >> 32) as u32, WEYL_B, i & !1);
-    ((a as u64) << 32) | ((b >> (16 * (i & 1))) & 0xFFFF) as u64
+    ((word(key, i) as u64) << 32) | (word(key, i ^ 1) >> 16) as u64
 }
 
 /// The 16 bits that round the parameter.
@@ -328,15 +371,13 @@ impl Code {
 
     /// Stochastic rounding to a code, with 16 random bits `r` ([`ROUND_NEAREST`] rounds
     /// to nearest, ties up), of `s`, a magnitude `q` in `[0, 1]` already scaled by `1 -
-    /// 2^f` as [`BlockScale::fraction`] gives it (finite, `>= 0`; `t` above 1 is taken
-    /// as 1): `t = min(s + 2^f rounded toward zero, 1)`, then `r`, placed at the top of
-    /// the bits the code drops (`23 - M` of them), is added to `t`'s pattern, and the
-    /// code is its top bits less the offset. It rounds up with probability `frac(t)` (its
-    /// dropped bits as a fraction of the code's step) to within 2^-16. On the GPU one
-    /// `FADD.RZ.SAT` and one multiply-add that leaves the code in a word's top byte, then
-    /// a byte permute per four codes to pack them. A NaN is taken as 0 (the kernel meets
-    /// one only in a block whose scale is NaN, whose codes it stores as 0).
-    /// [`Code::encode`] encodes a value in a block of a given scale.
+    /// 2^f` (finite, `>= 0`; `t` above 1 is taken as 1): `t = min(s + 2^f rounded toward
+    /// zero, 1)`, then `r`, placed at the top of the bits the code drops (`23 - M` of
+    /// them), is added to `t`'s pattern, and the code is its top bits less the offset. It
+    /// rounds up with probability `frac(t)` (its dropped bits as a fraction of the code's
+    /// step) to within 2^-16. A NaN is taken as 0. The state's encoder
+    /// ([`Code::encode_scaled`]) makes `t` from the value and its block's reciprocal in
+    /// one rounding instead, then rounds `t` the same way.
     pub fn encode_magnitude(self, q: f32, r: u32) -> u32 {
         let floor = pow2(self.floor_exp());
         let t = if q.is_nan() {
@@ -344,6 +385,13 @@ impl Code {
         } else {
             add_toward_zero(q.max(0.0), floor).min(1.0)
         };
+        self.encode_offset(t, r)
+    }
+
+    /// The code of `t` in `[2^f, 1]` with 16 random bits `r` (see
+    /// [`Code::encode_magnitude`]). On the GPU one multiply-add that leaves the code in
+    /// a word's top byte, then a byte permute per four codes to pack them.
+    fn encode_offset(self, t: f32, r: u32) -> u32 {
         let man = self.man_bits;
         let dither = (r & 0xFFFF) << (7 - man);
         ((t.to_bits() + dither) >> (23 - man)) - self.offset()
@@ -369,11 +417,14 @@ impl Code {
         self.encode_scaled(x, &BlockScale::of(self, scale), r)
     }
 
-    /// `x` as a code in a block of scale `s`: the magnitude of `s.fraction(|x|)`, and for
-    /// a signed code `x`'s sign bit in bit 7.
+    /// `x` as a code in a block of scale `s`: `t = min(|x| * inv + 2^f, 1)`, the
+    /// product and sum rounded once toward zero ([`BlockScale::offset_fraction`]; on the
+    /// GPU one `FFMA.RZ.SAT`), rounded to a code with `r` as [`Code::encode_magnitude`]
+    /// does, and for a signed code `x`'s sign bit in bit 7. A NaN is taken as 0 (the
+    /// kernel meets one only in a block whose scale is NaN, whose codes it stores as 0).
     #[doc(hidden)]
     pub fn encode_scaled(self, x: f32, s: &BlockScale, r: u32) -> u8 {
-        let magnitude = self.encode_magnitude(s.fraction(x.abs()), r);
+        let magnitude = self.encode_offset(s.offset_fraction(x.abs(), pow2(self.floor_exp())), r);
         let sign = if self.signed && x.is_sign_negative() {
             0x80
         } else {
