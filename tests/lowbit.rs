@@ -399,7 +399,7 @@ fn the_encoders_t_is_the_exact_sum_rounded_once_toward_zero() {
             2 => scale,
             _ => f32::from_bits(scale.to_bits().saturating_sub((next() % (40 << 23)) as u32)),
         };
-        let t = s.offset_fraction(a, floor);
+        let t = s.offset_fraction(EXP_INF_CODE, a);
         let exact = f64::from(a) * f64::from(s.inv());
         // 1 - 2^f is an f64 too: whether the exact sum reaches 1 is decided exactly.
         let reaches_one = exact >= 1.0 - f64::from(floor);
@@ -439,14 +439,35 @@ fn the_encoders_t_is_the_exact_sum_rounded_once_toward_zero() {
         f64::from(floor) + 2f64.powi(-38)
     );
     assert_eq!(
-        s.offset_fraction(a, floor),
+        s.offset_fraction(EXP_INF_CODE, a),
         floor,
         "rounded toward zero, not onto the f32 above"
     );
     // NaN is taken as 0; infinity as 1.
     let s = lowbit::BlockScale::of(EXP_INF_CODE, 1.0);
-    assert_eq!(s.offset_fraction(f32::NAN, floor), floor);
-    assert_eq!(s.offset_fraction(f32::INFINITY, floor), 1.0);
+    assert_eq!(s.offset_fraction(EXP_INF_CODE, f32::NAN), floor);
+    assert_eq!(s.offset_fraction(EXP_INF_CODE, f32::INFINITY), 1.0);
+    // The magnitude of a negative value; a scale that is no block's (0, negative,
+    // infinite, NaN) still gives a t in [2^-15, 1] and a code, no panic.
+    assert_eq!(
+        s.offset_fraction(EXP_INF_CODE, -0.5),
+        s.offset_fraction(EXP_INF_CODE, 0.5)
+    );
+    for scale in [
+        0.0f32,
+        -1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-45,
+    ] {
+        let s = lowbit::BlockScale::of(EXP_AVG_CODE, scale);
+        for x in [0.0f32, -2.0, 1e30, f32::NAN, f32::INFINITY] {
+            let t = s.offset_fraction(EXP_AVG_CODE, x);
+            assert!((floor..=1.0).contains(&t), "{scale} {x}: {t}");
+            let _ = EXP_AVG_CODE.encode_scaled(x, &s, 0xFFFF);
+        }
+    }
 }
 
 #[test]

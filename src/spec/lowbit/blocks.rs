@@ -136,18 +136,18 @@ impl BlockScale {
         }
     }
 
-    /// `t = min(a * inv + floor, 1)` for `a >= 0` (a NaN gives `floor`), with `floor =
-    /// 2^f` of the code: the product and sum exact, rounded once toward zero (the
-    /// kernel's `__saturatef(__fmaf_rz(a, inv, floor))`). `a * inv` is exact in f64; the
-    /// sum to nearest in f64 is stepped back to the f32 below where it lies on an f32
-    /// and the exact sum below it (TwoSum's error, Knuth): elsewhere the exact sum and
-    /// the f64 one lie between the same two f32.
-    pub fn offset_fraction(&self, a: f32, floor: f32) -> f32 {
-        debug_assert!(floor > 0.0 && floor.is_finite());
-        if a.is_nan() {
+    /// `t = min(|x| * inv + floor, 1)` with `floor = 2^f` of `code` (a NaN gives
+    /// `floor`): the product and sum exact, rounded once toward zero (the kernel's
+    /// `__saturatef(__fmaf_rz(fabsf(x), inv, floor))`), always in `[floor, 1]`. `|x| *
+    /// inv` is exact in f64; the sum to nearest in f64 is stepped back to the f32 below
+    /// where it lies on an f32 and the exact sum below it (TwoSum's error, Knuth):
+    /// elsewhere the exact sum and the f64 one lie between the same two f32.
+    pub fn offset_fraction(&self, code: Code, x: f32) -> f32 {
+        let floor = code.floor();
+        if x.is_nan() {
             return floor;
         }
-        let product = f64::from(a) * f64::from(self.inv);
+        let product = f64::from(x.abs()) * f64::from(self.inv);
         if product >= 1.0 {
             return 1.0; // also infinity
         }
@@ -159,7 +159,8 @@ impl BlockScale {
         if f64::from(t) > sum || (f64::from(t) == sum && err < 0.0) {
             t = f32::from_bits(t.to_bits() - 1);
         }
-        t.min(1.0)
+        // (max: a scale that is no block's, negative or NaN, still gives a t in range.)
+        t.max(floor).min(1.0)
     }
 }
 

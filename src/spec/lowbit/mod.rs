@@ -339,6 +339,11 @@ impl Code {
         1 - (1 << self.exp_bits)
     }
 
+    /// `2^f`, the least `t`.
+    pub(crate) fn floor(self) -> f32 {
+        pow2(self.floor_exp())
+    }
+
     /// The offset of the code in `t`'s f32 pattern, shifted right by `23 - M`.
     const fn offset(self) -> u32 {
         ((127 + self.floor_exp()) as u32) << self.man_bits
@@ -379,7 +384,7 @@ impl Code {
     /// ([`Code::encode_scaled`]) makes `t` from the value and its block's reciprocal in
     /// one rounding instead, then rounds `t` the same way.
     pub fn encode_magnitude(self, q: f32, r: u32) -> u32 {
-        let floor = pow2(self.floor_exp());
+        let floor = self.floor();
         let t = if q.is_nan() {
             floor
         } else {
@@ -424,7 +429,7 @@ impl Code {
     /// kernel meets one only in a block whose scale is NaN, whose codes it stores as 0).
     #[doc(hidden)]
     pub fn encode_scaled(self, x: f32, s: &BlockScale, r: u32) -> u8 {
-        let magnitude = self.encode_offset(s.offset_fraction(x.abs(), pow2(self.floor_exp())), r);
+        let magnitude = self.encode_offset(s.offset_fraction(self, x), r);
         let sign = if self.signed && x.is_sign_negative() {
             0x80
         } else {
