@@ -815,9 +815,9 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
     const float sr = scale_m[block], su = scale_u[block];
     // The hash of the lane's group (its 8 elements), from the Weyl term of its first
     // element (a unit never crosses a multiple of 2^32 elements, so its high part is the
-    // unit's); the elements' words are taken from it where they are used.
-    // Stochastic rounding takes them before the warp maximum and the moments after it: made
-    // once and held (a product each) rather than the hash alone.
+    // unit's), and the elements' words from it. Stochastic rounding takes the words before
+    // the warp maximum and the moments after it: they are then made once and held (a
+    // product each); otherwise only the hash is held, and the words made where used.
     u32 hash = mix32(unit_weyl + i0 * ADAMAX_WEYL_A), w[8];
     pin_register(hash);
     group_words(hash, w);

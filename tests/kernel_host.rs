@@ -40,6 +40,9 @@ use adamax_cuda::spec::lowbit::{self, Code, EXP_AVG_CODE, EXP_INF_CODE};
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+#[path = "common/encoder_cases.rs"]
+mod encoder_cases;
+
 /// A storage value as the harness reads and prints it: the f32 bits, or the 16 bits.
 fn storage_bits<T: adamax_cuda::Storage>(x: &T) -> u64 {
     match T::TYPE {
@@ -708,25 +711,13 @@ fn helpers_match_the_spec(cxx: &str) -> Result<(), Failed> {
         }
     }
     // The encoder's t = rz(a * inv + 2^-15) where rounding the sum to nearest in f64
-    // lands on an f32 above the exact sum (tests/lowbit.rs checks t itself): a product
-    // below 2^(s - 38) by less than half a unit of that sum, so that t ends in s ones
-    // where the sum to nearest ends in s zeros after a carry. s is the bits below a
-    // code's 16 random bits (3 for u, 4 for the ratio), so r = 0xFFFF rounds the two
+    // lands on an f32 above the exact sum (tests/lowbit.rs checks t itself), t ending in
+    // s ones where the sum to nearest ends in s zeros after a carry. s is the bits below
+    // a code's 16 random bits (3 for u, 4 for the ratio), so r = 0xFFFF rounds the two
     // to different codes, and the emulation's __fmaf_rz must step back there as the
     // GPU's FFMA.RZ does.
     for (s, code) in [(3, EXP_INF_CODE), (4, EXP_AVG_CODE)] {
-        let cases: Vec<(f32, f32)> = (1..65536u32)
-            .filter_map(|k| {
-                let scale = f32::from_bits(0x3F80_0000 + 97 * k);
-                let bits = lowbit::BlockScale::of(code, scale).inv().to_bits();
-                let m = u64::from(bits & 0x007F_FFFF | 0x0080_0000);
-                let m_a = ((1u64 << 47) - 1) / m;
-                let exp_a = s - 85 - ((bits >> 23) as i32 - 150);
-                ((1u64 << 47) - m_a * m < 1 << (17 - s))
-                    .then(|| (m_a as f32 * 2f32.powi(exp_a), scale))
-            })
-            .take(8)
-            .collect();
+        let cases: Vec<(f32, f32)> = encoder_cases::near_an_f32_above(code, s).take(8).collect();
         if cases.len() < 8 {
             return Err(format!("only {} encoder cases near an f32 boundary", cases.len()).into());
         }

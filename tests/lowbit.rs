@@ -12,6 +12,9 @@ use adamax_cuda::{
     Storage,
 };
 
+#[path = "common/encoder_cases.rs"]
+mod encoder_cases;
+
 fn precision(params: ParamMode, state: StateFormat) -> Precision {
     Precision {
         params,
@@ -418,20 +421,11 @@ fn the_encoders_t_is_the_exact_sum_rounded_once_toward_zero() {
     }
     // The case that needs the sum's exact error: a product below 2^-38 (one unit of t at
     // 2^-15) by less than half a unit of the f64 sum, which then rounds up onto the f32
-    // 2^-15 + 2^-38, while t must stay 2^-15. With inv's significand m (an integer in
-    // [2^23, 2^24)), a's is floor((2^47 - 1) / m), whose product with m is below 2^47 by
-    // less than m; a block whose m leaves less than 2^16 makes the case.
-    let (s, a) = (1..4096u32)
-        .find_map(|k| {
-            let s = lowbit::BlockScale::of(EXP_INF_CODE, f32::from_bits(0x3F80_0000 + 97 * k));
-            let bits = s.inv().to_bits();
-            let m = u64::from(bits & 0x007F_FFFF | 0x0080_0000);
-            let m_a = ((1u64 << 47) - 1) / m;
-            let exp_inv = (bits >> 23) as i32 - 150; // inv = m * 2^exp_inv
-            let exp_a = -85 - exp_inv; // the product m_a * m * 2^-85, just below 2^-38
-            ((1u64 << 47) - m_a * m < 1 << 16).then(|| (s, m_a as f32 * 2f32.powi(exp_a)))
-        })
+    // 2^-15 + 2^-38, while t must stay 2^-15.
+    let (a, scale) = encoder_cases::near_an_f32_above(EXP_INF_CODE, 0)
+        .next()
         .expect("some block's reciprocal leaves the case");
+    let s = lowbit::BlockScale::of(EXP_INF_CODE, scale);
     let product = f64::from(a) * f64::from(s.inv());
     assert!(product < 2f64.powi(-38));
     assert_eq!(
