@@ -27,8 +27,8 @@ use adamax_cuda::{
     },
     f16,
     shard::ShardLayout,
-    AdamaxConfig, LossScaler, Optimizer, ParamMode, ShardCheckpoint, StateFormat, StepOptions,
-    StepReport, Storage, TensorHyper, TensorState,
+    AdamaxConfig, Checkpoint, LossScaler, Optimizer, ParamMode, ShardCheckpoint, StateFormat,
+    StepOptions, StepReport, Storage, TensorHyper, TensorState,
 };
 use libtest_mimic::{Arguments, Failed, Trial};
 use rand::{rngs::StdRng, SeedableRng};
@@ -109,6 +109,7 @@ fn reference<T: Storage>(config: AdamaxConfig, seed: u64) -> Result<Reference<T>
         STEPS as u64 - 1,
         "the overflow skip happened"
     );
+    out.checkpoint = opt.checkpoint()?.to_bytes()?;
     Ok(out)
 }
 
@@ -273,14 +274,62 @@ fn ranks<T: GpuStorage>(world: usize, params: ParamMode, state: StateFormat) -> 
     })?;
     let (bytes, shards): (Vec<u64>, Vec<ShardCheckpoint>) = done.into_iter().unzip();
     // The ranks' shards make the one optimizer's checkpoint file, byte for byte.
-    if ShardCheckpoint::gather(&shards)?.to_bytes()? != want.checkpoint {
-        return Err("the gathered shards differ from the one optimizer's checkpoint".into());
+    let gathered = ShardCheckpoint::gather(&shards)?;
+    if gathered.to_bytes()? != want.checkpoint {
+        let whole = Checkpoint::from_bytes(&want.checkpoint)?;
+        return Err(format!(
+            "the gathered shards differ from the one optimizer's checkpoint: {}",
+            checkpoint_difference(&gathered, &whole)
+        )
+        .into());
     }
     eprintln!(
         "{} {params:?} {state:?}: state bytes per rank {bytes:?} (world {world})",
         T::NAME
     );
     Ok(())
+}
+
+/// The fields in which `got` differs from `want` (the whole list when their bytes
+/// differ but their fields agree).
+fn checkpoint_difference(got: &Checkpoint, want: &Checkpoint) -> String {
+    let fields = [
+        ("config", got.config != want.config),
+        ("step", got.step != want.step),
+        ("storage", got.storage != want.storage),
+        ("tensors", got.tensors != want.tensors),
+        ("shapes", got.shapes != want.shapes),
+        ("names", got.names != want.names),
+        ("state_formats", got.state_formats != want.state_formats),
+        ("hypers", got.hypers != want.hypers),
+        ("options", got.options != want.options),
+        ("scaler", got.scaler != want.scaler),
+    ];
+    let differ: Vec<&str> = fields.iter().filter(|f| f.1).map(|f| f.0).collect();
+    if differ.is_empty() {
+        format!("every field agrees, the bytes do not: got {got:?}")
+    } else {
+        let detail: Vec<String> = differ
+            .iter()
+            .map(|f| match *f {
+                "tensors" => format!(
+                    "tensor {:?} first",
+                    (got.tensors.iter().zip(&want.tensors)).position(|(g, w)| g != w)
+                ),
+                "config" => format!("config {:?} / {:?}", got.config, want.config),
+                "step" => format!("step {} / {}", got.step, want.step),
+                "shapes" => format!("shapes {:?} / {:?}", got.shapes, want.shapes),
+                "state_formats" => {
+                    format!("formats {:?} / {:?}", got.state_formats, want.state_formats)
+                }
+                "hypers" => format!("hypers {:?} / {:?}", got.hypers, want.hypers),
+                "options" => format!("options {:?} / {:?}", got.options, want.options),
+                "scaler" => format!("scaler {:?} / {:?}", got.scaler, want.scaler),
+                other => other.to_string(),
+            })
+            .collect();
+        format!("{differ:?} differ (got / want): {}", detail.join("; "))
+    }
 }
 
 /// What a user can get wrong before any collective, refused as errors.
