@@ -2,7 +2,10 @@
 # The sharded optimizer through real NCCL (issue #20) on the GPU machine.
 #   bash scripts/gpu_nccl.sh bundle   here, after ../shared/gpu/bundle.sh: release builds of
 #                                     tests/nccl.rs and examples/zero1.rs (feature `nccl`)
-#                                     into .gpu/tests/nccl-test and .gpu/examples/zero1
+#                                     into .gpu/nccl/nccl-test and .gpu/examples/zero1
+#                                     (not .gpu/tests/: `run.sh check` runs what is there
+#                                     with --include-ignored, which would force the
+#                                     two-rank tests on an NCCL that refuses them)
 #   bash scripts/gpu_nccl.sh run      there, from the repository root (about a minute)
 # `run`: NCCL from PyTorch's wheel (nvidia-nccl-cu13 installs libnccl.so.2 only, and
 # cudarc loads libnccl.so, so a link named libnccl.so goes into a directory of its own on
@@ -12,7 +15,7 @@
 set -uo pipefail
 case "${1:-}" in
   bundle)
-    mkdir -p .gpu/tests .gpu/examples
+    mkdir -p .gpu/nccl .gpu/examples
     collect() {  # the executable of cargo's JSON messages for target $1 -> $2
       python3 -c '
 import json, shutil, sys
@@ -27,10 +30,10 @@ for line in sys.stdin:
 ' "$1" "$2"
     }
     cargo test --release --features nccl --test nccl --no-run --message-format=json-render-diagnostics \
-      | collect nccl .gpu/tests/nccl-test
+      | collect nccl .gpu/nccl/nccl-test
     cargo build --release --features nccl --example zero1 --message-format=json-render-diagnostics \
       | collect zero1 .gpu/examples/zero1
-    strip --strip-debug .gpu/tests/nccl-test .gpu/examples/zero1 2>/dev/null || true
+    strip --strip-debug .gpu/nccl/nccl-test .gpu/examples/zero1 2>/dev/null || true
     ;;
   run)
     OUT=${OUT:-/tmp/gpu-out}
@@ -53,7 +56,7 @@ for line in sys.stdin:
     # one GPU before 2.30) and runs the rest, which ADAMAX_REQUIRE_NCCL makes fail
     # rather than skip when NCCL does not load.
     export NCCL_MULTI_RANK_GPU_ENABLE=1
-    ADAMAX_REQUIRE_NCCL=1 step 150 nccl.log .gpu/tests/nccl-test
+    ADAMAX_REQUIRE_NCCL=1 step 150 nccl.log .gpu/nccl/nccl-test
     step 60 nccl.log .gpu/examples/zero1 --save /tmp/zero1-shard
     if grep -q "NCCL (2, \(3[0-9]\|[4-9][0-9]\)," "$OUT/nccl.log"; then
       id=/tmp/zero1-$$.id

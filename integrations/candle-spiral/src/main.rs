@@ -195,9 +195,9 @@ fn train(
                         format!("{name}: the GPU step differs from the CPU reference").into(),
                     );
                 }
-                bar.println(format!(
-                    "{name:>10}  first step == CPU reference, bit for bit"
-                ));
+                // Printed past the bar (`bar.println` prints nothing where the bar is
+                // hidden, as in a log), so that a log shows the check ran.
+                bar.suspend(|| eprintln!("{name:>10}  first step == CPU reference, bit for bit"));
                 checked = true;
             }
             total += loss.to_scalar::<f32>()?;
