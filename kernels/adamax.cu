@@ -593,14 +593,18 @@ __device__ __forceinline__ u16 narrow_param(float p, u32 h) {
     if constexpr (P == ParamMode::Stochastic) return round_stochastic(p, h, T());
     else return narrow(p, T());
 }
+// Whether the update reads a parameter from its f32 master (a 16-bit one beside a master,
+// whose 16-bit copy is then only written) rather than from its storage.
+template <typename T, ParamMode P>
+__host__ __device__ constexpr bool reads_master() { return sizeof(T) == 2 && P == ParamMode::Master; }
 template <typename T, ParamMode P, int N>
 __device__ __forceinline__ void load_params(const TensorDesc& t, u64 i, float* p) {
-    if constexpr (sizeof(T) == 2 && P == ParamMode::Master) load_vector<float, N>(t.master, i, p);
+    if constexpr (reads_master<T, P>()) load_vector<float, N>(t.master, i, p);
     else load_vector<T, N>(t.param, i, p);
 }
 template <typename T, ParamMode P>
 __device__ __forceinline__ float load_param(const TensorDesc& t, u64 i) {
-    if constexpr (sizeof(T) == 2 && P == ParamMode::Master) return load_element<float>(t.master, i);
+    if constexpr (reads_master<T, P>()) return load_element<float>(t.master, i);
     else return load_element<T>(t.param, i);
 }
 #if !defined(ADAMAX_HOST_EMULATION) && __CUDA_ARCH__ >= 800
@@ -835,8 +839,8 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
 }
 
 // NOTE: [prefetch] Before a warp steps an 8-bit block it asks L2 for the bytes its next
-// block reads, each lane for its own 8 elements: the master (or the parameter where
-// there is none; a 16-bit copy beside a master is only written), the gradient, and,
+// block reads, each lane for its own 8 elements: what it reads the parameter from
+// (reads_master), the gradient, and,
 // from every fourth lane (32 bytes of codes), both moments' codes. The 8-bit updates
 // hold 2 blocks of 256 threads per multiprocessor (their registers), too few loads in
 // flight for the memory system (Nsight Compute on an H200: issue slots 40-46% busy,
@@ -844,19 +848,18 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
 // stepped f32_q8 and bf16_sr_q8 7-8% faster there (BENCHMARKS.md). A prefetch changes
 // no value. Asking a whole work unit ahead instead was slower in every mode (its lines
 // were evicted before use).
-__device__ __forceinline__ void prefetch_l2(u64 address) {
+__device__ __forceinline__ void prefetch_l2(const void* p) {
 #ifndef ADAMAX_HOST_EMULATION
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(address));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 #else
-    (void)address;
+    (void)p;
 #endif
 }
-__device__ __forceinline__ void prefetch_l2(const void* p) { prefetch_l2((u64)p); }
 template <typename T, ParamMode P>
 __device__ __forceinline__ void prefetch_q8_block(const TensorDesc& t, u32 block) {
     const u32 lane = threadIdx.x & 31, j = block * (u32)ADAMAX_QBLOCK + lane * 8;
     if (j >= (u32)t.len) return;  // a unit's length is 32-bit (step_q8_unit)
-    if constexpr (sizeof(T) == 2 && P == ParamMode::Master) prefetch_l2((const float*)t.master + j);
+    if constexpr (reads_master<T, P>()) prefetch_l2((const float*)t.master + j);
     else prefetch_l2((const T*)t.param + j);
     prefetch_l2((const T*)t.grad + j);
     if ((lane & 3) == 0) {

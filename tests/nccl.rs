@@ -290,45 +290,42 @@ fn ranks<T: GpuStorage>(world: usize, params: ParamMode, state: StateFormat) -> 
     Ok(())
 }
 
-/// The fields in which `got` differs from `want` (the whole list when their bytes
-/// differ but their fields agree).
+/// The fields in which `got` differs from `want`, each with both values (the whole of
+/// `got` when their bytes differ but their fields agree).
 fn checkpoint_difference(got: &Checkpoint, want: &Checkpoint) -> String {
-    let fields = [
-        ("config", got.config != want.config),
-        ("step", got.step != want.step),
-        ("storage", got.storage != want.storage),
-        ("tensors", got.tensors != want.tensors),
-        ("shapes", got.shapes != want.shapes),
-        ("names", got.names != want.names),
-        ("state_formats", got.state_formats != want.state_formats),
-        ("hypers", got.hypers != want.hypers),
-        ("options", got.options != want.options),
-        ("scaler", got.scaler != want.scaler),
-    ];
-    let differ: Vec<&str> = fields.iter().filter(|f| f.1).map(|f| f.0).collect();
+    fn field<V: PartialEq + std::fmt::Debug>(name: &str, got: &V, want: &V) -> Option<String> {
+        (got != want).then(|| format!("{name} {got:?} / {want:?}"))
+    }
+    let tensors = (got.tensors != want.tensors).then(|| {
+        match got
+            .tensors
+            .iter()
+            .zip(&want.tensors)
+            .position(|(g, w)| g != w)
+        {
+            Some(i) => format!("tensors: {i} first"),
+            None => format!("tensors: {} / {}", got.tensors.len(), want.tensors.len()),
+        }
+    });
+    let differ: Vec<String> = [
+        field("config", &got.config, &want.config),
+        field("step", &got.step, &want.step),
+        field("storage", &got.storage, &want.storage),
+        tensors,
+        field("shapes", &got.shapes, &want.shapes),
+        field("names", &got.names, &want.names),
+        field("state_formats", &got.state_formats, &want.state_formats),
+        field("hypers", &got.hypers, &want.hypers),
+        field("options", &got.options, &want.options),
+        field("scaler", &got.scaler, &want.scaler),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if differ.is_empty() {
         format!("every field agrees, the bytes do not: got {got:?}")
     } else {
-        let detail: Vec<String> = differ
-            .iter()
-            .map(|f| match *f {
-                "tensors" => format!(
-                    "tensor {:?} first",
-                    (got.tensors.iter().zip(&want.tensors)).position(|(g, w)| g != w)
-                ),
-                "config" => format!("config {:?} / {:?}", got.config, want.config),
-                "step" => format!("step {} / {}", got.step, want.step),
-                "shapes" => format!("shapes {:?} / {:?}", got.shapes, want.shapes),
-                "state_formats" => {
-                    format!("formats {:?} / {:?}", got.state_formats, want.state_formats)
-                }
-                "hypers" => format!("hypers {:?} / {:?}", got.hypers, want.hypers),
-                "options" => format!("options {:?} / {:?}", got.options, want.options),
-                "scaler" => format!("scaler {:?} / {:?}", got.scaler, want.scaler),
-                other => other.to_string(),
-            })
-            .collect();
-        format!("{differ:?} differ (got / want): {}", detail.join("; "))
+        format!("(got / want) {}", differ.join("; "))
     }
 }
 
