@@ -17,7 +17,7 @@
 // reference bit for bit.
 
 #if !defined(ADAMAX_LAYOUT_CHECKS) || !defined(ADAMAX_ENTRY_POINTS) || !defined(ADAMAX_CHUNK) || \
-    !defined(ADAMAX_BLOCK) || !defined(ADAMAX_QBLOCK)
+    !defined(ADAMAX_BLOCK) || !defined(ADAMAX_QBLOCK) || !defined(ADAMAX_Q8_THREADS)
 #error "compile through adamax-cuda: it defines the ADAMAX_* layout, checks and entry points"
 #endif
 
@@ -154,6 +154,7 @@ ADAMAX_LAYOUT_CHECKS
 static_assert(ADAMAX_BLOCK == 256, "the reduction order is specified for 256 threads");
 static_assert(ADAMAX_CHUNK % 8 == 0, "chunks must start on a 16-byte boundary for every type");
 static_assert(ADAMAX_QBLOCK == 32 * 8, "an 8-bit state block is one warp of 8 elements per lane");
+static_assert(ADAMAX_Q8_THREADS % 32 == 0 && ADAMAX_Q8_THREADS <= ADAMAX_BLOCK, "the 8-bit updates run whole warps");
 
 // The inverse loss scale of the step in flight, before finalize moves the scaler on:
 // f32(1 / f64(scale)) with a scaler (torch.amp.GradScaler's arithmetic), else the
@@ -185,10 +186,10 @@ struct Scalars {
     u32 flags;
 };
 
-__device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const TensorDesc& t,
+__device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Control& c, const TensorDesc& t,
                                                   u64 tensor_step) {
     // 1 - beta1^t of this tensor's step t (the twin of spec::bias_correction).
-    const double bias_correction = __dsub_rn(1.0, powi_exact(a.control->params.beta1, tensor_step + 1));
+    const double bias_correction = __dsub_rn(1.0, powi_exact(c.params.beta1, tensor_step + 1));
     Scalars s;
     s.beta1 = a.beta1;
     s.one_minus_beta1 = a.one_minus_beta1;
@@ -197,7 +198,6 @@ __device__ __forceinline__ Scalars tensor_scalars(const AdamaxArgs& a, const Ten
     s.eps_mode = a.eps_mode;
     s.den_eps = a.eps_mode == EPS_DENOMINATOR ? a.eps : 0.0f;
     s.grad_sign = a.maximize ? 0x80000000u : 0u;
-    const Control& c = *a.control;
     s.flags = c.params.flags;
     s.inv_scale = c.state.step_inv_scale;
     s.clip_coef = c.state.clip_coef;
@@ -842,10 +842,10 @@ __device__ void step_q8_block(const CodeTables& tables, const Scalars& sc, const
 // block reads, each lane for its own 8 elements: what it reads the parameter from
 // (reads_master), the gradient, and,
 // from every fourth lane (32 bytes of codes), both moments' codes. The 8-bit updates
-// hold 2 blocks of 256 threads per multiprocessor (their registers), too few loads in
-// flight for the memory system (Nsight Compute on an H200: issue slots 40-46% busy,
-// DRAM 28-42%); the hints put a block's worth more in flight at no register cost, and
-// stepped f32_q8 and bf16_sr_q8 7-8% faster there (BENCHMARKS.md). A prefetch changes
+// held 16 warps per multiprocessor (2 blocks of 256 threads, their registers), too few
+// loads in flight for the memory system (Nsight Compute on an H200: issue slots 40-46%
+// busy, DRAM 28-42%); the hints put a block's worth more in flight at no register cost,
+// and stepped f32_q8 and bf16_sr_q8 7-8% faster there (BENCHMARKS.md). A prefetch changes
 // no value. Asking a whole work unit ahead instead was slower in every mode (its lines
 // were evicted before use).
 __device__ __forceinline__ void prefetch_l2(const void* p) {
@@ -965,16 +965,29 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         return;  // nothing changes, and the step is not counted
     }
     __shared__ CodeTables tables;  // 8-bit state only (compiled away otherwise)
+    __shared__ Control* shared_control;  // see [control in shared memory]
     if constexpr (S == StateFormat::Blockwise8) {
+        if (threadIdx.x == 0) shared_control = a.control;
         fill_code_tables(tables, threadIdx.x, blockDim.x);
         __syncthreads();
     }
-    for (u64 unit = blockIdx.x; unit < a.num_units; unit += gridDim.x) {
+    // NOTE: [control in shared memory] The 8-bit updates read the control block through
+    // a pointer in shared memory, loaded where used (once per unit, and at the end):
+    // ptxas held &control->state in registers across the unit loop (not rematerialised
+    // from the argument), and it was among what spilled under the 8-bit updates'
+    // register budget (see [register budget]).
+    const auto control = [&]() -> Control& {
+        if constexpr (S == StateFormat::Blockwise8) return **(Control* volatile*)&shared_control;
+        else return *a.control;
+    };
+    // The unit index is 32-bit: StateLayout::new refuses a list of more units
+    // (TooLarge); a 64-bit one held a register more, which spilled in the 8-bit updates.
+    for (u32 unit = blockIdx.x; unit < (u32)a.num_units; unit += gridDim.x) {
         const u64 k = find_tensor(a, unit, unit_begin);
         const TensorDesc t = a.tensors[k];
         if (!t.has_grad) continue;  // no gradient this step: the tensor is not touched
         const u64 tensor_step = a.tensor_steps[k];
-        const Scalars sc = tensor_scalars(a, t, tensor_step);
+        const Scalars sc = tensor_scalars(a, control(), t, tensor_step);
         const u64 begin = (unit - t.unit_begin) * a.unit_len;
         const u64 end = min(begin + a.unit_len, t.len);
         const bool aligned = aligned16(t.param | t.grad | t.exp_avg | t.exp_inf | t.master);
@@ -997,18 +1010,19 @@ __device__ void adamax_step(const AdamaxArgs& a) {
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
-        last = atomicAdd(&st.blocks_done, 1u) == gridDim.x - 1;
+        last = atomicAdd(&control().state.blocks_done, 1u) == gridDim.x - 1;
     }
     __syncthreads();
     if (!last) return;
     for (u64 k = threadIdx.x; k < a.num_tensors; k += blockDim.x)
         if (a.tensors[k].has_grad) a.tensor_steps[k] += 1;
     if (threadIdx.x == 0) {
-        st.blocks_done = 0;
-        st.skipped = 0;
+        Control& done = control();
+        done.state.blocks_done = 0;
+        done.state.skipped = 0;
         // Else finalize has said; the flags (fixed during a launch) re-read, not held.
-        if (!(*(volatile u32*)&c.params.flags & (FLAG_CHECK | FLAG_CLIP))) st.clipped = 0;
-        st.step = *(volatile u64*)&st.step + 1;  // re-read, not held: registers (sm_100)
+        if (!(*(volatile u32*)&done.params.flags & (FLAG_CHECK | FLAG_CLIP))) done.state.clipped = 0;
+        done.state.step = *(volatile u64*)&done.state.step + 1;  // re-read, not held: registers (sm_100)
     }
 }
 
@@ -1167,24 +1181,34 @@ __device__ void init_master(const InitArgs& a) {
 // bf16, ParamMode::Stochastic, StateFormat::Blockwise8): this file says what each kind
 // does, Rust names them, and the loader looks up the same names.
 
-// NOTE: [register budget] Each update is compiled for the blocks of 256 threads per
-// multiprocessor it should reach (65,536 registers / (256 x blocks), so 40 registers a
-// thread for 6, 48 for 5, 128 for 2): f32 6, the other f32-state modes 5 (the
-// bf16-with-master update took 50 registers, and so 4 blocks, without it), the 8-bit
-// ones 2. On sm_100 the 16-bit ones get 4: NVRTC 12.x and 13.0 spill the f16 update
-// there at 48 registers. Checked, with no spills, by tests/nvrtc_compile.rs. (sm_75
-// holds at most 4 blocks of 256 threads; the bound is moot there.)
+// NOTE: [register budget] Each update is compiled for the blocks per multiprocessor it
+// should reach (65,536 registers / (threads x blocks), allocated in steps of 8).
+// f32-state updates run blocks of 256 threads (40 registers a thread for 6 blocks, 48
+// for 5): f32 6, the other f32-state modes 5 (the bf16-with-master update took 50
+// registers, and so 4 blocks, without it); on sm_100 the 16-bit ones get 4: NVRTC 12.x
+// and 13.0 spill the f16 update there at 48 registers. The 8-bit updates run blocks of
+// ADAMAX_Q8_THREADS = 128 threads (one warp a block of state, 4 per block of threads),
+// 5 of them (96 registers, 20 warps a multiprocessor): as blocks of 256 they could hold
+// 2 (117-125 registers, 16 warps) and spilled at 3 (80 registers), and the H200 showed
+// them waiting on memory with too few warps to cover it (BENCHMARKS.md, issue #19). On
+// sm_100 they get 4 (128 registers, the 16 warps of before): NVRTC 13.x spills them
+// there at 96. Checked, with no spills, by tests/nvrtc_compile.rs. (sm_75 holds at most
+// 1,024 threads; the bound is moot there for blocks of 256.)
+template <StateFormat S>
+__host__ __device__ constexpr int step_threads() {
+    return S == StateFormat::Blockwise8 ? ADAMAX_Q8_THREADS : ADAMAX_BLOCK;
+}
 template <typename T, StateFormat S>
 __host__ __device__ constexpr int step_blocks() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
-    constexpr int sixteen_bit = 4;
+    constexpr int sixteen_bit = 4, eight_bit = 4;
 #else
-    constexpr int sixteen_bit = 5;
+    constexpr int sixteen_bit = 5, eight_bit = 5;
 #endif
-    return S == StateFormat::Blockwise8 ? 2 : (sizeof(T) == 4 ? 6 : sixteen_bit);
+    return S == StateFormat::Blockwise8 ? eight_bit : (sizeof(T) == 4 ? 6 : sixteen_bit);
 }
 #define ADAMAX_STEP(name, T, P, S) \
-    extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK, (step_blocks<T, S>())) name(const AdamaxArgs args) { adamax_step<T, P, S>(args); }
+    extern "C" __global__ void __launch_bounds__(step_threads<S>(), (step_blocks<T, S>())) name(const AdamaxArgs args) { adamax_step<T, P, S>(args); }
 #define ADAMAX_REDUCE(name, T) \
     extern "C" __global__ void __launch_bounds__(ADAMAX_BLOCK) name(const AdamaxArgs args) { adamax_reduce<T>(args); }
 #define ADAMAX_FINALIZE(name) \

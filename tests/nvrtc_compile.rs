@@ -123,30 +123,27 @@ fn compiles_every_entry_point(arch: Arch) -> Result<(), Failed> {
     Ok(())
 }
 
-/// Registers a thread of each update may use for the blocks of 256 threads per
-/// multiprocessor it is budgeted for (the kernel's NOTE: [register budget]): 65,536
-/// registers / (256 x blocks), allocated in steps of 8. sm_75 runs at most 4 such blocks;
-/// on sm_100 the 16-bit updates are budgeted for 4.
+/// Registers a thread of each update may use for the blocks per multiprocessor it is
+/// budgeted for (the kernel's NOTE: [register budget]): 65,536 registers / (threads x
+/// blocks), allocated in steps of 8. The f32-state updates run blocks of 256 threads,
+/// the 8-bit ones blocks of 128 (5 of them; 4 on sm_100); sm_75 runs at most 1,024
+/// threads; on sm_100 the 16-bit updates are budgeted for 4.
 fn register_budget(arch: Arch, name: &str) -> Option<u32> {
-    let blocks = if name.contains("_q8") {
-        2
+    let (threads, blocks) = if name.contains("_q8") {
+        (128, if arch.major >= 10 { 4 } else { 5 })
     } else if name == "adamax_step_f32" {
-        6
+        (256, 6)
     } else if name.starts_with("adamax_step_") {
-        if arch.major >= 10 {
-            4
-        } else {
-            5
-        }
+        (256, if arch.major >= 10 { 4 } else { 5 })
     } else {
         return None;
     };
     let blocks = if arch.major < 8 {
-        blocks.min(4)
+        blocks.min(1024 / threads)
     } else {
         blocks
     };
-    Some(65_536 / (256 * blocks) / 8 * 8)
+    Some(65_536 / (threads * blocks) / 8 * 8)
 }
 
 /// Every update fits its register budget, so it reaches the occupancy the grid is

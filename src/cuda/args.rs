@@ -24,7 +24,14 @@ pub(crate) const CHUNK: u64 = crate::fused::CHUNK as u64;
 /// Threads per block (the kernel's `__launch_bounds__`; `crate::fused::THREADS`).
 pub(crate) const BLOCK: u32 = crate::fused::THREADS as u32;
 
-const _: () = assert!(CHUNK.is_multiple_of(8) && BLOCK == 256);
+/// Threads per block of the 8-bit-state updates (the kernel's NOTE: [register budget]):
+/// 4 warps, each stepping one block of state at a time, so that 5 blocks of 96
+/// registers a thread fit a multiprocessor where 2 of 256 threads did.
+pub(crate) const Q8_BLOCK: u32 = 128;
+
+const _: () = assert!(
+    CHUNK.is_multiple_of(8) && BLOCK == 256 && Q8_BLOCK.is_multiple_of(32) && Q8_BLOCK <= BLOCK
+);
 
 /// A `repr(C)` struct that the kernel declares too, with its layout for the checks.
 pub(crate) trait Mirrored {
@@ -298,6 +305,7 @@ pub(crate) fn layout_defines() -> Vec<String> {
         ("ADAMAX_CHUNK", CHUNK),
         ("ADAMAX_BLOCK", u64::from(BLOCK)),
         ("ADAMAX_QBLOCK", crate::spec::lowbit::QBLOCK as u64),
+        ("ADAMAX_Q8_THREADS", u64::from(Q8_BLOCK)),
         ("ADAMAX_FLAG_UNSCALE", u64::from(FLAG_UNSCALE)),
         ("ADAMAX_FLAG_CLIP", u64::from(FLAG_CLIP)),
         ("ADAMAX_FLAG_CHECK", u64::from(FLAG_CHECK)),

@@ -11,10 +11,11 @@
 //! and the names the loader looks up are the same strings, from the modes table and this
 //! module.
 
+use super::args::{BLOCK, Q8_BLOCK};
 #[cfg(test)]
-use crate::config::{ParamMode, StateFormat};
+use crate::config::ParamMode;
 use crate::{
-    config::Precision,
+    config::{Precision, StateFormat},
     state::{modes::MODES, Mode},
     storage::StorageType,
 };
@@ -81,6 +82,21 @@ impl EntryPoint {
             EntryPoint::InitMaster(S::Bf16) => "adamax_init_master_bf16",
             // No such kernel: f32 parameters are their own master.
             EntryPoint::InitMaster(S::F32) => "adamax_init_master_f32",
+        }
+    }
+
+    /// Threads per block it is compiled for and launched with: [`Q8_BLOCK`] for the
+    /// updates of 8-bit state, [`BLOCK`] for every other.
+    pub(crate) fn threads(self) -> u32 {
+        match self {
+            EntryPoint::Step(i)
+                if MODES
+                    .get(i)
+                    .is_some_and(|m| m.state == StateFormat::Blockwise8) =>
+            {
+                Q8_BLOCK
+            }
+            _ => BLOCK,
         }
     }
 

@@ -125,8 +125,7 @@ impl LaunchPlan {
         };
         if decision_passes(flags, capturing) {
             if self.num_chunks > 0 {
-                let f = kernels.function(self.reduce);
-                launch(stream, f, self.reduce_grid, &args)?;
+                launch(stream, kernels, self.reduce, self.reduce_grid, &args)?;
             }
             let decided =
                 match (&self.summed, exchange) {
@@ -149,11 +148,10 @@ impl LaunchPlan {
                         what: "a shard's step without its exchange, or an exchange without a shard",
                     }),
                 };
-            launch(stream, kernels.function(EntryPoint::Finalize), 1, &decided)?;
+            launch(stream, kernels, EntryPoint::Finalize, 1, &decided)?;
         }
         // Launched even with no elements: it counts the step.
-        let f = kernels.function(self.step);
-        launch(stream, f, self.step_grid, &args)
+        launch(stream, kernels, self.step, self.step_grid, &args)
     }
 }
 

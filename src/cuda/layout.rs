@@ -114,6 +114,14 @@ impl StateLayout {
                 .checked_add((n as u64).div_ceil(CHUNK))
                 .ok_or_else(too_large)?;
         }
+        // The update's unit index is 32-bit (kernels/adamax.cu, adamax_step): the most
+        // units any plan makes (plan_units, at MIN_UNIT) must fit.
+        lens.iter()
+            .try_fold(0u64, |acc, &n| acc.checked_add((n as u64).div_ceil(MIN_UNIT)))
+            .filter(|&units| units <= u64::from(u32::MAX))
+            .ok_or(Error::TooLarge {
+                what: "the parameter list's count of update work units (at most 2^32 - 1 of 1,024 elements)",
+            })?;
         let (placements, partials) = Placement::whole(&lens);
         let mut layout = Self {
             placements,
@@ -483,12 +491,23 @@ mod tests {
     }
 
     #[test]
+    fn the_most_units_a_32_bit_index_reaches_are_accepted() {
+        let lens = vec![(1 << 42) - MIN_UNIT as usize];
+        let mut l = StateLayout::new(lens, vec![StateFormat::F32]).unwrap();
+        l.plan_units(u32::MAX);
+        assert_eq!(l.num_units, u64::from(u32::MAX));
+    }
+
+    #[test]
     fn sizes_that_overflow_are_refused_before_anything_is_allocated() {
         for lens in [
             vec![usize::MAX],
             vec![usize::MAX / 2, usize::MAX / 2],
             vec![usize::MAX / 4 + 1],
             vec![1 << 62, 1 << 62, 1 << 62],
+            // 2^32 units of MIN_UNIT: the update's unit index is 32-bit.
+            vec![1 << 42],
+            vec![1 << 41, 1 << 41],
         ] {
             for format in [StateFormat::F32, StateFormat::Blockwise8] {
                 assert!(

@@ -15,7 +15,6 @@ use crate::{
 };
 
 use super::{
-    args::BLOCK,
     cache::compile_cached,
     compile::{Arch, MIN_ARCH},
     entry::EntryPoint,
@@ -108,9 +107,10 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     // bf16 kernel's (fewer blocks per multiprocessor), two thirds of a wave.
     let waves = functions
         .iter()
-        .map(|f| {
+        .zip(EntryPoint::all())
+        .map(|(f, e)| {
             let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor(BLOCK, 0, None)
+                .occupancy_max_active_blocks_per_multiprocessor(e.threads(), 0, None)
                 .map_err(Error::driver("querying occupancy"))?;
             Ok(sms * per_sm.max(1))
         })
@@ -122,15 +122,18 @@ fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
     })
 }
 
-/// Enqueues `func` on `stream` with `blocks` blocks of [`BLOCK`] threads and one
-/// by-value argument struct: the crate's only launch site. Calls the driver directly
-/// (cudarc's launch builder allocates its argument list on every launch).
+/// Enqueues entry point `e` of `kernels` on `stream` with `blocks` blocks of its threads
+/// ([`EntryPoint::threads`]) and one by-value argument struct: the crate's only launch
+/// site. Calls the driver directly (cudarc's launch builder allocates its argument list
+/// on every launch).
 pub(crate) fn launch<A: DeviceRepr>(
     stream: &CudaStream,
-    func: &CudaFunction,
+    kernels: &Kernels,
+    e: EntryPoint,
     blocks: u32,
     args: &A,
 ) -> Result<()> {
+    let func = kernels.function(e);
     stream
         .context()
         .bind_to_thread()
@@ -148,7 +151,7 @@ pub(crate) fn launch<A: DeviceRepr>(
         result::launch_kernel(
             func.cu_function(),
             (blocks.max(1), 1, 1),
-            (BLOCK, 1, 1),
+            (e.threads(), 1, 1),
             0,
             stream.cu_stream(),
             &mut params,

@@ -335,7 +335,7 @@ impl DeviceState {
             let blocks = n
                 .div_ceil(u64::from(BLOCK))
                 .min(u64::from(kernels.wave(entry)));
-            launch(&self.stream, kernels.function(entry), blocks as u32, &args)?;
+            launch(&self.stream, kernels, entry, blocks as u32, &args)?;
         }
         Ok(())
     }

@@ -191,7 +191,9 @@ static void launch_step(const Kernels& k, const AdamaxArgs& a, unsigned grid, bo
             for (unsigned b = 0; b < grid; ++b) run_block(ADAMAX_BLOCK, b, grid, [&] { k.reduce(a); });
         run_block(ADAMAX_BLOCK, 0, 1, [&] { adamax_finalize_step(a); });
     }
-    for (unsigned b = 0; b < grid; ++b) run_block(ADAMAX_BLOCK, b, grid, [&] { k.step(a); });
+    // The 8-bit updates run blocks of their own size (src/cuda/entry.rs, EntryPoint::threads).
+    const unsigned threads = k.mode >= 2 ? ADAMAX_Q8_THREADS : ADAMAX_BLOCK;
+    for (unsigned b = 0; b < grid; ++b) run_block(threads, b, grid, [&] { k.step(a); });
 }
 
 static int whole() {
