@@ -980,8 +980,9 @@ __device__ void adamax_step(const AdamaxArgs& a) {
         if constexpr (S == StateFormat::Blockwise8) return **(Control* volatile*)&shared_control;
         else return *a.control;
     };
-    // The unit index is 32-bit: StateLayout::new refuses a list of more units
-    // (TooLarge); a 64-bit one held a register more, which spilled in the 8-bit updates.
+    // The unit index is 32-bit: StateLayout::new refuses a list of 2^31 units or more
+    // (TooLarge), so adding the grid never wraps it; a 64-bit one held a register more,
+    // which spilled in the 8-bit updates.
     for (u32 unit = blockIdx.x; unit < (u32)a.num_units; unit += gridDim.x) {
         const u64 k = find_tensor(a, unit, unit_begin);
         const TensorDesc t = a.tensors[k];

@@ -115,12 +115,13 @@ impl StateLayout {
                 .ok_or_else(too_large)?;
         }
         // The update's unit index is 32-bit (kernels/adamax.cu, adamax_step): the most
-        // units any plan makes (plan_units, at MIN_UNIT) must fit.
+        // units any plan makes (plan_units, at MIN_UNIT) stay under 2^31, so that a
+        // grid-stride step (a grid of at most 2^31 - 1 blocks) never wraps it.
         lens.iter()
             .try_fold(0u64, |acc, &n| acc.checked_add((n as u64).div_ceil(MIN_UNIT)))
-            .filter(|&units| units <= u64::from(u32::MAX))
+            .filter(|&units| units < 1 << 31)
             .ok_or(Error::TooLarge {
-                what: "the parameter list's count of update work units (at most 2^32 - 1 of 1,024 elements)",
+                what: "the parameter list's count of update work units (under 2^31 of 1,024 elements)",
             })?;
         let (placements, partials) = Placement::whole(&lens);
         let mut layout = Self {
@@ -491,11 +492,11 @@ mod tests {
     }
 
     #[test]
-    fn the_most_units_a_32_bit_index_reaches_are_accepted() {
-        let lens = vec![(1 << 42) - MIN_UNIT as usize];
+    fn the_most_units_the_kernels_32_bit_index_takes_are_accepted() {
+        let lens = vec![(1 << 41) - MIN_UNIT as usize];
         let mut l = StateLayout::new(lens, vec![StateFormat::F32]).unwrap();
         l.plan_units(u32::MAX);
-        assert_eq!(l.num_units, u64::from(u32::MAX));
+        assert_eq!(l.num_units, (1 << 31) - 1);
     }
 
     #[test]
@@ -505,9 +506,10 @@ mod tests {
             vec![usize::MAX / 2, usize::MAX / 2],
             vec![usize::MAX / 4 + 1],
             vec![1 << 62, 1 << 62, 1 << 62],
-            // 2^32 units of MIN_UNIT: the update's unit index is 32-bit.
-            vec![1 << 42],
-            vec![1 << 41, 1 << 41],
+            // 2^31 units of MIN_UNIT: the update's unit index is 32-bit.
+            vec![1 << 41],
+            vec![1 << 40, 1 << 40],
+            vec![(1 << 41) - MIN_UNIT as usize, 1],
         ] {
             for format in [StateFormat::F32, StateFormat::Blockwise8] {
                 assert!(
