@@ -948,8 +948,9 @@ __device__ __forceinline__ u64 unit_begin(const TensorDesc& t) { return t.unit_b
 // two passes return at once and the update decides alone, as in an eager step.
 //
 // Blocks walk the work units of all tensors with a grid stride: a unit never spans two
-// tensors, units start at multiples of unit_len (a multiple of 8), and indices are
-// 64-bit. The grid is sized from this kernel's own occupancy.
+// tensors, units start at multiples of unit_len (a multiple of 8), the unit index is
+// 32-bit (see below) and element indices 64-bit. The grid is sized from this kernel's
+// own occupancy.
 template <typename T, ParamMode P, StateFormat S>
 __device__ void adamax_step(const AdamaxArgs& a) {
     static_assert(P == ParamMode::Master || sizeof(T) == 2, "stochastic rounding is for 16-bit parameters");

@@ -20,7 +20,8 @@
 //!   vector and element paths, three configurations; parameters, masters, codes and
 //!   scales compared bit for bit with `cpu::step_tensor`.
 //! - The whole update kernel over a list of tensors, through its entry points, launched
-//!   block by block as blocks of 256 host threads (barriers for `__syncthreads`, warps
+//!   block by block as blocks of host threads, 256 or, for the 8-bit updates, 128 as on
+//!   the GPU (barriers for `__syncthreads`, warps
 //!   for the shuffles, `std::atomic_ref` for the atomics): several steps with a tensor
 //!   missing its gradient in some, a parameter group, one block walking 8,192-element
 //!   units and three walking 1,024-element ones, in every mode, and with clipping, a

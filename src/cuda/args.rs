@@ -21,7 +21,8 @@ use crate::{
 /// unit of the reduction's partial sums (`crate::fused::CHUNK` is this value). A
 /// multiple of 8 so that every chunk of every storage type starts on a 16-byte boundary.
 pub(crate) const CHUNK: u64 = crate::fused::CHUNK as u64;
-/// Threads per block (the kernel's `__launch_bounds__`; `crate::fused::THREADS`).
+/// Threads per block of every entry point but the 8-bit-state updates ([`Q8_BLOCK`]):
+/// their `__launch_bounds__`, and the reduction's order (`crate::fused::THREADS`).
 pub(crate) const BLOCK: u32 = crate::fused::THREADS as u32;
 
 /// Threads per block of the 8-bit-state updates (the kernel's NOTE: [register budget]):

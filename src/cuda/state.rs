@@ -20,7 +20,7 @@ use crate::{
 };
 
 use super::{
-    args::{InitArgs, BLOCK},
+    args::InitArgs,
     entry::EntryPoint,
     layout::StateLayout,
     module::{launch, Kernels},
@@ -333,7 +333,7 @@ impl DeviceState {
                 len: n,
             };
             let blocks = n
-                .div_ceil(u64::from(BLOCK))
+                .div_ceil(u64::from(entry.threads()))
                 .min(u64::from(kernels.wave(entry)));
             launch(&self.stream, kernels, entry, blocks as u32, &args)?;
         }

@@ -4,7 +4,8 @@
 //
 // The arithmetic is plain integer and IEEE f32/f64, which x86-64 (SSE, built with
 // -ffp-contract=off) computes as the GPU does: each intrinsic below is one operation
-// with the same rounding. A block runs as 256 host threads: barriers for
+// with the same rounding. A block runs as host threads (256, or 128 for the 8-bit
+// updates, as launched on the GPU): barriers for
 // __syncthreads, warps of 32 whose shuffles and votes meet at a barrier, std::atomic_ref
 // for the atomics. Blocks run one at a time, so __shared__ variables can be statics.
 #include <atomic>
