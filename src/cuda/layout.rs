@@ -102,7 +102,7 @@ impl StateLayout {
         let (code_offsets, total_codes) = pack(&lens, q8).ok_or_else(too_large)?;
         let mut chunk_begin = Vec::with_capacity(lens.len());
         let mut block_begin = Vec::with_capacity(lens.len());
-        let (mut chunks, mut blocks) = (0u64, 0usize);
+        let (mut chunks, mut blocks, mut most_units) = (0u64, 0usize, 0u64);
         for (i, &n) in lens.iter().enumerate() {
             chunk_begin.push(chunks);
             block_begin.push(blocks);
@@ -113,16 +113,18 @@ impl StateLayout {
             chunks = chunks
                 .checked_add((n as u64).div_ceil(CHUNK))
                 .ok_or_else(too_large)?;
+            // Never overflows either: fewer units than elements.
+            most_units += (n as u64).div_ceil(MIN_UNIT);
         }
         // The update's unit index is 32-bit (kernels/adamax.cu, adamax_step): the most
         // units any plan makes (plan_units, at MIN_UNIT) stay under 2^31, so that a
         // grid-stride step (a grid of at most 2^31 - 1 blocks) never wraps it.
-        lens.iter()
-            .try_fold(0u64, |acc, &n| acc.checked_add((n as u64).div_ceil(MIN_UNIT)))
-            .filter(|&units| units < 1 << 31)
-            .ok_or(Error::TooLarge {
-                what: "the parameter list's count of update work units (under 2^31 of 1,024 elements)",
-            })?;
+        if most_units >= 1 << 31 {
+            return Err(Error::TooLarge {
+                what:
+                    "the parameter list's count of update work units (under 2^31 of 1,024 elements)",
+            });
+        }
         let (placements, partials) = Placement::whole(&lens);
         let mut layout = Self {
             placements,

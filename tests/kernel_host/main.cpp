@@ -191,8 +191,8 @@ static void launch_step(const Kernels& k, const AdamaxArgs& a, unsigned grid, bo
             for (unsigned b = 0; b < grid; ++b) run_block(ADAMAX_BLOCK, b, grid, [&] { k.reduce(a); });
         run_block(ADAMAX_BLOCK, 0, 1, [&] { adamax_finalize_step(a); });
     }
-    // The 8-bit updates run blocks of their own size (src/cuda/entry.rs, EntryPoint::threads).
-    const unsigned threads = k.mode >= 2 ? ADAMAX_Q8_THREADS : ADAMAX_BLOCK;
+    // Each update runs blocks of the size it is compiled for (the kernel's step_threads).
+    const unsigned threads = (k.mode & 2) ? step_threads<StateFormat::Blockwise8>() : step_threads<StateFormat::F32>();
     for (unsigned b = 0; b < grid; ++b) run_block(threads, b, grid, [&] { k.step(a); });
 }
 
